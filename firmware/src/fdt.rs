@@ -1,0 +1,360 @@
+//! The flattened device tree that describes the machine to the guest.
+//!
+//! Modelled on QEMU `virt` (and what Firecracker and Cloud Hypervisor emit), so a mainline
+//! arm64 kernel boots it with nothing on its command line but `console=ttyAMA0`.
+
+use vm_fdt::{FdtWriter, FdtWriterResult};
+
+use crate::layout::*;
+
+/// Phandle of the interrupt controller.
+const PHANDLE_GIC: u32 = 1;
+/// Phandle of the ITS.
+const PHANDLE_ITS: u32 = 2;
+/// Phandle of the PL011's APB clock.
+const PHANDLE_APB_PCLK: u32 = 3;
+
+/// `#interrupt-cells` values: interrupt types.
+const GIC_FDT_IRQ_TYPE_SPI: u32 = 0;
+const GIC_FDT_IRQ_TYPE_PPI: u32 = 1;
+/// Trigger flags.
+const IRQ_TYPE_LEVEL_HIGH: u32 = 4;
+const IRQ_TYPE_LEVEL_LOW: u32 = 8;
+
+/// Which GIC the guest gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GicKind {
+    /// GICv3, with an ITS for MSIs when `its` is set.
+    V3 {
+        /// Whether an ITS is described.
+        its: bool,
+    },
+    /// GICv2 (CPU interface, no MSI controller yet).
+    V2,
+}
+
+/// Everything the FDT describes that is not fixed by the memory map.
+#[derive(Clone, Debug)]
+pub struct FdtConfig<'a> {
+    /// MPIDR_EL1 of each vCPU, boot CPU first.
+    pub mpidrs: &'a [u64],
+    /// Size of guest RAM.
+    pub ram_size: u64,
+    /// Kernel command line.
+    pub cmdline: &'a str,
+    /// Guest address and size of the initramfs.
+    pub initramfs: Option<(u64, u64)>,
+    /// Interrupt controller.
+    pub gic: GicKind,
+    /// Entropy handed to the guest (`/chosen/rng-seed` and `kaslr-seed`).
+    pub rng_seed: [u8; 64],
+}
+
+/// Errors building the FDT.
+#[derive(Debug, thiserror::Error)]
+pub enum FdtError {
+    /// vm-fdt refused something.
+    #[error("building the device tree")]
+    Write(#[from] vm_fdt::Error),
+    /// The blob is larger than the boot protocol allows.
+    #[error("the device tree is {0} bytes, more than the 2 MiB the arm64 boot protocol allows")]
+    TooLarge(usize),
+}
+
+/// Builds the device tree blob.
+pub fn create_fdt(cfg: &FdtConfig) -> Result<Vec<u8>, FdtError> {
+    let mut fdt = FdtWriter::new()?;
+    let root = fdt.begin_node("")?;
+    fdt.property_string("compatible", "linux,dummy-virt")?;
+    fdt.property_string("model", "Bulkhead")?;
+    fdt.property_u32("#address-cells", 2)?;
+    fdt.property_u32("#size-cells", 2)?;
+    fdt.property_u32("interrupt-parent", PHANDLE_GIC)?;
+
+    chosen(&mut fdt, cfg)?;
+    memory(&mut fdt, cfg.ram_size)?;
+    cpus(&mut fdt, cfg.mpidrs)?;
+    psci(&mut fdt)?;
+    gic(&mut fdt, cfg.gic, cfg.mpidrs.len() as u64)?;
+    timer(&mut fdt, cfg.gic, cfg.mpidrs.len() as u32)?;
+    apb_clock(&mut fdt)?;
+    pl011(&mut fdt)?;
+
+    fdt.end_node(root)?;
+    let blob = fdt.finish()?;
+    if blob.len() as u64 > FDT_MAX_SIZE {
+        return Err(FdtError::TooLarge(blob.len()));
+    }
+    Ok(blob)
+}
+
+fn chosen(fdt: &mut FdtWriter, cfg: &FdtConfig) -> FdtWriterResult<()> {
+    let node = fdt.begin_node("chosen")?;
+    fdt.property_string("bootargs", cfg.cmdline)?;
+    fdt.property_string("stdout-path", &format!("/pl011@{UART_START:x}"))?;
+    if let Some((start, size)) = cfg.initramfs {
+        fdt.property_u64("linux,initrd-start", start)?;
+        fdt.property_u64("linux,initrd-end", start + size)?;
+    }
+    fdt.property("rng-seed", &cfg.rng_seed)?;
+    let mut kaslr = [0u8; 8];
+    kaslr.copy_from_slice(&cfg.rng_seed[..8]);
+    fdt.property_u64("kaslr-seed", u64::from_le_bytes(kaslr))?;
+    fdt.end_node(node)
+}
+
+fn memory(fdt: &mut FdtWriter, ram_size: u64) -> FdtWriterResult<()> {
+    let node = fdt.begin_node(&format!("memory@{RAM_START:x}"))?;
+    fdt.property_string("device_type", "memory")?;
+    fdt.property_array_u64("reg", &[RAM_START, ram_size])?;
+    fdt.end_node(node)
+}
+
+fn cpus(fdt: &mut FdtWriter, mpidrs: &[u64]) -> FdtWriterResult<()> {
+    let node = fdt.begin_node("cpus")?;
+    fdt.property_u32("#address-cells", 2)?;
+    fdt.property_u32("#size-cells", 0)?;
+    for &mpidr in mpidrs {
+        // The `reg` of an arm64 cpu node is MPIDR_EL1's affinity fields.
+        let reg = mpidr & 0xff_00ff_ffff;
+        let cpu = fdt.begin_node(&format!("cpu@{reg:x}"))?;
+        fdt.property_string("device_type", "cpu")?;
+        fdt.property_string("compatible", "arm,arm-v8")?;
+        fdt.property_string("enable-method", "psci")?;
+        fdt.property_u64("reg", reg)?;
+        fdt.end_node(cpu)?;
+    }
+    fdt.end_node(node)
+}
+
+fn psci(fdt: &mut FdtWriter) -> FdtWriterResult<()> {
+    // KVM's in-kernel PSCI (0.2 and later) answers on HVC with the standard function IDs.
+    let node = fdt.begin_node("psci")?;
+    fdt.property_string_list(
+        "compatible",
+        vec!["arm,psci-1.0".into(), "arm,psci-0.2".into()],
+    )?;
+    fdt.property_string("method", "hvc")?;
+    fdt.end_node(node)
+}
+
+fn gic(fdt: &mut FdtWriter, kind: GicKind, ncpus: u64) -> FdtWriterResult<()> {
+    let node = fdt.begin_node(&format!("intc@{GIC_DIST_START:x}"))?;
+    fdt.property_u32("#interrupt-cells", 3)?;
+    fdt.property_null("interrupt-controller")?;
+    fdt.property_u32("#address-cells", 2)?;
+    fdt.property_u32("#size-cells", 2)?;
+    fdt.property_null("ranges")?;
+    fdt.property_phandle(PHANDLE_GIC)?;
+    match kind {
+        GicKind::V3 { its } => {
+            fdt.property_string("compatible", "arm,gic-v3")?;
+            fdt.property_u32("#redistributor-regions", 1)?;
+            fdt.property_array_u64(
+                "reg",
+                &[
+                    GIC_DIST_START,
+                    GIC_DIST_SIZE,
+                    GIC_REDIST_START,
+                    GIC_REDIST_SIZE_PER_CPU * ncpus,
+                ],
+            )?;
+            fdt.property_array_u32(
+                "interrupts",
+                &[GIC_FDT_IRQ_TYPE_PPI, PPI_GIC_MAINTENANCE, IRQ_TYPE_LEVEL_HIGH],
+            )?;
+            if its {
+                let its = fdt.begin_node(&format!("msi-controller@{GIC_ITS_START:x}"))?;
+                fdt.property_string("compatible", "arm,gic-v3-its")?;
+                fdt.property_null("msi-controller")?;
+                fdt.property_u32("#msi-cells", 1)?;
+                fdt.property_array_u64("reg", &[GIC_ITS_START, GIC_ITS_SIZE])?;
+                fdt.property_phandle(PHANDLE_ITS)?;
+                fdt.end_node(its)?;
+            }
+        }
+        GicKind::V2 => {
+            fdt.property_string("compatible", "arm,cortex-a15-gic")?;
+            fdt.property_array_u64(
+                "reg",
+                &[GIC_DIST_START, GIC_DIST_SIZE, GIC_CPU_START, GIC_CPU_SIZE],
+            )?;
+        }
+    }
+    fdt.end_node(node)
+}
+
+fn timer(fdt: &mut FdtWriter, kind: GicKind, ncpus: u32) -> FdtWriterResult<()> {
+    // GICv2 PPI specifiers carry a mask of the CPUs the PPI is wired to.
+    let flags = match kind {
+        GicKind::V3 { .. } => IRQ_TYPE_LEVEL_LOW,
+        GicKind::V2 => IRQ_TYPE_LEVEL_LOW | (((1u32 << ncpus.min(8)) - 1) << 8),
+    };
+    let node = fdt.begin_node("timer")?;
+    fdt.property_string("compatible", "arm,armv8-timer")?;
+    fdt.property_null("always-on")?;
+    let mut cells = Vec::new();
+    for ppi in [
+        PPI_TIMER_SEC_PHYS,
+        PPI_TIMER_PHYS,
+        PPI_TIMER_VIRT,
+        PPI_TIMER_HYP,
+    ] {
+        cells.extend_from_slice(&[GIC_FDT_IRQ_TYPE_PPI, ppi, flags]);
+    }
+    fdt.property_array_u32("interrupts", &cells)?;
+    fdt.end_node(node)
+}
+
+fn apb_clock(fdt: &mut FdtWriter) -> FdtWriterResult<()> {
+    let node = fdt.begin_node("apb-pclk")?;
+    fdt.property_string("compatible", "fixed-clock")?;
+    fdt.property_u32("#clock-cells", 0)?;
+    fdt.property_u32("clock-frequency", 24_000_000)?;
+    fdt.property_string("clock-output-names", "clk24mhz")?;
+    fdt.property_phandle(PHANDLE_APB_PCLK)?;
+    fdt.end_node(node)
+}
+
+fn pl011(fdt: &mut FdtWriter) -> FdtWriterResult<()> {
+    let node = fdt.begin_node(&format!("pl011@{UART_START:x}"))?;
+    fdt.property_string_list("compatible", vec!["arm,pl011".into(), "arm,primecell".into()])?;
+    fdt.property_array_u64("reg", &[UART_START, UART_SIZE])?;
+    fdt.property_array_u32(
+        "interrupts",
+        &[GIC_FDT_IRQ_TYPE_SPI, UART_SPI, IRQ_TYPE_LEVEL_HIGH],
+    )?;
+    fdt.property_array_u32("clocks", &[PHANDLE_APB_PCLK, PHANDLE_APB_PCLK])?;
+    fdt.property_string_list(
+        "clock-names",
+        vec!["uartclk".into(), "apb_pclk".into()],
+    )?;
+    fdt.end_node(node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fdt::Fdt;
+
+    fn config(mpidrs: &[u64], gic: GicKind) -> FdtConfig<'_> {
+        FdtConfig {
+            mpidrs,
+            ram_size: 1 << 30,
+            cmdline: "console=ttyAMA0 quiet",
+            initramfs: Some((0x5000_0000, 0x1234)),
+            gic,
+            rng_seed: [7; 64],
+        }
+    }
+
+    fn u32_cells(prop: &[u8]) -> Vec<u32> {
+        prop.chunks(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    #[test]
+    fn test_fdt_gicv3_describes_machine() {
+        let mpidrs = [0x8000_0000, 0x8000_0001, 0x8000_0002, 0x8000_0003];
+        let blob = create_fdt(&config(&mpidrs, GicKind::V3 { its: true })).expect("fdt");
+        let fdt = Fdt::new(&blob).expect("parses back");
+
+        let root = fdt.find_node("/").expect("root");
+        assert_eq!(
+            root.property("compatible").and_then(|p| p.as_str()),
+            Some("linux,dummy-virt")
+        );
+
+        let chosen = fdt.chosen();
+        assert_eq!(chosen.bootargs(), Some("console=ttyAMA0 quiet"));
+        assert_eq!(chosen.stdout().map(|n| n.name), Some("pl011@9000000"));
+        let c = fdt.find_node("/chosen").expect("chosen");
+        assert_eq!(
+            c.property("linux,initrd-start").and_then(|p| p.as_usize()),
+            Some(0x5000_0000)
+        );
+        assert_eq!(
+            c.property("linux,initrd-end").and_then(|p| p.as_usize()),
+            Some(0x5000_1234)
+        );
+        assert_eq!(c.property("rng-seed").map(|p| p.value.len()), Some(64));
+
+        let mem: Vec<_> = fdt.memory().regions().collect();
+        assert_eq!(mem.len(), 1);
+        assert_eq!(mem[0].starting_address as u64, RAM_START);
+        assert_eq!(mem[0].size, Some(1 << 30));
+
+        let cpus: Vec<_> = fdt.cpus().collect();
+        assert_eq!(cpus.len(), 4);
+        for (i, cpu) in cpus.iter().enumerate() {
+            assert_eq!(cpu.ids().first(), i);
+            assert_eq!(
+                cpu.property("enable-method").and_then(|p| p.as_str()),
+                Some("psci")
+            );
+        }
+
+        let psci = fdt.find_node("/psci").expect("psci");
+        assert!(psci.compatible().expect("compatible").all().any(|c| c == "arm,psci-0.2"));
+        assert_eq!(psci.property("method").and_then(|p| p.as_str()), Some("hvc"));
+
+        let gic = fdt.find_compatible(&["arm,gic-v3"]).expect("gic");
+        let regs: Vec<_> = gic.reg().expect("reg").collect();
+        assert_eq!(regs[0].starting_address as u64, GIC_DIST_START);
+        assert_eq!(regs[1].starting_address as u64, GIC_REDIST_START);
+        assert_eq!(regs[1].size, Some(4 * 0x2_0000));
+        assert!(gic.property("interrupt-controller").is_some());
+        assert_eq!(gic.property("phandle").and_then(|p| p.as_usize()), Some(1));
+        let its = fdt.find_compatible(&["arm,gic-v3-its"]).expect("its");
+        assert!(its.property("msi-controller").is_some());
+        assert_eq!(
+            its.reg().expect("reg").next().map(|r| r.starting_address as u64),
+            Some(GIC_ITS_START)
+        );
+
+        let timer = fdt.find_compatible(&["arm,armv8-timer"]).expect("timer");
+        let irqs = u32_cells(timer.property("interrupts").expect("interrupts").value);
+        assert_eq!(irqs, vec![1, 13, 8, 1, 14, 8, 1, 11, 8, 1, 10, 8]);
+
+        let uart = fdt.find_compatible(&["arm,pl011"]).expect("pl011");
+        assert_eq!(
+            uart.reg().expect("reg").next().map(|r| r.starting_address as u64),
+            Some(UART_START)
+        );
+        let irqs = u32_cells(uart.property("interrupts").expect("interrupts").value);
+        assert_eq!(irqs, vec![0, UART_SPI, 4]);
+        let clocks = u32_cells(uart.property("clocks").expect("clocks").value);
+        let clk = fdt.find_phandle(clocks[0]).expect("clock phandle resolves");
+        assert_eq!(
+            clk.property("clock-frequency").and_then(|p| p.as_usize()),
+            Some(24_000_000)
+        );
+    }
+
+    #[test]
+    fn test_fdt_gicv2_has_cpu_interface_and_ppi_masks() {
+        let mpidrs = [0x8000_0000, 0x8000_0001];
+        let blob = create_fdt(&config(&mpidrs, GicKind::V2)).expect("fdt");
+        let fdt = Fdt::new(&blob).expect("parses back");
+        let gic = fdt.find_compatible(&["arm,cortex-a15-gic"]).expect("gic");
+        let regs: Vec<_> = gic.reg().expect("reg").collect();
+        assert_eq!(regs[1].starting_address as u64, GIC_CPU_START);
+        assert!(fdt.find_compatible(&["arm,gic-v3-its"]).is_none());
+        let timer = fdt.find_compatible(&["arm,armv8-timer"]).expect("timer");
+        let irqs = u32_cells(timer.property("interrupts").expect("interrupts").value);
+        assert_eq!(irqs[2], 8 | (0b11 << 8));
+    }
+
+    #[test]
+    fn test_fdt_without_initramfs_has_no_initrd_properties() {
+        let mpidrs = [0x8000_0000];
+        let mut cfg = config(&mpidrs, GicKind::V3 { its: false });
+        cfg.initramfs = None;
+        let blob = create_fdt(&cfg).expect("fdt");
+        let fdt = Fdt::new(&blob).expect("parses back");
+        let c = fdt.find_node("/chosen").expect("chosen");
+        assert!(c.property("linux,initrd-start").is_none());
+        assert!(fdt.find_compatible(&["arm,gic-v3-its"]).is_none());
+    }
+}

@@ -1,0 +1,101 @@
+//! The guest physical memory map of Bulkhead's arm64 machine.
+//!
+//! It keeps QEMU `virt`'s addresses so that the edk2 ArmVirtQemu firmware and guests written
+//! for `virt` find things where they expect them:
+//!
+//! | range                          | what                                        |
+//! |--------------------------------|---------------------------------------------|
+//! | `0x0000_0000..0x0800_0000`     | flash window (UEFI code and vars, later)    |
+//! | `0x0800_0000..0x0801_0000`     | GIC distributor                             |
+//! | `0x0801_0000..0x0802_0000`     | GICv2 CPU interface (GICv2 fallback only)   |
+//! | `0x0808_0000..0x080a_0000`     | GICv3 ITS                                   |
+//! | `0x080a_0000..0x0900_0000`     | GICv3 redistributors, 128 KiB per vCPU      |
+//! | `0x0900_0000..0x0900_1000`     | PL011 UART                                  |
+//! | `0x0901_0000..0x0901_1000`     | PL031 RTC (reserved)                        |
+//! | `0x1000_0000..0x3eff_0000`     | PCIe 32-bit MMIO window (reserved)          |
+//! | `0x3eff_0000..0x3f00_0000`     | PCIe I/O window (reserved)                  |
+//! | `0x3f00_0000..0x4000_0000`     | PCIe ECAM, buses 0-15 (reserved)            |
+//! | `0x4000_0000..`                | RAM, up to 255 GiB                           |
+//! | `0x80_0000_0000..0x100_0000_0000` | PCIe 64-bit MMIO window (reserved)       |
+//!
+//! Interrupts: SPI 1 is the PL011, SPI 2 the PL031, SPIs 3-6 PCIe INTx. PPIs follow the
+//! architecture: 9 GIC maintenance, 10 hypervisor timer, 11 virtual timer, 13 secure physical
+//! timer, 14 non-secure physical timer.
+
+/// Flash window, where UEFI firmware will be mapped.
+pub const FLASH_START: u64 = 0;
+/// Size of the flash window.
+pub const FLASH_SIZE: u64 = 0x0800_0000;
+
+/// GIC distributor (v2 and v3).
+pub const GIC_DIST_START: u64 = 0x0800_0000;
+/// Size of the GIC distributor region.
+pub const GIC_DIST_SIZE: u64 = 0x1_0000;
+/// GICv2 CPU interface.
+pub const GIC_CPU_START: u64 = 0x0801_0000;
+/// Size of the GICv2 CPU interface as KVM maps it.
+pub const GIC_CPU_SIZE: u64 = 0x2000;
+/// GICv3 ITS.
+pub const GIC_ITS_START: u64 = 0x0808_0000;
+/// Size of the ITS region (control and translation frames).
+pub const GIC_ITS_SIZE: u64 = 0x2_0000;
+/// GICv3 redistributors, one after the other.
+pub const GIC_REDIST_START: u64 = 0x080a_0000;
+/// Size of the whole redistributor window.
+pub const GIC_REDIST_WINDOW: u64 = 0x00f6_0000;
+/// Size of one vCPU's redistributor (RD and SGI frames).
+pub const GIC_REDIST_SIZE_PER_CPU: u64 = 0x2_0000;
+
+/// PL011 UART.
+pub const UART_START: u64 = 0x0900_0000;
+/// Size of the PL011 register window.
+pub const UART_SIZE: u64 = 0x1000;
+
+/// PCIe 32-bit MMIO window.
+pub const PCIE_MMIO32_START: u64 = 0x1000_0000;
+/// Size of the PCIe 32-bit MMIO window.
+pub const PCIE_MMIO32_SIZE: u64 = 0x2eff_0000;
+/// PCIe ECAM window.
+pub const PCIE_ECAM_START: u64 = 0x3f00_0000;
+/// Size of the PCIe ECAM window.
+pub const PCIE_ECAM_SIZE: u64 = 0x0100_0000;
+
+/// Start of guest RAM.
+pub const RAM_START: u64 = 0x4000_0000;
+/// Most RAM the low map has room for: RAM ends where the high MMIO regions start (256 GiB).
+pub const RAM_MAX_SIZE: u64 = 0x40_0000_0000 - RAM_START;
+/// Least RAM Bulkhead accepts: room for a kernel, an FDT and a small initramfs.
+pub const RAM_MIN_SIZE: u64 = 64 << 20;
+
+/// PCIe 64-bit MMIO window.
+pub const PCIE_MMIO64_START: u64 = 0x80_0000_0000;
+/// Size of the PCIe 64-bit MMIO window.
+pub const PCIE_MMIO64_SIZE: u64 = 0x80_0000_0000;
+
+/// Most vCPUs the GICv3 redistributor window has room for.
+pub const MAX_VCPUS_GICV3: u32 = (GIC_REDIST_WINDOW / GIC_REDIST_SIZE_PER_CPU) as u32;
+/// Most vCPUs a GICv2 can address.
+pub const MAX_VCPUS_GICV2: u32 = 8;
+
+/// GIC interrupt number of the first SPI.
+pub const SPI_BASE: u32 = 32;
+/// SPI (number relative to the first SPI) of the PL011.
+pub const UART_SPI: u32 = 1;
+
+/// PPI of the GICv3 maintenance interrupt.
+pub const PPI_GIC_MAINTENANCE: u32 = 9;
+/// PPI of the EL2 (hypervisor) timer.
+pub const PPI_TIMER_HYP: u32 = 10;
+/// PPI of the virtual timer.
+pub const PPI_TIMER_VIRT: u32 = 11;
+/// PPI of the secure physical timer.
+pub const PPI_TIMER_SEC_PHYS: u32 = 13;
+/// PPI of the non-secure physical timer.
+pub const PPI_TIMER_PHYS: u32 = 14;
+
+/// Alignment the arm64 boot protocol requires of the kernel's base.
+pub const KERNEL_ALIGN: u64 = 2 << 20;
+/// Largest FDT the arm64 boot protocol allows.
+pub const FDT_MAX_SIZE: u64 = 2 << 20;
+/// Page size used for placing the initramfs.
+pub const PAGE_SIZE: u64 = 4096;
