@@ -161,7 +161,11 @@ fn gic(fdt: &mut FdtWriter, kind: GicKind, ncpus: u64) -> FdtWriterResult<()> {
             )?;
             fdt.property_array_u32(
                 "interrupts",
-                &[GIC_FDT_IRQ_TYPE_PPI, PPI_GIC_MAINTENANCE, IRQ_TYPE_LEVEL_HIGH],
+                &[
+                    GIC_FDT_IRQ_TYPE_PPI,
+                    PPI_GIC_MAINTENANCE,
+                    IRQ_TYPE_LEVEL_HIGH,
+                ],
             )?;
             if its {
                 let its = fdt.begin_node(&format!("msi-controller@{GIC_ITS_START:x}"))?;
@@ -218,17 +222,17 @@ fn apb_clock(fdt: &mut FdtWriter) -> FdtWriterResult<()> {
 
 fn pl011(fdt: &mut FdtWriter) -> FdtWriterResult<()> {
     let node = fdt.begin_node(&format!("pl011@{UART_START:x}"))?;
-    fdt.property_string_list("compatible", vec!["arm,pl011".into(), "arm,primecell".into()])?;
+    fdt.property_string_list(
+        "compatible",
+        vec!["arm,pl011".into(), "arm,primecell".into()],
+    )?;
     fdt.property_array_u64("reg", &[UART_START, UART_SIZE])?;
     fdt.property_array_u32(
         "interrupts",
         &[GIC_FDT_IRQ_TYPE_SPI, UART_SPI, IRQ_TYPE_LEVEL_HIGH],
     )?;
     fdt.property_array_u32("clocks", &[PHANDLE_APB_PCLK, PHANDLE_APB_PCLK])?;
-    fdt.property_string_list(
-        "clock-names",
-        vec!["uartclk".into(), "apb_pclk".into()],
-    )?;
+    fdt.property_string_list("clock-names", vec!["uartclk".into(), "apb_pclk".into()])?;
     fdt.end_node(node)
 }
 
@@ -296,8 +300,15 @@ mod tests {
         }
 
         let psci = fdt.find_node("/psci").expect("psci");
-        assert!(psci.compatible().expect("compatible").all().any(|c| c == "arm,psci-0.2"));
-        assert_eq!(psci.property("method").and_then(|p| p.as_str()), Some("hvc"));
+        assert!(psci
+            .compatible()
+            .expect("compatible")
+            .all()
+            .any(|c| c == "arm,psci-0.2"));
+        assert_eq!(
+            psci.property("method").and_then(|p| p.as_str()),
+            Some("hvc")
+        );
 
         let gic = fdt.find_compatible(&["arm,gic-v3"]).expect("gic");
         let regs: Vec<_> = gic.reg().expect("reg").collect();
@@ -309,7 +320,10 @@ mod tests {
         let its = fdt.find_compatible(&["arm,gic-v3-its"]).expect("its");
         assert!(its.property("msi-controller").is_some());
         assert_eq!(
-            its.reg().expect("reg").next().map(|r| r.starting_address as u64),
+            its.reg()
+                .expect("reg")
+                .next()
+                .map(|r| r.starting_address as u64),
             Some(GIC_ITS_START)
         );
 
@@ -319,7 +333,10 @@ mod tests {
 
         let uart = fdt.find_compatible(&["arm,pl011"]).expect("pl011");
         assert_eq!(
-            uart.reg().expect("reg").next().map(|r| r.starting_address as u64),
+            uart.reg()
+                .expect("reg")
+                .next()
+                .map(|r| r.starting_address as u64),
             Some(UART_START)
         );
         let irqs = u32_cells(uart.property("interrupts").expect("interrupts").value);

@@ -61,7 +61,9 @@ pub enum LayoutError {
         room: u64,
     },
     /// The initramfs does not fit between kernel and FDT.
-    #[error("the initramfs is {size} bytes, but only {room} bytes of RAM are free after the kernel")]
+    #[error(
+        "the initramfs is {size} bytes, but only {room} bytes of RAM are free after the kernel"
+    )]
     InitramfsTooLarge {
         /// Size of the initramfs.
         size: u64,
@@ -292,7 +294,10 @@ mod tests {
     fn test_image_parse_unaligned_text_offset_is_error() {
         assert!(matches!(
             Arm64Image::parse(&header(0x123, 1 << 20, 0), 1 << 20),
-            Err(ImageError::BadField { field: "text_offset", .. })
+            Err(ImageError::BadField {
+                field: "text_offset",
+                ..
+            })
         ));
     }
 
@@ -397,16 +402,26 @@ mod tests {
         initrd.write_all(b"070701initramfs").expect("write");
         let img = Arm64Image::from_file(&mut kernel).expect("valid");
         let l = BootLayout::new(64 << 20, &img, Some(15)).expect("fits");
-        l.load(&mem, &mut kernel, &img, Some(&mut initrd), b"\xd0\x0d\xfe\xed")
-            .expect("load");
+        l.load(
+            &mem,
+            &mut kernel,
+            &img,
+            Some(&mut initrd),
+            b"\xd0\x0d\xfe\xed",
+        )
+        .expect("load");
         let mut got = vec![0u8; 5000];
-        mem.read_slice(&mut got, GuestAddress(l.kernel_addr)).expect("read");
+        mem.read_slice(&mut got, GuestAddress(l.kernel_addr))
+            .expect("read");
         assert_eq!(got, kbytes);
         let (addr, _) = l.initramfs.expect("placed");
         let mut got = [0u8; 15];
         mem.read_slice(&mut got, GuestAddress(addr)).expect("read");
         assert_eq!(&got, b"070701initramfs");
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(l.fdt_addr)).expect("read"), 0xedfe0dd0);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(l.fdt_addr)).expect("read"),
+            0xedfe0dd0
+        );
         assert!(mem.last_addr().0 >= l.fdt_addr);
     }
 }

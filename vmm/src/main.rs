@@ -1,1 +1,84 @@
-fn main(){}
+//! `bulkhead`: boots one VM from the command line.
+
+use std::process::ExitCode;
+
+use bulkhead::config::{Args, SerialConfig, VmConfig};
+use bulkhead::vm::{forward_signals, forward_stdin, Outcome, Vm};
+use bulkhead::{terminal, vcpu};
+use clap::Parser;
+use log::{error, info, warn};
+
+/// Exit status for a VM that failed while running.
+const EXIT_VM_FAILED: u8 = 1;
+/// Exit status for bad input: nothing was started.
+const EXIT_BAD_INPUT: u8 = 2;
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_target(false)
+        .init();
+}
+
+/// Prints an error and its chain of causes on one line.
+fn report(prefix: &str, e: &dyn std::error::Error) {
+    let mut msg = format!("{prefix}: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    error!("{msg}");
+    // Also to stderr unformatted when logging is filtered off.
+    if !log::log_enabled!(log::Level::Error) {
+        eprintln!("bulkhead: {msg}");
+    }
+}
+
+fn run(config: VmConfig) -> Result<Outcome, bulkhead::vm::VmError> {
+    let interactive = matches!(config.serial, SerialConfig::Tty);
+    let vm = Vm::new(config)?;
+    forward_signals(vm.event_sender())?;
+    vcpu::register_kick_handler().map_err(bulkhead::vm::VmError::Signals)?;
+    if interactive {
+        match terminal::enter_raw_mode() {
+            Ok(true) => info!("stdin is a terminal: raw mode until the VM ends"),
+            Ok(false) => {}
+            Err(e) => warn!("cannot put the terminal in raw mode: {e}"),
+        }
+        forward_stdin(vm.serial())?;
+    }
+    vm.run()
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.verbose);
+    let config = match VmConfig::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            report("invalid configuration", &e);
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let result = run(config);
+    terminal::restore();
+    match result {
+        Ok(Outcome::PowerOff) => {
+            info!("VM powered off");
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Signal(sig)) => {
+            info!("VM stopped on signal {sig}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report("VM failed", &e);
+            ExitCode::from(EXIT_VM_FAILED)
+        }
+    }
+}

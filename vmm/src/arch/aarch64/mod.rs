@@ -1,0 +1,123 @@
+//! arm64 hosts: vCPU initialisation, boot registers and the in-kernel GIC.
+
+mod gic;
+
+use bulkhead_firmware::fdt::GicKind;
+use bulkhead_firmware::layout::SPI_BASE;
+use kvm_bindings::{
+    kvm_vcpu_init, KVM_ARM_IRQ_TYPE_SHIFT, KVM_ARM_IRQ_TYPE_SPI, KVM_ARM_VCPU_POWER_OFF,
+    KVM_ARM_VCPU_PSCI_0_2, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64,
+};
+use kvm_ioctls::{DeviceFd, VcpuFd, VmFd};
+use log::info;
+
+/// Errors setting up the architecture-specific parts of a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchError {
+    /// KVM_ARM_PREFERRED_TARGET failed.
+    #[error("querying KVM's preferred vCPU target")]
+    PreferredTarget(#[source] kvm_ioctls::Error),
+    /// KVM_ARM_VCPU_INIT failed.
+    #[error("initialising vCPU {0}")]
+    VcpuInit(usize, #[source] kvm_ioctls::Error),
+    /// A register could not be read.
+    #[error("reading register {0:#x}")]
+    GetReg(u64, #[source] kvm_ioctls::Error),
+    /// A register could not be written.
+    #[error("writing register {0:#x}")]
+    SetReg(u64, #[source] kvm_ioctls::Error),
+    /// The interrupt controller could not be set up.
+    #[error(transparent)]
+    Gic(#[from] gic::GicError),
+}
+
+/// The interrupt controller and vCPU facts of a created machine.
+#[derive(Debug)]
+pub struct Machine {
+    /// MPIDR of each vCPU.
+    pub mpidrs: Vec<u64>,
+    /// The GIC the guest got.
+    pub gic: GicKind,
+    /// The KVM devices behind the GIC; they live as long as the VM.
+    _devices: Vec<DeviceFd>,
+}
+
+/// `KVM_REG_ARM_CORE` register id of the 64-bit field at `offset` bytes into `struct kvm_regs`.
+const fn core_reg(offset: u64) -> u64 {
+    KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE as u64 | (offset / 4)
+}
+
+/// Register id of a system register from its encoding.
+const fn sys_reg(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
+    KVM_REG_ARM64
+        | KVM_REG_SIZE_U64
+        | KVM_REG_ARM64_SYSREG as u64
+        | (op0 << 14)
+        | (op1 << 11)
+        | (crn << 7)
+        | (crm << 3)
+        | op2
+}
+
+/// x0: `regs.regs[0]`, the first field of `struct kvm_regs`.
+const REG_X0: u64 = core_reg(0);
+/// `regs.pc`, after 31 general registers and sp.
+const REG_PC: u64 = core_reg(32 * 8);
+/// `regs.pstate`.
+const REG_PSTATE: u64 = core_reg(33 * 8);
+/// MPIDR_EL1.
+const REG_MPIDR_EL1: u64 = sys_reg(3, 0, 0, 0, 5);
+
+/// EL1h with D, A, I and F masked, as booting.rst requires.
+const PSTATE_BOOT: u64 = 0x3c5;
+
+/// Initialises every vCPU (the boot CPU running, the others powered off until PSCI CPU_ON)
+/// and creates the interrupt controller. All vCPUs must exist before this is called.
+pub fn create_machine(vm: &VmFd, vcpus: &[VcpuFd]) -> Result<Machine, ArchError> {
+    let mut kvi = kvm_vcpu_init::default();
+    vm.get_preferred_target(&mut kvi)
+        .map_err(ArchError::PreferredTarget)?;
+    kvi.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
+    let mut mpidrs = Vec::with_capacity(vcpus.len());
+    for (index, vcpu) in vcpus.iter().enumerate() {
+        let mut init = kvi;
+        if index > 0 {
+            init.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
+        }
+        vcpu.vcpu_init(&init)
+            .map_err(|e| ArchError::VcpuInit(index, e))?;
+        mpidrs.push(get_reg(vcpu, REG_MPIDR_EL1)?);
+    }
+    let (gic, devices) = gic::create(vm, vcpus.len() as u32)?;
+    info!("created {gic:?} for {} vCPUs", vcpus.len());
+    Ok(Machine {
+        mpidrs,
+        gic,
+        _devices: devices,
+    })
+}
+
+fn get_reg(vcpu: &VcpuFd, id: u64) -> Result<u64, ArchError> {
+    let mut bytes = [0u8; 8];
+    vcpu.get_one_reg(id, &mut bytes)
+        .map_err(|e| ArchError::GetReg(id, e))?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
+fn set_reg(vcpu: &VcpuFd, id: u64, value: u64) -> Result<(), ArchError> {
+    vcpu.set_one_reg(id, &value.to_le_bytes())
+        .map(|_| ())
+        .map_err(|e| ArchError::SetReg(id, e))
+}
+
+/// Points the boot vCPU at the kernel: PC at its entry, x0 at the FDT, EL1h, interrupts masked.
+pub fn set_boot_regs(vcpu: &VcpuFd, entry: u64, fdt: u64) -> Result<(), ArchError> {
+    set_reg(vcpu, REG_PSTATE, PSTATE_BOOT)?;
+    set_reg(vcpu, REG_PC, entry)?;
+    set_reg(vcpu, REG_X0, fdt)
+}
+
+/// The `KVM_IRQ_LINE` number of an SPI.
+pub fn spi_irq_line(spi: u32) -> u32 {
+    (KVM_ARM_IRQ_TYPE_SPI << KVM_ARM_IRQ_TYPE_SHIFT) | (SPI_BASE + spi)
+}

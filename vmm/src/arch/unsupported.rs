@@ -1,0 +1,37 @@
+//! Hosts Bulkhead cannot run VMs on yet (x86_64 support comes later): everything builds and
+//! the configuration is checked, but creating a machine is a clear error.
+
+use bulkhead_firmware::fdt::GicKind;
+use kvm_ioctls::{VcpuFd, VmFd};
+
+/// Errors setting up the architecture-specific parts of a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchError {
+    /// This host architecture is not supported.
+    #[error("Bulkhead runs VMs on arm64 hosts only, for now (this host is {0})")]
+    UnsupportedHost(&'static str),
+}
+
+/// The interrupt controller and vCPU facts of a created machine.
+#[derive(Debug)]
+pub struct Machine {
+    /// MPIDR of each vCPU.
+    pub mpidrs: Vec<u64>,
+    /// The GIC the guest got.
+    pub gic: GicKind,
+}
+
+/// Always fails: no VM can be built on this host.
+pub fn create_machine(_vm: &VmFd, _vcpus: &[VcpuFd]) -> Result<Machine, ArchError> {
+    Err(ArchError::UnsupportedHost(std::env::consts::ARCH))
+}
+
+/// Always fails: no VM can be built on this host.
+pub fn set_boot_regs(_vcpu: &VcpuFd, _entry: u64, _fdt: u64) -> Result<(), ArchError> {
+    Err(ArchError::UnsupportedHost(std::env::consts::ARCH))
+}
+
+/// The `KVM_IRQ_LINE` number of an SPI (never used on this host).
+pub fn spi_irq_line(spi: u32) -> u32 {
+    spi
+}

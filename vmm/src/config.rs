@@ -1,0 +1,379 @@
+//! The command line, and the checked VM configuration it turns into.
+//!
+//! Everything a user can get wrong is checked here, before any VM exists: a bad flag, a missing
+//! or unreadable file, a kernel that is not an arm64 Image, an initramfs that does not fit.
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use bulkhead_firmware::image::{Arm64Image, BootLayout, ImageError, LayoutError};
+use bulkhead_firmware::layout::{MAX_VCPUS_GICV3, RAM_MAX_SIZE, RAM_MIN_SIZE};
+use clap::Parser;
+
+/// Kernel command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyAMA0";
+/// Longest command line an arm64 kernel accepts (COMMAND_LINE_SIZE), including the NUL.
+const CMDLINE_MAX: usize = 2048;
+
+/// Bulkhead: a microVM monitor whose devices run as separate, jailed processes.
+#[derive(Debug, Parser)]
+#[command(name = "bulkhead", version, about)]
+pub struct Args {
+    /// Guest kernel: an arm64 `Image`.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed) handed to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// vCPUs: `boot=N`.
+    #[arg(long, value_name = "boot=N", default_value = "boot=1")]
+    pub cpus: String,
+    /// Guest RAM: `size=SIZE`, with an optional K, M or G suffix.
+    #[arg(long, value_name = "size=SIZE", default_value = "size=512M")]
+    pub memory: String,
+    /// Guest console (the PL011): `tty` (this process's stdin and stdout), `file=PATH`, or `off`.
+    #[arg(long, value_name = "tty|file=PATH|off", default_value = "tty")]
+    pub serial: String,
+    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// A configuration error: the VM is not started.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A `key=value` option list did not parse.
+    #[error("--{flag}: {reason}")]
+    Option {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file could not be opened.
+    #[error("cannot open {what} {path:?}")]
+    Open {
+        /// What the file was for.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel is not a usable arm64 Image.
+    #[error("kernel {path:?}")]
+    Kernel {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ImageError,
+    },
+    /// Kernel, initramfs and device tree do not fit in RAM.
+    #[error("the boot images do not fit in {ram_mib} MiB of RAM")]
+    Layout {
+        /// Size of RAM.
+        ram_mib: u64,
+        /// Why.
+        #[source]
+        source: LayoutError,
+    },
+    /// The kernel command line is not acceptable.
+    #[error("--cmdline: {0}")]
+    Cmdline(String),
+}
+
+/// Where the guest console goes.
+#[derive(Debug)]
+pub enum SerialConfig {
+    /// This process's stdin and stdout.
+    Tty,
+    /// Output appended to a file; no input.
+    File(File),
+    /// Output discarded; no input. The PL011 is still there.
+    Off,
+}
+
+/// A checked VM configuration, with its boot files open.
+#[derive(Debug)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Bytes of guest RAM.
+    pub ram_size: u64,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// The kernel file and what its header says.
+    pub kernel: (File, Arm64Image),
+    /// The initramfs file, if any.
+    pub initramfs: Option<File>,
+    /// Where everything goes in RAM.
+    pub layout: BootLayout,
+    /// Guest console.
+    pub serial: SerialConfig,
+}
+
+/// Splits `a=1,b=2` into pairs, refusing keys outside `known` and repeated keys.
+fn parse_options<'a>(
+    flag: &'static str,
+    value: &'a str,
+    known: &[&str],
+) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for item in value.split(',') {
+        let (key, val) = item.split_once('=').ok_or_else(|| ConfigError::Option {
+            flag,
+            reason: format!("expected key=value, got {item:?}"),
+        })?;
+        if !known.contains(&key) {
+            return Err(ConfigError::Option {
+                flag,
+                reason: format!("unknown option {key:?} (known: {})", known.join(", ")),
+            });
+        }
+        if pairs.iter().any(|(k, _)| *k == key) {
+            return Err(ConfigError::Option {
+                flag,
+                reason: format!("option {key:?} given twice"),
+            });
+        }
+        pairs.push((key, val));
+    }
+    Ok(pairs)
+}
+
+/// Parses `512M`, `1G`, `65536K` or a plain byte count.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 20),
+        b'g' | b'G' => (&s[..s.len() - 1], 30),
+        b'0'..=b'9' => (s, 0),
+        _ => return None,
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+fn parse_cpus(value: &str) -> Result<u32, ConfigError> {
+    let bad = |reason: String| ConfigError::Option {
+        flag: "cpus",
+        reason,
+    };
+    let opts = parse_options("cpus", value, &["boot"])?;
+    let boot = opts
+        .iter()
+        .find(|(k, _)| *k == "boot")
+        .ok_or_else(|| bad("boot=N is required".into()))?
+        .1;
+    let n: u32 = boot
+        .parse()
+        .map_err(|_| bad(format!("boot={boot:?} is not a number")))?;
+    if n == 0 || n > MAX_VCPUS_GICV3 {
+        return Err(bad(format!(
+            "boot={n}: a VM has between 1 and {MAX_VCPUS_GICV3} vCPUs"
+        )));
+    }
+    Ok(n)
+}
+
+fn parse_memory(value: &str) -> Result<u64, ConfigError> {
+    let bad = |reason: String| ConfigError::Option {
+        flag: "memory",
+        reason,
+    };
+    let opts = parse_options("memory", value, &["size"])?;
+    let size = opts
+        .iter()
+        .find(|(k, _)| *k == "size")
+        .ok_or_else(|| bad("size=SIZE is required".into()))?
+        .1;
+    let bytes = parse_size(size).ok_or_else(|| {
+        bad(format!(
+            "size={size:?} is not a size (examples: 512M, 2G, 131072K)"
+        ))
+    })?;
+    if bytes < RAM_MIN_SIZE {
+        return Err(bad(format!(
+            "size={size} is too small: at least {}M",
+            RAM_MIN_SIZE >> 20
+        )));
+    }
+    if bytes > RAM_MAX_SIZE {
+        return Err(bad(format!(
+            "size={size} is too large: at most {}M",
+            RAM_MAX_SIZE >> 20
+        )));
+    }
+    if bytes % (2 << 20) != 0 {
+        return Err(bad(format!("size={size} is not a multiple of 2M")));
+    }
+    Ok(bytes)
+}
+
+fn parse_serial(value: &str) -> Result<SerialConfig, ConfigError> {
+    match value {
+        "tty" => Ok(SerialConfig::Tty),
+        "off" => Ok(SerialConfig::Off),
+        _ => match value.split_once('=') {
+            Some(("file", path)) if !path.is_empty() => File::options()
+                .append(true)
+                .create(true)
+                .open(path)
+                .map(SerialConfig::File)
+                .map_err(|source| ConfigError::Open {
+                    what: "serial output file",
+                    path: path.into(),
+                    source,
+                }),
+            _ => Err(ConfigError::Option {
+                flag: "serial",
+                reason: format!("expected tty, file=PATH or off, got {value:?}"),
+            }),
+        },
+    }
+}
+
+fn check_cmdline(cmdline: &str) -> Result<(), ConfigError> {
+    let mut c = linux_loader::cmdline::Cmdline::new(CMDLINE_MAX)
+        .map_err(|e| ConfigError::Cmdline(e.to_string()))?;
+    c.insert_str(cmdline)
+        .map_err(|e| ConfigError::Cmdline(e.to_string()))
+}
+
+fn open(what: &'static str, path: &PathBuf) -> Result<File, ConfigError> {
+    File::open(path).map_err(|source| ConfigError::Open {
+        what,
+        path: path.clone(),
+        source,
+    })
+}
+
+impl TryFrom<Args> for VmConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let vcpus = parse_cpus(&args.cpus)?;
+        let ram_size = parse_memory(&args.memory)?;
+        check_cmdline(&args.cmdline)?;
+        let mut kernel = open("kernel", &args.kernel)?;
+        let image = Arm64Image::from_file(&mut kernel).map_err(|source| ConfigError::Kernel {
+            path: args.kernel.clone(),
+            source,
+        })?;
+        let initramfs = args
+            .initramfs
+            .as_ref()
+            .map(|p| open("initramfs", p))
+            .transpose()?;
+        let initramfs_size = initramfs
+            .as_ref()
+            .zip(args.initramfs.as_ref())
+            .map(|(f, p)| {
+                f.metadata()
+                    .map(|m| m.len())
+                    .map_err(|source| ConfigError::Open {
+                        what: "initramfs",
+                        path: p.clone(),
+                        source,
+                    })
+            })
+            .transpose()?;
+        let layout = BootLayout::new(ram_size, &image, initramfs_size).map_err(|source| {
+            ConfigError::Layout {
+                ram_mib: ram_size >> 20,
+                source,
+            }
+        })?;
+        let serial = parse_serial(&args.serial)?;
+        Ok(Self {
+            vcpus,
+            ram_size,
+            cmdline: args.cmdline,
+            kernel: (kernel, image),
+            initramfs,
+            layout,
+            serial,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_size_suffixes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("64k"), Some(64 << 10));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("banana"), None);
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("-1M"), None);
+        assert_eq!(parse_size("99999999999999999999G"), None);
+    }
+
+    #[test]
+    fn test_parse_cpus_bounds() {
+        assert_eq!(parse_cpus("boot=4").expect("valid"), 4);
+        assert!(parse_cpus("boot=0").is_err());
+        assert!(parse_cpus("boot=124").is_err());
+        assert!(parse_cpus("boot=x").is_err());
+        assert!(parse_cpus("max=2").is_err());
+        assert!(parse_cpus("boot=1,boot=2").is_err());
+        assert!(parse_cpus("4").is_err());
+    }
+
+    #[test]
+    fn test_parse_memory_bounds() {
+        assert_eq!(parse_memory("size=1G").expect("valid"), 1 << 30);
+        assert!(parse_memory("size=1M").is_err());
+        assert!(parse_memory("size=banana").is_err());
+        assert!(parse_memory("size=65M").is_err());
+        assert!(parse_memory("size=1024G").is_err());
+        assert!(parse_memory("sz=1G").is_err());
+    }
+
+    #[test]
+    fn test_parse_serial_forms() {
+        assert!(matches!(parse_serial("tty"), Ok(SerialConfig::Tty)));
+        assert!(matches!(parse_serial("off"), Ok(SerialConfig::Off)));
+        assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("pty").is_err());
+        assert!(parse_serial("file=/nonexistent-dir/x").is_err());
+    }
+
+    #[test]
+    fn test_check_cmdline_refuses_oversize_and_nul() {
+        assert!(check_cmdline("console=ttyAMA0").is_ok());
+        assert!(check_cmdline(&"x".repeat(4096)).is_err());
+        assert!(check_cmdline("a\0b").is_err());
+    }
+
+    #[test]
+    fn test_config_missing_kernel_is_error() {
+        let args = Args::parse_from(["bulkhead", "--kernel", "/nonexistent/Image"]);
+        assert!(matches!(
+            VmConfig::try_from(args),
+            Err(ConfigError::Open { what: "kernel", .. })
+        ));
+    }
+
+    #[test]
+    fn test_config_non_image_kernel_is_error() {
+        let exe = std::env::current_exe().expect("test binary path");
+        let args = Args::parse_from(["bulkhead", "--kernel", exe.to_str().expect("utf-8")]);
+        assert!(matches!(
+            VmConfig::try_from(args),
+            Err(ConfigError::Kernel { .. })
+        ));
+    }
+}

@@ -1,0 +1,3 @@
+//! Small devices emulated in the VMM itself.
+
+pub mod pl011;

@@ -1,0 +1,444 @@
+//! ARM PrimeCell UART (PL011), the guest's always-there console.
+//!
+//! Complete enough for Linux's `amba-pl011` driver and its earlycon: PrimeCell identification,
+//! flag register, line/control registers kept as written, interrupt mask/raw/masked status
+//! and clear, and a receive FIFO fed from the host. Transmission is immediate, so the transmit
+//! FIFO is always empty and the TX interrupt is raised after every write to the data register.
+//! Received bytes wait in the FIFO; a host writer blocks while it is full, so no input is lost.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use log::warn;
+
+const DR: u64 = 0x000;
+const RSR_ECR: u64 = 0x004;
+const FR: u64 = 0x018;
+const ILPR: u64 = 0x020;
+const IBRD: u64 = 0x024;
+const FBRD: u64 = 0x028;
+const LCR_H: u64 = 0x02c;
+const CR: u64 = 0x030;
+const IFLS: u64 = 0x034;
+const IMSC: u64 = 0x038;
+const RIS: u64 = 0x03c;
+const MIS: u64 = 0x040;
+const ICR: u64 = 0x044;
+const DMACR: u64 = 0x048;
+const ID_BASE: u64 = 0xfe0;
+
+/// PeriphID0-3 then PCellID0-3: a PL011 revision r1p3 (16-entry FIFOs), PrimeCell class.
+const ID: [u8; 8] = [0x11, 0x10, 0x14, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
+
+const FR_RXFE: u32 = 1 << 4;
+const FR_TXFF: u32 = 1 << 5;
+const FR_RXFF: u32 = 1 << 6;
+const FR_TXFE: u32 = 1 << 7;
+
+const INT_RX: u32 = 1 << 4;
+const INT_TX: u32 = 1 << 5;
+const INT_RT: u32 = 1 << 6;
+const INT_ALL: u32 = 0x7ff;
+
+const LCR_H_FEN: u32 = 1 << 4;
+const CR_RESET: u32 = 0x300;
+const IFLS_RESET: u32 = 0x12;
+const FIFO_DEPTH: usize = 16;
+
+/// The wire from the UART to the interrupt controller.
+pub trait IrqLine: Send {
+    /// Drives the (level-triggered) line.
+    fn set_level(&self, high: bool);
+}
+
+/// The register model of one PL011.
+pub struct Pl011 {
+    ilpr: u32,
+    ibrd: u32,
+    fbrd: u32,
+    lcr_h: u32,
+    cr: u32,
+    ifls: u32,
+    imsc: u32,
+    /// Latched interrupt causes other than the receive ones, which follow the FIFO.
+    ris_latched: u32,
+    dmacr: u32,
+    rx: VecDeque<u8>,
+    out: Option<Box<dyn Write + Send>>,
+    irq: Box<dyn IrqLine>,
+    irq_level: bool,
+}
+
+impl Pl011 {
+    /// A UART in its reset state writing to `out` (or nowhere) and signalling on `irq`.
+    pub fn new(out: Option<Box<dyn Write + Send>>, irq: Box<dyn IrqLine>) -> Self {
+        Self {
+            ilpr: 0,
+            ibrd: 0,
+            fbrd: 0,
+            lcr_h: 0,
+            cr: CR_RESET,
+            ifls: IFLS_RESET,
+            imsc: 0,
+            ris_latched: 0,
+            dmacr: 0,
+            rx: VecDeque::with_capacity(FIFO_DEPTH),
+            out,
+            irq,
+            irq_level: false,
+        }
+    }
+
+    /// Back to the reset state, wired to a new interrupt line (the output and any received
+    /// bytes not yet read are kept).
+    pub fn reset(&mut self, irq: Box<dyn IrqLine>) {
+        let out = self.out.take();
+        let rx = std::mem::take(&mut self.rx);
+        *self = Self::new(out, irq);
+        self.rx = rx;
+    }
+
+    fn fifo_depth(&self) -> usize {
+        if self.lcr_h & LCR_H_FEN != 0 {
+            FIFO_DEPTH
+        } else {
+            1
+        }
+    }
+
+    /// Bytes the receive FIFO can take now.
+    pub fn rx_room(&self) -> usize {
+        self.fifo_depth().saturating_sub(self.rx.len())
+    }
+
+    /// Queues received bytes, as many as fit; returns how many were taken.
+    pub fn receive(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.rx_room());
+        self.rx.extend(&bytes[..n]);
+        self.update_irq();
+        n
+    }
+
+    fn ris(&self) -> u32 {
+        let rx = if self.rx.is_empty() {
+            0
+        } else {
+            INT_RX | INT_RT
+        };
+        self.ris_latched | rx
+    }
+
+    fn update_irq(&mut self) {
+        let level = self.ris() & self.imsc != 0;
+        if level != self.irq_level {
+            self.irq_level = level;
+            self.irq.set_level(level);
+        }
+    }
+
+    fn flags(&self) -> u32 {
+        let mut fr = FR_TXFE;
+        if self.rx.is_empty() {
+            fr |= FR_RXFE;
+        }
+        if self.rx.len() >= self.fifo_depth() {
+            fr |= FR_RXFF;
+        }
+        debug_assert_eq!(fr & FR_TXFF, 0);
+        fr
+    }
+
+    fn transmit(&mut self, byte: u8) {
+        if let Some(out) = self.out.as_mut() {
+            if let Err(e) = out.write_all(&[byte]).and_then(|()| out.flush()) {
+                warn!("serial output failed, discarding further output: {e}");
+                self.out = None;
+            }
+        }
+        self.ris_latched |= INT_TX;
+    }
+
+    /// A guest read of the register at `offset`; `data` is 1, 2 or 4 bytes.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = match offset {
+            DR => {
+                let byte = self.rx.pop_front().map_or(0, u32::from);
+                self.update_irq();
+                byte
+            }
+            RSR_ECR => 0,
+            FR => self.flags(),
+            ILPR => self.ilpr,
+            IBRD => self.ibrd,
+            FBRD => self.fbrd,
+            LCR_H => self.lcr_h,
+            CR => self.cr,
+            IFLS => self.ifls,
+            IMSC => self.imsc,
+            RIS => self.ris(),
+            MIS => self.ris() & self.imsc,
+            DMACR => self.dmacr,
+            ID_BASE..=0xffc if offset.is_multiple_of(4) => {
+                u32::from(ID[((offset - ID_BASE) / 4) as usize])
+            }
+            _ => 0,
+        };
+        let bytes = value.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+        data[n..].fill(0);
+    }
+
+    /// A guest write of the register at `offset`; `data` is 1, 2 or 4 bytes.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut bytes = [0u8; 4];
+        let n = data.len().min(4);
+        bytes[..n].copy_from_slice(&data[..n]);
+        let value = u32::from_le_bytes(bytes);
+        match offset {
+            DR => self.transmit(value as u8),
+            RSR_ECR => {} // Clears error flags; no errors are ever raised.
+            ILPR => self.ilpr = value & 0xff,
+            IBRD => self.ibrd = value & 0xffff,
+            FBRD => self.fbrd = value & 0x3f,
+            LCR_H => {
+                if (value ^ self.lcr_h) & LCR_H_FEN != 0 {
+                    // Switching FIFOs on or off flushes them.
+                    self.rx.clear();
+                }
+                self.lcr_h = value & 0xff;
+            }
+            CR => self.cr = value & 0xffff,
+            IFLS => self.ifls = value & 0x3f,
+            IMSC => self.imsc = value & INT_ALL,
+            ICR => self.ris_latched &= !value,
+            DMACR => self.dmacr = value & 0x7,
+            _ => {} // Read-only or reserved: ignored.
+        }
+        self.update_irq();
+    }
+}
+
+/// A PL011 shared between vCPU threads and the thread feeding it host input.
+pub struct SharedPl011 {
+    uart: Mutex<Pl011>,
+    room: Condvar,
+}
+
+impl SharedPl011 {
+    /// Shares `uart`.
+    pub fn new(uart: Pl011) -> Self {
+        Self {
+            uart: Mutex::new(uart),
+            room: Condvar::new(),
+        }
+    }
+
+    /// Locks the UART; a thread that panicked while holding it left valid register state.
+    pub fn lock(&self) -> MutexGuard<'_, Pl011> {
+        self.uart.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A guest register read.
+    pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        let mut uart = self.lock();
+        uart.read(offset, data);
+        if offset == DR {
+            self.room.notify_all();
+        }
+    }
+
+    /// A guest register write.
+    pub fn mmio_write(&self, offset: u64, data: &[u8]) {
+        let mut uart = self.lock();
+        uart.write(offset, data);
+        if offset == LCR_H {
+            self.room.notify_all();
+        }
+    }
+
+    /// Hands `bytes` to the guest, waiting while the receive FIFO is full. Returns early, with
+    /// the bytes not delivered, once `stop` is set.
+    pub fn feed(&self, mut bytes: &[u8], stop: &AtomicBool) {
+        let mut uart = self.lock();
+        while !bytes.is_empty() && !stop.load(Ordering::Acquire) {
+            let n = uart.receive(bytes);
+            bytes = &bytes[n..];
+            if n == 0 {
+                uart = self
+                    .room
+                    .wait_timeout(uart, Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    struct Line(Arc<Mutex<Vec<bool>>>);
+    impl IrqLine for Line {
+        fn set_level(&self, high: bool) {
+            self.0.lock().expect("lock").push(high);
+        }
+    }
+    impl Line {
+        fn last(&self) -> Option<bool> {
+            self.0.lock().expect("lock").last().copied()
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Out(Arc<Mutex<Vec<u8>>>);
+    impl Write for Out {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn uart() -> (Pl011, Line, Out) {
+        let line = Line::default();
+        let out = Out::default();
+        (
+            Pl011::new(Some(Box::new(out.clone())), Box::new(line.clone())),
+            line,
+            out,
+        )
+    }
+
+    fn rd(u: &mut Pl011, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        u.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn wr(u: &mut Pl011, off: u64, v: u32) {
+        u.write(off, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn test_pl011_primecell_id_registers() {
+        let (mut u, _, _) = uart();
+        let ids: Vec<u32> = (0..8).map(|i| rd(&mut u, 0xfe0 + 4 * i)).collect();
+        assert_eq!(ids, vec![0x11, 0x10, 0x14, 0x00, 0x0d, 0xf0, 0x05, 0xb1]);
+    }
+
+    #[test]
+    fn test_pl011_reset_values() {
+        let (mut u, _, _) = uart();
+        assert_eq!(rd(&mut u, CR), 0x300);
+        assert_eq!(rd(&mut u, IFLS), 0x12);
+        assert_eq!(rd(&mut u, FR), FR_TXFE | FR_RXFE);
+        assert_eq!(rd(&mut u, RIS), 0);
+    }
+
+    #[test]
+    fn test_pl011_tx_writes_output_and_raises_tx_interrupt() {
+        let (mut u, line, out) = uart();
+        wr(&mut u, DR, u32::from(b'h'));
+        u.write(DR, b"i"); // byte-wide access
+        assert_eq!(&*out.0.lock().expect("lock"), b"hi");
+        assert_eq!(rd(&mut u, RIS) & INT_TX, INT_TX);
+        assert_eq!(line.last(), None, "masked: line stays low");
+        wr(&mut u, IMSC, INT_TX);
+        assert_eq!(line.last(), Some(true));
+        assert_eq!(rd(&mut u, MIS), INT_TX);
+        wr(&mut u, ICR, INT_TX);
+        assert_eq!(line.last(), Some(false));
+        assert_eq!(rd(&mut u, RIS), 0);
+    }
+
+    #[test]
+    fn test_pl011_rx_fifo_flags_and_interrupt_follow_data() {
+        let (mut u, line, _) = uart();
+        wr(&mut u, LCR_H, LCR_H_FEN | 0x60);
+        wr(&mut u, IMSC, INT_RX | INT_RT);
+        assert_eq!(u.receive(b"ab"), 2);
+        assert_eq!(line.last(), Some(true));
+        assert_eq!(rd(&mut u, FR) & FR_RXFE, 0);
+        // Clearing does not drop the level while data is waiting.
+        wr(&mut u, ICR, INT_ALL);
+        assert_eq!(rd(&mut u, MIS), INT_RX | INT_RT);
+        assert_eq!(rd(&mut u, DR), u32::from(b'a'));
+        assert_eq!(rd(&mut u, DR), u32::from(b'b'));
+        assert_eq!(rd(&mut u, FR) & FR_RXFE, FR_RXFE);
+        assert_eq!(line.last(), Some(false));
+        assert_eq!(rd(&mut u, DR), 0, "empty FIFO reads as 0");
+    }
+
+    #[test]
+    fn test_pl011_rx_fifo_full_refuses_more() {
+        let (mut u, _, _) = uart();
+        // FIFOs off: a one-byte holding register.
+        assert_eq!(u.receive(b"xyz"), 1);
+        assert_eq!(rd(&mut u, FR) & FR_RXFF, FR_RXFF);
+        assert_eq!(u.rx_room(), 0);
+        assert_eq!(rd(&mut u, DR), u32::from(b'x'));
+        wr(&mut u, LCR_H, LCR_H_FEN);
+        assert_eq!(u.receive(&[0u8; 20]), 16);
+        assert_eq!(rd(&mut u, FR) & FR_RXFF, FR_RXFF);
+    }
+
+    #[test]
+    fn test_pl011_registers_keep_written_values() {
+        let (mut u, _, _) = uart();
+        for (reg, v) in [
+            (IBRD, 0x1a),
+            (FBRD, 0x3),
+            (LCR_H, 0x70),
+            (CR, 0x301),
+            (IFLS, 0x9),
+        ] {
+            wr(&mut u, reg, v);
+            assert_eq!(rd(&mut u, reg), v, "register {reg:#x}");
+        }
+        // Read-only and reserved registers ignore writes.
+        wr(&mut u, FR, 0);
+        wr(&mut u, 0xfe0, 0);
+        wr(&mut u, 0x800, 0xdead);
+        assert_eq!(rd(&mut u, 0xfe0), 0x11);
+        assert_eq!(rd(&mut u, 0x800), 0);
+    }
+
+    #[test]
+    fn test_pl011_shared_feed_blocks_until_guest_reads() {
+        let (u, _, _) = uart();
+        let shared = Arc::new(SharedPl011::new(u));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (shared.clone(), stop.clone());
+        let feeder = std::thread::spawn(move || s.feed(b"0123", &st));
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            let mut d = [0u8; 4];
+            shared.mmio_read(FR, &mut d);
+            if u32::from_le_bytes(d) & FR_RXFE == 0 {
+                shared.mmio_read(DR, &mut d);
+                got.push(d[0]);
+            }
+            std::thread::yield_now();
+        }
+        feeder.join().expect("feeder");
+        assert_eq!(got, b"0123");
+    }
+
+    #[test]
+    fn test_pl011_shared_feed_returns_on_stop() {
+        let (u, _, _) = uart();
+        let shared = SharedPl011::new(u);
+        let stop = AtomicBool::new(true);
+        shared.feed(b"never read", &stop);
+        assert_eq!(shared.lock().rx.len(), 0);
+    }
+}

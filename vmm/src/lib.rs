@@ -1,0 +1,10 @@
+//! Bulkhead's VMM core: vCPUs, the interrupt controller, the PL011 console and the VM
+//! lifecycle. Devices beyond the console run in their own processes.
+
+pub mod arch;
+pub mod config;
+pub mod legacy;
+pub mod mmio;
+pub mod terminal;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,144 @@
+//! vCPU threads: run the guest, dispatch exits, report how a vCPU stopped.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use log::{debug, info};
+
+use crate::mmio::MmioBus;
+
+/// Why a vCPU thread ended on its own.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest asked for power-off (PSCI SYSTEM_OFF).
+    PowerOff,
+    /// The guest asked for a reset (PSCI SYSTEM_RESET).
+    Reset,
+    /// The vCPU cannot go on; the message names the exit or error.
+    Failed(String),
+}
+
+/// A message to the VMM's main thread.
+#[derive(Debug)]
+pub enum Event {
+    /// vCPU `index` stopped.
+    Vcpu {
+        /// Which vCPU.
+        index: usize,
+        /// Why.
+        stop: VcpuStop,
+    },
+    /// A termination signal arrived.
+    Signal(i32),
+}
+
+/// What a vCPU thread needs.
+pub struct VcpuThread {
+    /// Index of the vCPU.
+    pub index: usize,
+    /// Its KVM file.
+    pub fd: VcpuFd,
+    /// Devices it dispatches MMIO exits to.
+    pub bus: Arc<MmioBus>,
+    /// Set when the VMM wants the thread to return.
+    pub stop: Arc<AtomicBool>,
+    /// Where to report a stop of its own.
+    pub events: Sender<Event>,
+    /// Log the time of the first KVM_RUN (the boot vCPU of the first boot).
+    pub log_first_run: bool,
+}
+
+/// Signal sent to a vCPU thread to get it out of KVM_RUN; its handler does nothing.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick signal's handler; once per process, before any vCPU thread starts.
+pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+}
+
+fn log_first_run() {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: rusage is plain data; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid rusage to write into.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let cpu_us = |t: libc::timeval| t.tv_sec * 1_000_000 + t.tv_usec;
+    debug!(
+        "first KVM_RUN: monotonic_ns={} cpu_us={} (user {} + sys {})",
+        ts.tv_sec * 1_000_000_000 + ts.tv_nsec,
+        cpu_us(ru.ru_utime) + cpu_us(ru.ru_stime),
+        cpu_us(ru.ru_utime),
+        cpu_us(ru.ru_stime)
+    );
+}
+
+impl VcpuThread {
+    /// Runs the vCPU until the guest stops it, it fails, or `stop` is set.
+    pub fn run(mut self) {
+        if let Some(stop) = self.run_loop() {
+            // The main thread may already be gone on its way out; nothing to do then.
+            let _ = self.events.send(Event::Vcpu {
+                index: self.index,
+                stop,
+            });
+        }
+    }
+
+    fn run_loop(&mut self) -> Option<VcpuStop> {
+        let index = self.index;
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return None;
+            }
+            if std::mem::take(&mut self.log_first_run) {
+                log_first_run();
+            }
+            match self.fd.run() {
+                Ok(VcpuExit::MmioRead(addr, data)) => self.bus.read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => self.bus.write(addr, data),
+                Ok(VcpuExit::SystemEvent(kind, data)) => {
+                    return Some(match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => {
+                            info!("vcpu{index}: guest powered off");
+                            VcpuStop::PowerOff
+                        }
+                        KVM_SYSTEM_EVENT_RESET => {
+                            info!("vcpu{index}: guest asked for a reset");
+                            VcpuStop::Reset
+                        }
+                        KVM_SYSTEM_EVENT_CRASH => {
+                            VcpuStop::Failed(format!("vcpu{index}: guest reported a crash"))
+                        }
+                        other => VcpuStop::Failed(format!(
+                            "vcpu{index}: unhandled system event {other} (data {data:x?})"
+                        )),
+                    });
+                }
+                Ok(VcpuExit::Intr) => {}
+                Ok(exit) => {
+                    return Some(VcpuStop::Failed(format!(
+                        "vcpu{index}: unhandled KVM exit {exit:?}"
+                    )))
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => {
+                    return Some(VcpuStop::Failed(format!(
+                        "vcpu{index}: KVM_RUN failed: {e}"
+                    )))
+                }
+            }
+        }
+    }
+}

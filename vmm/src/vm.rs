@@ -1,0 +1,415 @@
+//! A VM: guest memory, the KVM VM and its vCPU threads, the devices, and its lifecycle
+//! (boot, reset in place, power-off, termination signals).
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bulkhead_firmware::fdt::{create_fdt, FdtConfig, FdtError};
+use bulkhead_firmware::image::LoadError;
+use bulkhead_firmware::layout::{RAM_START, UART_SIZE, UART_SPI, UART_START};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VmFd};
+use log::{debug, error, info, warn};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::signal::Killable;
+
+use crate::arch::{self, ArchError};
+use crate::config::{SerialConfig, VmConfig};
+use crate::legacy::pl011::{IrqLine, Pl011, SharedPl011};
+use crate::mmio::{MmioBus, MmioDevice};
+use crate::vcpu::{self, Event, VcpuStop, VcpuThread};
+
+/// Errors creating or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available and accessible here?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM lacks something Bulkhead needs.
+    #[error("KVM lacks {0}")]
+    MissingCapability(&'static str),
+    /// KVM_CREATE_VM failed.
+    #[error("creating the KVM VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// Guest RAM could not be created.
+    #[error("creating {0} MiB of guest RAM")]
+    CreateMemory(u64, #[source] std::io::Error),
+    /// Guest RAM could not be mapped.
+    #[error("mapping guest RAM")]
+    MapMemory(#[source] vm_memory::mmap::FromRangesError),
+    /// Guest RAM could not be registered with KVM.
+    #[error("registering guest RAM with KVM")]
+    SetMemoryRegion(#[source] kvm_ioctls::Error),
+    /// A vCPU could not be created.
+    #[error("creating vCPU {0}")]
+    CreateVcpu(u64, #[source] kvm_ioctls::Error),
+    /// The architecture-specific setup failed.
+    #[error(transparent)]
+    Arch(#[from] ArchError),
+    /// The device tree could not be built.
+    #[error(transparent)]
+    Fdt(#[from] FdtError),
+    /// The boot images could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A thread could not be started.
+    #[error("starting thread {0}")]
+    SpawnThread(String, #[source] std::io::Error),
+    /// Signal handling could not be set up.
+    #[error("setting up signal handling")]
+    Signals(#[source] vmm_sys_util::errno::Error),
+    /// The MMIO map is inconsistent.
+    #[error(transparent)]
+    Mmio(#[from] crate::mmio::OverlapError),
+    /// A vCPU stopped with an error.
+    #[error("{0}")]
+    Vcpu(String),
+}
+
+/// How a VM ended without error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off.
+    PowerOff,
+    /// The VMM was asked to terminate by this signal.
+    Signal(i32),
+}
+
+/// Drives the PL011's interrupt line through KVM_IRQ_LINE.
+struct KvmIrqLine {
+    vm: Arc<VmFd>,
+    line: u32,
+}
+
+impl IrqLine for KvmIrqLine {
+    fn set_level(&self, high: bool) {
+        if let Err(e) = self.vm.set_irq_line(self.line, high) {
+            error!("setting interrupt line {:#x} to {high}: {e}", self.line);
+        }
+    }
+}
+
+/// The line of a UART before any VM exists; nothing can be listening.
+struct Unwired;
+
+impl IrqLine for Unwired {
+    fn set_level(&self, _high: bool) {}
+}
+
+impl MmioDevice for SharedPl011 {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.mmio_read(offset, data)
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.mmio_write(offset, data)
+    }
+}
+
+/// A memfd holding guest RAM, sealed against resizing so that processes it is shared with
+/// cannot be made to fault by a shrink.
+fn create_ram(size: u64) -> std::io::Result<File> {
+    // SAFETY: the name is a valid NUL-terminated string; the result is checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"bulkhead-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a memfd we own; the result is checked.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+fn random_seed() -> [u8; 64] {
+    let mut seed = [0u8; 64];
+    if let Err(e) = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed)) {
+        warn!("no host entropy for the guest's rng-seed: {e}");
+    }
+    seed
+}
+
+/// A booted VM: its KVM handle and running vCPU threads.
+struct Running {
+    _vm: Arc<VmFd>,
+    _machine: arch::Machine,
+    threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Stops every vCPU thread and waits for them.
+    fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        // A kick can land just before a thread enters KVM_RUN and be lost, so kick until
+        // every thread has seen the flag.
+        while self.threads.iter().any(|t| !t.is_finished()) {
+            for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                if let Err(e) = t.kill(vcpu::kick_signal()) {
+                    debug!("kicking a vCPU thread: {e}");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in self.threads {
+            if t.join().is_err() {
+                error!("a vCPU thread panicked");
+            }
+        }
+    }
+}
+
+/// A VM and everything it owns across reboots.
+pub struct Vm {
+    kvm: Kvm,
+    config: VmConfig,
+    memory: GuestMemoryMmap,
+    serial: Arc<SharedPl011>,
+    bus: Arc<MmioBus>,
+    events: (Sender<Event>, Receiver<Event>),
+}
+
+impl Vm {
+    /// Opens KVM and creates guest RAM and devices; nothing runs yet.
+    pub fn new(mut config: VmConfig) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        if !kvm.check_extension(kvm_ioctls::Cap::ArmPsci02) {
+            return Err(VmError::MissingCapability(
+                "PSCI 0.2 (KVM_CAP_ARM_PSCI_0_2)",
+            ));
+        }
+        let ram = create_ram(config.ram_size)
+            .map_err(|e| VmError::CreateMemory(config.ram_size >> 20, e))?;
+        let memory = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(RAM_START),
+            config.ram_size as usize,
+            Some(FileOffset::new(ram, 0)),
+        )])
+        .map_err(VmError::MapMemory)?;
+        let out: Option<Box<dyn std::io::Write + Send>> =
+            match std::mem::replace(&mut config.serial, SerialConfig::Off) {
+                SerialConfig::Tty => Some(Box::new(std::io::stdout())),
+                SerialConfig::File(f) => Some(Box::new(f)),
+                SerialConfig::Off => None,
+            };
+        let serial = Arc::new(SharedPl011::new(Pl011::new(out, Box::new(Unwired))));
+        let mut bus = MmioBus::default();
+        bus.insert(UART_START..UART_START + UART_SIZE, serial.clone())?;
+        Ok(Self {
+            kvm,
+            config,
+            memory,
+            serial,
+            bus: Arc::new(bus),
+            events: channel(),
+        })
+    }
+
+    /// The guest console, for feeding it input.
+    pub fn serial(&self) -> Arc<SharedPl011> {
+        self.serial.clone()
+    }
+
+    /// A sender of events to this VM's main loop (for the signal thread).
+    pub fn event_sender(&self) -> Sender<Event> {
+        self.events.0.clone()
+    }
+
+    /// Creates the KVM VM, loads the guest and starts the vCPUs.
+    fn boot(&mut self, first: bool) -> Result<Running, VmError> {
+        let vm = Arc::new(self.kvm.create_vm().map_err(VmError::CreateVm)?);
+        let host_addr = self
+            .memory
+            .get_host_address(GuestAddress(RAM_START))
+            .map_err(|_| VmError::Vcpu("guest RAM is not mapped".into()))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: RAM_START,
+            memory_size: self.config.ram_size,
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the region is this VM's guest memory mapping, which lives in `self.memory`
+        // for as long as any KVM VM created from it.
+        unsafe { vm.set_user_memory_region(region) }.map_err(VmError::SetMemoryRegion)?;
+
+        let vcpus = (0..u64::from(self.config.vcpus))
+            .map(|i| vm.create_vcpu(i).map_err(|e| VmError::CreateVcpu(i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let machine = arch::create_machine(&vm, &vcpus)?;
+
+        let layout = self.config.layout;
+        let fdt = create_fdt(&FdtConfig {
+            mpidrs: &machine.mpidrs,
+            ram_size: self.config.ram_size,
+            cmdline: &self.config.cmdline,
+            initramfs: layout.initramfs,
+            gic: machine.gic,
+            rng_seed: random_seed(),
+        })?;
+        let (kernel, image) = &mut self.config.kernel;
+        layout.load(
+            &self.memory,
+            kernel,
+            image,
+            self.config.initramfs.as_mut(),
+            &fdt,
+        )?;
+        arch::set_boot_regs(&vcpus[0], layout.kernel_addr, layout.fdt_addr)?;
+        debug!("boot layout: {layout:x?}, FDT {} bytes", fdt.len());
+
+        self.serial.lock().reset(Box::new(KvmIrqLine {
+            vm: vm.clone(),
+            line: arch::spi_irq_line(UART_SPI),
+        }));
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(vcpus.len());
+        for (index, fd) in vcpus.into_iter().enumerate() {
+            let thread = VcpuThread {
+                index,
+                fd,
+                bus: self.bus.clone(),
+                stop: stop.clone(),
+                events: self.events.0.clone(),
+                log_first_run: first && index == 0,
+            };
+            let name = format!("vcpu{index}");
+            let spawned = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || thread.run())
+                .map_err(|e| VmError::SpawnThread(name, e));
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    Running {
+                        _vm: vm,
+                        _machine: machine,
+                        threads,
+                        stop,
+                    }
+                    .stop();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Running {
+            _vm: vm,
+            _machine: machine,
+            threads,
+            stop,
+        })
+    }
+
+    /// Boots the guest and runs it until it powers off, fails, or a signal ends it. A guest
+    /// reset boots it again in place: fresh VM, vCPU and GIC state, the same RAM with the
+    /// kernel, initramfs and a new device tree loaded again.
+    pub fn run(mut self) -> Result<Outcome, VmError> {
+        let mut boots = 0u32;
+        loop {
+            let running = self.boot(boots == 0)?;
+            boots += 1;
+            info!(
+                "VM booted ({} vCPUs, {} MiB), boot #{boots}",
+                self.config.vcpus,
+                self.config.ram_size >> 20
+            );
+            let event = self
+                .events
+                .1
+                .recv()
+                .map_err(|_| VmError::Vcpu("event channel closed".into()))?;
+            running.stop();
+            match event {
+                Event::Vcpu {
+                    stop: VcpuStop::PowerOff,
+                    ..
+                } => return Ok(Outcome::PowerOff),
+                Event::Vcpu {
+                    stop: VcpuStop::Reset,
+                    ..
+                } => info!("rebooting the VM in place"),
+                Event::Vcpu {
+                    stop: VcpuStop::Failed(reason),
+                    ..
+                } => return Err(VmError::Vcpu(reason)),
+                Event::Signal(sig) => return Ok(Outcome::Signal(sig)),
+            }
+            // Drop what other vCPUs reported while they were being stopped (a second
+            // SYSTEM_RESET from another CPU, say); a signal still counts.
+            while let Ok(late) = self.events.1.try_recv() {
+                if let Event::Signal(sig) = late {
+                    return Ok(Outcome::Signal(sig));
+                }
+                debug!("ignoring late event {late:?}");
+            }
+        }
+    }
+}
+
+/// Blocks termination signals in the calling thread (and so in every thread it starts) and
+/// starts a thread that turns them into events. Call before starting other threads.
+pub fn forward_signals(events: Sender<Event>) -> Result<(), VmError> {
+    let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    let set = vmm_sys_util::signal::create_sigset(&signals).map_err(VmError::Signals)?;
+    // SAFETY: `set` is a valid sigset; the old mask is not needed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(VmError::Signals(vmm_sys_util::errno::Error::new(rc)));
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: `set` and `sig` are valid; sigwait only writes `sig`.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                info!("received signal {sig}, shutting down");
+                if events.send(Event::Signal(sig)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| VmError::SpawnThread("signals".into(), e))
+}
+
+/// Starts a thread that copies this process's stdin to the guest console.
+pub fn forward_stdin(serial: Arc<SharedPl011>) -> Result<(), VmError> {
+    let stop = AtomicBool::new(false);
+    std::thread::Builder::new()
+        .name("serial-in".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 256];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => {
+                        debug!("stdin closed; the guest console gets no more input");
+                        return;
+                    }
+                    Ok(n) => serial.feed(&buf[..n], &stop),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        warn!("reading stdin for the guest console: {e}");
+                        return;
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| VmError::SpawnThread("serial-in".into(), e))
+}
