@@ -31,9 +31,6 @@ pub enum VmError {
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm (is KVM available and accessible here?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
-    /// KVM lacks something Bulkhead needs.
-    #[error("KVM lacks {0}")]
-    MissingCapability(&'static str),
     /// KVM_CREATE_VM failed.
     #[error("creating the KVM VM")]
     CreateVm(#[source] kvm_ioctls::Error),
@@ -170,6 +167,7 @@ impl Running {
                 error!("a vCPU thread panicked");
             }
         }
+        debug!("vCPU threads stopped");
     }
 }
 
@@ -187,11 +185,7 @@ impl Vm {
     /// Opens KVM and creates guest RAM and devices; nothing runs yet.
     pub fn new(mut config: VmConfig) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        if !kvm.check_extension(kvm_ioctls::Cap::ArmPsci02) {
-            return Err(VmError::MissingCapability(
-                "PSCI 0.2 (KVM_CAP_ARM_PSCI_0_2)",
-            ));
-        }
+        arch::check_kvm(&kvm)?;
         let ram = create_ram(config.ram_size)
             .map_err(|e| VmError::CreateMemory(config.ram_size >> 20, e))?;
         let memory = GuestMemoryMmap::from_ranges_with_files([(

@@ -2,7 +2,7 @@
 //! the configuration is checked, but creating a machine is a clear error.
 
 use bulkhead_firmware::fdt::GicKind;
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 /// Errors setting up the architecture-specific parts of a VM.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +19,11 @@ pub struct Machine {
     pub mpidrs: Vec<u64>,
     /// The GIC the guest got.
     pub gic: GicKind,
+}
+
+/// Always fails: no VM can be built on this host.
+pub fn check_kvm(_kvm: &Kvm) -> Result<(), ArchError> {
+    Err(ArchError::UnsupportedHost(std::env::consts::ARCH))
 }
 
 /// Always fails: no VM can be built on this host.

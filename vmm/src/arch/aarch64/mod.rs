@@ -8,12 +8,15 @@ use kvm_bindings::{
     kvm_vcpu_init, KVM_ARM_IRQ_TYPE_SHIFT, KVM_ARM_IRQ_TYPE_SPI, KVM_ARM_VCPU_POWER_OFF,
     KVM_ARM_VCPU_PSCI_0_2, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64,
 };
-use kvm_ioctls::{DeviceFd, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, DeviceFd, Kvm, VcpuFd, VmFd};
 use log::info;
 
 /// Errors setting up the architecture-specific parts of a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchError {
+    /// KVM lacks something Bulkhead needs.
+    #[error("KVM lacks {0}")]
+    MissingCapability(&'static str),
     /// KVM_ARM_PREFERRED_TARGET failed.
     #[error("querying KVM's preferred vCPU target")]
     PreferredTarget(#[source] kvm_ioctls::Error),
@@ -70,6 +73,16 @@ const REG_MPIDR_EL1: u64 = sys_reg(3, 0, 0, 0, 5);
 
 /// EL1h with D, A, I and F masked, as booting.rst requires.
 const PSTATE_BOOT: u64 = 0x3c5;
+
+/// Checks that KVM offers what an arm64 VM needs.
+pub fn check_kvm(kvm: &Kvm) -> Result<(), ArchError> {
+    if !kvm.check_extension(Cap::ArmPsci02) {
+        return Err(ArchError::MissingCapability(
+            "PSCI 0.2 (KVM_CAP_ARM_PSCI_0_2)",
+        ));
+    }
+    Ok(())
+}
 
 /// Initialises every vCPU (the boot CPU running, the others powered off until PSCI CPU_ON)
 /// and creates the interrupt controller. All vCPUs must exist before this is called.
