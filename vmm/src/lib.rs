@@ -4,6 +4,7 @@
 pub mod arch;
 pub mod config;
 pub mod legacy;
+pub mod milestone;
 pub mod mmio;
 pub mod terminal;
 pub mod vcpu;

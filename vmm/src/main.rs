@@ -66,6 +66,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
+    bulkhead::milestone::log("configuration checked");
     let result = run(config);
     terminal::restore();
     match result {

@@ -245,6 +245,9 @@ impl Vm {
             .map(|i| vm.create_vcpu(i).map_err(|e| VmError::CreateVcpu(i, e)))
             .collect::<Result<Vec<_>, _>>()?;
         let machine = arch::create_machine(&vm, &vcpus)?;
+        if first {
+            crate::milestone::log("VM created");
+        }
 
         let layout = self.config.layout;
         let fdt = create_fdt(&FdtConfig {
@@ -264,6 +267,9 @@ impl Vm {
             &fdt,
         )?;
         arch::set_boot_regs(&vcpus[0], layout.kernel_addr, layout.fdt_addr)?;
+        if first {
+            crate::milestone::log("guest loaded");
+        }
         debug!("boot layout: {layout:x?}, FDT {} bytes", fdt.len());
 
         self.serial.lock().reset(Box::new(KvmIrqLine {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use log::{debug, info};
+use log::info;
 
 use crate::mmio::MmioBus;
 
@@ -63,27 +63,6 @@ pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
 }
 
-fn log_first_run() {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    // SAFETY: rusage is plain data; getrusage fills it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is a valid rusage to write into.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let cpu_us = |t: libc::timeval| t.tv_sec * 1_000_000 + t.tv_usec;
-    debug!(
-        "first KVM_RUN: monotonic_ns={} cpu_us={} (user {} + sys {})",
-        ts.tv_sec * 1_000_000_000 + ts.tv_nsec,
-        cpu_us(ru.ru_utime) + cpu_us(ru.ru_stime),
-        cpu_us(ru.ru_utime),
-        cpu_us(ru.ru_stime)
-    );
-}
-
 impl VcpuThread {
     /// Runs the vCPU until the guest stops it, it fails, or `stop` is set.
     pub fn run(mut self) {
@@ -103,7 +82,7 @@ impl VcpuThread {
                 return None;
             }
             if std::mem::take(&mut self.log_first_run) {
-                log_first_run();
+                crate::milestone::log("first KVM_RUN");
             }
             match self.fd.run() {
                 Ok(VcpuExit::MmioRead(addr, data)) => self.bus.read(addr, data),

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs, runs the unit tests on x86_64 and (under
+# qemu-aarch64-static) on aarch64, then the nested-KVM system tests against a real Debian
+# arm64 kernel. Exits non-zero if anything failed or could not run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n=== %s\n' "$*"; }
+
+need_pkgs=()
+for p in qemu-system-arm qemu-user-static cpio device-tree-compiler; do
+    dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    log "installing ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+rustup target list --installed | grep -qx aarch64-unknown-linux-musl \
+    || rustup target add aarch64-unknown-linux-musl
+
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER=qemu-aarch64-static
+
+log "unit tests, x86_64"
+cargo test --workspace
+
+log "unit tests, aarch64 (qemu-aarch64-static)"
+cargo test --workspace --target aarch64-unknown-linux-musl
+
+log "system tests, nested KVM"
+tests/nested/run.sh --suite boot
