@@ -134,3 +134,23 @@ pub fn set_boot_regs(vcpu: &VcpuFd, entry: u64, fdt: u64) -> Result<(), ArchErro
 pub fn spi_irq_line(spi: u32) -> u32 {
     (KVM_ARM_IRQ_TYPE_SPI << KVM_ARM_IRQ_TYPE_SHIFT) | (SPI_BASE + spi)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_register_ids_match_kvm_encoding() {
+        // Values as KVM_GET_REG_LIST reports them on arm64.
+        assert_eq!(REG_X0, 0x6030_0000_0010_0000);
+        assert_eq!(REG_PC, 0x6030_0000_0010_0040);
+        assert_eq!(REG_PSTATE, 0x6030_0000_0010_0042);
+        assert_eq!(REG_MPIDR_EL1, 0x6030_0000_0013_c005);
+    }
+
+    #[test]
+    fn test_spi_irq_line_encoding() {
+        // KVM_ARM_IRQ_TYPE_SPI in bits 24-27, the GIC interrupt ID (SPI + 32) below.
+        assert_eq!(spi_irq_line(1), 0x0100_0021);
+    }
+}
