@@ -230,9 +230,14 @@ fn main() -> Result<()> {
         println!("  bulkhead exec -> {m:<22} {wall:>9.1} ms wall {cpu:>9.1} ms CPU");
     }
     let rss = median(samples.iter().map(|s| s.own_rss_kib as f64).collect());
-    println!("  bulkhead VMM RSS at guest init (guest RAM excluded): {:.2} MiB", rss / 1024.0);
+    println!(
+        "  bulkhead VMM RSS at guest init (guest RAM excluded): {:.2} MiB",
+        rss / 1024.0
+    );
     println!("  firecracker (published): about 8 CPU-ms to API-ready; under 5 MiB VMM overhead");
-    println!("  compare 'configuration checked' with Firecracker's API-ready: after it Bulkhead creates");
+    println!(
+        "  compare 'configuration checked' with Firecracker's API-ready: after it Bulkhead creates"
+    );
     println!("  the VM and loads the kernel and initramfs, which Firecracker's figure leaves out.");
     println!("  Under nested virtualisation on an emulated host every figure is inflated by the emulation.");
     Ok(())

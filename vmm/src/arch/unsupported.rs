@@ -40,3 +40,8 @@ pub fn set_boot_regs(_vcpu: &VcpuFd, _entry: u64, _fdt: u64) -> Result<(), ArchE
 pub fn spi_irq_line(spi: u32) -> u32 {
     spi
 }
+
+/// What a KVM_RUN error means on this architecture, where it means something specific.
+pub fn describe_run_error(_errno: i32) -> Option<&'static str> {
+    None
+}

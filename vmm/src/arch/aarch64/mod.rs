@@ -135,6 +135,19 @@ pub fn spi_irq_line(spi: u32) -> u32 {
     (KVM_ARM_IRQ_TYPE_SPI << KVM_ARM_IRQ_TYPE_SHIFT) | (SPI_BASE + spi)
 }
 
+/// What a KVM_RUN error means on arm64, where it means something specific.
+pub fn describe_run_error(errno: i32) -> Option<&'static str> {
+    match errno {
+        // kvm_handle_mmio_return / io_mem_abort: a data abort outside RAM whose syndrome
+        // does not describe the access, so KVM cannot turn it into an MMIO exit.
+        libc::ENOSYS => Some(
+            "the guest accessed MMIO with an instruction KVM cannot decode \
+             (a data abort without instruction syndrome, e.g. a load/store pair)",
+        ),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
