@@ -113,9 +113,12 @@ impl VcpuThread {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Err(e) => {
+                    let what = crate::arch::describe_run_error(e.errno())
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default();
                     return Some(VcpuStop::Failed(format!(
-                        "vcpu{index}: KVM_RUN failed: {e}"
-                    )))
+                        "vcpu{index}: KVM_RUN failed ({e}){what}"
+                    )));
                 }
             }
         }

@@ -13,7 +13,10 @@ fn main() {
     // SAFETY: opening a path; the result is checked.
     let fd = unsafe { libc::open(c"/dev/mem".as_ptr(), libc::O_RDWR | libc::O_SYNC) };
     if fd < 0 {
-        eprintln!("mmio-nisv: open /dev/mem: {}", std::io::Error::last_os_error());
+        eprintln!(
+            "mmio-nisv: open /dev/mem: {}",
+            std::io::Error::last_os_error()
+        );
         std::process::exit(1);
     }
     // SAFETY: a fresh shared mapping of one page of /dev/mem; the result is checked.
@@ -28,7 +31,10 @@ fn main() {
         )
     };
     if p == libc::MAP_FAILED {
-        eprintln!("mmio-nisv: mmap {addr:#x}: {}", std::io::Error::last_os_error());
+        eprintln!(
+            "mmio-nisv: mmap {addr:#x}: {}",
+            std::io::Error::last_os_error()
+        );
         std::process::exit(1);
     }
     println!("mmio-nisv: load pair from {addr:#x}");
