@@ -31,6 +31,14 @@ pub enum VmError {
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm (is KVM available and accessible here?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
+    /// The host's KVM allows fewer vCPUs than asked for.
+    #[error("this host's KVM allows at most {max} vCPUs in a VM, {asked} were asked for")]
+    TooManyVcpus {
+        /// vCPUs asked for.
+        asked: u32,
+        /// KVM_CAP_MAX_VCPUS.
+        max: usize,
+    },
     /// KVM_CREATE_VM failed.
     #[error("creating the KVM VM")]
     CreateVm(#[source] kvm_ioctls::Error),
@@ -186,6 +194,13 @@ impl Vm {
     pub fn new(mut config: VmConfig) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         arch::check_kvm(&kvm)?;
+        let max_vcpus = kvm.get_max_vcpus();
+        if config.vcpus as usize > max_vcpus {
+            return Err(VmError::TooManyVcpus {
+                asked: config.vcpus,
+                max: max_vcpus,
+            });
+        }
         let ram = create_ram(config.ram_size)
             .map_err(|e| VmError::CreateMemory(config.ram_size >> 20, e))?;
         let memory = GuestMemoryMmap::from_ranges_with_files([(

@@ -1,0 +1,183 @@
+# Helpers for the nested scenarios; sourced by tests/nested/scenarios/*.sh inside L1 (busybox
+# sh). The runner (tests/nested/l1-init) sets SCN_NAME and SCN_DIR and prints the RESULT line:
+# a scenario exits 0 for PASS, or calls `fail REASON`.
+#
+# A VM is named by an id; its files are in $SCN_DIR/<id>/:
+#   in      fifo feeding the VMM's stdin (held open read-write, so the VMM never sees EOF)
+#   out     the VMM's stdout: the guest console          err  the VMM's stderr
+#   pid     the bulkhead pid                             status  its exit status, once it exits
+
+# shellcheck disable=SC2034 # GUEST_*, VM_STATUS: for the scenarios that source this file
+SCN_NAME=${SCN_NAME:-scenario}
+SCN_DIR=${SCN_DIR:-/tmp/scenario/$SCN_NAME}
+mkdir -p "$SCN_DIR"
+
+BULKHEAD=${BULKHEAD:-/bin/bulkhead}
+GUEST_DIR=${GUEST_DIR:-/guest}
+GUEST_KERNEL=$GUEST_DIR/Image
+GUEST_INITRAMFS=$GUEST_DIR/initramfs.cpio.gz
+GUEST_CMDLINE="console=ttyAMA0 quiet"
+
+# Guest boot budget: a Debian kernel reaches /init after ~12 s of nested-KVM guest time.
+BOOT_TIMEOUT=${BOOT_TIMEOUT:-120}
+
+say() { echo "[$SCN_NAME] $*"; }
+
+# quote MARK: stdin as evidence lines "[scenario]   MARK line", without CRs and terminal
+# escapes, every line newline-terminated.
+quote() {
+	awk -v p="[$SCN_NAME]   $1 " '{ gsub(/\r/, ""); gsub(/\033\[[0-9;?]*[A-Za-z]/, ""); print p $0 }'
+}
+
+now() { cut -d ' ' -f 1 /proc/uptime; }
+now_s() { cut -d . -f 1 /proc/uptime; }
+
+# fail REASON: print the evidence of every VM of this scenario, record REASON, exit 1.
+fail() {
+	say "FAIL: $*"
+	for d in "$SCN_DIR"/*/; do
+		[ -f "$d/out" ] || continue
+		vm_dump "$(basename "$d")" 40
+	done
+	echo "$*" >"$SCN_DIR/reason"
+	exit 1
+}
+
+# vm_dump ID [LINES]: the last lines of the VM's console and of the VMM's stderr.
+vm_dump() {
+	_n=${2:-40}
+	say "--- $1: guest console (last $_n lines) ---"
+	tail -n "$_n" "$SCN_DIR/$1/out" | quote "|"
+	say "--- $1: bulkhead stderr (last $_n lines) ---"
+	tail -n "$_n" "$SCN_DIR/$1/err" | quote "!"
+	if [ -f "$SCN_DIR/$1/status" ]; then
+		say "--- $1: bulkhead exited with status $(cat "$SCN_DIR/$1/status")"
+	else
+		say "--- $1: bulkhead still running"
+	fi
+}
+
+_vm_fd_next=3
+# vm_start ID BULKHEAD-ARGS...: start bulkhead in the background, stdin from the VM's fifo.
+vm_start() {
+	_id=$1
+	shift
+	_d=$SCN_DIR/$_id
+	rm -rf "$_d"
+	mkdir -p "$_d"
+	mkfifo "$_d/in"
+	[ "$_vm_fd_next" -le 9 ] || fail "too many VMs in one scenario"
+	eval "exec $_vm_fd_next<>\"\$_d/in\""
+	echo "$_vm_fd_next" >"$_d/fd"
+	_vm_fd_next=$((_vm_fd_next + 1))
+	echo "$BULKHEAD $*" >"$_d/cmd"
+	say "start $_id: bulkhead $*"
+	now >"$_d/t_start"
+	(
+		"$BULKHEAD" "$@" <"$_d/in" >"$_d/out" 2>"$_d/err" &
+		echo $! >"$_d/pid"
+		wait $!
+		echo $? >"$_d/status"
+		now >"$_d/t_exit"
+	) &
+	while [ ! -s "$_d/pid" ]; do sleep 0.1; done
+}
+
+vm_pid() { cat "$SCN_DIR/$1/pid"; }
+
+# vm_exited ID: true once bulkhead has exited.
+vm_exited() { [ -s "$SCN_DIR/$1/status" ]; }
+
+# vm_count ID ERE: how many console lines match ERE.
+vm_count() { tr -d '\r' <"$SCN_DIR/$1/out" | grep -cE "$2"; }
+
+# vm_wait_for ID ERE TIMEOUT [COUNT]: wait until COUNT (default 1) console lines match ERE.
+# Fails the scenario if bulkhead exits first or on timeout.
+vm_wait_for() {
+	_want=${4:-1}
+	_end=$(($(now_s) + $3))
+	while :; do
+		[ "$(vm_count "$1" "$2")" -ge "$_want" ] && return 0
+		if vm_exited "$1"; then
+			sleep 0.2
+			[ "$(vm_count "$1" "$2")" -ge "$_want" ] && return 0
+			fail "bulkhead ($1) exited with status $(cat "$SCN_DIR/$1/status") before printing '$2' (#$_want)"
+		fi
+		[ "$(now_s)" -lt "$_end" ] || fail "no '$2' (#$_want) from $1 within $3 s"
+		sleep 0.5
+	done
+}
+
+# vm_send ID TEXT: type TEXT and a newline on the guest console.
+vm_send() {
+	_fd=$(cat "$SCN_DIR/$1/fd")
+	say "type on $1: $2"
+	eval "printf '%s\n' \"\$2\" >&$_fd"
+}
+
+# vm_send_until ID TEXT ERE TIMEOUT: type TEXT until a console line matches ERE (the console
+# may drop input typed before the shell reads it), at most 3 times within TIMEOUT.
+vm_send_until() {
+	_base=$(vm_count "$1" "$3")
+	_per=$(($4 / 3))
+	for _try in 1 2 3; do
+		vm_send "$1" "$2"
+		_end=$(($(now_s) + _per))
+		while [ "$(now_s)" -lt "$_end" ]; do
+			[ "$(vm_count "$1" "$3")" -gt "$_base" ] && return 0
+			vm_exited "$1" && fail "bulkhead ($1) exited with status $(cat "$SCN_DIR/$1/status") while waiting for '$3'"
+			sleep 0.3
+		done
+	done
+	fail "typed '$2' on $1, no '$3' came back within $4 s"
+}
+
+# vm_wait_exit ID TIMEOUT: wait for bulkhead to exit; sets VM_STATUS. Fails on timeout.
+vm_wait_exit() {
+	_end=$(($(now_s) + $2))
+	while ! vm_exited "$1"; do
+		[ "$(now_s)" -lt "$_end" ] || fail "bulkhead ($1) still running $2 s later"
+		sleep 0.2
+	done
+	VM_STATUS=$(cat "$SCN_DIR/$1/status")
+}
+
+# vm_marker ID NAME [N]: the value of the Nth (default 1st) "GUEST-NAME value" line.
+vm_marker() {
+	tr -d '\r' <"$SCN_DIR/$1/out" | sed -n "s/^GUEST-$2 //p" | sed -n "${3:-1}p"
+}
+
+# vm_show_markers ID: print the GUEST-* lines as evidence.
+vm_show_markers() {
+	tr -d '\r' <"$SCN_DIR/$1/out" | grep -E '^GUEST-' | quote "|"
+}
+
+# vm_no_panic ID: fails when bulkhead's output says "panicked".
+vm_no_panic() {
+	if grep -q panicked "$SCN_DIR/$1/err" "$SCN_DIR/$1/out"; then
+		fail "bulkhead ($1) panicked"
+	fi
+}
+
+# check_guest ID BOOT NPROC MEM_MIN_KB MEM_MAX_KB: the markers of the BOOTth guest boot.
+check_guest() {
+	_id=$1 _b=$2
+	_v=$(vm_marker "$_id" NPROC "$_b")
+	[ "$_v" = "$3" ] || fail "guest sees $_v CPUs, expected $3"
+	_v=$(vm_marker "$_id" MEMTOTAL "$_b")
+	case $_v in '' | *[!0-9]*) fail "guest MemTotal unreadable: '$_v'" ;; esac
+	if [ "$_v" -lt "$4" ] || [ "$_v" -gt "$5" ]; then
+		fail "guest MemTotal $_v kB not within [$4, $5]"
+	fi
+	_v=$(vm_marker "$_id" CLOCKSOURCE "$_b")
+	[ "$_v" = arch_sys_counter ] || fail "guest clocksource is '$_v', expected arch_sys_counter"
+	_v=$(vm_marker "$_id" GIC "$_b")
+	# GICv3 names itself "GICv3" in /proc/interrupts, a GICv2 "GIC-0".
+	case $_v in *"${EXPECT_GIC:-GICv3}"*) ;; *) fail "no ${EXPECT_GIC:-GICv3} line in the guest's /proc/interrupts: '$_v'" ;; esac
+	_v=$(vm_marker "$_id" TTY-DRIVER "$_b")
+	[ "$_v" = uart-pl011 ] || fail "ttyAMA0 is bound to '$_v', expected uart-pl011"
+	return 0
+}
+
+# elapsed ID: seconds from vm_start to now.
+elapsed() { awk -v a="$(cat "$SCN_DIR/$1/t_start")" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }

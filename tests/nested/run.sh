@@ -1,0 +1,429 @@
+#!/usr/bin/env bash
+# Nested-KVM system tests for Bulkhead.
+#
+# Boots an emulated arm64 host ("L1", QEMU TCG with virtualization=on, so KVM works inside it),
+# whose initramfs carries the bulkhead binaries, a guest ("L2") kernel + initramfs and the
+# scenario scripts; L1's init runs the scenarios, which start bulkhead VMs with KVM and assert
+# on what the guest prints. Results come back on L1's console as lines
+#   RESULT <scenario> PASS
+#   RESULT <scenario> FAIL <reason>
+# which this script collects into a summary ending with "N passed, N failed".
+#
+# Usage: tests/nested/run.sh [--suite NAME] [--demo] [--keep] [--no-build] [--guest-check]
+#                            [--timeout SECONDS]
+#   --suite NAME   scenario set from tests/nested/suites/NAME (default: boot)
+#   --demo         boot L1 with one 2-vCPU guest whose console is this terminal
+#   --keep         keep the work directory (packed initramfs trees) and print its path
+#   --no-build     do not run cargo; use the binaries already in the target directory
+#   --guest-check  boot the guest kernel + guest initramfs directly under QEMU TCG (no VMM,
+#                  no KVM) and check the guest's markers: tests the guest assets alone
+#   --timeout S    overall limit for the L1 run (default: per suite, see suites/NAME)
+#
+# Needs a Debian 12 machine with rustup/cargo; installs what else it needs (apt, rustup).
+# Logs: tests/out/<suite>.log (L1 console), tests/out/<suite>.summary.
+set -euo pipefail
+
+NESTED_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$NESTED_DIR/../.." && pwd)
+GUEST_DIR=$ROOT/tests/guest
+CACHE=$ROOT/tests/.cache
+OUT=$ROOT/tests/out
+TARGET_TRIPLE=aarch64-unknown-linux-musl
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN_DIR=$TARGET_DIR/$TARGET_TRIPLE/release
+
+suite=boot
+demo=0
+keep=0
+build=1
+guest_check=0
+overall_timeout=
+
+log() { printf '[nested] %s\n' "$*" >&2; }
+die() { printf '[nested] error: %s\n' "$*" >&2; exit 2; }
+
+usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; }
+
+while [ $# -gt 0 ]; do
+	case $1 in
+	--suite) [ $# -ge 2 ] || die "--suite needs a name"; suite=$2; shift 2 ;;
+	--suite=*) suite=${1#--suite=}; shift ;;
+	--demo) demo=1; shift ;;
+	--keep) keep=1; shift ;;
+	--no-build) build=0; shift ;;
+	--guest-check) guest_check=1; shift ;;
+	--timeout) [ $# -ge 2 ] || die "--timeout needs seconds"; overall_timeout=$2; shift 2 ;;
+	-h | --help) usage; exit 0 ;;
+	*) die "unknown argument: $1 (see --help)" ;;
+	esac
+done
+
+# ---------------------------------------------------------------------------------------------
+# 1. Host packages and the Rust target.
+
+as_root() {
+	if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi
+}
+
+apt_updated=0
+apt_update() {
+	if [ "$apt_updated" -eq 0 ]; then
+		log "apt-get update"
+		as_root apt-get update -qq >/dev/null
+		apt_updated=1
+	fi
+}
+
+pkg_installed() {
+	[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
+}
+
+ensure_host_deps() {
+	local missing=() p
+	for p in qemu-system-arm cpio gzip device-tree-compiler coreutils; do
+		pkg_installed "$p" || missing+=("$p")
+	done
+	if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+		log "dpkg --add-architecture arm64"
+		as_root dpkg --add-architecture arm64
+		apt_update
+	fi
+	if [ ${#missing[@]} -gt 0 ]; then
+		apt_update
+		log "apt-get install ${missing[*]}"
+		as_root env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	fi
+	# The arm64 package lists, needed to resolve and download the guest assets (not when both
+	# are cached already: then an offline machine still runs).
+	if ! apt-cache show linux-image-cloud-arm64:arm64 >/dev/null 2>&1 ||
+		! apt-cache show busybox-static:arm64 >/dev/null 2>&1; then
+		if ! compgen -G "$CACHE/linux-image-*-cloud-arm64/.unpacked" >/dev/null ||
+			[ ! -e "$CACHE/busybox-static-arm64/.unpacked" ]; then
+			apt_update
+		fi
+	fi
+	if [ "$build" -eq 1 ] || [ ! -x "$BIN_DIR/bulkhead" ]; then
+		command -v rustup >/dev/null || die "rustup not found"
+		if ! rustup target list --installed | grep -qx "$TARGET_TRIPLE"; then
+			log "rustup target add $TARGET_TRIPLE"
+			rustup target add "$TARGET_TRIPLE" >/dev/null 2>&1 ||
+				die "rustup target add $TARGET_TRIPLE failed"
+		fi
+	fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# 2. Guest/L1 kernel and busybox from Debian's arm64 packages, cached in tests/.cache.
+
+# download_pkg PKG DEST: apt-get download PKG and unpack it into DEST (once).
+download_pkg() {
+	local pkg=$1 dest=$2 tmp
+	if [ -e "$dest/.unpacked" ]; then return 0; fi
+	tmp=$(mktemp -d "$CACHE/dl.XXXXXX")
+	log "apt-get download $pkg"
+	(cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$pkg" >/dev/null 2>&1) ||
+		(cd "$tmp" && apt-get download -qq "$pkg" >/dev/null) ||
+		{ rm -rf "$tmp"; die "apt-get download $pkg failed"; }
+	rm -rf "$dest"
+	mkdir -p "$dest"
+	dpkg-deb -x "$tmp"/*.deb "$dest"
+	rm -rf "$tmp"
+	touch "$dest/.unpacked"
+}
+
+fetch_assets() {
+	mkdir -p "$CACHE"
+	local kpkg kdir
+	kpkg=$(apt-cache depends linux-image-cloud-arm64:arm64 2>/dev/null |
+		awk '$1 == "Depends:" && $2 ~ /^linux-image-.*-cloud-arm64/ { print $2; exit }')
+	if [ -n "$kpkg" ]; then
+		kpkg=${kpkg%:arm64}
+		kdir=$CACHE/$kpkg
+		download_pkg "$kpkg:arm64" "$kdir"
+	else
+		# No package lists (offline?): fall back to the newest cached kernel.
+		kdir=$(find "$CACHE" -maxdepth 1 -name 'linux-image-*-cloud-arm64' | sort -V | tail -n 1)
+		[ -n "$kdir" ] || die "cannot resolve linux-image-cloud-arm64:arm64 (apt-cache depends)"
+		log "using cached $(basename "$kdir")"
+	fi
+	KERNEL=$(find "$kdir/boot" -maxdepth 1 -name 'vmlinuz-*' 2>/dev/null | head -n 1)
+	[ -f "$KERNEL" ] || die "no boot/vmlinuz-* in $kdir"
+	# An arm64 Image has "ARM\x64" at offset 56.
+	[ "$(dd if="$KERNEL" bs=1 skip=56 count=4 status=none | od -An -tx1 | tr -d ' \n')" = 41524d64 ] ||
+		die "$KERNEL is not an arm64 Image"
+
+	download_pkg busybox-static:arm64 "$CACHE/busybox-static-arm64"
+	BUSYBOX=$CACHE/busybox-static-arm64/bin/busybox
+	[ -f "$BUSYBOX" ] || die "no bin/busybox in busybox-static:arm64"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 3. Cross-build.
+
+build_project() {
+	if [ "$build" -eq 1 ]; then
+		log "cargo build --release --target $TARGET_TRIPLE --workspace --bins"
+		(cd "$ROOT" && CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld \
+			cargo build --quiet --release --target "$TARGET_TRIPLE" --workspace --bins) ||
+			die "cross-build failed"
+	fi
+	[ -x "$BIN_DIR/bulkhead" ] || die "$BIN_DIR/bulkhead missing"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 4./5. Initramfs images.
+
+# busybox_tree DIR: a root with busybox, the directories an init expects and /dev/console.
+busybox_tree() {
+	local d=$1 a
+	mkdir -p "$d"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,etc,root}
+	install -m 0755 "$BUSYBOX" "$d/bin/busybox"
+	# The rest are made at boot by "busybox --install -s"; these are needed before that.
+	for a in sh mount mkdir cat echo ln; do ln -sf busybox "$d/bin/$a"; done
+	if [ "$(id -u)" -eq 0 ]; then
+		mknod -m 600 "$d/dev/console" c 5 1
+		mknod -m 666 "$d/dev/null" c 1 3
+	fi
+}
+
+# pack DIR OUT [gzip]: cpio newc archive of DIR, owned by root.
+pack() {
+	local d=$1 out=$2 compress=${3:-}
+	if [ "$compress" = gzip ]; then
+		(cd "$d" && find . -mindepth 1 | LC_ALL=C sort |
+			cpio --quiet -o -H newc -R 0:0 | gzip -6 -n) >"$out"
+	else
+		(cd "$d" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$out"
+	fi
+}
+
+pack_guest() {
+	local d=$WORK/guest-root
+	busybox_tree "$d"
+	install -m 0755 "$GUEST_DIR/init" "$d/init"
+	# Programs the scenarios run inside the guest: the bins of tests/guest-tools, when built.
+	local src b
+	for src in "$ROOT"/tests/guest-tools/src/bin/*.rs; do
+		[ -f "$src" ] || continue
+		b=$BIN_DIR/$(basename "$src" .rs)
+		if [ -x "$b" ]; then
+			install -m 0755 "$b" "$d/usr/bin/"
+		else
+			log "guest tool $(basename "$b") not built; the guest will not have it"
+		fi
+	done
+	GUEST_INITRAMFS=$WORK/guest-initramfs.cpio.gz
+	pack "$d" "$GUEST_INITRAMFS" gzip
+}
+
+# suite_scenarios NAME: the scenario names of a suite, one per line.
+suite_scenarios() {
+	local f=$NESTED_DIR/suites/$1
+	[ -f "$f" ] || die "no suite '$1' (have: $(cd "$NESTED_DIR/suites" && echo *))"
+	sed -e 's/#.*//' -e '/^[[:space:]]*$/d' -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "$f" |
+		grep -v -E '^(timeout|gic)='
+}
+
+suite_timeout() {
+	sed -n 's/^timeout=\([0-9]*\).*/\1/p' "$NESTED_DIR/suites/$1" | head -n 1
+}
+
+# suite_gic NAME: the GIC version of the suite's L1 machine (gic=N in the suite file; 3 if unset).
+suite_gic() {
+	local g
+	g=$(sed -n 's/^gic=\([23]\).*/\1/p' "$NESTED_DIR/suites/$1" | head -n 1)
+	echo "${g:-3}"
+}
+
+pack_l1() {
+	local d=$WORK/l1-root b s
+	busybox_tree "$d"
+	mkdir -p "$d/guest" "$d/harness/scenarios"
+	install -m 0755 "$NESTED_DIR/l1-init" "$d/init"
+	for b in "$BIN_DIR"/bulkhead "$BIN_DIR"/bulkhead-*; do
+		[ -f "$b" ] && [ -x "$b" ] && install -m 0755 "$b" "$d/bin/"
+	done
+	cp "$KERNEL" "$d/guest/Image"
+	cp "$GUEST_INITRAMFS" "$d/guest/initramfs.cpio.gz"
+	install -m 0644 "$NESTED_DIR/lib.sh" "$d/harness/lib.sh"
+	for s in "$NESTED_DIR"/scenarios/*.sh; do install -m 0755 "$s" "$d/harness/scenarios/"; done
+	{
+		if [ "$demo" -eq 1 ]; then
+			echo "MODE=demo"
+		else
+			echo "MODE=suite"
+			echo "SUITE=$suite"
+			if [ "$(suite_gic "$suite")" = 2 ]; then echo "EXPECT_GIC=GIC-0"; else echo "EXPECT_GIC=GICv3"; fi
+			echo "SCENARIOS=\"$(echo "$SCENARIOS" | tr '\n' ' ')\""
+		fi
+	} >"$d/harness/config"
+	L1_INITRAMFS=$WORK/l1-initramfs.cpio
+	# Uncompressed (~30 MB): QEMU loads it as is, L1 spends no time on gunzip under TCG.
+	pack "$d" "$L1_INITRAMFS"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 6. Boot L1 (or, with --guest-check, the guest alone) and collect results.
+
+# The L1 machine: virtualization=on gives L1 EL2, so its KVM works (HARNESS.md).
+qemu_l1_args() {
+	L1_GIC=3
+	[ "$demo" -eq 1 ] || L1_GIC=$(suite_gic "$suite")
+	# shellcheck disable=SC2054 # the commas are QEMU's
+	L1_QEMU=(qemu-system-aarch64 -M virt,virtualization=on,gic-version="$L1_GIC" -cpu max -smp 2 -m 3072
+		-nographic -no-reboot -nic none -kernel "$KERNEL" -initrd "$L1_INITRAMFS"
+		-append "console=ttyAMA0 panic=-1 quiet kvm-arm.mode=nvhe")
+}
+
+run_guest_check() {
+	local logf=$OUT/guest-check.log rc=0 fails=0 v
+	log "booting the guest directly under QEMU TCG (no KVM): $logf"
+	rm -f "$logf"
+	timeout --foreground -k 5 240 qemu-system-aarch64 -M virt,gic-version=3 -cpu max -smp 2 -m 512 \
+		-display none -monitor none -serial stdio -no-reboot -nic none \
+		-kernel "$KERNEL" -initrd "$GUEST_INITRAMFS" -append "console=ttyAMA0 panic=-1 quiet" < <(
+			# Wait for the shell, run a command, then power off.
+			for _ in $(seq 1 200); do
+				grep -q GUEST-READY "$logf" 2>/dev/null && break
+				sleep 1
+			done
+			sleep 2
+			# shellcheck disable=SC2016 # expands in the guest
+			echo 'echo marker-$((6*7))'
+			sleep 2
+			echo 'poweroff -f'
+			for _ in $(seq 1 60); do
+				grep -q 'reboot: Power down' "$logf" 2>/dev/null && break
+				sleep 1
+			done
+		) | sed -u 's/\r//g' | tee "$logf" || rc=$?
+	echo
+	check() { # check NAME ERE
+		if grep -Eq "$2" "$logf"; then echo "ok   $1"; else echo "FAIL $1"; fails=$((fails + 1)); fi
+	}
+	check "init ran" '^GUEST-INIT boot_id=[0-9a-f-]{36}$'
+	check "nproc 2" '^GUEST-NPROC 2$'
+	v=$(sed -n 's/^GUEST-MEMTOTAL \([0-9]*\)$/\1/p' "$logf" | head -n 1)
+	if [ -n "$v" ] && [ "$v" -gt 400000 ] && [ "$v" -le 524288 ]; then
+		echo "ok   memtotal $v kB"
+	else
+		echo "FAIL memtotal '$v'"; fails=$((fails + 1))
+	fi
+	check "clocksource" '^GUEST-CLOCKSOURCE arch_sys_counter$'
+	check "gic line" '^GUEST-GIC .*GIC'
+	check "pl011 driver" '^GUEST-TTY-DRIVER uart-pl011$'
+	check "ready" '^GUEST-READY$'
+	check "shell runs typed commands" '^marker-42$'
+	check "poweroff" 'reboot: Power down'
+	echo "$((9 - fails)) passed, $fails failed"
+	[ "$fails" -eq 0 ]
+}
+
+run_demo() {
+	log "demo: L1 boots (~20 s), then a 2-vCPU guest whose console is this terminal."
+	log "Power the guest off with 'poweroff -f'; QEMU's escape is Ctrl-A x."
+	qemu_l1_args
+	"${L1_QEMU[@]}"
+}
+
+# parse_results LOG: per-scenario summary; sets passed/failed.
+parse_results() {
+	local logf=$1 s line
+	passed=0
+	failed=0
+	{
+		echo "== nested suite '$suite' ($(date -u +%Y-%m-%dT%H:%M:%SZ)) =="
+		if grep -q '^RESULT kvm FAIL' "$logf"; then
+			grep '^RESULT kvm FAIL' "$logf" | head -n 1
+		fi
+		for s in $SCENARIOS; do
+			line=$(grep -E "^RESULT $s (PASS|FAIL)" "$logf" | tail -n 1 || true)
+			if [ -z "$line" ]; then
+				echo "RESULT $s FAIL no RESULT line (L1 crashed, hung or timed out)"
+				failed=$((failed + 1))
+			elif [ "${line#RESULT "$s" PASS}" != "$line" ]; then
+				echo "$line"
+				passed=$((passed + 1))
+			else
+				echo "$line"
+				failed=$((failed + 1))
+			fi
+		done
+		if grep -q '^RESULT kvm FAIL' "$logf"; then
+			failed=$((failed + 1))
+		fi
+		if ! grep -q '^HARNESS-DONE' "$logf"; then
+			echo "L1 did not finish (no HARNESS-DONE line)"
+		fi
+	} >"$OUT/$suite.summary"
+	echo "$passed passed, $failed failed" >>"$OUT/$suite.summary"
+	cat "$OUT/$suite.summary"
+}
+
+main() {
+	local t0 rc=0 logf
+	t0=$(date +%s)
+	local s
+	if [ "$demo" -eq 0 ] && [ "$guest_check" -eq 0 ]; then
+		SCENARIOS=$(suite_scenarios "$suite")
+		[ -n "$SCENARIOS" ] || die "suite '$suite' is empty"
+		for s in $SCENARIOS; do
+			[ -f "$NESTED_DIR/scenarios/$s.sh" ] || die "suite '$suite' names unknown scenario '$s'"
+		done
+	fi
+	ensure_host_deps
+	fetch_assets
+	mkdir -p "$OUT"
+	WORK=$(mktemp -d "${TMPDIR:-/tmp}/bulkhead-nested.XXXXXX")
+	if [ "$keep" -eq 1 ]; then
+		log "work directory: $WORK"
+	else
+		trap 'rm -rf "$WORK"' EXIT
+	fi
+	if [ "$guest_check" -eq 1 ]; then
+		pack_guest
+		run_guest_check
+		return
+	fi
+
+	build_project
+	pack_guest
+	if [ "$demo" -eq 1 ] && [ "$(uname -m)" = aarch64 ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
+		log "arm64 host with /dev/kvm: running the demo VM directly ('poweroff -f' in the guest ends it)"
+		"$BIN_DIR/bulkhead" --kernel "$KERNEL" --initramfs "$GUEST_INITRAMFS" \
+			--cmdline "console=ttyAMA0 quiet" --cpus boot=2 --memory size=512M
+		return
+	fi
+	if [ "$demo" -eq 1 ]; then
+		SCENARIOS=
+		pack_l1
+		run_demo
+		return
+	fi
+	pack_l1
+	overall_timeout=${overall_timeout:-$(suite_timeout "$suite")}
+	overall_timeout=${overall_timeout:-600}
+	logf=$OUT/$suite.log
+	log "prepared in $(($(date +%s) - t0)) s; booting L1 (limit ${overall_timeout} s), console: $logf"
+	local t1
+	t1=$(date +%s)
+	qemu_l1_args
+	set +e
+	timeout --foreground -k 10 "$overall_timeout" "${L1_QEMU[@]}" </dev/null 2>&1 | sed -u 's/\r//g' | tee "$logf"
+	rc=${PIPESTATUS[0]}
+	set -e
+	echo
+	if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+		echo "L1 TIMEOUT after ${overall_timeout} s" | tee -a "$logf"
+	elif [ "$rc" -ne 0 ]; then
+		echo "qemu exited with status $rc" | tee -a "$logf"
+	fi
+	log "L1 run took $(($(date +%s) - t1)) s"
+	parse_results "$logf"
+	if [ "$rc" -ne 0 ] || [ "$failed" -ne 0 ] || ! grep -q '^HARNESS-DONE' "$logf"; then
+		return 1
+	fi
+}
+
+main
