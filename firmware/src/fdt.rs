@@ -46,6 +46,8 @@ pub struct FdtConfig<'a> {
     pub initramfs: Option<(u64, u64)>,
     /// Interrupt controller.
     pub gic: GicKind,
+    /// Whether the PCIe host bridge is described.
+    pub pcie: bool,
     /// Entropy handed to the guest (`/chosen/rng-seed` and `kaslr-seed`).
     pub rng_seed: [u8; 64],
 }
@@ -79,6 +81,9 @@ pub fn create_fdt(cfg: &FdtConfig) -> Result<Vec<u8>, FdtError> {
     timer(&mut fdt, cfg.gic, cfg.mpidrs.len() as u32)?;
     apb_clock(&mut fdt)?;
     pl011(&mut fdt)?;
+    if cfg.pcie {
+        pcie(&mut fdt, cfg.gic)?;
+    }
 
     fdt.end_node(root)?;
     let blob = fdt.finish()?;
@@ -236,6 +241,49 @@ fn pl011(fdt: &mut FdtWriter) -> FdtWriterResult<()> {
     fdt.end_node(node)
 }
 
+/// PCI address space codes of a `ranges` entry's first cell.
+const PCI_SPACE_MEM32: u32 = 0x0200_0000;
+const PCI_SPACE_MEM64_PREFETCH: u32 = 0x4300_0000;
+
+fn pcie(fdt: &mut FdtWriter, gic: GicKind) -> FdtWriterResult<()> {
+    let node = fdt.begin_node(&format!("pcie@{PCIE_ECAM_START:x}"))?;
+    fdt.property_string("compatible", "pci-host-ecam-generic")?;
+    fdt.property_string("device_type", "pci")?;
+    fdt.property_u32("#address-cells", 3)?;
+    fdt.property_u32("#size-cells", 2)?;
+    fdt.property_array_u64("reg", &[PCIE_ECAM_START, PCIE_ECAM_SIZE])?;
+    // One MiB of ECAM per bus.
+    fdt.property_array_u32("bus-range", &[0, (PCIE_ECAM_SIZE >> 20) as u32 - 1])?;
+    fdt.property_u32("linux,pci-domain", 0)?;
+    fdt.property_null("dma-coherent")?;
+    let hi = |a: u64| (a >> 32) as u32;
+    let lo = |a: u64| a as u32;
+    fdt.property_array_u32(
+        "ranges",
+        &[
+            PCI_SPACE_MEM32,
+            hi(PCIE_MMIO32_START),
+            lo(PCIE_MMIO32_START),
+            hi(PCIE_MMIO32_START),
+            lo(PCIE_MMIO32_START),
+            hi(PCIE_MMIO32_SIZE),
+            lo(PCIE_MMIO32_SIZE),
+            PCI_SPACE_MEM64_PREFETCH,
+            hi(PCIE_MMIO64_START),
+            lo(PCIE_MMIO64_START),
+            hi(PCIE_MMIO64_START),
+            lo(PCIE_MMIO64_START),
+            hi(PCIE_MMIO64_SIZE),
+            lo(PCIE_MMIO64_SIZE),
+        ],
+    )?;
+    if let GicKind::V3 { its: true } = gic {
+        // Requester ID n is ITS device ID n.
+        fdt.property_array_u32("msi-map", &[0, PHANDLE_ITS, 0, 0x1_0000])?;
+    }
+    fdt.end_node(node)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +296,7 @@ mod tests {
             cmdline: "console=ttyAMA0 quiet",
             initramfs: Some((0x5000_0000, 0x1234)),
             gic,
+            pcie: true,
             rng_seed: [7; 64],
         }
     }
@@ -347,6 +396,27 @@ mod tests {
             clk.property("clock-frequency").and_then(|p| p.as_usize()),
             Some(24_000_000)
         );
+
+        let pci = fdt
+            .find_compatible(&["pci-host-ecam-generic"])
+            .expect("pcie");
+        let reg = pci.reg().expect("reg").next().expect("ecam");
+        assert_eq!(reg.starting_address as u64, PCIE_ECAM_START);
+        assert_eq!(reg.size, Some(PCIE_ECAM_SIZE as usize));
+        assert_eq!(
+            u32_cells(pci.property("bus-range").expect("bus-range").value),
+            vec![0, 15]
+        );
+        let msi_map = u32_cells(pci.property("msi-map").expect("msi-map").value);
+        let its_phandle = its
+            .property("phandle")
+            .and_then(|p| p.as_usize())
+            .expect("phandle");
+        assert_eq!(msi_map, vec![0, its_phandle as u32, 0, 0x10000]);
+        let ranges = u32_cells(pci.property("ranges").expect("ranges").value);
+        assert_eq!(ranges.len(), 14);
+        assert_eq!(ranges[0], 0x0200_0000);
+        assert_eq!((ranges[2], ranges[6]), (0x1000_0000, 0x2eff_0000));
     }
 
     #[test]

@@ -37,6 +37,17 @@ pub struct Args {
     /// Guest console (the PL011): `tty` (this process's stdin and stdout), `file=PATH`, or `off`.
     #[arg(long, value_name = "tty|file=PATH|off", default_value = "tty")]
     pub serial: String,
+    /// A disk, repeatable: `path=IMG[,readonly=on][,serial=S][,num_queues=N]` is served by a
+    /// `bulkhead-block` process the VMM starts; `socket=PATH[,num_queues=N]` connects to a
+    /// vhost-user-blk backend already listening at PATH.
+    #[arg(
+        long,
+        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH]"
+    )]
+    pub disk: Vec<String>,
+    /// PCIe root ports, each a slot for one device: 1 to 31.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub pci_slots: usize,
     /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides it.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -98,6 +109,103 @@ pub enum SerialConfig {
     Off,
 }
 
+/// Most queues a disk may have.
+pub const MAX_DISK_QUEUES: u16 = 16;
+/// Longest disk serial (virtio-blk's GET_ID buffer).
+const MAX_SERIAL: usize = 20;
+
+/// Who serves a disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskBackend {
+    /// A `bulkhead-block` process the VMM starts on this image.
+    Process {
+        /// The image.
+        path: PathBuf,
+        /// Refuse writes.
+        readonly: bool,
+        /// Serial number the guest reads (GET_ID).
+        serial: Option<String>,
+    },
+    /// A vhost-user-blk backend someone else started, listening here.
+    Socket(PathBuf),
+}
+
+/// One `--disk`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Who serves it.
+    pub backend: DiskBackend,
+    /// Number of queues.
+    pub num_queues: u16,
+}
+
+fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
+    let bad = |reason: String| ConfigError::Option {
+        flag: "disk",
+        reason,
+    };
+    let opts = parse_options(
+        "disk",
+        value,
+        &["path", "readonly", "serial", "num_queues", "socket"],
+    )?;
+    let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+    let readonly = match get("readonly") {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(v) => return Err(bad(format!("readonly={v:?}: expected on or off"))),
+    };
+    let num_queues = match get("num_queues") {
+        None => 1,
+        Some(v) => v
+            .parse::<u16>()
+            .ok()
+            .filter(|n| (1..=MAX_DISK_QUEUES).contains(n))
+            .ok_or_else(|| bad(format!("num_queues={v:?}: expected 1 to {MAX_DISK_QUEUES}")))?,
+    };
+    let serial = get("serial").map(str::to_string);
+    if let Some(s) = &serial {
+        if s.len() > MAX_SERIAL || !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad(format!(
+                "serial={s:?}: at most {MAX_SERIAL} printable ASCII characters"
+            )));
+        }
+    }
+    let backend = match (get("path"), get("socket")) {
+        (Some(path), None) if !path.is_empty() => {
+            // Check now that the image can be opened as the device process will need it.
+            File::options()
+                .read(true)
+                .write(!readonly)
+                .open(path)
+                .map_err(|source| ConfigError::Open {
+                    what: "disk image",
+                    path: path.into(),
+                    source,
+                })?;
+            DiskBackend::Process {
+                path: path.into(),
+                readonly,
+                serial,
+            }
+        }
+        (None, Some(socket)) if !socket.is_empty() => {
+            if readonly || serial.is_some() {
+                return Err(bad(
+                    "readonly and serial belong to the backend's own options with socket=".into(),
+                ));
+            }
+            DiskBackend::Socket(socket.into())
+        }
+        (Some(_), Some(_)) => return Err(bad("give path= or socket=, not both".into())),
+        _ => return Err(bad("path=IMG or socket=PATH is required".into())),
+    };
+    Ok(DiskConfig {
+        backend,
+        num_queues,
+    })
+}
+
 /// A checked VM configuration, with its boot files open.
 #[derive(Debug)]
 pub struct VmConfig {
@@ -115,6 +223,10 @@ pub struct VmConfig {
     pub layout: BootLayout,
     /// Guest console.
     pub serial: SerialConfig,
+    /// Disks, in slot order.
+    pub disks: Vec<DiskConfig>,
+    /// Number of PCIe root ports.
+    pub pci_slots: usize,
 }
 
 /// Splits `a=1,b=2` into pairs, refusing keys outside `known` and repeated keys.
@@ -291,6 +403,27 @@ impl TryFrom<Args> for VmConfig {
                 source,
             }
         })?;
+        if !(1..=31).contains(&args.pci_slots) {
+            return Err(ConfigError::Option {
+                flag: "pci-slots",
+                reason: format!("{}: expected 1 to 31", args.pci_slots),
+            });
+        }
+        let disks = args
+            .disk
+            .iter()
+            .map(|d| parse_disk(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        if disks.len() > args.pci_slots {
+            return Err(ConfigError::Option {
+                flag: "disk",
+                reason: format!(
+                    "{} disks but {} PCIe slots (raise --pci-slots)",
+                    disks.len(),
+                    args.pci_slots
+                ),
+            });
+        }
         let serial = parse_serial(&args.serial)?;
         Ok(Self {
             vcpus,
@@ -300,6 +433,8 @@ impl TryFrom<Args> for VmConfig {
             initramfs,
             layout,
             serial,
+            disks,
+            pci_slots: args.pci_slots,
         })
     }
 }
@@ -356,6 +491,43 @@ mod tests {
         assert!(check_cmdline("console=ttyAMA0").is_ok());
         assert!(check_cmdline(&"x".repeat(4096)).is_err());
         assert!(check_cmdline("a\0b").is_err());
+    }
+
+    #[test]
+    fn test_parse_disk_forms_and_errors() {
+        let img = std::env::temp_dir().join(format!("bulkhead-disk-test-{}", std::process::id()));
+        std::fs::write(&img, [0u8; 512]).expect("image");
+        let p = img.to_str().expect("utf-8");
+        let d =
+            parse_disk(&format!("path={p},readonly=on,serial=abc,num_queues=4")).expect("valid");
+        assert_eq!(d.num_queues, 4);
+        assert_eq!(
+            d.backend,
+            DiskBackend::Process {
+                path: img.clone(),
+                readonly: true,
+                serial: Some("abc".into())
+            }
+        );
+        assert_eq!(
+            parse_disk("socket=/run/blk.sock").expect("valid").backend,
+            DiskBackend::Socket("/run/blk.sock".into())
+        );
+        for bad in [
+            "path=/nonexistent/img".to_string(),
+            format!("path={p},readonly=yes"),
+            format!("path={p},num_queues=0"),
+            format!("path={p},num_queues=17"),
+            format!("path={p},serial=this-serial-is-far-too-long"),
+            format!("path={p},socket=/x"),
+            "socket=/x,readonly=on".into(),
+            "readonly=on".into(),
+            format!("path={p},colour=blue"),
+            p.to_string(),
+        ] {
+            assert!(parse_disk(&bad).is_err(), "{bad} should be refused");
+        }
+        std::fs::remove_file(&img).expect("cleanup");
     }
 
     #[test]

@@ -3,9 +3,12 @@
 
 pub mod arch;
 pub mod config;
+pub mod irq;
 pub mod legacy;
 pub mod milestone;
 pub mod mmio;
+pub mod pci;
 pub mod terminal;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;

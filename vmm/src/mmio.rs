@@ -1,7 +1,7 @@
 //! The guest's MMIO address space as the VMM sees it: which device answers which range.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use log::warn;
 
@@ -17,9 +17,14 @@ pub trait MmioDevice: Send + Sync {
 const UNASSIGNED_WARNINGS: u32 = 10;
 
 /// The MMIO devices of a VM, by guest physical range.
+/// A device and the guest physical range it answers.
+type Mapping = (Range<u64>, Arc<dyn MmioDevice>);
+
+/// Devices are looked up under a read lock and called after it is released, so a device
+/// may change the map (a BAR move) while other vCPUs use it.
 #[derive(Default)]
 pub struct MmioBus {
-    devices: Vec<(Range<u64>, Arc<dyn MmioDevice>)>,
+    devices: RwLock<Vec<Mapping>>,
     unassigned: std::sync::atomic::AtomicU32,
 }
 
@@ -34,12 +39,12 @@ pub struct OverlapError {
 impl MmioBus {
     /// Adds `device` at `range`.
     pub fn insert(
-        &mut self,
+        &self,
         range: Range<u64>,
         device: Arc<dyn MmioDevice>,
     ) -> Result<(), OverlapError> {
-        if let Some((existing, _)) = self
-            .devices
+        let mut devices = self.devices.write().unwrap_or_else(|e| e.into_inner());
+        if let Some((existing, _)) = devices
             .iter()
             .find(|(r, _)| r.start < range.end && range.start < r.end)
         {
@@ -48,16 +53,26 @@ impl MmioBus {
                 existing: existing.clone(),
             });
         }
-        self.devices.push((range, device));
+        devices.push((range, device));
         Ok(())
     }
 
-    fn find(&self, addr: u64, len: usize) -> Option<(u64, &Arc<dyn MmioDevice>)> {
+    /// Removes the device whose range starts at `start`.
+    pub fn remove(&self, start: u64) {
+        self.devices
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(r, _)| r.start != start);
+    }
+
+    fn find(&self, addr: u64, len: usize) -> Option<(u64, Arc<dyn MmioDevice>)> {
         let end = addr.checked_add(len as u64)?;
         self.devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .find(|(r, _)| r.start <= addr && end <= r.end)
-            .map(|(r, d)| (addr - r.start, d))
+            .map(|(r, d)| (addr - r.start, d.clone()))
     }
 
     fn unassigned(&self, kind: &str, addr: u64, len: usize) {
@@ -108,7 +123,7 @@ mod tests {
     #[test]
     fn test_mmio_bus_dispatches_by_range_with_offsets() {
         let dev = Arc::new(Recorder::default());
-        let mut bus = MmioBus::default();
+        let bus = MmioBus::default();
         bus.insert(0x1000..0x2000, dev.clone()).expect("insert");
         let mut d = [0u8; 4];
         bus.read(0x1010, &mut d);
@@ -120,7 +135,7 @@ mod tests {
     #[test]
     fn test_mmio_bus_unassigned_and_straddling_accesses_are_harmless() {
         let dev = Arc::new(Recorder::default());
-        let mut bus = MmioBus::default();
+        let bus = MmioBus::default();
         bus.insert(0x1000..0x2000, dev.clone()).expect("insert");
         let mut d = [0xffu8; 8];
         bus.read(0x1ffc, &mut d); // crosses the end of the range
@@ -132,7 +147,7 @@ mod tests {
 
     #[test]
     fn test_mmio_bus_refuses_overlaps() {
-        let mut bus = MmioBus::default();
+        let bus = MmioBus::default();
         bus.insert(0x1000..0x2000, Arc::new(Recorder::default()))
             .expect("insert");
         assert!(bus
@@ -140,6 +155,10 @@ mod tests {
             .is_err());
         assert!(bus
             .insert(0x2000..0x3000, Arc::new(Recorder::default()))
+            .is_ok());
+        bus.remove(0x1000);
+        assert!(bus
+            .insert(0x1800..0x1900, Arc::new(Recorder::default()))
             .is_ok());
     }
 }

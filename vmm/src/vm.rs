@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use bulkhead_firmware::fdt::{create_fdt, FdtConfig, FdtError};
 use bulkhead_firmware::image::LoadError;
-use bulkhead_firmware::layout::{RAM_START, UART_SIZE, UART_SPI, UART_START};
+use bulkhead_firmware::layout::{
+    PCIE_ECAM_SIZE, PCIE_ECAM_START, RAM_START, UART_SIZE, UART_SPI, UART_START,
+};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
 use log::{debug, error, info, warn};
@@ -20,10 +22,14 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::{self, ArchError};
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{DiskBackend, DiskConfig, SerialConfig, VmConfig};
+use crate::irq::VmInterrupts;
 use crate::legacy::pl011::{IrqLine, Pl011, SharedPl011};
 use crate::mmio::{MmioBus, MmioDevice};
+use crate::pci::host::{PciError, PcieHost};
 use crate::vcpu::{self, Event, VcpuStop, VcpuThread};
+use crate::virtio::pci::{VirtioPci, VirtioPciError};
+use crate::virtio::vhost_user::{self, VhostUserDevice, VhostUserError};
 
 /// Errors creating or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +78,18 @@ pub enum VmError {
     /// The MMIO map is inconsistent.
     #[error(transparent)]
     Mmio(#[from] crate::mmio::OverlapError),
+    /// The PCIe topology could not be built.
+    #[error(transparent)]
+    Pci(#[from] PciError),
+    /// A device could not be set up.
+    #[error("{0}")]
+    Device(String, #[source] VhostUserError),
+    /// A device's transport could not be created.
+    #[error(transparent)]
+    VirtioPci(#[from] VirtioPciError),
+    /// PCI devices need MSIs, which only the GICv3 ITS provides here.
+    #[error("this host's KVM offers only a GICv2, which has no ITS for the MSIs PCI devices need; run without --disk")]
+    NoMsiController,
     /// A vCPU stopped with an error.
     #[error("{0}")]
     Vcpu(String),
@@ -151,6 +169,7 @@ fn random_seed() -> [u8; 64] {
 /// A booted VM: its KVM handle and running vCPU threads.
 struct Running {
     _vm: Arc<VmFd>,
+    _irq: Arc<VmInterrupts>,
     _machine: arch::Machine,
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
@@ -186,7 +205,75 @@ pub struct Vm {
     memory: GuestMemoryMmap,
     serial: Arc<SharedPl011>,
     bus: Arc<MmioBus>,
+    pcie: Arc<PcieHost>,
     events: (Sender<Event>, Receiver<Event>),
+}
+
+/// Starts (or connects to) the process serving disk `index` and puts a virtio-blk function
+/// in front of it.
+fn create_disk(
+    index: usize,
+    disk: &DiskConfig,
+    memory: &GuestMemoryMmap,
+    bus: &Arc<MmioBus>,
+) -> Result<VirtioPci, VmError> {
+    let name = format!("disk{index}");
+    let n = disk.num_queues;
+    let fail = |e| VmError::Device(format!("{name}: setting up its device process"), e);
+    let (frontend, child) = match &disk.backend {
+        DiskBackend::Process {
+            path,
+            readonly,
+            serial,
+        } => {
+            let program = vhost_user::device_program("bulkhead-block");
+            let mut args = vec![
+                "--path".to_string(),
+                path.display().to_string(),
+                "--num-queues".to_string(),
+                n.to_string(),
+            ];
+            if *readonly {
+                args.push("--readonly".into());
+            }
+            if let Some(s) = serial {
+                args.extend(["--serial".to_string(), s.clone()]);
+            }
+            let (child, stream) = vhost_user::spawn_device(&program, &args).map_err(fail)?;
+            info!(
+                "{name}: started {} (pid {}) on {}",
+                program.display(),
+                child.id(),
+                path.display()
+            );
+            (
+                vhost::vhost_user::Frontend::from_stream(stream, u64::from(n)),
+                Some(child),
+            )
+        }
+        DiskBackend::Socket(path) => (vhost_user::connect(path, u64::from(n)).map_err(fail)?, None),
+    };
+    let backend = match VhostUserDevice::handshake(name.clone(), frontend, usize::from(n)) {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some(mut c) = child {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            return Err(fail(e));
+        }
+    };
+    if let Some(c) = child {
+        vhost_user::watch_device(name, c);
+    }
+    // Virtio device type 2 (block), PCI class "mass storage, other".
+    Ok(VirtioPci::new(
+        2,
+        0x01_80_00,
+        backend,
+        memory.clone(),
+        bus.clone(),
+    )?)
 }
 
 impl Vm {
@@ -216,14 +303,24 @@ impl Vm {
                 SerialConfig::Off => None,
             };
         let serial = Arc::new(SharedPl011::new(Pl011::new(out, Box::new(Unwired))));
-        let mut bus = MmioBus::default();
+        let bus = Arc::new(MmioBus::default());
         bus.insert(UART_START..UART_START + UART_SIZE, serial.clone())?;
+        let pcie = Arc::new(PcieHost::new(config.pci_slots)?);
+        bus.insert(
+            PCIE_ECAM_START..PCIE_ECAM_START + PCIE_ECAM_SIZE,
+            pcie.clone(),
+        )?;
+        for (index, disk) in config.disks.iter().enumerate() {
+            let device = create_disk(index, disk, &memory, &bus)?;
+            pcie.plug(index, Box::new(device))?;
+        }
         Ok(Self {
             kvm,
             config,
             memory,
             serial,
-            bus: Arc::new(bus),
+            bus,
+            pcie,
             events: channel(),
         })
     }
@@ -260,6 +357,11 @@ impl Vm {
             .map(|i| vm.create_vcpu(i).map_err(|e| VmError::CreateVcpu(i, e)))
             .collect::<Result<Vec<_>, _>>()?;
         let machine = arch::create_machine(&vm, &vcpus)?;
+        if machine.gic == bulkhead_firmware::fdt::GicKind::V2 && !self.config.disks.is_empty() {
+            return Err(VmError::NoMsiController);
+        }
+        let irq = Arc::new(VmInterrupts::new(vm.clone()));
+        self.pcie.reset(&irq);
         if first {
             crate::milestone::log("VM created");
         }
@@ -271,6 +373,7 @@ impl Vm {
             cmdline: &self.config.cmdline,
             initramfs: layout.initramfs,
             gic: machine.gic,
+            pcie: true,
             rng_seed: random_seed(),
         })?;
         let (kernel, image) = &mut self.config.kernel;
@@ -313,6 +416,7 @@ impl Vm {
                 Err(e) => {
                     Running {
                         _vm: vm,
+                        _irq: irq,
                         _machine: machine,
                         threads,
                         stop,
@@ -324,6 +428,7 @@ impl Vm {
         }
         Ok(Running {
             _vm: vm,
+            _irq: irq,
             _machine: machine,
             threads,
             stop,

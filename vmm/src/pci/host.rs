@@ -1,0 +1,220 @@
+//! The PCIe host bridge: ECAM configuration access for bus 0 (the host bridge function and
+//! the root ports) and for the one device behind each root port.
+
+use std::sync::Mutex;
+
+use log::debug;
+
+use super::config::ConfigSpace;
+use super::root_port::{RootPort, VENDOR_REDHAT};
+use super::PciDevice;
+use crate::irq::VmInterrupts;
+use crate::mmio::MmioDevice;
+
+/// Device ID of a generic PCIe host bridge.
+const DEVICE_HOST_BRIDGE: u16 = 0x0008;
+/// Class code of a host bridge.
+const CLASS_HOST_BRIDGE: u32 = 0x06_00_00;
+
+/// Errors building the PCIe topology.
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    /// No free slot.
+    #[error("all {0} PCIe slots are taken")]
+    NoFreeSlot(usize),
+    /// Too many slots asked for.
+    #[error("{0} PCIe slots asked for; bus 0 has room for 1 to 31")]
+    SlotCount(usize),
+}
+
+struct Topology {
+    host_bridge: ConfigSpace,
+    ports: Vec<RootPort>,
+}
+
+/// The host bridge and everything below it.
+pub struct PcieHost {
+    inner: Mutex<Topology>,
+}
+
+/// Bus, device, function and register of an ECAM offset.
+fn decode(offset: u64) -> (u8, u8, u8, usize) {
+    (
+        (offset >> 20) as u8,
+        ((offset >> 15) & 0x1f) as u8,
+        ((offset >> 12) & 0x7) as u8,
+        (offset & 0xfff) as usize,
+    )
+}
+
+enum Target {
+    HostBridge,
+    Port(usize),
+    Device(usize),
+    None,
+}
+
+impl Topology {
+    fn target(&self, bus: u8, dev: u8, func: u8) -> Target {
+        if func != 0 {
+            return Target::None;
+        }
+        if bus == 0 {
+            return match dev {
+                0 => Target::HostBridge,
+                d if usize::from(d) <= self.ports.len() => Target::Port(usize::from(d) - 1),
+                _ => Target::None,
+            };
+        }
+        if dev != 0 {
+            return Target::None;
+        }
+        self.ports
+            .iter()
+            .position(|p| p.secondary_bus() == Some(bus) && p.device.is_some())
+            .map_or(Target::None, Target::Device)
+    }
+}
+
+impl PcieHost {
+    /// A host bridge with `slots` empty root ports (devices 1 to `slots` on bus 0).
+    pub fn new(slots: usize) -> Result<Self, PciError> {
+        if !(1..=31).contains(&slots) {
+            return Err(PciError::SlotCount(slots));
+        }
+        let mut host_bridge = ConfigSpace::new();
+        host_bridge.header(VENDOR_REDHAT, DEVICE_HOST_BRIDGE, CLASS_HOST_BRIDGE, 0, 0);
+        Ok(Self {
+            inner: Mutex::new(Topology {
+                host_bridge,
+                ports: (0..slots).map(|s| RootPort::new(s as u8)).collect(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Topology> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of root ports.
+    pub fn slots(&self) -> usize {
+        self.lock().ports.len()
+    }
+
+    /// The PCI device number of the first empty slot's root port on bus 0, if any.
+    pub fn free_slot(&self) -> Option<usize> {
+        self.lock().ports.iter().position(|p| p.device.is_none())
+    }
+
+    /// Plugs `device` into slot `slot`.
+    pub fn plug(&self, slot: usize, device: Box<dyn PciDevice>) -> Result<(), PciError> {
+        let mut t = self.lock();
+        let n = t.ports.len();
+        match t.ports.get_mut(slot) {
+            Some(p) if p.device.is_none() => {
+                p.plug(device);
+                Ok(())
+            }
+            _ => Err(PciError::NoFreeSlot(n)),
+        }
+    }
+
+    /// Back to power-on state for a new VM: bus numbers unassigned, devices reset.
+    pub fn reset(&self, vm: &std::sync::Arc<VmInterrupts>) {
+        let mut t = self.lock();
+        for (slot, p) in t.ports.iter_mut().enumerate() {
+            p.reset(slot as u8, vm);
+        }
+    }
+}
+
+impl MmioDevice for PcieHost {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let (bus, dev, func, reg) = decode(offset);
+        let mut t = self.lock();
+        data.fill(0xff);
+        match t.target(bus, dev, func) {
+            Target::HostBridge => t.host_bridge.read(reg, data),
+            Target::Port(i) => t.ports[i].config_read(reg, data),
+            Target::Device(i) => {
+                if let Some(d) = t.ports[i].device.as_mut() {
+                    d.config_read(bus, reg, data)
+                }
+            }
+            Target::None => {}
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let (bus, dev, func, reg) = decode(offset);
+        let mut t = self.lock();
+        match t.target(bus, dev, func) {
+            Target::HostBridge => t.host_bridge.write(reg, data),
+            Target::Port(i) => t.ports[i].config_write(reg, data),
+            Target::Device(i) => {
+                if let Some(d) = t.ports[i].device.as_mut() {
+                    d.config_write(bus, reg, data)
+                }
+            }
+            Target::None => debug!("config write to absent {bus:02x}:{dev:02x}.{func}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ecam(bus: u8, dev: u8, func: u8, reg: u64) -> u64 {
+        (u64::from(bus) << 20) | (u64::from(dev) << 15) | (u64::from(func) << 12) | reg
+    }
+
+    fn read32(h: &PcieHost, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        h.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    struct Dummy(ConfigSpace);
+    impl PciDevice for Dummy {
+        fn config_read(&mut self, _bus: u8, offset: usize, data: &mut [u8]) {
+            self.0.read(offset, data)
+        }
+        fn config_write(&mut self, _bus: u8, offset: usize, data: &[u8]) {
+            self.0.write(offset, data)
+        }
+        fn reset(&mut self, _vm: &std::sync::Arc<VmInterrupts>) {}
+        fn name(&self) -> String {
+            "dummy".into()
+        }
+    }
+
+    #[test]
+    fn test_pcie_host_enumeration_through_root_port() {
+        let h = PcieHost::new(2).expect("host");
+        assert_eq!(read32(&h, ecam(0, 0, 0, 0)), 0x0008_1b36);
+        assert_eq!(read32(&h, ecam(0, 1, 0, 0)), 0x000c_1b36);
+        assert_eq!(read32(&h, ecam(0, 2, 0, 0)), 0x000c_1b36);
+        assert_eq!(read32(&h, ecam(0, 3, 0, 0)), 0xffff_ffff, "no third port");
+        assert_eq!(read32(&h, ecam(0, 1, 1, 0)), 0xffff_ffff, "no function 1");
+        let mut c = ConfigSpace::new();
+        c.header(0x1af4, 0x1042, 0x01_00_00, 1, 0);
+        h.plug(1, Box::new(Dummy(c))).expect("plug");
+        assert!(h.plug(1, Box::new(Dummy(ConfigSpace::new()))).is_err());
+        // Behind an unnumbered bridge nothing answers.
+        assert_eq!(read32(&h, ecam(2, 0, 0, 0)), 0xffff_ffff);
+        // The guest numbers port 2's secondary bus 2.
+        h.write(ecam(0, 2, 0, 0x18), &[0, 2, 2, 0]);
+        assert_eq!(read32(&h, ecam(2, 0, 0, 0)), 0x1042_1af4);
+        assert_eq!(read32(&h, ecam(2, 1, 0, 0)), 0xffff_ffff);
+        assert_eq!(read32(&h, ecam(3, 0, 0, 0)), 0xffff_ffff);
+        assert_eq!(h.free_slot(), Some(0));
+    }
+
+    #[test]
+    fn test_pcie_host_slot_count_bounds() {
+        assert!(PcieHost::new(0).is_err());
+        assert!(PcieHost::new(32).is_err());
+        assert!(PcieHost::new(31).is_ok());
+    }
+}
