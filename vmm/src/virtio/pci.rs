@@ -99,7 +99,6 @@ struct Transport {
     driver_feature_select: u32,
     driver_features: u64,
     status: u8,
-    config_generation: u8,
     config_vector: u16,
     queue_select: u16,
     queues: Vec<Queue>,
@@ -204,6 +203,7 @@ impl VirtioPci {
         let kicks = (0..nq).map(|_| eventfd()).collect::<Result<Vec<_>, _>>()?;
         let calls = (0..nq).map(|_| eventfd()).collect::<Result<Vec<_>, _>>()?;
         let features_offered = (backend.features & TRANSPORT_FEATURES) | F_VERSION_1;
+        let backend_config_irq = backend.config_change.irq.clone();
         let transport = Transport {
             name: backend.name.clone(),
             config,
@@ -219,14 +219,13 @@ impl VirtioPci {
             driver_feature_select: 0,
             driver_features: 0,
             status: 0,
-            config_generation: 0,
             config_vector: NO_VECTOR,
             queue_select: 0,
             queues: vec![Queue::reset(MAX_QUEUE_SIZE); nq],
             active: false,
             kicks,
             calls,
-            config_irq: eventfd()?,
+            config_irq: backend_config_irq,
             memory,
             mmio,
             irq: None,
@@ -237,14 +236,6 @@ impl VirtioPci {
         Ok(Self { inner })
     }
 
-    /// Raises the configuration-change interrupt (the backend reported a change).
-    pub fn config_changed(&self) {
-        let mut t = lock(&self.inner);
-        t.config_generation = t.config_generation.wrapping_add(1);
-        if let Err(e) = t.config_irq.write(1) {
-            error!("{}: config interrupt: {e}", t.name);
-        }
-    }
 }
 
 impl Transport {
@@ -433,7 +424,11 @@ impl Transport {
         put(&mut b, 0x10, &self.config_vector.to_le_bytes());
         put(&mut b, 0x12, &(self.queues.len() as u16).to_le_bytes());
         b[0x14] = self.status;
-        b[0x15] = self.config_generation;
+        b[0x15] = self
+            .backend
+            .config_change
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire);
         put(&mut b, 0x16, &self.queue_select.to_le_bytes());
         if let Some(q) = self.queues.get(usize::from(self.queue_select)) {
             put(&mut b, 0x18, &q.size.to_le_bytes());

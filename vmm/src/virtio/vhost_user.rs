@@ -10,7 +10,11 @@ use std::sync::Arc;
 
 use log::{debug, info};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -23,6 +27,24 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::BACKEND_REQ
+}
+
+/// Configuration changes the backend reports (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG): the
+/// generation the driver sees moves on and the configuration interrupt fires.
+pub struct ConfigChange {
+    /// Signalled on a change; bound to the configuration MSI-X vector.
+    pub irq: Arc<EventFd>,
+    /// `config_generation` as the driver reads it.
+    pub generation: AtomicU8,
+}
+
+impl VhostUserFrontendReqHandler for ConfigChange {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.irq.write(1)?;
+        Ok(0)
+    }
 }
 
 /// Errors talking to a device process.
@@ -121,6 +143,8 @@ pub struct VhostUserDevice {
     protocol: Option<VhostUserProtocolFeatures>,
     /// Queues the backend has.
     pub num_queues: usize,
+    /// Where configuration changes land.
+    pub config_change: Arc<ConfigChange>,
     /// Name for logs.
     pub name: String,
 }
@@ -146,6 +170,27 @@ impl VhostUserDevice {
             protocol = Some(acked);
         }
         let acked = protocol.unwrap_or_else(VhostUserProtocolFeatures::empty);
+        let config_change = Arc::new(ConfigChange {
+            irq: Arc::new(
+                EventFd::new(libc::EFD_NONBLOCK)
+                    .map_err(|e| VhostUserError::Backend(format!("eventfd: {e}")))?,
+            ),
+            generation: AtomicU8::new(0),
+        });
+        if acked.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let mut handler = FrontendReqHandler::new(config_change.clone())
+                .map_err(|e| VhostUserError::Backend(format!("backend channel: {e}")))?;
+            handler.set_reply_ack_flag(acked.contains(VhostUserProtocolFeatures::REPLY_ACK));
+            req(
+                "SET_BACKEND_REQ_FD",
+                frontend.set_backend_request_fd(&handler.get_tx_raw_fd()),
+            )?;
+            let thread_name = format!("{name}-backend-req");
+            std::thread::Builder::new()
+                .name(thread_name)
+                .spawn(move || while handler.handle_request().is_ok() {})
+                .map_err(|e| VhostUserError::Backend(format!("backend channel thread: {e}")))?;
+        }
         if !acked.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(VhostUserError::Backend(
                 "does not offer its configuration space (VHOST_USER_PROTOCOL_F_CONFIG)".into(),
@@ -168,6 +213,7 @@ impl VhostUserDevice {
             features: offered & !F_PROTOCOL_FEATURES,
             protocol,
             num_queues: queues,
+            config_change,
             name,
         })
     }
