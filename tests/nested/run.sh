@@ -153,6 +153,9 @@ fetch_assets() {
 	[ "$(dd if="$KERNEL" bs=1 skip=56 count=4 status=none | od -An -tx1 | tr -d ' \n')" = 41524d64 ] ||
 		die "$KERNEL is not an arm64 Image"
 
+	KMODS=$(find "$kdir/lib/modules" -mindepth 1 -maxdepth 1 -type d | head -n 1)
+	[ -d "$KMODS" ] || die "no lib/modules/<version> in $kdir"
+
 	download_pkg busybox-static:arm64 "$CACHE/busybox-static-arm64"
 	BUSYBOX=$CACHE/busybox-static-arm64/bin/busybox
 	[ -f "$BUSYBOX" ] || die "no bin/busybox in busybox-static:arm64"
@@ -198,10 +201,21 @@ pack() {
 	fi
 }
 
+GUEST_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk"
+
 pack_guest() {
 	local d=$WORK/guest-root
 	busybox_tree "$d"
 	install -m 0755 "$GUEST_DIR/init" "$d/init"
+	# The cloud kernel builds virtio as modules: the guest's init loads these, in this order.
+	local m f
+	mkdir -p "$d/lib/modules"
+	for m in $GUEST_MODULES; do
+		f=$(find "$KMODS/kernel" -name "$m.ko" | head -n 1)
+		[ -n "$f" ] || die "module $m.ko not in $KMODS"
+		install -m 0644 "$f" "$d/lib/modules/"
+	done
+	echo "$GUEST_MODULES" >"$d/lib/modules/order"
 	# Programs the scenarios run inside the guest: the bins of tests/guest-tools, when built.
 	local src b
 	for src in "$ROOT"/tests/guest-tools/src/bin/*.rs; do

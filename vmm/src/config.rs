@@ -111,6 +111,10 @@ pub enum SerialConfig {
 
 /// Most queues a disk may have.
 pub const MAX_DISK_QUEUES: u16 = 16;
+/// Entries per disk queue unless `queue_size=` says otherwise.
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// Most entries a disk queue may have.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Longest disk serial (virtio-blk's GET_ID buffer).
 const MAX_SERIAL: usize = 20;
 
@@ -137,6 +141,8 @@ pub struct DiskConfig {
     pub backend: DiskBackend,
     /// Number of queues.
     pub num_queues: u16,
+    /// Entries per queue, at most.
+    pub queue_size: u16,
 }
 
 fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
@@ -147,7 +153,7 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
     let opts = parse_options(
         "disk",
         value,
-        &["path", "readonly", "serial", "num_queues", "socket"],
+        &["path", "readonly", "serial", "num_queues", "queue_size", "socket"],
     )?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
     let readonly = match get("readonly") {
@@ -162,6 +168,18 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
             .ok()
             .filter(|n| (1..=MAX_DISK_QUEUES).contains(n))
             .ok_or_else(|| bad(format!("num_queues={v:?}: expected 1 to {MAX_DISK_QUEUES}")))?,
+    };
+    let queue_size = match get("queue_size") {
+        None => DEFAULT_QUEUE_SIZE,
+        Some(v) => v
+            .parse::<u16>()
+            .ok()
+            .filter(|n| n.is_power_of_two() && (2..=MAX_QUEUE_SIZE).contains(n))
+            .ok_or_else(|| {
+                bad(format!(
+                    "queue_size={v:?}: expected a power of two from 2 to {MAX_QUEUE_SIZE}"
+                ))
+            })?,
     };
     let serial = get("serial").map(str::to_string);
     if let Some(s) = &serial {
@@ -203,6 +221,7 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
     Ok(DiskConfig {
         backend,
         num_queues,
+        queue_size,
     })
 }
 
@@ -524,6 +543,8 @@ mod tests {
             "readonly=on".into(),
             format!("path={p},colour=blue"),
             p.to_string(),
+            format!("path={p},queue_size=100"),
+            format!("path={p},queue_size=2048"),
         ] {
             assert!(parse_disk(&bad).is_err(), "{bad} should be refused");
         }

@@ -232,6 +232,8 @@ fn create_disk(
                 path.display().to_string(),
                 "--num-queues".to_string(),
                 n.to_string(),
+                "--queue-size".to_string(),
+                disk.queue_size.to_string(),
             ];
             if *readonly {
                 args.push("--readonly".into());
@@ -270,6 +272,7 @@ fn create_disk(
     Ok(VirtioPci::new(
         2,
         0x01_80_00,
+        disk.queue_size,
         backend,
         memory.clone(),
         bus.clone(),

@@ -57,8 +57,6 @@ const F_VERSION_1: u64 = 1 << 32;
 /// this transport does not implement.
 const TRANSPORT_FEATURES: u64 = 0x00ff_ffff | (1 << 28) | (1 << 29) | F_VERSION_1;
 
-/// Largest queue the driver may ask for.
-pub const MAX_QUEUE_SIZE: u16 = 1024;
 
 #[derive(Clone, Copy)]
 struct Queue {
@@ -101,6 +99,8 @@ struct Transport {
     status: u8,
     config_vector: u16,
     queue_select: u16,
+    /// Largest queue the device process takes.
+    max_queue_size: u16,
     queues: Vec<Queue>,
     active: bool,
     kicks: Vec<Arc<EventFd>>,
@@ -145,10 +145,12 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec
 }
 
 impl VirtioPci {
-    /// A function for `backend` (a virtio device of type `device_type`), not yet wired to a VM.
+    /// A function for `backend` (a virtio device of type `device_type` whose queues hold at
+    /// most `max_queue_size` entries), not yet wired to a VM.
     pub fn new(
         device_type: u16,
         class: u32,
+        max_queue_size: u16,
         backend: VhostUserDevice,
         memory: GuestMemoryMmap,
         mmio: Arc<MmioBus>,
@@ -221,7 +223,8 @@ impl VirtioPci {
             status: 0,
             config_vector: NO_VECTOR,
             queue_select: 0,
-            queues: vec![Queue::reset(MAX_QUEUE_SIZE); nq],
+            max_queue_size,
+            queues: vec![Queue::reset(max_queue_size); nq],
             active: false,
             kicks,
             calls,
@@ -315,7 +318,7 @@ impl Transport {
     fn activate(&mut self) {
         let rings = self.rings();
         if let Some(bad) = self.queues.iter().position(|q| {
-            q.enabled && (q.size == 0 || !q.size.is_power_of_two() || q.size > MAX_QUEUE_SIZE)
+            q.enabled && (q.size == 0 || !q.size.is_power_of_two() || q.size > self.max_queue_size)
         }) {
             warn!(
                 "{}: queue {bad} has an invalid size; device needs reset",
@@ -360,7 +363,7 @@ impl Transport {
         self.config_vector = NO_VECTOR;
         self.queue_select = 0;
         for q in &mut self.queues {
-            *q = Queue::reset(MAX_QUEUE_SIZE);
+            *q = Queue::reset(self.max_queue_size);
         }
         // Kicks the old rings left behind must not reach new ones.
         for k in &self.kicks {

@@ -1,0 +1,438 @@
+//! The `VhostUserBackend` implementation: features, config space and queue events of the
+//! virtio-blk device.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use log::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::disk::{DiskImage, SECTOR_SIZE};
+use crate::engine::Engine;
+use crate::queue::{QueueWorker, Serial};
+use crate::request::Limits;
+
+/// Most discard / write-zeroes segments per request (Linux caps its own at 256).
+pub const MAX_DISCARD_SEG: u32 = 32;
+/// Most sectors in one discard / write-zeroes segment (just under 2 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = (1 << 22) - 1;
+/// Size of `struct virtio_blk_config` up to and including the zoned characteristics.
+pub const CONFIG_SPACE_SIZE: usize = 96;
+/// The largest offset + size GET_CONFIG may ask for (VHOST_USER_CONFIG_SIZE).
+const MAX_CONFIG_REQUEST: u64 = 0x1000;
+
+/// Most queues a device may have (queues map to worker threads through a 64-bit mask).
+pub const MAX_QUEUES: u16 = 64;
+/// Largest queue size accepted on the command line.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("queue {0} does not exist")]
+    NoSuchQueue(usize),
+    #[error("guest memory has not been set up yet")]
+    NoGuestMemory,
+    #[error("failed to process queue {queue}")]
+    ProcessQueue {
+        queue: usize,
+        #[source]
+        source: crate::queue::QueueError,
+    },
+    #[error("failed to update notifications of queue {queue}")]
+    Notification {
+        queue: usize,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("failed to signal the guest for queue {queue}")]
+    SignalUsedQueue {
+        queue: usize,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<BackendError> for io::Error {
+    fn from(e: BackendError) -> io::Error {
+        io::Error::other(e)
+    }
+}
+
+/// Everything the device needs, fixed before serving.
+pub struct BlockDeviceConfig {
+    pub disk: DiskImage,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub serial: Serial,
+}
+
+/// The virtio-blk vhost-user backend. Clones share state.
+#[derive(Clone)]
+pub struct BlockBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    disk: Arc<DiskImage>,
+    num_queues: u16,
+    queue_size: u16,
+    seg_max: u32,
+    features: u64,
+    acked_features: AtomicU64,
+    event_idx: AtomicBool,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    /// One per queue, indexed by worker thread (= queue) index.
+    workers: Vec<Mutex<QueueWorker>>,
+}
+
+impl BlockBackend {
+    pub fn new(config: BlockDeviceConfig) -> BlockBackend {
+        let disk = Arc::new(config.disk);
+        let num_queues = config.num_queues.clamp(1, MAX_QUEUES);
+        let queue_size = config.queue_size.max(2);
+        let mut workers = Vec::with_capacity(usize::from(num_queues));
+        let mut uring_error = None;
+        for _ in 0..num_queues {
+            let (engine, err) = Engine::new(u32::from(queue_size));
+            if let Some(e) = err {
+                uring_error = Some(e);
+            }
+            workers.push(Mutex::new(QueueWorker::new(
+                disk.clone(),
+                config.serial,
+                engine,
+            )));
+        }
+        match uring_error {
+            Some(e) => warn!("io_uring unavailable ({e}); using synchronous I/O"),
+            None => info!("using io_uring, one ring per queue"),
+        }
+
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_DISCARD)
+            | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+            | (1 << VIRTIO_BLK_F_MQ)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if disk.read_only() {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+
+        BlockBackend {
+            inner: Arc::new(Inner {
+                disk,
+                num_queues,
+                queue_size,
+                // Header and status take two descriptors of a chain.
+                seg_max: u32::from(queue_size - 2).clamp(1, 1022),
+                features,
+                acked_features: AtomicU64::new(0),
+                event_idx: AtomicBool::new(false),
+                mem: RwLock::new(None),
+                workers,
+            }),
+        }
+    }
+
+    /// Whether the queue workers use io_uring.
+    pub fn uses_io_uring(&self) -> bool {
+        self.inner
+            .workers
+            .iter()
+            .all(|w| w.lock().map(|w| w.engine().is_uring()).unwrap_or(false))
+    }
+
+    /// The limits requests are checked against, given the negotiated features.
+    pub fn limits(&self) -> Limits {
+        let acked = self.inner.acked_features.load(Ordering::Acquire);
+        Limits {
+            capacity_sectors: self.inner.disk.capacity_sectors(),
+            seg_max: self.inner.seg_max,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_discard_seg: MAX_DISCARD_SEG,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg: MAX_DISCARD_SEG,
+            read_only: self.inner.disk.read_only(),
+            discard: acked & (1 << VIRTIO_BLK_F_DISCARD) != 0,
+            write_zeroes: acked & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+        }
+    }
+
+    /// The device configuration space (`struct virtio_blk_config`, little endian).
+    pub fn config_space(&self) -> [u8; CONFIG_SPACE_SIZE] {
+        let mut c = [0u8; CONFIG_SPACE_SIZE];
+        let mut put = |offset: usize, bytes: &[u8]| {
+            if let Some(dst) = c.get_mut(offset..offset + bytes.len()) {
+                dst.copy_from_slice(bytes);
+            }
+        };
+        let block_size = self.inner.disk.logical_block_size();
+        let block_sectors = block_size / SECTOR_SIZE as u32;
+        put(0, &self.inner.disk.capacity_sectors().to_le_bytes()); // capacity
+        put(12, &self.inner.seg_max.to_le_bytes()); // seg_max
+        put(20, &block_size.to_le_bytes()); // blk_size
+        put(34, &self.inner.num_queues.to_le_bytes()); // num_queues
+        put(36, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
+        put(40, &MAX_DISCARD_SEG.to_le_bytes()); // max_discard_seg
+        put(44, &block_sectors.to_le_bytes()); // discard_sector_alignment
+        put(48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        put(52, &MAX_DISCARD_SEG.to_le_bytes()); // max_write_zeroes_seg
+        put(56, &[1]); // write_zeroes_may_unmap
+        c
+    }
+
+    fn process_vring(&self, vring: &VringRwLock, queue: usize) -> Result<(), BackendError> {
+        let atomic = self
+            .inner
+            .mem
+            .read()
+            .map_err(|_| BackendError::NoGuestMemory)?
+            .clone()
+            .ok_or(BackendError::NoGuestMemory)?;
+        // Holding the guard keeps this memory table mapped until the batch is done, even if
+        // the frontend replaces it meanwhile.
+        let mem = atomic.memory();
+        let worker = self
+            .inner
+            .workers
+            .get(queue)
+            .ok_or(BackendError::NoSuchQueue(queue))?;
+        let mut worker = worker.lock().unwrap_or_else(|p| p.into_inner());
+        let limits = self.limits();
+        let event_idx = self.inner.event_idx.load(Ordering::Acquire);
+
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() {
+            return Ok(());
+        }
+        loop {
+            if event_idx {
+                state
+                    .get_queue_mut()
+                    .disable_notification(&*mem)
+                    .map_err(|source| BackendError::Notification { queue, source })?;
+            }
+            let notify = worker
+                .process_queue(state.get_queue_mut(), &mem, &limits)
+                .map_err(|source| BackendError::ProcessQueue { queue, source })?;
+            debug!("queue {queue}: batch done, notify {notify}");
+            if notify {
+                state
+                    .signal_used_queue()
+                    .map_err(|source| BackendError::SignalUsedQueue { queue, source })?;
+            }
+            if !event_idx {
+                break;
+            }
+            // Re-enable notifications; if requests arrived meanwhile, go round again.
+            let more = state
+                .get_queue_mut()
+                .enable_notification(&*mem)
+                .map_err(|source| BackendError::Notification { queue, source })?;
+            if !more {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for BlockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.inner.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.inner.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.inner.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!("acked virtio features {features:#x}");
+        self.inner.acked_features.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let end = u64::from(offset) + u64::from(size);
+        if end > MAX_CONFIG_REQUEST {
+            return Vec::new();
+        }
+        // Bytes past the structure read as zero.
+        let config = self.config_space();
+        (offset..offset + size)
+            .map(|i| config.get(i as usize).copied().unwrap_or(0))
+            .collect()
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Nothing in the config space is writable without VIRTIO_BLK_F_CONFIG_WCE.
+        debug!("ignoring config write of {} bytes at {offset}", buf.len());
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        let mut slot = self
+            .inner
+            .mem
+            .write()
+            .map_err(|_| io::Error::other("guest memory lock poisoned"))?;
+        *slot = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // A batch in progress finishes before its worker lock is released.
+        if let Some(worker) = self.inner.workers.get(queue_index as usize) {
+            drop(worker.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            warn!("queue {thread_id}: unexpected event set {evset:?}");
+            return Ok(());
+        }
+        // One queue per thread: the thread index is the queue index.
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or(BackendError::NoSuchQueue(thread_id))?;
+        self.process_vring(vring, thread_id)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::OpenMode;
+    use std::io::Write;
+    use vmm_sys_util::tempfile::TempFile;
+
+    fn backend(read_only: bool) -> (TempFile, BlockBackend) {
+        let tmp = TempFile::new().expect("temp file");
+        tmp.as_file().write_all(&[0u8; 8192]).expect("fill");
+        let disk = DiskImage::open(
+            tmp.as_path(),
+            OpenMode {
+                read_only,
+                direct: false,
+            },
+        )
+        .expect("open");
+        let backend = BlockBackend::new(BlockDeviceConfig {
+            disk,
+            num_queues: 3,
+            queue_size: 128,
+            serial: Serial::default(),
+        });
+        (tmp, backend)
+    }
+
+    fn le32(c: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(c[at..at + 4].try_into().expect("4 bytes"))
+    }
+
+    #[test]
+    fn test_config_space_fields_little_endian() {
+        let (_tmp, b) = backend(false);
+        let c = b.config_space();
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().expect("8")), 16);
+        assert_eq!(le32(&c, 12), 126);
+        assert_eq!(le32(&c, 20), 512);
+        assert_eq!(u16::from_le_bytes([c[34], c[35]]), 3);
+        assert_eq!(le32(&c, 36), MAX_DISCARD_SECTORS);
+        assert_eq!(le32(&c, 40), MAX_DISCARD_SEG);
+        assert_eq!(le32(&c, 44), 1);
+        assert_eq!(le32(&c, 48), MAX_DISCARD_SECTORS);
+        assert_eq!(le32(&c, 52), MAX_DISCARD_SEG);
+        assert_eq!(c[56], 1);
+    }
+
+    #[test]
+    fn test_get_config_partial_and_out_of_range() {
+        let (_tmp, b) = backend(false);
+        assert_eq!(b.get_config(34, 2), vec![3, 0]);
+        // Past the structure: zeroes, up to VHOST_USER_CONFIG_SIZE.
+        assert_eq!(b.get_config(200, 4), vec![0; 4]);
+        assert!(b.get_config(0x1000, 1).is_empty());
+        assert!(b.get_config(u32::MAX, u32::MAX).is_empty());
+    }
+
+    #[test]
+    fn test_features_read_only_adds_ro() {
+        let (_tmp, rw) = backend(false);
+        let (_tmp2, ro) = backend(true);
+        assert_eq!(rw.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(ro.features() & !(1 << VIRTIO_BLK_F_RO), rw.features());
+        assert_eq!(rw.queues_per_thread(), vec![1, 2, 4]);
+        assert!(rw
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
+    }
+
+    #[test]
+    fn test_limits_follow_acked_features() {
+        let (_tmp, b) = backend(false);
+        assert!(!b.limits().discard && !b.limits().write_zeroes);
+        b.acked_features(b.features());
+        assert!(b.limits().discard && b.limits().write_zeroes);
+        assert_eq!(b.limits().capacity_sectors, 16);
+    }
+
+    #[test]
+    fn test_handle_event_without_memory_fails_cleanly() {
+        let (_tmp, b) = backend(false);
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let vring = VringRwLock::new(mem, 128).expect("vring");
+        assert!(b
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .is_err());
+        // Out-of-range vring or queue index: an error, not a panic.
+        assert!(b.handle_event(5, EventSet::IN, &[vring], 0).is_err());
+    }
+}

@@ -1,0 +1,680 @@
+//! Serving one vhost-user frontend over an already connected stream socket.
+//!
+//! `vhost-user-backend` 0.24's `VhostUserDaemon` can only listen on or connect to a socket
+//! *path*, and its request handler type is private, so it cannot serve the socketpair end the
+//! VMM hands us. `vhost` 0.18 can (`BackendReqHandler::from_stream`) given any
+//! `VhostUserBackendReqHandlerMut`. [`VhostUserConnection`] is that handler: it follows
+//! `vhost-user-backend`'s own `VhostUserHandler` (same vring state machine, same
+//! `VhostUserBackend` callbacks, `VringRwLock` vrings, one epoll worker thread per entry of
+//! `queues_per_thread`), so the device code is an ordinary [`VhostUserBackend`] and could move
+//! back to `VhostUserDaemon` unchanged once the daemon accepts a stream.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use log::{debug, error, info, warn};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    BackendReqHandler, Error as VhostUserError, GpuBackend, Result as VhostUserResult,
+    VhostUserBackendReqHandlerMut,
+};
+use vhost::VhostUserMemoryRegionBase;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::QueueT;
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// The most memory regions accepted (what vhost-user-backend and the kernel's vhost allow).
+const MAX_MEM_SLOTS: u64 = 509;
+/// Epoll token of a worker's exit eventfd.
+const EXIT_TOKEN: u64 = u64::MAX;
+/// Epoll token of a worker's "vrings became ready" eventfd.
+const WAKE_TOKEN: u64 = u64::MAX - 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot create the vring of queue {queue}")]
+    CreateVring {
+        queue: usize,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("cannot create the event loop of worker {worker}")]
+    CreateWorker {
+        worker: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot spawn worker thread {worker}")]
+    SpawnWorker {
+        worker: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("vhost-user protocol error")]
+    Protocol(#[source] VhostUserError),
+}
+
+/// A worker thread's epoll loop, shared between the thread and the control thread (which adds
+/// and removes kick descriptors).
+struct WorkerLoop {
+    epoll: Epoll,
+    exit: EventFd,
+    wake: EventFd,
+    /// Thread-local indices of vrings to process once, without a kick, when woken.
+    pending: Mutex<BTreeSet<u16>>,
+}
+
+struct Worker {
+    event_loop: Arc<WorkerLoop>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The backend side of one vhost-user connection; see the module documentation.
+pub struct VhostUserConnection<T: VhostUserBackend<Bitmap = (), Vring = VringRwLock>> {
+    backend: T,
+    owned: bool,
+    acked_features: u64,
+    acked_protocol_features: u64,
+    max_queue_size: usize,
+    queues_per_thread: Vec<u64>,
+    /// Frontend virtual address ranges of the memory regions: (frontend VA, size, guest PA).
+    mappings: Vec<(u64, u64, u64)>,
+    atomic_mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    vrings: Vec<VringRwLock>,
+    workers: Vec<Worker>,
+}
+
+impl<T> VhostUserConnection<T>
+where
+    T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
+{
+    /// Creates the vrings and starts the worker threads.
+    pub fn new(backend: T) -> Result<Self, ServeError> {
+        let atomic_mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let max_queue_size = backend.max_queue_size();
+        let queue_size = u16::try_from(max_queue_size).unwrap_or(u16::MAX);
+        let mut vrings = Vec::new();
+        for queue in 0..backend.num_queues() {
+            let vring = VringRwLock::new(atomic_mem.clone(), queue_size)
+                .map_err(|source| ServeError::CreateVring { queue, source })?;
+            vrings.push(vring);
+        }
+        let queues_per_thread = backend.queues_per_thread();
+        let mut connection = VhostUserConnection {
+            backend,
+            owned: false,
+            acked_features: 0,
+            acked_protocol_features: 0,
+            max_queue_size,
+            queues_per_thread: queues_per_thread.clone(),
+            mappings: Vec::new(),
+            atomic_mem,
+            vrings,
+            workers: Vec::new(),
+        };
+        for (worker, mask) in queues_per_thread.iter().enumerate() {
+            let thread_vrings: Vec<VringRwLock> = connection
+                .vrings
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i < 64 && (mask >> i) & 1 == 1)
+                .map(|(_, v)| v.clone())
+                .collect();
+            let event_loop = Arc::new(
+                WorkerLoop::new().map_err(|source| ServeError::CreateWorker { worker, source })?,
+            );
+            let thread_loop = event_loop.clone();
+            let thread_backend = connection.backend.clone();
+            let thread = thread::Builder::new()
+                .name(format!("queue{worker}"))
+                .spawn(move || thread_loop.run(&thread_backend, &thread_vrings, worker))
+                .map_err(|source| ServeError::SpawnWorker { worker, source })?;
+            connection.workers.push(Worker {
+                event_loop,
+                thread: Some(thread),
+            });
+        }
+        Ok(connection)
+    }
+
+    /// Stops and joins the worker threads.
+    pub fn stop_workers(&mut self) {
+        for worker in &self.workers {
+            if let Err(e) = worker.event_loop.exit.write(1) {
+                error!("cannot stop a queue worker: {e}");
+            }
+        }
+        for worker in &mut self.workers {
+            if let Some(thread) = worker.thread.take() {
+                if thread.join().is_err() {
+                    error!("a queue worker panicked");
+                }
+            }
+        }
+    }
+
+    fn vring(&self, index: usize) -> VhostUserResult<&VringRwLock> {
+        self.vrings.get(index).ok_or(VhostUserError::InvalidParam)
+    }
+
+    /// Starts or stops watching vring `index`'s kick descriptor, so a worker processes the
+    /// vring exactly while it is both started and enabled.
+    fn update_vring_registration(&self, index: usize) -> VhostUserResult<()> {
+        let vring = self.vring(index)?;
+        let state = vring.get_ref();
+        let Some(kick) = state.get_kick() else {
+            return Ok(());
+        };
+        let fd = kick.as_raw_fd();
+        for (worker_index, mask) in self.queues_per_thread.iter().enumerate() {
+            if index >= 64 || (mask >> index) & 1 == 0 {
+                continue;
+            }
+            // Position of the vring among this worker's vrings.
+            let local = (mask & ((1u64 << index) - 1)).count_ones() as u16;
+            let Some(worker) = self.workers.get(worker_index) else {
+                return Err(VhostUserError::BackendInternalError);
+            };
+            let event_loop = &worker.event_loop;
+            if state.get_queue().ready() && state.is_enabled() {
+                match event_loop.epoll.ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, u64::from(local)),
+                ) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(VhostUserError::ReqHandlerError(e)),
+                }
+                // Requests may already be waiting, their kick consumed before we listened.
+                event_loop
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(local);
+                event_loop
+                    .wake
+                    .write(1)
+                    .map_err(VhostUserError::ReqHandlerError)?;
+            } else {
+                // Not registered (or already closed) is fine.
+                let _ = event_loop.epoll.ctl(
+                    ControlOperation::Delete,
+                    fd,
+                    EpollEvent::new(EventSet::IN, u64::from(local)),
+                );
+            }
+            break;
+        }
+        Ok(())
+    }
+
+    fn start_vring_if_configured(&self, index: usize) -> VhostUserResult<()> {
+        let vring = self.vring(index)?;
+        let needs_start = {
+            let state = vring.get_ref();
+            !state.get_queue().ready() && state.get_kick().is_some()
+        };
+        if needs_start {
+            vring.set_queue_ready(true);
+            self.update_vring_registration(index)?;
+        }
+        Ok(())
+    }
+
+    fn frontend_va_to_gpa(&self, va: u64) -> VhostUserResult<u64> {
+        self.mappings
+            .iter()
+            .find(|(base, size, _)| va >= *base && va - *base < *size)
+            .and_then(|(base, _, gpa)| gpa.checked_add(va - base))
+            .ok_or(VhostUserError::InvalidParam)
+    }
+
+    fn map_region(region: &VhostUserMemoryRegion, file: File) -> VhostUserResult<GuestRegionMmap> {
+        GuestRegionMmap::new(
+            region.mmap_region(file)?,
+            GuestAddress(region.guest_phys_addr),
+        )
+        .ok_or(VhostUserError::InvalidParam)
+    }
+
+    fn publish_memory(&mut self, mem: GuestMemoryMmap) -> VhostUserResult<()> {
+        self.atomic_mem
+            .lock()
+            .map_err(|_| VhostUserError::BackendInternalError)?
+            .replace(mem);
+        self.backend
+            .update_memory(self.atomic_mem.clone())
+            .map_err(VhostUserError::ReqHandlerError)
+    }
+}
+
+impl<T: VhostUserBackend<Bitmap = (), Vring = VringRwLock>> Drop for VhostUserConnection<T> {
+    fn drop(&mut self) {
+        for worker in &self.workers {
+            let _ = worker.event_loop.exit.write(1);
+        }
+    }
+}
+
+impl WorkerLoop {
+    fn new() -> io::Result<WorkerLoop> {
+        let epoll = Epoll::new()?;
+        let exit = EventFd::new(EFD_NONBLOCK)?;
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        epoll.ctl(
+            ControlOperation::Add,
+            exit.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, EXIT_TOKEN),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+        )?;
+        Ok(WorkerLoop {
+            epoll,
+            exit,
+            wake,
+            pending: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    fn run<T: VhostUserBackend<Bitmap = (), Vring = VringRwLock>>(
+        &self,
+        backend: &T,
+        vrings: &[VringRwLock],
+        worker: usize,
+    ) {
+        let mut events = vec![EpollEvent::default(); 16];
+        loop {
+            let count = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    error!("queue worker {worker}: epoll failed: {e}");
+                    return;
+                }
+            };
+            for event in events.iter().take(count) {
+                match event.data() {
+                    EXIT_TOKEN => {
+                        debug!("queue worker {worker}: exiting");
+                        return;
+                    }
+                    WAKE_TOKEN => {
+                        let _ = self.wake.read();
+                        let pending = std::mem::take(
+                            &mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()),
+                        );
+                        for local in pending {
+                            let enabled = vrings
+                                .get(usize::from(local))
+                                .is_some_and(|v| v.get_ref().is_enabled());
+                            if enabled {
+                                handle(backend, local, vrings, worker);
+                            }
+                        }
+                    }
+                    token => {
+                        let Ok(local) = u16::try_from(token) else {
+                            continue;
+                        };
+                        let Some(vring) = vrings.get(usize::from(local)) else {
+                            continue;
+                        };
+                        match vring.read_kick() {
+                            Ok(true) => handle(backend, local, vrings, worker),
+                            Ok(false) => {}
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(e) => warn!("queue worker {worker}: cannot read kick: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn handle<T: VhostUserBackend<Bitmap = (), Vring = VringRwLock>>(
+    backend: &T,
+    local: u16,
+    vrings: &[VringRwLock],
+    worker: usize,
+) {
+    if let Err(e) = backend.handle_event(local, EventSet::IN, vrings, worker) {
+        // A guest that broke its own queue (e.g. a used ring outside its memory) only stalls
+        // that queue; the worker keeps serving.
+        error!("queue worker {worker}: {e}");
+    }
+}
+
+impl<T> VhostUserBackendReqHandlerMut for VhostUserConnection<T>
+where
+    T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
+{
+    fn set_owner(&mut self) -> VhostUserResult<()> {
+        if self.owned {
+            return Err(VhostUserError::InvalidOperation("already claimed"));
+        }
+        self.owned = true;
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VhostUserResult<()> {
+        self.owned = false;
+        self.acked_features = 0;
+        self.acked_protocol_features = 0;
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VhostUserResult<()> {
+        for index in 0..self.vrings.len() {
+            self.vring(index)?.set_enabled(false);
+            self.update_vring_registration(index)?;
+        }
+        self.acked_features = 0;
+        self.backend.reset_device();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VhostUserResult<u64> {
+        Ok(self.backend.features())
+    }
+
+    fn set_features(&mut self, features: u64) -> VhostUserResult<()> {
+        if features & !self.backend.features() != 0 {
+            return Err(VhostUserError::InvalidParam);
+        }
+        self.acked_features = features;
+        // Without VHOST_USER_F_PROTOCOL_FEATURES, rings are enabled from the start.
+        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            for index in 0..self.vrings.len() {
+                self.vring(index)?.set_enabled(true);
+                self.update_vring_registration(index)?;
+            }
+        }
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for vring in &self.vrings {
+            vring.set_queue_event_idx(event_idx);
+        }
+        self.backend.set_event_idx(event_idx);
+        self.backend.acked_features(features);
+        info!("features negotiated: {features:#x}");
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        postcopy_listening: Option<bool>,
+    ) -> VhostUserResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if postcopy_listening.is_some() {
+            return Err(VhostUserError::InvalidOperation("postcopy not supported"));
+        }
+        if ctx.len() != files.len() {
+            return Err(VhostUserError::InvalidParam);
+        }
+        let mut regions = Vec::with_capacity(ctx.len());
+        let mut mappings = Vec::with_capacity(ctx.len());
+        for (region, file) in ctx.iter().zip(files) {
+            regions.push(Self::map_region(region, file)?);
+            mappings.push((region.user_addr, region.memory_size, region.guest_phys_addr));
+        }
+        let mem = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        self.publish_memory(mem)?;
+        self.mappings = mappings;
+        info!("guest memory table set: {} region(s)", ctx.len());
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostUserResult<()> {
+        let vring = self.vring(index as usize)?;
+        if num == 0 || num as usize > self.max_queue_size || !num.is_power_of_two() {
+            error!(
+                "queue {index}: size {num} refused (1..={})",
+                self.max_queue_size
+            );
+            return Err(VhostUserError::InvalidParam);
+        }
+        vring.set_queue_size(num as u16);
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VhostUserResult<()> {
+        let desc_table = self.frontend_va_to_gpa(descriptor)?;
+        let avail_ring = self.frontend_va_to_gpa(available)?;
+        let used_ring = self.frontend_va_to_gpa(used)?;
+        let vring = self.vring(index as usize)?;
+        vring
+            .set_queue_info(desc_table, avail_ring, used_ring)
+            .map_err(|_| VhostUserError::InvalidParam)?;
+        // After a driver restart the used index in guest memory is the truth (as in
+        // vhost-user-backend and libvhost-user).
+        let idx = vring
+            .queue_used_idx()
+            .map_err(|_| VhostUserError::BackendInternalError)?;
+        vring.set_queue_next_used(idx);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostUserResult<()> {
+        let vring = self.vring(index as usize)?;
+        let base = u16::try_from(base).map_err(|_| VhostUserError::InvalidParam)?;
+        vring.set_queue_next_avail(base);
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VhostUserResult<VhostUserVringState> {
+        let vring = self.vring(index as usize)?.clone();
+        // Stop the ring: no more kicks are handled, and a batch in progress finishes first.
+        vring.set_queue_ready(false);
+        self.update_vring_registration(index as usize)?;
+        self.backend
+            .stop_vring(index)
+            .map_err(VhostUserError::ReqHandlerError)?;
+        let next_avail = vring.queue_next_avail();
+        vring.set_kick(None);
+        vring.set_call(None);
+        Ok(VhostUserVringState::new(index, u32::from(next_avail)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, file: Option<File>) -> VhostUserResult<()> {
+        self.vring(usize::from(index))?.set_kick(file);
+        self.start_vring_if_configured(usize::from(index))
+    }
+
+    fn set_vring_call(&mut self, index: u8, file: Option<File>) -> VhostUserResult<()> {
+        self.vring(usize::from(index))?.set_call(file);
+        self.start_vring_if_configured(usize::from(index))
+    }
+
+    fn set_vring_err(&mut self, index: u8, file: Option<File>) -> VhostUserResult<()> {
+        self.vring(usize::from(index))?.set_err(file);
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VhostUserResult<VhostUserProtocolFeatures> {
+        Ok(self.backend.protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VhostUserResult<()> {
+        self.acked_protocol_features = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VhostUserResult<u64> {
+        Ok(self.vrings.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostUserResult<()> {
+        if self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            return Err(VhostUserError::InactiveFeature(
+                VhostUserVirtioFeatures::PROTOCOL_FEATURES,
+            ));
+        }
+        self.vring(index as usize)?.set_enabled(enable);
+        self.update_vring_registration(index as usize)
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VhostUserResult<Vec<u8>> {
+        Ok(self.backend.get_config(offset, size))
+    }
+
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VhostUserResult<()> {
+        self.backend
+            .set_config(offset, buf)
+            .map_err(VhostUserError::ReqHandlerError)
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostUserResult<()> {
+        Err(VhostUserError::InvalidOperation("not a GPU"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostUserResult<File> {
+        Err(VhostUserError::InvalidOperation("no shared objects"))
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> VhostUserResult<(VhostUserInflight, File)> {
+        Err(VhostUserError::InvalidOperation(
+            "inflight tracking not supported",
+        ))
+    }
+
+    fn set_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+        _file: File,
+    ) -> VhostUserResult<()> {
+        Err(VhostUserError::InvalidOperation(
+            "inflight tracking not supported",
+        ))
+    }
+
+    fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        file: File,
+        postcopy_listening: Option<bool>,
+    ) -> VhostUserResult<Option<VhostUserMemoryRegionBase>> {
+        if postcopy_listening.is_some() {
+            return Err(VhostUserError::InvalidOperation("postcopy not supported"));
+        }
+        let guest_region = Arc::new(Self::map_region(region, file)?);
+        let mem = self
+            .atomic_mem
+            .memory()
+            .insert_region(guest_region)
+            .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        self.publish_memory(mem)?;
+        self.mappings
+            .push((region.user_addr, region.memory_size, region.guest_phys_addr));
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostUserResult<()> {
+        let (mem, _) = self
+            .atomic_mem
+            .memory()
+            .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
+            .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        self.publish_memory(mem)?;
+        self.mappings
+            .retain(|(_, _, gpa)| *gpa != region.guest_phys_addr);
+        Ok(())
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _file: File,
+    ) -> VhostUserResult<Option<File>> {
+        Err(VhostUserError::InvalidOperation("migration not supported"))
+    }
+
+    fn check_device_state(&mut self) -> VhostUserResult<()> {
+        Err(VhostUserError::InvalidOperation("migration not supported"))
+    }
+
+    fn get_shmem_config(&mut self) -> VhostUserResult<VhostUserShMemConfig> {
+        Err(VhostUserError::InvalidOperation("no shared memory regions"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostUserResult<()> {
+        Err(VhostUserError::InvalidOperation(
+            "dirty logging not supported",
+        ))
+    }
+}
+
+/// Serves the frontend connected to `stream` with `backend` until it disconnects.
+///
+/// Returns `Ok(())` when the frontend hangs up, an error if it broke the protocol.
+pub fn serve_stream<T>(stream: UnixStream, backend: T) -> Result<(), ServeError>
+where
+    T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
+{
+    let connection = Arc::new(Mutex::new(VhostUserConnection::new(backend)?));
+    let mut handler = BackendReqHandler::from_stream(stream, connection.clone());
+    let result = loop {
+        if let Err(e) = handler.handle_request() {
+            break e;
+        }
+    };
+    connection
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .stop_workers();
+    match result {
+        VhostUserError::Disconnected
+        | VhostUserError::PartialMessage
+        | VhostUserError::SocketBroken(_) => {
+            info!("frontend disconnected");
+            Ok(())
+        }
+        e => Err(ServeError::Protocol(e)),
+    }
+}

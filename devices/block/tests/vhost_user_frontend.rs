@@ -1,0 +1,370 @@
+//! End to end: the `bulkhead-block` binary driven by `vhost::vhost_user::Frontend`, as the VMM
+//! drives it, with guest memory in a memfd shared over the socket.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::bindings::virtio_blk::*;
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::tempfile::TempFile;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-block");
+const MEM_SIZE: usize = 16 << 20;
+const QSIZE: u16 = 16;
+const SECTORS: usize = 128;
+
+fn image() -> TempFile {
+    let tmp = TempFile::new().expect("temp file");
+    let mut content = Vec::new();
+    for s in 0..SECTORS {
+        content.extend(std::iter::repeat_n(s as u8, 512));
+    }
+    tmp.as_file().write_all(&content).expect("fill");
+    tmp
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("bulkhead-block did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn memfd_memory() -> (GuestMemoryMmap, File) {
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: fd is a fresh descriptor we own.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE as u64).expect("size memfd");
+    let mem = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        MEM_SIZE,
+        Some(FileOffset::new(file.try_clone().expect("dup"), 0)),
+    )])
+    .expect("map guest memory");
+    (mem, file)
+}
+
+/// Spawns the device on one end of a socketpair, as the VMM does.
+fn spawn_on_socketpair(img: &Path, extra: &[&str]) -> (Child, UnixStream) {
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let fd = theirs.as_raw_fd();
+    // SAFETY: clearing FD_CLOEXEC on our own open descriptor so the child inherits it.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    let child = Command::new(BIN)
+        .args(["--socket-fd", &fd.to_string(), "--path"])
+        .arg(img)
+        .args(extra)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn bulkhead-block");
+    drop(theirs);
+    (child, ours)
+}
+
+fn header(mem: &GuestMemoryMmap, addr: u64, request_type: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&request_type.to_le_bytes());
+    h[8..].copy_from_slice(&sector.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(addr)).expect("header");
+}
+
+fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+}
+
+#[test]
+fn test_socket_fd_frontend_requests_served_and_exit_zero_on_hangup() {
+    let img = image();
+    let (mut child, stream) = spawn_on_socketpair(
+        img.as_path(),
+        &[
+            "--num-queues",
+            "2",
+            "--queue-size",
+            "64",
+            "--serial",
+            "e2e-disk",
+        ],
+    );
+    let mut frontend = Frontend::from_stream(stream, 2);
+
+    frontend.set_owner().expect("set_owner");
+    let features = frontend.get_features().expect("get_features");
+    for bit in [
+        32, // VIRTIO_F_VERSION_1
+        29, // VIRTIO_RING_F_EVENT_IDX
+        28, // VIRTIO_RING_F_INDIRECT_DESC
+        30, // VHOST_USER_F_PROTOCOL_FEATURES
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+        VIRTIO_BLK_F_MQ,
+    ] {
+        assert!(features & (1 << bit) != 0, "feature bit {bit} missing");
+    }
+    assert_eq!(features & (1 << VIRTIO_BLK_F_RO), 0);
+    frontend.set_features(features).expect("set_features");
+    let protocol = frontend.get_protocol_features().expect("protocol features");
+    let wanted = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK;
+    assert!(protocol.contains(wanted));
+    frontend
+        .set_protocol_features(wanted)
+        .expect("set protocol");
+    assert_eq!(frontend.get_queue_num().expect("queue num"), 2);
+
+    let (_, payload) = frontend
+        .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+        .expect("get_config");
+    let capacity = u64::from_le_bytes(payload[0..8].try_into().expect("8 bytes"));
+    let seg_max = u32::from_le_bytes(payload[12..16].try_into().expect("4 bytes"));
+    let blk_size = u32::from_le_bytes(payload[20..24].try_into().expect("4 bytes"));
+    let num_queues = u16::from_le_bytes(payload[34..36].try_into().expect("2 bytes"));
+    assert_eq!(capacity, SECTORS as u64);
+    assert_eq!(seg_max, 62);
+    assert_eq!(blk_size, 512);
+    assert_eq!(num_queues, 2);
+
+    let (mem, memfd) = memfd_memory();
+    let region = mem.iter().next().expect("one region");
+    let host_base = mem.get_host_address(GuestAddress(0)).expect("host addr") as u64;
+    frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: region.len(),
+            userspace_addr: host_base,
+            mmap_offset: 0,
+            mmap_handle: memfd.as_raw_fd(),
+        }])
+        .expect("set_mem_table");
+
+    // Queue 1 (the second queue) carries the requests, to exercise a non-zero worker. The
+    // rings are laid out by hand: MockSplitQueue places its used ring over the avail ring's
+    // used_event field, which breaks EVENT_IDX.
+    let (desc_addr, avail_addr, used_addr) = (0x1_0000u64, 0x1_1000u64, 0x1_2000u64);
+    let table = DescriptorTable::new(&mem, GuestAddress(desc_addr), QSIZE);
+    let avail = AvailRing::new(&mem, GuestAddress(avail_addr), QSIZE);
+    let used_ring = UsedRing::new(&mem, GuestAddress(used_addr), QSIZE);
+    let call = EventFd::new(EFD_NONBLOCK).expect("call");
+    let kick = EventFd::new(EFD_NONBLOCK).expect("kick");
+    frontend.set_vring_num(1, QSIZE).expect("vring num");
+    frontend
+        .set_vring_addr(
+            1,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: host_base + desc_addr,
+                used_ring_addr: host_base + used_addr,
+                avail_ring_addr: host_base + avail_addr,
+                log_addr: None,
+            },
+        )
+        .expect("vring addr");
+    frontend.set_vring_base(1, 0).expect("vring base");
+    frontend.set_vring_call(1, &call).expect("vring call");
+    frontend.set_vring_kick(1, &kick).expect("vring kick");
+    frontend.set_vring_enable(1, true).expect("vring enable");
+
+    // A write of sector 5, a read of sectors 4..6 and a GET_ID, in one kick.
+    let (hdr, data, status) = (0x10_0000u64, 0x20_0000u64, 0x30_0000u64);
+    header(&mem, hdr, VIRTIO_BLK_T_OUT, 5);
+    header(&mem, hdr + 0x100, VIRTIO_BLK_T_IN, 4);
+    header(&mem, hdr + 0x200, VIRTIO_BLK_T_GET_ID, 0);
+    mem.write_slice(&[0xabu8; 512], GuestAddress(data))
+        .expect("payload");
+    let next = VRING_DESC_F_NEXT;
+    let write = VRING_DESC_F_WRITE;
+    let descs = [
+        desc(hdr, 16, next, 1),
+        desc(data, 512, next, 2),
+        desc(status, 1, write, 0),
+        desc(hdr + 0x100, 16, next, 4),
+        desc(data + 0x1000, 1536, next | write, 5),
+        desc(status + 1, 1, write, 0),
+        desc(hdr + 0x200, 16, next, 7),
+        desc(data + 0x2000, 20, next | write, 8),
+        desc(status + 2, 1, write, 0),
+    ];
+    for (i, d) in descs.iter().enumerate() {
+        table.store(i as u16, *d).expect("descriptor");
+    }
+    for (slot, head) in [0u16, 3, 6].iter().enumerate() {
+        avail.ring().ref_at(slot).expect("avail slot").store(*head);
+    }
+    avail.idx().store(3);
+    mem.write_slice(&[0xffu8; 3], GuestAddress(status))
+        .expect("status");
+    kick.write(1).expect("kick");
+
+    let start = Instant::now();
+    while used_ring.idx().load() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "requests not completed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The used entries are published before the call eventfd is signalled.
+    while call.read().is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "guest was not notified"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut statuses = [0xffu8; 3];
+    mem.read_slice(&mut statuses, GuestAddress(status))
+        .expect("status");
+    assert_eq!(statuses, [0, 0, 0]);
+
+    // Completion order is free; match the used entries by head.
+    let mut used: Vec<(u32, u32)> = (0..3)
+        .map(|i| {
+            let e = used_ring.ring().ref_at(i).expect("used").load();
+            (e.id(), e.len())
+        })
+        .collect();
+    used.sort();
+    assert_eq!(used, vec![(0, 1), (3, 1537), (6, 21)]);
+
+    let mut read = vec![0u8; 1536];
+    mem.read_slice(&mut read, GuestAddress(data + 0x1000))
+        .expect("read back");
+    let sector5 = read.get(512..1024).expect("sector 5");
+    let writes_first = sector5.iter().all(|&b| b == 0xab);
+    let reads_first = sector5.iter().all(|&b| b == 5);
+    assert!(writes_first || reads_first);
+    assert!(read[..512].iter().all(|&b| b == 4));
+    assert!(read[1024..].iter().all(|&b| b == 6));
+    let mut id = [0u8; 20];
+    mem.read_slice(&mut id, GuestAddress(data + 0x2000))
+        .expect("id");
+    assert_eq!(&id[..9], b"e2e-disk\0");
+    let on_disk = std::fs::read(img.as_path()).expect("image");
+    assert!(on_disk[5 * 512..6 * 512].iter().all(|&b| b == 0xab));
+
+    // Stopping the ring reports where the device stopped.
+    assert_eq!(frontend.get_vring_base(1).expect("vring base"), 3);
+
+    drop(frontend);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn test_socket_path_connect_then_hangup_exit_zero() {
+    let img = image();
+    let dir = TempFile::new().expect("temp name");
+    let sock = dir.as_path().with_extension("sock");
+    let mut child = Command::new(BIN)
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--path")
+        .arg(img.as_path())
+        .arg("--readonly")
+        .spawn()
+        .expect("spawn");
+    let start = Instant::now();
+    let frontend = loop {
+        match Frontend::connect(&sock, 1) {
+            Ok(f) => break f,
+            Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("cannot connect: {e}"),
+        }
+    };
+    let features = frontend.get_features().expect("features");
+    assert!(features & (1 << VIRTIO_BLK_F_RO) != 0);
+    drop(frontend);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    assert!(!sock.exists(), "socket file left behind");
+}
+
+#[test]
+fn test_bad_input_exit_status_two() {
+    let img = image();
+    let cases: Vec<Vec<String>> = vec![
+        // missing image
+        vec![
+            "--socket-fd".into(),
+            "0".into(),
+            "--path".into(),
+            "/nonexistent/disk.img".into(),
+        ],
+        // both socket options
+        vec![
+            "--socket-fd".into(),
+            "3".into(),
+            "--socket-path".into(),
+            "/tmp/x.sock".into(),
+            "--path".into(),
+            img.as_path().display().to_string(),
+        ],
+        // neither socket option
+        vec!["--path".into(), img.as_path().display().to_string()],
+        // unparsable number
+        vec![
+            "--socket-fd".into(),
+            "three".into(),
+            "--path".into(),
+            img.as_path().display().to_string(),
+        ],
+        // not a socket (stdin is /dev/null)
+        vec![
+            "--socket-fd".into(),
+            "0".into(),
+            "--path".into(),
+            img.as_path().display().to_string(),
+        ],
+        // serial too long
+        vec![
+            "--socket-fd".into(),
+            "0".into(),
+            "--path".into(),
+            img.as_path().display().to_string(),
+            "--serial".into(),
+            "123456789012345678901".into(),
+        ],
+    ];
+    for args in cases {
+        let out = Command::new(BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "args {args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "args {args:?}: {stderr}");
+        assert!(!stderr.is_empty(), "args {args:?}: no message");
+    }
+}
