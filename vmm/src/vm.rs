@@ -206,6 +206,8 @@ pub struct Vm {
     serial: Arc<SharedPl011>,
     bus: Arc<MmioBus>,
     pcie: Arc<PcieHost>,
+    /// Threads waiting for the device processes the VMM started.
+    watchers: Vec<JoinHandle<()>>,
     events: (Sender<Event>, Receiver<Event>),
 }
 
@@ -216,6 +218,7 @@ fn create_disk(
     disk: &DiskConfig,
     memory: &GuestMemoryMmap,
     bus: &Arc<MmioBus>,
+    watchers: &mut Vec<JoinHandle<()>>,
 ) -> Result<VirtioPci, VmError> {
     let name = format!("disk{index}");
     let n = disk.num_queues;
@@ -266,7 +269,7 @@ fn create_disk(
         }
     };
     if let Some(c) = child {
-        vhost_user::watch_device(name, c);
+        watchers.extend(vhost_user::watch_device(name, c));
     }
     // Virtio device type 2 (block), PCI class "mass storage, other".
     Ok(VirtioPci::new(
@@ -313,8 +316,9 @@ impl Vm {
             PCIE_ECAM_START..PCIE_ECAM_START + PCIE_ECAM_SIZE,
             pcie.clone(),
         )?;
+        let mut watchers = Vec::new();
         for (index, disk) in config.disks.iter().enumerate() {
-            let device = create_disk(index, disk, &memory, &bus)?;
+            let device = create_disk(index, disk, &memory, &bus, &mut watchers)?;
             pcie.plug(index, Box::new(device))?;
         }
         Ok(Self {
@@ -324,6 +328,7 @@ impl Vm {
             serial,
             bus,
             pcie,
+            watchers,
             events: channel(),
         })
     }
@@ -440,8 +445,33 @@ impl Vm {
 
     /// Boots the guest and runs it until it powers off, fails, or a signal ends it. A guest
     /// reset boots it again in place: fresh VM, vCPU and GIC state, the same RAM with the
-    /// kernel, initramfs and a new device tree loaded again.
+    /// kernel, initramfs and a new device tree loaded again. On the way out the device
+    /// processes are disconnected and given a moment to finish.
     pub fn run(mut self) -> Result<Outcome, VmError> {
+        let outcome = self.run_guest();
+        self.shutdown_devices();
+        outcome
+    }
+
+    /// Closes every device connection and waits (briefly) for the device processes to exit.
+    fn shutdown_devices(&mut self) {
+        drop(self.pcie.unplug_all());
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while self.watchers.iter().any(|w| !w.is_finished())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for w in self.watchers.drain(..) {
+            if w.is_finished() {
+                let _ = w.join();
+            } else {
+                warn!("a device process did not exit within 3 s of disconnect; it dies with the VMM");
+            }
+        }
+    }
+
+    fn run_guest(&mut self) -> Result<Outcome, VmError> {
         let mut boots = 0u32;
         loop {
             let running = self.boot(boots == 0)?;

@@ -99,6 +99,11 @@ struct Inner {
 }
 
 impl BlockBackend {
+    /// The disk this backend serves.
+    pub fn disk(&self) -> Arc<DiskImage> {
+        self.inner.disk.clone()
+    }
+
     pub fn new(config: BlockDeviceConfig) -> BlockBackend {
         let disk = Arc::new(config.disk);
         let num_queues = config.num_queues.clamp(1, MAX_QUEUES);

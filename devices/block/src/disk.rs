@@ -7,7 +7,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use log::{info, warn};
 
@@ -80,6 +80,50 @@ pub struct DiskImage {
     no_punch_hole: AtomicBool,
     /// Set once `FALLOC_FL_ZERO_RANGE` turned out unsupported.
     no_zero_range: AtomicBool,
+    /// What the guest asked of this disk so far.
+    pub stats: RequestStats,
+}
+
+/// Requests served, by kind, for the operator (logged when the frontend disconnects).
+#[derive(Debug, Default)]
+pub struct RequestStats {
+    /// Read requests and bytes read into the guest.
+    pub reads: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Write requests.
+    pub writes: AtomicU64,
+    /// Bytes written from the guest.
+    pub write_bytes: AtomicU64,
+    /// Flush requests.
+    pub flushes: AtomicU64,
+    /// Discard requests.
+    pub discards: AtomicU64,
+    /// Write-zeroes requests.
+    pub write_zeroes: AtomicU64,
+    /// GET_ID requests.
+    pub get_ids: AtomicU64,
+    /// Requests completed with an error status.
+    pub errors: AtomicU64,
+}
+
+impl std::fmt::Display for RequestStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        write!(
+            f,
+            "reads={} read_bytes={} writes={} write_bytes={} flushes={} discards={} write_zeroes={} get_ids={} errors={}",
+            g(&self.reads),
+            g(&self.read_bytes),
+            g(&self.writes),
+            g(&self.write_bytes),
+            g(&self.flushes),
+            g(&self.discards),
+            g(&self.write_zeroes),
+            g(&self.get_ids),
+            g(&self.errors)
+        )
+    }
 }
 
 impl DiskImage {
@@ -153,6 +197,7 @@ impl DiskImage {
             direct,
             no_punch_hole: AtomicBool::new(false),
             no_zero_range: AtomicBool::new(false),
+            stats: RequestStats::default(),
         })
     }
 

@@ -117,7 +117,10 @@ pub fn start_backend(config: Config) -> Result<(), Error> {
         SocketSource::Fd(fd) => adopt_socket_fd(*fd)?,
         SocketSource::Path(path) => accept_one(path)?,
     };
-    vhost_user::serve_stream(stream, backend).map_err(Error::Serve)
+    let disk = backend.disk();
+    let served = vhost_user::serve_stream(stream, backend).map_err(Error::Serve);
+    info!("disk {}: served {}", config.image.display(), disk.stats);
+    served
 }
 
 /// Takes ownership of inherited descriptor `fd` after checking it is a unix stream socket.

@@ -105,6 +105,25 @@ impl QueueWorker {
                 completions.push(completion);
                 continue;
             }
+            let stats = &self.disk.stats;
+            let count = |c: &std::sync::atomic::AtomicU64, n: u64| {
+                c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            };
+            match &request.action {
+                Action::Fail(_) => {}
+                Action::Read { len, .. } => {
+                    count(&stats.reads, 1);
+                    count(&stats.read_bytes, *len);
+                }
+                Action::Write { len, .. } => {
+                    count(&stats.writes, 1);
+                    count(&stats.write_bytes, *len);
+                }
+                Action::Flush => count(&stats.flushes, 1),
+                Action::GetId { .. } => count(&stats.get_ids, 1),
+                Action::Discard(_) => count(&stats.discards, 1),
+                Action::WriteZeroes(_) => count(&stats.write_zeroes, 1),
+            }
             let new_ops: Result<Vec<Op>, ()> = match request.action {
                 Action::Fail(e) => {
                     debug!("request {}: {e}", request.head);
@@ -161,6 +180,11 @@ impl QueueWorker {
             }
         }
 
+        let errors = completions.iter().filter(|c| c.status != STATUS_OK).count();
+        self.disk
+            .stats
+            .errors
+            .fetch_add(errors as u64, std::sync::atomic::Ordering::Relaxed);
         completions
             .into_iter()
             .map(|c| (c.head, publish(mem, &c)))

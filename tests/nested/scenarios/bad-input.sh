@@ -37,5 +37,15 @@ expect2 memory-banana --kernel "$K" --initramfs "$I" --memory size=banana
 expect2 memory-1M --kernel "$K" --initramfs "$I" --memory size=1M
 expect2 unknown-option --kernel "$K" --no-such-option
 expect2 missing-initramfs --kernel "$K" --initramfs /nonexistent/initrd
+dd if=/dev/zero of="$SCN_DIR/disk.img" bs=1M count=1 2>/dev/null
+expect2 disk-missing-image --kernel "$K" --initramfs "$I" --disk path=/nonexistent/disk.img
+expect2 disk-bad-option --kernel "$K" --initramfs "$I" --disk "path=$SCN_DIR/disk.img,colour=blue"
+expect2 disk-bad-queues --kernel "$K" --initramfs "$I" --disk "path=$SCN_DIR/disk.img,num_queues=0"
+expect2 disks-over-slots --kernel "$K" --initramfs "$I" --pci-slots 1 \
+	--disk "path=$SCN_DIR/disk.img" --disk "path=$SCN_DIR/disk.img,readonly=on"
+# Nothing was started half-way: no device process outlived a refused configuration.
+if ps -o comm 2>/dev/null | grep -q bulkhead-block; then
+	failed="$failed leftover-device-process"
+fi
 
 [ -z "$failed" ] || fail "wrong handling of:$failed"

@@ -100,6 +100,17 @@ say "bulkhead exited with status $VM_STATUS $(elapsed vm) s after start"
 vm_no_panic vm
 [ "$VM_STATUS" = 0 ] || fail "bulkhead exited with status $VM_STATUS after guest poweroff, expected 0"
 
+# Each device process reports what it served when the VMM disconnects.
+grep -E 'bulkhead_block.*served' "$SCN_DIR/vm/err" | quote "!"
+stat_of() { grep -E "disk $img/$1: served" "$SCN_DIR/vm/err" | sed -n "s/.* $2=\([0-9]*\).*/\1/p" | tail -n 1; }
+flushes=$(stat_of d0 flushes)
+written=$(stat_of d0 write_bytes)
+discards=$(stat_of d1 discards)
+[ "${flushes:-0}" -ge 1 ] || fail "no flush reached d0's device process (flushes=$flushes)"
+[ "${written:-0}" -ge 67108864 ] || fail "d0's device process wrote $written bytes, expected at least 64 MiB"
+[ "${discards:-0}" -ge 1 ] || fail "no discard reached d1's device process (discards=$discards)"
+[ "$(stat_of ro writes)" = 0 ] || fail "the read-only disk's process saw writes"
+
 host=$(head -c 67108864 "$img/d0" | sha256sum | cut -c1-64)
 say "host image d0: $host"
 [ "$host" = "$want" ] || fail "the host image does not hold the guest's data"

@@ -119,6 +119,16 @@ impl PcieHost {
         }
     }
 
+    /// Unplugs every device (the VM is shutting down); dropping them closes their device
+    /// processes' connections.
+    pub fn unplug_all(&self) -> Vec<Box<dyn PciDevice>> {
+        self.lock()
+            .ports
+            .iter_mut()
+            .filter_map(|p| p.device.take())
+            .collect()
+    }
+
     /// Back to power-on state for a new VM: bus numbers unassigned, devices reset.
     pub fn reset(&self, vm: &std::sync::Arc<VmInterrupts>) {
         let mut t = self.lock();

@@ -5,7 +5,7 @@
 //! ioeventfds that the device process polls, and its completion eventfds are KVM irqfds on
 //! the queues' MSI-X vectors: the VMM handles configuration, never the data path.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use log::{error, info, warn};
@@ -118,8 +118,9 @@ pub struct VirtioPci {
     inner: Arc<Mutex<Transport>>,
 }
 
-/// The MMIO side of BAR 0.
-struct BarHandler(Arc<Mutex<Transport>>);
+/// The MMIO side of BAR 0. It holds the transport weakly: the function's owner is the slot
+/// it is plugged into, not the bus map.
+struct BarHandler(Weak<Mutex<Transport>>);
 
 fn lock(t: &Mutex<Transport>) -> MutexGuard<'_, Transport> {
     t.lock().unwrap_or_else(|e| e.into_inner())
@@ -235,7 +236,7 @@ impl VirtioPci {
             handler: None,
         };
         let inner = Arc::new(Mutex::new(transport));
-        lock(&inner).handler = Some(Arc::new(BarHandler(inner.clone())));
+        lock(&inner).handler = Some(Arc::new(BarHandler(Arc::downgrade(&inner))));
         Ok(Self { inner })
     }
 
@@ -575,10 +576,22 @@ impl Transport {
 
 impl MmioDevice for BarHandler {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        lock(&self.0).bar_read(offset, data)
+        match self.0.upgrade() {
+            Some(t) => lock(&t).bar_read(offset, data),
+            None => data.fill(0),
+        }
     }
     fn write(&self, offset: u64, data: &[u8]) {
-        lock(&self.0).bar_write(offset, data)
+        if let Some(t) = self.0.upgrade() {
+            lock(&t).bar_write(offset, data)
+        }
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        // Leave no mapping behind that points at nothing.
+        self.unmap();
     }
 }
 

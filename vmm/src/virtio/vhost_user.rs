@@ -328,7 +328,7 @@ impl VhostUserDevice {
 
 /// Watches a device process the VMM started: logs how it ended, and never lets the VM
 /// depend on it being alive.
-pub fn watch_device(name: String, mut child: Child) {
+pub fn watch_device(name: String, mut child: Child) -> Option<std::thread::JoinHandle<()>> {
     let pid = child.id();
     let spawned = std::thread::Builder::new()
         .name(format!("watch-{name}"))
@@ -340,14 +340,17 @@ pub fn watch_device(name: String, mut child: Child) {
                         "{name}: device process {pid} was killed by signal {sig}{}; the VM goes on without it",
                         if sig == libc::SIGSYS { " (seccomp)" } else { "" }
                     ),
+                    None if status.success() => {
+                        log::info!("{name}: device process {pid} exited")
+                    }
                     None => log::warn!("{name}: device process {pid} exited with {status}"),
                 }
             }
             Err(e) => log::warn!("{name}: waiting for device process {pid}: {e}"),
         });
-    if let Err(e) = spawned {
-        log::warn!("cannot watch device process {pid}: {e}");
-    }
+    spawned
+        .map_err(|e| log::warn!("cannot watch device process {pid}: {e}"))
+        .ok()
 }
 
 /// Connects to a backend someone else started, listening at `path`.
