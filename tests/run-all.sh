@@ -29,8 +29,19 @@ cargo test --workspace
 log "unit tests, aarch64 (qemu-aarch64-static)"
 cargo test --workspace --target aarch64-unknown-linux-musl
 
-log "system tests, nested KVM (L1 with a GICv3)"
 rc=0
+log "fuzzing the block request parser (60 s, cargo-fuzz)"
+if rustup toolchain list | grep -q '^nightly'; then
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
+    (cd devices/block/fuzz && cargo +nightly fuzz run request_parser -- \
+        -max_total_time=60 -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 12) ||
+        { echo "FUZZ FAILED: see devices/block/fuzz/artifacts"; rc=1; }
+else
+    echo "SKIPPED: fuzzing needs a nightly toolchain, which this machine does not have"
+fi
+
+rm -f tests/out/*.summary
+log "system tests, nested KVM (L1 with a GICv3)"
 tests/nested/run.sh --suite boot || rc=1
 
 log "system tests, nested KVM (L1 with a GICv2: the vGICv2 fallback)"
