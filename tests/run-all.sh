@@ -40,6 +40,9 @@ else
     echo "SKIPPED: fuzzing needs a nightly toolchain, which this machine does not have"
 fi
 
+log "interop: QEMU (a vhost-user frontend nobody here wrote) drives bulkhead-block for a Debian amd64 guest"
+tests/interop/qemu-vhost-user-blk.sh || rc=1
+
 rm -f tests/out/*.summary
 log "system tests, nested KVM (L1 with a GICv3)"
 tests/nested/run.sh --suite boot || rc=1

@@ -132,12 +132,13 @@ impl BlockBackend {
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_FLUSH)
-            | (1 << VIRTIO_BLK_F_DISCARD)
-            | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
             | (1 << VIRTIO_BLK_F_MQ)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if disk.read_only() {
+            // A read-only disk offers nothing that changes it.
             features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
         }
 
         BlockBackend {
@@ -413,7 +414,12 @@ mod tests {
         let (_tmp2, ro) = backend(true);
         assert_eq!(rw.features() & (1 << VIRTIO_BLK_F_RO), 0);
         assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
-        assert_eq!(ro.features() & !(1 << VIRTIO_BLK_F_RO), rw.features());
+        let changing = (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
+        assert_eq!(ro.features() & changing, 0, "read-only offers no discard or write-zeroes");
+        assert_eq!(
+            ro.features() & !(1 << VIRTIO_BLK_F_RO),
+            rw.features() & !changing
+        );
         assert_eq!(rw.queues_per_thread(), vec![1, 2, 4]);
         assert!(rw
             .protocol_features()

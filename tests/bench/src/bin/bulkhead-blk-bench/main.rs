@@ -1,0 +1,475 @@
+//! `bulkhead-blk-bench`: block I/O figures for vhost-user-blk backends, with no VM.
+//!
+//! This program is the vhost-user frontend and the guest driver at once: it shares a memfd
+//! as guest memory with the backend, sets up one split virtqueue in it and drives virtio-blk
+//! requests through it (see `vhost_blk.rs`). For each of
+//! - `bulkhead-block`, started here on the image,
+//! - `qemu-storage-daemon` exporting the same image as vhost-user-blk,
+//! - plain io_uring on the image file (no virtio, no second process: the ceiling), and the
+//!   same with the file opened O_NONBLOCK, which lets io_uring complete page-cache reads
+//!   inline instead of in a worker thread,
+//!
+//! it first checks that data goes to and comes from the right places (fails loudly if not).
+//! Then it runs each workload for a fixed time, several times, the targets taking turns, and
+//! prints per target the run with the median IOPS: IOPS, MiB/s, latency, CPU time, and the
+//! spread between the fastest and the slowest run (the build machines are shared and
+//! noisy). The image lives in tmpfs, so the figures are those of the I/O path, not of a
+//! disk. It asserts nothing about speed.
+//!
+//! Usage (from the repository root): `target/release/bulkhead-blk-bench [--targets LIST]
+//! [--bulkhead-block PATH] [--runs N] [--seconds S] [--size-mib N] ...`; see `--help`.
+
+mod backend;
+mod pin;
+mod uring;
+mod vhost_blk;
+mod workload;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+
+use backend::{own_cpu_time, BackendProcess};
+use pin::{Pin, Placement};
+use uring::UringFile;
+use vhost_blk::VhostUserBlk;
+use workload::{Engine, Figures, Op, Pattern, Workload};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Target {
+    /// Bulkhead's vhost-user-blk backend.
+    BulkheadBlock,
+    /// QEMU's storage daemon as a vhost-user-blk backend.
+    Qsd,
+    /// io_uring straight on the image file.
+    IoUring,
+    /// The same on the file opened O_NONBLOCK: reads are tried inline before a worker.
+    IoUringNonblock,
+}
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Target::BulkheadBlock => "bulkhead-block",
+            Target::Qsd => "qemu-storage-daemon",
+            Target::IoUring => "io_uring",
+            Target::IoUringNonblock => "io_uring O_NONBLOCK",
+        }
+    }
+}
+
+/// Block I/O figures for vhost-user-blk backends, driven from a host-side virtqueue.
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead-blk-bench")]
+struct Args {
+    /// The bulkhead-block binary.
+    #[arg(long, default_value = "target/release/bulkhead-block")]
+    bulkhead_block: PathBuf,
+    /// The qemu-storage-daemon binary.
+    #[arg(long, default_value = "qemu-storage-daemon")]
+    qsd: PathBuf,
+    /// What to measure, in this order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "bulkhead-block,qsd,io-uring,io-uring-nonblock"
+    )]
+    targets: Vec<Target>,
+    /// Image file, created and prefilled for each target, removed at the end; put it in
+    /// tmpfs. Default: /dev/shm/bulkhead-blk-bench.<pid>.img.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Image size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Seconds per run of a workload (after a warm-up of a tenth of that, at most 0.5 s).
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// Runs of each workload per target; the table shows the run with the median IOPS and
+    /// the spread (fastest minus slowest, in % of the median).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Queue depth of the sequential workloads.
+    #[arg(long, default_value_t = 8)]
+    seq_depth: usize,
+    /// Where the benchmark and the backend run (see --help).
+    #[arg(long, value_enum, default_value = "same")]
+    pin: Pin,
+    /// Virtqueue size.
+    #[arg(long, default_value_t = 256)]
+    queue_size: u16,
+    /// Do not negotiate VIRTIO_RING_F_EVENT_IDX (notification suppression by index).
+    #[arg(long)]
+    no_event_idx: bool,
+    /// Keep the image file at the end.
+    #[arg(long)]
+    keep_image: bool,
+}
+
+impl Args {
+    fn image(&self) -> &Path {
+        self.image.as_deref().expect("main() sets the image path")
+    }
+}
+
+const LARGE: u32 = 128 * 1024;
+
+fn workloads(seq_depth: usize) -> Vec<Workload> {
+    vec![
+        Workload {
+            name: "randread 4k",
+            op: Op::Read,
+            pattern: Pattern::Random,
+            block: 4096,
+            depth: 1,
+        },
+        Workload {
+            name: "randread 4k",
+            op: Op::Read,
+            pattern: Pattern::Random,
+            block: 4096,
+            depth: 32,
+        },
+        Workload {
+            name: "seqread 128k",
+            op: Op::Read,
+            pattern: Pattern::Sequential,
+            block: LARGE,
+            depth: seq_depth,
+        },
+        Workload {
+            name: "seqwrite 128k",
+            op: Op::Write,
+            pattern: Pattern::Sequential,
+            block: LARGE,
+            depth: seq_depth,
+        },
+    ]
+}
+
+/// A path under test, set up and ready for requests.
+struct Session {
+    engine: Box<dyn Engine>,
+    /// The backend process, for CPU time and shutdown; none for io_uring.
+    backend: Option<BackendProcess>,
+}
+
+fn open_target(
+    args: &Args,
+    target: Target,
+    dir: &Path,
+    slots: usize,
+    place: Placement,
+) -> Result<Session> {
+    let socket = dir.join(format!("{target:?}.sock"));
+    let log = dir.join(format!("{target:?}.log"));
+    let _ = std::fs::remove_file(&socket);
+    let mut backend = match target {
+        Target::IoUring | Target::IoUringNonblock => {
+            let nonblock = target == Target::IoUringNonblock;
+            let engine = UringFile::open(args.image(), slots, LARGE, nonblock, place.backend)?;
+            return Ok(Session {
+                engine: Box::new(engine),
+                backend: None,
+            });
+        }
+        Target::BulkheadBlock => BackendProcess::bulkhead_block(
+            &args.bulkhead_block,
+            args.image(),
+            &socket,
+            &log,
+            args.queue_size,
+            place.backend,
+        )?,
+        Target::Qsd => BackendProcess::qemu_storage_daemon(
+            &args.qsd,
+            args.image(),
+            &socket,
+            &log,
+            place.backend,
+        )?,
+    };
+    backend.wait_for_socket(&socket, Duration::from_secs(10))?;
+    let engine = VhostUserBlk::connect(&socket, args.queue_size, slots, LARGE, !args.no_event_idx)
+        .map_err(|e| e.context(format!("backend log:\n{}", backend.log_tail())))?;
+    let i = &engine.info;
+    println!(
+        "# {}: capacity {} MiB, features offered {:#x} acked {:#x}, protocol features {:#x}, \
+         {} queue(s), size_max {:?}, seg_max {:?}, blk_size {:?}, EVENT_IDX {}, RO {}",
+        target.label(),
+        i.capacity >> 20,
+        i.offered_features,
+        i.features,
+        i.protocol_features.bits(),
+        i.queues,
+        i.size_max,
+        i.seg_max,
+        i.blk_size,
+        if i.event_idx { "on" } else { "off" },
+        i.read_only,
+    );
+    anyhow::ensure!(
+        i.capacity == args.size_mib << 20,
+        "backend reports capacity {} bytes, image has {}",
+        i.capacity,
+        args.size_mib << 20
+    );
+    anyhow::ensure!(!i.read_only, "backend offers a read-only device");
+    Ok(Session {
+        engine: Box::new(engine),
+        backend: Some(backend),
+    })
+}
+
+struct Row {
+    figures: Figures,
+    backend_cpu: Option<Duration>,
+    bench_cpu: Duration,
+}
+
+impl Row {
+    /// CPU time as a percentage of one CPU over the run.
+    fn cpu_pct(&self, d: Duration) -> String {
+        format!(
+            "{:.0}",
+            100.0 * d.as_secs_f64() / self.figures.elapsed.as_secs_f64()
+        )
+    }
+}
+
+fn print_header() {
+    println!(
+        "{:<14} {:>3}  {:<20} {:>9} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "workload",
+        "QD",
+        "target",
+        "IOPS",
+        "spread",
+        "MiB/s",
+        "lat avg",
+        "lat p50",
+        "lat p99",
+        "backend",
+        "bench"
+    );
+    println!(
+        "{:<14} {:>3}  {:<20} {:>9} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "", "", "", "median", "%", "", "us", "us", "us", "CPU %", "CPU %"
+    );
+}
+
+/// One line: the run with the median IOPS, and how far apart the fastest and slowest were.
+fn print_row(w: &Workload, target: Target, rows: &mut [Row]) {
+    rows.sort_by(|a, b| a.figures.iops().total_cmp(&b.figures.iops()));
+    let (Some(min), Some(max)) = (rows.first(), rows.last()) else {
+        return;
+    };
+    let r = &rows[(rows.len() - 1) / 2];
+    let f = &r.figures;
+    let spread = 100.0 * (max.figures.iops() - min.figures.iops()) / f.iops().max(1.0);
+    println!(
+        "{:<14} {:>3}  {:<20} {:>9.0} {:>6.0} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8} {:>6}",
+        w.name,
+        w.depth,
+        target.label(),
+        f.iops(),
+        spread,
+        f.mib_per_s(),
+        f.mean_latency_us(),
+        f.latency_us(0.5),
+        f.latency_us(0.99),
+        r.backend_cpu
+            .map(|d| r.cpu_pct(d))
+            .unwrap_or_else(|| "-".into()),
+        r.cpu_pct(r.bench_cpu),
+    );
+    let _ = std::io::stdout().flush();
+}
+
+fn measure(args: &Args, s: &mut Session, w: &Workload) -> Result<Row> {
+    let size = args.size_mib << 20;
+    let duration = Duration::from_secs_f64(args.seconds);
+    let warmup = (duration / 10).min(Duration::from_millis(500));
+    workload::run(s.engine.as_mut(), w, size, warmup).context("warm-up")?;
+    let backend_cpu0 = s
+        .backend
+        .as_ref()
+        .map(BackendProcess::cpu_time)
+        .transpose()?;
+    let bench_cpu0 = own_cpu_time();
+    let figures = workload::run(s.engine.as_mut(), w, size, duration)?;
+    let bench_cpu = own_cpu_time() - bench_cpu0;
+    let backend_cpu = match (&s.backend, backend_cpu0) {
+        (Some(b), Some(t0)) => Some(b.cpu_time()? - t0),
+        _ => None,
+    };
+    Ok(Row {
+        figures,
+        backend_cpu,
+        bench_cpu,
+    })
+}
+
+/// Prefill the image, start and connect `target`, and check its data path.
+fn prepare(
+    args: &Args,
+    target: Target,
+    dir: &Path,
+    slots: usize,
+    place: Placement,
+) -> Result<Session> {
+    let size = args.size_mib << 20;
+    workload::prefill(args.image(), size)?;
+    let mut session = open_target(args, target, dir, slots, place)?;
+    let t = Instant::now();
+    workload::verify(session.engine.as_mut(), args.image(), size, LARGE).context("data check")?;
+    println!(
+        "# {}: data check passed ({} ms)",
+        target.label(),
+        t.elapsed().as_millis()
+    );
+    Ok(session)
+}
+
+/// Stop the queue, disconnect, and see the backend go; remarks go to `notes`.
+fn close(target: Target, session: Session, notes: &mut Vec<String>) -> Result<()> {
+    let Session {
+        mut engine,
+        backend,
+    } = session;
+    let result = engine.close().context("stop the queue");
+    if let Ok(remarks) = &result {
+        notes.extend(remarks.iter().map(|r| format!("{}: {r}", target.label())));
+    }
+    drop(engine);
+    if let Some(remark) = backend.and_then(BackendProcess::finish) {
+        notes.push(format!("{}: {remark}", target.label()));
+    }
+    result.map(|_| ())
+}
+
+fn main() -> std::process::ExitCode {
+    let mut args = Args::parse();
+    if !(args.seconds > 0.0 && args.seconds < 3600.0) {
+        eprintln!("error: --seconds must be between 0 and 3600");
+        return std::process::ExitCode::FAILURE;
+    }
+    let default_image = format!("/dev/shm/bulkhead-blk-bench.{}.img", std::process::id());
+    args.image.get_or_insert_with(|| default_image.into());
+    let dir = std::env::temp_dir().join(format!("bulkhead-blk-bench.{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("error: create {}: {e}", dir.display());
+        return std::process::ExitCode::FAILURE;
+    }
+    let all = workloads(args.seq_depth);
+    let slots = all.iter().map(|w| w.depth).max().unwrap_or(1);
+    let place = match args.pin.placement() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if let Some(cpu) = place.bench {
+        if let Err(e) = pin::pin_current_thread(cpu) {
+            eprintln!("error: bind to CPU {cpu}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
+    println!(
+        "# bulkhead-blk-bench: {} MiB image at {}; each workload {} times {} s per target, \
+         targets taking turns; CPUs: benchmark {}, backend {}; virtqueue size {}, EVENT_IDX {}",
+        args.size_mib,
+        args.image().display(),
+        args.runs,
+        args.seconds,
+        place.bench.map_or("any".into(), |c| c.to_string()),
+        place.backend.map_or("any".into(), |c| c.to_string()),
+        args.queue_size,
+        if args.no_event_idx {
+            "off"
+        } else {
+            "if offered"
+        },
+    );
+    let mut failed = false;
+    let mut notes = Vec::new();
+
+    // Every target is set up and checked first and stays connected, so that the runs of a
+    // workload can take turns: a slow spell of the machine then hits all targets alike.
+    let mut live: Vec<(Target, Option<Session>)> = Vec::new();
+    for &target in &args.targets {
+        if target == Target::BulkheadBlock && !args.bulkhead_block.exists() {
+            notes.push(format!(
+                "bulkhead-block: skipped, {} not found (cargo build --release -p bulkhead-block)",
+                args.bulkhead_block.display()
+            ));
+            continue;
+        }
+        match prepare(&args, target, &dir, slots, place) {
+            Ok(session) => live.push((target, Some(session))),
+            Err(e) => {
+                failed = true;
+                println!("# {} FAILED: {e:#}", target.label());
+            }
+        }
+    }
+
+    if !live.is_empty() {
+        print_header();
+    }
+    for w in &all {
+        let mut samples: Vec<Vec<Row>> = live.iter().map(|_| Vec::new()).collect();
+        let mut errors: Vec<Option<anyhow::Error>> = live.iter().map(|_| None).collect();
+        for _ in 0..args.runs {
+            for (i, (_, session)) in live.iter_mut().enumerate() {
+                let Some(s) = session.as_mut() else { continue };
+                match measure(&args, s, w) {
+                    Ok(row) => samples[i].push(row),
+                    Err(e) => {
+                        errors[i] = Some(e);
+                        *session = None;
+                    }
+                }
+            }
+        }
+        for (i, (target, _)) in live.iter().enumerate() {
+            if let Some(e) = &errors[i] {
+                failed = true;
+                println!(
+                    "{:<14} {:>3}  {:<20} FAILED: {e:#}",
+                    w.name,
+                    w.depth,
+                    target.label()
+                );
+            } else {
+                print_row(w, *target, &mut samples[i]);
+            }
+        }
+    }
+    for (target, session) in live {
+        if let Some(session) = session {
+            if let Err(e) = close(target, session, &mut notes) {
+                failed = true;
+                notes.push(format!("{}: {e:#}", target.label()));
+            }
+        }
+    }
+
+    for n in &notes {
+        println!("# note: {n}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if !args.keep_image {
+        let _ = std::fs::remove_file(args.image());
+    }
+    if failed {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
