@@ -129,6 +129,8 @@ pub enum DiskBackend {
         readonly: bool,
         /// Serial number the guest reads (GET_ID).
         serial: Option<String>,
+        /// Bypass the host page cache (O_DIRECT).
+        direct: bool,
     },
     /// A vhost-user-blk backend someone else started, listening here.
     Socket(PathBuf),
@@ -153,13 +155,18 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
     let opts = parse_options(
         "disk",
         value,
-        &["path", "readonly", "serial", "num_queues", "queue_size", "socket"],
+        &["path", "readonly", "serial", "num_queues", "queue_size", "direct", "socket"],
     )?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
     let readonly = match get("readonly") {
         None | Some("off") => false,
         Some("on") => true,
         Some(v) => return Err(bad(format!("readonly={v:?}: expected on or off"))),
+    };
+    let direct = match get("direct") {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(v) => return Err(bad(format!("direct={v:?}: expected on or off"))),
     };
     let num_queues = match get("num_queues") {
         None => 1,
@@ -205,12 +212,14 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
                 path: path.into(),
                 readonly,
                 serial,
+                direct,
             }
         }
         (None, Some(socket)) if !socket.is_empty() => {
-            if readonly || serial.is_some() {
+            if readonly || serial.is_some() || direct {
                 return Err(bad(
-                    "readonly and serial belong to the backend's own options with socket=".into(),
+                    "readonly, serial and direct belong to the backend's own options with socket="
+                        .into(),
                 ));
             }
             DiskBackend::Socket(socket.into())
@@ -525,7 +534,8 @@ mod tests {
             DiskBackend::Process {
                 path: img.clone(),
                 readonly: true,
-                serial: Some("abc".into())
+                serial: Some("abc".into()),
+                direct: false,
             }
         );
         assert_eq!(

@@ -228,6 +228,7 @@ fn create_disk(
             path,
             readonly,
             serial,
+            direct,
         } => {
             let program = vhost_user::device_program("bulkhead-block");
             let mut args = vec![
@@ -240,6 +241,9 @@ fn create_disk(
             ];
             if *readonly {
                 args.push("--readonly".into());
+            }
+            if *direct {
+                args.push("--direct".into());
             }
             if let Some(s) = serial {
                 args.extend(["--serial".to_string(), s.clone()]);
