@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 300
+# timeout: 420
 # Three disks served by bulkhead-block processes behind PCIe root ports: the guest sees each
 # in its own slot; 64 MiB of random data written to one reads back with the same checksum and
 # is on the host image afterwards; a read-only disk refuses writes; discard reaches the image;
@@ -93,6 +93,18 @@ say "after unbind and bind of $bdf: $d0b"
 again=$(run "rmmod virtio_blk && insmod /lib/modules/virtio_blk.ko && sleep 1 && echo 3 >/proc/sys/vm/drop_caches; echo RB-\$(head -c 67108864 /dev/\$(ls /sys/bus/pci/devices/$bdf/virtio*/block) | sha256sum | cut -c1-64)" '^RB-[0-9a-f]{64}$' 120)
 say "after rebinding $bdf and reloading virtio_blk: $again"
 [ "$again" = "$want" ] || fail "reading after the rebind gave a different checksum"
+
+# A guest reboot resets every device and the VM is rebuilt; the disks come back and still
+# hold the data.
+vm_send vm 'reboot -f'
+vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT" 2
+n=$(tr -d '\r' <"$SCN_DIR/vm/out" | grep -cE '^GUEST-DISK vd')
+say "after the reboot the guest lists $((n - 3)) disks"
+[ "$n" = 6 ] || fail "after the reboot the guest does not see its 3 disks again"
+sleep 1
+after=$(run "echo AR-\$(head -c 67108864 /dev/\$(ls /sys/bus/pci/devices/$bdf/virtio*/block) | sha256sum | cut -c1-64)" '^AR-[0-9a-f]{64}$' 120)
+say "after the reboot: $after"
+[ "$after" = "$want" ] || fail "reading after the reboot gave a different checksum"
 
 vm_send vm 'poweroff -f'
 vm_wait_exit vm 60
