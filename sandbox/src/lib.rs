@@ -1,3 +1,44 @@
-//! Jails for Bulkhead's device processes: namespaces, pivot_root, seccomp, landlock and rlimits.
+//! Jails for Bulkhead's device processes: namespaces, an empty root, only the listed
+//! descriptors, rlimits, an optional cgroup v2 leaf, no capabilities, no_new_privs, landlock,
+//! and the seccomp filter the device installs itself.
 //!
-//! Empty until the sandboxing work lands; see `docs/` and SECURITY.md for the plan.
+//! The crate knows no device. A device crate describes its needs as a [`Jail`] (which
+//! descriptors at which numbers, which paths, which limits) and its seccomp allowlist
+//! ([`seccomp`]); [`Jail::spawn`] starts the program inside, and the program installs its filter
+//! with [`seccomp::apply`] at the start of `main`. The layers are documented in
+//! `docs/jail-namespaces.md`, `docs/jail-landlock.md`, `docs/jail-resources.md` and
+//! `docs/jail-seccomp.md`.
+
+mod child;
+pub mod jail;
+pub mod landlock;
+pub mod seccomp;
+
+pub use jail::{
+    BindMount, CgroupLimits, Jail, JailedChild, LandlockPolicy, Rlimits, SpawnError, Step,
+};
+
+/// Names the process after its `argv[0]` (its `comm`, as `ps` and `/proc/PID/comm` show it).
+///
+/// A program started by [`Jail::spawn`] is executed from a descriptor (`execveat` with
+/// `AT_EMPTY_PATH`), and kernels before 6.14 then name it after the descriptor number
+/// (`/dev/fd/N` gives "N"). The spawner passes the program's file name as `argv[0]`; a jailed
+/// program calls this first thing in `main` to get its name back. Best effort: a failure only
+/// leaves the name as it was.
+pub fn set_name_from_argv0() {
+    let Some(arg0) = std::env::args_os().next() else {
+        return;
+    };
+    let path = std::path::Path::new(&arg0);
+    let Some(base) = path.file_name() else {
+        return;
+    };
+    use std::os::unix::ffi::OsStrExt;
+    // TASK_COMM_LEN is 16 with the NUL.
+    let mut name = [0u8; 16];
+    let bytes = base.as_bytes();
+    let n = bytes.len().min(15);
+    name[..n].copy_from_slice(&bytes[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from `name`.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+}

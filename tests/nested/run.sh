@@ -31,6 +31,10 @@ OUT=$ROOT/tests/out
 TARGET_TRIPLE=aarch64-unknown-linux-musl
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN_DIR=$TARGET_DIR/$TARGET_TRIPLE/release
+# A bulkhead with the test-only seccomp-trigger feature (scenarios/vcpu-seccomp.sh), built in a
+# target directory of its own so it never replaces the real one.
+TRIGGER_TARGET_DIR=$TARGET_DIR/seccomp-trigger
+TRIGGER_BIN=$TRIGGER_TARGET_DIR/$TARGET_TRIPLE/release/bulkhead
 
 suite=boot
 demo=0
@@ -170,6 +174,11 @@ build_project() {
 		(cd "$ROOT" && CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld \
 			cargo build --quiet --release --target "$TARGET_TRIPLE" --workspace --bins) ||
 			die "cross-build failed"
+		log "cargo build --release --target $TARGET_TRIPLE -p bulkhead --features seccomp-trigger --target-dir $TRIGGER_TARGET_DIR"
+		(cd "$ROOT" && CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld \
+			cargo build --quiet --release --target "$TARGET_TRIPLE" -p bulkhead \
+			--features seccomp-trigger --target-dir "$TRIGGER_TARGET_DIR") ||
+			die "cross-build of the seccomp-trigger bulkhead failed"
 	fi
 	[ -x "$BIN_DIR/bulkhead" ] || die "$BIN_DIR/bulkhead missing"
 }
@@ -258,6 +267,11 @@ pack_l1() {
 	for b in "$BIN_DIR"/bulkhead "$BIN_DIR"/bulkhead-*; do
 		[ -f "$b" ] && [ -x "$b" ] && install -m 0755 "$b" "$d/bin/"
 	done
+	if [ -x "$TRIGGER_BIN" ]; then
+		install -m 0755 "$TRIGGER_BIN" "$d/bin/bulkhead-seccomp-trigger"
+	else
+		log "$TRIGGER_BIN not built; L1 will not have /bin/bulkhead-seccomp-trigger"
+	fi
 	cp "$KERNEL" "$d/guest/Image"
 	cp "$GUEST_INITRAMFS" "$d/guest/initramfs.cpio.gz"
 	install -m 0644 "$NESTED_DIR/lib.sh" "$d/harness/lib.sh"

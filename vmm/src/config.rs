@@ -48,6 +48,10 @@ pub struct Args {
     /// PCIe root ports, each a slot for one device: 1 to 31.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub pci_slots: usize,
+    /// Seccomp filters on the VMM's threads (and, later, the device processes' jails): `on`,
+    /// or `off` to debug a filter (insecure; a loud warning is printed).
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    pub sandbox: String,
     /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides it.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -155,7 +159,15 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
     let opts = parse_options(
         "disk",
         value,
-        &["path", "readonly", "serial", "num_queues", "queue_size", "direct", "socket"],
+        &[
+            "path",
+            "readonly",
+            "serial",
+            "num_queues",
+            "queue_size",
+            "direct",
+            "socket",
+        ],
     )?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
     let readonly = match get("readonly") {
@@ -255,6 +267,20 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Number of PCIe root ports.
     pub pci_slots: usize,
+    /// Confine the VMM's threads with seccomp filters (`--sandbox on`, the default).
+    pub sandbox: bool,
+}
+
+/// `--sandbox on|off`.
+fn parse_sandbox(value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        v => Err(ConfigError::Option {
+            flag: "sandbox",
+            reason: format!("{v:?}: expected on or off"),
+        }),
+    }
 }
 
 /// Splits `a=1,b=2` into pairs, refusing keys outside `known` and repeated keys.
@@ -453,6 +479,7 @@ impl TryFrom<Args> for VmConfig {
             });
         }
         let serial = parse_serial(&args.serial)?;
+        let sandbox = parse_sandbox(&args.sandbox)?;
         Ok(Self {
             vcpus,
             ram_size,
@@ -463,6 +490,7 @@ impl TryFrom<Args> for VmConfig {
             serial,
             disks,
             pci_slots: args.pci_slots,
+            sandbox,
         })
     }
 }
@@ -470,6 +498,16 @@ impl TryFrom<Args> for VmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_parse_sandbox_on_off_only() {
+        assert!(parse_sandbox("on").expect("valid"));
+        assert!(!parse_sandbox("off").expect("valid"));
+        assert!(parse_sandbox("yes").is_err());
+        assert!(parse_sandbox("").is_err());
+        let args = Args::try_parse_from(["bulkhead", "--kernel", "k"]).expect("parses");
+        assert_eq!(args.sandbox, "on");
+    }
 
     #[test]
     fn test_parse_size_suffixes() {

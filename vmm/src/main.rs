@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use bulkhead::config::{Args, SerialConfig, VmConfig};
-use bulkhead::vm::{forward_signals, forward_stdin, Outcome, Vm};
+use bulkhead::seccomp::{self, ThreadKind};
+use bulkhead::vm::{block_termination_signals, forward_signals, forward_stdin, Outcome, Vm};
 use bulkhead::{terminal, vcpu};
 use clap::Parser;
 use log::{error, info, warn};
@@ -42,6 +43,8 @@ fn report(prefix: &str, e: &dyn std::error::Error) {
 
 fn run(config: VmConfig) -> Result<Outcome, bulkhead::vm::VmError> {
     let interactive = matches!(config.serial, SerialConfig::Tty);
+    // Before Vm::new starts device watcher and backend-req threads: they must block these too.
+    block_termination_signals()?;
     let vm = Vm::new(config)?;
     forward_signals(vm.event_sender())?;
     vcpu::register_kick_handler().map_err(bulkhead::vm::VmError::Signals)?;
@@ -53,6 +56,10 @@ fn run(config: VmConfig) -> Result<Outcome, bulkhead::vm::VmError> {
         }
         forward_stdin(vm.serial())?;
     }
+    // The device processes are started and every helper thread runs under its own filter:
+    // from here on the main thread needs only what boot, reboot and shutdown need. vCPU
+    // threads, started by Vm::run, inherit this filter and add their own.
+    seccomp::apply(ThreadKind::Main)?;
     vm.run()
 }
 
@@ -67,6 +74,16 @@ fn main() -> ExitCode {
         }
     };
     bulkhead::milestone::log("configuration checked");
+    if !config.sandbox {
+        let msg = "--sandbox off: the VMM's threads run WITHOUT seccomp filters; \
+                   a compromised VMM thread can make any system call. Use only to debug.";
+        warn!("{msg}");
+        eprintln!("bulkhead: WARNING: {msg}");
+    }
+    if let Err(e) = seccomp::init(config.sandbox) {
+        report("setting up the seccomp filters", &e);
+        return ExitCode::from(EXIT_VM_FAILED);
+    }
     let result = run(config);
     terminal::restore();
     match result {

@@ -93,6 +93,9 @@ pub enum VmError {
     /// A vCPU stopped with an error.
     #[error("{0}")]
     Vcpu(String),
+    /// A seccomp filter could not be set up or installed.
+    #[error("confining the VMM's threads")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// How a VM ended without error.
@@ -158,9 +161,15 @@ fn create_ram(size: u64) -> std::io::Result<File> {
     Ok(file)
 }
 
-fn random_seed() -> [u8; 64] {
+/// A fresh rng-seed for the guest's device tree, from `urandom` (opened once in [`Vm::new`],
+/// so that a reboot under the main thread's seccomp filter needs no open()).
+fn random_seed(urandom: Option<&File>) -> [u8; 64] {
     let mut seed = [0u8; 64];
-    if let Err(e) = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed)) {
+    let read = match urandom {
+        Some(mut f) => f.read_exact(&mut seed),
+        None => Err(std::io::ErrorKind::NotFound.into()),
+    };
+    if let Err(e) = read {
         warn!("no host entropy for the guest's rng-seed: {e}");
     }
     seed
@@ -209,6 +218,8 @@ pub struct Vm {
     /// Threads waiting for the device processes the VMM started.
     watchers: Vec<JoinHandle<()>>,
     events: (Sender<Event>, Receiver<Event>),
+    /// /dev/urandom, for each boot's rng-seed.
+    urandom: Option<File>,
 }
 
 /// Starts (or connects to) the process serving disk `index` and puts a virtio-blk function
@@ -325,7 +336,11 @@ impl Vm {
             let device = create_disk(index, disk, &memory, &bus, &mut watchers)?;
             pcie.plug(index, Box::new(device))?;
         }
+        let urandom = File::open("/dev/urandom")
+            .map_err(|e| warn!("cannot open /dev/urandom: {e}"))
+            .ok();
         Ok(Self {
+            urandom,
             kvm,
             config,
             memory,
@@ -386,7 +401,7 @@ impl Vm {
             initramfs: layout.initramfs,
             gic: machine.gic,
             pcie: true,
-            rng_seed: random_seed(),
+            rng_seed: random_seed(self.urandom.as_ref()),
         })?;
         let (kernel, image) = &mut self.config.kernel;
         layout.load(
@@ -461,8 +476,7 @@ impl Vm {
     fn shutdown_devices(&mut self) {
         drop(self.pcie.unplug_all());
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        while self.watchers.iter().any(|w| !w.is_finished())
-            && std::time::Instant::now() < deadline
+        while self.watchers.iter().any(|w| !w.is_finished()) && std::time::Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -470,7 +484,9 @@ impl Vm {
             if w.is_finished() {
                 let _ = w.join();
             } else {
-                warn!("a device process did not exit within 3 s of disconnect; it dies with the VMM");
+                warn!(
+                    "a device process did not exit within 3 s of disconnect; it dies with the VMM"
+                );
             }
         }
     }
@@ -518,9 +534,11 @@ impl Vm {
     }
 }
 
-/// Blocks termination signals in the calling thread (and so in every thread it starts) and
-/// starts a thread that turns them into events. Call before starting other threads.
-pub fn forward_signals(events: Sender<Event>) -> Result<(), VmError> {
+/// Blocks termination signals (SIGTERM, SIGINT, SIGHUP) in the calling thread, and so in every
+/// thread it starts afterwards; returns their set. Call before starting any thread (device
+/// watchers included): a thread that does not block them would take the process down with
+/// their default action. Child processes get an empty mask from `Command`.
+pub fn block_termination_signals() -> Result<libc::sigset_t, VmError> {
     let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
     let set = vmm_sys_util::signal::create_sigset(&signals).map_err(VmError::Signals)?;
     // SAFETY: `set` is a valid sigset; the old mask is not needed.
@@ -528,15 +546,27 @@ pub fn forward_signals(events: Sender<Event>) -> Result<(), VmError> {
     if rc != 0 {
         return Err(VmError::Signals(vmm_sys_util::errno::Error::new(rc)));
     }
+    Ok(set)
+}
+
+/// Blocks termination signals (see [`block_termination_signals`]) and starts a thread that
+/// turns them into events.
+pub fn forward_signals(events: Sender<Event>) -> Result<(), VmError> {
+    let set = block_termination_signals()?;
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let mut sig = 0;
-            // SAFETY: `set` and `sig` are valid; sigwait only writes `sig`.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                info!("received signal {sig}, shutting down");
-                if events.send(Event::Signal(sig)).is_err() {
-                    return;
+        .spawn(move || {
+            if !crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::Signals) {
+                return;
+            }
+            loop {
+                let mut sig = 0;
+                // SAFETY: `set` and `sig` are valid; sigwait only writes `sig`.
+                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    info!("received signal {sig}, shutting down");
+                    if events.send(Event::Signal(sig)).is_err() {
+                        return;
+                    }
                 }
             }
         })
@@ -550,6 +580,9 @@ pub fn forward_stdin(serial: Arc<SharedPl011>) -> Result<(), VmError> {
     std::thread::Builder::new()
         .name("serial-in".into())
         .spawn(move || {
+            if !crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::SerialIn) {
+                return;
+            }
             let mut stdin = std::io::stdin().lock();
             let mut buf = [0u8; 256];
             loop {

@@ -415,7 +415,11 @@ mod tests {
         assert_eq!(rw.features() & (1 << VIRTIO_BLK_F_RO), 0);
         assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
         let changing = (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
-        assert_eq!(ro.features() & changing, 0, "read-only offers no discard or write-zeroes");
+        assert_eq!(
+            ro.features() & changing,
+            0,
+            "read-only offers no discard or write-zeroes"
+        );
         assert_eq!(
             ro.features() & !(1 << VIRTIO_BLK_F_RO),
             rw.features() & !changing

@@ -4,7 +4,7 @@
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +26,12 @@ const ZERO_CHUNK: usize = 64 * 1024;
 pub enum DiskError {
     #[error("cannot open disk image {}", path.display())]
     Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("descriptor for disk image {} cannot be used", path.display())]
+    ImageFd {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -133,7 +139,7 @@ impl DiskImage {
         if mode.direct {
             flags |= libc::O_DIRECT;
         }
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(!mode.read_only)
             .custom_flags(flags)
@@ -142,6 +148,45 @@ impl DiskImage {
                 path: path.to_owned(),
                 source,
             })?;
+        Self::from_file(file, path, mode)
+    }
+
+    /// Takes an image opened by someone else (the VMM, which hands a jailed device process its
+    /// image as a descriptor); `name` only names it in messages. The descriptor must be open
+    /// for reading, and for writing unless `mode.read_only`; with `mode.direct` O_DIRECT is set
+    /// on it here.
+    pub fn from_fd(fd: OwnedFd, name: &Path, mode: OpenMode) -> Result<Self, DiskError> {
+        let bad = |source| DiskError::ImageFd {
+            path: name.to_owned(),
+            source,
+        };
+        // SAFETY: F_GETFL on a descriptor we own only returns its flags.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 {
+            return Err(bad(io::Error::last_os_error()));
+        }
+        // O_ACCMODE (not in the libc crate's Linux bindings).
+        let access = flags & 3;
+        if access == libc::O_WRONLY || (access == libc::O_RDONLY && !mode.read_only) {
+            return Err(bad(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the descriptor is not open for reading and writing (use --readonly for a read-only one)",
+            )));
+        }
+        if mode.direct && flags & libc::O_DIRECT == 0 {
+            // SAFETY: F_SETFL on a descriptor we own changes only its status flags.
+            if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_DIRECT) } < 0 {
+                return Err(bad(io::Error::last_os_error()));
+            }
+        }
+        // SAFETY: F_SETFD on a descriptor we own changes only its descriptor flags.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+            return Err(bad(io::Error::last_os_error()));
+        }
+        Self::from_file(File::from(fd), name, mode)
+    }
+
+    fn from_file(mut file: File, path: &Path, mode: OpenMode) -> Result<Self, DiskError> {
         let inspect = |source| DiskError::Inspect {
             path: path.to_owned(),
             source,

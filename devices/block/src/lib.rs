@@ -8,21 +8,25 @@
 pub mod backend;
 pub mod disk;
 pub mod engine;
+pub mod jail;
 pub mod queue;
 pub mod request;
+pub mod seccomp;
 pub mod vhost_user;
 
 use std::io;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
-use log::info;
+use log::{info, warn};
 
 pub use backend::{BlockBackend, BlockDeviceConfig};
 pub use disk::{DiskImage, OpenMode};
+pub use jail::{jail, JailFds};
 pub use queue::Serial;
+pub use seccomp::seccomp_filter;
 
 /// Where the vhost-user connection comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,22 +37,48 @@ pub enum SocketSource {
     Fd(RawFd),
 }
 
+/// Where the disk image comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageSource {
+    /// Open this path.
+    Path(PathBuf),
+    /// An image opened by the VMM and inherited as this descriptor; `name` names it in logs.
+    Fd { fd: RawFd, name: PathBuf },
+}
+
+impl ImageSource {
+    /// How the image is named in logs.
+    pub fn name(&self) -> &std::path::Path {
+        match self {
+            ImageSource::Path(p) | ImageSource::Fd { name: p, .. } => p,
+        }
+    }
+}
+
 /// A validated configuration of the device process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub socket: SocketSource,
-    pub image: PathBuf,
+    pub image: ImageSource,
     pub read_only: bool,
     pub num_queues: u16,
     pub queue_size: u16,
     pub serial: Serial,
     pub direct: bool,
+    /// Install the seccomp filter before serving (off only for debugging, loudly logged).
+    pub seccomp: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot open the disk image")]
     OpenDisk(#[source] disk::DiskError),
+    #[error("descriptor {0} is not an open disk image")]
+    AdoptImageFd(RawFd),
+    #[error("cannot build the seccomp filter")]
+    BuildSeccomp(#[source] bulkhead_sandbox::seccomp::SeccompError),
+    #[error("cannot install the seccomp filter; refusing to serve without it")]
+    ApplySeccomp(#[source] bulkhead_sandbox::seccomp::SeccompError),
     #[error("descriptor {fd} is not an open unix stream socket")]
     AdoptSocketFd {
         fd: RawFd,
@@ -80,6 +110,7 @@ impl Error {
         matches!(
             self,
             Error::OpenDisk(_)
+                | Error::AdoptImageFd(_)
                 | Error::AdoptSocketFd { .. }
                 | Error::BindSocket { .. }
                 | Error::SocketPathInUse { .. }
@@ -87,19 +118,32 @@ impl Error {
     }
 }
 
-/// Opens the image, obtains the frontend connection and serves it until it disconnects.
+/// Opens the image, obtains the frontend connection, installs the seccomp filter and serves
+/// the frontend until it disconnects. Nothing the frontend sends is read before the filter is
+/// in place.
 pub fn start_backend(config: Config) -> Result<(), Error> {
-    let disk = DiskImage::open(
-        &config.image,
-        OpenMode {
-            read_only: config.read_only,
-            direct: config.direct,
-        },
-    )
+    let mode = OpenMode {
+        read_only: config.read_only,
+        direct: config.direct,
+    };
+    let name = config.image.name().to_path_buf();
+    let disk = match &config.image {
+        ImageSource::Path(path) => DiskImage::open(path, mode),
+        ImageSource::Fd { fd, name } => {
+            if *fd < 0 {
+                return Err(Error::AdoptImageFd(*fd));
+            }
+            // SAFETY: the parent handed this descriptor to the process as its image (checked
+            // to be open with the right access mode by `from_fd`); nothing else in the process
+            // uses or closes it, so the OwnedFd becomes its only owner.
+            let owned = unsafe { OwnedFd::from_raw_fd(*fd) };
+            DiskImage::from_fd(owned, name, mode)
+        }
+    }
     .map_err(Error::OpenDisk)?;
     info!(
         "disk {}: {} sectors{}{}, {} queue(s) of {}",
-        config.image.display(),
+        name.display(),
         disk.capacity_sectors(),
         if config.read_only { ", read-only" } else { "" },
         if config.direct { ", O_DIRECT" } else { "" },
@@ -117,9 +161,16 @@ pub fn start_backend(config: Config) -> Result<(), Error> {
         SocketSource::Fd(fd) => adopt_socket_fd(*fd)?,
         SocketSource::Path(path) => accept_one(path)?,
     };
+    if config.seccomp {
+        let filter = seccomp_filter().map_err(Error::BuildSeccomp)?;
+        bulkhead_sandbox::seccomp::apply(&filter).map_err(Error::ApplySeccomp)?;
+        info!("seccomp filter installed ({} instructions)", filter.len());
+    } else {
+        warn!("SECCOMP IS OFF (--seccomp off): this device process can make any system call; never run it like this in production");
+    }
     let disk = backend.disk();
     let served = vhost_user::serve_stream(stream, backend).map_err(Error::Serve);
-    info!("disk {}: served {}", config.image.display(), disk.stats);
+    info!("disk {}: served {}", name.display(), disk.stats);
     served
 }
 

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use bulkhead_block::backend::{MAX_QUEUES, MAX_QUEUE_SIZE};
 use bulkhead_block::request::ID_BYTES;
-use bulkhead_block::{start_backend, Config, Serial, SocketSource};
-use clap::{ArgGroup, Parser};
+use bulkhead_block::{start_backend, Config, ImageSource, Serial, SocketSource};
+use clap::{ArgGroup, Parser, ValueEnum};
 use log::error;
 
 /// virtio-blk device process: serves a raw disk image to one vhost-user frontend.
@@ -20,9 +20,13 @@ struct Args {
     /// Serve an already connected unix stream socket inherited as descriptor N.
     #[arg(long, value_name = "N")]
     socket_fd: Option<i32>,
-    /// The raw disk image (regular file or block device).
+    /// The raw disk image (regular file or block device). With --image-fd, only its name in logs.
     #[arg(long, value_name = "IMG")]
-    path: PathBuf,
+    path: Option<PathBuf>,
+    /// Serve the image inherited as descriptor N (opened by the VMM; the jailed process opens
+    /// no path).
+    #[arg(long, value_name = "N")]
+    image_fd: Option<i32>,
     /// Open the image read-only and offer VIRTIO_BLK_F_RO.
     #[arg(long)]
     readonly: bool,
@@ -38,6 +42,16 @@ struct Args {
     /// Open the image with O_DIRECT, bypassing the host page cache.
     #[arg(long)]
     direct: bool,
+    /// Install the seccomp filter before serving. `off` is for debugging only and is logged
+    /// loudly.
+    #[arg(long, value_enum, default_value_t = Seccomp::On)]
+    seccomp: Seccomp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Seccomp {
+    On,
+    Off,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -52,6 +66,10 @@ enum ConfigError {
     SocketFd(i32),
     #[error("exactly one of --socket-path and --socket-fd is required")]
     Socket,
+    #[error("--image-fd must not be negative, not {0}")]
+    ImageFd(i32),
+    #[error("one of --path and --image-fd is required")]
+    Image,
 }
 
 impl TryFrom<Args> for Config {
@@ -82,19 +100,32 @@ impl TryFrom<Args> for Config {
             (None, Some(fd)) => return Err(ConfigError::SocketFd(fd)),
             _ => return Err(ConfigError::Socket),
         };
+        let image = match (args.image_fd, args.path) {
+            (Some(fd), _) if fd < 0 => return Err(ConfigError::ImageFd(fd)),
+            (Some(fd), name) => ImageSource::Fd {
+                fd,
+                name: name.unwrap_or_else(|| PathBuf::from(format!("fd {fd}"))),
+            },
+            (None, Some(path)) => ImageSource::Path(path),
+            (None, None) => return Err(ConfigError::Image),
+        };
         Ok(Config {
             socket,
-            image: args.path,
+            image,
             read_only: args.readonly,
             num_queues: args.num_queues,
             queue_size: args.queue_size,
             serial,
             direct: args.direct,
+            seccomp: args.seccomp == Seccomp::On,
         })
     }
 }
 
 fn main() -> ExitCode {
+    // In its jail the process is executed from a descriptor; get its name back for ps and the
+    // VMM's logs.
+    bulkhead_sandbox::set_name_from_argv0();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     // Usage errors exit with status 2 here.
     let args = Args::parse();
@@ -132,6 +163,42 @@ mod tests {
         assert_eq!(config.queue_size, 256);
         assert_eq!(config.serial, Serial::default());
         assert!(!config.read_only && !config.direct);
+        assert_eq!(config.image, ImageSource::Path("/img".into()));
+        assert!(config.seccomp, "seccomp is on by default");
+    }
+
+    #[test]
+    fn test_args_image_fd_names_image_by_path() {
+        let args =
+            parse(&["--socket-fd", "3", "--image-fd", "4", "--path", "/a.img"]).expect("parse");
+        let config = Config::try_from(args).expect("config");
+        assert_eq!(
+            config.image,
+            ImageSource::Fd {
+                fd: 4,
+                name: "/a.img".into()
+            }
+        );
+        let args =
+            parse(&["--socket-fd", "3", "--image-fd", "4", "--seccomp", "off"]).expect("parse");
+        let config = Config::try_from(args).expect("config");
+        assert_eq!(
+            config.image,
+            ImageSource::Fd {
+                fd: 4,
+                name: "fd 4".into()
+            }
+        );
+        assert!(!config.seccomp);
+    }
+
+    #[test]
+    fn test_args_no_image_rejected() {
+        let args = parse(&["--socket-fd", "3"]).expect("parse");
+        assert_eq!(Config::try_from(args), Err(ConfigError::Image));
+        let args = parse(&["--socket-fd", "3", "--image-fd=-2"]).expect("parse");
+        assert_eq!(Config::try_from(args), Err(ConfigError::ImageFd(-2)));
+        assert!(parse(&["--socket-fd", "3", "--path", "/i", "--seccomp", "maybe"]).is_err());
     }
 
     #[test]

@@ -66,7 +66,12 @@ pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 impl VcpuThread {
     /// Runs the vCPU until the guest stops it, it fails, or `stop` is set.
     pub fn run(mut self) {
-        if let Some(stop) = self.run_loop() {
+        // First thing: this thread's own filter, on top of the main thread's it inherited.
+        let stop = match crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
+            Ok(()) => self.run_loop(),
+            Err(e) => Some(VcpuStop::Failed(format!("vcpu{}: {e}", self.index))),
+        };
+        if let Some(stop) = stop {
             // The main thread may already be gone on its way out; nothing to do then.
             let _ = self.events.send(Event::Vcpu {
                 index: self.index,
@@ -86,7 +91,13 @@ impl VcpuThread {
             }
             match self.fd.run() {
                 Ok(VcpuExit::MmioRead(addr, data)) => self.bus.read(addr, data),
-                Ok(VcpuExit::MmioWrite(addr, data)) => self.bus.write(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    #[cfg(feature = "seccomp-trigger")]
+                    if addr == crate::seccomp::SECCOMP_TRIGGER_ADDR {
+                        crate::seccomp::trigger_violation();
+                    }
+                    self.bus.write(addr, data)
+                }
                 Ok(VcpuExit::SystemEvent(kind, data)) => {
                     return Some(match kind {
                         KVM_SYSTEM_EVENT_SHUTDOWN => {

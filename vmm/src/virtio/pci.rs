@@ -57,7 +57,6 @@ const F_VERSION_1: u64 = 1 << 32;
 /// this transport does not implement.
 const TRANSPORT_FEATURES: u64 = 0x00ff_ffff | (1 << 28) | (1 << 29) | F_VERSION_1;
 
-
 #[derive(Clone, Copy)]
 struct Queue {
     size: u16,
@@ -239,7 +238,6 @@ impl VirtioPci {
         lock(&inner).handler = Some(Arc::new(BarHandler(Arc::downgrade(&inner))));
         Ok(Self { inner })
     }
-
 }
 
 impl Transport {

@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use log::{debug, info};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use std::sync::atomic::{AtomicU8, Ordering};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
@@ -188,7 +188,11 @@ impl VhostUserDevice {
             let thread_name = format!("{name}-backend-req");
             std::thread::Builder::new()
                 .name(thread_name)
-                .spawn(move || while handler.handle_request().is_ok() {})
+                .spawn(move || {
+                    if crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::BackendReq) {
+                        while handler.handle_request().is_ok() {}
+                    }
+                })
                 .map_err(|e| VhostUserError::Backend(format!("backend channel thread: {e}")))?;
         }
         if !acked.contains(VhostUserProtocolFeatures::CONFIG) {
@@ -332,21 +336,26 @@ pub fn watch_device(name: String, mut child: Child) -> Option<std::thread::JoinH
     let pid = child.id();
     let spawned = std::thread::Builder::new()
         .name(format!("watch-{name}"))
-        .spawn(move || match child.wait() {
-            Ok(status) => {
-                use std::os::unix::process::ExitStatusExt;
-                match status.signal() {
-                    Some(sig) => log::error!(
-                        "{name}: device process {pid} was killed by signal {sig}{}; the VM goes on without it",
-                        if sig == libc::SIGSYS { " (seccomp)" } else { "" }
-                    ),
-                    None if status.success() => {
-                        log::info!("{name}: device process {pid} exited")
-                    }
-                    None => log::warn!("{name}: device process {pid} exited with {status}"),
-                }
+        .spawn(move || {
+            if !crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::DeviceWatcher) {
+                return;
             }
-            Err(e) => log::warn!("{name}: waiting for device process {pid}: {e}"),
+            match child.wait() {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    match status.signal() {
+                        Some(sig) => log::error!(
+                            "{name}: device process {pid} was killed by signal {sig}{}; the VM goes on without it",
+                            if sig == libc::SIGSYS { " (seccomp)" } else { "" }
+                        ),
+                        None if status.success() => {
+                            log::info!("{name}: device process {pid} exited")
+                        }
+                        None => log::warn!("{name}: device process {pid} exited with {status}"),
+                    }
+                }
+                Err(e) => log::warn!("{name}: waiting for device process {pid}: {e}"),
+            }
         });
     spawned
         .map_err(|e| log::warn!("cannot watch device process {pid}: {e}"))
