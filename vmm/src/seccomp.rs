@@ -450,8 +450,9 @@ fn rules(thread: ThreadKind, signals: &Signals) -> Result<Rules, BackendError> {
             r.allow_ioctls(&[KVM_IRQ_LINE])?;
         }
         ThreadKind::DeviceWatcher => {
-            // vhost_user::watch_device: Child::wait (waitpid is wait4 on musl and glibc).
-            r.allow("wait4").allow("waitid");
+            // vhost_user::watch_device: Child::wait and JailedChild::wait (waitpid is wait4 on
+            // musl and glibc); JailedChild releases its pidfd once the child is reaped (close).
+            r.allow("wait4").allow("waitid").allow("close");
         }
         ThreadKind::BackendReq => {
             // FrontendReqHandler::handle_request: requests (recvmsg, with any fds) and

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -230,6 +230,7 @@ fn create_disk(
     memory: &GuestMemoryMmap,
     bus: &Arc<MmioBus>,
     watchers: &mut Vec<JoinHandle<()>>,
+    sandbox: bool,
 ) -> Result<VirtioPci, VmError> {
     let name = format!("disk{index}");
     let n = disk.num_queues;
@@ -259,11 +260,38 @@ fn create_disk(
             if let Some(s) = serial {
                 args.extend(["--serial".to_string(), s.clone()]);
             }
-            let (child, stream) = vhost_user::spawn_device(&program, &args).map_err(fail)?;
+            let (child, stream) = if sandbox {
+                // The jailed process gets its image as a descriptor: it has no filesystem.
+                let image = std::fs::File::options()
+                    .read(true)
+                    .write(!*readonly)
+                    .open(path)
+                    .map_err(|e| fail(VhostUserError::OpenImage(path.clone(), e)))?;
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                    .map_err(|e| fail(VhostUserError::SocketPair(e)))?;
+                let log = std::io::stderr().as_fd().try_clone_to_owned().ok();
+                let jail = bulkhead_block::jail::jail(
+                    bulkhead_block::jail::JailFds {
+                        socket: theirs.into(),
+                        image: image.into(),
+                        log,
+                    },
+                    n,
+                );
+                let mut jailed_args: Vec<String> = bulkhead_block::jail::jail_args().into();
+                jailed_args.extend(args);
+                let child = vhost_user::spawn_jailed(&program, &jailed_args, jail).map_err(fail)?;
+                (child, ours)
+            } else {
+                args.extend(["--seccomp".to_string(), "off".to_string()]);
+                let (child, stream) = vhost_user::spawn_device(&program, &args).map_err(fail)?;
+                (vhost_user::DeviceProcess::Plain(child), stream)
+            };
             info!(
-                "{name}: started {} (pid {}) on {}",
+                "{name}: started {} (pid {}{}) on {}",
                 program.display(),
                 child.id(),
+                if sandbox { ", jailed" } else { ", NOT jailed" },
                 path.display()
             );
             (
@@ -333,7 +361,7 @@ impl Vm {
         )?;
         let mut watchers = Vec::new();
         for (index, disk) in config.disks.iter().enumerate() {
-            let device = create_disk(index, disk, &memory, &bus, &mut watchers)?;
+            let device = create_disk(index, disk, &memory, &bus, &mut watchers, config.sandbox)?;
             pcie.plug(index, Box::new(device))?;
         }
         let urandom = File::open("/dev/urandom")

@@ -53,6 +53,12 @@ pub enum VhostUserError {
     /// The device process could not be started.
     #[error("starting device process {0:?}")]
     Spawn(PathBuf, #[source] std::io::Error),
+    /// The device process's jail could not be set up; it did not run.
+    #[error("starting device process {0:?} in its jail")]
+    Jail(PathBuf, #[source] bulkhead_sandbox::SpawnError),
+    /// The disk image could not be opened for the device process.
+    #[error("opening {0:?} for the device process")]
+    OpenImage(PathBuf, #[source] std::io::Error),
     /// The socket pair could not be created.
     #[error("creating the vhost-user socket pair")]
     SocketPair(#[source] std::io::Error),
@@ -330,9 +336,55 @@ impl VhostUserDevice {
     }
 }
 
+/// A device process the VMM started.
+pub enum DeviceProcess {
+    /// Started without a jail (`--sandbox off`).
+    Plain(Child),
+    /// Started in its jail.
+    Jailed(bulkhead_sandbox::JailedChild),
+}
+
+impl DeviceProcess {
+    /// Its pid, as the VMM sees it.
+    pub fn id(&self) -> u32 {
+        match self {
+            Self::Plain(c) => c.id(),
+            Self::Jailed(c) => c.id(),
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Plain(c) => c.kill(),
+            Self::Jailed(c) => c.kill(),
+        }
+    }
+
+    /// Waits for it to end.
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            Self::Plain(c) => c.wait(),
+            Self::Jailed(c) => c.wait(),
+        }
+    }
+}
+
+/// Starts a device program in the jail `jail` describes (the jail passes the program its
+/// socket end at fd 3 and whatever else it lists).
+pub fn spawn_jailed(
+    program: &Path,
+    args: &[String],
+    jail: bulkhead_sandbox::Jail,
+) -> Result<DeviceProcess, VhostUserError> {
+    jail.spawn(program, args)
+        .map(DeviceProcess::Jailed)
+        .map_err(|e| VhostUserError::Jail(program.to_path_buf(), e))
+}
+
 /// Watches a device process the VMM started: logs how it ended, and never lets the VM
 /// depend on it being alive.
-pub fn watch_device(name: String, mut child: Child) -> Option<std::thread::JoinHandle<()>> {
+pub fn watch_device(name: String, mut child: DeviceProcess) -> Option<std::thread::JoinHandle<()>> {
     let pid = child.id();
     let spawned = std::thread::Builder::new()
         .name(format!("watch-{name}"))

@@ -1,0 +1,57 @@
+#!/bin/sh
+# timeout: 200
+# Every device process of a running VM is jailed: seccomp filter on (mode 2), no_new_privs,
+# no capabilities, its own user, mount, pid and net namespaces, an empty root, and no
+# descriptors but the ones it was handed (socket, image, log, /dev/null) and the anonymous
+# ones the vhost-user protocol gives it (guest RAM memfd, eventfds) or it makes (epoll,
+# io_uring).
+. "${HARNESS_DIR:-/harness}/lib.sh"
+
+dd if=/dev/zero of="$SCN_DIR/d.img" bs=1M count=16 2>/dev/null
+vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
+	--disk "path=$SCN_DIR/d.img" -v
+vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
+say "guest ready $(elapsed vm) s after start"
+vmm=$(vm_pid vm)
+dev=
+for p in /proc/[0-9]*; do
+	[ "$(awk '{ print $4 }' "$p/stat" 2>/dev/null)" = "$vmm" ] || continue
+	case $(cat "$p/comm" 2>/dev/null) in bulkhead-block*) dev=${p#/proc/} ;; esac
+done
+[ -n "$dev" ] || fail "no device process under VMM $vmm"
+grep -E 'started .*bulkhead-block' "$SCN_DIR/vm/err" | quote "!"
+grep -qE 'started .*bulkhead-block \(pid [0-9]+, jailed\)' "$SCN_DIR/vm/err" || fail "the VMM did not start the device jailed"
+
+st() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$dev/status"; }
+say "device process $dev: Seccomp $(st Seccomp), NoNewPrivs $(st NoNewPrivs), CapEff $(st CapEff), CapPrm $(st CapPrm), CapBnd $(st CapBnd)"
+[ "$(st Seccomp)" = 2 ] || fail "seccomp is not in filter mode"
+[ "$(st NoNewPrivs)" = 1 ] || fail "no_new_privs is not set"
+[ "$(st CapEff)" = 0000000000000000 ] || fail "the device process has effective capabilities"
+for ns in user mnt pid net ipc uts cgroup; do
+	a=$(readlink "/proc/$vmm/ns/$ns")
+	b=$(readlink "/proc/$dev/ns/$ns")
+	say "namespace $ns: VMM $a, device $b"
+	[ "$a" != "$b" ] || fail "the device process shares the VMM's $ns namespace"
+done
+entries=$(ls -A "/proc/$dev/root/" 2>/dev/null | wc -l)
+say "root directory entries: $entries"
+[ "$entries" = 0 ] || fail "the device's root is not empty: $(ls -A "/proc/$dev/root/" | tr '\n' ' ')"
+bad=
+for fd in "/proc/$dev/fd/"*; do
+	n=${fd##*/}
+	t=$(readlink "$fd")
+	say "fd $n -> $t"
+	case $n:$t in
+	0:/dev/null | 1:/dev/null | 2:* | 3:socket:\[*\] | 4:"$SCN_DIR/d.img") ;;
+	*:anon_inode:\[eventfd\] | *:anon_inode:\[eventpoll\] | *:anon_inode:\[io_uring\]) ;;
+	*:/memfd:bulkhead-guest-ram*) ;;
+	*) bad="$bad $n($t)" ;;
+	esac
+done
+[ -z "$bad" ] || fail "descriptors the jail did not hand over:$bad"
+
+sleep 1
+vm_send vm "poweroff -f"
+vm_wait_exit vm 60
+[ "$VM_STATUS" = 0 ] || fail "bulkhead exited with status $VM_STATUS, expected 0"
+exit 0
