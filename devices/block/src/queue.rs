@@ -76,9 +76,11 @@ impl QueueWorker {
             return Ok(false);
         }
         for (head, len) in self.execute(mem, requests) {
-            queue
-                .add_used(mem, head, len)
-                .map_err(QueueError::AddUsed)?;
+            // A head the driver put in its avail ring that is not a descriptor index cannot be
+            // returned; the rest of the batch still is (debug only: the guest controls how often).
+            if let Err(e) = queue.add_used(mem, head, len) {
+                debug!("returning descriptor chain {head}: {}", QueueError::AddUsed(e));
+            }
         }
         queue
             .needs_notification(mem)

@@ -126,7 +126,10 @@ fuzz_target!(|input: &[u8]| {
     let mut worker = worker.lock().expect("worker lock");
     let _ = worker.process_queue(&mut queue, &mem, &limits);
 
-    // Every chain that was taken is answered exactly once.
-    let used: u16 = mem.read_obj(GuestAddress(USED + 2)).expect("used idx");
-    assert!(used <= avail_idx);
+    // No chain is answered twice, and none beyond what the driver made available. The device's
+    // own counters are compared: the used ring in memory may have been overwritten by the
+    // requests themselves (a guest may point its buffers at its own rings), which is the
+    // guest's business. Chains whose head is not a descriptor index cannot be answered.
+    assert!(queue.next_used() <= queue.next_avail());
+    assert!(queue.next_avail() <= avail_idx);
 });
