@@ -299,7 +299,7 @@ qemu_l1_args() {
 	L1_GIC=3
 	[ "$demo" -eq 1 ] || L1_GIC=$(suite_gic "$suite")
 	# shellcheck disable=SC2054 # the commas are QEMU's
-	L1_QEMU=(qemu-system-aarch64 -M virt,virtualization=on,gic-version="$L1_GIC" -cpu max -smp 2 -m 3072
+	L1_QEMU=(qemu-system-aarch64 -M virt,virtualization=on,gic-version="$L1_GIC" -cpu max,pauth-impdef=on -smp 2 -m 3072
 		-nographic -no-reboot -nic none -kernel "$KERNEL" -initrd "$L1_INITRAMFS"
 		-append "console=ttyAMA0 panic=-1 quiet kvm-arm.mode=nvhe")
 }
@@ -308,7 +308,7 @@ run_guest_check() {
 	local logf=$OUT/guest-check.log rc=0 fails=0 v
 	log "booting the guest directly under QEMU TCG (no KVM): $logf"
 	rm -f "$logf"
-	timeout --foreground -k 5 240 qemu-system-aarch64 -M virt,gic-version=3 -cpu max -smp 2 -m 512 \
+	timeout --foreground -k 5 240 qemu-system-aarch64 -M virt,gic-version=3 -cpu max,pauth-impdef=on -smp 2 -m 512 \
 		-display none -monitor none -serial stdio -no-reboot -nic none \
 		-kernel "$KERNEL" -initrd "$GUEST_INITRAMFS" -append "console=ttyAMA0 panic=-1 quiet" < <(
 			# Wait for the shell, run a command, then power off.

@@ -33,9 +33,16 @@ for ns in user mnt pid net ipc uts cgroup; do
 	say "namespace $ns: VMM $a, device $b"
 	[ "$a" != "$b" ] || fail "the device process shares the VMM's $ns namespace"
 done
-entries=$(ls -A "/proc/$dev/root/" 2>/dev/null | wc -l)
-say "root directory entries: $entries"
-[ "$entries" = 0 ] || fail "the device's root is not empty: $(ls -A "/proc/$dev/root/" | tr '\n' ' ')"
+# The root must be readable from here for "empty" to mean anything: an unreadable root (a
+# listing that fails) is a failure, not zero entries. The mount table seen from inside gives
+# the same answer from a second angle: a tmpfs root.
+listing=$(ls -A "/proc/$dev/root/" 2>&1) || fail "cannot list the device's root: $listing"
+[ -d "/proc/$dev/root/." ] || fail "the device's root is not a directory from here"
+entries=$(printf '%s' "$listing" | grep -c . || true)
+rootfs=$(awk '$2 == "/" { print $3 }' "/proc/$dev/mounts" | tail -n 1)
+say "root directory entries: $entries, root file system: $rootfs"
+[ "$entries" = 0 ] || fail "the device's root is not empty: $(printf '%s' "$listing" | tr '\n' ' ')"
+[ "$rootfs" = tmpfs ] || fail "the device's root is $rootfs, not its own tmpfs"
 bad=
 for fd in "/proc/$dev/fd/"*; do
 	n=${fd##*/}
