@@ -1,4 +1,5 @@
-//! Serving one vhost-user frontend over an already connected stream socket.
+//! Serving one vhost-user frontend over an already connected stream socket, for any device
+//! that implements [`VhostUserBackend`].
 //!
 //! `vhost-user-backend` 0.24's `VhostUserDaemon` can only listen on or connect to a socket
 //! *path*, and its request handler type is private, so it cannot serve the socketpair end the
@@ -245,6 +246,32 @@ where
             .ok_or(VhostUserError::InvalidParam)
     }
 
+    /// Refuses a region that is empty or whose frontend address, guest address or file offset
+    /// range wraps, or that overlaps a region already mapped (in guest or frontend addresses).
+    fn check_region(
+        &self,
+        user_addr: u64,
+        size: u64,
+        gpa: u64,
+        mmap_offset: u64,
+    ) -> VhostUserResult<()> {
+        let wraps = |base: u64| base.checked_add(size).is_none();
+        if size == 0 || wraps(user_addr) || wraps(gpa) || wraps(mmap_offset) {
+            error!("memory region refused: size {size:#x} at guest {gpa:#x}, frontend {user_addr:#x}, offset {mmap_offset:#x}");
+            return Err(VhostUserError::InvalidParam);
+        }
+        let overlaps = |a: u64, b: u64, len: u64| a < b + len && b < a + size;
+        if self
+            .mappings
+            .iter()
+            .any(|(va, len, pa)| overlaps(user_addr, *va, *len) || overlaps(gpa, *pa, *len))
+        {
+            error!("memory region at guest {gpa:#x} overlaps one already mapped");
+            return Err(VhostUserError::InvalidParam);
+        }
+        Ok(())
+    }
+
     fn map_region(region: &VhostUserMemoryRegion, file: File) -> VhostUserResult<GuestRegionMmap> {
         GuestRegionMmap::new(
             region.mmap_region(file)?,
@@ -428,19 +455,47 @@ where
         if postcopy_listening.is_some() {
             return Err(VhostUserError::InvalidOperation("postcopy not supported"));
         }
-        if ctx.len() != files.len() {
+        if ctx.len() != files.len() || ctx.is_empty() || ctx.len() as u64 > MAX_MEM_SLOTS {
+            error!(
+                "memory table refused: {} region(s), {} descriptor(s)",
+                ctx.len(),
+                files.len()
+            );
             return Err(VhostUserError::InvalidParam);
         }
+        // Checked against each other, not against the table this one replaces.
+        let previous = std::mem::take(&mut self.mappings);
         let mut regions = Vec::with_capacity(ctx.len());
-        let mut mappings = Vec::with_capacity(ctx.len());
         for (region, file) in ctx.iter().zip(files) {
-            regions.push(Self::map_region(region, file)?);
-            mappings.push((region.user_addr, region.memory_size, region.guest_phys_addr));
+            let checked = self
+                .check_region(
+                    region.user_addr,
+                    region.memory_size,
+                    region.guest_phys_addr,
+                    region.mmap_offset,
+                )
+                .and_then(|()| Self::map_region(region, file));
+            match checked {
+                Ok(mapped) => regions.push(mapped),
+                Err(e) => {
+                    self.mappings = previous;
+                    return Err(e);
+                }
+            }
+            self.mappings
+                .push((region.user_addr, region.memory_size, region.guest_phys_addr));
         }
-        let mem = GuestMemoryMmap::from_regions(regions)
-            .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
-        self.publish_memory(mem)?;
-        self.mappings = mappings;
+        let mem = match GuestMemoryMmap::from_regions(regions) {
+            Ok(mem) => mem,
+            Err(e) => {
+                self.mappings = previous;
+                return Err(VhostUserError::ReqHandlerError(io::Error::other(e)));
+            }
+        };
+        if let Err(e) = self.publish_memory(mem) {
+            self.mappings = previous;
+            return Err(e);
+        }
         info!("guest memory table set: {} region(s)", ctx.len());
         Ok(None)
     }
@@ -602,6 +657,16 @@ where
         if postcopy_listening.is_some() {
             return Err(VhostUserError::InvalidOperation("postcopy not supported"));
         }
+        if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
+            error!("memory region refused: all {MAX_MEM_SLOTS} slots are in use");
+            return Err(VhostUserError::InvalidParam);
+        }
+        self.check_region(
+            region.user_addr,
+            region.memory_size,
+            region.guest_phys_addr,
+            region.mmap_offset,
+        )?;
         let guest_region = Arc::new(Self::map_region(region, file)?);
         let mem = self
             .atomic_mem
