@@ -786,7 +786,7 @@ fn main() -> Result<ExitCode> {
     let rest = args.get(1..).unwrap_or(&[]);
     match args.first().map(String::as_str) {
         Some("child") => {
-            startup::set_comm("block");
+            bulkhead_sandbox::set_name_from_argv0();
             Ok(child(rest))
         }
         Some("attack") => attack(rest),
