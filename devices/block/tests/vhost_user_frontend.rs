@@ -472,7 +472,10 @@ fn test_contract_fds_control_channel_answers_and_stray_fd_closed() {
         "the stray descriptor 7 is still open"
     );
     for n in 100..104 {
-        assert!(std::fs::read_link(fd_path(n)).is_err(), "descriptor {n} is open");
+        assert!(
+            std::fs::read_link(fd_path(n)).is_err(),
+            "descriptor {n} is open"
+        );
     }
 
     // The VMM hanging up the control channel ends only the control thread.
@@ -496,7 +499,10 @@ fn test_control_fd_not_seqpacket_exit_status_two() {
     }
     let out = Command::new(BIN)
         .args(["--socket-fd", &theirs.as_raw_fd().to_string()])
-        .args(["--control-fd", &stream_not_seqpacket.as_raw_fd().to_string()])
+        .args([
+            "--control-fd",
+            &stream_not_seqpacket.as_raw_fd().to_string(),
+        ])
         .arg("--path")
         .arg(img.as_path())
         .stdin(Stdio::null())

@@ -273,6 +273,7 @@ where
     }
 
     fn map_region(region: &VhostUserMemoryRegion, file: File) -> VhostUserResult<GuestRegionMmap> {
+        check_file_covers(&file, region.mmap_offset, region.memory_size)?;
         GuestRegionMmap::new(
             region.mmap_region(file)?,
             GuestAddress(region.guest_phys_addr),
@@ -289,6 +290,33 @@ where
             .update_memory(self.atomic_mem.clone())
             .map_err(VhostUserError::ReqHandlerError)
     }
+}
+
+/// Refuses a region whose file ends before `offset + size`: mmap would accept it, and the
+/// first access past the end of the file would kill the process with SIGBUS. Reads the region's
+/// last byte with `preadv` (a call the device filters already allow; `fstat` is not). A
+/// frontend could still shrink the file afterwards; see docs/device-runtime.md.
+fn check_file_covers(file: &File, offset: u64, size: u64) -> VhostUserResult<()> {
+    let last = offset
+        .checked_add(size)
+        .and_then(|end| end.checked_sub(1))
+        .and_then(|last| libc::off_t::try_from(last).ok())
+        .ok_or(VhostUserError::InvalidParam)?;
+    let mut byte = 0u8;
+    let iov = libc::iovec {
+        iov_base: (&mut byte as *mut u8).cast(),
+        iov_len: 1,
+    };
+    // SAFETY: preadv writes at most one byte into `byte`, which `iov` describes; `file` is an
+    // open descriptor.
+    let n = unsafe { libc::preadv(file.as_raw_fd(), &iov, 1, last) };
+    if n != 1 {
+        error!(
+            "memory region refused: its file does not cover offset {offset:#x} + size {size:#x}"
+        );
+        return Err(VhostUserError::InvalidParam);
+    }
+    Ok(())
 }
 
 impl<T: VhostUserBackend<Bitmap = (), Vring = VringRwLock>> Drop for VhostUserConnection<T> {
