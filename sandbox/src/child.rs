@@ -11,7 +11,6 @@ use std::ffi::CStr;
 use std::os::fd::RawFd;
 
 use crate::jail::Step;
-use crate::landlock::{self, RulesetAttr};
 
 /// A bind mount, resolved by the parent.
 pub(crate) struct PlannedBind {
@@ -20,14 +19,10 @@ pub(crate) struct PlannedBind {
     pub mkdirs: Vec<std::ffi::CString>,
     /// The mount point under the staging directory (before pivot_root).
     pub staged: std::ffi::CString,
-    /// The mount point inside the new root (after pivot_root).
-    pub inside: std::ffi::CString,
     /// Whether the source is a directory (else an empty file is created as mount point).
     pub is_dir: bool,
     /// Flags for the read-only/nosuid remount, with the source's locked flags kept.
     pub remount_flags: libc::c_ulong,
-    /// Landlock rights granted beneath the mount point.
-    pub landlock_access: u64,
 }
 
 /// Everything the child needs, prepared (and allocated) by the parent before the clone.
@@ -46,8 +41,6 @@ pub(crate) struct Plan<'a> {
     pub binds: &'a [PlannedBind],
     /// (RLIMIT_*, soft = hard limit).
     pub rlimits: &'a [(u32, u64)],
-    /// The landlock ruleset and its size, or None when landlock is not applied.
-    pub landlock: Option<(RulesetAttr, usize)>,
     /// NULL-terminated.
     pub argv: &'a [*const libc::c_char],
     /// NULL-terminated (the environment is empty).
@@ -141,10 +134,11 @@ unsafe fn setup_and_exec(plan: &Plan, err_fd: &mut RawFd) -> StepResult {
         // from a shell (the VMM may block signals in the spawning thread).
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
-        check(
-            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()).into(),
-            Step::ResetSignals,
-        )?;
+        // pthread_sigmask returns the error number itself (0 on success), not -1 and errno.
+        let ret = libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        if ret != 0 {
+            return Err((Step::ResetSignals, ret));
+        }
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
 
         drop_capabilities()?;
@@ -153,9 +147,8 @@ unsafe fn setup_and_exec(plan: &Plan, err_fd: &mut RawFd) -> StepResult {
             Step::SetNoNewPrivs,
         )?;
 
-        if let Some((attr, size)) = plan.landlock {
-            apply_landlock(plan, &attr, size, program)?;
-        }
+        // Landlock is not applied here: the program applies it itself as its first step, with
+        // the `landlock` crate (docs/jail-landlock.md).
 
         libc::syscall(
             libc::SYS_execveat,
@@ -417,38 +410,5 @@ unsafe fn drop_capabilities() -> StepResult {
             Step::DropCapabilities,
         )?;
     }
-    Ok(())
-}
-
-/// Restricts the process to: execute and read the program (for the execveat that follows) and
-/// what the bind mounts grant. Everything else on every file system is denied.
-///
-/// # Safety
-/// As [`run`].
-unsafe fn apply_landlock(
-    plan: &Plan,
-    attr: &RulesetAttr,
-    size: usize,
-    program: RawFd,
-) -> StepResult {
-    let ruleset = landlock::create_ruleset(attr, size).map_err(|e| (Step::Landlock, e))?;
-    landlock::add_path_beneath(
-        ruleset,
-        program,
-        landlock::fs::EXECUTE | landlock::fs::READ_FILE,
-    )
-    .map_err(|e| (Step::Landlock, e))?;
-    for bind in plan.binds {
-        // SAFETY: open with a NUL-terminated path from `plan`.
-        let fd = unsafe { libc::open(bind.inside.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-        check(fd.into(), Step::Landlock)?;
-        let added = landlock::add_path_beneath(ruleset, fd, bind.landlock_access);
-        // SAFETY: closing the descriptor opened just above.
-        unsafe { libc::close(fd) };
-        added.map_err(|e| (Step::Landlock, e))?;
-    }
-    landlock::restrict_self(ruleset).map_err(|e| (Step::Landlock, e))?;
-    // SAFETY: closing the ruleset descriptor created above.
-    unsafe { libc::close(ruleset) };
     Ok(())
 }

@@ -9,10 +9,9 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitStatus;
 
-use log::{debug, warn};
+use log::warn;
 
 use crate::child::{self, Plan, PlannedBind};
-use crate::landlock;
 
 /// Most descriptors a jail passes.
 pub const MAX_FDS: usize = 32;
@@ -54,12 +53,11 @@ pub enum Step {
     ResetSignals,
     DropCapabilities,
     SetNoNewPrivs,
-    Landlock,
     Exec,
 }
 
 impl Step {
-    const ALL: [Step; 16] = [
+    const ALL: [Step; 15] = [
         Step::SetParentDeathSignal,
         Step::WaitForParent,
         Step::MakeMountsPrivate,
@@ -74,7 +72,6 @@ impl Step {
         Step::ResetSignals,
         Step::DropCapabilities,
         Step::SetNoNewPrivs,
-        Step::Landlock,
         Step::Exec,
     ];
 
@@ -100,7 +97,6 @@ impl std::fmt::Display for Step {
             Step::ResetSignals => "reset the signal mask",
             Step::DropCapabilities => "drop the capabilities",
             Step::SetNoNewPrivs => "set no_new_privs",
-            Step::Landlock => "apply the landlock ruleset",
             Step::Exec => "execute the program",
         })
     }
@@ -115,8 +111,6 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
-    #[error("the jail requires landlock, which this kernel does not offer (not built in, or not in the `lsm=` list); LandlockPolicy::BestEffort opts out")]
-    LandlockUnavailable,
     #[error("too many descriptors for one jail ({0}, at most {MAX_FDS})")]
     TooManyFds(usize),
     #[error("descriptor number {0} is listed twice or is negative")]
@@ -203,16 +197,6 @@ pub struct CgroupLimits {
     pub cpu_max: Option<(u64, u64)>,
 }
 
-/// What happens when the kernel has no landlock.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LandlockPolicy {
-    /// Refuse to start the program.
-    #[default]
-    Required,
-    /// Start it without landlock, with a warning (an explicit opt-out).
-    BestEffort,
-}
-
 /// A path of the host made visible inside the jail.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BindMount {
@@ -229,12 +213,11 @@ pub struct Jail {
     binds: Vec<BindMount>,
     rlimits: Rlimits,
     cgroup: Option<CgroupLimits>,
-    landlock: LandlockPolicy,
 }
 
 impl Jail {
     /// An empty jail: no descriptors (stdin, stdout and stderr are /dev/null), no paths,
-    /// default rlimits, landlock required.
+    /// default rlimits. (Landlock is the program's own first step: see docs/jail-landlock.md.)
     pub fn new() -> Jail {
         Jail::default()
     }
@@ -267,11 +250,6 @@ impl Jail {
 
     pub fn cgroup(mut self, cgroup: CgroupLimits) -> Jail {
         self.cgroup = Some(cgroup);
-        self
-    }
-
-    pub fn landlock(mut self, policy: LandlockPolicy) -> Jail {
-        self.landlock = policy;
         self
     }
 
@@ -416,7 +394,7 @@ fn open_raw(path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
 }
 
 /// The mkdir list, mount point and in-root path of bind target `target`.
-fn plan_bind(bind: &BindMount, handled: u64) -> Result<PlannedBind, SpawnError> {
+fn plan_bind(bind: &BindMount) -> Result<PlannedBind, SpawnError> {
     let bad = || SpawnError::BadBindTarget(bind.target.clone());
     if !bind.target.is_absolute() {
         return Err(bad());
@@ -474,28 +452,12 @@ fn plan_bind(bind: &BindMount, handled: u64) -> Result<PlannedBind, SpawnError> 
     if !bind.writable {
         flags |= libc::MS_RDONLY;
     }
-    use landlock::fs as a;
-    let mut access = a::READ_FILE | a::READ_DIR;
-    if bind.writable {
-        access |= a::WRITE_FILE
-            | a::TRUNCATE
-            | a::IOCTL_DEV
-            | a::MAKE_REG
-            | a::MAKE_DIR
-            | a::REMOVE_FILE
-            | a::REMOVE_DIR;
-    }
-    if !is_dir {
-        access &= a::FILE_RIGHTS;
-    }
     Ok(PlannedBind {
         source,
         mkdirs,
         staged: cstring(&staged)?,
-        inside: cstring(bind.target.as_os_str().as_bytes())?,
         is_dir,
         remount_flags: flags,
-        landlock_access: access & handled,
     })
 }
 
@@ -593,25 +555,6 @@ fn spawn<S: AsRef<OsStr>>(
             return Err(SpawnError::BadTargetFd(t));
         }
     }
-    let abi = landlock::abi_version();
-    let landlock = match abi {
-        Some(abi) => {
-            debug!("landlock ABI {abi}");
-            Some(landlock::ruleset_for(abi))
-        }
-        None if jail.landlock == LandlockPolicy::Required => {
-            return Err(SpawnError::LandlockUnavailable)
-        }
-        None => {
-            warn!(
-                "landlock is unavailable: the jail of {} has no landlock layer (opted out)",
-                program.display()
-            );
-            None
-        }
-    };
-    let handled = abi.map_or(0, landlock::handled_fs);
-
     // Opened before pivot_root: the only way the child reaches its program afterwards.
     let program_c = cstring(program.as_os_str().as_bytes())?;
     let program_fd =
@@ -623,7 +566,7 @@ fn spawn<S: AsRef<OsStr>>(
     let binds = jail
         .binds
         .iter()
-        .map(|b| plan_bind(b, handled))
+        .map(plan_bind)
         .collect::<Result<Vec<_>, _>>()?;
 
     let name = program.file_name().unwrap_or(program.as_os_str());
@@ -669,7 +612,6 @@ fn spawn<S: AsRef<OsStr>>(
         tmpfs_options,
         binds: &binds,
         rlimits: &rlimits,
-        landlock,
         argv: &argv,
         envp: &envp,
     };
@@ -818,40 +760,32 @@ mod tests {
             target: "dev".into(),
             writable: false,
         };
-        assert!(matches!(
-            plan_bind(&b, u64::MAX),
-            Err(SpawnError::BadBindTarget(_))
-        ));
+        assert!(matches!(plan_bind(&b), Err(SpawnError::BadBindTarget(_))));
         let b = BindMount {
             source: "/".into(),
             target: "/a/../b".into(),
             writable: false,
         };
-        assert!(matches!(
-            plan_bind(&b, u64::MAX),
-            Err(SpawnError::BadBindTarget(_))
-        ));
+        assert!(matches!(plan_bind(&b), Err(SpawnError::BadBindTarget(_))));
     }
 
     #[test]
-    fn test_plan_bind_file_readonly_gets_file_rights() {
+    fn test_plan_bind_file_readonly_remounted_readonly() {
         let b = BindMount {
             source: "/dev/null".into(),
             target: "/dev/null".into(),
             writable: false,
         };
-        let p = plan_bind(&b, u64::MAX).expect("plan");
+        let p = plan_bind(&b).expect("plan");
         assert!(!p.is_dir);
         assert_eq!(p.mkdirs, vec![CString::new("/proc/dev").expect("c")]);
         assert_eq!(p.staged.as_bytes(), b"/proc/dev/null");
         assert_ne!(p.remount_flags & libc::MS_RDONLY, 0);
-        assert_eq!(p.landlock_access, landlock::fs::READ_FILE);
     }
 
     #[test]
     fn test_spawn_missing_program_fails_in_parent() {
         let err = Jail::new()
-            .landlock(LandlockPolicy::BestEffort)
             .spawn(Path::new("/nonexistent/program"), &[] as &[&str])
             .expect_err("missing program");
         assert!(matches!(err, SpawnError::OpenProgram { .. }), "{err:?}");
@@ -893,7 +827,6 @@ mod tests {
             return;
         }
         let err = Jail::new()
-            .landlock(LandlockPolicy::BestEffort)
             .spawn(sh, &["-c", "true"])
             .expect_err("a dynamic program has no loader in the jail");
         match err {
@@ -911,7 +844,6 @@ mod tests {
     fn test_spawn_missing_bind_source_fails_in_parent() {
         let err = Jail::new()
             .bind_mount("/nonexistent/dir", "/data", false)
-            .landlock(LandlockPolicy::BestEffort)
             .spawn(Path::new("/bin/sh"), &[] as &[&str])
             .expect_err("missing source");
         assert!(matches!(err, SpawnError::BindSource { .. }), "{err:?}");

@@ -1,6 +1,7 @@
 //! Jails for Bulkhead's device processes: namespaces, an empty root, only the listed
-//! descriptors, rlimits, an optional cgroup v2 leaf, no capabilities, no_new_privs, landlock,
-//! and the seccomp filter the device installs itself.
+//! descriptors, rlimits, an optional cgroup v2 leaf, no capabilities, no_new_privs, and the
+//! seccomp filter the device installs itself. Landlock is the device process's own first step
+//! (`bulkhead-device-runtime`, with the `landlock` crate), not the jail's.
 //!
 //! The crate knows no device. A device crate describes its needs as a [`Jail`] (which
 //! descriptors at which numbers, which paths, which limits) and its seccomp allowlist
@@ -11,12 +12,9 @@
 
 mod child;
 pub mod jail;
-pub mod landlock;
 pub mod seccomp;
 
-pub use jail::{
-    BindMount, CgroupLimits, Jail, JailedChild, LandlockPolicy, Rlimits, SpawnError, Step,
-};
+pub use jail::{BindMount, CgroupLimits, Jail, JailedChild, Rlimits, SpawnError, Step};
 
 /// Names the process after its `argv[0]` (its `comm`, as `ps` and `/proc/PID/comm` show it).
 ///

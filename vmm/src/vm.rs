@@ -283,7 +283,7 @@ fn create_disk(
                 let child = vhost_user::spawn_jailed(&program, &jailed_args, jail).map_err(fail)?;
                 (child, ours)
             } else {
-                args.extend(["--seccomp".to_string(), "off".to_string()]);
+                args.extend(["--seccomp", "off", "--landlock", "off"].map(String::from));
                 let (child, stream) = vhost_user::spawn_device(&program, &args).map_err(fail)?;
                 (vhost_user::DeviceProcess::Plain(child), stream)
             };

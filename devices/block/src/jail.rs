@@ -1,11 +1,13 @@
-//! The jail of the block device process: what it is handed, and nothing else. The VMM and the
-//! jail probe (`tests/jail-probe`) build it through [`jail`], so both run the same policy.
+//! The jail of the block device process as the jail probe (`tests/jail-probe`) and the spawn
+//! benchmark build it: what it is handed, and nothing else. The VMM links no device crate; its
+//! device manager keeps its own per-kind policy, which must match this one (descriptor numbers
+//! from the device-process contract in `docs/device-runtime.md`).
 //!
 //! The process gets the connected vhost-user socket as descriptor [`SOCKET_FD`], the image the
 //! VMM opened as descriptor [`IMAGE_FD`], and optionally a log descriptor as its standard
-//! error. It needs no path at all: its root is an empty read-only tmpfs and landlock denies
-//! every file system access (the one exception is executing its own program, which happens
-//! once, at the start). Start it with [`jail_args`] followed by its other options.
+//! error. It needs no path at all: its root is an empty read-only tmpfs, and the process
+//! applies landlock itself at start (no path reachable). Start it with [`jail_args`] followed
+//! by its other options.
 
 use std::os::fd::{OwnedFd, RawFd};
 
@@ -13,8 +15,10 @@ use bulkhead_sandbox::{Jail, Rlimits};
 
 /// The vhost-user socket's descriptor number inside the jail.
 pub const SOCKET_FD: RawFd = 3;
+/// The control channel's descriptor number, when one is passed.
+pub const CONTROL_FD: RawFd = 4;
 /// The disk image's descriptor number inside the jail.
-pub const IMAGE_FD: RawFd = 4;
+pub const IMAGE_FD: RawFd = 5;
 /// Standard error: where the log goes, if a log descriptor is passed.
 pub const LOG_FD: RawFd = 2;
 
@@ -35,8 +39,7 @@ pub struct JailFds {
 /// an epoll per queue, guest memory regions); 64 + 4 per queue processes or threads (one
 /// worker per queue, io_uring's kernel workers); no core dumps; no address space limit (the
 /// guest's RAM is mapped into the process and counts toward RLIMIT_AS). A memory bound
-/// belongs in a cgroup ([`Jail::cgroup`]), which the VMM may add. Landlock is required; the
-/// VMM may opt out with [`Jail::landlock`].
+/// belongs in a cgroup ([`Jail::cgroup`]), which the VMM may add.
 pub fn jail(fds: JailFds, num_queues: u16) -> Jail {
     let queues = u64::from(num_queues.max(1));
     let mut jail = Jail::new()
@@ -90,6 +93,6 @@ mod tests {
 
     #[test]
     fn test_jail_args_match_fd_numbers() {
-        assert_eq!(jail_args(), ["--socket-fd", "3", "--image-fd", "4"]);
+        assert_eq!(jail_args(), ["--socket-fd", "3", "--image-fd", "5"]);
     }
 }

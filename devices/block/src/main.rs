@@ -1,30 +1,26 @@
-//! The `bulkhead-block` binary: parses the command line and runs the device.
+//! The `bulkhead-block` binary: `Args` (clap) -> [`Config`] (`TryFrom`) -> the device runtime.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bulkhead_block::backend::{MAX_QUEUES, MAX_QUEUE_SIZE};
 use bulkhead_block::request::ID_BYTES;
-use bulkhead_block::{start_backend, Config, ImageSource, Serial, SocketSource};
-use clap::{ArgGroup, Parser, ValueEnum};
-use log::error;
+use bulkhead_block::{Config, ImageSource, Serial};
+use bulkhead_device_runtime::args::check_fd;
+use bulkhead_device_runtime::{ArgsError, RuntimeArgs, RuntimeConfig};
+use clap::Parser;
 
 /// virtio-blk device process: serves a raw disk image to one vhost-user frontend.
 #[derive(Parser, Debug, PartialEq, Eq)]
 #[command(name = "bulkhead-block", version)]
-#[command(group(ArgGroup::new("socket").required(true).args(["socket_path", "socket_fd"])))]
 struct Args {
-    /// Listen on this unix socket path and serve the first frontend that connects.
-    #[arg(long, value_name = "PATH")]
-    socket_path: Option<PathBuf>,
-    /// Serve an already connected unix stream socket inherited as descriptor N.
-    #[arg(long, value_name = "N")]
-    socket_fd: Option<i32>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// The raw disk image (regular file or block device). With --image-fd, only its name in logs.
     #[arg(long, value_name = "IMG")]
     path: Option<PathBuf>,
-    /// Serve the image inherited as descriptor N (opened by the VMM; the jailed process opens
-    /// no path).
+    /// Serve the image inherited as descriptor N (5 from the VMM, which opened and locked it;
+    /// the jailed process opens no path).
     #[arg(long, value_name = "N")]
     image_fd: Option<i32>,
     /// Open the image read-only and offer VIRTIO_BLK_F_RO.
@@ -42,16 +38,6 @@ struct Args {
     /// Open the image with O_DIRECT, bypassing the host page cache.
     #[arg(long)]
     direct: bool,
-    /// Install the seccomp filter before serving. `off` is for debugging only and is logged
-    /// loudly.
-    #[arg(long, value_enum, default_value_t = Seccomp::On)]
-    seccomp: Seccomp,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Seccomp {
-    On,
-    Off,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,12 +48,8 @@ enum ConfigError {
     QueueSize(u16),
     #[error("--serial must be printable ASCII of at most {ID_BYTES} bytes")]
     Serial,
-    #[error("--socket-fd must not be negative, not {0}")]
-    SocketFd(i32),
-    #[error("exactly one of --socket-path and --socket-fd is required")]
-    Socket,
-    #[error("--image-fd must not be negative, not {0}")]
-    ImageFd(i32),
+    #[error(transparent)]
+    Runtime(#[from] ArgsError),
     #[error("one of --path and --image-fd is required")]
     Image,
 }
@@ -94,61 +76,38 @@ impl TryFrom<Args> for Config {
                 .ok_or(ConfigError::Serial)?
                 .copy_from_slice(bytes);
         }
-        let socket = match (args.socket_path, args.socket_fd) {
-            (Some(path), None) => SocketSource::Path(path),
-            (None, Some(fd)) if fd >= 0 => SocketSource::Fd(fd),
-            (None, Some(fd)) => return Err(ConfigError::SocketFd(fd)),
-            _ => return Err(ConfigError::Socket),
-        };
+        let runtime = RuntimeConfig::try_from(args.runtime)?;
         let image = match (args.image_fd, args.path) {
-            (Some(fd), _) if fd < 0 => return Err(ConfigError::ImageFd(fd)),
             (Some(fd), name) => ImageSource::Fd {
-                fd,
+                fd: check_fd("image-fd", fd)?,
                 name: name.unwrap_or_else(|| PathBuf::from(format!("fd {fd}"))),
             },
             (None, Some(path)) => ImageSource::Path(path),
             (None, None) => return Err(ConfigError::Image),
         };
+        if let ImageSource::Fd { fd, .. } = image {
+            runtime.check_distinct(&[fd])?;
+        }
         Ok(Config {
-            socket,
+            runtime,
             image,
             read_only: args.readonly,
             num_queues: args.num_queues,
             queue_size: args.queue_size,
             serial,
             direct: args.direct,
-            seccomp: args.seccomp == Seccomp::On,
         })
     }
 }
 
 fn main() -> ExitCode {
-    // In its jail the process is executed from a descriptor; get its name back for ps and the
-    // VMM's logs.
-    bulkhead_sandbox::set_name_from_argv0();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    // Usage errors exit with status 2 here.
-    let args = Args::parse();
-    let config = match Config::try_from(args) {
-        Ok(config) => config,
-        Err(e) => {
-            error!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    match start_backend(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let bad_input = e.is_bad_input();
-            error!("{:#}", anyhow::Error::from(e));
-            ExitCode::from(if bad_input { 2 } else { 1 })
-        }
-    }
+    bulkhead_device_runtime::main::<Args, Config>()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bulkhead_device_runtime::SocketSource;
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("bulkhead-block").chain(args.iter().copied()))
@@ -158,38 +117,39 @@ mod tests {
     fn test_args_socket_path_defaults_accepted() {
         let args = parse(&["--socket-path", "/tmp/s", "--path", "/img"]).expect("parse");
         let config = Config::try_from(args).expect("config");
-        assert_eq!(config.socket, SocketSource::Path("/tmp/s".into()));
+        assert_eq!(config.runtime.socket, SocketSource::Path("/tmp/s".into()));
         assert_eq!(config.num_queues, 1);
         assert_eq!(config.queue_size, 256);
         assert_eq!(config.serial, Serial::default());
         assert!(!config.read_only && !config.direct);
         assert_eq!(config.image, ImageSource::Path("/img".into()));
-        assert!(config.seccomp, "seccomp is on by default");
+        assert!(config.runtime.seccomp, "seccomp is on by default");
+        assert!(config.runtime.landlock, "landlock is on by default");
     }
 
     #[test]
     fn test_args_image_fd_names_image_by_path() {
         let args =
-            parse(&["--socket-fd", "3", "--image-fd", "4", "--path", "/a.img"]).expect("parse");
+            parse(&["--socket-fd", "3", "--image-fd", "5", "--path", "/a.img"]).expect("parse");
         let config = Config::try_from(args).expect("config");
         assert_eq!(
             config.image,
             ImageSource::Fd {
-                fd: 4,
+                fd: 5,
                 name: "/a.img".into()
             }
         );
         let args =
-            parse(&["--socket-fd", "3", "--image-fd", "4", "--seccomp", "off"]).expect("parse");
+            parse(&["--socket-fd", "3", "--image-fd", "5", "--seccomp", "off"]).expect("parse");
         let config = Config::try_from(args).expect("config");
         assert_eq!(
             config.image,
             ImageSource::Fd {
-                fd: 4,
-                name: "fd 4".into()
+                fd: 5,
+                name: "fd 5".into()
             }
         );
-        assert!(!config.seccomp);
+        assert!(!config.runtime.seccomp);
     }
 
     #[test]
@@ -197,7 +157,15 @@ mod tests {
         let args = parse(&["--socket-fd", "3"]).expect("parse");
         assert_eq!(Config::try_from(args), Err(ConfigError::Image));
         let args = parse(&["--socket-fd", "3", "--image-fd=-2"]).expect("parse");
-        assert_eq!(Config::try_from(args), Err(ConfigError::ImageFd(-2)));
+        assert!(matches!(
+            Config::try_from(args),
+            Err(ConfigError::Runtime(ArgsError::ReservedFd { fd: -2, .. }))
+        ));
+        let args = parse(&["--socket-fd", "3", "--image-fd=3"]).expect("parse");
+        assert_eq!(
+            Config::try_from(args),
+            Err(ConfigError::Runtime(ArgsError::FdTwice(3)))
+        );
         assert!(parse(&["--socket-fd", "3", "--path", "/i", "--seccomp", "maybe"]).is_err());
     }
 
@@ -239,7 +207,7 @@ mod tests {
         ])
         .expect("parse");
         let config = Config::try_from(args).expect("config");
-        assert_eq!(config.socket, SocketSource::Fd(3));
+        assert_eq!(config.runtime.socket, SocketSource::Fd(3));
         assert_eq!(&config.serial.0[..7], b"disk-0\0");
         assert!(config.read_only && config.direct);
         assert_eq!((config.num_queues, config.queue_size), (4, 128));
@@ -272,6 +240,9 @@ mod tests {
         );
         assert_eq!(with(&["--serial", "tab\there"]), Err(ConfigError::Serial));
         let args = parse(&["--socket-fd=-1", "--path", "/i"]).expect("parse");
-        assert_eq!(Config::try_from(args), Err(ConfigError::SocketFd(-1)));
+        assert!(matches!(
+            Config::try_from(args),
+            Err(ConfigError::Runtime(ArgsError::ReservedFd { fd: -1, .. }))
+        ));
     }
 }

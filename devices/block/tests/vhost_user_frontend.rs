@@ -368,3 +368,148 @@ fn test_bad_input_exit_status_two() {
         assert!(!stderr.is_empty(), "args {args:?}: no message");
     }
 }
+
+fn seqpacket_pair() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::OwnedFd;
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two descriptors into `fds`; the result is checked.
+    let ret = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(ret, 0);
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+fn ask(fd: &std::os::fd::OwnedFd, request: &str) -> String {
+    // SAFETY: write from a valid slice on an open descriptor.
+    let n = unsafe { libc::write(fd.as_raw_fd(), request.as_ptr().cast(), request.len()) };
+    assert_eq!(n, request.len() as isize);
+    let mut buf = vec![0u8; 8192];
+    // SAFETY: read into a valid buffer on an open descriptor.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n > 0, "no reply to {request}");
+    buf.truncate(n as usize);
+    String::from_utf8(buf).expect("UTF-8 reply")
+}
+
+/// The VMM's layout: socket 3, control channel 4, image 5, and a stray descriptor 7 that the
+/// runtime must close.
+#[test]
+fn test_contract_fds_control_channel_answers_and_stray_fd_closed() {
+    use std::os::unix::process::CommandExt;
+    let img = image();
+    let image = File::options()
+        .read(true)
+        .write(true)
+        .open(img.as_path())
+        .expect("open image");
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let (control, control_theirs) = seqpacket_pair();
+    let stray = File::open("/dev/null").expect("stray");
+    let layout = [
+        (theirs.as_raw_fd(), 3),
+        (control_theirs.as_raw_fd(), 4),
+        (image.as_raw_fd(), 5),
+        (stray.as_raw_fd(), 7),
+    ];
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "--socket-fd",
+        "3",
+        "--control-fd",
+        "4",
+        "--image-fd",
+        "5",
+        "--path",
+        "e2e.img",
+    ])
+    .stdin(Stdio::null());
+    // SAFETY: only dup3/dup2 between fork and exec, onto numbers above all the sources (which
+    // are moved out of the way first).
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut moved = Vec::new();
+            for (fd, _) in layout {
+                let high = libc::fcntl(fd, libc::F_DUPFD, 100);
+                if high < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                moved.push(high);
+            }
+            for (high, (_, target)) in moved.iter().zip(layout) {
+                if libc::dup2(*high, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn bulkhead-block");
+    drop((theirs, control_theirs, image, stray));
+
+    assert_eq!(ask(&control, "ping"), "ok pong");
+    let stats = ask(&control, "stats");
+    assert!(
+        stats.starts_with("ok reads=0 read_bytes=0 writes=0"),
+        "stats: {stats}"
+    );
+    assert_eq!(ask(&control, "resize 5"), "err unknown command");
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", child.id())).expect("comm");
+    assert_eq!(comm.trim_end(), "bulkhead-block");
+    let fd_path = |n: i32| format!("/proc/{}/fd/{n}", child.id());
+    assert!(std::fs::read_link(fd_path(5)).is_ok(), "the image is open");
+    // Descriptor 7 may be reused by the device (an eventfd, its io_uring), but not for
+    // /dev/null; the copies at 100 and up were not CLOEXEC and must be closed too.
+    assert_ne!(
+        std::fs::read_link(fd_path(7)).ok(),
+        Some("/dev/null".into()),
+        "the stray descriptor 7 is still open"
+    );
+    for n in 100..104 {
+        assert!(
+            std::fs::read_link(fd_path(n)).is_err(),
+            "descriptor {n} is open"
+        );
+    }
+
+    // The VMM hanging up the control channel ends only the control thread.
+    drop(control);
+    let mut frontend = Frontend::from_stream(ours, 1);
+    frontend.set_owner().expect("set_owner");
+    assert_ne!(frontend.get_features().expect("features"), 0);
+    drop(frontend);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn test_control_fd_not_seqpacket_exit_status_two() {
+    let img = image();
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let (_, stream_not_seqpacket) = UnixStream::pair().expect("socketpair");
+    for fd in [theirs.as_raw_fd(), stream_not_seqpacket.as_raw_fd()] {
+        // SAFETY: clearing FD_CLOEXEC on our own open descriptors so the child inherits them.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    }
+    let out = Command::new(BIN)
+        .args(["--socket-fd", &theirs.as_raw_fd().to_string()])
+        .args([
+            "--control-fd",
+            &stream_not_seqpacket.as_raw_fd().to_string(),
+        ])
+        .arg("--path")
+        .arg(img.as_path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    drop(ours);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SOCK_SEQPACKET"), "{stderr}");
+}

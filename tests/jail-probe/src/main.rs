@@ -1,8 +1,9 @@
 //! `bulkhead-jail-probe`: plays a compromised block device process.
 //!
 //! It starts itself through `bulkhead_sandbox` with the block device's jail
-//! (`bulkhead_block::jail`), the jailed copy installs the block device's seccomp filter exactly
-//! as `bulkhead-block` does, then does what an attacker would. The parent reports how each
+//! (`bulkhead_block::jail`), the jailed copy applies landlock and installs the block device's
+//! seccomp filter exactly as `bulkhead-block` does (through `bulkhead-device-runtime`), then does
+//! what an attacker would. The parent reports how each
 //! attempt ended, one line each:
 //!
 //! ```text
@@ -10,7 +11,9 @@
 //! PROBE mount: failed EPERM
 //! ```
 //!
-//! and exits non-zero if any attack SUCCEEDED or gave no result.
+//! and exits non-zero if any attack SUCCEEDED or gave no result. `control` does what the device
+//! must still be able to do under its jail and filter, and exits non-zero if any of it failed
+//! or the filter killed it.
 //!
 //! Synopsis:
 //! ```text
@@ -34,6 +37,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use bulkhead_block::jail::{JailFds, IMAGE_FD, SOCKET_FD};
+use bulkhead_device_runtime::startup;
 use bulkhead_sandbox::{CgroupLimits, Jail, JailedChild};
 
 /// An attack: its name, whether the layers below seccomp must stop it too, and what it does.
@@ -322,9 +326,62 @@ fn exec_memory(_: &[String]) -> Outcome {
     Outcome::Succeeded("mapped writable+executable memory".into())
 }
 
-/// What the jail must still allow: the image (read and write through preadv/pwritev) and the
-/// socket.
+/// What the jail and filter must still allow, the calls the device makes while serving: the
+/// image (preadv, pwritev, fdatasync), eventfds and epoll (the queue workers' loops), a thread
+/// (a queue worker), anonymous read-write memory, and the socket (the report itself). A call the
+/// filter kills ends the child with SIGSYS, which `run_one` counts as a failed control.
 fn control() -> Outcome {
+    match control_steps() {
+        Ok(what) => Outcome::Succeeded(what),
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+fn control_steps() -> Result<String, i32> {
+    let check = |ret: libc::c_long| if ret < 0 { Err(errno()) } else { Ok(ret) };
+    // SAFETY: eventfd2 and epoll_create1 take integers and return new descriptors.
+    let efd = check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) }.into())?;
+    // SAFETY: as above.
+    let epfd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) }.into())?;
+    let mut event = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 7,
+    };
+    // SAFETY: epoll_ctl reads one epoll_event from a local.
+    let added =
+        unsafe { libc::epoll_ctl(epfd as i32, libc::EPOLL_CTL_ADD, efd as i32, &mut event) };
+    check(added.into())?;
+    let one = 1u64;
+    // SAFETY: write 8 bytes from a local to the eventfd.
+    check(unsafe { libc::write(efd as i32, (&one as *const u64).cast(), 8) } as libc::c_long)?;
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
+    // SAFETY: epoll_wait writes at most 4 events into `events` (epoll_pwait on aarch64).
+    let n = check(unsafe { libc::epoll_wait(epfd as i32, events.as_mut_ptr(), 4, 1000) }.into())?;
+    if n != 1 {
+        return Err(libc::EIO);
+    }
+    // A thread, as a queue worker is started.
+    let worker = std::thread::Builder::new()
+        .name("queue0".into())
+        .spawn(|| 42)
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+    if worker.join().map_err(|_| libc::EIO)? != 42 {
+        return Err(libc::EIO);
+    }
+    // Anonymous read-write memory (what allocations and guest memory mappings need).
+    let big = vec![1u8; 4 << 20];
+    if big.iter().map(|b| u64::from(*b)).sum::<u64>() != 4 << 20 {
+        return Err(libc::EIO);
+    }
+    // SAFETY: closing the descriptors created above.
+    unsafe {
+        libc::close(efd as i32);
+        libc::close(epfd as i32);
+    }
+    image_io()
+}
+
+fn image_io() -> Result<String, i32> {
     let mut buf = [0u8; 512];
     let iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -333,7 +390,7 @@ fn control() -> Outcome {
     // SAFETY: preadv into a local buffer described by one iovec.
     let n = unsafe { libc::preadv(IMAGE_FD, &iov, 1, 0) };
     if n != 512 {
-        return Outcome::Failed(errno());
+        return Err(errno());
     }
     let wiov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -342,10 +399,14 @@ fn control() -> Outcome {
     // SAFETY: pwritev from a local buffer described by one iovec.
     let n = unsafe { libc::pwritev(IMAGE_FD, &wiov, 1, 512) };
     if n != 512 {
-        return Outcome::Failed(errno());
+        return Err(errno());
     }
-    Outcome::Succeeded(format!(
-        "read and wrote the image (first byte {:#x})",
+    // SAFETY: fdatasync on the image descriptor.
+    if unsafe { libc::fdatasync(IMAGE_FD) } != 0 {
+        return Err(errno());
+    }
+    Ok(format!(
+        "epoll, eventfd, a thread, memory; read, wrote and synced the image (first byte {:#x})",
         buf[0]
     ))
 }
@@ -386,8 +447,16 @@ fn child(args: &[String]) -> ExitCode {
     } else {
         true
     };
+    // Exactly what bulkhead-block does before serving (bulkhead-device-runtime's start-up):
+    // landlock, then its seccomp filter.
+    if let Err(e) = startup::apply_landlock() {
+        report(&format!(
+            "SETUP-FAILED {}",
+            bulkhead_device_runtime::chain(&e)
+        ));
+        return ExitCode::from(3);
+    }
     if seccomp {
-        // Exactly what bulkhead-block's start_backend does before serving.
         let applied = bulkhead_block::seccomp_filter()
             .map_err(anyhow::Error::from)
             .and_then(|f| bulkhead_sandbox::seccomp::apply(&f).map_err(anyhow::Error::from));
@@ -444,7 +513,7 @@ fn spawn_jailed(
         .with_context(|| format!("creating {}", image_path.display()))?;
     image.set_len(1 << 20).context("sizing the image")?;
     let log: OwnedFd = std::io::stderr().as_fd_owned().context("dup stderr")?;
-    let mut jail: Jail = bulkhead_block::jail(
+    let mut jail: Jail = bulkhead_block::jail::jail(
         JailFds {
             socket: theirs.into(),
             image: image.into(),
@@ -495,10 +564,11 @@ fn run_one(label: &str, child_args: &[String], expect_success: bool) -> Result<b
     let line = read_line(&mut ours);
     let status = child.wait().context("waiting for the jailed child")?;
     let _ = fs::remove_file(image);
+    // A control must run to its end: the filter killing an allowed call fails it.
     let (text, bad) = if status.signal() == Some(libc::SIGSYS) {
-        ("killed by SIGSYS".to_string(), false)
+        ("killed by SIGSYS".to_string(), expect_success)
     } else if let Some(sig) = status.signal() {
-        (format!("killed by signal {sig}"), false)
+        (format!("killed by signal {sig}"), expect_success)
     } else if let Some(rest) = line.strip_prefix("RESULT ") {
         let succeeded = rest.starts_with("SUCCEEDED");
         (rest.to_string(), succeeded != expect_success)

@@ -49,7 +49,7 @@ for fd in "/proc/$dev/fd/"*; do
 	t=$(readlink "$fd")
 	say "fd $n -> $t"
 	case $n:$t in
-	0:/dev/null | 1:/dev/null | 2:* | 3:socket:\[*\] | 4:"$SCN_DIR/d.img") ;;
+	0:/dev/null | 1:/dev/null | 2:* | 3:socket:\[*\] | 5:"$SCN_DIR/d.img") ;;
 	*:anon_inode:\[eventfd\] | *:anon_inode:\[eventpoll\] | *:anon_inode:\[io_uring\]) ;;
 	*:/memfd:bulkhead-guest-ram*) ;;
 	*) bad="$bad $n($t)" ;;

@@ -37,13 +37,13 @@ say "user, mnt, pid, net, ipc, uts and cgroup namespaces differ from the host's;
 [ "$(v mounts)" = 1 ] || fail "the jail has more than its root mounted"
 v mount | grep -qE '^/ tmpfs ro,' || fail "the jail's root is not a read-only tmpfs"
 say "root: an empty read-only tmpfs, the only mount"
-# Only the listed descriptors: 0 and 1 /dev/null, 2 the log, 3 the socket, 4 the image.
+# Only the listed descriptors: 0 and 1 /dev/null, 2 the log, 3 the socket, 5 the image.
 [ "$(v fd-count)" = 5 ] || fail "expected 5 descriptors, saw $(v fd-count)"
 v fd | grep -qE '^0 /dev/null$' || fail "fd 0 is not /dev/null"
 v fd | grep -qE '^1 /dev/null$' || fail "fd 1 is not /dev/null"
 v fd | grep -qE '^3 socket:' || fail "fd 3 is not the vhost-user socket"
-v fd | grep -qE '^4 .*bulkhead-jail-probe-[0-9]+\.img$' || fail "fd 4 is not the image"
-say "descriptors: exactly 0-4 (null, null, log, socket, image)"
+v fd | grep -qE '^5 .*bulkhead-jail-probe-[0-9]+\.img$' || fail "fd 5 is not the image"
+say "descriptors: exactly 0-3 and 5 (null, null, log, socket, image)"
 v limit | grep -qE '^Max core file size 0 0 ' || fail "core dumps are not disabled"
 v limit | grep -qE '^Max open files 72 72 ' || fail "RLIMIT_NOFILE is not the block jail's 72"
 v cgroup | grep -qE '^0::/bulkhead-jail-probe-[0-9]+$' || fail "the jailed process is not in its cgroup leaf"

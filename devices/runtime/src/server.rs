@@ -1,4 +1,5 @@
-//! Serving one vhost-user frontend over an already connected stream socket.
+//! Serving one vhost-user frontend over an already connected stream socket, for any device
+//! that implements [`VhostUserBackend`].
 //!
 //! `vhost-user-backend` 0.24's `VhostUserDaemon` can only listen on or connect to a socket
 //! *path*, and its request handler type is private, so it cannot serve the socketpair end the
@@ -245,7 +246,34 @@ where
             .ok_or(VhostUserError::InvalidParam)
     }
 
+    /// Refuses a region that is empty or whose frontend address, guest address or file offset
+    /// range wraps, or that overlaps a region already mapped (in guest or frontend addresses).
+    fn check_region(
+        &self,
+        user_addr: u64,
+        size: u64,
+        gpa: u64,
+        mmap_offset: u64,
+    ) -> VhostUserResult<()> {
+        let wraps = |base: u64| base.checked_add(size).is_none();
+        if size == 0 || wraps(user_addr) || wraps(gpa) || wraps(mmap_offset) {
+            error!("memory region refused: size {size:#x} at guest {gpa:#x}, frontend {user_addr:#x}, offset {mmap_offset:#x}");
+            return Err(VhostUserError::InvalidParam);
+        }
+        let overlaps = |a: u64, b: u64, len: u64| a < b + len && b < a + size;
+        if self
+            .mappings
+            .iter()
+            .any(|(va, len, pa)| overlaps(user_addr, *va, *len) || overlaps(gpa, *pa, *len))
+        {
+            error!("memory region at guest {gpa:#x} overlaps one already mapped");
+            return Err(VhostUserError::InvalidParam);
+        }
+        Ok(())
+    }
+
     fn map_region(region: &VhostUserMemoryRegion, file: File) -> VhostUserResult<GuestRegionMmap> {
+        check_file_covers(&file, region.mmap_offset, region.memory_size)?;
         GuestRegionMmap::new(
             region.mmap_region(file)?,
             GuestAddress(region.guest_phys_addr),
@@ -262,6 +290,33 @@ where
             .update_memory(self.atomic_mem.clone())
             .map_err(VhostUserError::ReqHandlerError)
     }
+}
+
+/// Refuses a region whose file ends before `offset + size`: mmap would accept it, and the
+/// first access past the end of the file would kill the process with SIGBUS. Reads the region's
+/// last byte with `preadv` (a call the device filters already allow; `fstat` is not). A
+/// frontend could still shrink the file afterwards; see docs/device-runtime.md.
+fn check_file_covers(file: &File, offset: u64, size: u64) -> VhostUserResult<()> {
+    let last = offset
+        .checked_add(size)
+        .and_then(|end| end.checked_sub(1))
+        .and_then(|last| libc::off_t::try_from(last).ok())
+        .ok_or(VhostUserError::InvalidParam)?;
+    let mut byte = 0u8;
+    let iov = libc::iovec {
+        iov_base: (&mut byte as *mut u8).cast(),
+        iov_len: 1,
+    };
+    // SAFETY: preadv writes at most one byte into `byte`, which `iov` describes; `file` is an
+    // open descriptor.
+    let n = unsafe { libc::preadv(file.as_raw_fd(), &iov, 1, last) };
+    if n != 1 {
+        error!(
+            "memory region refused: its file does not cover offset {offset:#x} + size {size:#x}"
+        );
+        return Err(VhostUserError::InvalidParam);
+    }
+    Ok(())
 }
 
 impl<T: VhostUserBackend<Bitmap = (), Vring = VringRwLock>> Drop for VhostUserConnection<T> {
@@ -428,19 +483,47 @@ where
         if postcopy_listening.is_some() {
             return Err(VhostUserError::InvalidOperation("postcopy not supported"));
         }
-        if ctx.len() != files.len() {
+        if ctx.len() != files.len() || ctx.is_empty() || ctx.len() as u64 > MAX_MEM_SLOTS {
+            error!(
+                "memory table refused: {} region(s), {} descriptor(s)",
+                ctx.len(),
+                files.len()
+            );
             return Err(VhostUserError::InvalidParam);
         }
+        // Checked against each other, not against the table this one replaces.
+        let previous = std::mem::take(&mut self.mappings);
         let mut regions = Vec::with_capacity(ctx.len());
-        let mut mappings = Vec::with_capacity(ctx.len());
         for (region, file) in ctx.iter().zip(files) {
-            regions.push(Self::map_region(region, file)?);
-            mappings.push((region.user_addr, region.memory_size, region.guest_phys_addr));
+            let checked = self
+                .check_region(
+                    region.user_addr,
+                    region.memory_size,
+                    region.guest_phys_addr,
+                    region.mmap_offset,
+                )
+                .and_then(|()| Self::map_region(region, file));
+            match checked {
+                Ok(mapped) => regions.push(mapped),
+                Err(e) => {
+                    self.mappings = previous;
+                    return Err(e);
+                }
+            }
+            self.mappings
+                .push((region.user_addr, region.memory_size, region.guest_phys_addr));
         }
-        let mem = GuestMemoryMmap::from_regions(regions)
-            .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
-        self.publish_memory(mem)?;
-        self.mappings = mappings;
+        let mem = match GuestMemoryMmap::from_regions(regions) {
+            Ok(mem) => mem,
+            Err(e) => {
+                self.mappings = previous;
+                return Err(VhostUserError::ReqHandlerError(io::Error::other(e)));
+            }
+        };
+        if let Err(e) = self.publish_memory(mem) {
+            self.mappings = previous;
+            return Err(e);
+        }
         info!("guest memory table set: {} region(s)", ctx.len());
         Ok(None)
     }
@@ -602,6 +685,16 @@ where
         if postcopy_listening.is_some() {
             return Err(VhostUserError::InvalidOperation("postcopy not supported"));
         }
+        if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
+            error!("memory region refused: all {MAX_MEM_SLOTS} slots are in use");
+            return Err(VhostUserError::InvalidParam);
+        }
+        self.check_region(
+            region.user_addr,
+            region.memory_size,
+            region.guest_phys_addr,
+            region.mmap_offset,
+        )?;
         let guest_region = Arc::new(Self::map_region(region, file)?);
         let mem = self
             .atomic_mem
