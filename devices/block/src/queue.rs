@@ -1,36 +1,142 @@
-//! One virtqueue's worth of request processing: take every available request, run their disk
+//! One virtqueue's worth of request processing: take the available requests, run their disk
 //! operations as one batch, then publish all the used entries together.
+//!
+//! Everything the guest controls is bounded here: a batch holds at most a queue's worth of
+//! requests and at most [`BATCH_BYTES`] of data (a larger request runs in a batch of its own),
+//! O_DIRECT bounce buffers of one batch never exceed [`BOUNCE_BUDGET`]; a request that does not
+//! fit waits for the next batch, taken as soon as this one is published, in ring order. A queue
+//! the guest broke (rings outside its memory, an available index more than a queue ahead) stops
+//! being processed until the driver resets it. Log lines the guest can cause are rate-limited.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use log::{debug, warn};
-use virtio_queue::{Queue, QueueT};
+use log::warn;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::disk::{AlignedBuf, DiskImage, MAX_IOVECS, SECTOR_SHIFT};
 use crate::engine::{Engine, Op, OpKind};
-use crate::request::{Action, Limits, Request, Segment, ID_BYTES, STATUS_IOERR, STATUS_OK};
+use crate::request::{
+    Action, Limits, Request, RequestError, Segment, ID_BYTES, STATUS_IOERR, STATUS_OK,
+};
 
-/// Largest request that may go through an O_DIRECT bounce buffer.
-pub const MAX_BOUNCE_BYTES: u64 = 64 << 20;
+/// Most O_DIRECT bounce buffer bytes one queue holds at a time (one batch's worth). A request
+/// needing more is refused with IOERR; one that does not fit beside the rest of its batch waits
+/// for the next batch.
+pub const BOUNCE_BUDGET: u64 = 16 << 20;
+/// Most read and write bytes one batch submits, unless a single request is larger (it then runs
+/// alone); the rest of the available requests go in the next batch.
+pub const BATCH_BYTES: u64 = 16 << 20;
+/// Advertised `size_max`: the longest data segment. Linux uses it as its block queue's
+/// max_segment_size, which must be at least a page (64 KiB on some arm64 guests); 1 MiB lets a
+/// guest merge pages freely while keeping one request at most `seg_max` MiB.
+pub const SIZE_MAX: u32 = 1 << 20;
 
+/// Log lines a guest can cause: up to this many at once...
+const LOG_BURST: u32 = 10;
+/// ...then one more per this interval, with the count of those suppressed meanwhile.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a queue stopped being processed. Each is a driver bug (or attack): the spec lets the
+/// device stop using the queue until the driver resets it (DEVICE_NEEDS_RESET).
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
+    #[error("queue size {0} is not a power of two")]
+    InvalidSize(u16),
+    #[error("the descriptor table, available or used ring lies outside guest memory")]
+    RingOutsideMemory,
+    #[error("cannot read the available ring")]
+    ReadAvailRing(#[source] virtio_queue::Error),
+    #[error("the available index moved more than the queue size ahead")]
+    AvailIndexJump,
     #[error("cannot add an entry to the used ring")]
     AddUsed(#[source] virtio_queue::Error),
     #[error("cannot read the used event index")]
     NeedsNotification(#[source] virtio_queue::Error),
+    #[error("cannot update the notification settings")]
+    Notification(#[source] virtio_queue::Error),
 }
 
 /// A device serial as returned by GET_ID: up to 20 bytes, NUL-padded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Serial(pub [u8; ID_BYTES]);
 
+/// A token bucket for log lines the guest controls: [`LOG_BURST`] lines, then one per
+/// [`LOG_INTERVAL`]; each line that gets through says how many were suppressed before it.
+#[derive(Debug)]
+pub struct LogLimiter {
+    tokens: u32,
+    last_refill: Instant,
+    suppressed: u64,
+}
+
+impl Default for LogLimiter {
+    fn default() -> LogLimiter {
+        LogLimiter {
+            tokens: LOG_BURST,
+            last_refill: Instant::now(),
+            suppressed: 0,
+        }
+    }
+}
+
+impl LogLimiter {
+    /// Whether a line may be logged now; `Some(n)` with the number suppressed since the last.
+    pub fn admit(&mut self) -> Option<u64> {
+        self.admit_at(Instant::now())
+    }
+
+    fn admit_at(&mut self, now: Instant) -> Option<u64> {
+        let elapsed = now.saturating_duration_since(self.last_refill);
+        let refill = elapsed.as_nanos() / LOG_INTERVAL.as_nanos();
+        if refill > 0 {
+            let refill = u32::try_from(refill).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(refill).min(LOG_BURST);
+            self.last_refill = now;
+        }
+        if self.tokens == 0 {
+            self.suppressed = self.suppressed.saturating_add(1);
+            return None;
+        }
+        self.tokens -= 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Logs a warning the guest can trigger, through the worker's [`LogLimiter`].
+macro_rules! guest_warn {
+    ($limiter:expr, $($arg:tt)+) => {
+        if let Some(suppressed) = $limiter.admit() {
+            if suppressed > 0 {
+                warn!("{} ({suppressed} similar messages suppressed)", format_args!($($arg)+));
+            } else {
+                warn!($($arg)+);
+            }
+        }
+    };
+}
+
+/// What one call of [`QueueWorker::process_queue`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// The driver must be notified of new used entries.
+    pub notify: bool,
+    /// Requests were left for the next batch (a budget was reached); call again.
+    pub more: bool,
+}
+
 /// Processes the requests of one virtqueue; owned by that queue's worker thread.
 pub struct QueueWorker {
     disk: Arc<DiskImage>,
     serial: Serial,
     engine: Engine,
+    log: LogLimiter,
+    /// Set when the guest broke the queue; cleared when the driver resets it.
+    broken: Option<QueueError>,
+    /// Heads taken in the current batch, one bit each.
+    in_flight: Vec<u64>,
 }
 
 /// The outcome of one request, before it is published.
@@ -42,12 +148,51 @@ struct Completion {
     written: u32,
 }
 
+/// What one batch has used of its budgets so far.
+#[derive(Default)]
+struct BatchBudget {
+    requests: usize,
+    bytes: u64,
+    bounce: u64,
+}
+
+/// Whether a request joins the batch.
+enum Admission {
+    /// In the batch, with its disk operations.
+    Taken(Completion, Vec<Op>),
+    /// Over a budget: leave it in the ring for the next batch.
+    Deferred,
+}
+
+/// Why `prepare_rw` builds no op.
+enum PrepareError {
+    /// The request fails with IOERR.
+    Fail,
+    /// The request does not fit in this batch.
+    Defer,
+}
+
+impl From<()> for PrepareError {
+    fn from((): ()) -> PrepareError {
+        PrepareError::Fail
+    }
+}
+
+/// Bytes of the descriptor table, available ring and used ring (with the event index words).
+fn ring_sizes(size: u16) -> [usize; 3] {
+    let n = usize::from(size);
+    [16 * n, 6 + 2 * n, 6 + 8 * n]
+}
+
 impl QueueWorker {
     pub fn new(disk: Arc<DiskImage>, serial: Serial, engine: Engine) -> QueueWorker {
         QueueWorker {
             disk,
             serial,
             engine,
+            log: LogLimiter::default(),
+            broken: None,
+            in_flight: Vec::new(),
         }
     }
 
@@ -55,123 +200,277 @@ impl QueueWorker {
         &self.engine
     }
 
-    /// Handles every request available in `queue` as one batch and adds their used entries.
-    /// Returns whether the driver must be notified.
+    /// Why the queue is no longer processed, if the guest broke it.
+    pub fn broken(&self) -> Option<&QueueError> {
+        self.broken.as_ref()
+    }
+
+    /// Stops processing the queue until [`QueueWorker::reset`]; logged (rate-limited).
+    pub fn mark_broken(&mut self, error: QueueError) {
+        if self.broken.is_none() {
+            self.disk.stats.broken_queues.fetch_add(1, Ordering::Relaxed);
+            guest_warn!(
+                self.log,
+                "queue marked broken until the driver resets it: {}",
+                error_chain(&error)
+            );
+            self.broken = Some(error);
+        }
+    }
+
+    /// The driver reset the queue (the frontend stopped the vring): process it again.
+    pub fn reset(&mut self) {
+        self.broken = None;
+    }
+
+    /// Checks what the queue's configuration and rings let the device do safely.
+    fn check_rings(queue: &Queue, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+        let size = queue.size();
+        if !size.is_power_of_two() {
+            return Err(QueueError::InvalidSize(size));
+        }
+        let [desc, avail, used] = ring_sizes(size);
+        for (addr, len) in [
+            (queue.desc_table(), desc),
+            (queue.avail_ring(), avail),
+            (queue.used_ring(), used),
+        ] {
+            if !mem.check_range(GuestAddress(addr), len) {
+                return Err(QueueError::RingOutsideMemory);
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles the requests available in `queue`, up to the batch budgets, and adds their used
+    /// entries. A queue the guest broke is marked broken and left alone.
     pub fn process_queue(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
         limits: &Limits,
-    ) -> Result<bool, QueueError> {
-        let mut requests = Vec::new();
-        // A well-behaved driver never has more than the queue size outstanding.
-        let max_batch = usize::from(queue.size()).max(1);
-        while requests.len() < max_batch {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            requests.push(Request::parse(chain, limits));
+    ) -> Batch {
+        if self.broken.is_some() || !queue.ready() {
+            return Batch::default();
         }
-        if requests.is_empty() {
-            return Ok(false);
+        if let Err(e) = Self::check_rings(queue, mem) {
+            self.mark_broken(e);
+            return Batch::default();
         }
-        for (head, len) in self.execute(mem, requests) {
-            // A head the driver put in its avail ring that is not a descriptor index cannot be
-            // returned; the rest of the batch still is (debug only: the guest controls how often).
-            if let Err(e) = queue.add_used(mem, head, len) {
-                debug!("returning descriptor chain {head}: {}", QueueError::AddUsed(e));
-            }
-        }
-        queue
-            .needs_notification(mem)
-            .map_err(QueueError::NeedsNotification)
-    }
+        let size = queue.size();
+        self.in_flight.clear();
+        self.in_flight.resize(usize::from(size).div_ceil(64), 0);
 
-    /// Executes parsed requests and writes their status bytes. Returns `(head, used length)`
-    /// for each request, in order.
-    pub fn execute(&mut self, mem: &GuestMemoryMmap, requests: Vec<Request>) -> Vec<(u16, u32)> {
-        let mut completions = Vec::with_capacity(requests.len());
+        let mut completions: Vec<Completion> = Vec::new();
         let mut ops: Vec<Op> = Vec::new();
         let mut owners: Vec<usize> = Vec::new();
-
-        for (index, request) in requests.into_iter().enumerate() {
-            let mut completion = Completion {
-                head: request.head,
-                status_addr: request.status,
-                status: STATUS_OK,
-                written: 0,
+        let mut budget = BatchBudget::default();
+        let mut more = false;
+        {
+            let mut avail = match queue.iter(mem) {
+                Ok(avail) => avail,
+                Err(virtio_queue::Error::InvalidAvailRingIndex) => {
+                    self.mark_broken(QueueError::AvailIndexJump);
+                    return Batch::default();
+                }
+                Err(e) => {
+                    self.mark_broken(QueueError::ReadAvailRing(e));
+                    return Batch::default();
+                }
             };
-            if request.status.is_none() {
-                debug!("request {}: no status byte, dropped", request.head);
-                completion.status = STATUS_IOERR;
-                completions.push(completion);
-                continue;
+            // `iter` checked that at most a queue's worth is available; this bound is for
+            // the count in `budget` alone.
+            while completions.len() < usize::from(size) {
+                let Some(chain) = avail.next() else {
+                    break;
+                };
+                let head = chain.head_index();
+                let request = if self.take_head(head) {
+                    Request::parse(chain, limits)
+                } else {
+                    // The same head twice in one batch: its buffers are in use. Refused without
+                    // walking it again or touching its status.
+                    Request {
+                        head,
+                        status: None,
+                        action: Action::Fail(RequestError::DuplicateHead),
+                    }
+                };
+                match self.admit(mem, request, &mut budget) {
+                    Admission::Taken(completion, new_ops) => {
+                        owners.extend(std::iter::repeat_n(completions.len(), new_ops.len()));
+                        ops.extend(new_ops);
+                        completions.push(completion);
+                    }
+                    Admission::Deferred => {
+                        // Left in the ring, first in line for the next batch.
+                        self.release_head(head);
+                        avail.go_to_previous_position();
+                        self.disk.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                        more = true;
+                        break;
+                    }
+                }
             }
-            let stats = &self.disk.stats;
-            let count = |c: &std::sync::atomic::AtomicU64, n: u64| {
-                c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            };
-            match &request.action {
-                Action::Fail(_) => {}
-                Action::Read { len, .. } => {
-                    count(&stats.reads, 1);
-                    count(&stats.read_bytes, *len);
-                }
-                Action::Write { len, .. } => {
-                    count(&stats.writes, 1);
-                    count(&stats.write_bytes, *len);
-                }
-                Action::Flush => count(&stats.flushes, 1),
-                Action::GetId { .. } => count(&stats.get_ids, 1),
-                Action::Discard(_) => count(&stats.discards, 1),
-                Action::WriteZeroes(_) => count(&stats.write_zeroes, 1),
-            }
-            let new_ops: Result<Vec<Op>, ()> = match request.action {
-                Action::Fail(e) => {
-                    debug!("request {}: {e}", request.head);
-                    completion.status = e.status();
-                    Ok(Vec::new())
-                }
-                Action::Read { sector, data, len } => {
-                    completion.written = u32::try_from(len).unwrap_or(u32::MAX);
-                    self.prepare_rw(mem, false, sector, &data, len)
-                }
-                Action::Write { sector, data, len } => {
-                    self.prepare_rw(mem, true, sector, &data, len)
-                }
-                Action::Flush => Ok(vec![Op::new(OpKind::Flush)]),
-                Action::GetId { data } => {
-                    completion.written = ID_BYTES as u32;
-                    write_serial(mem, &data, &self.serial).map(|()| Vec::new())
-                }
-                Action::Discard(ranges) => Ok(ranges
-                    .iter()
-                    .filter(|r| r.num_sectors > 0)
-                    .map(|r| {
-                        let (offset, len) = r.byte_range();
-                        Op::new(OpKind::Discard { offset, len })
-                    })
-                    .collect()),
-                Action::WriteZeroes(ranges) => self.prepare_write_zeroes(&ranges),
-            };
-            match new_ops {
-                Ok(new_ops) => {
-                    owners.extend(std::iter::repeat_n(index, new_ops.len()));
-                    ops.extend(new_ops);
-                }
-                Err(()) => completion.status = STATUS_IOERR,
-            }
-            completions.push(completion);
+        }
+        if completions.is_empty() {
+            return Batch::default();
+        }
+        if completions.len() >= usize::from(size) {
+            more = true;
         }
 
-        self.engine.run(&self.disk, &mut ops);
+        self.run(mem, &mut completions, &mut ops, &owners);
+
+        for c in &completions {
+            let len = publish(mem, c);
+            // A head that is not a descriptor index cannot be returned; the rest of the batch
+            // still is.
+            if c.head >= size {
+                guest_warn!(self.log, "chain head {} is not a descriptor index", c.head);
+                continue;
+            }
+            if let Err(e) = queue.add_used(mem, c.head, len) {
+                self.mark_broken(QueueError::AddUsed(e));
+                return Batch { notify: true, more: false };
+            }
+        }
+        match queue.needs_notification(mem) {
+            Ok(notify) => Batch { notify, more },
+            Err(e) => {
+                self.mark_broken(QueueError::NeedsNotification(e));
+                Batch { notify: true, more: false }
+            }
+        }
+    }
+
+    /// Marks `head` in flight; false if it already is.
+    fn take_head(&mut self, head: u16) -> bool {
+        let (word, bit) = (usize::from(head / 64), 1u64 << (head % 64));
+        match self.in_flight.get_mut(word) {
+            Some(w) if *w & bit != 0 => false,
+            Some(w) => {
+                *w |= bit;
+                true
+            }
+            // Not a descriptor index: nothing to protect, the chain has no descriptor.
+            None => true,
+        }
+    }
+
+    fn release_head(&mut self, head: u16) {
+        if let Some(w) = self.in_flight.get_mut(usize::from(head / 64)) {
+            *w &= !(1u64 << (head % 64));
+        }
+    }
+
+    /// Decides whether `request` joins the batch and, if so, prepares its disk operations.
+    fn admit(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        request: Request,
+        budget: &mut BatchBudget,
+    ) -> Admission {
+        let mut completion = Completion {
+            head: request.head,
+            status_addr: request.status,
+            status: STATUS_OK,
+            written: 0,
+        };
+        if request.status.is_none() {
+            let reason = match &request.action {
+                Action::Fail(e) => *e,
+                _ => RequestError::NoStatus,
+            };
+            guest_warn!(self.log, "chain {} refused: {reason}", request.head);
+            self.disk.stats.refused.fetch_add(1, Ordering::Relaxed);
+            completion.status = STATUS_IOERR;
+            budget.requests += 1;
+            return Admission::Taken(completion, Vec::new());
+        }
+        let new_ops: Result<Vec<Op>, PrepareError> = match &request.action {
+            Action::Fail(e) => {
+                guest_warn!(self.log, "request {}: {e}", request.head);
+                completion.status = e.status();
+                Ok(Vec::new())
+            }
+            Action::Read { sector, data, len } => {
+                completion.written = u32::try_from(*len).unwrap_or(u32::MAX);
+                self.prepare_rw(mem, false, *sector, data, *len, budget)
+            }
+            Action::Write { sector, data, len } => {
+                self.prepare_rw(mem, true, *sector, data, *len, budget)
+            }
+            Action::Flush => Ok(vec![Op::new(OpKind::Flush)]),
+            Action::GetId { data } => {
+                completion.written = ID_BYTES as u32;
+                write_serial(mem, data, &self.serial)
+                    .map(|()| Vec::new())
+                    .map_err(PrepareError::from)
+            }
+            Action::Discard(ranges) => Ok(ranges
+                .iter()
+                .filter(|r| r.num_sectors > 0)
+                .map(|r| {
+                    let (offset, len) = r.byte_range();
+                    Op::new(OpKind::Discard { offset, len })
+                })
+                .collect()),
+            Action::WriteZeroes(ranges) => {
+                self.prepare_write_zeroes(ranges).map_err(PrepareError::from)
+            }
+        };
+        let new_ops = match new_ops {
+            Ok(new_ops) => new_ops,
+            Err(PrepareError::Defer) => return Admission::Deferred,
+            Err(PrepareError::Fail) => {
+                completion.status = STATUS_IOERR;
+                Vec::new()
+            }
+        };
+        budget.requests += 1;
+        self.count(&request.action);
+        Admission::Taken(completion, new_ops)
+    }
+
+    fn count(&self, action: &Action) {
+        let stats = &self.disk.stats;
+        let count = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Ordering::Relaxed);
+        };
+        match action {
+            Action::Fail(_) => {}
+            Action::Read { len, .. } => {
+                count(&stats.reads, 1);
+                count(&stats.read_bytes, *len);
+            }
+            Action::Write { len, .. } => {
+                count(&stats.writes, 1);
+                count(&stats.write_bytes, *len);
+            }
+            Action::Flush => count(&stats.flushes, 1),
+            Action::GetId { .. } => count(&stats.get_ids, 1),
+            Action::Discard(_) => count(&stats.discards, 1),
+            Action::WriteZeroes(_) => count(&stats.write_zeroes, 1),
+        }
+    }
+
+    /// Runs the batch's disk operations and records their outcome in `completions`.
+    fn run(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        completions: &mut [Completion],
+        ops: &mut [Op],
+        owners: &[usize],
+    ) {
+        self.engine.run(&self.disk, ops);
 
         for (op, owner) in ops.iter().zip(owners) {
-            let Some(completion) = completions.get_mut(owner) else {
+            let Some(completion) = completions.get_mut(*owner) else {
                 continue;
             };
             if let Err(e) = &op.result {
-                warn!("request {}: disk I/O failed: {e}", completion.head);
+                guest_warn!(self.log, "request {}: disk I/O failed: {e}", completion.head);
                 completion.status = STATUS_IOERR;
                 continue;
             }
@@ -186,21 +485,17 @@ impl QueueWorker {
         self.disk
             .stats
             .errors
-            .fetch_add(errors as u64, std::sync::atomic::Ordering::Relaxed);
-        completions
-            .into_iter()
-            .map(|c| (c.head, publish(mem, &c)))
-            .collect()
+            .fetch_add(errors as u64, Ordering::Relaxed);
     }
 
-    fn prepare_write_zeroes(&self, ranges: &[crate::request::SectorRange]) -> Result<Vec<Op>, ()> {
+    fn prepare_write_zeroes(&mut self, ranges: &[crate::request::SectorRange]) -> Result<Vec<Op>, ()> {
         let mut ops = Vec::with_capacity(ranges.len());
         for r in ranges.iter().filter(|r| r.num_sectors > 0) {
             let (offset, len) = r.byte_range();
             if let Some(align) = self.disk.direct_alignment() {
                 let a = u64::from(align.offset_align);
                 if !offset.is_multiple_of(a) || !len.is_multiple_of(a) {
-                    debug!("write-zeroes range not aligned for O_DIRECT");
+                    guest_warn!(self.log, "write-zeroes range not aligned for O_DIRECT");
                     return Err(());
                 }
             }
@@ -214,54 +509,68 @@ impl QueueWorker {
     }
 
     /// Builds the read or write op for guest buffers `data` (`len` bytes at `sector`), with a
-    /// bounce buffer where O_DIRECT cannot use the guest buffers directly.
+    /// bounce buffer where O_DIRECT cannot use the guest buffers directly. Nothing is allocated
+    /// or copied for a request that does not fit in the batch's budgets.
     fn prepare_rw(
-        &self,
+        &mut self,
         mem: &GuestMemoryMmap,
         write: bool,
         sector: u64,
         data: &[Segment],
         len: u64,
-    ) -> Result<Vec<Op>, ()> {
+        budget: &mut BatchBudget,
+    ) -> Result<Vec<Op>, PrepareError> {
         if len == 0 {
             return Ok(Vec::new());
+        }
+        if budget.requests > 0 && budget.bytes.saturating_add(len) > BATCH_BYTES {
+            return Err(PrepareError::Defer);
         }
         // `Request::parse` checked sector + len against the capacity, so this cannot overflow.
         let offset = sector << SECTOR_SHIFT;
         let mut iovecs = Vec::with_capacity(data.len());
         for seg in data {
             for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
-                let slice = slice.map_err(|_| ())?;
+                let slice = slice.map_err(|_| PrepareError::Fail)?;
+                if iovecs.len() >= MAX_IOVECS {
+                    guest_warn!(self.log, "request has more than {MAX_IOVECS} buffers");
+                    return Err(PrepareError::Fail);
+                }
                 iovecs.push(libc::iovec {
                     iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                     iov_len: slice.len(),
                 });
             }
         }
-        if iovecs.len() > MAX_IOVECS {
-            debug!("request has more than {MAX_IOVECS} buffers");
-            return Err(());
-        }
         let mut bounce = None;
         let mut copy_back = Vec::new();
         if let Some(align) = self.disk.direct_alignment() {
             let offset_align = u64::from(align.offset_align);
             if !offset.is_multiple_of(offset_align) || !len.is_multiple_of(offset_align) {
-                debug!("request at {offset:#x}+{len:#x} not aligned for O_DIRECT");
-                return Err(());
+                guest_warn!(
+                    self.log,
+                    "request at {offset:#x}+{len:#x} not aligned for O_DIRECT"
+                );
+                return Err(PrepareError::Fail);
             }
             let misaligned = iovecs.iter().any(|v| {
                 !(v.iov_base as usize).is_multiple_of(align.mem_align as usize)
                     || !v.iov_len.is_multiple_of(align.offset_align as usize)
             });
             if misaligned {
-                if len > MAX_BOUNCE_BYTES {
-                    debug!("misaligned O_DIRECT request of {len} bytes is too large to bounce");
-                    return Err(());
+                if len > BOUNCE_BUDGET {
+                    guest_warn!(
+                        self.log,
+                        "misaligned O_DIRECT request of {len} bytes is larger than the bounce budget"
+                    );
+                    return Err(PrepareError::Fail);
                 }
-                let size = usize::try_from(len).map_err(|_| ())?;
-                let mut buf =
-                    AlignedBuf::new(size, (align.mem_align as usize).max(512)).map_err(|_| ())?;
+                if budget.bounce + len > BOUNCE_BUDGET {
+                    return Err(PrepareError::Defer);
+                }
+                let size = usize::try_from(len).map_err(|_| PrepareError::Fail)?;
+                let mut buf = AlignedBuf::new(size, (align.mem_align as usize).max(512))
+                    .map_err(|_| PrepareError::Fail)?;
                 if write {
                     copy_from_guest(mem, &mut buf, data)?;
                 } else {
@@ -271,9 +580,11 @@ impl QueueWorker {
                     iov_base: buf.as_ptr().cast(),
                     iov_len: size,
                 }];
+                budget.bounce += len;
                 bounce = Some(buf);
             }
         }
+        budget.bytes = budget.bytes.saturating_add(len);
         let kind = if write {
             OpKind::Write {
                 iovecs,
@@ -292,6 +603,18 @@ impl QueueWorker {
         op.copy_back = copy_back;
         Ok(vec![op])
     }
+}
+
+/// `error` and its sources, one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 /// Writes the status byte and returns the used length to report.
@@ -401,6 +724,8 @@ mod tests {
         image: TempFile,
         worker: QueueWorker,
         limits: Limits,
+        /// Batches the last `run_chains` took.
+        rounds: usize,
     }
 
     fn sector_pattern(sector: u64) -> u8 {
@@ -428,6 +753,7 @@ mod tests {
             let limits = Limits {
                 capacity_sectors: disk.capacity_sectors(),
                 seg_max: u32::from(QSIZE) - 2,
+                size_max: SIZE_MAX,
                 max_discard_sectors: 16,
                 max_discard_seg: 4,
                 max_write_zeroes_sectors: 16,
@@ -442,6 +768,7 @@ mod tests {
                 image,
                 worker: QueueWorker::new(disk, serial, engine),
                 limits,
+                rounds: 0,
             }
         }
 
@@ -502,10 +829,8 @@ mod tests {
             }
             vq.add_desc_chains(&descs, 0).expect("add chains");
             let mut queue: Queue = vq.create_queue().expect("queue");
-            let notify = self
-                .worker
-                .process_queue(&mut queue, &self.mem, &self.limits)
-                .expect("process");
+            let (notify, rounds) = drain(&mut self.worker, &self.mem, &self.limits, &mut queue);
+            self.rounds = rounds;
             let used = vq.used().idx().load();
             let entries = (0..used)
                 .map(|i| {
@@ -529,6 +854,28 @@ mod tests {
             assert_eq!(used[0].0, 0);
             used[0].1
         }
+    }
+
+    /// Processes `queue` the way the backend does: batches until none is left over. Returns
+    /// whether a notification is due and how many batches ran.
+    fn drain(
+        worker: &mut QueueWorker,
+        mem: &GuestMemoryMmap,
+        limits: &Limits,
+        queue: &mut Queue,
+    ) -> (bool, usize) {
+        let mut notify = false;
+        let mut rounds = 0;
+        loop {
+            let batch = worker.process_queue(queue, mem, limits);
+            rounds += 1;
+            notify |= batch.notify;
+            if !batch.more {
+                break;
+            }
+            assert!(rounds < 10_000, "the queue never drains");
+        }
+        (notify, rounds)
     }
 
     fn engines() -> [bool; 2] {
@@ -705,14 +1052,17 @@ mod tests {
     }
 
     #[test]
-    fn test_readable_after_writable_ioerr() {
+    fn test_readable_after_writable_refused_unwalked() {
         let mut h = Harness::new();
         h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        // Refused at the third descriptor: the status descriptor after it is never read, so
+        // nothing is written back and the chain is returned with used length 0.
         assert_eq!(
             h.run(&[r(HDR, 16), w(DATA, 512), r(DATA + 0x1000, 16), w(STATUS, 1)]),
-            1
+            0
         );
-        assert_eq!(h.status(), STATUS_IOERR);
+        assert_eq!(h.status(), 0xff);
+        assert_eq!(h.worker.disk.stats.refused.load(Ordering::Relaxed), 1);
     }
 
     #[test]
@@ -770,34 +1120,41 @@ mod tests {
     }
 
     #[test]
-    fn test_buffer_outside_guest_memory_ioerr() {
+    fn test_buffer_outside_guest_memory_refused() {
         let mut h = Harness::new();
         h.header(HDR, VIRTIO_BLK_T_IN, 0);
         let beyond = MEM_SIZE as u64 - 256;
-        assert_eq!(h.run(&[r(HDR, 16), w(beyond, 512), w(STATUS, 1)]), 1);
-        assert_eq!(h.status(), STATUS_IOERR);
-        assert_eq!(h.run(&[r(HDR, 16), w(u64::MAX - 10, 512), w(STATUS, 1)]), 1);
-        assert_eq!(h.status(), STATUS_IOERR);
+        // A data buffer outside memory: refused there, the status descriptor is never read.
+        assert_eq!(h.run(&[r(HDR, 16), w(beyond, 512), w(STATUS, 1)]), 0);
+        assert_eq!(h.status(), 0xff);
+        assert_eq!(h.run(&[r(HDR, 16), w(u64::MAX - 10, 512), w(STATUS, 1)]), 0);
+        assert_eq!(h.status(), 0xff);
         // Header outside memory.
-        assert_eq!(h.run(&[r(u64::MAX - 4, 16), w(STATUS, 1)]), 1);
-        assert_eq!(h.status(), STATUS_IOERR);
+        assert_eq!(h.run(&[r(u64::MAX - 4, 16), w(STATUS, 1)]), 0);
+        assert_eq!(h.status(), 0xff);
         // Status outside memory: nothing can be reported.
         assert_eq!(h.run(&[r(HDR, 16), w(MEM_SIZE as u64, 1)]), 0);
+        // The next good request is served.
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), 513);
+        assert_eq!(h.status(), STATUS_OK);
     }
 
     #[test]
-    fn test_too_many_descriptors_ioerr() {
+    fn test_too_many_descriptors_refused_unwalked() {
         let mut h = Harness::new();
         h.limits.seg_max = 4;
         h.header(HDR, VIRTIO_BLK_T_IN, 0);
         let mut chain = vec![r(HDR, 16)];
-        // seg_max + 1 data descriptors: refused, but the status is still reported.
+        // seg_max + 1 data descriptors: refused at the one too many. The walk stops there, so
+        // the status byte is neither found nor written, and no data was read.
         for i in 0..5 {
             chain.push(w(DATA + i * 512, 512));
         }
         chain.push(w(STATUS, 1));
-        assert_eq!(h.run(&chain), 1);
-        assert_eq!(h.status(), STATUS_IOERR);
+        h.fill(DATA, 5 * 512, 0xee);
+        assert_eq!(h.run(&chain), 0);
+        assert_eq!(h.status(), 0xff);
+        assert!(h.read(DATA, 5 * 512).iter().all(|&b| b == 0xee));
         chain.remove(1);
         assert_eq!(h.run(&chain), 4 * 512 + 1);
         assert_eq!(h.status(), STATUS_OK);
@@ -1001,9 +1358,7 @@ mod tests {
         ));
         vq.add_desc_chains(&[head], 0).expect("chain");
         let mut queue: Queue = vq.create_queue().expect("queue");
-        h.worker
-            .process_queue(&mut queue, &h.mem, &h.limits)
-            .expect("process");
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
         assert_eq!(vq.used().idx().load(), 1);
         assert_eq!(vq.used().ring().ref_at(0).expect("used").load().len(), 513);
         assert_eq!(h.status(), STATUS_OK);
