@@ -395,6 +395,7 @@ mod tests {
         let (_tmp, b) = backend(false);
         let c = b.config_space();
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().expect("8")), 16);
+        assert_eq!(le32(&c, 8), SIZE_MAX);
         assert_eq!(le32(&c, 12), 126);
         assert_eq!(le32(&c, 20), 512);
         assert_eq!(u16::from_le_bytes([c[34], c[35]]), 3);
@@ -404,6 +405,33 @@ mod tests {
         assert_eq!(le32(&c, 48), MAX_DISCARD_SECTORS);
         assert_eq!(le32(&c, 52), MAX_DISCARD_SEG);
         assert_eq!(c[56], 1);
+    }
+
+    #[test]
+    fn test_size_max_and_seg_max_advertised_and_enforced() {
+        let (_tmp, b) = backend(false);
+        assert_ne!(b.features() & (1 << VIRTIO_BLK_F_SIZE_MAX), 0);
+        assert_ne!(b.features() & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
+        let limits = b.limits();
+        assert_eq!(limits.size_max, SIZE_MAX);
+        assert_eq!(limits.seg_max, 126);
+    }
+
+    #[test]
+    fn test_odd_queue_sizes_keep_seg_max_positive() {
+        for (queue_size, seg_max) in [(0, 1), (1, 1), (2, 1), (3, 1), (100, 98), (1024, 1022)] {
+            let tmp = TempFile::new().expect("temp file");
+            tmp.as_file().write_all(&[0u8; 4096]).expect("fill");
+            let disk = DiskImage::open(tmp.as_path(), OpenMode::default()).expect("open");
+            let b = BlockBackend::new(BlockDeviceConfig {
+                disk,
+                num_queues: 1,
+                queue_size,
+                serial: Serial::default(),
+            });
+            assert_eq!(b.limits().seg_max, seg_max, "queue size {queue_size}");
+            assert!(b.max_queue_size() >= 2);
+        }
     }
 
     #[test]

@@ -34,6 +34,24 @@ pub const BATCH_BYTES: u64 = 16 << 20;
 /// guest merge pages freely while keeping one request at most `seg_max` MiB.
 pub const SIZE_MAX: u32 = 1 << 20;
 
+/// The per-queue budgets (the defaults are [`BOUNCE_BUDGET`] and [`BATCH_BYTES`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budgets {
+    /// Most bounce buffer bytes held at a time.
+    pub bounce: u64,
+    /// Most read and write bytes per batch (a single larger request runs alone).
+    pub batch_bytes: u64,
+}
+
+impl Default for Budgets {
+    fn default() -> Budgets {
+        Budgets {
+            bounce: BOUNCE_BUDGET,
+            batch_bytes: BATCH_BYTES,
+        }
+    }
+}
+
 /// Log lines a guest can cause: up to this many at once...
 const LOG_BURST: u32 = 10;
 /// ...then one more per this interval, with the count of those suppressed meanwhile.
@@ -132,6 +150,7 @@ pub struct QueueWorker {
     disk: Arc<DiskImage>,
     serial: Serial,
     engine: Engine,
+    budgets: Budgets,
     log: LogLimiter,
     /// Set when the guest broke the queue; cleared when the driver resets it.
     broken: Option<QueueError>,
@@ -190,6 +209,7 @@ impl QueueWorker {
             disk,
             serial,
             engine,
+            budgets: Budgets::default(),
             log: LogLimiter::default(),
             broken: None,
             in_flight: Vec::new(),
@@ -200,6 +220,11 @@ impl QueueWorker {
         &self.engine
     }
 
+    /// Replaces the default budgets (smaller ones make tests and fuzzing reach them).
+    pub fn set_budgets(&mut self, budgets: Budgets) {
+        self.budgets = budgets;
+    }
+
     /// Why the queue is no longer processed, if the guest broke it.
     pub fn broken(&self) -> Option<&QueueError> {
         self.broken.as_ref()
@@ -208,7 +233,10 @@ impl QueueWorker {
     /// Stops processing the queue until [`QueueWorker::reset`]; logged (rate-limited).
     pub fn mark_broken(&mut self, error: QueueError) {
         if self.broken.is_none() {
-            self.disk.stats.broken_queues.fetch_add(1, Ordering::Relaxed);
+            self.disk
+                .stats
+                .broken_queues
+                .fetch_add(1, Ordering::Relaxed);
             guest_warn!(
                 self.log,
                 "queue marked broken until the driver resets it: {}",
@@ -332,14 +360,20 @@ impl QueueWorker {
             }
             if let Err(e) = queue.add_used(mem, c.head, len) {
                 self.mark_broken(QueueError::AddUsed(e));
-                return Batch { notify: true, more: false };
+                return Batch {
+                    notify: true,
+                    more: false,
+                };
             }
         }
         match queue.needs_notification(mem) {
             Ok(notify) => Batch { notify, more },
             Err(e) => {
                 self.mark_broken(QueueError::NeedsNotification(e));
-                Batch { notify: true, more: false }
+                Batch {
+                    notify: true,
+                    more: false,
+                }
             }
         }
     }
@@ -416,9 +450,9 @@ impl QueueWorker {
                     Op::new(OpKind::Discard { offset, len })
                 })
                 .collect()),
-            Action::WriteZeroes(ranges) => {
-                self.prepare_write_zeroes(ranges).map_err(PrepareError::from)
-            }
+            Action::WriteZeroes(ranges) => self
+                .prepare_write_zeroes(ranges)
+                .map_err(PrepareError::from),
         };
         let new_ops = match new_ops {
             Ok(new_ops) => new_ops,
@@ -470,7 +504,11 @@ impl QueueWorker {
                 continue;
             };
             if let Err(e) = &op.result {
-                guest_warn!(self.log, "request {}: disk I/O failed: {e}", completion.head);
+                guest_warn!(
+                    self.log,
+                    "request {}: disk I/O failed: {e}",
+                    completion.head
+                );
                 completion.status = STATUS_IOERR;
                 continue;
             }
@@ -488,7 +526,10 @@ impl QueueWorker {
             .fetch_add(errors as u64, Ordering::Relaxed);
     }
 
-    fn prepare_write_zeroes(&mut self, ranges: &[crate::request::SectorRange]) -> Result<Vec<Op>, ()> {
+    fn prepare_write_zeroes(
+        &mut self,
+        ranges: &[crate::request::SectorRange],
+    ) -> Result<Vec<Op>, ()> {
         let mut ops = Vec::with_capacity(ranges.len());
         for r in ranges.iter().filter(|r| r.num_sectors > 0) {
             let (offset, len) = r.byte_range();
@@ -523,7 +564,7 @@ impl QueueWorker {
         if len == 0 {
             return Ok(Vec::new());
         }
-        if budget.requests > 0 && budget.bytes.saturating_add(len) > BATCH_BYTES {
+        if budget.requests > 0 && budget.bytes.saturating_add(len) > self.budgets.batch_bytes {
             return Err(PrepareError::Defer);
         }
         // `Request::parse` checked sector + len against the capacity, so this cannot overflow.
@@ -558,14 +599,14 @@ impl QueueWorker {
                     || !v.iov_len.is_multiple_of(align.offset_align as usize)
             });
             if misaligned {
-                if len > BOUNCE_BUDGET {
+                if len > self.budgets.bounce {
                     guest_warn!(
                         self.log,
                         "misaligned O_DIRECT request of {len} bytes is larger than the bounce budget"
                     );
                     return Err(PrepareError::Fail);
                 }
-                if budget.bounce + len > BOUNCE_BUDGET {
+                if budget.bounce.saturating_add(len) > self.budgets.bounce {
                     return Err(PrepareError::Defer);
                 }
                 let size = usize::try_from(len).map_err(|_| PrepareError::Fail)?;
@@ -1386,5 +1427,495 @@ mod tests {
         assert_eq!(h.run(&[r(HDR, 16), w(DATA, 4096), w(STATUS, 1)]), 4097);
         assert_eq!(h.status(), STATUS_OK);
         assert!(h.read(DATA, 512).iter().all(|&b| b == sector_pattern(8)));
+    }
+
+    /// A queue laid out by hand: `descs` stored at their indices, `avail` made available.
+    fn raw_queue<'a>(
+        mem: &'a GuestMemoryMmap,
+        descs: &[(u16, SplitDescriptor)],
+        avail: &[u16],
+    ) -> (MockSplitQueue<'a, GuestMemoryMmap>, Queue) {
+        let vq = MockSplitQueue::new(mem, QSIZE);
+        for (index, d) in descs {
+            vq.desc_table()
+                .store(*index, RawDescriptor::from(*d))
+                .expect("descriptor");
+        }
+        for (i, head) in avail.iter().enumerate() {
+            vq.avail()
+                .ring()
+                .ref_at(i)
+                .expect("avail slot")
+                .store(*head);
+        }
+        vq.avail().idx().store(avail.len() as u16);
+        let queue: Queue = vq.create_queue().expect("queue");
+        (vq, queue)
+    }
+
+    fn used_entries(vq: &MockSplitQueue<GuestMemoryMmap>) -> Vec<(u32, u32)> {
+        (0..vq.used().idx().load())
+            .map(|i| {
+                let e = vq
+                    .used()
+                    .ring()
+                    .ref_at(usize::from(i))
+                    .expect("used")
+                    .load();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+
+    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+
+    /// A good read of sector `sector` at descriptor indices `first..first + 3`.
+    fn good_read(h: &Harness, first: u16, sector: u64) -> [(u16, SplitDescriptor); 3] {
+        h.header(HDR + 0x800, VIRTIO_BLK_T_IN, sector);
+        [
+            (
+                first,
+                SplitDescriptor::new(HDR + 0x800, 16, NEXT, first + 1),
+            ),
+            (
+                first + 1,
+                SplitDescriptor::new(DATA + 0x8000, 512, NEXT | WRITE, first + 2),
+            ),
+            (first + 2, SplitDescriptor::new(STATUS + 0x80, 1, WRITE, 0)),
+        ]
+    }
+
+    /// Asserts that the good read laid out by `good_read` completed.
+    fn assert_good_read_done(h: &Harness, used: (u32, u32), head: u16, sector: u64) {
+        assert_eq!(used, (u32::from(head), 513));
+        assert_eq!(h.read(STATUS + 0x80, 1)[0], STATUS_OK);
+        assert!(h
+            .read(DATA + 0x8000, 512)
+            .iter()
+            .all(|&b| b == sector_pattern(sector)));
+    }
+
+    #[test]
+    fn test_looping_chain_refused_next_served() {
+        let mut h = Harness::new();
+        h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        h.fill(STATUS, 1, 0xff);
+        let mut descs = vec![
+            (0, SplitDescriptor::new(HDR, 16, NEXT, 1)),
+            (1, SplitDescriptor::new(DATA, 512, NEXT | WRITE, 2)),
+            // Points back at descriptor 1: the chain never ends.
+            (2, SplitDescriptor::new(STATUS, 1, NEXT | WRITE, 1)),
+        ];
+        descs.extend(good_read(&h, 3, 9));
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0, 3]);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        let used = used_entries(&vq);
+        assert_eq!(used.len(), 2);
+        assert_eq!(used[0], (0, 0));
+        assert_eq!(h.status(), 0xff);
+        assert_good_read_done(&h, used[1], 3, 9);
+        assert!(h.worker.broken().is_none());
+    }
+
+    #[test]
+    fn test_loop_longer_than_seg_max_stops_at_seg_max() {
+        let mut h = Harness::new();
+        h.limits.seg_max = 2;
+        h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        // A self-loop of writable descriptors: the walk stops after seg_max + 2 of them.
+        let descs = [
+            (0, SplitDescriptor::new(HDR, 16, NEXT, 1)),
+            (1, SplitDescriptor::new(DATA, 512, NEXT | WRITE, 1)),
+        ];
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0]);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        assert_eq!(used_entries(&vq), vec![(0, 0)]);
+        assert_eq!(h.worker.disk.stats.refused.load(Ordering::Relaxed), 1);
+    }
+
+    fn write_indirect_table(h: &Harness, table: u64, descs: &[SplitDescriptor]) {
+        for (i, d) in descs.iter().enumerate() {
+            h.mem
+                .write_obj(RawDescriptor::from(*d), GuestAddress(table + 16 * i as u64))
+                .expect("indirect descriptor");
+        }
+    }
+
+    #[test]
+    fn test_nested_indirect_refused_next_served() {
+        let mut h = Harness::new();
+        h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        h.fill(STATUS, 1, 0xff);
+        let outer = 0x40_0000u64;
+        let inner = 0x41_0000u64;
+        write_indirect_table(&h, inner, &[SplitDescriptor::new(STATUS, 1, WRITE, 0)]);
+        write_indirect_table(
+            &h,
+            outer,
+            &[
+                SplitDescriptor::new(HDR, 16, NEXT, 1),
+                SplitDescriptor::new(DATA, 512, NEXT | WRITE, 2),
+                // An indirect table inside an indirect table (forbidden, 2.7.5.3.1).
+                SplitDescriptor::new(inner, 16, VRING_DESC_F_INDIRECT as u16, 0),
+            ],
+        );
+        let mut descs = vec![(
+            0,
+            SplitDescriptor::new(outer, 48, VRING_DESC_F_INDIRECT as u16, 0),
+        )];
+        descs.extend(good_read(&h, 1, 4));
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0, 1]);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        let used = used_entries(&vq);
+        assert_eq!(used[0], (0, 0));
+        assert_eq!(h.status(), 0xff);
+        assert_good_read_done(&h, used[1], 1, 4);
+    }
+
+    #[test]
+    fn test_chain_over_4gib_refused_next_served() {
+        // With size_max in force, the first huge descriptor is refused.
+        let mut h = Harness::new();
+        h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        h.fill(STATUS, 1, 0xff);
+        let mut descs = vec![
+            (0, SplitDescriptor::new(HDR, 16, NEXT, 1)),
+            (1, SplitDescriptor::new(DATA, 0x8000_0000, NEXT | WRITE, 2)),
+            (2, SplitDescriptor::new(DATA, 0x8000_0000, NEXT | WRITE, 3)),
+            (3, SplitDescriptor::new(STATUS, 1, WRITE, 0)),
+        ];
+        descs.extend(good_read(&h, 4, 2));
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0, 4]);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        let used = used_entries(&vq);
+        assert_eq!(used[0], (0, 0));
+        assert_eq!(h.status(), 0xff);
+        assert_good_read_done(&h, used[1], 4, 2);
+
+        // Without size_max, 300 descriptors of 15 MiB (all in guest memory) in an indirect
+        // table: the chain iterator cuts the chain where it passes 4 GiB, and the cut is seen.
+        let mut h = Harness::new();
+        h.limits.size_max = u32::MAX;
+        h.limits.seg_max = 1000;
+        h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        h.fill(STATUS, 1, 0xff);
+        let big = (MEM_SIZE as u64 - HDR) as u32;
+        let count = 300u16;
+        let mut table = vec![SplitDescriptor::new(HDR, 16, NEXT, 1)];
+        for i in 1..count - 1 {
+            table.push(SplitDescriptor::new(HDR, big, NEXT | WRITE, i + 1));
+        }
+        table.push(SplitDescriptor::new(STATUS, 1, WRITE, 0));
+        assert!(u64::from(big) * u64::from(count - 2) > 1 << 32);
+        let indirect = 0x40_0000u64;
+        write_indirect_table(&h, indirect, &table);
+        let mut descs = vec![(
+            0,
+            SplitDescriptor::new(
+                indirect,
+                16 * u32::from(count),
+                VRING_DESC_F_INDIRECT as u16,
+                0,
+            ),
+        )];
+        descs.extend(good_read(&h, 1, 2));
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0, 1]);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        let used = used_entries(&vq);
+        assert_eq!(used[0], (0, 0));
+        assert_eq!(h.status(), 0xff);
+        assert_good_read_done(&h, used[1], 1, 2);
+    }
+
+    #[test]
+    fn test_descriptor_over_size_max_refused_next_served() {
+        let mut h = Harness::new();
+        h.limits.size_max = 1024;
+        h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        // 1024 + 16 bytes are allowed (a header or status may share the descriptor)...
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 1024), w(STATUS, 1)]), 1025);
+        assert_eq!(h.status(), STATUS_OK);
+        // ...a larger descriptor is not, and nothing is read into it.
+        h.fill(DATA, 2048, 0xee);
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 1536), w(STATUS, 1)]), 0);
+        assert_eq!(h.status(), 0xff);
+        assert!(h.read(DATA, 2048).iter().all(|&b| b == 0xee));
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), 513);
+        assert_eq!(h.status(), STATUS_OK);
+    }
+
+    #[test]
+    fn test_duplicate_in_flight_head_refused_once_executed() {
+        let mut h = Harness::new();
+        let descs = good_read(&h, 0, 6);
+        // The same head made available twice in one batch.
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0, 0]);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        let used = used_entries(&vq);
+        assert_eq!(used.len(), 2);
+        assert_good_read_done(&h, used[0], 0, 6);
+        assert_eq!(used[1], (0, 0));
+        let stats = &h.worker.disk.stats;
+        assert_eq!(stats.reads.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
+        // The next batch serves it again.
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), 513);
+    }
+
+    #[test]
+    fn test_avail_index_jump_marks_queue_broken_until_reset() {
+        let mut h = Harness::new();
+        let descs = good_read(&h, 0, 3);
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0]);
+        // The driver claims more than a queue's worth of new entries.
+        vq.avail().idx().store(QSIZE + 1);
+        let batch = h.worker.process_queue(&mut queue, &h.mem, &h.limits);
+        assert_eq!(batch, Batch::default());
+        assert!(matches!(
+            h.worker.broken(),
+            Some(QueueError::AvailIndexJump)
+        ));
+        // Kicks are ignored, not retried, while the queue is broken.
+        vq.avail().idx().store(1);
+        let batch = h.worker.process_queue(&mut queue, &h.mem, &h.limits);
+        assert_eq!(batch, Batch::default());
+        assert_eq!(vq.used().idx().load(), 0);
+        assert_eq!(h.worker.disk.stats.broken_queues.load(Ordering::Relaxed), 1);
+        // The driver resets the queue: served again.
+        h.worker.reset();
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        let used = used_entries(&vq);
+        assert_good_read_done(&h, used[0], 0, 3);
+    }
+
+    #[test]
+    fn test_used_ring_outside_memory_broken_nothing_executed() {
+        let mut h = Harness::new();
+        h.header(HDR + 0x800, VIRTIO_BLK_T_OUT, 0);
+        h.fill(DATA + 0x8000, 512, 0x42);
+        let descs = [
+            (0, SplitDescriptor::new(HDR + 0x800, 16, NEXT, 1)),
+            (1, SplitDescriptor::new(DATA + 0x8000, 512, NEXT, 2)),
+            (2, SplitDescriptor::new(STATUS + 0x80, 1, WRITE, 0)),
+        ];
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0]);
+        let beyond = MEM_SIZE as u64 - 8;
+        queue.set_used_ring_address(Some(beyond as u32), Some(0));
+        assert_eq!(queue.used_ring(), beyond);
+        for _ in 0..3 {
+            let batch = h.worker.process_queue(&mut queue, &h.mem, &h.limits);
+            assert_eq!(batch, Batch::default());
+        }
+        assert!(matches!(
+            h.worker.broken(),
+            Some(QueueError::RingOutsideMemory)
+        ));
+        // The write was never executed: it could not have been reported.
+        assert!(h.image()[..512].iter().all(|&b| b == sector_pattern(0)));
+        assert_eq!(h.worker.disk.stats.writes.load(Ordering::Relaxed), 0);
+        // Reset with a good used ring: the write goes through.
+        h.worker.reset();
+        queue.set_used_ring_address(Some(vq.used_addr().0 as u32), Some(0));
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        assert_eq!(used_entries(&vq), vec![(0, 1)]);
+        assert!(h.image()[..512].iter().all(|&b| b == 0x42));
+    }
+
+    #[test]
+    fn test_queue_size_zero_or_not_power_of_two_refused_queue_serves() {
+        assert!(Queue::new(0).is_err());
+        assert!(Queue::new(24).is_err());
+        let mut h = Harness::new();
+        let descs = good_read(&h, 0, 5);
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0]);
+        // A frontend asking for size 0 or 24 is refused: the queue keeps its valid size.
+        queue.set_size(0);
+        queue.set_size(24);
+        assert_eq!(queue.size(), QSIZE);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        assert_good_read_done(&h, used_entries(&vq)[0], 0, 5);
+    }
+
+    #[test]
+    fn test_buffer_spanning_two_adjacent_regions_ok() {
+        let mut h = Harness::new();
+        let half = MEM_SIZE / 2;
+        h.mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), half),
+            (GuestAddress(half as u64), half),
+        ])
+        .expect("two regions");
+        h.header(HDR, VIRTIO_BLK_T_IN, 1);
+        // 1024 bytes, the first 256 in the first region, the rest in the second.
+        let at = half as u64 - 256;
+        assert_eq!(h.run(&[r(HDR, 16), w(at, 1024), w(STATUS, 1)]), 1025);
+        assert_eq!(h.status(), STATUS_OK);
+        let got = h.read(at, 1024);
+        assert!(got[..512].iter().all(|&b| b == sector_pattern(1)));
+        assert!(got[512..].iter().all(|&b| b == sector_pattern(2)));
+        // A write from the same spanning buffer.
+        h.fill(at, 512, 0x33);
+        h.header(HDR, VIRTIO_BLK_T_OUT, 10);
+        assert_eq!(h.run(&[r(HDR, 16), r(at, 512), w(STATUS, 1)]), 1);
+        assert_eq!(h.status(), STATUS_OK);
+        assert!(h.image()[10 * 512..11 * 512].iter().all(|&b| b == 0x33));
+    }
+
+    #[test]
+    fn test_buffer_spanning_a_hole_between_regions_refused() {
+        let mut h = Harness::new();
+        let half = MEM_SIZE / 2;
+        // [0, half) and [half + 64 KiB, ...): a hole at `half`.
+        h.mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), half),
+            (GuestAddress(half as u64 + 0x1_0000), half),
+        ])
+        .expect("two regions");
+        h.header(HDR, VIRTIO_BLK_T_IN, 1);
+        let at = half as u64 - 256;
+        assert_eq!(h.run(&[r(HDR, 16), w(at, 1024), w(STATUS, 1)]), 0);
+        assert_eq!(h.status(), 0xff);
+        // Buffers in the second region alone are fine.
+        let second = half as u64 + 0x2_0000;
+        assert_eq!(h.run(&[r(HDR, 16), w(second, 512), w(STATUS, 1)]), 513);
+        assert_eq!(h.status(), STATUS_OK);
+    }
+
+    /// `count` misaligned 4 KiB O_DIRECT writes of sectors `8 * i`, one chain each.
+    fn misaligned_writes(h: &Harness, count: u64) -> Vec<Vec<D>> {
+        (0..count)
+            .map(|i| {
+                let hdr = HDR + i * 0x100;
+                h.header(hdr, VIRTIO_BLK_T_OUT, 8 * i);
+                let data = DATA + 1 + i * 0x2000;
+                h.fill(data, 4096, 0x10 + i as u8);
+                vec![r(hdr, 16), r(data, 4096), w(STATUS + i, 1)]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn test_direct_bounce_budget_defers_rest_of_batch_in_order() {
+        let mut h = Harness::with(false, true, true);
+        // Room for two bounced 4 KiB requests at a time.
+        h.worker.set_budgets(Budgets {
+            bounce: 8192,
+            batch_bytes: BATCH_BYTES,
+        });
+        let chains = misaligned_writes(&h, 5);
+        let (used, _) = h.run_chains(&chains);
+        assert_eq!(h.rounds, 3, "2 + 2 + 1 requests");
+        assert_eq!(used.len(), 5);
+        let image = h.image();
+        for (i, (head, len)) in used.iter().enumerate() {
+            // Ring order is kept across batches.
+            assert_eq!((*head, *len), (3 * i as u32, 1));
+            assert_eq!(h.read(STATUS + i as u64, 1)[0], STATUS_OK);
+            let at = i * 4096;
+            assert!(image[at..at + 4096].iter().all(|&b| b == 0x10 + i as u8));
+        }
+        assert_eq!(h.worker.disk.stats.deferred.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn test_direct_request_larger_than_bounce_budget_ioerr_next_served() {
+        let mut h = Harness::with(false, true, true);
+        h.worker.set_budgets(Budgets {
+            bounce: 2048,
+            batch_bytes: BATCH_BYTES,
+        });
+        let chains = misaligned_writes(&h, 1);
+        let (used, _) = h.run_chains(&chains);
+        assert_eq!(used, vec![(0, 1)]);
+        assert_eq!(h.read(STATUS, 1)[0], STATUS_IOERR);
+        let image = h.image();
+        for sector in 0..8u64 {
+            let at = sector as usize * 512;
+            assert!(image[at..at + 512]
+                .iter()
+                .all(|&b| b == sector_pattern(sector)));
+        }
+        // An aligned request needs no bounce buffer and goes through.
+        h.header(HDR, VIRTIO_BLK_T_IN, 8);
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 4096), w(STATUS, 1)]), 4097);
+        assert_eq!(h.status(), STATUS_OK);
+    }
+
+    #[test]
+    fn test_batch_byte_budget_splits_batches_nothing_lost() {
+        for uring in engines() {
+            let mut h = Harness::with(false, false, uring);
+            h.worker.set_budgets(Budgets {
+                bounce: BOUNCE_BUDGET,
+                batch_bytes: 1024,
+            });
+            let mut chains = Vec::new();
+            for i in 0..7u64 {
+                let hdr = HDR + i * 0x100;
+                h.header(hdr, VIRTIO_BLK_T_IN, i);
+                // Request 3 alone is larger than the budget: it runs in a batch of its own.
+                let len = if i == 3 { 2048 } else { 512 };
+                chains.push(vec![
+                    r(hdr, 16),
+                    w(DATA + i * 0x1000, len),
+                    w(STATUS + i, 1),
+                ]);
+            }
+            let (used, notify) = h.run_chains(&chains);
+            assert!(notify);
+            // [0 1] [2] [3] [4 5] [6]
+            assert_eq!(h.rounds, 5, "uring {uring}");
+            assert_eq!(used.len(), 7);
+            for (i, (head, len)) in used.iter().enumerate() {
+                let i = i as u64;
+                let bytes = if i == 3 { 2048 } else { 512 };
+                assert_eq!((*head, *len), (3 * i as u32, bytes + 1));
+                assert_eq!(h.read(STATUS + i, 1)[0], STATUS_OK);
+                assert!(h
+                    .read(DATA + i * 0x1000, 512)
+                    .iter()
+                    .all(|&b| b == sector_pattern(i)));
+            }
+        }
+    }
+
+    #[test]
+    fn test_log_limiter_burst_then_one_per_interval_counts_suppressed() {
+        let mut log = LogLimiter::default();
+        let start = log.last_refill;
+        for _ in 0..LOG_BURST {
+            assert_eq!(log.admit_at(start), Some(0));
+        }
+        for _ in 0..1000 {
+            assert_eq!(log.admit_at(start), None);
+        }
+        let later = start + LOG_INTERVAL;
+        assert_eq!(log.admit_at(later), Some(1000));
+        assert_eq!(log.admit_at(later), None);
+        // A long quiet spell refills the burst, no more.
+        let much_later = later + LOG_INTERVAL * 1000;
+        for _ in 0..LOG_BURST {
+            assert!(log.admit_at(much_later).is_some());
+        }
+        assert_eq!(log.admit_at(much_later), None);
+    }
+
+    #[test]
+    fn test_bad_chains_flood_logs_rate_limited() {
+        let mut h = Harness::new();
+        h.limits.seg_max = 1;
+        // Chains refused for one descriptor too many, 8 per batch.
+        let chains: Vec<Vec<D>> = (0..8)
+            .map(|_| vec![r(HDR, 16), w(DATA, 512), w(DATA, 512), w(STATUS, 1)])
+            .collect();
+        for _ in 0..3 {
+            let (used, _) = h.run_chains(&chains);
+            assert!(used.iter().all(|&(_, len)| len == 0));
+        }
+        let refused = h.worker.disk.stats.refused.load(Ordering::Relaxed);
+        assert_eq!(refused, 24);
+        // Only the burst was logged (no second went by in between, or one more line).
+        assert!(h.worker.log.suppressed >= refused - u64::from(LOG_BURST) - 1);
     }
 }

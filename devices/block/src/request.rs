@@ -93,7 +93,9 @@ pub enum RequestError {
     TooManyDescriptors,
     #[error("a descriptor is longer than size_max")]
     DescriptorTooLarge,
-    #[error("the chain ends early: it loops, leaves its table, nests indirect tables or exceeds 4 GiB")]
+    #[error(
+        "the chain ends early: it loops, leaves its table, nests indirect tables or exceeds 4 GiB"
+    )]
     BrokenChain,
     #[error("the chain's head is already in flight in this batch")]
     DuplicateHead,
