@@ -22,7 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::disk::{DiskImage, SECTOR_SIZE};
 use crate::engine::Engine;
-use crate::queue::{QueueError, QueueWorker, Serial, SIZE_MAX};
+use crate::queue::{LogLimiter, QueueError, QueueWorker, Serial, SIZE_MAX};
 use crate::request::Limits;
 
 /// Most discard / write-zeroes segments per request (Linux caps its own at 256).
@@ -84,6 +84,8 @@ struct Inner {
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     /// One per queue, indexed by worker thread (= queue) index.
     workers: Vec<Mutex<QueueWorker>>,
+    /// Rate limit of the config-write log line.
+    config_log: Mutex<LogLimiter>,
 }
 
 impl BlockBackend {
@@ -144,6 +146,7 @@ impl BlockBackend {
                 event_idx: AtomicBool::new(false),
                 mem: RwLock::new(None),
                 workers,
+                config_log: Mutex::new(LogLimiter::default()),
             }),
         }
     }
@@ -233,8 +236,8 @@ impl BlockBackend {
                     break;
                 }
             }
+            // Not logged: the guest decides how often this runs.
             let batch = worker.process_queue(state.get_queue_mut(), &mem, &limits);
-            debug!("queue {queue}: batch done, {batch:?}");
             if batch.notify {
                 state
                     .signal_used_queue()
@@ -304,8 +307,19 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        // Nothing in the config space is writable without VIRTIO_BLK_F_CONFIG_WCE.
-        debug!("ignoring config write of {} bytes at {offset}", buf.len());
+        // Nothing in the config space is writable without VIRTIO_BLK_F_CONFIG_WCE. The guest
+        // decides how often this comes, so the line is rate-limited.
+        let mut log = self
+            .inner
+            .config_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(suppressed) = log.admit() {
+            debug!(
+                "ignoring config write of {} bytes at {offset} ({suppressed} suppressed before)",
+                buf.len()
+            );
+        }
         Ok(())
     }
 
