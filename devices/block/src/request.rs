@@ -99,8 +99,6 @@ pub enum RequestError {
     BrokenChain,
     #[error("the chain's head is already in flight in this batch")]
     DuplicateHead,
-    #[error("the request needs more O_DIRECT bounce buffer than the queue's budget")]
-    BounceTooLarge,
     #[error("a device-readable descriptor follows a device-writable one")]
     ReadableAfterWritable,
     #[error("a descriptor lies outside guest memory")]
