@@ -10,7 +10,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -22,7 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::disk::{DiskImage, SECTOR_SIZE};
 use crate::engine::Engine;
-use crate::queue::{QueueWorker, Serial};
+use crate::queue::{LogLimiter, QueueError, QueueWorker, Serial, SIZE_MAX};
 use crate::request::Limits;
 
 /// Most discard / write-zeroes segments per request (Linux caps its own at 256).
@@ -45,18 +45,6 @@ pub enum BackendError {
     NoSuchQueue(usize),
     #[error("guest memory has not been set up yet")]
     NoGuestMemory,
-    #[error("failed to process queue {queue}")]
-    ProcessQueue {
-        queue: usize,
-        #[source]
-        source: crate::queue::QueueError,
-    },
-    #[error("failed to update notifications of queue {queue}")]
-    Notification {
-        queue: usize,
-        #[source]
-        source: virtio_queue::Error,
-    },
     #[error("failed to signal the guest for queue {queue}")]
     SignalUsedQueue {
         queue: usize,
@@ -96,6 +84,8 @@ struct Inner {
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     /// One per queue, indexed by worker thread (= queue) index.
     workers: Vec<Mutex<QueueWorker>>,
+    /// Rate limit of the config-write log line.
+    config_log: Mutex<LogLimiter>,
 }
 
 impl BlockBackend {
@@ -130,6 +120,7 @@ impl BlockBackend {
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_MQ)
@@ -146,13 +137,16 @@ impl BlockBackend {
                 disk,
                 num_queues,
                 queue_size,
-                // Header and status take two descriptors of a chain.
+                // Header and status take two descriptors of a chain, and a driver without
+                // indirect descriptors must fit a request in the ring: Linux then uses
+                // seg_max + 2 descriptors at most.
                 seg_max: u32::from(queue_size - 2).clamp(1, 1022),
                 features,
                 acked_features: AtomicU64::new(0),
                 event_idx: AtomicBool::new(false),
                 mem: RwLock::new(None),
                 workers,
+                config_log: Mutex::new(LogLimiter::default()),
             }),
         }
     }
@@ -171,6 +165,7 @@ impl BlockBackend {
         Limits {
             capacity_sectors: self.inner.disk.capacity_sectors(),
             seg_max: self.inner.seg_max,
+            size_max: SIZE_MAX,
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_discard_seg: MAX_DISCARD_SEG,
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
@@ -192,6 +187,7 @@ impl BlockBackend {
         let block_size = self.inner.disk.logical_block_size();
         let block_sectors = block_size / SECTOR_SIZE as u32;
         put(0, &self.inner.disk.capacity_sectors().to_le_bytes()); // capacity
+        put(8, &SIZE_MAX.to_le_bytes()); // size_max
         put(12, &self.inner.seg_max.to_le_bytes()); // seg_max
         put(20, &block_size.to_le_bytes()); // blk_size
         put(34, &self.inner.num_queues.to_le_bytes()); // num_queues
@@ -228,32 +224,39 @@ impl BlockBackend {
         if !state.get_queue().ready() {
             return Ok(());
         }
+        // Batches until the queue is empty: a batch stops at its budgets, and the requests left
+        // in the ring are not announced again by the driver.
         loop {
-            if event_idx {
-                state
-                    .get_queue_mut()
-                    .disable_notification(&*mem)
-                    .map_err(|source| BackendError::Notification { queue, source })?;
+            if worker.broken().is_some() {
+                break;
             }
-            let notify = worker
-                .process_queue(state.get_queue_mut(), &mem, &limits)
-                .map_err(|source| BackendError::ProcessQueue { queue, source })?;
-            debug!("queue {queue}: batch done, notify {notify}");
-            if notify {
+            if event_idx {
+                if let Err(e) = state.get_queue_mut().disable_notification(&*mem) {
+                    worker.mark_broken(QueueError::Notification(e));
+                    break;
+                }
+            }
+            // Not logged: the guest decides how often this runs.
+            let batch = worker.process_queue(state.get_queue_mut(), &mem, &limits);
+            if batch.notify {
                 state
                     .signal_used_queue()
                     .map_err(|source| BackendError::SignalUsedQueue { queue, source })?;
+            }
+            if batch.more {
+                continue;
             }
             if !event_idx {
                 break;
             }
             // Re-enable notifications; if requests arrived meanwhile, go round again.
-            let more = state
-                .get_queue_mut()
-                .enable_notification(&*mem)
-                .map_err(|source| BackendError::Notification { queue, source })?;
-            if !more {
-                break;
+            match state.get_queue_mut().enable_notification(&*mem) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    worker.mark_broken(QueueError::Notification(e));
+                    break;
+                }
             }
         }
         Ok(())
@@ -304,8 +307,19 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        // Nothing in the config space is writable without VIRTIO_BLK_F_CONFIG_WCE.
-        debug!("ignoring config write of {} bytes at {offset}", buf.len());
+        // Nothing in the config space is writable without VIRTIO_BLK_F_CONFIG_WCE. The guest
+        // decides how often this comes, so the line is rate-limited.
+        let mut log = self
+            .inner
+            .config_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(suppressed) = log.admit() {
+            debug!(
+                "ignoring config write of {} bytes at {offset} ({suppressed} suppressed before)",
+                buf.len()
+            );
+        }
         Ok(())
     }
 
@@ -324,11 +338,19 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // A batch in progress finishes before its worker lock is released.
+        // A batch in progress finishes before its worker lock is released. The frontend stops
+        // a vring when the driver resets the device or the queue: a queue the guest broke is
+        // processed again once it is set up anew.
         if let Some(worker) = self.inner.workers.get(queue_index as usize) {
-            drop(worker.lock().unwrap_or_else(|p| p.into_inner()));
+            worker.lock().unwrap_or_else(|p| p.into_inner()).reset();
         }
         Ok(())
+    }
+
+    fn reset_device(&self) {
+        for worker in &self.inner.workers {
+            worker.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        }
     }
 
     fn handle_event(
@@ -387,6 +409,7 @@ mod tests {
         let (_tmp, b) = backend(false);
         let c = b.config_space();
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().expect("8")), 16);
+        assert_eq!(le32(&c, 8), SIZE_MAX);
         assert_eq!(le32(&c, 12), 126);
         assert_eq!(le32(&c, 20), 512);
         assert_eq!(u16::from_le_bytes([c[34], c[35]]), 3);
@@ -396,6 +419,33 @@ mod tests {
         assert_eq!(le32(&c, 48), MAX_DISCARD_SECTORS);
         assert_eq!(le32(&c, 52), MAX_DISCARD_SEG);
         assert_eq!(c[56], 1);
+    }
+
+    #[test]
+    fn test_size_max_and_seg_max_advertised_and_enforced() {
+        let (_tmp, b) = backend(false);
+        assert_ne!(b.features() & (1 << VIRTIO_BLK_F_SIZE_MAX), 0);
+        assert_ne!(b.features() & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
+        let limits = b.limits();
+        assert_eq!(limits.size_max, SIZE_MAX);
+        assert_eq!(limits.seg_max, 126);
+    }
+
+    #[test]
+    fn test_odd_queue_sizes_keep_seg_max_positive() {
+        for (queue_size, seg_max) in [(0, 1), (1, 1), (2, 1), (3, 1), (100, 98), (1024, 1022)] {
+            let tmp = TempFile::new().expect("temp file");
+            tmp.as_file().write_all(&[0u8; 4096]).expect("fill");
+            let disk = DiskImage::open(tmp.as_path(), OpenMode::default()).expect("open");
+            let b = BlockBackend::new(BlockDeviceConfig {
+                disk,
+                num_queues: 1,
+                queue_size,
+                serial: Serial::default(),
+            });
+            assert_eq!(b.limits().seg_max, seg_max, "queue size {queue_size}");
+            assert!(b.max_queue_size() >= 2);
+        }
     }
 
     #[test]

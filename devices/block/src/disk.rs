@@ -111,6 +111,12 @@ pub struct RequestStats {
     pub get_ids: AtomicU64,
     /// Requests completed with an error status.
     pub errors: AtomicU64,
+    /// Chains refused without a status byte (malformed, over seg_max or size_max, duplicate).
+    pub refused: AtomicU64,
+    /// Times a request waited for the next batch because a batch budget was reached.
+    pub deferred: AtomicU64,
+    /// Times a queue was marked broken by its driver.
+    pub broken_queues: AtomicU64,
 }
 
 impl std::fmt::Display for RequestStats {
@@ -118,7 +124,7 @@ impl std::fmt::Display for RequestStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "reads={} read_bytes={} writes={} write_bytes={} flushes={} discards={} write_zeroes={} get_ids={} errors={}",
+            "reads={} read_bytes={} writes={} write_bytes={} flushes={} discards={} write_zeroes={} get_ids={} errors={} refused={} deferred={} broken_queues={}",
             g(&self.reads),
             g(&self.read_bytes),
             g(&self.writes),
@@ -127,7 +133,10 @@ impl std::fmt::Display for RequestStats {
             g(&self.discards),
             g(&self.write_zeroes),
             g(&self.get_ids),
-            g(&self.errors)
+            g(&self.errors),
+            g(&self.refused),
+            g(&self.deferred),
+            g(&self.broken_queues)
         )
     }
 }

@@ -1,36 +1,161 @@
-//! One virtqueue's worth of request processing: take every available request, run their disk
+//! One virtqueue's worth of request processing: take the available requests, run their disk
 //! operations as one batch, then publish all the used entries together.
+//!
+//! Everything the guest controls is bounded here: a batch holds at most a queue's worth of
+//! requests and at most [`BATCH_BYTES`] of data (a larger request runs in a batch of its own),
+//! O_DIRECT bounce buffers of one batch never exceed [`BOUNCE_BUDGET`]; a request that does not
+//! fit waits for the next batch, taken as soon as this one is published, in ring order. A queue
+//! the guest broke (rings outside its memory, an available index more than a queue ahead) stops
+//! being processed until the driver resets it. Log lines the guest can cause are rate-limited.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use log::{debug, warn};
-use virtio_queue::{Queue, QueueT};
+use log::warn;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::disk::{AlignedBuf, DiskImage, MAX_IOVECS, SECTOR_SHIFT};
 use crate::engine::{Engine, Op, OpKind};
-use crate::request::{Action, Limits, Request, Segment, ID_BYTES, STATUS_IOERR, STATUS_OK};
+use crate::request::{
+    Action, Limits, Request, RequestError, Segment, ID_BYTES, STATUS_IOERR, STATUS_OK,
+};
 
-/// Largest request that may go through an O_DIRECT bounce buffer.
-pub const MAX_BOUNCE_BYTES: u64 = 64 << 20;
+/// Most O_DIRECT bounce buffer bytes one queue holds at a time (one batch's worth). A request
+/// needing more is refused with IOERR; one that does not fit beside the rest of its batch waits
+/// for the next batch.
+pub const BOUNCE_BUDGET: u64 = 16 << 20;
+/// Most read and write bytes one batch submits, unless a single request is larger (it then runs
+/// alone); the rest of the available requests go in the next batch.
+pub const BATCH_BYTES: u64 = 16 << 20;
+/// Advertised `size_max`: the longest data segment. Linux uses it as its block queue's
+/// max_segment_size, which must be at least a page (64 KiB on some arm64 guests); 1 MiB lets a
+/// guest merge pages freely while keeping one request at most `seg_max` MiB.
+pub const SIZE_MAX: u32 = 1 << 20;
 
+/// The per-queue budgets (the defaults are [`BOUNCE_BUDGET`] and [`BATCH_BYTES`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budgets {
+    /// Most bounce buffer bytes held at a time.
+    pub bounce: u64,
+    /// Most read and write bytes per batch (a single larger request runs alone).
+    pub batch_bytes: u64,
+}
+
+impl Default for Budgets {
+    fn default() -> Budgets {
+        Budgets {
+            bounce: BOUNCE_BUDGET,
+            batch_bytes: BATCH_BYTES,
+        }
+    }
+}
+
+/// Log lines a guest can cause: up to this many at once...
+const LOG_BURST: u32 = 10;
+/// ...then one more per this interval, with the count of those suppressed meanwhile.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a queue stopped being processed. Each is a driver bug (or attack): the spec lets the
+/// device stop using the queue until the driver resets it (DEVICE_NEEDS_RESET).
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
+    #[error("queue size {0} is not a power of two")]
+    InvalidSize(u16),
+    #[error("the descriptor table, available or used ring lies outside guest memory")]
+    RingOutsideMemory,
+    #[error("cannot read the available ring")]
+    ReadAvailRing(#[source] virtio_queue::Error),
+    #[error("the available index moved more than the queue size ahead")]
+    AvailIndexJump,
     #[error("cannot add an entry to the used ring")]
     AddUsed(#[source] virtio_queue::Error),
     #[error("cannot read the used event index")]
     NeedsNotification(#[source] virtio_queue::Error),
+    #[error("cannot update the notification settings")]
+    Notification(#[source] virtio_queue::Error),
 }
 
 /// A device serial as returned by GET_ID: up to 20 bytes, NUL-padded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Serial(pub [u8; ID_BYTES]);
 
+/// A token bucket for log lines the guest controls: [`LOG_BURST`] lines, then one per
+/// [`LOG_INTERVAL`]; each line that gets through says how many were suppressed before it.
+#[derive(Debug)]
+pub struct LogLimiter {
+    tokens: u32,
+    last_refill: Instant,
+    suppressed: u64,
+}
+
+impl Default for LogLimiter {
+    fn default() -> LogLimiter {
+        LogLimiter {
+            tokens: LOG_BURST,
+            last_refill: Instant::now(),
+            suppressed: 0,
+        }
+    }
+}
+
+impl LogLimiter {
+    /// Whether a line may be logged now; `Some(n)` with the number suppressed since the last.
+    pub fn admit(&mut self) -> Option<u64> {
+        self.admit_at(Instant::now())
+    }
+
+    fn admit_at(&mut self, now: Instant) -> Option<u64> {
+        let elapsed = now.saturating_duration_since(self.last_refill);
+        let refill = elapsed.as_nanos() / LOG_INTERVAL.as_nanos();
+        if refill > 0 {
+            let refill = u32::try_from(refill).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(refill).min(LOG_BURST);
+            self.last_refill = now;
+        }
+        if self.tokens == 0 {
+            self.suppressed = self.suppressed.saturating_add(1);
+            return None;
+        }
+        self.tokens -= 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Logs a warning the guest can trigger, through the worker's [`LogLimiter`].
+macro_rules! guest_warn {
+    ($limiter:expr, $($arg:tt)+) => {
+        if let Some(suppressed) = $limiter.admit() {
+            if suppressed > 0 {
+                warn!("{} ({suppressed} similar messages suppressed)", format_args!($($arg)+));
+            } else {
+                warn!($($arg)+);
+            }
+        }
+    };
+}
+
+/// What one call of [`QueueWorker::process_queue`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// The driver must be notified of new used entries.
+    pub notify: bool,
+    /// Requests were left for the next batch (a budget was reached); call again.
+    pub more: bool,
+}
+
 /// Processes the requests of one virtqueue; owned by that queue's worker thread.
 pub struct QueueWorker {
     disk: Arc<DiskImage>,
     serial: Serial,
     engine: Engine,
+    budgets: Budgets,
+    log: LogLimiter,
+    /// Set when the guest broke the queue; cleared when the driver resets it.
+    broken: Option<QueueError>,
+    /// Heads taken in the current batch, one bit each.
+    in_flight: Vec<u64>,
 }
 
 /// The outcome of one request, before it is published.
@@ -42,12 +167,52 @@ struct Completion {
     written: u32,
 }
 
+/// What one batch has used of its budgets so far.
+#[derive(Default)]
+struct BatchBudget {
+    requests: usize,
+    bytes: u64,
+    bounce: u64,
+}
+
+/// Whether a request joins the batch.
+enum Admission {
+    /// In the batch, with its disk operations.
+    Taken(Completion, Vec<Op>),
+    /// Over a budget: leave it in the ring for the next batch.
+    Deferred,
+}
+
+/// Why `prepare_rw` builds no op.
+enum PrepareError {
+    /// The request fails with IOERR.
+    Fail,
+    /// The request does not fit in this batch.
+    Defer,
+}
+
+impl From<()> for PrepareError {
+    fn from((): ()) -> PrepareError {
+        PrepareError::Fail
+    }
+}
+
+/// Bytes of the descriptor table, available ring and used ring (with the event index words).
+fn ring_sizes(size: u16) -> [usize; 3] {
+    let n = usize::from(size);
+    [16 * n, 6 + 2 * n, 6 + 8 * n]
+}
+
 impl QueueWorker {
     pub fn new(disk: Arc<DiskImage>, serial: Serial, engine: Engine) -> QueueWorker {
         QueueWorker {
             disk,
             serial,
             engine,
+            budgets: Budgets::default(),
+            log: LogLimiter::default(),
+            broken: None,
+            in_flight: Vec::new(),
         }
     }
 
@@ -55,126 +220,295 @@ impl QueueWorker {
         &self.engine
     }
 
-    /// Handles every request available in `queue` as one batch and adds their used entries.
-    /// Returns whether the driver must be notified.
+    /// Replaces the default budgets (smaller ones make tests and fuzzing reach them).
+    pub fn set_budgets(&mut self, budgets: Budgets) {
+        self.budgets = budgets;
+    }
+
+    /// Why the queue is no longer processed, if the guest broke it.
+    pub fn broken(&self) -> Option<&QueueError> {
+        self.broken.as_ref()
+    }
+
+    /// Stops processing the queue until [`QueueWorker::reset`]; logged (rate-limited).
+    pub fn mark_broken(&mut self, error: QueueError) {
+        if self.broken.is_none() {
+            self.disk
+                .stats
+                .broken_queues
+                .fetch_add(1, Ordering::Relaxed);
+            guest_warn!(
+                self.log,
+                "queue marked broken until the driver resets it: {}",
+                error_chain(&error)
+            );
+            self.broken = Some(error);
+        }
+    }
+
+    /// The driver reset the queue (the frontend stopped the vring): process it again.
+    pub fn reset(&mut self) {
+        self.broken = None;
+    }
+
+    /// Checks what the queue's configuration and rings let the device do safely.
+    fn check_rings(queue: &Queue, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+        let size = queue.size();
+        if !size.is_power_of_two() {
+            return Err(QueueError::InvalidSize(size));
+        }
+        let [desc, avail, used] = ring_sizes(size);
+        for (addr, len) in [
+            (queue.desc_table(), desc),
+            (queue.avail_ring(), avail),
+            (queue.used_ring(), used),
+        ] {
+            if !mem.check_range(GuestAddress(addr), len) {
+                return Err(QueueError::RingOutsideMemory);
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles the requests available in `queue`, up to the batch budgets, and adds their used
+    /// entries. A queue the guest broke is marked broken and left alone.
     pub fn process_queue(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
         limits: &Limits,
-    ) -> Result<bool, QueueError> {
-        let mut requests = Vec::new();
-        // A well-behaved driver never has more than the queue size outstanding.
-        let max_batch = usize::from(queue.size()).max(1);
-        while requests.len() < max_batch {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            requests.push(Request::parse(chain, limits));
+    ) -> Batch {
+        if self.broken.is_some() || !queue.ready() {
+            return Batch::default();
         }
-        if requests.is_empty() {
-            return Ok(false);
+        if let Err(e) = Self::check_rings(queue, mem) {
+            self.mark_broken(e);
+            return Batch::default();
         }
-        for (head, len) in self.execute(mem, requests) {
-            // A head the driver put in its avail ring that is not a descriptor index cannot be
-            // returned; the rest of the batch still is (debug only: the guest controls how often).
-            if let Err(e) = queue.add_used(mem, head, len) {
-                debug!(
-                    "returning descriptor chain {head}: {}",
-                    QueueError::AddUsed(e)
-                );
-            }
-        }
-        queue
-            .needs_notification(mem)
-            .map_err(QueueError::NeedsNotification)
-    }
+        let size = queue.size();
+        self.in_flight.clear();
+        self.in_flight.resize(usize::from(size).div_ceil(64), 0);
 
-    /// Executes parsed requests and writes their status bytes. Returns `(head, used length)`
-    /// for each request, in order.
-    pub fn execute(&mut self, mem: &GuestMemoryMmap, requests: Vec<Request>) -> Vec<(u16, u32)> {
-        let mut completions = Vec::with_capacity(requests.len());
+        let mut completions: Vec<Completion> = Vec::new();
         let mut ops: Vec<Op> = Vec::new();
         let mut owners: Vec<usize> = Vec::new();
-
-        for (index, request) in requests.into_iter().enumerate() {
-            let mut completion = Completion {
-                head: request.head,
-                status_addr: request.status,
-                status: STATUS_OK,
-                written: 0,
+        let mut budget = BatchBudget::default();
+        let mut more = false;
+        {
+            let mut avail = match queue.iter(mem) {
+                Ok(avail) => avail,
+                Err(virtio_queue::Error::InvalidAvailRingIndex) => {
+                    self.mark_broken(QueueError::AvailIndexJump);
+                    return Batch::default();
+                }
+                Err(e) => {
+                    self.mark_broken(QueueError::ReadAvailRing(e));
+                    return Batch::default();
+                }
             };
-            if request.status.is_none() {
-                debug!("request {}: no status byte, dropped", request.head);
-                completion.status = STATUS_IOERR;
-                completions.push(completion);
-                continue;
+            // `iter` checked that at most a queue's worth is available; this bound is for
+            // the count in `budget` alone.
+            while completions.len() < usize::from(size) {
+                let Some(chain) = avail.next() else {
+                    break;
+                };
+                let head = chain.head_index();
+                let request = if self.take_head(head) {
+                    Request::parse(chain, limits)
+                } else {
+                    // The same head twice in one batch: its buffers are in use. Refused without
+                    // walking it again or touching its status.
+                    Request {
+                        head,
+                        status: None,
+                        action: Action::Fail(RequestError::DuplicateHead),
+                    }
+                };
+                match self.admit(mem, request, &mut budget) {
+                    Admission::Taken(completion, new_ops) => {
+                        owners.extend(std::iter::repeat_n(completions.len(), new_ops.len()));
+                        ops.extend(new_ops);
+                        completions.push(completion);
+                    }
+                    Admission::Deferred => {
+                        // Left in the ring, first in line for the next batch.
+                        self.release_head(head);
+                        avail.go_to_previous_position();
+                        self.disk.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                        more = true;
+                        break;
+                    }
+                }
             }
-            let stats = &self.disk.stats;
-            let count = |c: &std::sync::atomic::AtomicU64, n: u64| {
-                c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            };
-            match &request.action {
-                Action::Fail(_) => {}
-                Action::Read { len, .. } => {
-                    count(&stats.reads, 1);
-                    count(&stats.read_bytes, *len);
-                }
-                Action::Write { len, .. } => {
-                    count(&stats.writes, 1);
-                    count(&stats.write_bytes, *len);
-                }
-                Action::Flush => count(&stats.flushes, 1),
-                Action::GetId { .. } => count(&stats.get_ids, 1),
-                Action::Discard(_) => count(&stats.discards, 1),
-                Action::WriteZeroes(_) => count(&stats.write_zeroes, 1),
-            }
-            let new_ops: Result<Vec<Op>, ()> = match request.action {
-                Action::Fail(e) => {
-                    debug!("request {}: {e}", request.head);
-                    completion.status = e.status();
-                    Ok(Vec::new())
-                }
-                Action::Read { sector, data, len } => {
-                    completion.written = u32::try_from(len).unwrap_or(u32::MAX);
-                    self.prepare_rw(mem, false, sector, &data, len)
-                }
-                Action::Write { sector, data, len } => {
-                    self.prepare_rw(mem, true, sector, &data, len)
-                }
-                Action::Flush => Ok(vec![Op::new(OpKind::Flush)]),
-                Action::GetId { data } => {
-                    completion.written = ID_BYTES as u32;
-                    write_serial(mem, &data, &self.serial).map(|()| Vec::new())
-                }
-                Action::Discard(ranges) => Ok(ranges
-                    .iter()
-                    .filter(|r| r.num_sectors > 0)
-                    .map(|r| {
-                        let (offset, len) = r.byte_range();
-                        Op::new(OpKind::Discard { offset, len })
-                    })
-                    .collect()),
-                Action::WriteZeroes(ranges) => self.prepare_write_zeroes(&ranges),
-            };
-            match new_ops {
-                Ok(new_ops) => {
-                    owners.extend(std::iter::repeat_n(index, new_ops.len()));
-                    ops.extend(new_ops);
-                }
-                Err(()) => completion.status = STATUS_IOERR,
-            }
-            completions.push(completion);
+        }
+        if completions.is_empty() {
+            return Batch::default();
+        }
+        if completions.len() >= usize::from(size) {
+            more = true;
         }
 
-        self.engine.run(&self.disk, &mut ops);
+        self.run(mem, &mut completions, &mut ops, &owners);
+
+        for c in &completions {
+            let len = publish(mem, c);
+            // A head that is not a descriptor index cannot be returned; the rest of the batch
+            // still is.
+            if c.head >= size {
+                guest_warn!(self.log, "chain head {} is not a descriptor index", c.head);
+                continue;
+            }
+            if let Err(e) = queue.add_used(mem, c.head, len) {
+                self.mark_broken(QueueError::AddUsed(e));
+                return Batch {
+                    notify: true,
+                    more: false,
+                };
+            }
+        }
+        match queue.needs_notification(mem) {
+            Ok(notify) => Batch { notify, more },
+            Err(e) => {
+                self.mark_broken(QueueError::NeedsNotification(e));
+                Batch {
+                    notify: true,
+                    more: false,
+                }
+            }
+        }
+    }
+
+    /// Marks `head` in flight; false if it already is.
+    fn take_head(&mut self, head: u16) -> bool {
+        let (word, bit) = (usize::from(head / 64), 1u64 << (head % 64));
+        match self.in_flight.get_mut(word) {
+            Some(w) if *w & bit != 0 => false,
+            Some(w) => {
+                *w |= bit;
+                true
+            }
+            // Not a descriptor index: nothing to protect, the chain has no descriptor.
+            None => true,
+        }
+    }
+
+    fn release_head(&mut self, head: u16) {
+        if let Some(w) = self.in_flight.get_mut(usize::from(head / 64)) {
+            *w &= !(1u64 << (head % 64));
+        }
+    }
+
+    /// Decides whether `request` joins the batch and, if so, prepares its disk operations.
+    fn admit(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        request: Request,
+        budget: &mut BatchBudget,
+    ) -> Admission {
+        let mut completion = Completion {
+            head: request.head,
+            status_addr: request.status,
+            status: STATUS_OK,
+            written: 0,
+        };
+        if request.status.is_none() {
+            let reason = match &request.action {
+                Action::Fail(e) => *e,
+                _ => RequestError::NoStatus,
+            };
+            guest_warn!(self.log, "chain {} refused: {reason}", request.head);
+            self.disk.stats.refused.fetch_add(1, Ordering::Relaxed);
+            completion.status = STATUS_IOERR;
+            budget.requests += 1;
+            return Admission::Taken(completion, Vec::new());
+        }
+        let new_ops: Result<Vec<Op>, PrepareError> = match &request.action {
+            Action::Fail(e) => {
+                guest_warn!(self.log, "request {}: {e}", request.head);
+                completion.status = e.status();
+                Ok(Vec::new())
+            }
+            Action::Read { sector, data, len } => {
+                completion.written = u32::try_from(*len).unwrap_or(u32::MAX);
+                self.prepare_rw(mem, false, *sector, data, *len, budget)
+            }
+            Action::Write { sector, data, len } => {
+                self.prepare_rw(mem, true, *sector, data, *len, budget)
+            }
+            Action::Flush => Ok(vec![Op::new(OpKind::Flush)]),
+            Action::GetId { data } => {
+                completion.written = ID_BYTES as u32;
+                write_serial(mem, data, &self.serial)
+                    .map(|()| Vec::new())
+                    .map_err(PrepareError::from)
+            }
+            Action::Discard(ranges) => Ok(ranges
+                .iter()
+                .filter(|r| r.num_sectors > 0)
+                .map(|r| {
+                    let (offset, len) = r.byte_range();
+                    Op::new(OpKind::Discard { offset, len })
+                })
+                .collect()),
+            Action::WriteZeroes(ranges) => self
+                .prepare_write_zeroes(ranges)
+                .map_err(PrepareError::from),
+        };
+        let new_ops = match new_ops {
+            Ok(new_ops) => new_ops,
+            Err(PrepareError::Defer) => return Admission::Deferred,
+            Err(PrepareError::Fail) => {
+                completion.status = STATUS_IOERR;
+                Vec::new()
+            }
+        };
+        budget.requests += 1;
+        self.count(&request.action);
+        Admission::Taken(completion, new_ops)
+    }
+
+    fn count(&self, action: &Action) {
+        let stats = &self.disk.stats;
+        let count = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Ordering::Relaxed);
+        };
+        match action {
+            Action::Fail(_) => {}
+            Action::Read { len, .. } => {
+                count(&stats.reads, 1);
+                count(&stats.read_bytes, *len);
+            }
+            Action::Write { len, .. } => {
+                count(&stats.writes, 1);
+                count(&stats.write_bytes, *len);
+            }
+            Action::Flush => count(&stats.flushes, 1),
+            Action::GetId { .. } => count(&stats.get_ids, 1),
+            Action::Discard(_) => count(&stats.discards, 1),
+            Action::WriteZeroes(_) => count(&stats.write_zeroes, 1),
+        }
+    }
+
+    /// Runs the batch's disk operations and records their outcome in `completions`.
+    fn run(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        completions: &mut [Completion],
+        ops: &mut [Op],
+        owners: &[usize],
+    ) {
+        self.engine.run(&self.disk, ops);
 
         for (op, owner) in ops.iter().zip(owners) {
-            let Some(completion) = completions.get_mut(owner) else {
+            let Some(completion) = completions.get_mut(*owner) else {
                 continue;
             };
             if let Err(e) = &op.result {
-                warn!("request {}: disk I/O failed: {e}", completion.head);
+                guest_warn!(
+                    self.log,
+                    "request {}: disk I/O failed: {e}",
+                    completion.head
+                );
                 completion.status = STATUS_IOERR;
                 continue;
             }
@@ -189,21 +523,20 @@ impl QueueWorker {
         self.disk
             .stats
             .errors
-            .fetch_add(errors as u64, std::sync::atomic::Ordering::Relaxed);
-        completions
-            .into_iter()
-            .map(|c| (c.head, publish(mem, &c)))
-            .collect()
+            .fetch_add(errors as u64, Ordering::Relaxed);
     }
 
-    fn prepare_write_zeroes(&self, ranges: &[crate::request::SectorRange]) -> Result<Vec<Op>, ()> {
+    fn prepare_write_zeroes(
+        &mut self,
+        ranges: &[crate::request::SectorRange],
+    ) -> Result<Vec<Op>, ()> {
         let mut ops = Vec::with_capacity(ranges.len());
         for r in ranges.iter().filter(|r| r.num_sectors > 0) {
             let (offset, len) = r.byte_range();
             if let Some(align) = self.disk.direct_alignment() {
                 let a = u64::from(align.offset_align);
                 if !offset.is_multiple_of(a) || !len.is_multiple_of(a) {
-                    debug!("write-zeroes range not aligned for O_DIRECT");
+                    guest_warn!(self.log, "write-zeroes range not aligned for O_DIRECT");
                     return Err(());
                 }
             }
@@ -217,54 +550,68 @@ impl QueueWorker {
     }
 
     /// Builds the read or write op for guest buffers `data` (`len` bytes at `sector`), with a
-    /// bounce buffer where O_DIRECT cannot use the guest buffers directly.
+    /// bounce buffer where O_DIRECT cannot use the guest buffers directly. Nothing is allocated
+    /// or copied for a request that does not fit in the batch's budgets.
     fn prepare_rw(
-        &self,
+        &mut self,
         mem: &GuestMemoryMmap,
         write: bool,
         sector: u64,
         data: &[Segment],
         len: u64,
-    ) -> Result<Vec<Op>, ()> {
+        budget: &mut BatchBudget,
+    ) -> Result<Vec<Op>, PrepareError> {
         if len == 0 {
             return Ok(Vec::new());
+        }
+        if budget.requests > 0 && budget.bytes.saturating_add(len) > self.budgets.batch_bytes {
+            return Err(PrepareError::Defer);
         }
         // `Request::parse` checked sector + len against the capacity, so this cannot overflow.
         let offset = sector << SECTOR_SHIFT;
         let mut iovecs = Vec::with_capacity(data.len());
         for seg in data {
             for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
-                let slice = slice.map_err(|_| ())?;
+                let slice = slice.map_err(|_| PrepareError::Fail)?;
+                if iovecs.len() >= MAX_IOVECS {
+                    guest_warn!(self.log, "request has more than {MAX_IOVECS} buffers");
+                    return Err(PrepareError::Fail);
+                }
                 iovecs.push(libc::iovec {
                     iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                     iov_len: slice.len(),
                 });
             }
         }
-        if iovecs.len() > MAX_IOVECS {
-            debug!("request has more than {MAX_IOVECS} buffers");
-            return Err(());
-        }
         let mut bounce = None;
         let mut copy_back = Vec::new();
         if let Some(align) = self.disk.direct_alignment() {
             let offset_align = u64::from(align.offset_align);
             if !offset.is_multiple_of(offset_align) || !len.is_multiple_of(offset_align) {
-                debug!("request at {offset:#x}+{len:#x} not aligned for O_DIRECT");
-                return Err(());
+                guest_warn!(
+                    self.log,
+                    "request at {offset:#x}+{len:#x} not aligned for O_DIRECT"
+                );
+                return Err(PrepareError::Fail);
             }
             let misaligned = iovecs.iter().any(|v| {
                 !(v.iov_base as usize).is_multiple_of(align.mem_align as usize)
                     || !v.iov_len.is_multiple_of(align.offset_align as usize)
             });
             if misaligned {
-                if len > MAX_BOUNCE_BYTES {
-                    debug!("misaligned O_DIRECT request of {len} bytes is too large to bounce");
-                    return Err(());
+                if len > self.budgets.bounce {
+                    guest_warn!(
+                        self.log,
+                        "misaligned O_DIRECT request of {len} bytes is larger than the bounce budget"
+                    );
+                    return Err(PrepareError::Fail);
                 }
-                let size = usize::try_from(len).map_err(|_| ())?;
-                let mut buf =
-                    AlignedBuf::new(size, (align.mem_align as usize).max(512)).map_err(|_| ())?;
+                if budget.bounce.saturating_add(len) > self.budgets.bounce {
+                    return Err(PrepareError::Defer);
+                }
+                let size = usize::try_from(len).map_err(|_| PrepareError::Fail)?;
+                let mut buf = AlignedBuf::new(size, (align.mem_align as usize).max(512))
+                    .map_err(|_| PrepareError::Fail)?;
                 if write {
                     copy_from_guest(mem, &mut buf, data)?;
                 } else {
@@ -274,9 +621,11 @@ impl QueueWorker {
                     iov_base: buf.as_ptr().cast(),
                     iov_len: size,
                 }];
+                budget.bounce += len;
                 bounce = Some(buf);
             }
         }
+        budget.bytes = budget.bytes.saturating_add(len);
         let kind = if write {
             OpKind::Write {
                 iovecs,
@@ -295,6 +644,18 @@ impl QueueWorker {
         op.copy_back = copy_back;
         Ok(vec![op])
     }
+}
+
+/// `error` and its sources, one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 /// Writes the status byte and returns the used length to report.
@@ -404,6 +765,8 @@ mod tests {
         image: TempFile,
         worker: QueueWorker,
         limits: Limits,
+        /// Batches the last `run_chains` took.
+        rounds: usize,
     }
 
     fn sector_pattern(sector: u64) -> u8 {
@@ -431,6 +794,7 @@ mod tests {
             let limits = Limits {
                 capacity_sectors: disk.capacity_sectors(),
                 seg_max: u32::from(QSIZE) - 2,
+                size_max: SIZE_MAX,
                 max_discard_sectors: 16,
                 max_discard_seg: 4,
                 max_write_zeroes_sectors: 16,
@@ -445,6 +809,7 @@ mod tests {
                 image,
                 worker: QueueWorker::new(disk, serial, engine),
                 limits,
+                rounds: 0,
             }
         }
 
@@ -505,10 +870,8 @@ mod tests {
             }
             vq.add_desc_chains(&descs, 0).expect("add chains");
             let mut queue: Queue = vq.create_queue().expect("queue");
-            let notify = self
-                .worker
-                .process_queue(&mut queue, &self.mem, &self.limits)
-                .expect("process");
+            let (notify, rounds) = drain(&mut self.worker, &self.mem, &self.limits, &mut queue);
+            self.rounds = rounds;
             let used = vq.used().idx().load();
             let entries = (0..used)
                 .map(|i| {
@@ -532,6 +895,28 @@ mod tests {
             assert_eq!(used[0].0, 0);
             used[0].1
         }
+    }
+
+    /// Processes `queue` the way the backend does: batches until none is left over. Returns
+    /// whether a notification is due and how many batches ran.
+    fn drain(
+        worker: &mut QueueWorker,
+        mem: &GuestMemoryMmap,
+        limits: &Limits,
+        queue: &mut Queue,
+    ) -> (bool, usize) {
+        let mut notify = false;
+        let mut rounds = 0;
+        loop {
+            let batch = worker.process_queue(queue, mem, limits);
+            rounds += 1;
+            notify |= batch.notify;
+            if !batch.more {
+                break;
+            }
+            assert!(rounds < 10_000, "the queue never drains");
+        }
+        (notify, rounds)
     }
 
     fn engines() -> [bool; 2] {
@@ -708,14 +1093,17 @@ mod tests {
     }
 
     #[test]
-    fn test_readable_after_writable_ioerr() {
+    fn test_readable_after_writable_refused_unwalked() {
         let mut h = Harness::new();
         h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        // Refused at the third descriptor: the status descriptor after it is never read, so
+        // nothing is written back and the chain is returned with used length 0.
         assert_eq!(
             h.run(&[r(HDR, 16), w(DATA, 512), r(DATA + 0x1000, 16), w(STATUS, 1)]),
-            1
+            0
         );
-        assert_eq!(h.status(), STATUS_IOERR);
+        assert_eq!(h.status(), 0xff);
+        assert_eq!(h.worker.disk.stats.refused.load(Ordering::Relaxed), 1);
     }
 
     #[test]
@@ -773,34 +1161,41 @@ mod tests {
     }
 
     #[test]
-    fn test_buffer_outside_guest_memory_ioerr() {
+    fn test_buffer_outside_guest_memory_refused() {
         let mut h = Harness::new();
         h.header(HDR, VIRTIO_BLK_T_IN, 0);
         let beyond = MEM_SIZE as u64 - 256;
-        assert_eq!(h.run(&[r(HDR, 16), w(beyond, 512), w(STATUS, 1)]), 1);
-        assert_eq!(h.status(), STATUS_IOERR);
-        assert_eq!(h.run(&[r(HDR, 16), w(u64::MAX - 10, 512), w(STATUS, 1)]), 1);
-        assert_eq!(h.status(), STATUS_IOERR);
+        // A data buffer outside memory: refused there, the status descriptor is never read.
+        assert_eq!(h.run(&[r(HDR, 16), w(beyond, 512), w(STATUS, 1)]), 0);
+        assert_eq!(h.status(), 0xff);
+        assert_eq!(h.run(&[r(HDR, 16), w(u64::MAX - 10, 512), w(STATUS, 1)]), 0);
+        assert_eq!(h.status(), 0xff);
         // Header outside memory.
-        assert_eq!(h.run(&[r(u64::MAX - 4, 16), w(STATUS, 1)]), 1);
-        assert_eq!(h.status(), STATUS_IOERR);
+        assert_eq!(h.run(&[r(u64::MAX - 4, 16), w(STATUS, 1)]), 0);
+        assert_eq!(h.status(), 0xff);
         // Status outside memory: nothing can be reported.
         assert_eq!(h.run(&[r(HDR, 16), w(MEM_SIZE as u64, 1)]), 0);
+        // The next good request is served.
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), 513);
+        assert_eq!(h.status(), STATUS_OK);
     }
 
     #[test]
-    fn test_too_many_descriptors_ioerr() {
+    fn test_too_many_descriptors_refused_unwalked() {
         let mut h = Harness::new();
         h.limits.seg_max = 4;
         h.header(HDR, VIRTIO_BLK_T_IN, 0);
         let mut chain = vec![r(HDR, 16)];
-        // seg_max + 1 data descriptors: refused, but the status is still reported.
+        // seg_max + 1 data descriptors: refused at the one too many. The walk stops there, so
+        // the status byte is neither found nor written, and no data was read.
         for i in 0..5 {
             chain.push(w(DATA + i * 512, 512));
         }
         chain.push(w(STATUS, 1));
-        assert_eq!(h.run(&chain), 1);
-        assert_eq!(h.status(), STATUS_IOERR);
+        h.fill(DATA, 5 * 512, 0xee);
+        assert_eq!(h.run(&chain), 0);
+        assert_eq!(h.status(), 0xff);
+        assert!(h.read(DATA, 5 * 512).iter().all(|&b| b == 0xee));
         chain.remove(1);
         assert_eq!(h.run(&chain), 4 * 512 + 1);
         assert_eq!(h.status(), STATUS_OK);
@@ -1004,9 +1399,7 @@ mod tests {
         ));
         vq.add_desc_chains(&[head], 0).expect("chain");
         let mut queue: Queue = vq.create_queue().expect("queue");
-        h.worker
-            .process_queue(&mut queue, &h.mem, &h.limits)
-            .expect("process");
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
         assert_eq!(vq.used().idx().load(), 1);
         assert_eq!(vq.used().ring().ref_at(0).expect("used").load().len(), 513);
         assert_eq!(h.status(), STATUS_OK);
@@ -1034,5 +1427,495 @@ mod tests {
         assert_eq!(h.run(&[r(HDR, 16), w(DATA, 4096), w(STATUS, 1)]), 4097);
         assert_eq!(h.status(), STATUS_OK);
         assert!(h.read(DATA, 512).iter().all(|&b| b == sector_pattern(8)));
+    }
+
+    /// A queue laid out by hand: `descs` stored at their indices, `avail` made available.
+    fn raw_queue<'a>(
+        mem: &'a GuestMemoryMmap,
+        descs: &[(u16, SplitDescriptor)],
+        avail: &[u16],
+    ) -> (MockSplitQueue<'a, GuestMemoryMmap>, Queue) {
+        let vq = MockSplitQueue::new(mem, QSIZE);
+        for (index, d) in descs {
+            vq.desc_table()
+                .store(*index, RawDescriptor::from(*d))
+                .expect("descriptor");
+        }
+        for (i, head) in avail.iter().enumerate() {
+            vq.avail()
+                .ring()
+                .ref_at(i)
+                .expect("avail slot")
+                .store(*head);
+        }
+        vq.avail().idx().store(avail.len() as u16);
+        let queue: Queue = vq.create_queue().expect("queue");
+        (vq, queue)
+    }
+
+    fn used_entries(vq: &MockSplitQueue<GuestMemoryMmap>) -> Vec<(u32, u32)> {
+        (0..vq.used().idx().load())
+            .map(|i| {
+                let e = vq
+                    .used()
+                    .ring()
+                    .ref_at(usize::from(i))
+                    .expect("used")
+                    .load();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+
+    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+
+    /// A good read of sector `sector` at descriptor indices `first..first + 3`.
+    fn good_read(h: &Harness, first: u16, sector: u64) -> [(u16, SplitDescriptor); 3] {
+        h.header(HDR + 0x800, VIRTIO_BLK_T_IN, sector);
+        [
+            (
+                first,
+                SplitDescriptor::new(HDR + 0x800, 16, NEXT, first + 1),
+            ),
+            (
+                first + 1,
+                SplitDescriptor::new(DATA + 0x8000, 512, NEXT | WRITE, first + 2),
+            ),
+            (first + 2, SplitDescriptor::new(STATUS + 0x80, 1, WRITE, 0)),
+        ]
+    }
+
+    /// Asserts that the good read laid out by `good_read` completed.
+    fn assert_good_read_done(h: &Harness, used: (u32, u32), head: u16, sector: u64) {
+        assert_eq!(used, (u32::from(head), 513));
+        assert_eq!(h.read(STATUS + 0x80, 1)[0], STATUS_OK);
+        assert!(h
+            .read(DATA + 0x8000, 512)
+            .iter()
+            .all(|&b| b == sector_pattern(sector)));
+    }
+
+    #[test]
+    fn test_looping_chain_refused_next_served() {
+        let mut h = Harness::new();
+        h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        h.fill(STATUS, 1, 0xff);
+        let mut descs = vec![
+            (0, SplitDescriptor::new(HDR, 16, NEXT, 1)),
+            (1, SplitDescriptor::new(DATA, 512, NEXT | WRITE, 2)),
+            // Points back at descriptor 1: the chain never ends.
+            (2, SplitDescriptor::new(STATUS, 1, NEXT | WRITE, 1)),
+        ];
+        descs.extend(good_read(&h, 3, 9));
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0, 3]);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        let used = used_entries(&vq);
+        assert_eq!(used.len(), 2);
+        assert_eq!(used[0], (0, 0));
+        assert_eq!(h.status(), 0xff);
+        assert_good_read_done(&h, used[1], 3, 9);
+        assert!(h.worker.broken().is_none());
+    }
+
+    #[test]
+    fn test_loop_longer_than_seg_max_stops_at_seg_max() {
+        let mut h = Harness::new();
+        h.limits.seg_max = 2;
+        h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        // A self-loop of writable descriptors: the walk stops after seg_max + 2 of them.
+        let descs = [
+            (0, SplitDescriptor::new(HDR, 16, NEXT, 1)),
+            (1, SplitDescriptor::new(DATA, 512, NEXT | WRITE, 1)),
+        ];
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0]);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        assert_eq!(used_entries(&vq), vec![(0, 0)]);
+        assert_eq!(h.worker.disk.stats.refused.load(Ordering::Relaxed), 1);
+    }
+
+    fn write_indirect_table(h: &Harness, table: u64, descs: &[SplitDescriptor]) {
+        for (i, d) in descs.iter().enumerate() {
+            h.mem
+                .write_obj(RawDescriptor::from(*d), GuestAddress(table + 16 * i as u64))
+                .expect("indirect descriptor");
+        }
+    }
+
+    #[test]
+    fn test_nested_indirect_refused_next_served() {
+        let mut h = Harness::new();
+        h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        h.fill(STATUS, 1, 0xff);
+        let outer = 0x40_0000u64;
+        let inner = 0x41_0000u64;
+        write_indirect_table(&h, inner, &[SplitDescriptor::new(STATUS, 1, WRITE, 0)]);
+        write_indirect_table(
+            &h,
+            outer,
+            &[
+                SplitDescriptor::new(HDR, 16, NEXT, 1),
+                SplitDescriptor::new(DATA, 512, NEXT | WRITE, 2),
+                // An indirect table inside an indirect table (forbidden, 2.7.5.3.1).
+                SplitDescriptor::new(inner, 16, VRING_DESC_F_INDIRECT as u16, 0),
+            ],
+        );
+        let mut descs = vec![(
+            0,
+            SplitDescriptor::new(outer, 48, VRING_DESC_F_INDIRECT as u16, 0),
+        )];
+        descs.extend(good_read(&h, 1, 4));
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0, 1]);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        let used = used_entries(&vq);
+        assert_eq!(used[0], (0, 0));
+        assert_eq!(h.status(), 0xff);
+        assert_good_read_done(&h, used[1], 1, 4);
+    }
+
+    #[test]
+    fn test_chain_over_4gib_refused_next_served() {
+        // With size_max in force, the first huge descriptor is refused.
+        let mut h = Harness::new();
+        h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        h.fill(STATUS, 1, 0xff);
+        let mut descs = vec![
+            (0, SplitDescriptor::new(HDR, 16, NEXT, 1)),
+            (1, SplitDescriptor::new(DATA, 0x8000_0000, NEXT | WRITE, 2)),
+            (2, SplitDescriptor::new(DATA, 0x8000_0000, NEXT | WRITE, 3)),
+            (3, SplitDescriptor::new(STATUS, 1, WRITE, 0)),
+        ];
+        descs.extend(good_read(&h, 4, 2));
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0, 4]);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        let used = used_entries(&vq);
+        assert_eq!(used[0], (0, 0));
+        assert_eq!(h.status(), 0xff);
+        assert_good_read_done(&h, used[1], 4, 2);
+
+        // Without size_max, 300 descriptors of 15 MiB (all in guest memory) in an indirect
+        // table: the chain iterator cuts the chain where it passes 4 GiB, and the cut is seen.
+        let mut h = Harness::new();
+        h.limits.size_max = u32::MAX;
+        h.limits.seg_max = 1000;
+        h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        h.fill(STATUS, 1, 0xff);
+        let big = (MEM_SIZE as u64 - HDR) as u32;
+        let count = 300u16;
+        let mut table = vec![SplitDescriptor::new(HDR, 16, NEXT, 1)];
+        for i in 1..count - 1 {
+            table.push(SplitDescriptor::new(HDR, big, NEXT | WRITE, i + 1));
+        }
+        table.push(SplitDescriptor::new(STATUS, 1, WRITE, 0));
+        assert!(u64::from(big) * u64::from(count - 2) > 1 << 32);
+        let indirect = 0x40_0000u64;
+        write_indirect_table(&h, indirect, &table);
+        let mut descs = vec![(
+            0,
+            SplitDescriptor::new(
+                indirect,
+                16 * u32::from(count),
+                VRING_DESC_F_INDIRECT as u16,
+                0,
+            ),
+        )];
+        descs.extend(good_read(&h, 1, 2));
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0, 1]);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        let used = used_entries(&vq);
+        assert_eq!(used[0], (0, 0));
+        assert_eq!(h.status(), 0xff);
+        assert_good_read_done(&h, used[1], 1, 2);
+    }
+
+    #[test]
+    fn test_descriptor_over_size_max_refused_next_served() {
+        let mut h = Harness::new();
+        h.limits.size_max = 1024;
+        h.header(HDR, VIRTIO_BLK_T_IN, 0);
+        // 1024 + 16 bytes are allowed (a header or status may share the descriptor)...
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 1024), w(STATUS, 1)]), 1025);
+        assert_eq!(h.status(), STATUS_OK);
+        // ...a larger descriptor is not, and nothing is read into it.
+        h.fill(DATA, 2048, 0xee);
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 1536), w(STATUS, 1)]), 0);
+        assert_eq!(h.status(), 0xff);
+        assert!(h.read(DATA, 2048).iter().all(|&b| b == 0xee));
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), 513);
+        assert_eq!(h.status(), STATUS_OK);
+    }
+
+    #[test]
+    fn test_duplicate_in_flight_head_refused_once_executed() {
+        let mut h = Harness::new();
+        let descs = good_read(&h, 0, 6);
+        // The same head made available twice in one batch.
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0, 0]);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        let used = used_entries(&vq);
+        assert_eq!(used.len(), 2);
+        assert_good_read_done(&h, used[0], 0, 6);
+        assert_eq!(used[1], (0, 0));
+        let stats = &h.worker.disk.stats;
+        assert_eq!(stats.reads.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
+        // The next batch serves it again.
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]), 513);
+    }
+
+    #[test]
+    fn test_avail_index_jump_marks_queue_broken_until_reset() {
+        let mut h = Harness::new();
+        let descs = good_read(&h, 0, 3);
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0]);
+        // The driver claims more than a queue's worth of new entries.
+        vq.avail().idx().store(QSIZE + 1);
+        let batch = h.worker.process_queue(&mut queue, &h.mem, &h.limits);
+        assert_eq!(batch, Batch::default());
+        assert!(matches!(
+            h.worker.broken(),
+            Some(QueueError::AvailIndexJump)
+        ));
+        // Kicks are ignored, not retried, while the queue is broken.
+        vq.avail().idx().store(1);
+        let batch = h.worker.process_queue(&mut queue, &h.mem, &h.limits);
+        assert_eq!(batch, Batch::default());
+        assert_eq!(vq.used().idx().load(), 0);
+        assert_eq!(h.worker.disk.stats.broken_queues.load(Ordering::Relaxed), 1);
+        // The driver resets the queue: served again.
+        h.worker.reset();
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        let used = used_entries(&vq);
+        assert_good_read_done(&h, used[0], 0, 3);
+    }
+
+    #[test]
+    fn test_used_ring_outside_memory_broken_nothing_executed() {
+        let mut h = Harness::new();
+        h.header(HDR + 0x800, VIRTIO_BLK_T_OUT, 0);
+        h.fill(DATA + 0x8000, 512, 0x42);
+        let descs = [
+            (0, SplitDescriptor::new(HDR + 0x800, 16, NEXT, 1)),
+            (1, SplitDescriptor::new(DATA + 0x8000, 512, NEXT, 2)),
+            (2, SplitDescriptor::new(STATUS + 0x80, 1, WRITE, 0)),
+        ];
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0]);
+        let beyond = MEM_SIZE as u64 - 8;
+        queue.set_used_ring_address(Some(beyond as u32), Some(0));
+        assert_eq!(queue.used_ring(), beyond);
+        for _ in 0..3 {
+            let batch = h.worker.process_queue(&mut queue, &h.mem, &h.limits);
+            assert_eq!(batch, Batch::default());
+        }
+        assert!(matches!(
+            h.worker.broken(),
+            Some(QueueError::RingOutsideMemory)
+        ));
+        // The write was never executed: it could not have been reported.
+        assert!(h.image()[..512].iter().all(|&b| b == sector_pattern(0)));
+        assert_eq!(h.worker.disk.stats.writes.load(Ordering::Relaxed), 0);
+        // Reset with a good used ring: the write goes through.
+        h.worker.reset();
+        queue.set_used_ring_address(Some(vq.used_addr().0 as u32), Some(0));
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        assert_eq!(used_entries(&vq), vec![(0, 1)]);
+        assert!(h.image()[..512].iter().all(|&b| b == 0x42));
+    }
+
+    #[test]
+    fn test_queue_size_zero_or_not_power_of_two_refused_queue_serves() {
+        assert!(Queue::new(0).is_err());
+        assert!(Queue::new(24).is_err());
+        let mut h = Harness::new();
+        let descs = good_read(&h, 0, 5);
+        let (vq, mut queue) = raw_queue(&h.mem, &descs, &[0]);
+        // A frontend asking for size 0 or 24 is refused: the queue keeps its valid size.
+        queue.set_size(0);
+        queue.set_size(24);
+        assert_eq!(queue.size(), QSIZE);
+        drain(&mut h.worker, &h.mem, &h.limits, &mut queue);
+        assert_good_read_done(&h, used_entries(&vq)[0], 0, 5);
+    }
+
+    #[test]
+    fn test_buffer_spanning_two_adjacent_regions_ok() {
+        let mut h = Harness::new();
+        let half = MEM_SIZE / 2;
+        h.mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), half),
+            (GuestAddress(half as u64), half),
+        ])
+        .expect("two regions");
+        h.header(HDR, VIRTIO_BLK_T_IN, 1);
+        // 1024 bytes, the first 256 in the first region, the rest in the second.
+        let at = half as u64 - 256;
+        assert_eq!(h.run(&[r(HDR, 16), w(at, 1024), w(STATUS, 1)]), 1025);
+        assert_eq!(h.status(), STATUS_OK);
+        let got = h.read(at, 1024);
+        assert!(got[..512].iter().all(|&b| b == sector_pattern(1)));
+        assert!(got[512..].iter().all(|&b| b == sector_pattern(2)));
+        // A write from the same spanning buffer.
+        h.fill(at, 512, 0x33);
+        h.header(HDR, VIRTIO_BLK_T_OUT, 10);
+        assert_eq!(h.run(&[r(HDR, 16), r(at, 512), w(STATUS, 1)]), 1);
+        assert_eq!(h.status(), STATUS_OK);
+        assert!(h.image()[10 * 512..11 * 512].iter().all(|&b| b == 0x33));
+    }
+
+    #[test]
+    fn test_buffer_spanning_a_hole_between_regions_refused() {
+        let mut h = Harness::new();
+        let half = MEM_SIZE / 2;
+        // [0, half) and [half + 64 KiB, ...): a hole at `half`.
+        h.mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), half),
+            (GuestAddress(half as u64 + 0x1_0000), half),
+        ])
+        .expect("two regions");
+        h.header(HDR, VIRTIO_BLK_T_IN, 1);
+        let at = half as u64 - 256;
+        assert_eq!(h.run(&[r(HDR, 16), w(at, 1024), w(STATUS, 1)]), 0);
+        assert_eq!(h.status(), 0xff);
+        // Buffers in the second region alone are fine.
+        let second = half as u64 + 0x2_0000;
+        assert_eq!(h.run(&[r(HDR, 16), w(second, 512), w(STATUS, 1)]), 513);
+        assert_eq!(h.status(), STATUS_OK);
+    }
+
+    /// `count` misaligned 4 KiB O_DIRECT writes of sectors `8 * i`, one chain each.
+    fn misaligned_writes(h: &Harness, count: u64) -> Vec<Vec<D>> {
+        (0..count)
+            .map(|i| {
+                let hdr = HDR + i * 0x100;
+                h.header(hdr, VIRTIO_BLK_T_OUT, 8 * i);
+                let data = DATA + 1 + i * 0x2000;
+                h.fill(data, 4096, 0x10 + i as u8);
+                vec![r(hdr, 16), r(data, 4096), w(STATUS + i, 1)]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn test_direct_bounce_budget_defers_rest_of_batch_in_order() {
+        let mut h = Harness::with(false, true, true);
+        // Room for two bounced 4 KiB requests at a time.
+        h.worker.set_budgets(Budgets {
+            bounce: 8192,
+            batch_bytes: BATCH_BYTES,
+        });
+        let chains = misaligned_writes(&h, 5);
+        let (used, _) = h.run_chains(&chains);
+        assert_eq!(h.rounds, 3, "2 + 2 + 1 requests");
+        assert_eq!(used.len(), 5);
+        let image = h.image();
+        for (i, (head, len)) in used.iter().enumerate() {
+            // Ring order is kept across batches.
+            assert_eq!((*head, *len), (3 * i as u32, 1));
+            assert_eq!(h.read(STATUS + i as u64, 1)[0], STATUS_OK);
+            let at = i * 4096;
+            assert!(image[at..at + 4096].iter().all(|&b| b == 0x10 + i as u8));
+        }
+        assert_eq!(h.worker.disk.stats.deferred.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn test_direct_request_larger_than_bounce_budget_ioerr_next_served() {
+        let mut h = Harness::with(false, true, true);
+        h.worker.set_budgets(Budgets {
+            bounce: 2048,
+            batch_bytes: BATCH_BYTES,
+        });
+        let chains = misaligned_writes(&h, 1);
+        let (used, _) = h.run_chains(&chains);
+        assert_eq!(used, vec![(0, 1)]);
+        assert_eq!(h.read(STATUS, 1)[0], STATUS_IOERR);
+        let image = h.image();
+        for sector in 0..8u64 {
+            let at = sector as usize * 512;
+            assert!(image[at..at + 512]
+                .iter()
+                .all(|&b| b == sector_pattern(sector)));
+        }
+        // An aligned request needs no bounce buffer and goes through.
+        h.header(HDR, VIRTIO_BLK_T_IN, 8);
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 4096), w(STATUS, 1)]), 4097);
+        assert_eq!(h.status(), STATUS_OK);
+    }
+
+    #[test]
+    fn test_batch_byte_budget_splits_batches_nothing_lost() {
+        for uring in engines() {
+            let mut h = Harness::with(false, false, uring);
+            h.worker.set_budgets(Budgets {
+                bounce: BOUNCE_BUDGET,
+                batch_bytes: 1024,
+            });
+            let mut chains = Vec::new();
+            for i in 0..7u64 {
+                let hdr = HDR + i * 0x100;
+                h.header(hdr, VIRTIO_BLK_T_IN, i);
+                // Request 3 alone is larger than the budget: it runs in a batch of its own.
+                let len = if i == 3 { 2048 } else { 512 };
+                chains.push(vec![
+                    r(hdr, 16),
+                    w(DATA + i * 0x1000, len),
+                    w(STATUS + i, 1),
+                ]);
+            }
+            let (used, notify) = h.run_chains(&chains);
+            assert!(notify);
+            // [0 1] [2] [3] [4 5] [6]
+            assert_eq!(h.rounds, 5, "uring {uring}");
+            assert_eq!(used.len(), 7);
+            for (i, (head, len)) in used.iter().enumerate() {
+                let i = i as u64;
+                let bytes = if i == 3 { 2048 } else { 512 };
+                assert_eq!((*head, *len), (3 * i as u32, bytes + 1));
+                assert_eq!(h.read(STATUS + i, 1)[0], STATUS_OK);
+                assert!(h
+                    .read(DATA + i * 0x1000, 512)
+                    .iter()
+                    .all(|&b| b == sector_pattern(i)));
+            }
+        }
+    }
+
+    #[test]
+    fn test_log_limiter_burst_then_one_per_interval_counts_suppressed() {
+        let mut log = LogLimiter::default();
+        let start = log.last_refill;
+        for _ in 0..LOG_BURST {
+            assert_eq!(log.admit_at(start), Some(0));
+        }
+        for _ in 0..1000 {
+            assert_eq!(log.admit_at(start), None);
+        }
+        let later = start + LOG_INTERVAL;
+        assert_eq!(log.admit_at(later), Some(1000));
+        assert_eq!(log.admit_at(later), None);
+        // A long quiet spell refills the burst, no more.
+        let much_later = later + LOG_INTERVAL * 1000;
+        for _ in 0..LOG_BURST {
+            assert!(log.admit_at(much_later).is_some());
+        }
+        assert_eq!(log.admit_at(much_later), None);
+    }
+
+    #[test]
+    fn test_bad_chains_flood_logs_rate_limited() {
+        let mut h = Harness::new();
+        h.limits.seg_max = 1;
+        // Chains refused for one descriptor too many, 8 per batch.
+        let chains: Vec<Vec<D>> = (0..8)
+            .map(|_| vec![r(HDR, 16), w(DATA, 512), w(DATA, 512), w(STATUS, 1)])
+            .collect();
+        for _ in 0..3 {
+            let (used, _) = h.run_chains(&chains);
+            assert!(used.iter().all(|&(_, len)| len == 0));
+        }
+        let refused = h.worker.disk.stats.refused.load(Ordering::Relaxed);
+        assert_eq!(refused, 24);
+        // Only the burst was logged (no second went by in between, or one more line).
+        assert!(h.worker.log.suppressed >= refused - u64::from(LOG_BURST) - 1);
     }
 }

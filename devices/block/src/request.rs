@@ -5,8 +5,15 @@
 //! descriptors carry the 16-byte header followed by any data the device reads, and the
 //! device-writable descriptors carry any data the device writes followed by the status byte,
 //! which is the last byte of the last descriptor. A chain whose last descriptor is not writable
-//! has no status byte and is returned with used length 0; any other malformed chain completes
-//! with `VIRTIO_BLK_S_IOERR` (or `VIRTIO_BLK_S_UNSUPP` for unknown request types).
+//! has no status byte and is returned with used length 0.
+//!
+//! The walk over a chain stops at the first descriptor that makes the device refuse it (more
+//! than `seg_max` data descriptors, a descriptor longer than `size_max`, a buffer outside guest
+//! memory, a device-readable buffer after a device-writable one) and at a chain the ring cannot
+//! describe (a loop, a `next` past the table, nested indirect tables, more than 4 GiB): no
+//! further descriptor is read, so the status byte is not known either and the chain is returned
+//! with used length 0. Any other malformed request completes with `VIRTIO_BLK_S_IOERR` (or
+//! `VIRTIO_BLK_S_UNSUPP` for unknown request types).
 
 use std::ops::Deref;
 
@@ -38,6 +45,9 @@ pub struct Limits {
     pub capacity_sectors: u64,
     /// Most data descriptors in one request (`seg_max`).
     pub seg_max: u32,
+    /// Longest data descriptor (`size_max`). A descriptor may also carry the 16-byte header or
+    /// the status byte (VIRTIO_F_ANY_LAYOUT), so up to `size_max + 16` bytes are accepted.
+    pub size_max: u32,
     pub max_discard_sectors: u32,
     pub max_discard_seg: u32,
     pub max_write_zeroes_sectors: u32,
@@ -81,6 +91,14 @@ pub enum RequestError {
     NoStatus,
     #[error("the chain has more than seg_max + 2 descriptors")]
     TooManyDescriptors,
+    #[error("a descriptor is longer than size_max")]
+    DescriptorTooLarge,
+    #[error(
+        "the chain ends early: it loops, leaves its table, nests indirect tables or exceeds 4 GiB"
+    )]
+    BrokenChain,
+    #[error("the chain's head is already in flight in this batch")]
+    DuplicateHead,
     #[error("a device-readable descriptor follows a device-writable one")]
     ReadableAfterWritable,
     #[error("a descriptor lies outside guest memory")]
@@ -185,7 +203,8 @@ impl Request {
     }
 }
 
-/// Walks the chain: finds the status byte and splits the buffers by direction.
+/// Walks the chain: finds the status byte and splits the buffers by direction. Stops at the
+/// first descriptor that makes the request refused; a refused chain has no known status byte.
 fn collect<M>(
     chain: DescriptorChain<M>,
     mem: &GuestMemoryMmap,
@@ -196,38 +215,41 @@ where
 {
     // Header + seg_max data descriptors + status, as Linux lays requests out.
     let max_descriptors = limits.seg_max as usize + 2;
+    let max_len = u64::from(limits.size_max) + HEADER_LEN;
     let mut readable = Vec::new();
     let mut writable = Vec::new();
-    let mut error = None;
     let mut count = 0usize;
-    let mut last = None;
-    // The chain iterator itself ends chains that loop or exceed the queue size or 4 GiB; this
-    // walk only bounds what is stored.
+    // The last descriptor seen, whether it is writable and whether it points to a next one.
+    let mut last: Option<(Segment, bool, bool)> = None;
+    // The chain iterator ends chains that loop, leave the table, nest indirect tables or exceed
+    // 4 GiB by returning `None` early; such a chain's last descriptor still has NEXT set.
     for desc in chain {
         count += 1;
         let seg = Segment {
             addr: desc.addr(),
             len: desc.len(),
         };
-        last = Some((seg, desc.is_write_only()));
-        if error.is_some() {
-            continue;
+        let refused = if count > max_descriptors {
+            Some(RequestError::TooManyDescriptors)
+        } else if u64::from(seg.len) > max_len {
+            Some(RequestError::DescriptorTooLarge)
+        } else if seg.len != 0 && !mem.check_range(seg.addr, seg.len as usize) {
+            Some(RequestError::OutOfGuestMemory)
+        } else if !desc.is_write_only() && !writable.is_empty() {
+            Some(RequestError::ReadableAfterWritable)
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            // No further descriptor is read: where the status byte is stays unknown.
+            return (None, Err(e));
         }
-        if count > max_descriptors {
-            error = Some(RequestError::TooManyDescriptors);
-            continue;
-        }
+        last = Some((seg, desc.is_write_only(), desc.has_next()));
         if seg.len == 0 {
-            continue;
-        }
-        if !mem.check_range(seg.addr, seg.len as usize) {
-            error = Some(RequestError::OutOfGuestMemory);
             continue;
         }
         if desc.is_write_only() {
             writable.push(seg);
-        } else if !writable.is_empty() {
-            error = Some(RequestError::ReadableAfterWritable);
         } else {
             readable.push(seg);
         }
@@ -235,7 +257,8 @@ where
 
     // The status byte is the last byte of the last descriptor, which must be writable.
     let status = match last {
-        Some((seg, true)) if seg.len > 0 => seg
+        Some((_, _, true)) => return (None, Err(RequestError::BrokenChain)),
+        Some((seg, true, false)) if seg.len > 0 => seg
             .addr
             .checked_add(u64::from(seg.len) - 1)
             .filter(|addr| mem.check_range(*addr, 1)),
@@ -243,9 +266,6 @@ where
     };
     if status.is_none() {
         return (None, Err(RequestError::NoStatus));
-    }
-    if let Some(e) = error {
-        return (status, Err(e));
     }
     // Drop the status byte from the writable stream.
     if let Some(seg) = writable.last_mut() {
