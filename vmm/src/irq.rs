@@ -1,8 +1,7 @@
 //! Message-signalled interrupts: KVM GSI routes to the GICv3 ITS, and irqfds that let a device
 //! process's eventfd raise them without passing through the VMM.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
@@ -51,11 +50,65 @@ pub struct MsiMessage {
     pub devid: u32,
 }
 
+/// Hands out GSIs and takes them back: a freed GSI is reused (lowest first) before a new one
+/// is taken, so hot-plug and unplug cycles never run out of routes.
+#[derive(Debug)]
+pub struct GsiAllocator {
+    next: u32,
+    free: BTreeSet<u32>,
+    max: u32,
+}
+
+impl GsiAllocator {
+    /// GSIs `0..max`.
+    pub fn new(max: u32) -> Self {
+        Self {
+            next: 0,
+            free: BTreeSet::new(),
+            max,
+        }
+    }
+
+    /// A GSI nobody holds.
+    pub fn allocate(&mut self) -> Result<u32, IrqError> {
+        if let Some(gsi) = self.free.pop_first() {
+            return Ok(gsi);
+        }
+        if self.next >= self.max {
+            return Err(IrqError::OutOfGsis);
+        }
+        self.next += 1;
+        Ok(self.next - 1)
+    }
+
+    /// Gives `gsi` back. Freeing a GSI that is not held is ignored (and reported false).
+    pub fn free(&mut self, gsi: u32) -> bool {
+        if gsi >= self.next || self.free.contains(&gsi) {
+            return false;
+        }
+        if gsi + 1 == self.next {
+            self.next -= 1;
+            // Fold a free tail back into `next`.
+            while self.next > 0 && self.free.remove(&(self.next - 1)) {
+                self.next -= 1;
+            }
+        } else {
+            self.free.insert(gsi);
+        }
+        true
+    }
+
+    /// GSIs held now.
+    pub fn in_use(&self) -> usize {
+        self.next as usize - self.free.len()
+    }
+}
+
 /// One VM's MSI routes.
 pub struct VmInterrupts {
     vm: Arc<VmFd>,
     routes: Mutex<BTreeMap<u32, MsiMessage>>,
-    next_gsi: AtomicU32,
+    gsis: Mutex<GsiAllocator>,
 }
 
 impl VmInterrupts {
@@ -64,7 +117,7 @@ impl VmInterrupts {
         Self {
             vm,
             routes: Mutex::new(BTreeMap::new()),
-            next_gsi: AtomicU32::new(0),
+            gsis: Mutex::new(GsiAllocator::new(MAX_GSIS)),
         }
     }
 
@@ -75,11 +128,21 @@ impl VmInterrupts {
 
     /// A GSI nobody else uses.
     pub fn allocate_gsi(&self) -> Result<u32, IrqError> {
-        let gsi = self.next_gsi.fetch_add(1, Ordering::Relaxed);
-        if gsi >= MAX_GSIS {
-            return Err(IrqError::OutOfGsis);
+        self.gsis
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allocate()
+    }
+
+    /// Releases `gsis`: their routes are removed and the numbers go back to the pool.
+    pub fn free_gsis(&self, gsis: &[u32]) -> Result<(), IrqError> {
+        let updates: Vec<_> = gsis.iter().map(|&g| (g, None)).collect();
+        let routed = self.set_routes(&updates);
+        let mut pool = self.gsis.lock().unwrap_or_else(|e| e.into_inner());
+        for &g in gsis {
+            pool.free(g);
         }
-        Ok(gsi)
+        routed
     }
 
     /// Sets (or with `None` removes) the routes of some GSIs, in one KVM_SET_GSI_ROUTING.
@@ -139,5 +202,38 @@ impl VmInterrupts {
                 assign: false,
                 source,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_gsi_allocator_freed_gsis_are_reused() {
+        let mut a = GsiAllocator::new(4);
+        let g: Vec<u32> = (0..4).map(|_| a.allocate().expect("gsi")).collect();
+        assert_eq!(g, [0, 1, 2, 3]);
+        assert!(matches!(a.allocate(), Err(IrqError::OutOfGsis)));
+        assert!(a.free(1));
+        assert!(!a.free(1), "double free is refused");
+        assert!(!a.free(9), "a GSI never handed out is refused");
+        assert_eq!(a.allocate().expect("reused"), 1);
+        assert!(a.free(3));
+        assert!(a.free(2));
+        assert_eq!(a.in_use(), 2);
+        assert_eq!(a.allocate().expect("gsi"), 2);
+    }
+
+    #[test]
+    fn test_gsi_allocator_hotplug_cycles_never_run_out() {
+        let mut a = GsiAllocator::new(8);
+        for _ in 0..10_000 {
+            let held: Vec<u32> = (0..5).map(|_| a.allocate().expect("gsi")).collect();
+            for g in held {
+                assert!(a.free(g));
+            }
+        }
+        assert_eq!(a.in_use(), 0);
     }
 }

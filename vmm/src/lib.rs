@@ -8,6 +8,7 @@ pub mod legacy;
 pub mod milestone;
 pub mod mmio;
 pub mod pci;
+pub mod ratelimit;
 pub mod seccomp;
 pub mod terminal;
 pub mod vcpu;

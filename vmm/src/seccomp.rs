@@ -9,16 +9,13 @@
 //! installs its own filter. A syscall outside a thread's filter kills the whole process
 //! (SIGSYS, exit status 159 from a shell).
 //!
-//! Syscall numbers are per architecture ([`SYSCALLS`]), so every filter can be compiled, and
+//! Syscall numbers are per architecture (the sandbox crate's table), so every filter can be compiled, and
 //! tested, for x86_64 and aarch64 from either host.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use seccompiler::{
-    BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
-    SeccompFilter, SeccompRule, TargetArch,
-};
+use bulkhead_sandbox::seccomp::{self, BpfProgram, Cond, Rules, TargetArch};
 
 /// The VMM's thread types, each with its own filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -35,17 +32,21 @@ pub enum ThreadKind {
     DeviceWatcher,
     /// `<device>-backend-req`: serves a vhost-user backend's requests.
     BackendReq,
+    /// `<device>-vhost`: a device's worker, the only thread that sends it vhost-user requests
+    /// after the handshake.
+    VhostWorker,
 }
 
 impl ThreadKind {
     /// Every thread type.
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Signals,
         ThreadKind::SerialIn,
         ThreadKind::DeviceWatcher,
         ThreadKind::BackendReq,
+        ThreadKind::VhostWorker,
     ];
 
     /// Name for messages.
@@ -57,6 +58,7 @@ impl ThreadKind {
             ThreadKind::SerialIn => "serial-in",
             ThreadKind::DeviceWatcher => "device watcher",
             ThreadKind::BackendReq => "backend-req",
+            ThreadKind::VhostWorker => "vhost worker",
         }
     }
 }
@@ -64,100 +66,24 @@ impl ThreadKind {
 /// Errors building or installing a filter.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
-    /// A filter names a syscall missing from [`SYSCALLS`].
-    #[error(
-        "the {thread} thread's filter names syscall {syscall}, which has no number for {arch:?}"
-    )]
-    UnknownSyscall {
-        /// The thread type.
-        thread: &'static str,
-        /// The syscall.
-        syscall: &'static str,
-        /// The target.
-        arch: TargetArch,
-    },
-    /// seccompiler refused a rule or the filter.
+    /// The filter of a thread type could not be built.
     #[error("building the seccomp filter of the {0} thread")]
-    Build(&'static str, #[source] BackendError),
+    Build(
+        &'static str,
+        #[source] bulkhead_sandbox::seccomp::SeccompError,
+    ),
     /// The filter could not be installed.
     #[error("installing the seccomp filter of the {0} thread")]
-    Install(&'static str, #[source] seccompiler::Error),
+    Install(
+        &'static str,
+        #[source] bulkhead_sandbox::seccomp::SeccompError,
+    ),
     /// [`init`] was called twice.
     #[error("the seccomp filters were already set up")]
     AlreadyInitialised,
 }
 
-/// Syscall numbers on x86_64 and aarch64 (from seccompiler's tables, Linux 6.12), for the
-/// syscalls the filters name. aarch64 has no `open`, `poll`, `select`...: none is used here.
-const SYSCALLS: &[(&str, i64, i64)] = &[
-    ("brk", 12, 214),
-    ("clock_gettime", 228, 113),
-    ("clock_nanosleep", 230, 115),
-    ("clone", 56, 220),
-    ("clone3", 435, 435),
-    ("close", 3, 57),
-    ("exit", 60, 93),
-    ("exit_group", 231, 94),
-    ("fstat", 5, 80),
-    ("futex", 202, 98),
-    ("getpid", 39, 172),
-    ("getrandom", 318, 278),
-    ("getrusage", 98, 165),
-    ("gettid", 186, 178),
-    ("ioctl", 16, 29),
-    ("lseek", 8, 62),
-    ("madvise", 28, 233),
-    ("mmap", 9, 222),
-    ("mprotect", 10, 226),
-    ("mremap", 25, 216),
-    ("munmap", 11, 215),
-    ("nanosleep", 35, 101),
-    ("newfstatat", 262, 79),
-    ("pread64", 17, 67),
-    ("prctl", 157, 167),
-    ("read", 0, 63),
-    ("readv", 19, 65),
-    ("recvmsg", 47, 212),
-    ("restart_syscall", 219, 128),
-    ("rseq", 334, 293),
-    ("rt_sigprocmask", 14, 135),
-    ("rt_sigreturn", 15, 139),
-    ("rt_sigtimedwait", 128, 137),
-    ("sched_getaffinity", 204, 123),
-    ("sched_yield", 24, 124),
-    ("seccomp", 317, 277),
-    ("sendmsg", 46, 211),
-    ("set_robust_list", 273, 99),
-    ("sigaltstack", 131, 132),
-    ("socket", 41, 198),
-    ("statx", 332, 291),
-    ("tgkill", 234, 131),
-    ("tkill", 200, 130),
-    ("wait4", 61, 260),
-    ("waitid", 247, 95),
-    ("write", 1, 64),
-    ("writev", 20, 66),
-];
-
-fn syscall_nr(name: &str, arch: TargetArch) -> Option<i64> {
-    SYSCALLS
-        .iter()
-        .find(|(n, _, _)| *n == name)
-        .and_then(|&(_, x86, arm)| match arch {
-            TargetArch::x86_64 => Some(x86),
-            TargetArch::aarch64 => Some(arm),
-            _ => None,
-        })
-}
-
-/// The architecture this binary runs on.
-pub fn native_arch() -> TargetArch {
-    if cfg!(target_arch = "aarch64") {
-        TargetArch::aarch64
-    } else {
-        TargetArch::x86_64
-    }
-}
+pub use bulkhead_sandbox::seccomp::native_arch;
 
 // ioctl request numbers (asm-generic encoding, the same on x86_64 and aarch64).
 const IOC_NONE: u64 = 0;
@@ -212,93 +138,21 @@ const TCSETS: u64 = 0x5402;
 /// TIOCGWINSZ.
 const TIOCGWINSZ: u64 = 0x5413;
 
-/// How a syscall is allowed: always, or when any of the rules matches its arguments.
-enum Allow {
-    Always,
-    When(Vec<SeccompRule>),
-}
-
-/// A filter under construction: syscall name -> how it is allowed.
-#[derive(Default)]
-struct Rules(BTreeMap<&'static str, Allow>);
-
-impl Rules {
-    /// Allows `syscall` whatever its arguments.
-    fn allow(&mut self, syscall: &'static str) -> &mut Self {
-        self.0.insert(syscall, Allow::Always);
-        self
-    }
-
-    /// Allows `syscall` when argument `arg` (compared as 32 bits) is one of `values`; adds to
-    /// what is allowed already.
-    fn allow_arg(
-        &mut self,
-        syscall: &'static str,
-        arg: u8,
-        values: &[u64],
-    ) -> Result<&mut Self, BackendError> {
-        let mut rules = values
-            .iter()
-            .map(|&v| {
-                SeccompRule::new(vec![SeccompCondition::new(
-                    arg,
-                    SeccompCmpArgLen::Dword,
-                    SeccompCmpOp::Eq,
-                    v,
-                )?])
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        match self.0.get_mut(syscall) {
-            Some(Allow::Always) => {}
-            Some(Allow::When(existing)) => existing.append(&mut rules),
-            None => {
-                self.0.insert(syscall, Allow::When(rules));
-            }
-        }
-        Ok(self)
-    }
-
-    /// Allows `ioctl` with one of these request numbers.
-    fn allow_ioctls(&mut self, requests: &[u64]) -> Result<&mut Self, BackendError> {
-        self.allow_arg("ioctl", 1, requests)
-    }
-
-    fn compile(self, thread: ThreadKind, arch: TargetArch) -> Result<BpfProgram, SeccompError> {
-        let mut map = BTreeMap::new();
-        for (name, allow) in self.0 {
-            let nr = syscall_nr(name, arch).ok_or(SeccompError::UnknownSyscall {
-                thread: thread.name(),
-                syscall: name,
-                arch,
-            })?;
-            let rules = match allow {
-                Allow::Always => Vec::new(),
-                Allow::When(rules) => rules,
-            };
-            map.insert(nr, rules);
-        }
-        let build = |e| SeccompError::Build(thread.name(), e);
-        let filter =
-            SeccompFilter::new(map, SeccompAction::KillProcess, SeccompAction::Allow, arch)
-                .map_err(build)?;
-        BpfProgram::try_from(filter).map_err(build)
-    }
-}
-
 /// What every thread does: memory, locks, logging, ending itself, and aborting on a panic.
-fn common_rules(abort_signal: u64) -> Result<Rules, BackendError> {
+fn common_rules(abort_signal: u64) -> Rules {
     let mut r = Rules::default();
     // Mutex, Condvar, mpsc channels, thread join (std's futex-based locks).
     r.allow("futex");
     // The allocator (musl mallocng and glibc malloc alike: brk/mmap/mremap for blocks,
-    // madvise/munmap to give them back, mprotect for glibc's per-thread arenas).
+    // madvise/munmap to give them back, mprotect for glibc's per-thread arenas and thread
+    // stack guards). Never executable memory: mmap and mprotect with PROT_EXEC kill.
     r.allow("brk")
-        .allow("mmap")
         .allow("munmap")
         .allow("mremap")
-        .allow("madvise")
-        .allow("mprotect");
-    // Log lines on stderr (env_logger) and their timestamps (vDSO fallback).
+        .allow("madvise");
+    seccomp::allow_mappings_no_exec(&mut r);
+    // Log lines on stderr (env_logger) and their timestamps (vDSO fallback); eventfd writes
+    // (configuration interrupts, DeviceShared::set_needs_reset).
     r.allow("write").allow("writev").allow("clock_gettime");
     // std's HashMap keys, seeded per thread on first use.
     r.allow("getrandom");
@@ -315,15 +169,20 @@ fn common_rules(abort_signal: u64) -> Result<Rules, BackendError> {
     // Process exit, and abort() on a panic (panic = "abort"): raise(SIGABRT) is
     // getpid + gettid + tgkill on glibc, tkill on musl.
     r.allow("exit_group").allow("getpid").allow("gettid");
-    r.allow_arg("tgkill", 2, &[abort_signal])?;
-    r.allow_arg("tkill", 1, &[abort_signal])?;
+    r.allow_arg("tgkill", 2, &[abort_signal]);
+    r.allow_arg("tkill", 1, &[abort_signal]);
     // isatty() on stderr (env_logger's colour choice): TCGETS on glibc, TIOCGWINSZ on musl.
-    r.allow_ioctls(&[TCGETS, TIOCGWINSZ])?;
-    Ok(r)
+    r.allow_ioctls(&[TCGETS, TIOCGWINSZ]);
+    r
+}
+
+/// `shutdown(fd, SHUT_RDWR)`: FailureHandle::fail shuts a failed device's socket down.
+fn allow_fail_device(r: &mut Rules) {
+    r.allow_arg("shutdown", 1, &[libc::SHUT_RDWR as u64]);
 }
 
 /// The vCPU thread: KVM_RUN and the devices its MMIO exits reach.
-fn vcpu_rules(r: &mut Rules) -> Result<(), BackendError> {
+fn vcpu_rules(r: &mut Rules) {
     r.allow_ioctls(&[
         // VcpuThread::run_loop.
         KVM_RUN,
@@ -335,27 +194,27 @@ fn vcpu_rules(r: &mut Rules) -> Result<(), BackendError> {
         KVM_IRQFD,
         KVM_SET_GSI_ROUTING,
         KVM_SIGNAL_MSI,
-    ])?;
+    ]);
     // PL011 output to stdout or the --serial file (write), queue notifies without an
     // ioeventfd (eventfd write), logs.
     r.allow("write");
     // Draining stale kicks on a device reset (Transport::reset_device, eventfd read).
     r.allow("read");
-    // vhost-user requests from virtio-pci register writes (VhostUserDevice::activate,
-    // deactivate, read_config, write_config): messages with SCM_RIGHTS over a unix socket.
-    r.allow("sendmsg").allow("recvmsg");
-    // File descriptors that vhost-user replies carry and that are dropped.
+    // Descriptors dropped on the way (an MMIO handler replaced on a BAR move).
     r.allow("close");
+    // An MSI-X route, irqfd or ioeventfd that KVM refuses fails that device (Transport).
+    allow_fail_device(r);
     // The "first KVM_RUN" start-up milestone (milestone::log).
     r.allow("getrusage");
-    Ok(())
+    // No vhost-user request is sent from a vCPU: they are jobs for the device's worker.
 }
 
 /// The main thread, from just before the first boot to the end: VM creation and boot (again
 /// on every guest reset), starting the vCPU threads, shutdown. Includes the vCPU rules, as
-/// vCPU threads inherit this filter.
-fn main_rules(r: &mut Rules, kick_signal: u64) -> Result<(), BackendError> {
-    vcpu_rules(r)?;
+/// vCPU threads inherit this filter. It starts no process (a spawner does) and creates no
+/// namespace.
+fn main_rules(r: &mut Rules, kick_signal: u64) {
+    vcpu_rules(r);
     r.allow_ioctls(&[
         // Vm::boot: Kvm::create_vm (KVM_CAP_ARM_VM_IPA_SIZE check, vCPU mmap size).
         KVM_CHECK_EXTENSION,
@@ -376,7 +235,7 @@ fn main_rules(r: &mut Rules, kick_signal: u64) -> Result<(), BackendError> {
         // terminal::restore on the way out.
         TCGETS,
         TCSETS,
-    ])?;
+    ]);
     // Vm::boot: the kvm_run area of each vCPU (mmap, munmap when dropped); closing the old
     // VM's, vCPUs' and GIC's descriptors on a reboot; device connections on shutdown.
     r.allow("close");
@@ -389,56 +248,60 @@ fn main_rules(r: &mut Rules, kick_signal: u64) -> Result<(), BackendError> {
         .allow("fstat")
         .allow("newfstatat")
         .allow("statx");
-    // Vm::boot starts the vCPU threads: clone with CLONE_THREAD (musl), clone3 (glibc;
-    // its flags are in memory, out of seccomp's reach).
-    r.allow_masked("clone", 0, libc::CLONE_THREAD as u64)?;
-    r.allow("clone3");
+    // Vm::boot starts the vCPU threads, VhostUserDevice::handshake a device's worker and
+    // backend-request threads: clone with the thread flags only (never a process, never a
+    // namespace); clone3 answers ENOSYS so that glibc falls back to clone.
+    seccomp::allow_threads_only(r);
     // What a new thread does before its own filter: glibc registers its robust futex list
     // and rseq, reads its affinity (pthread_getattr_np); Rust names it (PR_SET_NAME) and
-    // gives it a sigaltstack; then seccomp::apply sets NO_NEW_PRIVS and adds its filter.
+    // gives it a sigaltstack; then seccomp::apply adds its filter (NO_NEW_PRIVS is set).
     r.allow("set_robust_list").allow("sched_getaffinity");
     r.allow_arg(
         "prctl",
         0,
         &[libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64],
-    )?;
-    r.allow_arg("seccomp", 0, &[u64::from(libc::SECCOMP_SET_MODE_FILTER)])?;
+    );
+    r.allow_arg("seccomp", 0, &[u64::from(libc::SECCOMP_SET_MODE_FILTER)]);
     // Running::stop kicks vCPU threads out of KVM_RUN: pthread_kill is tgkill on glibc,
     // tkill on musl.
-    r.allow_arg("tgkill", 2, &[kick_signal])?;
-    r.allow_arg("tkill", 1, &[kick_signal])?;
+    r.allow_arg("tgkill", 2, &[kick_signal]);
+    r.allow_arg("tkill", 1, &[kick_signal]);
     // Running::stop and Vm::shutdown_devices poll in short sleeps.
     r.allow("nanosleep").allow("clock_nanosleep");
     // The start-up milestones of the first boot (milestone::log).
     r.allow("getrusage");
-    Ok(())
-}
-
-impl Rules {
-    /// Allows `syscall` when the bits `mask` of argument `arg` are all set.
-    fn allow_masked(
-        &mut self,
-        syscall: &'static str,
-        arg: u8,
-        mask: u64,
-    ) -> Result<(), BackendError> {
-        let rule = SeccompRule::new(vec![SeccompCondition::new(
-            arg,
-            SeccompCmpArgLen::Qword,
-            SeccompCmpOp::MaskedEq(mask),
-            mask,
-        )?])?;
-        self.0.insert(syscall, Allow::When(vec![rule]));
-        Ok(())
-    }
+    // A device connected after the filter (restart, hot-plug): VhostUserDevice::handshake
+    // sends and receives vhost-user messages, puts the request deadline on the socket
+    // (arm_socket: SO_RCVTIMEO, SO_SNDTIMEO) and keeps a duplicate of it (F_DUPFD_CLOEXEC);
+    // FrontendReqHandler::new makes the backend channel (socketpair AF_UNIX); the
+    // configuration and queue eventfds (eventfd2).
+    r.allow("sendmsg").allow("recvmsg");
+    r.allow_when(
+        "setsockopt",
+        vec![
+            Cond::eq(1, libc::SOL_SOCKET as u64),
+            Cond::eq(2, libc::SO_RCVTIMEO as u64),
+        ],
+    );
+    r.allow_when(
+        "setsockopt",
+        vec![
+            Cond::eq(1, libc::SOL_SOCKET as u64),
+            Cond::eq(2, libc::SO_SNDTIMEO as u64),
+        ],
+    );
+    r.allow_arg("fcntl", 1, &[libc::F_DUPFD_CLOEXEC as u64]);
+    r.allow_arg("socketpair", 0, &[libc::AF_UNIX as u64]);
+    r.allow("eventfd2");
 }
 
 /// The rules of one thread type.
-fn rules(thread: ThreadKind, signals: &Signals) -> Result<Rules, BackendError> {
-    let mut r = common_rules(signals.abort)?;
+pub fn rules(thread: ThreadKind) -> Rules {
+    let signals = Signals::native();
+    let mut r = common_rules(signals.abort);
     match thread {
-        ThreadKind::Main => main_rules(&mut r, signals.kick)?,
-        ThreadKind::Vcpu => vcpu_rules(&mut r)?,
+        ThreadKind::Main => main_rules(&mut r, signals.kick),
+        ThreadKind::Vcpu => vcpu_rules(&mut r),
         ThreadKind::Signals => {
             // forward_signals: sigwait for SIGTERM/SIGINT/SIGHUP.
             r.allow("rt_sigtimedwait");
@@ -447,22 +310,32 @@ fn rules(thread: ThreadKind, signals: &Signals) -> Result<Rules, BackendError> {
             // forward_stdin: reading stdin.
             r.allow("read");
             // SharedPl011::feed raises the receive interrupt (KvmIrqLine::set_level).
-            r.allow_ioctls(&[KVM_IRQ_LINE])?;
+            r.allow_ioctls(&[KVM_IRQ_LINE]);
         }
         ThreadKind::DeviceWatcher => {
             // vhost_user::watch_device: Child::wait and JailedChild::wait (waitpid is wait4 on
             // musl and glibc); JailedChild releases its pidfd once the child is reaped (close).
             r.allow("wait4").allow("waitid").allow("close");
+            // The device manager fails the device whose process ended (FailureHandle::fail).
+            allow_fail_device(&mut r);
         }
         ThreadKind::BackendReq => {
             // FrontendReqHandler::handle_request: requests (recvmsg, with any fds) and
             // REPLY_ACK replies (sendmsg); received fds are closed.
             r.allow("recvmsg").allow("sendmsg").allow("close");
-            // ConfigChange::handle_config_change signals the configuration interrupt
-            // (eventfd write; in the common rules).
+            // ConfigChange::handle_config_change queues a job for the worker (futex, in the
+            // common rules).
+        }
+        ThreadKind::VhostWorker => {
+            // Connection::run_job: vhost-user requests with SCM_RIGHTS (memory regions, kick
+            // and call eventfds) and their replies; fds a reply carries are closed.
+            r.allow("sendmsg").allow("recvmsg").allow("close");
+            // A request past its deadline fails the device (FailureHandle::fail).
+            allow_fail_device(&mut r);
+            // Configuration interrupts (eventfd write, in the common rules).
         }
     }
-    Ok(r)
+    r
 }
 
 /// Signal numbers the filters allow sending (they differ between C libraries).
@@ -484,9 +357,9 @@ impl Signals {
 
 /// Compiles the filter of `thread` for `arch`.
 pub fn compile(thread: ThreadKind, arch: TargetArch) -> Result<BpfProgram, SeccompError> {
-    rules(thread, &Signals::native())
-        .map_err(|e| SeccompError::Build(thread.name(), e))?
-        .compile(thread, arch)
+    rules(thread)
+        .compile(thread.name(), arch)
+        .map_err(|e| SeccompError::Build(thread.name(), e))
 }
 
 /// The compiled filters, or `None` when the sandbox is off.
@@ -496,6 +369,9 @@ static FILTERS: OnceLock<Option<BTreeMap<ThreadKind, BpfProgram>>> = OnceLock::n
 /// run unfiltered (`--sandbox off`). Call once, before any thread calls [`apply`].
 pub fn init(enabled: bool) -> Result<(), SeccompError> {
     let filters = if enabled {
+        // A panic under a filter must abort with its message, not die of SIGSYS while
+        // resolving a backtrace.
+        seccomp::install_panic_hook();
         let arch = native_arch();
         Some(
             ThreadKind::ALL
@@ -520,7 +396,7 @@ pub fn apply(thread: ThreadKind) -> Result<(), SeccompError> {
     let Some(program) = filters.get(&thread) else {
         return Ok(());
     };
-    seccompiler::apply_filter(program).map_err(|e| SeccompError::Install(thread.name(), e))?;
+    seccomp::apply_thread(program).map_err(|e| SeccompError::Install(thread.name(), e))?;
     log::debug!("seccomp filter of the {} thread installed", thread.name());
     Ok(())
 }
@@ -568,6 +444,10 @@ pub fn trigger_violation() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bulkhead_sandbox::seccomp::{
+        check_matrix_bpf, check_matrix_real, enforcement, matrix, panic_under_filter_ends,
+        syscall_nr, ChildEnd, Enforcement,
+    };
 
     #[test]
     fn test_seccomp_every_filter_compiles_for_x86_64_and_aarch64() {
@@ -581,29 +461,12 @@ mod tests {
     }
 
     #[test]
-    fn test_seccomp_syscall_table_matches_libc_on_this_host() {
-        let arch = native_arch();
-        let libc_nr: &[(&str, libc::c_long)] = &[
-            ("brk", libc::SYS_brk),
-            ("clock_gettime", libc::SYS_clock_gettime),
-            ("clone", libc::SYS_clone),
-            ("close", libc::SYS_close),
-            ("futex", libc::SYS_futex),
-            ("ioctl", libc::SYS_ioctl),
-            ("mmap", libc::SYS_mmap),
-            ("read", libc::SYS_read),
-            ("recvmsg", libc::SYS_recvmsg),
-            ("rt_sigtimedwait", libc::SYS_rt_sigtimedwait),
-            ("sendmsg", libc::SYS_sendmsg),
-            ("socket", libc::SYS_socket),
-            ("tgkill", libc::SYS_tgkill),
-            ("tkill", libc::SYS_tkill),
-            ("wait4", libc::SYS_wait4),
-            ("write", libc::SYS_write),
-        ];
-        for (name, nr) in libc_nr {
-            assert_eq!(syscall_nr(name, arch), Some(*nr), "{name}");
-        }
+    fn test_seccomp_syscall_numbers_come_from_the_shared_table() {
+        assert_eq!(
+            syscall_nr("ioctl", native_arch()),
+            Some(libc::SYS_ioctl),
+            "the sandbox crate's table is the VMM's"
+        );
     }
 
     #[test]
@@ -636,50 +499,141 @@ mod tests {
 
     #[test]
     fn test_seccomp_vcpu_filter_omits_what_vcpus_never_need() {
-        // Checked on the rule level: the vCPU may not create sockets, fork or exec.
-        let r = rules(ThreadKind::Vcpu, &Signals::native()).expect("rules");
-        for s in ["socket", "clone", "clone3", "wait4", "prctl", "seccomp"] {
-            assert!(!r.0.contains_key(s), "vCPU filter allows {s}");
+        // Checked on the rule level: the vCPU may not create sockets, fork, exec, or talk
+        // vhost-user (that is the device worker's job).
+        let r = rules(ThreadKind::Vcpu);
+        for s in [
+            "socket", "clone", "clone3", "wait4", "prctl", "seccomp", "sendmsg", "recvmsg",
+            "execve", "unshare",
+        ] {
+            assert!(!r.allowed.contains_key(s), "vCPU filter allows {s}");
         }
-        let main = rules(ThreadKind::Main, &Signals::native()).expect("rules");
-        assert!(!main.0.contains_key("socket"));
+        let main = rules(ThreadKind::Main);
+        for s in [
+            "socket", "execve", "execveat", "unshare", "setns", "kill", "wait4",
+        ] {
+            assert!(!main.allowed.contains_key(s), "main filter allows {s}");
+        }
         // The main filter covers every vCPU syscall, since vCPU threads inherit it.
-        for s in r.0.keys() {
-            assert!(main.0.contains_key(s), "main filter lacks vCPU syscall {s}");
+        for s in r.allowed.keys() {
+            assert!(
+                main.allowed.contains_key(s),
+                "main filter lacks vCPU syscall {s}"
+            );
         }
     }
 
-    /// In a forked child (so nothing else runs there): the vCPU filter lets an allowed
-    /// syscall through and kills the process with SIGSYS on `socket`.
     #[test]
-    #[cfg_attr(
-        not(target_arch = "x86_64"),
-        ignore = "installs a real filter: the cross-built test runs under qemu-user, which cannot; runs on x86_64"
-    )]
-    fn test_seccomp_vcpu_filter_kills_on_socket() {
-        let prog = compile(ThreadKind::Vcpu, native_arch()).expect("compile");
-        // SAFETY: the child only makes raw syscalls and _exits; it never returns to the test
-        // harness.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork");
-        if pid == 0 {
-            // SAFETY: prctl/seccomp/getrusage/socket/_exit with valid arguments.
-            unsafe {
-                if seccompiler::apply_filter(&prog).is_err() {
-                    libc::_exit(2);
-                }
-                let mut ru: libc::rusage = std::mem::zeroed();
-                libc::getrusage(libc::RUSAGE_SELF, &mut ru);
-                libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                libc::_exit(0);
+    fn test_seccomp_hardening_no_exec_clone_thread_only_clone3_enosys() {
+        let glibc_thread = 0x3d0f00u64;
+        let musl_thread = 0x7d0f00u64;
+        for thread in ThreadKind::ALL {
+            let r = rules(thread);
+            for prot in [libc::PROT_EXEC, libc::PROT_READ | libc::PROT_EXEC] {
+                let args = [0, 4096, prot as u64, 0x22, u64::MAX, 0];
+                assert_eq!(
+                    r.verdict("mmap", &args),
+                    Some(false),
+                    "{thread:?} mmap exec"
+                );
+                assert_eq!(
+                    r.verdict("mprotect", &args),
+                    Some(false),
+                    "{thread:?} mprotect"
+                );
             }
+            assert_eq!(
+                r.verdict("mmap", &[0, 4096, 3, 0x22, u64::MAX, 0]),
+                Some(true),
+                "{thread:?} mmap rw"
+            );
         }
-        let mut status = 0;
-        // SAFETY: waiting for our own child; `status` is valid.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        assert!(
-            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
-            "child status {status:#x}"
+        let main = rules(ThreadKind::Main);
+        assert_eq!(
+            main.verdict("clone3", &[0; 6]),
+            None,
+            "clone3 answers ENOSYS"
         );
+        assert_eq!(
+            main.verdict("clone", &[glibc_thread, 0, 0, 0, 0, 0]),
+            Some(true)
+        );
+        assert_eq!(
+            main.verdict("clone", &[musl_thread, 0, 0, 0, 0, 0]),
+            Some(true)
+        );
+        // fork (SIGCHLD only), vfork-like and every CLONE_NEW* are refused.
+        assert_eq!(
+            main.verdict("clone", &[libc::SIGCHLD as u64, 0, 0, 0, 0, 0]),
+            Some(false)
+        );
+        for new in [
+            libc::CLONE_NEWNS,
+            libc::CLONE_NEWCGROUP,
+            libc::CLONE_NEWUTS,
+            libc::CLONE_NEWIPC,
+            libc::CLONE_NEWUSER,
+            libc::CLONE_NEWPID,
+            libc::CLONE_NEWNET,
+        ] {
+            let flags = glibc_thread | new as u64;
+            assert_eq!(
+                main.verdict("clone", &[flags, 0, 0, 0, 0, 0]),
+                Some(false),
+                "{new:#x}"
+            );
+        }
+    }
+
+    /// Every rule of every thread's filter, with allowed arguments and mutated ones, on the
+    /// compiled BPF of both architectures.
+    #[test]
+    fn test_seccomp_matrix_every_rule_bpf_both_arches() {
+        for thread in ThreadKind::ALL {
+            let cases = matrix(&rules(thread));
+            assert!(cases.iter().any(|c| c.expect == Some(false)), "{thread:?}");
+            for arch in [TargetArch::x86_64, TargetArch::aarch64] {
+                let prog = compile(thread, arch).expect("compile");
+                let failures = check_matrix_bpf(&prog, arch, &cases);
+                assert!(failures.is_empty(), "{thread:?}: {failures:#?}");
+            }
+            println!(
+                "{thread:?}: {} calls checked on the BPF of x86_64 and aarch64",
+                cases.len()
+            );
+        }
+    }
+
+    /// Every rule of every thread's filter, called for real in a forked child under the
+    /// filter: allowed arguments run, mutated ones die of SIGSYS, clone3 gets ENOSYS, and a
+    /// panic aborts (SIGABRT). Where filters are not enforced (qemu-user), says so and
+    /// checks nothing more.
+    #[test]
+    fn test_seccomp_matrix_every_rule_real_kernel() {
+        for thread in ThreadKind::ALL {
+            let prog = compile(thread, native_arch()).expect("compile");
+            match enforcement(&prog) {
+                Enforcement::Enforced => {}
+                other => {
+                    println!(
+                        "seccomp filters are not enforced here ({other:?}; qemu-user?): the \
+                         real-kernel matrix is skipped, the BPF matrix covers the rules"
+                    );
+                    return;
+                }
+            }
+            let cases = matrix(&rules(thread));
+            let failures = check_matrix_real(&prog, &cases);
+            assert!(failures.is_empty(), "{thread:?}: {failures:#?}");
+            assert_eq!(
+                panic_under_filter_ends(&prog),
+                ChildEnd::Signalled(libc::SIGABRT),
+                "{thread:?}: a panic must abort, not die of SIGSYS"
+            );
+            println!(
+                "{thread:?}: {} real calls checked, panic aborts",
+                cases.len()
+            );
+        }
     }
 }

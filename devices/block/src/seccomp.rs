@@ -3,180 +3,183 @@
 //! listed kills the process (SECCOMP_RET_KILL_PROCESS). `clone3` fails with ENOSYS so that the
 //! C library creates threads with `clone`, whose flags the filter checks.
 //!
-//! Every entry names the code path that needs it. What is deliberately absent: opening any path
-//! (`open`, `openat`, `openat2`), `socket`, `connect`, `bind`, `execve`, `ptrace`, `mount`,
-//! `unshare`, `setns`, `io_uring_setup` (the rings exist before the filter does), `memfd_create`,
-//! and any `mmap`/`mprotect` that asks for executable memory. See `docs/jail-seccomp.md`.
+//! Written with the sandbox crate's one seccomp layer (`bulkhead_sandbox::seccomp`): syscalls
+//! by name, compiled for either architecture. Every entry names the code path that needs it.
+//! What is deliberately absent: opening any path (`open`, `openat`, `openat2`), `socket`,
+//! `connect`, `bind`, `execve`, `ptrace`, `mount`, `unshare`, `setns`, `io_uring_setup` (the
+//! rings exist before the filter does), `memfd_create`, a `clone` that is not a thread or
+//! makes a namespace, and any `mmap`/`mprotect` that asks for executable memory. See
+//! `docs/jail-seccomp.md`.
 
-use bulkhead_sandbox::seccomp::{
-    self, arg_eq, arg_masked_eq, rule, Allowlist, BpfProgram, SeccompError,
-};
+use bulkhead_sandbox::seccomp::{self, BpfProgram, Rules, SeccompError, TargetArch};
 
 /// The filter for the running architecture (x86_64 or aarch64).
 pub fn seccomp_filter() -> Result<BpfProgram, SeccompError> {
-    seccomp::compile(allowlist()?, &[libc::SYS_clone3])
+    compile_for(seccomp::native_arch())
 }
 
-/// Syscall numbers allowed with any arguments, on both architectures.
-fn common_syscalls() -> Vec<i64> {
-    vec![
-        // vhost-user messages: the vhost crate's Endpoint receives with recvmsg (SCM_RIGHTS
-        // for memory regions and eventfds) and replies with sendmsg.
-        libc::SYS_recvmsg,
-        libc::SYS_sendmsg,
-        // Kick/call/err eventfds (vmm-sys-util EventFd read/write), env_logger to stderr
-        // (fd 2, the VMM's log descriptor in the jail).
-        libc::SYS_read,
-        libc::SYS_write,
-        // Closing eventfds and memory region files the frontend replaces, and the worker
-        // loops' epoll/eventfds when the frontend disconnects.
-        libc::SYS_close,
-        // Synchronous I/O engine and write-zeroes fallback: disk::rw_vectored_all (preadv and
-        // pwritev, also the musl/glibc form on both architectures).
-        libc::SYS_preadv,
-        libc::SYS_pwritev,
-        // VIRTIO_BLK_T_FLUSH: DiskImage::flush (File::sync_data).
-        libc::SYS_fdatasync,
-        // VIRTIO_BLK_T_DISCARD / WRITE_ZEROES: DiskImage::fallocate.
-        libc::SYS_fallocate,
-        // The io_uring engine (engine::run_uring) submits and reaps on rings created before
-        // the filter; io_uring_setup and io_uring_register stay forbidden.
-        libc::SYS_io_uring_enter,
-        // Worker threads: vhost_user::WorkerLoop (epoll on kick and exit eventfds) and the
-        // eventfds it creates per connection.
-        libc::SYS_epoll_ctl,
-        libc::SYS_epoll_pwait,
-        libc::SYS_eventfd2,
-        libc::SYS_epoll_create1,
-        // Locks, condvars, thread joins (std::sync, JoinHandle::join).
-        libc::SYS_futex,
-        // engine::run_uring backs off with thread::yield_now.
-        libc::SYS_sched_yield,
-        // Guest memory: SET_MEM_TABLE maps the frontend's memfds (vm-memory
-        // GuestRegionMmap) and unmaps the old table; the allocator.
-        libc::SYS_munmap,
-        libc::SYS_madvise,
-        libc::SYS_brk,
-        libc::SYS_mremap,
-        // Thread start and exit (std::thread::spawn in VhostUserConnection::new and libc).
-        libc::SYS_set_robust_list,
-        libc::SYS_rseq,
-        libc::SYS_sigaltstack,
-        libc::SYS_rt_sigprocmask,
-        libc::SYS_sched_getaffinity,
-        libc::SYS_exit,
-        libc::SYS_exit_group,
-        libc::SYS_gettid,
-        libc::SYS_getpid,
-        // std's HashMap keys (RandomState) draw from getrandom.
-        libc::SYS_getrandom,
-        // Log timestamps (env_logger humantime) when the vDSO is not used.
-        libc::SYS_clock_gettime,
-        // panic=abort: abort() resets SIGABRT and raises it on itself (glibc: tgkill, musl:
-        // tkill); glibc also installs its thread-cancellation handler (SIGRT_1) at the first
-        // thread start.
-        libc::SYS_rt_sigaction,
-        libc::SYS_tgkill,
-        libc::SYS_tkill,
-    ]
+/// The filter for `arch`.
+pub fn compile_for(arch: TargetArch) -> Result<BpfProgram, SeccompError> {
+    rules().compile("bulkhead-block", arch)
 }
 
-/// The allowlist of the running architecture.
-fn allowlist() -> Result<Allowlist, SeccompError> {
-    let mut allow = Allowlist::new();
-    for nr in common_syscalls().into_iter().chain(arch_syscalls()) {
-        allow.insert(nr, vec![]);
-    }
-    // Threads only: clone without CLONE_THREAD would be fork (std::thread::spawn on musl, and
-    // glibc after clone3 returned ENOSYS).
-    allow.insert(
-        libc::SYS_clone,
-        vec![rule(vec![arg_masked_eq(
-            0,
-            libc::CLONE_THREAD as u64,
-            libc::CLONE_THREAD as u64,
-        )?])?],
-    );
-    // Guest memory regions (vm-memory MmapRegion::build), thread stacks and the allocator
-    // map memory; never executable memory.
-    let no_exec = || -> Result<_, SeccompError> {
-        Ok(vec![rule(vec![arg_masked_eq(
-            2,
-            libc::PROT_EXEC as u64,
-            0,
-        )?])?])
-    };
-    allow.insert(libc::SYS_mmap, no_exec()?);
-    // Thread stack guard pages (std and libc); never executable.
-    allow.insert(libc::SYS_mprotect, no_exec()?);
+/// The block device's rules.
+pub fn rules() -> Rules {
+    let mut r = Rules::default();
+    // vhost-user messages: the vhost crate's Endpoint receives with recvmsg (SCM_RIGHTS for
+    // memory regions and eventfds) and replies with sendmsg.
+    r.allow("recvmsg").allow("sendmsg");
+    // Kick/call/err eventfds (vmm-sys-util EventFd read/write), env_logger to stderr (fd 2,
+    // the VMM's log descriptor in the jail).
+    r.allow("read").allow("write");
+    // Closing eventfds and memory region files the frontend replaces, and the worker loops'
+    // epoll/eventfds when the frontend disconnects.
+    r.allow("close");
+    // Synchronous I/O engine and write-zeroes fallback: disk::rw_vectored_all (preadv and
+    // pwritev, also the musl/glibc form on both architectures).
+    r.allow("preadv").allow("pwritev");
+    // VIRTIO_BLK_T_FLUSH: DiskImage::flush (File::sync_data).
+    r.allow("fdatasync");
+    // VIRTIO_BLK_T_DISCARD / WRITE_ZEROES: DiskImage::fallocate.
+    r.allow("fallocate");
+    // The io_uring engine (engine::run_uring) submits and reaps on rings created before the
+    // filter; io_uring_setup and io_uring_register stay forbidden.
+    r.allow("io_uring_enter");
+    // Worker threads: vhost_user::WorkerLoop (epoll on kick and exit eventfds) and the
+    // eventfds it creates per connection; epoll_wait (x86_64 only) where the C library does
+    // not use epoll_pwait (vmm-sys-util Epoll::wait).
+    r.allow("epoll_ctl")
+        .allow("epoll_pwait")
+        .allow("epoll_wait")
+        .allow("eventfd2")
+        .allow("epoll_create1");
+    // Locks, condvars, thread joins (std::sync, JoinHandle::join).
+    r.allow("futex");
+    // engine::run_uring backs off with thread::yield_now.
+    r.allow("sched_yield");
+    // Guest memory: SET_MEM_TABLE maps the frontend's memfds (vm-memory GuestRegionMmap) and
+    // unmaps the old table; the allocator.
+    r.allow("munmap")
+        .allow("madvise")
+        .allow("brk")
+        .allow("mremap");
+    // Guest memory regions (vm-memory MmapRegion::build), thread stacks, the allocator and
+    // thread stack guard pages map and protect memory; never executable memory.
+    seccomp::allow_mappings_no_exec(&mut r);
+    // Thread start and exit (std::thread::spawn in VhostUserConnection::new and libc).
+    r.allow("set_robust_list")
+        .allow("rseq")
+        .allow("sigaltstack")
+        .allow("rt_sigprocmask")
+        .allow("sched_getaffinity")
+        .allow("exit")
+        .allow("exit_group")
+        .allow("gettid")
+        .allow("getpid");
+    // Threads only: clone with the thread flags and no namespace (std::thread::spawn on
+    // musl, and glibc once clone3 returned ENOSYS).
+    seccomp::allow_threads_only(&mut r);
+    // std's HashMap keys (RandomState) draw from getrandom.
+    r.allow("getrandom");
+    // Log timestamps (env_logger humantime) when the vDSO is not used.
+    r.allow("clock_gettime");
+    // panic=abort: abort() resets SIGABRT and raises it on itself (glibc: tgkill, musl:
+    // tkill); glibc also installs its thread-cancellation handler (SIGRT_1) at the first
+    // thread start.
+    r.allow("rt_sigaction").allow("tgkill").allow("tkill");
     // Thread names (std::thread::Builder::name → PR_SET_NAME on the thread itself).
-    allow.insert(
-        libc::SYS_prctl,
-        vec![rule(vec![arg_eq(0, libc::PR_SET_NAME as u64)?])?],
-    );
+    r.allow_arg("prctl", 0, &[libc::PR_SET_NAME as u64]);
     // Descriptor flags: adopt_socket_fd's FD_CLOEXEC, O_NONBLOCK on received eventfds.
-    allow.insert(
-        libc::SYS_fcntl,
-        [
-            libc::F_GETFD,
-            libc::F_SETFD,
-            libc::F_GETFL,
-            libc::F_SETFL,
-            libc::F_DUPFD_CLOEXEC,
-        ]
-        .into_iter()
-        .map(|cmd| rule(vec![arg_eq(1, cmd as u64)?]))
-        .collect::<Result<Vec<_>, _>>()?,
+    r.allow_arg(
+        "fcntl",
+        1,
+        &[
+            libc::F_GETFD as u64,
+            libc::F_SETFD as u64,
+            libc::F_GETFL as u64,
+            libc::F_SETFL as u64,
+            libc::F_DUPFD_CLOEXEC as u64,
+        ],
     );
-    Ok(allow)
-}
-
-/// Syscalls only x86_64 has (aarch64 has only the generic `*at` and `p*` forms).
-#[cfg(target_arch = "x86_64")]
-fn arch_syscalls() -> Vec<i64> {
-    vec![
-        // epoll_wait where the C library does not use epoll_pwait (vmm-sys-util Epoll::wait).
-        libc::SYS_epoll_wait,
-    ]
-}
-
-#[cfg(target_arch = "aarch64")]
-fn arch_syscalls() -> Vec<i64> {
-    vec![]
+    r
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bulkhead_sandbox::seccomp::{
+        check_matrix_bpf, check_matrix_real, enforcement, matrix, panic_under_filter_ends,
+        ChildEnd, Enforcement,
+    };
 
     #[test]
     fn test_seccomp_filter_compiles() {
-        let filter = seccomp_filter().expect("filter");
-        assert!(filter.len() > 50 && filter.len() < 4096);
+        for arch in [TargetArch::x86_64, TargetArch::aarch64] {
+            let filter = compile_for(arch).expect("filter");
+            assert!(filter.len() > 50 && filter.len() < 4096);
+        }
+        seccomp_filter().expect("native filter");
     }
 
     #[test]
     fn test_allowlist_no_path_open_or_socket() {
-        let allow = allowlist().expect("allowlist");
+        let r = rules();
         for forbidden in [
-            libc::SYS_openat,
-            libc::SYS_socket,
-            libc::SYS_connect,
-            libc::SYS_execve,
-            libc::SYS_execveat,
-            libc::SYS_ptrace,
-            libc::SYS_mount,
-            libc::SYS_unshare,
-            libc::SYS_setns,
-            libc::SYS_io_uring_setup,
-            libc::SYS_io_uring_register,
-            libc::SYS_clone3,
-            libc::SYS_memfd_create,
+            "openat",
+            "socket",
+            "connect",
+            "execve",
+            "execveat",
+            "ptrace",
+            "mount",
+            "unshare",
+            "setns",
+            "io_uring_setup",
+            "io_uring_register",
+            "clone3",
+            "memfd_create",
         ] {
-            assert!(
-                !allow.contains_key(&forbidden),
+            assert_ne!(
+                r.verdict(forbidden, &[0; 6]),
+                Some(true),
                 "syscall {forbidden} is allowed"
             );
         }
+    }
+
+    #[test]
+    fn test_seccomp_block_matrix_bpf_both_arches() {
+        let cases = matrix(&rules());
+        for arch in [TargetArch::x86_64, TargetArch::aarch64] {
+            let prog = compile_for(arch).expect("compile");
+            let failures = check_matrix_bpf(&prog, arch, &cases);
+            assert!(failures.is_empty(), "{failures:#?}");
+        }
+        println!(
+            "block filter: {} calls checked on x86_64 and aarch64 BPF",
+            cases.len()
+        );
+    }
+
+    #[test]
+    fn test_seccomp_block_matrix_real_kernel() {
+        let prog = seccomp_filter().expect("compile");
+        if enforcement(&prog) != Enforcement::Enforced {
+            println!(
+                "seccomp filters are not enforced here (qemu-user?): real-kernel matrix skipped"
+            );
+            return;
+        }
+        let cases = matrix(&rules());
+        let failures = check_matrix_real(&prog, &cases);
+        assert!(failures.is_empty(), "{failures:#?}");
+        assert_eq!(
+            panic_under_filter_ends(&prog),
+            ChildEnd::Signalled(libc::SIGABRT)
+        );
+        println!(
+            "block filter: {} real calls checked, panic aborts",
+            cases.len()
+        );
     }
 }

@@ -9,10 +9,9 @@
 
 use std::sync::Arc;
 
-use log::error;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::irq::{MsiMessage, VmInterrupts};
+use crate::irq::{IrqError, MsiMessage, VmInterrupts};
 
 /// Capability ID of MSI-X.
 pub const CAP_ID_MSIX: u8 = 0x11;
@@ -83,11 +82,12 @@ impl Msix {
         b
     }
 
-    /// The guest wrote the message control register.
-    pub fn set_control(&mut self, control: u16) {
+    /// The guest wrote the message control register. An error means KVM refused a route or
+    /// an irqfd: the function's interrupts are broken and its device must be failed.
+    pub fn set_control(&mut self, control: u16) -> Result<(), IrqError> {
         self.enabled = control & CTRL_ENABLE != 0;
         self.function_masked = control & CTRL_FUNCTION_MASK != 0;
-        self.sync();
+        self.sync()
     }
 
     /// Whether MSI-X is enabled.
@@ -116,13 +116,13 @@ impl Msix {
         }
     }
 
-    /// A guest write to the vector table.
-    pub fn table_write(&mut self, offset: u64, data: &[u8]) {
+    /// A guest write to the vector table (errors as for [`Msix::set_control`]).
+    pub fn table_write(&mut self, offset: u64, data: &[u8]) -> Result<(), IrqError> {
         let index = (offset / ENTRY_SIZE as u64) as usize;
         let word = ((offset % ENTRY_SIZE as u64) / 4) as usize;
         let len = data.len() as u64;
         if index >= self.table.len() || !(len == 4 || len == 8) || !offset.is_multiple_of(len) {
-            return;
+            return Ok(());
         }
         for (i, chunk) in data.chunks(4).enumerate() {
             let mut w = [0u8; 4];
@@ -131,7 +131,7 @@ impl Msix {
                 *slot = u32::from_le_bytes(w);
             }
         }
-        self.sync();
+        self.sync()
     }
 
     /// A guest read of the pending bit array: pending signals wait in eventfds, so no bit is
@@ -141,34 +141,65 @@ impl Msix {
     }
 
     /// Binds eventfds to `vector` (replacing what was bound).
-    pub fn set_sources(&mut self, vector: usize, fds: Vec<Arc<EventFd>>) {
+    pub fn set_sources(&mut self, vector: usize, fds: Vec<Arc<EventFd>>) -> Result<(), IrqError> {
         if let Some(s) = self.sources.get_mut(vector) {
             *s = fds;
         }
-        self.sync();
+        self.sync()
     }
 
     /// Unbinds `fd` from every vector.
-    pub fn remove_source(&mut self, fd: &Arc<EventFd>) {
+    pub fn remove_source(&mut self, fd: &Arc<EventFd>) -> Result<(), IrqError> {
         for s in &mut self.sources {
             s.retain(|f| !Arc::ptr_eq(f, fd));
         }
-        self.sync();
+        self.sync()
     }
 
     /// The requester ID changed (the guest renumbered the bus).
-    pub fn set_devid(&mut self, devid: u32) {
+    pub fn set_devid(&mut self, devid: u32) -> Result<(), IrqError> {
         if devid != self.devid {
             self.devid = devid;
-            self.sync();
+            return self.sync();
         }
+        Ok(())
     }
 
-    /// Wires the vectors to a (new) VM: fresh GSIs; the table is back to its reset state.
-    pub fn attach(&mut self, irq: Arc<VmInterrupts>) -> Result<(), crate::irq::IrqError> {
-        let gsis = (0..self.table.len())
-            .map(|_| irq.allocate_gsi())
-            .collect::<Result<Vec<_>, _>>()?;
+    /// Releases what is registered with KVM: irqfds, routes, and the GSIs themselves, which
+    /// go back to the VM's pool for the next function.
+    fn detach(&mut self) -> Result<(), IrqError> {
+        let Some(w) = self.wiring.take() else {
+            return Ok(());
+        };
+        let mut first_error = None;
+        for (v, fds) in w.live.iter().enumerate() {
+            for fd in fds {
+                if let Err(e) = w.irq.unregister_irqfd(fd, w.gsis[v]) {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Err(e) = w.irq.free_gsis(&w.gsis) {
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Wires the vectors to a (new) VM: fresh GSIs (the old ones are freed); the table is back
+    /// to its reset state.
+    pub fn attach(&mut self, irq: Arc<VmInterrupts>) -> Result<(), IrqError> {
+        // The old VM's routes go; failing to release them there does not stop the new wiring.
+        let _ = self.detach();
+        let mut gsis = Vec::with_capacity(self.table.len());
+        for _ in 0..self.table.len() {
+            match irq.allocate_gsi() {
+                Ok(g) => gsis.push(g),
+                Err(e) => {
+                    let _ = irq.free_gsis(&gsis);
+                    return Err(e);
+                }
+            }
+        }
         for v in &mut self.table {
             *v = [0, 0, 0, VECTOR_MASKED];
         }
@@ -196,17 +227,16 @@ impl Msix {
         })
     }
 
-    /// Brings KVM's routes and irqfds in line with the table.
-    fn sync(&mut self) {
+    /// Brings KVM's routes and irqfds in line with the table; goes as far as it can and
+    /// returns the first error.
+    fn sync(&mut self) -> Result<(), IrqError> {
         let Some(w) = self.wiring.as_mut() else {
-            return;
+            return Ok(());
         };
         let updates: Vec<_> = (0..self.table.len())
             .map(|v| (w.gsis[v], Self::message(&self.table, self.devid, v)))
             .collect();
-        if let Err(e) = w.irq.set_routes(&updates) {
-            error!("MSI-X routes for device {:#x}: {e}", self.devid);
-        }
+        let mut first_error = w.irq.set_routes(&updates).err();
         for v in 0..self.table.len() {
             let live = self.enabled
                 && !self.function_masked
@@ -220,7 +250,7 @@ impl Msix {
                     return true;
                 }
                 if let Err(e) = w.irq.unregister_irqfd(fd, gsi) {
-                    error!("{e}");
+                    first_error.get_or_insert(e);
                 }
                 false
             });
@@ -228,11 +258,21 @@ impl Msix {
                 if !have.iter().any(|f| Arc::ptr_eq(f, fd)) {
                     match w.irq.register_irqfd(fd, gsi) {
                         Ok(()) => have.push(fd.clone()),
-                        Err(e) => error!("{e}"),
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
                     }
                 }
             }
         }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Msix {
+    fn drop(&mut self) {
+        // An unplugged function gives its GSIs back (errors: the VM is going away).
+        let _ = self.detach();
     }
 }
 
@@ -243,8 +283,10 @@ mod tests {
     #[test]
     fn test_msix_table_roundtrip_and_bounds() {
         let mut m = Msix::new(3, 0x100);
-        m.table_write(16, &0xfee0_0000u32.to_le_bytes());
-        m.table_write(16 + 8, &42u32.to_le_bytes());
+        m.table_write(16, &0xfee0_0000u32.to_le_bytes())
+            .expect("no wiring");
+        m.table_write(16 + 8, &42u32.to_le_bytes())
+            .expect("no wiring");
         let mut d = [0u8; 4];
         m.table_read(16, &mut d);
         assert_eq!(u32::from_le_bytes(d), 0xfee0_0000);
@@ -254,9 +296,9 @@ mod tests {
         m.table_read(16, &mut q);
         assert_eq!(u64::from_le_bytes(q), 0xfee0_0000);
         // Out of range, misaligned and odd-sized accesses are ignored.
-        m.table_write(3 * 16, &[1, 2, 3, 4]);
-        m.table_write(17, &[1, 2, 3, 4]);
-        m.table_write(16, &[1, 2]);
+        m.table_write(3 * 16, &[1, 2, 3, 4]).expect("ignored");
+        m.table_write(17, &[1, 2, 3, 4]).expect("ignored");
+        m.table_write(16, &[1, 2]).expect("ignored");
         m.table_read(1000, &mut d);
         assert_eq!(d, [0; 4]);
         assert_eq!(

@@ -1,5 +1,168 @@
 //! Virtio devices as the guest sees them: the PCI transport, fronting device processes that
 //! speak vhost-user.
+//!
+//! Nothing here waits on a device process while the guest waits: the device's configuration
+//! space is cached (refreshed when the backend says it changed), activation and reset run on a
+//! per-device worker thread, and every vhost-user request has a deadline
+//! ([`vhost_user::REQUEST_TIMEOUT`]) after which the device is failed (see [`FailureHandle`]).
 
 pub mod pci;
 pub mod vhost_user;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::ratelimit::RateLimiter;
+
+/// What the transport, the device's worker thread, its backend-request thread and the device
+/// manager share about one device. Only atomics and short-held locks: no thread blocks on
+/// another here.
+pub(crate) struct DeviceShared {
+    pub(crate) name: String,
+    failed: AtomicBool,
+    needs_reset: AtomicBool,
+    /// Resets handed to the worker and not yet done: the status register reads non-zero
+    /// until they are (the driver polls it after writing 0).
+    resets_pending: AtomicU32,
+    /// The device configuration space as last read from the backend.
+    config: Mutex<Vec<u8>>,
+    /// `config_generation` as the driver reads it.
+    generation: AtomicU8,
+    /// Signalled on a configuration change or a failure; bound to the configuration vector.
+    pub(crate) config_irq: Arc<EventFd>,
+    /// A duplicate of the vhost-user socket, for shutting it down from any thread without
+    /// taking the frontend's lock (which a stuck request holds).
+    socket: Option<OwnedFd>,
+    /// Rate limit of the device's guest-triggered log lines.
+    pub(crate) log_limit: RateLimiter,
+}
+
+impl DeviceShared {
+    pub(crate) fn new(name: String, config_irq: Arc<EventFd>, socket: Option<OwnedFd>) -> Self {
+        Self {
+            name,
+            failed: AtomicBool::new(false),
+            needs_reset: AtomicBool::new(false),
+            resets_pending: AtomicU32::new(0),
+            config: Mutex::new(Vec::new()),
+            generation: AtomicU8::new(0),
+            config_irq,
+            socket,
+            log_limit: RateLimiter::per_device(),
+        }
+    }
+
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire) || self.failed()
+    }
+
+    /// The driver reset the device: NEEDS_RESET is answered (a failed device stays failed).
+    pub(crate) fn clear_needs_reset(&self) {
+        self.needs_reset.store(false, Ordering::Release);
+    }
+
+    /// Sets DEVICE_NEEDS_RESET and raises the configuration interrupt.
+    pub(crate) fn set_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let _ = self.config_irq.write(1);
+    }
+
+    /// Declares the device failed: its socket is shut down (every request in flight or to
+    /// come fails at once), the guest sees DEVICE_NEEDS_RESET and a configuration interrupt.
+    pub(crate) fn fail(&self, reason: &str) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            log::error!("{}: device failed: {reason}", self.name);
+            if let Some(s) = &self.socket {
+                // SAFETY: shutdown(2) on a descriptor this struct owns; no memory is passed.
+                unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+        }
+        self.set_needs_reset();
+    }
+
+    pub(crate) fn reset_started(&self) {
+        self.resets_pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn reset_done(&self) {
+        let _ = self
+            .resets_pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    pub(crate) fn resetting(&self) -> bool {
+        self.resets_pending.load(Ordering::Acquire) > 0
+    }
+
+    pub(crate) fn generation(&self) -> u8 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Reads the cached configuration space; bytes past it read as zero.
+    pub(crate) fn read_config(&self, offset: usize, data: &mut [u8]) {
+        let cache = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i)
+                .and_then(|o| cache.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    /// Writes into the cache what the driver wrote (the backend gets it too).
+    pub(crate) fn write_config_cache(&self, offset: usize, data: &[u8]) {
+        let mut cache = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, b) in data.iter().enumerate() {
+            if let Some(slot) = offset.checked_add(i).and_then(|o| cache.get_mut(o)) {
+                *slot = *b;
+            }
+        }
+    }
+
+    /// Replaces the cache with what the backend reported; with `announce`, the generation
+    /// moves on and the configuration interrupt fires.
+    pub(crate) fn set_config(&self, config: Vec<u8>, announce: bool) {
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = config;
+        if announce {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            let _ = self.config_irq.write(1);
+        }
+    }
+}
+
+/// Fails one device from anywhere (the device manager, when its process dies): the socket is
+/// shut down, the guest sees DEVICE_NEEDS_RESET and a configuration interrupt, and the device
+/// takes no new activation until it is replaced. Threads calling it need `shutdown` in their
+/// seccomp filter.
+#[derive(Clone)]
+pub struct FailureHandle(pub(crate) Arc<DeviceShared>);
+
+impl FailureHandle {
+    /// Declares the device failed for `reason` (logged once).
+    pub fn fail(&self, reason: &str) {
+        self.0.fail(reason)
+    }
+
+    /// Whether the device has failed.
+    pub fn is_failed(&self) -> bool {
+        self.0.failed()
+    }
+}
+
+impl std::fmt::Debug for FailureHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FailureHandle")
+            .field("device", &self.0.name)
+            .field("failed", &self.0.failed())
+            .finish()
+    }
+}

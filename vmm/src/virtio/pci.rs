@@ -4,16 +4,23 @@
 //! and notification structures and the MSI-X table and PBA. Queue notifications are KVM
 //! ioeventfds that the device process polls, and its completion eventfds are KVM irqfds on
 //! the queues' MSI-X vectors: the VMM handles configuration, never the data path.
+//!
+//! A guest access never waits for the device process: configuration reads come from the
+//! cache ([`super::DeviceShared`]), configuration writes, activation and reset are jobs for
+//! the device's worker thread. While a reset is pending the status register reads non-zero,
+//! as the driver expects. A failed device shows DEVICE_NEEDS_RESET and refuses FEATURES_OK.
 
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
-use log::{error, info, warn};
+use log::{info, Level};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::vhost_user::{RingConfig, VhostUserDevice};
+use super::vhost_user::{Job, RingConfig, VhostUserDevice};
+use super::FailureHandle;
 use crate::irq::VmInterrupts;
+use crate::log_limited;
 use crate::mmio::{MmioBus, MmioDevice};
 use crate::pci::config::*;
 use crate::pci::msix::{Msix, CAP_ID_MSIX, CTRL_WRITABLE};
@@ -101,7 +108,10 @@ struct Transport {
     /// Largest queue the device process takes.
     max_queue_size: u16,
     queues: Vec<Queue>,
+    /// Activation handed to the worker and not undone by a reset.
     active: bool,
+    /// The status before the last reset, shown while the worker still carries it out.
+    status_before_reset: u8,
     kicks: Vec<Arc<EventFd>>,
     calls: Vec<Arc<EventFd>>,
     config_irq: Arc<EventFd>,
@@ -131,6 +141,9 @@ pub enum VirtioPciError {
     /// An eventfd could not be created.
     #[error("creating an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The virtio device type is not one (they are below 64).
+    #[error("virtio device type {0} is out of range")]
+    DeviceType(u32),
 }
 
 fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
@@ -148,13 +161,17 @@ impl VirtioPci {
     /// A function for `backend` (a virtio device of type `device_type` whose queues hold at
     /// most `max_queue_size` entries), not yet wired to a VM.
     pub fn new(
-        device_type: u16,
+        device_type: u32,
         class: u32,
         max_queue_size: u16,
         backend: VhostUserDevice,
         memory: GuestMemoryMmap,
         mmio: Arc<MmioBus>,
     ) -> Result<Self, VirtioPciError> {
+        let device_type = u16::try_from(device_type)
+            .ok()
+            .filter(|&t| t < 0x40)
+            .ok_or(VirtioPciError::DeviceType(device_type))?;
         let nq = backend.num_queues;
         let mut config = ConfigSpace::new();
         config.header(VENDOR_VIRTIO, DEVICE_ID_BASE + device_type, class, 1, 0);
@@ -205,7 +222,7 @@ impl VirtioPci {
         let kicks = (0..nq).map(|_| eventfd()).collect::<Result<Vec<_>, _>>()?;
         let calls = (0..nq).map(|_| eventfd()).collect::<Result<Vec<_>, _>>()?;
         let features_offered = (backend.features & TRANSPORT_FEATURES) | F_VERSION_1;
-        let backend_config_irq = backend.config_change.irq.clone();
+        let backend_config_irq = backend.shared.config_irq.clone();
         let transport = Transport {
             name: backend.name.clone(),
             config,
@@ -226,6 +243,7 @@ impl VirtioPci {
             max_queue_size,
             queues: vec![Queue::reset(max_queue_size); nq],
             active: false,
+            status_before_reset: 0,
             kicks,
             calls,
             config_irq: backend_config_irq,
@@ -237,6 +255,12 @@ impl VirtioPci {
         let inner = Arc::new(Mutex::new(transport));
         lock(&inner).handler = Some(Arc::new(BarHandler(Arc::downgrade(&inner))));
         Ok(Self { inner })
+    }
+
+    /// A handle that fails this device from any thread (the device manager calls it when the
+    /// device process ends): socket shut down, DEVICE_NEEDS_RESET, configuration interrupt.
+    pub fn failure_handle(&self) -> FailureHandle {
+        lock(&self.inner).backend.failure_handle()
     }
 }
 
@@ -254,7 +278,9 @@ impl Transport {
                     .vm()
                     .unregister_ioevent(kick.as_ref(), &addr, NoDatamatch)
                 {
-                    warn!("{}: releasing ioeventfd: {e}", self.name);
+                    self.backend
+                        .shared
+                        .fail(&format!("releasing the ioeventfd of queue {q}: {e}"));
                 }
             }
         }
@@ -272,16 +298,33 @@ impl Transport {
             return;
         };
         if let Err(e) = self.mmio.insert(base..base + u64::from(BAR_SIZE), handler) {
-            warn!("{}: BAR 0 at {base:#x}: {e}", self.name);
+            // The guest put the BAR somewhere unusable: its accesses go nowhere.
+            log_limited!(
+                self.backend.shared.log_limit,
+                Level::Warn,
+                "{}: BAR 0 at {base:#x}: {e}",
+                self.name
+            );
             return;
         }
+        self.mapped = Some(base);
         for (q, kick) in self.kicks.iter().enumerate() {
             let addr = IoEventAddress::Mmio(base + NOTIFY_OFFSET + 4 * q as u64);
             if let Err(e) = irq.vm().register_ioevent(kick.as_ref(), &addr, NoDatamatch) {
-                error!("{}: ioeventfd for queue {q}: {e}", self.name);
+                // Notifications of this queue would never reach the device.
+                self.backend
+                    .shared
+                    .fail(&format!("the ioeventfd of queue {q}: {e}"));
             }
         }
-        self.mapped = Some(base);
+    }
+
+    /// An MSI-X operation's outcome: KVM refusing a route or an irqfd breaks the device's
+    /// interrupts, so the device fails.
+    fn msix_result(&self, r: Result<(), crate::irq::IrqError>) {
+        if let Err(e) = r {
+            self.backend.shared.fail(&format!("MSI-X: {e}"));
+        }
     }
 
     fn bind_vectors(&mut self) {
@@ -296,7 +339,8 @@ impl Transport {
             }
         }
         for (v, fds) in per_vector.into_iter().enumerate() {
-            self.msix.set_sources(v, fds);
+            let r = self.msix.set_sources(v, fds);
+            self.msix_result(r);
         }
     }
 
@@ -315,46 +359,46 @@ impl Transport {
     }
 
     fn activate(&mut self) {
-        let rings = self.rings();
+        if self.active {
+            // Activation is idempotent.
+            return;
+        }
+        if self.backend.shared.failed() {
+            self.backend.shared.set_needs_reset();
+            return;
+        }
         if let Some(bad) = self.queues.iter().position(|q| {
             q.enabled && (q.size == 0 || !q.size.is_power_of_two() || q.size > self.max_queue_size)
         }) {
-            warn!(
+            log_limited!(
+                self.backend.shared.log_limit,
+                Level::Warn,
                 "{}: queue {bad} has an invalid size; device needs reset",
                 self.name
             );
-            self.status |= STATUS_NEEDS_RESET;
+            self.backend.shared.set_needs_reset();
             return;
         }
-        let features = self.driver_features;
-        match self
-            .backend
-            .activate(&self.memory, features, &rings, &self.kicks, &self.calls)
-        {
-            Ok(()) => {
-                self.active = true;
-                info!(
-                    "{}: activated, {} of {} queues, features {features:#x}",
-                    self.name,
-                    rings.iter().flatten().count(),
-                    rings.len()
-                );
-            }
-            Err(e) => {
-                error!("{}: activating the device process: {e}", self.name);
-                self.status |= STATUS_NEEDS_RESET;
-            }
-        }
+        self.active = true;
+        self.backend.submit(Job::Activate {
+            memory: self.memory.clone(),
+            features: self.driver_features,
+            rings: self.rings(),
+            kicks: self.kicks.clone(),
+            calls: self.calls.clone(),
+        });
     }
 
-    /// Device reset: the data path stops, the transport's state goes back to its reset values.
+    /// Device reset: the data path stops (the worker does it; the status reads non-zero
+    /// until it has), the transport's state goes back to its reset values.
     fn reset_device(&mut self) {
         if self.active {
-            if let Err(e) = self.backend.deactivate(&self.rings()) {
-                error!("{}: stopping the device process: {e}", self.name);
-            }
+            self.backend.shared.reset_started();
+            self.status_before_reset = self.status.max(STATUS_ACKNOWLEDGE);
+            self.backend.submit(Job::Deactivate);
             self.active = false;
         }
+        self.backend.shared.clear_needs_reset();
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
         self.driver_features = 0;
@@ -377,28 +421,75 @@ impl Transport {
             self.reset_device();
             return;
         }
-        let mut value = value;
+        let mut value = value & !STATUS_NEEDS_RESET;
+        if self.status & STATUS_DRIVER_OK != 0 && value & self.status != self.status {
+            // Clearing bits of a live device is not a reset: the device needs one.
+            log_limited!(
+                self.backend.shared.log_limit,
+                Level::Warn,
+                "{}: status {value:#x} clears bits of {:#x} after DRIVER_OK; device needs reset",
+                self.name,
+                self.status
+            );
+            self.backend.shared.set_needs_reset();
+            return;
+        }
         if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
-            // The driver must accept VERSION_1 and only features on offer.
+            // The driver must accept VERSION_1 and only features on offer; a failed device
+            // takes no driver at all.
             let ok = self.driver_features & F_VERSION_1 != 0
-                && self.driver_features & !self.features_offered == 0;
+                && self.driver_features & !self.features_offered == 0
+                && !self.backend.shared.failed();
             if !ok {
-                warn!(
-                    "{}: driver features {:#x} refused",
-                    self.name, self.driver_features
+                log_limited!(
+                    self.backend.shared.log_limit,
+                    Level::Warn,
+                    "{}: driver features {:#x} refused{}",
+                    self.name,
+                    self.driver_features,
+                    if self.backend.shared.failed() {
+                        " (the device has failed)"
+                    } else {
+                        ""
+                    }
                 );
                 value &= !STATUS_FEATURES_OK;
             }
         }
         let newly_ok = value & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
-        self.status = value | (self.status & STATUS_NEEDS_RESET);
+        self.status = value;
         if newly_ok && self.status & STATUS_FEATURES_OK != 0 {
             self.activate();
         } else if newly_ok {
-            warn!("{}: DRIVER_OK without FEATURES_OK", self.name);
-            self.status |= STATUS_NEEDS_RESET;
+            log_limited!(
+                self.backend.shared.log_limit,
+                Level::Warn,
+                "{}: DRIVER_OK without FEATURES_OK",
+                self.name
+            );
+            self.backend.shared.set_needs_reset();
         }
-        let _ = (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_FAILED);
+        let _ = (STATUS_DRIVER, STATUS_FAILED);
+    }
+
+    /// The status register as the driver reads it.
+    fn status_image(&self) -> u8 {
+        let shared = &self.backend.shared;
+        if self.status == 0 {
+            // Zero only once the reset is done; never NEEDS_RESET alone, which would keep a
+            // driver polling for the reset forever.
+            return if shared.resetting() {
+                self.status_before_reset
+            } else {
+                0
+            };
+        }
+        self.status
+            | if shared.needs_reset() {
+                STATUS_NEEDS_RESET
+            } else {
+                0
+            }
     }
 
     fn queue(&mut self) -> Option<&mut Queue> {
@@ -425,12 +516,8 @@ impl Transport {
         put(&mut b, 0x0c, &drf.to_le_bytes());
         put(&mut b, 0x10, &self.config_vector.to_le_bytes());
         put(&mut b, 0x12, &(self.queues.len() as u16).to_le_bytes());
-        b[0x14] = self.status;
-        b[0x15] = self
-            .backend
-            .config_change
-            .generation
-            .load(std::sync::atomic::Ordering::Acquire);
+        b[0x14] = self.status_image();
+        b[0x15] = self.backend.shared.generation();
         put(&mut b, 0x16, &self.queue_select.to_le_bytes());
         if let Some(q) = self.queues.get(usize::from(self.queue_select)) {
             put(&mut b, 0x18, &q.size.to_le_bytes());
@@ -531,7 +618,8 @@ impl Transport {
                 && o + len <= DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE =>
             {
                 self.backend
-                    .read_config((o - DEVICE_CFG_OFFSET) as u32, data)
+                    .shared
+                    .read_config((o - DEVICE_CFG_OFFSET) as usize, data)
             }
             o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.msix.table_size() as u64)
                 .contains(&o) =>
@@ -552,8 +640,12 @@ impl Transport {
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o)
                 && o + len <= DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE =>
             {
-                self.backend
-                    .write_config((o - DEVICE_CFG_OFFSET) as u32, data)
+                let offset = (o - DEVICE_CFG_OFFSET) as usize;
+                self.backend.shared.write_config_cache(offset, data);
+                self.backend.submit(Job::WriteConfig {
+                    offset: offset as u32,
+                    data: data.to_vec(),
+                });
             }
             o if (NOTIFY_OFFSET..NOTIFY_OFFSET + 4 * self.queues.len() as u64).contains(&o) => {
                 // Only reached while no ioeventfd covers the address.
@@ -565,9 +657,15 @@ impl Transport {
             o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.msix.table_size() as u64)
                 .contains(&o) =>
             {
-                self.msix.table_write(o - MSIX_TABLE_OFFSET, data)
+                let r = self.msix.table_write(o - MSIX_TABLE_OFFSET, data);
+                self.msix_result(r);
             }
-            _ => {}
+            _ => log_limited!(
+                self.backend.shared.log_limit,
+                Level::Debug,
+                "{}: write of {len} bytes at BAR 0 + {offset:#x} ignored",
+                self.name
+            ),
         }
     }
 }
@@ -602,7 +700,8 @@ impl PciDevice for VirtioPci {
         let mut t = lock(&self.inner);
         if bus != t.bus {
             t.bus = bus;
-            t.msix.set_devid(requester_id(bus, 0));
+            let r = t.msix.set_devid(requester_id(bus, 0));
+            t.msix_result(r);
         }
         t.config.write(offset, data);
         let end = offset + data.len();
@@ -613,7 +712,8 @@ impl PciDevice for VirtioPci {
         let msix_ctrl = t.msix_cap + 2;
         if overlaps(msix_ctrl, 2) {
             let ctrl = t.config.u16(msix_ctrl);
-            t.msix.set_control(ctrl);
+            let r = t.msix.set_control(ctrl);
+            t.msix_result(r);
         }
     }
 
@@ -630,9 +730,8 @@ impl PciDevice for VirtioPci {
         let value = t.config.u16(ctrl) & !CTRL_WRITABLE;
         t.config.set_u16(ctrl, value);
         t.bus = 0;
-        if let Err(e) = t.msix.attach(vm.clone()) {
-            error!("{}: MSI-X: {e}", t.name);
-        }
+        let r = t.msix.attach(vm.clone());
+        t.msix_result(r);
         let _ = t.device_type;
     }
 
