@@ -26,7 +26,7 @@ pub mod startup;
 use std::error::Error as StdError;
 use std::fmt::Display;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -277,14 +277,4 @@ pub fn start_backend<C: Device>(config: C) -> Result<(), Error> {
     let served = serve_stream(stream, opened.backend).map_err(Error::Serve);
     info!("{}: served {}", C::KIND, opened.control.stats());
     served
-}
-
-/// Wraps inherited descriptor `fd` (checked open by the runtime) as an owned descriptor.
-///
-/// # Safety
-/// `fd` must be one of the descriptors the device listed in [`Device::descriptors`], taken
-/// exactly once: the result becomes its only owner.
-pub unsafe fn take_fd(fd: RawFd) -> OwnedFd {
-    // SAFETY: forwarded from the caller.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
