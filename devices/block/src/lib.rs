@@ -132,6 +132,7 @@ impl Device for Config {
         });
         Ok(Opened {
             backend,
+            name: format!("disk {}", name.display()),
             seccomp,
             control,
         })

@@ -480,7 +480,7 @@ fn test_contract_fds_control_channel_answers_and_stray_fd_closed() {
 
     // The VMM hanging up the control channel ends only the control thread.
     drop(control);
-    let mut frontend = Frontend::from_stream(ours, 1);
+    let frontend = Frontend::from_stream(ours, 1);
     frontend.set_owner().expect("set_owner");
     assert_ne!(frontend.get_features().expect("features"), 0);
     drop(frontend);

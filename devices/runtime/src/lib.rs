@@ -26,7 +26,7 @@ pub mod startup;
 use std::error::Error as StdError;
 use std::fmt::Display;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,6 +63,8 @@ pub trait Device: Sized {
 /// A device ready to serve.
 pub struct Opened<B> {
     pub backend: B,
+    /// What the device serves, for the log (block: `disk PATH`).
+    pub name: String,
     /// The device's seccomp filter, installed unless `--seccomp off`.
     pub seccomp: BpfProgram,
     /// Answers `stats` and device commands on the control channel; its `stats` is also logged
@@ -275,16 +277,8 @@ pub fn start_backend<C: Device>(config: C) -> Result<(), Error> {
             .map_err(Error::SpawnControl)?;
     }
     let served = serve_stream(stream, opened.backend).map_err(Error::Serve);
-    info!("{}: served {}", C::KIND, opened.control.stats());
+    // Logged under the device crate's name (`bulkhead_block: disk PATH: served reads=..`).
+    let target = format!("bulkhead_{}", C::KIND.replace('-', "_"));
+    info!(target: &target, "{}: served {}", opened.name, opened.control.stats());
     served
-}
-
-/// Wraps inherited descriptor `fd` (checked open by the runtime) as an owned descriptor.
-///
-/// # Safety
-/// `fd` must be one of the descriptors the device listed in [`Device::descriptors`], taken
-/// exactly once: the result becomes its only owner.
-pub unsafe fn take_fd(fd: RawFd) -> OwnedFd {
-    // SAFETY: forwarded from the caller.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
