@@ -6,6 +6,8 @@
 //! per-device worker thread, and every vhost-user request has a deadline
 //! ([`vhost_user::REQUEST_TIMEOUT`]) after which the device is failed (see [`FailureHandle`]).
 
+#[cfg(test)]
+mod fake_backend;
 pub mod pci;
 pub mod vhost_user;
 
