@@ -17,7 +17,6 @@ pub const GET_VRING_BASE: u32 = 11;
 pub const GET_PROTOCOL_FEATURES: u32 = 15;
 pub const GET_QUEUE_NUM: u32 = 17;
 pub const GET_CONFIG: u32 = 24;
-pub const SET_CONFIG: u32 = 25;
 pub const RESET_DEVICE: u32 = 34;
 
 const REPLY: u32 = 0x4 | 0x1;
@@ -39,8 +38,6 @@ pub enum Action {
     Send(Vec<u8>, Vec<OwnedFd>),
     /// Says nothing.
     Nothing,
-    /// Closes the connection.
-    Close,
 }
 
 /// A reply message: header (code, REPLY flags, size) and body.
@@ -104,7 +101,6 @@ impl Fake {
                     }
                 }
                 Action::Nothing => {}
-                Action::Close => return,
             }
             let _ = theirs.flush();
         });
