@@ -458,10 +458,10 @@ pub fn evaluate(
         match k {
             DATA_NR => Some(nr as u32),
             DATA_ARCH => Some(arch),
-            k if (DATA_ARGS..DATA_ARGS + 48).contains(&k) && k % 4 == 0 => {
+            k if (DATA_ARGS..DATA_ARGS + 48).contains(&k) && k.is_multiple_of(4) => {
                 let i = ((k - DATA_ARGS) / 8) as usize;
                 let a = args[i];
-                Some(if (k - DATA_ARGS) % 8 == 0 {
+                Some(if (k - DATA_ARGS).is_multiple_of(8) {
                     a as u32
                 } else {
                     (a >> 32) as u32

@@ -1,4 +1,5 @@
-//! Test-only: a vhost-user backend that speaks raw messages on a socket pair, honest or
+#![allow(dead_code)]
+//! For tests and fuzzing: a vhost-user backend that speaks raw messages on a socket pair, honest or
 //! malicious as a test scripts it (wrong reply type or size, huge counts, stray descriptors,
 //! no reply at all), to drive the VMM's frontend, worker and transport.
 

@@ -257,6 +257,18 @@ impl VirtioPci {
         Ok(Self { inner })
     }
 
+    #[doc(hidden)]
+    /// For the fuzz targets: a guest read of BAR 0 at `offset`.
+    pub fn bar_read_for_fuzzing(&self, offset: u64, data: &mut [u8]) {
+        lock(&self.inner).bar_read(offset, data)
+    }
+
+    #[doc(hidden)]
+    /// For the fuzz targets: a guest write of BAR 0 at `offset`.
+    pub fn bar_write_for_fuzzing(&self, offset: u64, data: &[u8]) {
+        lock(&self.inner).bar_write(offset, data)
+    }
+
     /// A handle that fails this device from any thread (the device manager calls it when the
     /// device process ends): socket shut down, DEVICE_NEEDS_RESET, configuration interrupt.
     pub fn failure_handle(&self) -> FailureHandle {
