@@ -160,7 +160,7 @@ fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> std::io::Resu
         }
     }
     // SAFETY: `msg` describes valid buffers.
-    if unsafe { libc::sendmsg(s.as_raw_fd(), &msg, 0) } < 0 {
+    if unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

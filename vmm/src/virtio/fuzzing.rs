@@ -15,6 +15,17 @@ use crate::pci::PciDevice;
 
 const CONFIG: [u8; 16] = [7; 16];
 
+/// As in the `bulkhead` binary (Rust's runtime sets it before `main`, which a libFuzzer
+/// target does not run): a write to a socket whose peer is gone is an EPIPE error, not a
+/// SIGPIPE that ends the process.
+fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: setting a signal's disposition to SIG_IGN, before any handler could matter.
+    ONCE.call_once(|| unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    });
+}
+
 fn memory() -> GuestMemoryMmap {
     let file = std::fs::File::from(memfd(0x10000));
     GuestMemoryMmap::from_ranges_with_files([(
@@ -30,6 +41,7 @@ fn memory() -> GuestMemoryMmap {
 /// PCI configuration read/write, BAR 0 read/write (common configuration, device
 /// configuration, notifications, MSI-X table and PBA, and what lies between).
 pub fn transport(data: &[u8]) {
+    ignore_sigpipe();
     let mut fake = Fake::start(|m| honest(&CONFIG, 2, m));
     let Some(frontend) = fake.frontend.take() else {
         return;
@@ -75,6 +87,7 @@ pub fn transport(data: &[u8]) {
 /// reply is a length byte and that many bytes (header and body as the backend sends them);
 /// when `data` runs out the backend is honest. Nothing here may panic or hang.
 pub fn replies(data: &[u8]) {
+    ignore_sigpipe();
     let mut rest = data.to_vec();
     let mut take = move |m: &Msg| -> Action {
         if rest.is_empty() {
