@@ -98,6 +98,7 @@ pub const SYSCALLS: &[(&str, Option<i64>, Option<i64>)] = &[
     ("pwritev", Some(296), Some(70)),
     ("read", Some(0), Some(63)),
     ("readv", Some(19), Some(65)),
+    ("recvfrom", Some(45), Some(207)),
     ("recvmsg", Some(47), Some(212)),
     ("restart_syscall", Some(219), Some(128)),
     ("rseq", Some(334), Some(293)),
@@ -458,10 +459,10 @@ pub fn evaluate(
         match k {
             DATA_NR => Some(nr as u32),
             DATA_ARCH => Some(arch),
-            k if (DATA_ARGS..DATA_ARGS + 48).contains(&k) && k % 4 == 0 => {
+            k if (DATA_ARGS..DATA_ARGS + 48).contains(&k) && k.is_multiple_of(4) => {
                 let i = ((k - DATA_ARGS) / 8) as usize;
                 let a = args[i];
-                Some(if (k - DATA_ARGS) % 8 == 0 {
+                Some(if (k - DATA_ARGS).is_multiple_of(8) {
                     a as u32
                 } else {
                     (a >> 32) as u32
@@ -936,6 +937,7 @@ mod tests {
             ("pwritev", libc::SYS_pwritev),
             ("read", libc::SYS_read),
             ("readv", libc::SYS_readv),
+            ("recvfrom", libc::SYS_recvfrom),
             ("recvmsg", libc::SYS_recvmsg),
             ("restart_syscall", libc::SYS_restart_syscall),
             ("rseq", libc::SYS_rseq),

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use bulkhead_sandbox::seccomp::{self, BpfProgram, Cond, Rules, TargetArch};
+use bulkhead_sandbox::seccomp::{self, BpfProgram, Rules, TargetArch};
 
 /// The VMM's thread types, each with its own filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -271,25 +271,11 @@ fn main_rules(r: &mut Rules, kick_signal: u64) {
     // The start-up milestones of the first boot (milestone::log).
     r.allow("getrusage");
     // A device connected after the filter (restart, hot-plug): VhostUserDevice::handshake
-    // sends and receives vhost-user messages, puts the request deadline on the socket
-    // (arm_socket: SO_RCVTIMEO, SO_SNDTIMEO) and keeps a duplicate of it (F_DUPFD_CLOEXEC);
+    // sends and receives vhost-user messages and keeps a duplicate of the socket
+    // (dup_socket: F_DUPFD_CLOEXEC);
     // FrontendReqHandler::new makes the backend channel (socketpair AF_UNIX); the
     // configuration and queue eventfds (eventfd2).
     r.allow("sendmsg").allow("recvmsg");
-    r.allow_when(
-        "setsockopt",
-        vec![
-            Cond::eq(1, libc::SOL_SOCKET as u64),
-            Cond::eq(2, libc::SO_RCVTIMEO as u64),
-        ],
-    );
-    r.allow_when(
-        "setsockopt",
-        vec![
-            Cond::eq(1, libc::SOL_SOCKET as u64),
-            Cond::eq(2, libc::SO_SNDTIMEO as u64),
-        ],
-    );
     r.allow_arg("fcntl", 1, &[libc::F_DUPFD_CLOEXEC as u64]);
     r.allow_arg("socketpair", 0, &[libc::AF_UNIX as u64]);
     r.allow("eventfd2");

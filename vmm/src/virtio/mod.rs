@@ -6,6 +6,9 @@
 //! per-device worker thread, and every vhost-user request has a deadline
 //! ([`vhost_user::REQUEST_TIMEOUT`]) after which the device is failed (see [`FailureHandle`]).
 
+mod fake_backend;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod pci;
 pub mod vhost_user;
 

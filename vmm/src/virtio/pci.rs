@@ -257,6 +257,18 @@ impl VirtioPci {
         Ok(Self { inner })
     }
 
+    #[doc(hidden)]
+    /// For the fuzz targets: a guest read of BAR 0 at `offset`.
+    pub fn bar_read_for_fuzzing(&self, offset: u64, data: &mut [u8]) {
+        lock(&self.inner).bar_read(offset, data)
+    }
+
+    #[doc(hidden)]
+    /// For the fuzz targets: a guest write of BAR 0 at `offset`.
+    pub fn bar_write_for_fuzzing(&self, offset: u64, data: &[u8]) {
+        lock(&self.inner).bar_write(offset, data)
+    }
+
     /// A handle that fails this device from any thread (the device manager calls it when the
     /// device process ends): socket shut down, DEVICE_NEEDS_RESET, configuration interrupt.
     pub fn failure_handle(&self) -> FailureHandle {
@@ -737,5 +749,212 @@ impl PciDevice for VirtioPci {
 
     fn name(&self) -> String {
         lock(&self.inner).name.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fake_backend::*;
+    use super::*;
+    use std::time::{Duration, Instant};
+    use vm_memory::{FileOffset, GuestAddress};
+
+    const CONFIG: [u8; 4] = [0xaa, 0xbb, 0xcc, 0xdd];
+
+    fn device(script: impl FnMut(&Msg) -> Action + Send + 'static) -> (VirtioPci, Fake) {
+        let mut fake = Fake::start(script);
+        let backend = VhostUserDevice::handshake_with_timeout(
+            "vd".into(),
+            fake.frontend.take().expect("frontend"),
+            1,
+            Duration::from_millis(500),
+        )
+        .expect("handshake");
+        let file = std::fs::File::from(memfd(0x10000));
+        let memory = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            0x10000,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .expect("memory");
+        let pci = VirtioPci::new(
+            2,
+            0x018000,
+            256,
+            backend,
+            memory,
+            Arc::new(MmioBus::default()),
+        )
+        .expect("transport");
+        (pci, fake)
+    }
+
+    fn honest_device() -> (VirtioPci, Fake) {
+        device(|m| honest(&CONFIG, 1, m))
+    }
+
+    fn write8(p: &VirtioPci, off: u64, v: u8) {
+        lock(&p.inner).bar_write(off, &[v]);
+    }
+
+    fn status(p: &VirtioPci) -> u8 {
+        let mut b = [0u8];
+        lock(&p.inner).bar_read(0x14, &mut b);
+        b[0]
+    }
+
+    /// ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK, DRIVER_OK.
+    fn bring_up(p: &VirtioPci) {
+        write8(p, 0x14, 1);
+        write8(p, 0x14, 3);
+        lock(&p.inner).bar_write(0x08, &1u32.to_le_bytes());
+        lock(&p.inner).bar_write(0x0c, &1u32.to_le_bytes());
+        write8(p, 0x14, 0xb);
+        write8(p, 0x14, 0xf);
+    }
+
+    fn count(fake: &Fake, code: u32) -> usize {
+        fake.codes().iter().filter(|&&c| c == code).count()
+    }
+
+    #[test]
+    fn test_virtio_pci_status_clearing_bits_after_driver_ok_sets_needs_reset() {
+        let (p, _fake) = honest_device();
+        bring_up(&p);
+        assert_eq!(status(&p), 0xf);
+        write8(&p, 0x14, 0x3);
+        assert_eq!(
+            status(&p) & STATUS_NEEDS_RESET,
+            STATUS_NEEDS_RESET,
+            "clearing FEATURES_OK|DRIVER_OK of a live device needs a reset"
+        );
+        // A reset answers it.
+        write8(&p, 0x14, 0);
+        let start = Instant::now();
+        while status(&p) != 0 && start.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(status(&p), 0);
+    }
+
+    #[test]
+    fn test_virtio_pci_activation_idempotent_and_reset_tears_backend_down() {
+        let (p, fake) = honest_device();
+        bring_up(&p);
+        assert!(fake.wait_for(SET_MEM_TABLE), "activated");
+        write8(&p, 0x14, 0xf);
+        lock(&p.inner).bar_write(0x14, &[0xf]);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(count(&fake, SET_FEATURES), 1, "activation is idempotent");
+        write8(&p, 0x14, 0);
+        assert!(
+            fake.wait_for(RESET_DEVICE),
+            "reset uses VHOST_USER_RESET_DEVICE"
+        );
+        let start = Instant::now();
+        while status(&p) != 0 && start.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(status(&p), 0, "status reads 0 once the reset is done");
+        assert_eq!(count(&fake, GET_VRING_BASE), 0);
+    }
+
+    #[test]
+    fn test_virtio_pci_half_done_activation_is_torn_down_without_reset_device() {
+        // A backend without RESET_DEVICE; the driver's ring lies outside guest RAM, which
+        // the VMM finds after SET_FEATURES and SET_MEM_TABLE went out.
+        let (p, fake) = device(|m| match m.code {
+            GET_PROTOCOL_FEATURES => reply(m.code, &(1u64 | (1 << 9)).to_le_bytes()),
+            _ => honest(&CONFIG, 1, m),
+        });
+        write8(&p, 0x14, 1);
+        write8(&p, 0x14, 3);
+        lock(&p.inner).bar_write(0x08, &1u32.to_le_bytes());
+        lock(&p.inner).bar_write(0x0c, &1u32.to_le_bytes());
+        write8(&p, 0x14, 0xb);
+        lock(&p.inner).bar_write(0x20, &0xffff_0000u64.to_le_bytes());
+        lock(&p.inner).bar_write(0x1c, &1u16.to_le_bytes());
+        write8(&p, 0x14, 0xf);
+        assert!(fake.wait_for(GET_VRING_BASE), "{:?}", fake.codes());
+        let start = Instant::now();
+        while status(&p) & STATUS_NEEDS_RESET == 0 && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_ne!(status(&p) & STATUS_NEEDS_RESET, 0, "{:?}", fake.codes());
+        assert!(fake.codes().contains(&SET_MEM_TABLE));
+        assert!(
+            !p.failure_handle().is_failed(),
+            "a refused activation needs a reset; the device has not failed"
+        );
+    }
+
+    #[test]
+    fn test_virtio_pci_failed_device_needs_reset_and_refuses_features_ok() {
+        let (p, _fake) = honest_device();
+        let irq = lock(&p.inner).config_irq.clone();
+        let _ = irq.read();
+        p.failure_handle().fail("test");
+        assert!(irq.read().is_ok(), "configuration interrupt");
+        assert_eq!(
+            status(&p),
+            0,
+            "a reset device reads 0, never NEEDS_RESET alone"
+        );
+        write8(&p, 0x14, 1);
+        assert_eq!(status(&p), 1 | STATUS_NEEDS_RESET);
+        write8(&p, 0x14, 3);
+        lock(&p.inner).bar_write(0x08, &1u32.to_le_bytes());
+        lock(&p.inner).bar_write(0x0c, &1u32.to_le_bytes());
+        write8(&p, 0x14, 0xb);
+        assert_eq!(status(&p) & STATUS_FEATURES_OK, 0, "FEATURES_OK refused");
+    }
+
+    #[test]
+    fn test_virtio_pci_guest_access_never_waits_on_a_hung_backend() {
+        let mut handshake_done = false;
+        let (p, _fake) = device(move |m| {
+            if m.code == GET_CONFIG {
+                handshake_done = true;
+                return honest(&CONFIG, 1, m);
+            }
+            if handshake_done {
+                Action::Nothing
+            } else {
+                honest(&CONFIG, 1, m)
+            }
+        });
+        let start = Instant::now();
+        bring_up(&p);
+        let mut b = [0u8; 4];
+        lock(&p.inner).bar_read(DEVICE_CFG_OFFSET, &mut b);
+        lock(&p.inner).bar_write(DEVICE_CFG_OFFSET, &[1]);
+        write8(&p, 0x14, 0);
+        assert!(
+            start.elapsed() < Duration::from_millis(100),
+            "guest accesses waited {:?}",
+            start.elapsed()
+        );
+        assert_eq!(b, CONFIG);
+        assert_ne!(status(&p), 0, "the reset is still pending");
+    }
+
+    #[test]
+    fn test_virtio_pci_device_type_out_of_range_refused() {
+        let mut fake = Fake::start(|m| honest(&CONFIG, 1, m));
+        let backend =
+            VhostUserDevice::handshake("vd".into(), fake.frontend.take().expect("frontend"), 1)
+                .expect("handshake");
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).expect("memory");
+        assert!(matches!(
+            VirtioPci::new(
+                0x1_0002,
+                0,
+                256,
+                backend,
+                memory,
+                Arc::new(MmioBus::default())
+            ),
+            Err(VirtioPciError::DeviceType(0x1_0002))
+        ));
     }
 }

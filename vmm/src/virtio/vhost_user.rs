@@ -4,8 +4,10 @@
 //! After the handshake, the connection belongs to the device's worker thread
 //! (`<name>-vhost`): the transport hands it jobs (activate, reset, configuration writes) and
 //! never waits for them, so no vCPU ever blocks on a device process. Every request has a
-//! deadline ([`REQUEST_TIMEOUT`], socket send and receive timeouts on the stream); a request
-//! that misses it, a broken socket or a reply that breaks the protocol fails the device
+//! deadline ([`REQUEST_TIMEOUT`]), kept by the device's `<name>-deadline` thread: a request
+//! that misses it gets its socket shut down, which ends it at once (the vhost crate retries
+//! EAGAIN forever, so socket timeouts alone would spin, not end it). A missed deadline, a
+//! broken socket or a reply that breaks the protocol fails the device
 //! ([`super::FailureHandle`]).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -14,8 +16,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use log::{debug, info, Level};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
@@ -29,8 +31,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceShared, FailureHandle};
 
-/// Deadline of every vhost-user request: the send and the reply each get this long (socket
-/// timeouts). A backend that misses it is declared failed.
+/// Deadline of every vhost-user request, from sending it to the end of its reply. A backend
+/// that misses it is declared failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bytes of configuration space the VMM caches: every virtio configuration structure
@@ -136,31 +138,9 @@ fn is_refusal(e: &VhostUserError) -> bool {
     }
 }
 
-/// Puts the request deadline on the stream and returns a duplicate of it for shutting it down.
-fn arm_socket(frontend: &Frontend, timeout: Duration) -> Result<OwnedFd, VhostUserError> {
+/// A duplicate of the stream, for shutting it down without the frontend's lock.
+fn dup_socket(frontend: &Frontend) -> Result<OwnedFd, VhostUserError> {
     let fd = frontend.as_raw_fd();
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
-    };
-    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        // SAFETY: `tv` is a valid timeval for the duration of the call and its size is passed.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(VhostUserError::Resource(
-                "socket deadline",
-                std::io::Error::last_os_error(),
-            ));
-        }
-    }
     // SAFETY: F_DUPFD_CLOEXEC takes integer arguments; the result, if valid, is a new
     // descriptor owned by nothing else.
     let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
@@ -172,6 +152,78 @@ fn arm_socket(frontend: &Frontend, timeout: Duration) -> Result<OwnedFd, VhostUs
     }
     // SAFETY: `dup` was just returned by fcntl and is owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+}
+
+/// Keeps the deadline of the request in flight: a thread that fails the device (shutting its
+/// socket down, which ends the request) when a request outlives its deadline.
+struct Watchdog {
+    state: Arc<(Mutex<WatchState>, Condvar)>,
+    timeout: Duration,
+}
+
+struct WatchState {
+    /// The deadline and name of the request in flight.
+    armed: Option<(Instant, &'static str)>,
+    stop: bool,
+}
+
+impl Watchdog {
+    fn start(shared: Arc<DeviceShared>, timeout: Duration) -> Result<Self, VhostUserError> {
+        let state = Arc::new((
+            Mutex::new(WatchState {
+                armed: None,
+                stop: false,
+            }),
+            Condvar::new(),
+        ));
+        let s = state.clone();
+        std::thread::Builder::new()
+            .name(format!("{}-deadline", shared.name))
+            .spawn(move || {
+                if !crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::VhostWorker) {
+                    shared.fail("its deadline thread could not be confined");
+                    return;
+                }
+                let (lock, cv) = &*s;
+                let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while !g.stop {
+                    match g.armed {
+                        None => g = cv.wait(g).unwrap_or_else(|e| e.into_inner()),
+                        Some((deadline, what)) => {
+                            let now = Instant::now();
+                            if now >= deadline {
+                                g.armed = None;
+                                shared.fail(&format!(
+                                    "vhost-user {what} missed its deadline ({} ms)",
+                                    timeout.as_millis()
+                                ));
+                            } else {
+                                g = cv
+                                    .wait_timeout(g, deadline - now)
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .0;
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| VhostUserError::Resource("deadline thread", e))?;
+        Ok(Self { state, timeout })
+    }
+
+    fn set(&self, armed: Option<(Instant, &'static str)>) {
+        let (lock, cv) = &*self.state;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).armed = armed;
+        cv.notify_one();
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.state;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        cv.notify_one();
+    }
 }
 
 /// Sizes to ask for when reading the configuration space: the cache size, then smaller ones
@@ -259,6 +311,7 @@ pub struct VhostUserDevice {
 /// The worker thread's side: the frontend and what was set up on it.
 struct Connection {
     frontend: Frontend,
+    watchdog: Watchdog,
     protocol: Option<VhostUserProtocolFeatures>,
     num_queues: usize,
     shared: Arc<DeviceShared>,
@@ -285,51 +338,49 @@ impl VhostUserDevice {
         num_queues: usize,
         timeout: Duration,
     ) -> Result<Self, VhostUserError> {
-        let mut frontend = frontend;
-        let socket = arm_socket(&frontend, timeout)?;
-        req("SET_OWNER", frontend.set_owner())?;
-        let offered = req("GET_FEATURES", frontend.get_features())?;
-        let mut protocol = None;
+        let socket = dup_socket(&frontend)?;
+        let config_irq = Arc::new(
+            EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| VhostUserError::Resource("configuration eventfd", e))?,
+        );
+        let shared = Arc::new(DeviceShared::new(name.clone(), config_irq, Some(socket)));
+        let mut conn = Connection {
+            frontend,
+            watchdog: Watchdog::start(shared.clone(), timeout)?,
+            protocol: None,
+            num_queues,
+            shared: shared.clone(),
+            config_size: CONFIG_CACHE_SIZE,
+            active: false,
+        };
+        conn.call("SET_OWNER", |f| f.set_owner())?;
+        let offered = conn.call("GET_FEATURES", |f| f.get_features())?;
         if offered & F_PROTOCOL_FEATURES != 0 {
-            let theirs = req("GET_PROTOCOL_FEATURES", frontend.get_protocol_features())?;
+            let theirs = conn.call("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
             let acked = theirs & wanted_protocol_features();
-            req(
-                "SET_PROTOCOL_FEATURES",
-                frontend.set_protocol_features(acked),
-            )?;
-            protocol = Some(acked);
+            conn.call("SET_PROTOCOL_FEATURES", |f| f.set_protocol_features(acked))?;
+            conn.protocol = Some(acked);
         }
-        let acked = protocol.unwrap_or_else(VhostUserProtocolFeatures::empty);
+        let acked = conn
+            .protocol
+            .unwrap_or_else(VhostUserProtocolFeatures::empty);
         if !acked.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(VhostUserError::Backend(
                 "does not offer its configuration space (VHOST_USER_PROTOCOL_F_CONFIG)".into(),
             ));
         }
-        let mut queues = num_queues;
         if acked.contains(VhostUserProtocolFeatures::MQ) {
-            let max = req("GET_QUEUE_NUM", frontend.get_queue_num())?;
+            let max = conn.call("GET_QUEUE_NUM", |f| f.get_queue_num())?;
             if max < num_queues as u64 {
                 return Err(VhostUserError::Backend(format!(
                     "has {max} queues, {num_queues} are needed"
                 )));
             }
         } else {
-            queues = 1;
+            conn.num_queues = 1;
         }
-        let config_irq = Arc::new(
-            EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|e| VhostUserError::Resource("configuration eventfd", e))?,
-        );
-        let shared = Arc::new(DeviceShared::new(name.clone(), config_irq, Some(socket)));
+        let queues = conn.num_queues;
         let (jobs, inbox) = channel();
-        let mut conn = Connection {
-            frontend,
-            protocol,
-            num_queues: queues,
-            shared: shared.clone(),
-            config_size: CONFIG_CACHE_SIZE,
-            active: false,
-        };
         // The first read of the configuration space: the guest reads only the cache.
         let config = conn.read_config_sized()?;
         shared.set_config(config, false);
@@ -338,11 +389,8 @@ impl VhostUserDevice {
                 FrontendReqHandler::new(Arc::new(ConfigChange { jobs: jobs.clone() }))
                     .map_err(|e| VhostUserError::Backend(format!("backend channel: {e}")))?;
             handler.set_reply_ack_flag(acked.contains(VhostUserProtocolFeatures::REPLY_ACK));
-            req(
-                "SET_BACKEND_REQ_FD",
-                conn.frontend
-                    .set_backend_request_fd(&handler.get_tx_raw_fd()),
-            )?;
+            let tx = handler.get_tx_raw_fd();
+            conn.call("SET_BACKEND_REQ_FD", |f| f.set_backend_request_fd(&tx))?;
             std::thread::Builder::new()
                 .name(format!("{name}-backend-req"))
                 .spawn(move || {
@@ -386,6 +434,26 @@ impl VhostUserDevice {
 }
 
 impl Connection {
+    /// Sends one request under its deadline.
+    fn call<T>(
+        &mut self,
+        what: &'static str,
+        f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T, VhostUserError> {
+        if self.shared.failed() {
+            return Err(VhostUserError::Failed);
+        }
+        self.watchdog
+            .set(Some((Instant::now() + self.watchdog.timeout, what)));
+        let r = f(&mut self.frontend);
+        self.watchdog.set(None);
+        if self.shared.failed() {
+            // The deadline passed (or the device was failed) while the request ran.
+            return Err(VhostUserError::Failed);
+        }
+        req(what, r)
+    }
+
     /// Runs jobs until the transport is gone (the device was unplugged): then the frontend
     /// is dropped and the socket closed, which ends an orderly device process.
     fn run(&mut self, inbox: Receiver<Job>) {
@@ -444,11 +512,9 @@ impl Connection {
                 self.shared.reset_done();
             }
             Job::WriteConfig { offset, data } => {
-                let r = req(
-                    "SET_CONFIG",
-                    self.frontend
-                        .set_config(offset, VhostUserConfigFlags::WRITABLE, &data),
-                );
+                let r = self.call("SET_CONFIG", |f| {
+                    f.set_config(offset, VhostUserConfigFlags::WRITABLE, &data)
+                });
                 match r {
                     Err(e) if !is_refusal(&e) => self.failed_on(&e),
                     Err(e) => debug!("{name}: {e}"),
@@ -469,11 +535,9 @@ impl Connection {
 
     fn read_config(&mut self, size: u32) -> Result<Vec<u8>, VhostUserError> {
         let buf = vec![0u8; size as usize];
-        let (_, payload) = req(
-            "GET_CONFIG",
-            self.frontend
-                .get_config(0, size, VhostUserConfigFlags::WRITABLE, &buf),
-        )?;
+        let (_, payload) = self.call("GET_CONFIG", |f| {
+            f.get_config(0, size, VhostUserConfigFlags::WRITABLE, &buf)
+        })?;
         if payload.len() != buf.len() {
             return Err(VhostUserError::Backend(format!(
                 "answered GET_CONFIG of {size} bytes with {}",
@@ -515,7 +579,7 @@ impl Connection {
             } else {
                 0
             };
-        req("SET_FEATURES", self.frontend.set_features(f))?;
+        self.call("SET_FEATURES", |fr| fr.set_features(f))?;
         let regions = memory
             .iter()
             .map(|r| {
@@ -531,7 +595,8 @@ impl Connection {
                 })
             })
             .collect::<Result<Vec<_>, VhostUserError>>()?;
-        req("SET_MEM_TABLE", self.frontend.set_mem_table(&regions))?;
+        self.call("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
+        let protocol = self.protocol.is_some();
         for (q, ring) in rings.iter().enumerate().take(self.num_queues) {
             let Some(ring) = ring else { continue };
             let (Some(kick), Some(call)) = (kicks.get(q), calls.get(q)) else {
@@ -555,13 +620,13 @@ impl Connection {
                 avail_ring_addr: host(ring.driver, 6 + 2 * n)?,
                 log_addr: None,
             };
-            req("SET_VRING_NUM", self.frontend.set_vring_num(q, ring.size))?;
-            req("SET_VRING_ADDR", self.frontend.set_vring_addr(q, &config))?;
-            req("SET_VRING_BASE", self.frontend.set_vring_base(q, 0))?;
-            req("SET_VRING_KICK", self.frontend.set_vring_kick(q, kick))?;
-            req("SET_VRING_CALL", self.frontend.set_vring_call(q, call))?;
-            if self.protocol.is_some() {
-                req("SET_VRING_ENABLE", self.frontend.set_vring_enable(q, true))?;
+            self.call("SET_VRING_NUM", |f| f.set_vring_num(q, ring.size))?;
+            self.call("SET_VRING_ADDR", |f| f.set_vring_addr(q, &config))?;
+            self.call("SET_VRING_BASE", |f| f.set_vring_base(q, 0))?;
+            self.call("SET_VRING_KICK", |f| f.set_vring_kick(q, kick))?;
+            self.call("SET_VRING_CALL", |f| f.set_vring_call(q, call))?;
+            if protocol {
+                self.call("SET_VRING_ENABLE", |f| f.set_vring_enable(q, true))?;
             }
         }
         Ok(())
@@ -577,16 +642,17 @@ impl Connection {
             .protocol
             .is_some_and(|p| p.contains(VhostUserProtocolFeatures::RESET_DEVICE))
         {
-            return req("RESET_DEVICE", self.frontend.reset_device());
+            return self.call("RESET_DEVICE", |f| f.reset_device());
         }
+        let protocol = self.protocol.is_some();
         for q in 0..self.num_queues {
-            if self.protocol.is_some() {
-                match req("SET_VRING_ENABLE", self.frontend.set_vring_enable(q, false)) {
+            if protocol {
+                match self.call("SET_VRING_ENABLE", |f| f.set_vring_enable(q, false)) {
                     Err(e) if !is_refusal(&e) => return Err(e),
                     _ => {}
                 }
             }
-            match req("GET_VRING_BASE", self.frontend.get_vring_base(q)) {
+            match self.call("GET_VRING_BASE", |f| f.get_vring_base(q)) {
                 Err(e) if !is_refusal(&e) => return Err(e),
                 _ => {}
             }
@@ -687,4 +753,206 @@ pub fn watch_device(name: String, mut child: DeviceProcess) -> Option<std::threa
 /// Connects to a backend someone else started, listening at `path`.
 pub fn connect(path: &Path, max_queues: u64) -> Result<Frontend, VhostUserError> {
     Frontend::connect(path, max_queues).map_err(|e| VhostUserError::Connect(path.to_path_buf(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fake_backend::*;
+    use super::*;
+    use std::time::Instant;
+
+    const T: Duration = Duration::from_millis(300);
+    const CONFIG: [u8; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
+
+    fn handshake(fake: &mut Fake) -> Result<VhostUserDevice, VhostUserError> {
+        let frontend = fake.frontend.take().expect("frontend");
+        VhostUserDevice::handshake_with_timeout("fake".into(), frontend, 1, T)
+    }
+
+    /// A fake that is honest except for messages `evil` answers (`Some`).
+    fn fake_with(mut evil: impl FnMut(&Msg) -> Option<Action> + Send + 'static) -> Fake {
+        Fake::start(move |m| evil(m).unwrap_or_else(|| honest(&CONFIG, 1, m)))
+    }
+
+    /// Handshakes against `fake`: the result must be an error, within a few deadlines.
+    fn assert_refused(mut fake: Fake, what: &str) {
+        let start = Instant::now();
+        let r = handshake(&mut fake);
+        assert!(r.is_err(), "{what}: handshake accepted");
+        assert!(
+            start.elapsed() < 10 * T,
+            "{what}: took {:?}",
+            start.elapsed()
+        );
+        println!(
+            "malicious backend, {what}: refused ({})",
+            error_chain(&r.err().expect("err"))
+        );
+    }
+
+    #[test]
+    fn test_vhost_user_honest_backend_config_cached_without_round_trip() {
+        let mut fake = fake_with(|_| None);
+        let dev = handshake(&mut fake).expect("handshake");
+        let mut b = [0u8; 4];
+        let before = fake.codes().len();
+        dev.shared.read_config(2, &mut b);
+        assert_eq!(b, [3, 4, 5, 6]);
+        let mut past = [9u8; 4];
+        dev.shared.read_config(0x1000, &mut past);
+        assert_eq!(past, [0; 4], "bytes past the space read as zero");
+        assert_eq!(fake.codes().len(), before, "a config read sent a request");
+    }
+
+    #[test]
+    fn test_vhost_user_malicious_backend_never_replies_hits_deadline() {
+        assert_refused(
+            fake_with(|m| (m.code == GET_FEATURES).then_some(Action::Nothing)),
+            "never replies",
+        );
+    }
+
+    #[test]
+    fn test_vhost_user_malicious_backend_wrong_reply_type() {
+        assert_refused(
+            fake_with(|m| (m.code == GET_FEATURES).then(|| reply(GET_QUEUE_NUM, &[0; 8]))),
+            "wrong reply type",
+        );
+    }
+
+    #[test]
+    fn test_vhost_user_malicious_backend_wrong_reply_size() {
+        assert_refused(
+            fake_with(|m| (m.code == GET_FEATURES).then(|| reply(GET_FEATURES, &[0; 4]))),
+            "short reply",
+        );
+        assert_refused(
+            fake_with(|m| (m.code == GET_FEATURES).then(|| reply(GET_FEATURES, &[0; 64]))),
+            "long reply",
+        );
+    }
+
+    #[test]
+    fn test_vhost_user_malicious_backend_huge_counts() {
+        assert_refused(
+            fake_with(|m| {
+                (m.code == GET_QUEUE_NUM).then(|| reply(GET_QUEUE_NUM, &u64::MAX.to_le_bytes()))
+            }),
+            "huge queue count",
+        );
+        assert_refused(
+            fake_with(|m| {
+                (m.code == GET_CONFIG).then(|| {
+                    let mut b = m.body[..12].to_vec();
+                    b[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+                    reply(GET_CONFIG, &b)
+                })
+            }),
+            "huge config size",
+        );
+        let mut huge_header = reply(GET_FEATURES, &[]);
+        if let Action::Send(bytes, _) = &mut huge_header {
+            bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        }
+        let mut once = Some(huge_header);
+        assert_refused(
+            fake_with(move |m| {
+                if m.code == GET_FEATURES {
+                    once.take()
+                } else {
+                    None
+                }
+            }),
+            "huge size in the header",
+        );
+    }
+
+    #[test]
+    fn test_vhost_user_malicious_backend_fds_on_replies() {
+        // A short, unsealed memfd on a reply that carries none, and a flood of descriptors.
+        assert_refused(
+            fake_with(|m| {
+                (m.code == GET_CONFIG).then(|| {
+                    let Action::Send(b, _) = honest(&CONFIG, 1, m) else {
+                        unreachable!()
+                    };
+                    Action::Send(b, vec![memfd(1)])
+                })
+            }),
+            "short unsealed memfd on GET_CONFIG",
+        );
+        assert_refused(
+            fake_with(|m| {
+                (m.code == GET_FEATURES).then(|| {
+                    let Action::Send(b, _) = honest(&CONFIG, 1, m) else {
+                        unreachable!()
+                    };
+                    Action::Send(b, (0..200).map(|_| memfd(0)).collect())
+                })
+            }),
+            "200 descriptors on GET_FEATURES",
+        );
+    }
+
+    #[test]
+    fn test_vhost_user_config_refresh_timeout_and_failure_handle() {
+        // Honest for the handshake, silent afterwards.
+        let mut n = 0;
+        let mut fake = fake_with(move |m| {
+            if m.code == GET_CONFIG {
+                n += 1;
+                if n > 1 {
+                    return Some(Action::Nothing);
+                }
+            }
+            None
+        });
+        let dev = handshake(&mut fake).expect("handshake");
+        let _ = dev.shared.config_irq.read();
+        let start = Instant::now();
+        dev.submit(Job::RefreshConfig);
+        while !dev.shared.failed() && start.elapsed() < 10 * T {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            dev.shared.failed(),
+            "a request past its deadline fails the device"
+        );
+        assert!(dev.shared.needs_reset());
+        assert!(
+            dev.shared.config_irq.read().is_ok(),
+            "configuration interrupt raised"
+        );
+        // Config reads still come from the cache, at once.
+        let mut b = [0u8; 2];
+        dev.shared.read_config(0, &mut b);
+        assert_eq!(b, [1, 2]);
+        // Later jobs are dropped without a request.
+        let before = fake.codes().len();
+        dev.submit(Job::WriteConfig {
+            offset: 0,
+            data: vec![1],
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(fake.codes().len(), before);
+    }
+
+    #[test]
+    fn test_vhost_user_failure_handle_shuts_socket_down() {
+        let mut fake = fake_with(|_| None);
+        let dev = handshake(&mut fake).expect("handshake");
+        let h = dev.failure_handle();
+        let h2 = h.clone();
+        std::thread::spawn(move || h2.fail("the device process died"))
+            .join()
+            .expect("join");
+        assert!(h.is_failed());
+        assert!(dev.shared.needs_reset());
+        // The socket is shut down: the VMM's next request fails at once.
+        let r = dev.shared.socket.as_ref().map(|s| {
+            // SAFETY: send(2) of a valid buffer on our descriptor.
+            unsafe { libc::send(s.as_raw_fd(), [0u8].as_ptr().cast(), 1, libc::MSG_NOSIGNAL) }
+        });
+        assert_eq!(r, Some(-1));
+    }
 }
