@@ -117,6 +117,9 @@ const SYSCALLS: &[(&str, i64, i64)] = &[
     ("prctl", 157, 167),
     ("read", 0, 63),
     ("readv", 19, 65),
+    ("epoll_ctl", 233, 21),
+    ("epoll_pwait", 281, 22),
+    ("recvfrom", 45, 207),
     ("recvmsg", 47, 212),
     ("restart_syscall", 219, 128),
     ("rseq", 334, 293),
@@ -453,6 +456,14 @@ fn rules(thread: ThreadKind, signals: &Signals) -> Result<Rules, BackendError> {
             // vhost_user::watch_device: Child::wait and JailedChild::wait (waitpid is wait4 on
             // musl and glibc); JailedChild releases its pidfd once the child is reaped (close).
             r.allow("wait4").allow("waitid").allow("close");
+            // device::monitor::Monitor::run: epoll over the device log pipes, pidfds and the
+            // spawner's report socket (epoll_pwait, called directly: aarch64 has no
+            // epoll_wait; epoll_ctl DEL of an ended pipe or pidfd), reading log pipes (read)
+            // and exit reports (recv is recvfrom); the device's log lines go to stderr (write).
+            r.allow("epoll_pwait")
+                .allow("epoll_ctl")
+                .allow("read")
+                .allow("recvfrom");
         }
         ThreadKind::BackendReq => {
             // FrontendReqHandler::handle_request: requests (recvmsg, with any fds) and

@@ -79,7 +79,10 @@ impl QueueWorker {
             // A head the driver put in its avail ring that is not a descriptor index cannot be
             // returned; the rest of the batch still is (debug only: the guest controls how often).
             if let Err(e) = queue.add_used(mem, head, len) {
-                debug!("returning descriptor chain {head}: {}", QueueError::AddUsed(e));
+                debug!(
+                    "returning descriptor chain {head}: {}",
+                    QueueError::AddUsed(e)
+                );
             }
         }
         queue

@@ -36,7 +36,10 @@ fn one(program: &PathBuf, image: &PathBuf, jailed: bool) -> Result<(u128, u64)> 
         "1".into(),
     ];
     let (pid, mut waiter): (u32, Box<dyn FnMut() -> Result<()>>) = if jailed {
-        let img = std::fs::File::options().read(true).write(true).open(image)?;
+        let img = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(image)?;
         let log = std::io::stderr().as_fd().try_clone_to_owned().ok();
         let jail = bulkhead_block::jail::jail(
             bulkhead_block::jail::JailFds {
@@ -49,11 +52,16 @@ fn one(program: &PathBuf, image: &PathBuf, jailed: bool) -> Result<(u128, u64)> 
         let mut args: Vec<String> = bulkhead_block::jail::jail_args().into();
         args.extend(base);
         let mut child = jail.spawn(program, &args).context("jailed spawn")?;
-        (child.id(), Box::new(move || child.wait().map(|_| ()).map_err(Into::into)))
+        (
+            child.id(),
+            Box::new(move || child.wait().map(|_| ()).map_err(Into::into)),
+        )
     } else {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
         let mut cmd = Command::new(program);
-        cmd.args(["--socket-fd", "3"]).args(&base).args(["--seccomp", "off"]);
+        cmd.args(["--socket-fd", "3"])
+            .args(&base)
+            .args(["--seccomp", "off"]);
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
         // SAFETY: only dup2 between fork and exec.
         unsafe {
@@ -66,13 +74,18 @@ fn one(program: &PathBuf, image: &PathBuf, jailed: bool) -> Result<(u128, u64)> 
         }
         let mut child = cmd.spawn().context("spawn")?;
         drop(theirs);
-        (child.id(), Box::new(move || child.wait().map(|_| ()).map_err(Into::into)))
+        (
+            child.id(),
+            Box::new(move || child.wait().map(|_| ()).map_err(Into::into)),
+        )
     };
     let mut frontend = Frontend::from_stream(ours, 1);
     frontend.set_owner().context("SET_OWNER")?;
     frontend.get_features().context("GET_FEATURES")?;
     let first_reply = t0.elapsed().as_micros();
-    frontend.get_protocol_features().context("GET_PROTOCOL_FEATURES")?;
+    frontend
+        .get_protocol_features()
+        .context("GET_PROTOCOL_FEATURES")?;
     let rss = rss_kib(pid);
     drop(frontend);
     waiter()?;
@@ -98,7 +111,8 @@ fn main() -> Result<()> {
             _ => bail!("usage: bulkhead-spawn-bench [--bulkhead-block PATH] [--runs N]"),
         }
     }
-    let image = std::env::temp_dir().join(format!("bulkhead-spawn-bench-{}.img", std::process::id()));
+    let image =
+        std::env::temp_dir().join(format!("bulkhead-spawn-bench-{}.img", std::process::id()));
     std::fs::File::create(&image)?.set_len(16 << 20)?;
     println!("device  mode        spawn -> first vhost-user reply (ms, median of {runs})  RSS at first reply (KiB)");
     for jailed in [true, false] {
