@@ -310,8 +310,6 @@ pub struct DeviceProcess {
     pub pid: u32,
     /// Its control channel.
     pub control: ControlChannel,
-    /// Its files (their locks last as long as these or the device's copies).
-    _files: Vec<File>,
 }
 
 /// The VM's devices: their processes, and the thread watching them.
@@ -491,11 +489,13 @@ impl Devices {
                     kill_pidfd(&pidfd_copy);
                     return Err(io(e));
                 }
+                // The VMM keeps no copy of the device's files: it is not on the data path. The
+                // lock is the open file description's, which the device process holds.
+                drop(files);
                 self.processes.push(DeviceProcess {
                     id: id.clone(),
                     pid: spawned.pid,
                     control,
-                    _files: files,
                 });
                 (ours, Some(pidfd_copy))
             }
