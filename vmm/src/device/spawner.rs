@@ -251,6 +251,15 @@ impl Spawner {
             drop(ev_vmm);
             // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
             unsafe { libc::prctl(libc::PR_SET_NAME, c"bulkhead-spawn".as_ptr()) };
+            // A terminal's Ctrl-C or a SIGTERM to the process group is the VMM's to handle
+            // (it shuts down and hangs up on us); blocked, not ignored, so that device
+            // processes (whose mask is reset before exec) keep the default dispositions.
+            if let Ok(set) =
+                vmm_sys_util::signal::create_sigset(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+            {
+                // SAFETY: a valid sigset; the old mask is not needed.
+                unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+            }
             let code = serve(
                 UnixDatagram::from(req_spawner),
                 UnixDatagram::from(ev_spawner),
