@@ -365,6 +365,152 @@ fn kill_pidfd(pidfd: &OwnedFd) {
     };
 }
 
+/// Where and how device processes are started.
+pub struct SpawnEnv<'a> {
+    /// The spawner.
+    pub spawner: &'a Spawner,
+    /// The VM's cgroup group, if any.
+    pub cgroup: Option<&'a Path>,
+    /// Host ids for device processes.
+    pub device_ids: Option<(u32, u32)>,
+    /// Bytes of guest RAM (added to memory.max).
+    pub ram_size: u64,
+}
+
+impl DeviceEnv<'_> {
+    fn spawn_env(&self) -> SpawnEnv<'_> {
+        SpawnEnv {
+            spawner: self.spawner,
+            cgroup: self.cgroup,
+            device_ids: self.device_ids,
+            ram_size: self.ram_size,
+        }
+    }
+}
+
+/// A device process just started: the VMM's ends of its descriptors.
+#[derive(Debug)]
+pub struct StartedProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// A pidfd of it.
+    pub pidfd: OwnedFd,
+    /// The VMM's end of the vhost-user socket.
+    pub stream: UnixStream,
+    /// The VMM's end of the control channel.
+    pub control: ControlChannel,
+    /// The read end of its stderr.
+    pub log: OwnedFd,
+}
+
+/// Opens and locks the files `spec`'s backend lists (none for a socket backend).
+pub fn open_files(spec: &DeviceSpec) -> Result<Vec<File>, DeviceError> {
+    let mut files = Vec::new();
+    if let Backend::Spawn { files: wanted, .. } = &spec.backend {
+        for f in wanted {
+            let file =
+                lock::open_locked(&f.path, f.readonly).map_err(|source| DeviceError::File {
+                    id: spec.id.clone(),
+                    path: f.path.clone(),
+                    source,
+                })?;
+            files.push(file);
+        }
+    }
+    Ok(files)
+}
+
+/// Starts the process of spawned device `spec` through the spawner, handing it its log pipe,
+/// vhost-user socket, control channel and `files` (descriptors 2, 3, 4, 5...). The one spawn
+/// path of every device kind (the VMM's and the spawn benchmark's).
+pub fn spawn_process(
+    spec: &DeviceSpec,
+    files: Vec<File>,
+    env: &SpawnEnv<'_>,
+) -> Result<StartedProcess, DeviceError> {
+    let id = &spec.id;
+    let io = |e| DeviceError::Descriptors(id.clone(), e);
+    let Backend::Spawn { args, .. } = &spec.backend else {
+        return Err(io(std::io::ErrorKind::InvalidInput.into()));
+    };
+    let (ours, theirs) = UnixStream::pair().map_err(io)?;
+    let (control_ours, control_theirs) = control::seqpacket_pair().map_err(io)?;
+    let (log_read, log_write) = pipe().map_err(io)?;
+    let program = program(spec.kind);
+    let mut argv = vec![
+        spec.kind.program_name(),
+        "--socket-fd".to_string(),
+        SOCKET_FD.to_string(),
+    ];
+    if RUNTIME_ARGS {
+        argv.extend(["--control-fd".to_string(), CONTROL_FD.to_string()]);
+    }
+    argv.extend(args.iter().cloned());
+    if !spec.policy.seccomp {
+        argv.extend(["--seccomp".to_string(), "off".to_string()]);
+    }
+    if RUNTIME_ARGS && !spec.policy.landlock {
+        argv.extend(["--landlock".to_string(), "off".to_string()]);
+    }
+    let mut fds = vec![log_write.as_fd(), theirs.as_fd(), control_theirs.as_fd()];
+    let mut numbers = vec![LOG_FD, SOCKET_FD, CONTROL_FD];
+    for (i, f) in files.iter().enumerate() {
+        fds.push(f.as_fd());
+        numbers.push(FIRST_KIND_FD + i as i32);
+    }
+    let request = SpawnRequest {
+        program: program.clone(),
+        argv,
+        fds: numbers,
+        jail: spec.policy.jail,
+        nofile: spec.policy.nofile,
+        nproc: spec.policy.nproc,
+        data: Some(spec.policy.memory_max),
+        cgroup: env.cgroup.map(|parent| CgroupRequest {
+            parent: parent.to_path_buf(),
+            name: id.clone(),
+            // Guest RAM is charged to whoever faults a page first: the device's limit leaves
+            // room for all of it (docs/jail-resources.md).
+            memory_max: spec.policy.memory_max.saturating_add(env.ram_size),
+            pids_max: spec.policy.pids_max,
+        }),
+        ids: env.device_ids,
+        oom_score_adj: Some(spec.policy.oom_score_adj),
+    };
+    let spawned = env
+        .spawner
+        .spawn(&request, &fds)
+        .map_err(|e| DeviceError::Spawn(id.clone(), e))?;
+    drop(fds);
+    // The VMM keeps no copy of the device's files: it is not on the data path. The lock is
+    // the open file description's, which the device process holds.
+    drop((theirs, control_theirs, log_write, files));
+    info!(
+        "{id}: started {} (pid {}{})",
+        program.display(),
+        spawned.pid,
+        if spec.policy.jail {
+            ", jailed"
+        } else {
+            ", NOT jailed"
+        },
+    );
+    let control = match ControlChannel::new(control_ours, control::DEFAULT_DEADLINE) {
+        Ok(c) => c,
+        Err(e) => {
+            kill_pidfd(&spawned.pidfd);
+            return Err(io(e));
+        }
+    };
+    Ok(StartedProcess {
+        pid: spawned.pid,
+        pidfd: spawned.pidfd,
+        stream: ours,
+        control,
+        log: log_read,
+    })
+}
+
 impl Devices {
     /// Opens and locks every device's files first (so that a locked image starts nothing),
     /// then starts or connects each device and puts a virtio-pci function in front of it.
@@ -373,23 +519,10 @@ impl Devices {
         specs: &[DeviceSpec],
         env: &DeviceEnv<'_>,
     ) -> Result<(Devices, Vec<(usize, VirtioPci)>), DeviceError> {
-        let mut files = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let mut mine = Vec::new();
-            if let Backend::Spawn { files: wanted, .. } = &spec.backend {
-                for f in wanted {
-                    let file = lock::open_locked(&f.path, f.readonly).map_err(|source| {
-                        DeviceError::File {
-                            id: spec.id.clone(),
-                            path: f.path.clone(),
-                            source,
-                        }
-                    })?;
-                    mine.push(file);
-                }
-            }
-            files.push(mine);
-        }
+        let files = specs
+            .iter()
+            .map(open_files)
+            .collect::<Result<Vec<_>, _>>()?;
         let monitor = Monitor::new(env.spawner.take_events())
             .map_err(|e| DeviceError::Descriptors("device monitor".into(), e))?;
         let mut devices = Devices {
@@ -421,83 +554,22 @@ impl Devices {
         let id = &spec.id;
         let io = |e| DeviceError::Descriptors(id.clone(), e);
         let (stream, pidfd) = match &spec.backend {
-            Backend::Spawn { args, .. } => {
-                let (ours, theirs) = UnixStream::pair().map_err(io)?;
-                let (control_ours, control_theirs) = control::seqpacket_pair().map_err(io)?;
-                let (log_read, log_write) = pipe().map_err(io)?;
-                let program = program(spec.kind);
-                let mut argv = vec![
-                    spec.kind.program_name(),
-                    "--socket-fd".to_string(),
-                    SOCKET_FD.to_string(),
-                ];
-                if RUNTIME_ARGS {
-                    argv.extend(["--control-fd".to_string(), CONTROL_FD.to_string()]);
-                }
-                argv.extend(args.iter().cloned());
-                if !spec.policy.seccomp {
-                    argv.extend(["--seccomp".to_string(), "off".to_string()]);
-                }
-                if RUNTIME_ARGS && !spec.policy.landlock {
-                    argv.extend(["--landlock".to_string(), "off".to_string()]);
-                }
-                let mut fds = vec![log_write.as_fd(), theirs.as_fd(), control_theirs.as_fd()];
-                let mut numbers = vec![LOG_FD, SOCKET_FD, CONTROL_FD];
-                for (i, f) in files.iter().enumerate() {
-                    fds.push(f.as_fd());
-                    numbers.push(FIRST_KIND_FD + i as i32);
-                }
-                let request = SpawnRequest {
-                    program: program.clone(),
-                    argv,
-                    fds: numbers,
-                    jail: spec.policy.jail,
-                    nofile: spec.policy.nofile,
-                    nproc: spec.policy.nproc,
-                    data: Some(spec.policy.memory_max),
-                    cgroup: env.cgroup.map(|parent| CgroupRequest {
-                        parent: parent.to_path_buf(),
-                        name: id.clone(),
-                        // Guest RAM is charged to whoever faults a page first: the device's
-                        // limit leaves room for all of it (docs/jail-resources.md).
-                        memory_max: spec.policy.memory_max.saturating_add(env.ram_size),
-                        pids_max: spec.policy.pids_max,
-                    }),
-                    ids: env.device_ids,
-                    oom_score_adj: Some(spec.policy.oom_score_adj),
-                };
-                let spawned = env
-                    .spawner
-                    .spawn(&request, &fds)
-                    .map_err(|e| DeviceError::Spawn(id.clone(), e))?;
-                drop(fds);
-                drop((theirs, control_theirs, log_write));
-                info!(
-                    "{id}: started {} (pid {}{})",
-                    program.display(),
-                    spawned.pid,
-                    if spec.policy.jail {
-                        ", jailed"
-                    } else {
-                        ", NOT jailed"
-                    },
-                );
-                let control =
-                    ControlChannel::new(control_ours, control::DEFAULT_DEADLINE).map_err(io)?;
-                let pidfd_copy = spawned.pidfd.try_clone().map_err(io)?;
-                if let Err(e) = self.monitor.watch(id, spawned.pid, log_read, spawned.pidfd) {
+            Backend::Spawn { .. } => {
+                let started = spawn_process(spec, files, &env.spawn_env())?;
+                let pidfd_copy = started.pidfd.try_clone().map_err(io)?;
+                if let Err(e) = self
+                    .monitor
+                    .watch(id, started.pid, started.log, started.pidfd)
+                {
                     kill_pidfd(&pidfd_copy);
                     return Err(io(e));
                 }
-                // The VMM keeps no copy of the device's files: it is not on the data path. The
-                // lock is the open file description's, which the device process holds.
-                drop(files);
                 self.processes.push(DeviceProcess {
                     id: id.clone(),
-                    pid: spawned.pid,
-                    control,
+                    pid: started.pid,
+                    control: started.control,
                 });
-                (ours, Some(pidfd_copy))
+                (started.stream, Some(pidfd_copy))
             }
             Backend::Socket(path) => {
                 let s = UnixStream::connect(path)
