@@ -673,84 +673,19 @@ fn start_plain(
         return Err(format!("fork: {}", io::Error::last_os_error()));
     }
     if pid == 0 {
-        let fail = |what: &str| -> ! {
-            let msg = format!("{what}: {}", io::Error::last_os_error());
-            // SAFETY: write from a local buffer to our pipe, then leave.
-            unsafe {
-                libc::write(err_w.as_raw_fd(), msg.as_ptr().cast(), msg.len());
-                libc::_exit(127)
-            }
-        };
-        // SAFETY: each call takes numbers or NUL-terminated strings prepared above.
+        // SAFETY: the child of a single-threaded process: every call below takes numbers,
+        // local buffers or NUL-terminated strings prepared above; it ends in exec or _exit.
         unsafe {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                fail("PR_SET_PDEATHSIG");
-            }
-            if libc::getppid() != me {
-                libc::_exit(1);
-            }
-            if let Some(p) = &procs {
-                if std::fs::write(p, "0").is_err() {
-                    fail("joining the cgroup leaf");
-                }
-            }
-            if let Some(adj) = req.oom_score_adj {
-                let _ = std::fs::write("/proc/self/oom_score_adj", adj.to_string());
-            }
-            // Move the handed-over descriptors out of the way, then to their numbers.
-            let mut high = Vec::new();
-            for fd in fds {
-                let h = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100);
-                if h < 0 {
-                    fail("dup");
-                }
-                high.push(h);
-            }
-            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-            if null < 0 || libc::dup2(null, 0) < 0 || libc::dup2(null, 1) < 0 {
-                fail("/dev/null");
-            }
-            for (h, n) in high.iter().zip(&req.fds) {
-                if libc::dup2(*h, *n) < 0 {
-                    fail("dup2");
-                }
-            }
-            let keep = req.fds.iter().copied().max().unwrap_or(2).max(2);
-            // The error pipe is close-on-exec and everything at 100 and up (our copies) is
-            // too; close the rest between the listed numbers.
-            for fd in 3..100 {
-                if fd != err_w.as_raw_fd() && !req.fds.contains(&fd) && fd > 2 {
-                    libc::close(fd);
-                }
-            }
-            let _ = keep;
-            for (res, v) in [
-                (libc::RLIMIT_NOFILE, Some(req.nofile)),
-                (libc::RLIMIT_NPROC, Some(req.nproc)),
-                (libc::RLIMIT_DATA, req.data),
-            ] {
-                if let Some(v) = v {
-                    let rl = libc::rlimit {
-                        rlim_cur: v,
-                        rlim_max: v,
-                    };
-                    if libc::setrlimit(res, &rl) != 0 {
-                        fail("setrlimit");
-                    }
-                }
-            }
-            if let Some((u, g)) = req.ids {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(g) != 0
-                    || libc::setuid(u) != 0
-                {
-                    fail("setting the device uid");
-                }
-            }
-            let empty: libc::sigset_t = std::mem::zeroed();
-            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr());
-            fail("exec");
+            plain_child(
+                req,
+                fds,
+                procs.as_deref(),
+                err_w.as_raw_fd(),
+                me,
+                &program,
+                &argv,
+                &envp,
+            )
         }
     }
     drop(err_w);
@@ -772,6 +707,116 @@ fn start_plain(
     }
     // SAFETY: a fresh pidfd owned by nobody else.
     Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) }))
+}
+
+/// The descriptors the plain child's own bookkeeping moves to, above every target number.
+const PLAIN_HIGH_FD: RawFd = 64;
+
+/// Reports `what` and errno on the error pipe and leaves.
+unsafe fn plain_fail(err: RawFd, what: &str) -> ! {
+    let msg = format!("{what}: {}", io::Error::last_os_error());
+    // SAFETY: write from a local buffer, then leave.
+    unsafe {
+        libc::write(err, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127)
+    }
+}
+
+/// The child of [`start_plain`], between fork and exec.
+///
+/// # Safety
+/// Only in the child of a fork of the (single-threaded) spawner.
+#[allow(clippy::too_many_arguments)]
+unsafe fn plain_child(
+    req: &SpawnRequest,
+    fds: &[OwnedFd],
+    procs: Option<&std::path::Path>,
+    err_w: RawFd,
+    spawner: libc::pid_t,
+    program: &CString,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> ! {
+    // SAFETY: see the function's contract; each call is checked or best effort.
+    unsafe {
+        let err = libc::fcntl(err_w, libc::F_DUPFD_CLOEXEC, PLAIN_HIGH_FD);
+        if err < 0 {
+            libc::_exit(127);
+        }
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            plain_fail(err, "PR_SET_PDEATHSIG");
+        }
+        if libc::getppid() != spawner {
+            libc::_exit(1);
+        }
+        if let Some(p) = procs {
+            if std::fs::write(p, "0").is_err() {
+                plain_fail(err, "joining the cgroup leaf");
+            }
+        }
+        if let Some(adj) = req.oom_score_adj {
+            let _ = std::fs::write("/proc/self/oom_score_adj", adj.to_string());
+        }
+        // Move the handed-over descriptors above the targets, then to their numbers.
+        let mut high = Vec::new();
+        for fd in fds {
+            let h = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, PLAIN_HIGH_FD);
+            if h < 0 {
+                plain_fail(err, "dup");
+            }
+            high.push(h);
+        }
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if null < 0 || libc::dup2(null, 0) < 0 || libc::dup2(null, 1) < 0 {
+            plain_fail(err, "/dev/null");
+        }
+        for (h, n) in high.iter().zip(&req.fds) {
+            if libc::dup2(*h, *n) < 0 {
+                plain_fail(err, "dup2");
+            }
+        }
+        // Nothing else survives the exec: the numbers below the high mark that are not
+        // targets are closed, everything from the mark up is close-on-exec (the error pipe
+        // among them, so that it reports until the exec).
+        for fd in 3..PLAIN_HIGH_FD {
+            if !req.fds.contains(&fd) {
+                libc::close(fd);
+            }
+        }
+        libc::syscall(
+            libc::SYS_close_range,
+            PLAIN_HIGH_FD as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+        );
+        for (res, v) in [
+            (libc::RLIMIT_NOFILE, Some(req.nofile)),
+            (libc::RLIMIT_NPROC, Some(req.nproc)),
+            (libc::RLIMIT_DATA, req.data),
+        ] {
+            if let Some(v) = v {
+                let rl = libc::rlimit {
+                    rlim_cur: v,
+                    rlim_max: v,
+                };
+                if libc::setrlimit(res, &rl) != 0 {
+                    plain_fail(err, "setrlimit");
+                }
+            }
+        }
+        if let Some((u, g)) = req.ids {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(g) != 0
+                || libc::setuid(u) != 0
+            {
+                plain_fail(err, "setting the device uid");
+            }
+        }
+        let empty: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        plain_fail(err, "exec")
+    }
 }
 
 #[cfg(test)]

@@ -111,7 +111,9 @@ fn main() -> Result<()> {
             // Where the device program is dynamically linked (a debug build on the build
             // machine), it cannot run in the jail's empty root.
             "--no-jail" => modes = vec![false],
-            _ => bail!("usage: bulkhead-spawn-bench [--bulkhead-block PATH] [--runs N] [--no-jail]"),
+            _ => {
+                bail!("usage: bulkhead-spawn-bench [--bulkhead-block PATH] [--runs N] [--no-jail]")
+            }
         }
     }
     let image =
