@@ -80,7 +80,6 @@ fn describe(id: &str, exit: Exit) {
     }
 }
 
-#[derive(Debug)]
 struct Entry {
     id: String,
     pid: u32,
@@ -92,6 +91,22 @@ struct Entry {
     ended: bool,
     /// The spawner reported its exit status.
     reaped: bool,
+    /// Called once when the process ends (the transport marks the device failed).
+    on_end: Option<OnEnd>,
+}
+
+/// What to do when a device process ends; gets a reason for logs.
+pub type OnEnd = Box<dyn Fn(&str) + Send + Sync>;
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("id", &self.id)
+            .field("pid", &self.pid)
+            .field("ended", &self.ended)
+            .field("reaped", &self.reaped)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -184,8 +199,21 @@ impl Monitor {
             limit: RateLimit::new(Instant::now()),
             ended: false,
             reaped: false,
+            on_end: None,
         });
         Ok(())
+    }
+
+    /// Calls `on_end` once when process `pid` ends (at once if it already has).
+    pub fn on_end(&self, pid: u32, on_end: OnEnd) {
+        let mut st = self.state.lock().expect("not poisoned");
+        if let Some(e) = st.entries.iter_mut().find(|e| e.pid == pid) {
+            if e.ended {
+                on_end(&format!("device process {pid} ended"));
+            } else {
+                e.on_end = Some(on_end);
+            }
+        }
     }
 
     /// Starts the thread.
@@ -325,8 +353,9 @@ impl Monitor {
         if !e.ended {
             e.ended = true;
             debug!("{}: device process {} ended", e.id, e.pid);
-            // TODO(merge): failure_handle: call the device's VirtioPci::failure_handle().fail()
-            // here (the transport branch adds it), so the guest sees DEVICE_NEEDS_RESET at once.
+            if let Some(f) = e.on_end.take() {
+                f(&format!("device process {} ended", e.pid));
+            }
         }
     }
 
