@@ -384,21 +384,26 @@ impl Monitor {
             self.remove(fd);
             e.log = None;
         } else {
-            for &b in &buf[..n as usize] {
-                if b == b'\n' {
-                    let line = std::mem::take(&mut e.line);
-                    emit(e, &line, now, out);
-                } else {
-                    e.line.push(b);
-                    if e.line.len() >= MAX_LINE {
-                        let line = std::mem::take(&mut e.line);
-                        emit(e, &line, now, out);
-                    }
-                }
-            }
+            feed(e, &buf[..n as usize], now, out);
         }
         if !out.is_empty() {
             let _ = std::io::stderr().lock().write_all(out);
+        }
+    }
+}
+
+/// Splits what device `e` wrote into lines (cut at [`MAX_LINE`] bytes) and formats them.
+fn feed(e: &mut Entry, bytes: &[u8], now: Instant, out: &mut Vec<u8>) {
+    for &b in bytes {
+        if b == b'\n' {
+            let line = std::mem::take(&mut e.line);
+            emit(e, &line, now, out);
+        } else {
+            e.line.push(b);
+            if e.line.len() >= MAX_LINE {
+                let line = std::mem::take(&mut e.line);
+                emit(e, &line, now, out);
+            }
         }
     }
 }
@@ -428,6 +433,59 @@ mod tests {
         assert_eq!(sanitize(b"a\x1b[31mred\x07\r\x7f\tz"), "a[31mredz");
         assert_eq!(sanitize("x\u{9b}y".as_bytes()), "xy");
         assert_eq!(sanitize(b"\xffok"), "\u{fffd}ok");
+    }
+
+    fn entry() -> Entry {
+        Entry {
+            id: "disk0".into(),
+            pid: 1,
+            log: None,
+            pidfd: None,
+            line: Vec::new(),
+            limit: RateLimit::new(Instant::now()),
+            ended: false,
+            reaped: false,
+            on_end: None,
+        }
+    }
+
+    #[test]
+    fn test_feed_prefixes_splits_and_cuts_lines() {
+        let mut e = entry();
+        let mut out = Vec::new();
+        let now = Instant::now();
+        feed(&mut e, b"one\ntw", now, &mut out);
+        assert_eq!(out, b"disk0: one\n");
+        feed(&mut e, b"o\x1b[2J\n", now, &mut out);
+        assert_eq!(out, b"disk0: one\ndisk0: two[2J\n");
+        out.clear();
+        feed(&mut e, &vec![b'x'; MAX_LINE + 3], now, &mut out);
+        let text = String::from_utf8(out.clone()).expect("utf8");
+        assert_eq!(
+            text.lines().count(),
+            1,
+            "the cut part is out, the rest waits"
+        );
+        assert_eq!(text.len(), "disk0: \n".len() + MAX_LINE);
+        assert_eq!(e.line.len(), 3);
+    }
+
+    #[test]
+    fn test_feed_rate_limit_drops_and_counts() {
+        let mut e = entry();
+        let mut out = Vec::new();
+        let now = Instant::now();
+        let flood = "l\n".repeat(BURST as usize + 50);
+        feed(&mut e, flood.as_bytes(), now, &mut out);
+        assert_eq!(
+            String::from_utf8_lossy(&out).lines().count(),
+            BURST as usize
+        );
+        out.clear();
+        feed(&mut e, b"late\n", now + Duration::from_secs(1), &mut out);
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.starts_with("disk0: 50 log lines dropped"), "{text}");
+        assert!(text.ends_with("disk0: late\n"), "{text}");
     }
 
     #[test]
