@@ -638,6 +638,88 @@ impl Devices {
 mod tests {
     use super::*;
 
+    /// The whole path against the real block device process (unjailed: a debug build is
+    /// dynamically linked and cannot run in the jail's empty root): spawn through the
+    /// spawner, handshake, transport; then a second start on the same writable image is
+    /// refused as bad input before anything is spawned. Skipped without a built
+    /// `bulkhead-block` in the target directory.
+    #[test]
+    fn test_devices_start_block_then_second_writer_refused() {
+        let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
+        else {
+            return;
+        };
+        if !dir.join("bulkhead-block").exists() {
+            eprintln!("skipped: no {}", dir.join("bulkhead-block").display());
+            return;
+        }
+        // SAFETY (not unsafe in edition 2021): only this test reads PATH for programs.
+        std::env::set_var("PATH", &dir);
+        let image =
+            std::env::temp_dir().join(format!("bulkhead-devices-{}.img", std::process::id()));
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("image");
+        let spawner = Arc::new(Spawner::fork().expect("spawner"));
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
+                .expect("memory");
+        let bus = Arc::new(MmioBus::default());
+        let env = DeviceEnv {
+            memory: &memory,
+            bus: &bus,
+            spawner: &spawner,
+            cgroup: None,
+            device_ids: None,
+            ram_size: 1 << 20,
+        };
+        let spec = DeviceSpec {
+            id: "disk0".into(),
+            kind: DeviceKind::Block,
+            slot: 0,
+            queues: 1,
+            queue_size: 128,
+            backend: Backend::Spawn {
+                files: vec![DeviceFile {
+                    path: image.clone(),
+                    readonly: false,
+                }],
+                args: vec![
+                    "--path".into(),
+                    image.display().to_string(),
+                    "--image-fd".into(),
+                    FIRST_KIND_FD.to_string(),
+                ],
+            },
+            policy: DeviceKind::Block.policy(1, false),
+        };
+        let (devices, transports) =
+            Devices::start(std::slice::from_ref(&spec), &env).expect("start");
+        assert_eq!(transports.len(), 1);
+        assert_eq!(devices.processes.len(), 1);
+        let pid = devices.processes[0].pid;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert_eq!(comm.trim(), "bulkhead-block");
+        let Err(second) = Devices::start(std::slice::from_ref(&spec), &env) else {
+            panic!("a second writer of the image was not refused");
+        };
+        assert!(second.is_bad_input(), "{second:?}");
+        let cause = std::error::Error::source(&second).map(|s| s.to_string());
+        assert!(cause.unwrap_or_default().contains("in use"), "{second:?}");
+        drop(transports);
+        devices.shutdown(Duration::from_secs(3));
+        assert!(
+            !Path::new(&format!("/proc/{pid}/comm")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .unwrap_or_default()
+                    .trim()
+                    != "bulkhead-block"
+        );
+        let _ = std::fs::remove_file(&image);
+    }
+
     #[test]
     fn test_block_policy_scales_with_queues() {
         let p = DeviceKind::Block.policy(4, true);
