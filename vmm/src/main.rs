@@ -85,7 +85,8 @@ fn main() -> ExitCode {
     // spawner starts there too), then the spawner, the only part of Bulkhead that creates
     // namespaces and executes programs.
     let cgroup = bulkhead::device::cgroup::prepare(cgroup_parent.as_deref());
-    let spawner = match Spawner::fork() {
+    let policy = bulkhead::device::spawner_policy(config.sandbox);
+    let spawner = match Spawner::fork(policy) {
         Ok(s) => std::sync::Arc::new(s),
         Err(e) => {
             report("starting the device spawner", &e);

@@ -67,6 +67,9 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
+    /// Every kind.
+    pub const ALL: [DeviceKind; 1] = [DeviceKind::Block];
+
     /// Its short name: the program is `bulkhead-<name>`.
     pub fn name(self) -> &'static str {
         match self {
@@ -332,8 +335,16 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// What the spawner may run: the program of every device kind, jailed when `sandbox`.
+pub fn spawner_policy(sandbox: bool) -> spawner::SpawnerPolicy {
+    spawner::SpawnerPolicy {
+        programs: DeviceKind::ALL.iter().map(|k| program(*k)).collect(),
+        require_jail: sandbox,
+    }
+}
+
 /// The program of `kind`: beside the running `bulkhead`, else on PATH.
-fn program(kind: DeviceKind) -> PathBuf {
+pub fn program(kind: DeviceKind) -> PathBuf {
     let name = kind.program_name();
     let beside = std::env::current_exe()
         .ok()
@@ -662,7 +673,7 @@ mod tests {
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(1 << 20))
             .expect("image");
-        let spawner = Arc::new(Spawner::fork().expect("spawner"));
+        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
         let memory =
             GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
                 .expect("memory");

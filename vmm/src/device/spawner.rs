@@ -204,6 +204,31 @@ impl SpawnRequest {
     }
 }
 
+/// What the spawner will do at all, fixed when it is forked (before any guest input), so that
+/// a compromised VMM cannot make it run another program or drop the jail.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpawnerPolicy {
+    /// The only programs it executes (exact paths).
+    pub programs: Vec<PathBuf>,
+    /// Refuse requests without a jail (the VMM runs with `--sandbox on`).
+    pub require_jail: bool,
+}
+
+impl SpawnerPolicy {
+    fn check(&self, req: &SpawnRequest) -> Result<(), String> {
+        if !self.programs.contains(&req.program) {
+            return Err(format!(
+                "{} is not a device program this spawner runs",
+                req.program.display()
+            ));
+        }
+        if self.require_jail && !req.jail {
+            return Err("this spawner starts device processes only in their jail".into());
+        }
+        Ok(())
+    }
+}
+
 /// A process the spawner started.
 #[derive(Debug)]
 pub struct Spawned {
@@ -226,7 +251,7 @@ impl Spawner {
     /// Forks the spawner. Call first thing in `main`: before any thread is started (the child
     /// is a copy of the calling thread only) and before any seccomp filter is applied (it
     /// would be inherited).
-    pub fn fork() -> Result<Spawner, SpawnerError> {
+    pub fn fork(policy: SpawnerPolicy) -> Result<Spawner, SpawnerError> {
         let (req_vmm, req_spawner) = seqpacket_pair().map_err(SpawnerError::Socket)?;
         let (ev_vmm, ev_spawner) = seqpacket_pair().map_err(SpawnerError::Socket)?;
         // SAFETY: getpid cannot fail.
@@ -263,6 +288,7 @@ impl Spawner {
             let code = serve(
                 UnixDatagram::from(req_spawner),
                 UnixDatagram::from(ev_spawner),
+                &policy,
             );
             // SAFETY: leaves without running the VMM's atexit handlers or destructors.
             unsafe { libc::_exit(code) };
@@ -439,7 +465,7 @@ impl Child {
 }
 
 /// The spawner's loop: requests, reaping, and the end when the VMM hangs up.
-fn serve(requests: UnixDatagram, events: UnixDatagram) -> i32 {
+fn serve(requests: UnixDatagram, events: UnixDatagram, policy: &SpawnerPolicy) -> i32 {
     let mut children: BTreeMap<u32, Child> = BTreeMap::new();
     loop {
         let mut polls = vec![libc::pollfd {
@@ -478,7 +504,7 @@ fn serve(requests: UnixDatagram, events: UnixDatagram) -> i32 {
             }
         }
         if polls[0].revents != 0 {
-            match handle_request(&requests) {
+            match handle_request(&requests, policy) {
                 Ok(Some((pid, child))) => {
                     children.insert(pid, child);
                 }
@@ -510,7 +536,10 @@ fn report_exit(events: &UnixDatagram, pid: u32, status: std::process::ExitStatus
 }
 
 /// Reads one request, starts the program, replies. `Err` when the VMM hung up.
-fn handle_request(requests: &UnixDatagram) -> Result<Option<(u32, Child)>, ()> {
+fn handle_request(
+    requests: &UnixDatagram,
+    policy: &SpawnerPolicy,
+) -> Result<Option<(u32, Child)>, ()> {
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut raw_fds = [-1; MAX_FDS];
     let mut iov = [libc::iovec {
@@ -542,6 +571,7 @@ fn handle_request(requests: &UnixDatagram) -> Result<Option<(u32, Child)>, ()> {
                 fds.len()
             ));
         }
+        policy.check(&req)?;
         start(&req, fds)
     });
     let reply = match &result {
@@ -863,6 +893,26 @@ mod tests {
     }
 
     #[test]
+    fn test_spawner_policy_refuses_other_programs_and_no_jail() {
+        let policy = SpawnerPolicy {
+            programs: vec!["/bin/bulkhead-block".into()],
+            require_jail: true,
+        };
+        let mut req = SpawnRequest {
+            program: "/bin/bulkhead-block".into(),
+            argv: vec!["bulkhead-block".into()],
+            jail: true,
+            ..Default::default()
+        };
+        assert!(policy.check(&req).is_ok());
+        req.jail = false;
+        assert!(policy.check(&req).is_err());
+        req.jail = true;
+        req.program = "/bin/sh".into();
+        assert!(policy.check(&req).is_err());
+    }
+
+    #[test]
     fn test_exit_parse_forms() {
         assert_eq!(Exit::parse(b"exit 12 code 0"), Some(Exit::Code(12, 0)));
         assert_eq!(Exit::parse(b"exit 12 signal 9"), Some(Exit::Signal(12, 9)));
@@ -880,7 +930,11 @@ mod tests {
         // The test harness has threads; the forked spawner only runs its own loop, which
         // allocates, so this relies on no other thread holding the allocator lock at the
         // fork, which the test harness's idle threads do not.
-        let spawner = Spawner::fork().expect("fork");
+        let spawner = Spawner::fork(SpawnerPolicy {
+            programs: vec![sh.clone()],
+            require_jail: false,
+        })
+        .expect("fork");
         let events = spawner.take_events().expect("events");
         let (r, w) = std::os::unix::net::UnixStream::pair().expect("pair");
         let req = SpawnRequest {

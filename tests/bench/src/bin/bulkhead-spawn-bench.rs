@@ -95,7 +95,8 @@ fn median(mut v: Vec<u128>) -> u128 {
 
 fn main() -> Result<()> {
     // Forked first, like the VMM's: one thread, no filter.
-    let spawner = Spawner::fork().context("starting the spawner")?;
+    let spawner =
+        Spawner::fork(bulkhead::device::spawner_policy(false)).context("starting the spawner")?;
     let events = spawner.take_events().context("events")?;
     let mut args = std::env::args().skip(1);
     let mut runs = 10;
