@@ -213,6 +213,12 @@ pub struct Jail {
     binds: Vec<BindMount>,
     rlimits: Rlimits,
     cgroup: Option<CgroupLimits>,
+    /// RLIMIT_DATA, if set (private writable memory; shared mappings do not count).
+    data_limit: Option<u64>,
+    /// The host uid and gid that uid and gid 0 of the jail map to (default: the caller's).
+    host_ids: Option<(u32, u32)>,
+    /// /proc/PID/oom_score_adj of the process, if set.
+    oom_score_adj: Option<i32>,
 }
 
 impl Jail {
@@ -250,6 +256,28 @@ impl Jail {
 
     pub fn cgroup(mut self, cgroup: CgroupLimits) -> Jail {
         self.cgroup = Some(cgroup);
+        self
+    }
+
+    /// RLIMIT_DATA: bounds the process's private writable memory (heap, anonymous mappings,
+    /// thread stacks); shared mappings (guest RAM) do not count.
+    pub fn data_limit(mut self, bytes: u64) -> Jail {
+        self.data_limit = Some(bytes);
+        self
+    }
+
+    /// Runs the program as host uid `uid` and gid `gid` (uid and gid 0 of its user namespace
+    /// map to them). Needs CAP_SETUID and CAP_SETGID in the caller's user namespace unless
+    /// they are the caller's own.
+    pub fn host_ids(mut self, uid: u32, gid: u32) -> Jail {
+        self.host_ids = Some((uid, gid));
+        self
+    }
+
+    /// Sets the process's oom_score_adj (-1000 to 1000) before it runs; raising it needs no
+    /// privilege. A failure is logged, not fatal.
+    pub fn oom_score_adj(mut self, value: i32) -> Jail {
+        self.oom_score_adj = Some(value);
         self
     }
 
@@ -461,6 +489,12 @@ fn plan_bind(bind: &BindMount) -> Result<PlannedBind, SpawnError> {
     })
 }
 
+/// Creates the cgroup leaf `limits` describes and writes its limits, for a process started
+/// without a jail (which then joins it itself); returns the leaf's path.
+pub fn create_cgroup(limits: &CgroupLimits) -> Result<PathBuf, SpawnError> {
+    setup_cgroup(limits).map(|(dir, _fd)| dir)
+}
+
 /// Creates the cgroup leaf and writes its limits; returns its path and a descriptor of it.
 fn setup_cgroup(limits: &CgroupLimits) -> Result<(PathBuf, OwnedFd), SpawnError> {
     let dir = limits.parent.join(&limits.name);
@@ -589,6 +623,9 @@ fn spawn<S: AsRef<OsStr>>(
     if let Some(v) = jail.rlimits.file_size {
         rlimits.push((resource(libc::RLIMIT_FSIZE), v));
     }
+    if let Some(v) = jail.data_limit {
+        rlimits.push((resource(libc::RLIMIT_DATA), v));
+    }
     let fds: Vec<(RawFd, RawFd)> = jail
         .fds
         .iter()
@@ -676,7 +713,7 @@ fn spawn<S: AsRef<OsStr>>(
     };
     drop(sync_read);
     drop(err_write);
-    let released = release_child(&child, sync_write);
+    let released = release_child(&child, sync_write, jail.host_ids, jail.oom_score_adj);
     let outcome = released.and_then(|()| read_child_status(err_read));
     if let Err(e) = outcome {
         let _ = child.kill();
@@ -689,11 +726,23 @@ fn spawn<S: AsRef<OsStr>>(
     Ok(child)
 }
 
-/// Maps uid and gid 0 inside the child's user namespace to the caller's, then lets it go on.
-fn release_child(child: &JailedChild, sync_write: OwnedFd) -> Result<(), SpawnError> {
+/// Maps uid and gid 0 inside the child's user namespace to the caller's (or `host_ids`), sets
+/// its oom_score_adj, then lets it go on.
+fn release_child(
+    child: &JailedChild,
+    sync_write: OwnedFd,
+    host_ids: Option<(u32, u32)>,
+    oom_score_adj: Option<i32>,
+) -> Result<(), SpawnError> {
     let proc_dir = PathBuf::from(format!("/proc/{}", child.pid));
     // SAFETY: geteuid/getegid cannot fail.
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let (uid, gid) = host_ids.unwrap_or_else(|| unsafe { (libc::geteuid(), libc::getegid()) });
+    if let Some(adj) = oom_score_adj {
+        let path = proc_dir.join("oom_score_adj");
+        if let Err(e) = fs::write(&path, adj.to_string()) {
+            warn!("cannot write {}: {e}", path.display());
+        }
+    }
     for (file, content) in [
         ("setgroups", "deny".to_string()),
         ("uid_map", format!("0 {uid} 1")),

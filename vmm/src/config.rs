@@ -39,12 +39,21 @@ pub struct Args {
     pub serial: String,
     /// A disk, repeatable: `path=IMG[,readonly=on][,serial=S][,num_queues=N]` is served by a
     /// `bulkhead-block` process the VMM starts; `socket=PATH[,num_queues=N]` connects to a
-    /// vhost-user-blk backend already listening at PATH.
+    /// vhost-user-blk backend already listening at PATH. `id=NAME` names it (default diskN);
+    /// `memory_max=SIZE` and `pids_max=N` override its process's limits (docs/jail-resources.md).
     #[arg(
         long,
-        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH]"
+        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N]"
     )]
     pub disk: Vec<String>,
+    /// Run device processes as this host uid (and gid; default: the uid's number). Only for a
+    /// VMM running as root.
+    #[arg(long, value_name = "UID[:GID]")]
+    pub device_uid: Option<String>,
+    /// The cgroup v2 directory under which each VM's device cgroups are made (default: the
+    /// VMM's own cgroup, which the VMM then leaves for a leaf of its own).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_parent: Option<PathBuf>,
     /// PCIe root ports, each a slot for one device: 1 to 31.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub pci_slots: usize,
@@ -149,6 +158,12 @@ pub struct DiskConfig {
     pub num_queues: u16,
     /// Entries per queue, at most.
     pub queue_size: u16,
+    /// `id=`: the device's name in logs and its cgroup (default diskN).
+    pub id: Option<String>,
+    /// `memory_max=`: the device process's own memory budget in bytes.
+    pub memory_max: Option<u64>,
+    /// `pids_max=`: the device process's task limit.
+    pub pids_max: Option<u64>,
 }
 
 fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
@@ -167,6 +182,9 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
             "queue_size",
             "direct",
             "socket",
+            "id",
+            "memory_max",
+            "pids_max",
         ],
     )?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
@@ -199,6 +217,37 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
                     "queue_size={v:?}: expected a power of two from 2 to {MAX_QUEUE_SIZE}"
                 ))
             })?,
+    };
+    let id = get("id").map(str::to_string);
+    if let Some(id) = &id {
+        let ok = !id.is_empty()
+            && id.len() <= 32
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && id != "vmm";
+        if !ok {
+            return Err(bad(format!(
+                "id={id:?}: 1 to 32 letters, digits, '-' or '_' (and not \"vmm\")"
+            )));
+        }
+    }
+    let memory_max = match get("memory_max") {
+        None => None,
+        Some(v) => Some(
+            parse_size(v)
+                .filter(|n| *n >= 16 << 20)
+                .ok_or_else(|| bad(format!("memory_max={v:?}: expected a size of 16M or more")))?,
+        ),
+    };
+    let pids_max = match get("pids_max") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<u64>()
+                .ok()
+                .filter(|n| (8..=65536).contains(n))
+                .ok_or_else(|| bad(format!("pids_max={v:?}: expected 8 to 65536")))?,
+        ),
     };
     let serial = get("serial").map(str::to_string);
     if let Some(s) = &serial {
@@ -243,6 +292,9 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
         backend,
         num_queues,
         queue_size,
+        id,
+        memory_max,
+        pids_max,
     })
 }
 
@@ -269,6 +321,34 @@ pub struct VmConfig {
     pub pci_slots: usize,
     /// Confine the VMM's threads with seccomp filters (`--sandbox on`, the default).
     pub sandbox: bool,
+    /// `--device-uid`: host uid and gid of the device processes.
+    pub device_ids: Option<(u32, u32)>,
+    /// `--cgroup-parent`.
+    pub cgroup_parent: Option<PathBuf>,
+}
+
+/// `--device-uid UID[:GID]`: only a root VMM may run devices as another uid.
+fn parse_device_uid(value: &str) -> Result<(u32, u32), ConfigError> {
+    let bad = |reason: String| ConfigError::Option {
+        flag: "device-uid",
+        reason,
+    };
+    let (u, g) = value.split_once(':').unwrap_or((value, value));
+    let (Ok(uid), Ok(gid)) = (u.parse::<u32>(), g.parse::<u32>()) else {
+        return Err(bad(format!("{value:?}: expected UID or UID:GID (numbers)")));
+    };
+    if uid == 0 || gid == 0 {
+        return Err(bad(format!(
+            "{value:?}: device processes must not run as root"
+        )));
+    }
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(bad(
+            "only a VMM running as root can run devices as another uid; drop the option".into(),
+        ));
+    }
+    Ok((uid, gid))
 }
 
 /// `--sandbox on|off`.
@@ -480,6 +560,22 @@ impl TryFrom<Args> for VmConfig {
         }
         let serial = parse_serial(&args.serial)?;
         let sandbox = parse_sandbox(&args.sandbox)?;
+        let device_ids = args
+            .device_uid
+            .as_deref()
+            .map(parse_device_uid)
+            .transpose()?;
+        let mut ids = Vec::new();
+        for (i, d) in disks.iter().enumerate() {
+            let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
+            if ids.contains(&id) {
+                return Err(ConfigError::Option {
+                    flag: "disk",
+                    reason: format!("id={id:?} is used twice"),
+                });
+            }
+            ids.push(id);
+        }
         Ok(Self {
             vcpus,
             ram_size,
@@ -491,6 +587,8 @@ impl TryFrom<Args> for VmConfig {
             disks,
             pci_slots: args.pci_slots,
             sandbox,
+            device_ids,
+            cgroup_parent: args.cgroup_parent,
         })
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod arch;
 pub mod config;
+pub mod device;
 pub mod irq;
 pub mod legacy;
 pub mod milestone;

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use bulkhead::config::{Args, SerialConfig, VmConfig};
+use bulkhead::device::spawner::Spawner;
 use bulkhead::seccomp::{self, ThreadKind};
 use bulkhead::vm::{block_termination_signals, forward_signals, forward_stdin, Outcome, Vm};
 use bulkhead::{terminal, vcpu};
@@ -41,11 +42,15 @@ fn report(prefix: &str, e: &dyn std::error::Error) {
     }
 }
 
-fn run(config: VmConfig) -> Result<Outcome, bulkhead::vm::VmError> {
+fn run(
+    config: VmConfig,
+    spawner: &std::sync::Arc<Spawner>,
+    cgroup: Option<&std::path::Path>,
+) -> Result<Outcome, bulkhead::vm::VmError> {
     let interactive = matches!(config.serial, SerialConfig::Tty);
     // Before Vm::new starts device watcher and backend-req threads: they must block these too.
     block_termination_signals()?;
-    let vm = Vm::new(config)?;
+    let vm = Vm::new(config, spawner, cgroup)?;
     forward_signals(vm.event_sender())?;
     vcpu::register_kick_handler().map_err(bulkhead::vm::VmError::Signals)?;
     if interactive {
@@ -66,6 +71,7 @@ fn run(config: VmConfig) -> Result<Outcome, bulkhead::vm::VmError> {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.verbose);
+    let cgroup_parent = args.cgroup_parent.clone();
     let config = match VmConfig::try_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -74,6 +80,19 @@ fn main() -> ExitCode {
         }
     };
     bulkhead::milestone::log("configuration checked");
+    // Once the configuration is checked, first thing, while this process has one thread and
+    // no seccomp filter: the VM's cgroup (the VMM moves into a leaf of its own, and the
+    // spawner starts there too), then the spawner, the only part of Bulkhead that creates
+    // namespaces and executes programs.
+    let cgroup = bulkhead::device::cgroup::prepare(cgroup_parent.as_deref());
+    let policy = bulkhead::device::spawner_policy(config.sandbox);
+    let spawner = match Spawner::fork(policy) {
+        Ok(s) => std::sync::Arc::new(s),
+        Err(e) => {
+            report("starting the device spawner", &e);
+            return ExitCode::from(EXIT_VM_FAILED);
+        }
+    };
     if !config.sandbox {
         let msg = "--sandbox off: the VMM's threads run WITHOUT seccomp filters; \
                    a compromised VMM thread can make any system call. Use only to debug.";
@@ -84,8 +103,10 @@ fn main() -> ExitCode {
         report("setting up the seccomp filters", &e);
         return ExitCode::from(EXIT_VM_FAILED);
     }
-    let result = run(config);
+    let result = run(config, &spawner, cgroup.as_deref());
     terminal::restore();
+    // Hangs up the spawner, which kills any device process still running.
+    drop(spawner);
     match result {
         Ok(Outcome::PowerOff) => {
             info!("VM powered off");
@@ -94,6 +115,10 @@ fn main() -> ExitCode {
         Ok(Outcome::Signal(sig)) => {
             info!("VM stopped on signal {sig}");
             ExitCode::SUCCESS
+        }
+        Err(bulkhead::vm::VmError::Device(e)) if e.is_bad_input() => {
+            report("invalid configuration", &e);
+            ExitCode::from(EXIT_BAD_INPUT)
         }
         Err(e) => {
             report("VM failed", &e);

@@ -304,6 +304,14 @@ pub fn rules(thread: ThreadKind) -> Rules {
             r.allow("wait4").allow("waitid").allow("close");
             // The device manager fails the device whose process ended (FailureHandle::fail).
             allow_fail_device(&mut r);
+            // device::monitor::Monitor::run: epoll over the device log pipes, pidfds and the
+            // spawner's report socket (epoll_pwait, called directly: aarch64 has no
+            // epoll_wait; epoll_ctl DEL of an ended pipe or pidfd), reading log pipes (read)
+            // and exit reports (recv is recvfrom); the device's log lines go to stderr (write).
+            r.allow("epoll_pwait")
+                .allow("epoll_ctl")
+                .allow("read")
+                .allow("recvfrom");
         }
         ThreadKind::BackendReq => {
             // FrontendReqHandler::handle_request: requests (recvmsg, with any fds) and

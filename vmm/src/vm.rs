@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -22,14 +22,15 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::{self, ArchError};
-use crate::config::{DiskBackend, DiskConfig, SerialConfig, VmConfig};
+use crate::config::{SerialConfig, VmConfig};
+use crate::device::spawner::Spawner;
+use crate::device::{DeviceEnv, DeviceError, Devices};
 use crate::irq::VmInterrupts;
 use crate::legacy::pl011::{IrqLine, Pl011, SharedPl011};
 use crate::mmio::{MmioBus, MmioDevice};
 use crate::pci::host::{PciError, PcieHost};
 use crate::vcpu::{self, Event, VcpuStop, VcpuThread};
-use crate::virtio::pci::{VirtioPci, VirtioPciError};
-use crate::virtio::vhost_user::{self, VhostUserDevice, VhostUserError};
+use crate::virtio::pci::VirtioPciError;
 
 /// Errors creating or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -82,8 +83,8 @@ pub enum VmError {
     #[error(transparent)]
     Pci(#[from] PciError),
     /// A device could not be set up.
-    #[error("{0}")]
-    Device(String, #[source] VhostUserError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     /// A device's transport could not be created.
     #[error(transparent)]
     VirtioPci(#[from] VirtioPciError),
@@ -215,119 +216,21 @@ pub struct Vm {
     serial: Arc<SharedPl011>,
     bus: Arc<MmioBus>,
     pcie: Arc<PcieHost>,
-    /// Threads waiting for the device processes the VMM started.
-    watchers: Vec<JoinHandle<()>>,
+    /// The device processes and the thread watching them.
+    devices: Devices,
     events: (Sender<Event>, Receiver<Event>),
     /// /dev/urandom, for each boot's rng-seed.
     urandom: Option<File>,
 }
 
-/// Starts (or connects to) the process serving disk `index` and puts a virtio-blk function
-/// in front of it.
-fn create_disk(
-    index: usize,
-    disk: &DiskConfig,
-    memory: &GuestMemoryMmap,
-    bus: &Arc<MmioBus>,
-    watchers: &mut Vec<JoinHandle<()>>,
-    sandbox: bool,
-) -> Result<VirtioPci, VmError> {
-    let name = format!("disk{index}");
-    let n = disk.num_queues;
-    let fail = |e| VmError::Device(format!("{name}: setting up its device process"), e);
-    let (frontend, child) = match &disk.backend {
-        DiskBackend::Process {
-            path,
-            readonly,
-            serial,
-            direct,
-        } => {
-            let program = vhost_user::device_program("bulkhead-block");
-            let mut args = vec![
-                "--path".to_string(),
-                path.display().to_string(),
-                "--num-queues".to_string(),
-                n.to_string(),
-                "--queue-size".to_string(),
-                disk.queue_size.to_string(),
-            ];
-            if *readonly {
-                args.push("--readonly".into());
-            }
-            if *direct {
-                args.push("--direct".into());
-            }
-            if let Some(s) = serial {
-                args.extend(["--serial".to_string(), s.clone()]);
-            }
-            let (child, stream) = if sandbox {
-                // The jailed process gets its image as a descriptor: it has no filesystem.
-                let image = std::fs::File::options()
-                    .read(true)
-                    .write(!*readonly)
-                    .open(path)
-                    .map_err(|e| fail(VhostUserError::OpenImage(path.clone(), e)))?;
-                let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-                    .map_err(|e| fail(VhostUserError::SocketPair(e)))?;
-                let log = std::io::stderr().as_fd().try_clone_to_owned().ok();
-                let jail = bulkhead_block::jail::jail(
-                    bulkhead_block::jail::JailFds {
-                        socket: theirs.into(),
-                        image: image.into(),
-                        log,
-                    },
-                    n,
-                );
-                let mut jailed_args: Vec<String> = bulkhead_block::jail::jail_args().into();
-                jailed_args.extend(args);
-                let child = vhost_user::spawn_jailed(&program, &jailed_args, jail).map_err(fail)?;
-                (child, ours)
-            } else {
-                args.extend(["--seccomp", "off", "--landlock", "off"].map(String::from));
-                let (child, stream) = vhost_user::spawn_device(&program, &args).map_err(fail)?;
-                (vhost_user::DeviceProcess::Plain(child), stream)
-            };
-            info!(
-                "{name}: started {} (pid {}{}) on {}",
-                program.display(),
-                child.id(),
-                if sandbox { ", jailed" } else { ", NOT jailed" },
-                path.display()
-            );
-            (
-                vhost::vhost_user::Frontend::from_stream(stream, u64::from(n)),
-                Some(child),
-            )
-        }
-        DiskBackend::Socket(path) => (vhost_user::connect(path, u64::from(n)).map_err(fail)?, None),
-    };
-    let backend = match VhostUserDevice::handshake(name.clone(), frontend, usize::from(n)) {
-        Ok(b) => b,
-        Err(e) => {
-            if let Some(mut c) = child {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            return Err(fail(e));
-        }
-    };
-    if let Some(c) = child {
-        watchers.extend(vhost_user::watch_device(name, c));
-    }
-    // Virtio device type 2 (block), PCI class "mass storage, other".
-    Ok(VirtioPci::new(
-        2,
-        0x01_80_00,
-        disk.queue_size,
-        backend,
-        memory.clone(),
-        bus.clone(),
-    )?)
-}
-
 impl Vm {
-    /// Opens KVM and creates guest RAM and devices; nothing runs yet.
-    pub fn new(mut config: VmConfig) -> Result<Self, VmError> {
+    /// Opens KVM and creates guest RAM and devices (their processes started through
+    /// `spawner`, in cgroup leaves under `cgroup` if given); no vCPU runs yet.
+    pub fn new(
+        mut config: VmConfig,
+        spawner: &Arc<Spawner>,
+        cgroup: Option<&std::path::Path>,
+    ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         arch::check_kvm(&kvm)?;
         let max_vcpus = kvm.get_max_vcpus();
@@ -359,10 +262,18 @@ impl Vm {
             PCIE_ECAM_START..PCIE_ECAM_START + PCIE_ECAM_SIZE,
             pcie.clone(),
         )?;
-        let mut watchers = Vec::new();
-        for (index, disk) in config.disks.iter().enumerate() {
-            let device = create_disk(index, disk, &memory, &bus, &mut watchers, config.sandbox)?;
-            pcie.plug(index, Box::new(device))?;
+        let specs = crate::device::specs(&config);
+        let env = DeviceEnv {
+            memory: &memory,
+            bus: &bus,
+            spawner,
+            cgroup,
+            device_ids: config.device_ids,
+            ram_size: config.ram_size,
+        };
+        let (devices, transports) = Devices::start(&specs, &env)?;
+        for (slot, transport) in transports {
+            pcie.plug(slot, Box::new(transport))?;
         }
         let urandom = File::open("/dev/urandom")
             .map_err(|e| warn!("cannot open /dev/urandom: {e}"))
@@ -375,7 +286,7 @@ impl Vm {
             serial,
             bus,
             pcie,
-            watchers,
+            devices,
             events: channel(),
         })
     }
@@ -500,23 +411,16 @@ impl Vm {
         outcome
     }
 
-    /// Closes every device connection and waits (briefly) for the device processes to exit.
+    /// Closes every device connection and waits (a bounded time) for the device processes to
+    /// exit; the spawner kills the rest when the VMM exits.
     fn shutdown_devices(&mut self) {
         drop(self.pcie.unplug_all());
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        while self.watchers.iter().any(|w| !w.is_finished()) && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        for w in self.watchers.drain(..) {
-            if w.is_finished() {
-                let _ = w.join();
-            } else {
-                warn!(
-                    "a device process did not exit within 3 s of disconnect; it dies with the VMM"
-                );
-            }
-        }
+        self.devices.shutdown(crate::device::SHUTDOWN_GRACE);
+    }
+
+    /// The device processes the VMM started.
+    pub fn devices(&self) -> &Devices {
+        &self.devices
     }
 
     fn run_guest(&mut self) -> Result<Outcome, VmError> {

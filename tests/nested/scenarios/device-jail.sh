@@ -2,10 +2,17 @@
 # timeout: 200
 # Every device process of a running VM is jailed: seccomp filter on (mode 2), no_new_privs,
 # no capabilities, its own user, mount, pid and net namespaces, an empty root, and no
-# descriptors but the ones it was handed (socket, image, log, /dev/null) and the anonymous
+# descriptors but the ones it was handed (log pipe, socket, control socket, image, /dev/null) and the anonymous
 # ones the vhost-user protocol gives it (guest RAM memfd, eventfds) or it makes (epoll,
 # io_uring).
 . "${HARNESS_DIR:-/harness}/lib.sh"
+# spawner_of VMM: the pid of the VMM's device spawner (bulkhead-spawn), the device processes' parent.
+spawner_of() {
+	for q in /proc/[0-9]*; do
+		[ "$(awk '{ print $4 }' "$q/stat" 2>/dev/null)" = "$1" ] || continue
+		[ "$(cat "$q/comm" 2>/dev/null)" = bulkhead-spawn ] && echo "${q#/proc/}" && return
+	done
+}
 
 dd if=/dev/zero of="$SCN_DIR/d.img" bs=1M count=16 2>/dev/null
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
@@ -15,7 +22,7 @@ say "guest ready $(elapsed vm) s after start"
 vmm=$(vm_pid vm)
 dev=
 for p in /proc/[0-9]*; do
-	[ "$(awk '{ print $4 }' "$p/stat" 2>/dev/null)" = "$vmm" ] || continue
+	[ "$(awk '{ print $4 }' "$p/stat" 2>/dev/null)" = "$(spawner_of "$vmm")" ] || continue
 	case $(cat "$p/comm" 2>/dev/null) in bulkhead-block*) dev=${p#/proc/} ;; esac
 done
 [ -n "$dev" ] || fail "no device process under VMM $vmm"
@@ -49,7 +56,7 @@ for fd in "/proc/$dev/fd/"*; do
 	t=$(readlink "$fd")
 	say "fd $n -> $t"
 	case $n:$t in
-	0:/dev/null | 1:/dev/null | 2:* | 3:socket:\[*\] | 5:"$SCN_DIR/d.img") ;;
+	0:/dev/null | 1:/dev/null | 2:pipe:\[*\] | 3:socket:\[*\] | 4:socket:\[*\] | 5:"$SCN_DIR/d.img") ;;
 	*:anon_inode:\[eventfd\] | *:anon_inode:\[eventpoll\] | *:anon_inode:\[io_uring\]) ;;
 	*:/memfd:bulkhead-guest-ram*) ;;
 	*) bad="$bad $n($t)" ;;

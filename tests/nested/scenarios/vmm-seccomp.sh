@@ -22,7 +22,7 @@ check_threads() {
 	say "threads of $1: $(echo "$_all" | tr '\n' ' ')"
 	_bad=$(echo "$_all" | grep -v "=$2\$" || true)
 	[ -z "$_bad" ] || fail "threads without Seccomp: $2: $(echo "$_bad" | tr '\n' ' ')"
-	for _t in bulkhead vcpu0 vcpu1 signals serial-in watch-disk0; do
+	for _t in bulkhead vcpu0 vcpu1 signals serial-in devices; do
 		echo "$_all" | grep -q "^$_t=" || fail "no thread $_t in the VMM"
 	done
 }

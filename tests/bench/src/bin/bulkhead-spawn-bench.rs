@@ -2,15 +2,18 @@
 //! first vhost-user message, and how much memory it holds then, jailed (as the VMM starts it)
 //! and not jailed (`--sandbox off`). Prints figures; asserts nothing. Needs user namespaces
 //! (run it where the VMM runs: the nested suite `bench` does).
+//!
+//! It starts the device through the VMM's own spawn path (`bulkhead::device::spawn_process`,
+//! the device manager's spawner and the block kind's jail policy), not a copy of it.
 
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bulkhead::device::spawner::{Exit, Spawner};
+use bulkhead::device::{
+    open_files, spawn_process, Backend, DeviceFile, DeviceKind, DeviceSpec, SpawnEnv, FIRST_KIND_FD,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
 
@@ -26,60 +29,45 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Spawns one device process, handshakes, returns (microseconds to the first reply, RSS KiB).
-fn one(program: &PathBuf, image: &PathBuf, jailed: bool) -> Result<(u128, u64)> {
+fn one(
+    spawner: &Spawner,
+    events: &std::os::unix::net::UnixDatagram,
+    image: &Path,
+    jailed: bool,
+) -> Result<(u128, u64)> {
     let t0 = Instant::now();
-    let (ours, theirs) = UnixStream::pair()?;
-    let base = [
-        "--path".to_string(),
-        image.display().to_string(),
-        "--num-queues".into(),
-        "1".into(),
-    ];
-    let (pid, mut waiter): (u32, Box<dyn FnMut() -> Result<()>>) = if jailed {
-        let img = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .open(image)?;
-        let log = std::io::stderr().as_fd().try_clone_to_owned().ok();
-        let jail = bulkhead_block::jail::jail(
-            bulkhead_block::jail::JailFds {
-                socket: theirs.into(),
-                image: img.into(),
-                log,
-            },
-            1,
-        );
-        let mut args: Vec<String> = bulkhead_block::jail::jail_args().into();
-        args.extend(base);
-        let mut child = jail.spawn(program, &args).context("jailed spawn")?;
-        (
-            child.id(),
-            Box::new(move || child.wait().map(|_| ()).map_err(Into::into)),
-        )
-    } else {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
-        let mut cmd = Command::new(program);
-        cmd.args(["--socket-fd", "3"])
-            .args(&base)
-            .args(["--seccomp", "off"]);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
-        // SAFETY: only dup2 between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().context("spawn")?;
-        drop(theirs);
-        (
-            child.id(),
-            Box::new(move || child.wait().map(|_| ()).map_err(Into::into)),
-        )
+    let spec = DeviceSpec {
+        id: "bench0".into(),
+        kind: DeviceKind::Block,
+        slot: 0,
+        queues: 1,
+        queue_size: 256,
+        backend: Backend::Spawn {
+            files: vec![DeviceFile {
+                path: image.to_path_buf(),
+                readonly: false,
+            }],
+            args: vec![
+                "--path".into(),
+                image.display().to_string(),
+                "--image-fd".into(),
+                FIRST_KIND_FD.to_string(),
+                "--num-queues".into(),
+                "1".into(),
+            ],
+        },
+        policy: DeviceKind::Block.policy(1, jailed),
     };
-    let mut frontend = Frontend::from_stream(ours, 1);
+    let files = open_files(&spec)?;
+    let env = SpawnEnv {
+        spawner,
+        cgroup: None,
+        device_ids: None,
+        ram_size: 0,
+    };
+    let started = spawn_process(&spec, files, &env).context("spawn")?;
+    let pid = started.pid;
+    let mut frontend = Frontend::from_stream(started.stream, 1);
     frontend.set_owner().context("SET_OWNER")?;
     frontend.get_features().context("GET_FEATURES")?;
     let first_reply = t0.elapsed().as_micros();
@@ -88,7 +76,15 @@ fn one(program: &PathBuf, image: &PathBuf, jailed: bool) -> Result<(u128, u64)> 
         .context("GET_PROTOCOL_FEATURES")?;
     let rss = rss_kib(pid);
     drop(frontend);
-    waiter()?;
+    // Wait for the spawner's report that it exited (the image lock goes with it).
+    let mut buf = [0u8; 128];
+    loop {
+        let n = events.recv(&mut buf).context("exit report")?;
+        if Exit::parse(&buf[..n]).map(|e| e.pid()) == Some(pid) {
+            break;
+        }
+    }
+    drop(started.log);
     Ok((first_reply, rss))
 }
 
@@ -98,28 +94,38 @@ fn median(mut v: Vec<u128>) -> u128 {
 }
 
 fn main() -> Result<()> {
+    // Forked first, like the VMM's: one thread, no filter.
+    let spawner =
+        Spawner::fork(bulkhead::device::spawner_policy(false)).context("starting the spawner")?;
+    let events = spawner.take_events().context("events")?;
     let mut args = std::env::args().skip(1);
-    let mut program = std::env::current_exe()?
-        .parent()
-        .map(|d| d.join("bulkhead-block"))
-        .context("no directory")?;
     let mut runs = 10;
+    let mut modes = vec![true, false];
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--bulkhead-block" => program = args.next().context("value")?.into(),
+            // The device program is found as the VMM finds it: beside this binary, else on
+            // PATH; the option is kept for the bench scenario and must name that program.
+            "--bulkhead-block" => {
+                let _ = args.next().context("value")?;
+            }
             "--runs" => runs = args.next().context("value")?.parse()?,
-            _ => bail!("usage: bulkhead-spawn-bench [--bulkhead-block PATH] [--runs N]"),
+            // Where the device program is dynamically linked (a debug build on the build
+            // machine), it cannot run in the jail's empty root.
+            "--no-jail" => modes = vec![false],
+            _ => {
+                bail!("usage: bulkhead-spawn-bench [--bulkhead-block PATH] [--runs N] [--no-jail]")
+            }
         }
     }
     let image =
         std::env::temp_dir().join(format!("bulkhead-spawn-bench-{}.img", std::process::id()));
     std::fs::File::create(&image)?.set_len(16 << 20)?;
     println!("device  mode        spawn -> first vhost-user reply (ms, median of {runs})  RSS at first reply (KiB)");
-    for jailed in [true, false] {
+    for jailed in modes {
         let mut times = Vec::new();
         let mut rss = Vec::new();
         for _ in 0..runs {
-            let (t, r) = one(&program, &image, jailed)?;
+            let (t, r) = one(&spawner, &events, &image, jailed)?;
             times.push(t);
             rss.push(u128::from(r));
         }

@@ -1,0 +1,502 @@
+//! One VMM thread that watches every device process: it reads their logs (each device's stderr
+//! is a pipe), notices at once when one ends (its pidfd becomes readable), and learns how it
+//! ended from the spawner's exit reports.
+//!
+//! Log lines go to the VMM's stderr prefixed with the device id, with control characters
+//! removed, cut at [`MAX_LINE`] bytes, and rate-limited per device: a bucket of
+//! [`BURST`] lines refilled at [`LINES_PER_SEC`] lines a second; lines beyond it are dropped
+//! and counted, and the count is printed once lines flow again.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+
+use super::spawner::Exit;
+
+/// Longest log line passed on, in bytes; longer lines are cut (and the rest passed on as
+/// further lines).
+pub const MAX_LINE: usize = 512;
+/// Lines a device may log at once.
+pub const BURST: u32 = 200;
+/// Lines a second a device may log, sustained.
+pub const LINES_PER_SEC: u32 = 20;
+
+/// Token bucket of one device's log.
+#[derive(Debug)]
+struct RateLimit {
+    tokens: f64,
+    last: Instant,
+    dropped: u64,
+}
+
+impl RateLimit {
+    fn new(now: Instant) -> Self {
+        Self {
+            tokens: f64::from(BURST),
+            last: now,
+            dropped: 0,
+        }
+    }
+
+    /// Whether a line may go out now.
+    fn take(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * f64::from(LINES_PER_SEC)).min(f64::from(BURST));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        }
+    }
+}
+
+/// A log line made safe for a terminal: control characters (C0, DEL, C1, and the rest of
+/// Unicode's Cc class) removed, invalid UTF-8 replaced.
+pub fn sanitize(line: &[u8]) -> String {
+    String::from_utf8_lossy(line)
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect()
+}
+
+/// How a device process ended, as the VMM logs it.
+fn describe(id: &str, exit: Exit) {
+    match exit {
+        Exit::Signal(pid, sig) => {
+            error!(
+            "{id}: device process {pid} was killed by signal {sig}{}; the VM goes on without it",
+            if sig == libc::SIGSYS { " (seccomp)" } else { "" }
+        )
+        }
+        Exit::Code(pid, 0) => info!("{id}: device process {pid} exited"),
+        Exit::Code(pid, code) => warn!("{id}: device process {pid} exited with status {code}"),
+    }
+}
+
+struct Entry {
+    id: String,
+    pid: u32,
+    log: Option<OwnedFd>,
+    pidfd: Option<OwnedFd>,
+    line: Vec<u8>,
+    limit: RateLimit,
+    /// The process ended (pidfd readable).
+    ended: bool,
+    /// The spawner reported its exit status.
+    reaped: bool,
+    /// Called once when the process ends (the transport marks the device failed).
+    on_end: Option<OnEnd>,
+}
+
+/// What to do when a device process ends; gets a reason for logs.
+pub type OnEnd = Box<dyn Fn(&str) + Send + Sync>;
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("id", &self.id)
+            .field("pid", &self.pid)
+            .field("ended", &self.ended)
+            .field("reaped", &self.reaped)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: Vec<Entry>,
+    /// The spawner's events socket hung up: no more exit reports will come.
+    spawner_gone: bool,
+}
+
+/// The watcher of all device processes.
+#[derive(Debug)]
+pub struct Monitor {
+    epoll: OwnedFd,
+    /// The spawner's exit-report socket.
+    events: Option<OwnedFd>,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+const TOKEN_EVENTS: u64 = u64::MAX;
+
+fn token(index: usize, pidfd: bool) -> u64 {
+    ((index as u64) << 1) | u64::from(pidfd)
+}
+
+impl Monitor {
+    /// A monitor with nothing to watch yet; `events` is the spawner's exit-report socket.
+    pub fn new(events: Option<UnixDatagram>) -> std::io::Result<Arc<Monitor>> {
+        // SAFETY: epoll_create1 with a flag; the result is checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let m = Arc::new(Monitor {
+            epoll,
+            events: events.map(OwnedFd::from),
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        });
+        if let Some(ev) = &m.events {
+            m.add(ev.as_raw_fd(), TOKEN_EVENTS)?;
+        }
+        Ok(m)
+    }
+
+    fn add(&self, fd: RawFd, token: u64) -> std::io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: epoll_ctl with our epoll descriptor and a local event.
+        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn remove(&self, fd: RawFd) {
+        // SAFETY: epoll_ctl with our epoll descriptor; a missing fd only fails.
+        unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
+    /// Watches device `id`: its log pipe's read end and its pidfd.
+    pub fn watch(&self, id: &str, pid: u32, log: OwnedFd, pidfd: OwnedFd) -> std::io::Result<()> {
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let fl = libc::fcntl(log.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(log.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        let mut st = self.state.lock().expect("not poisoned");
+        let index = st.entries.len();
+        self.add(log.as_raw_fd(), token(index, false))?;
+        self.add(pidfd.as_raw_fd(), token(index, true))?;
+        st.entries.push(Entry {
+            id: id.to_string(),
+            pid,
+            log: Some(log),
+            pidfd: Some(pidfd),
+            line: Vec::new(),
+            limit: RateLimit::new(Instant::now()),
+            ended: false,
+            reaped: false,
+            on_end: None,
+        });
+        Ok(())
+    }
+
+    /// Calls `on_end` once when process `pid` ends (at once if it already has).
+    pub fn on_end(&self, pid: u32, on_end: OnEnd) {
+        let mut st = self.state.lock().expect("not poisoned");
+        if let Some(e) = st.entries.iter_mut().find(|e| e.pid == pid) {
+            if e.ended {
+                on_end(&format!("device process {pid} ended"));
+            } else {
+                e.on_end = Some(on_end);
+            }
+        }
+    }
+
+    /// Starts the thread.
+    pub fn start(self: &Arc<Self>) -> std::io::Result<()> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || {
+                if !crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::DeviceWatcher) {
+                    return;
+                }
+                me.run();
+            })
+            .map(|_| ())
+    }
+
+    /// Waits until every watched process was reaped, or `timeout`; true if all were.
+    pub fn wait_all_reaped(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock().expect("not poisoned");
+        loop {
+            let done = st.spawner_gone || st.entries.iter().all(|e| e.reaped || e.ended);
+            if done {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .expect("not poisoned")
+                .0;
+        }
+    }
+
+    /// Waits until the spawner closed its report socket (it ended), or `timeout`.
+    pub fn wait_spawner_gone(&self, timeout: Duration) -> bool {
+        if self.events.is_none() {
+            return true;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock().expect("not poisoned");
+        while !st.spawner_gone {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .expect("not poisoned")
+                .0;
+        }
+        true
+    }
+
+    fn run(&self) {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
+        let mut stderr_buf = Vec::new();
+        loop {
+            // SAFETY: epoll_pwait into a local array of the length passed, no signal mask.
+            let n = unsafe {
+                libc::epoll_pwait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    -1,
+                    std::ptr::null(),
+                )
+            };
+            if n < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!(
+                    "device monitor: epoll_wait: {}",
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+            for ev in &events[..n as usize] {
+                let tok = ev.u64;
+                if tok == TOKEN_EVENTS {
+                    self.spawner_event();
+                } else if tok & 1 == 1 {
+                    self.ended((tok >> 1) as usize);
+                } else {
+                    self.read_log((tok >> 1) as usize, &mut stderr_buf);
+                }
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    fn spawner_event(&self) {
+        let mut st = self.state.lock().expect("not poisoned");
+        let mut buf = [0u8; 128];
+        let fd = self.events_fd();
+        // SAFETY: recv into a local buffer from a descriptor this monitor owns.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n == 0 {
+            if !st.spawner_gone {
+                // Seen on the way out too, when the VMM's exit has already begun.
+                debug!("the device spawner has exited");
+            }
+            st.spawner_gone = true;
+            self.remove(fd);
+            return;
+        }
+        if n < 0 {
+            return;
+        }
+        let Some(exit) = Exit::parse(&buf[..n as usize]) else {
+            warn!("device monitor: unreadable spawner report");
+            return;
+        };
+        if let Some(e) = st.entries.iter_mut().find(|e| e.pid == exit.pid()) {
+            e.reaped = true;
+            describe(&e.id, exit);
+        }
+    }
+
+    fn events_fd(&self) -> RawFd {
+        self.events.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+
+    fn ended(&self, index: usize) {
+        let mut st = self.state.lock().expect("not poisoned");
+        let Some(e) = st.entries.get_mut(index) else {
+            return;
+        };
+        if let Some(fd) = e.pidfd.take() {
+            self.remove(fd.as_raw_fd());
+        }
+        if !e.ended {
+            e.ended = true;
+            debug!("{}: device process {} ended", e.id, e.pid);
+            if let Some(f) = e.on_end.take() {
+                f(&format!("device process {} ended", e.pid));
+            }
+        }
+    }
+
+    fn read_log(&self, index: usize, out: &mut Vec<u8>) {
+        let mut st = self.state.lock().expect("not poisoned");
+        let Some(e) = st.entries.get_mut(index) else {
+            return;
+        };
+        let Some(fd) = e.log.as_ref().map(|f| f.as_raw_fd()) else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        // SAFETY: read into a local buffer from the non-blocking pipe this entry owns.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        out.clear();
+        let now = Instant::now();
+        if n <= 0 {
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock {
+                return;
+            }
+            // The device closed its stderr (it exited): flush the partial line.
+            if !e.line.is_empty() {
+                let line = std::mem::take(&mut e.line);
+                emit(e, &line, now, out);
+            }
+            self.remove(fd);
+            e.log = None;
+        } else {
+            feed(e, &buf[..n as usize], now, out);
+        }
+        if !out.is_empty() {
+            let _ = std::io::stderr().lock().write_all(out);
+        }
+    }
+}
+
+/// Splits what device `e` wrote into lines (cut at [`MAX_LINE`] bytes) and formats them.
+fn feed(e: &mut Entry, bytes: &[u8], now: Instant, out: &mut Vec<u8>) {
+    for &b in bytes {
+        if b == b'\n' {
+            let line = std::mem::take(&mut e.line);
+            emit(e, &line, now, out);
+        } else {
+            e.line.push(b);
+            if e.line.len() >= MAX_LINE {
+                let line = std::mem::take(&mut e.line);
+                emit(e, &line, now, out);
+            }
+        }
+    }
+}
+
+/// Formats one line of device `e` into `out`, if its rate limit lets it through.
+fn emit(e: &mut Entry, line: &[u8], now: Instant, out: &mut Vec<u8>) {
+    if !e.limit.take(now) {
+        return;
+    }
+    if e.limit.dropped > 0 {
+        let _ = writeln!(
+            out,
+            "{}: {} log lines dropped (more than {LINES_PER_SEC}/s)",
+            e.id, e.limit.dropped
+        );
+        e.limit.dropped = 0;
+    }
+    let _ = writeln!(out, "{}: {}", e.id, sanitize(line));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_sanitize_removes_control_characters() {
+        assert_eq!(sanitize(b"a\x1b[31mred\x07\r\x7f\tz"), "a[31mredz");
+        assert_eq!(sanitize("x\u{9b}y".as_bytes()), "xy");
+        assert_eq!(sanitize(b"\xffok"), "\u{fffd}ok");
+    }
+
+    fn entry() -> Entry {
+        Entry {
+            id: "disk0".into(),
+            pid: 1,
+            log: None,
+            pidfd: None,
+            line: Vec::new(),
+            limit: RateLimit::new(Instant::now()),
+            ended: false,
+            reaped: false,
+            on_end: None,
+        }
+    }
+
+    #[test]
+    fn test_feed_prefixes_splits_and_cuts_lines() {
+        let mut e = entry();
+        let mut out = Vec::new();
+        let now = Instant::now();
+        feed(&mut e, b"one\ntw", now, &mut out);
+        assert_eq!(out, b"disk0: one\n");
+        feed(&mut e, b"o\x1b[2J\n", now, &mut out);
+        assert_eq!(out, b"disk0: one\ndisk0: two[2J\n");
+        out.clear();
+        feed(&mut e, &vec![b'x'; MAX_LINE + 3], now, &mut out);
+        let text = String::from_utf8(out.clone()).expect("utf8");
+        assert_eq!(
+            text.lines().count(),
+            1,
+            "the cut part is out, the rest waits"
+        );
+        assert_eq!(text.len(), "disk0: \n".len() + MAX_LINE);
+        assert_eq!(e.line.len(), 3);
+    }
+
+    #[test]
+    fn test_feed_rate_limit_drops_and_counts() {
+        let mut e = entry();
+        let mut out = Vec::new();
+        let now = Instant::now();
+        let flood = "l\n".repeat(BURST as usize + 50);
+        feed(&mut e, flood.as_bytes(), now, &mut out);
+        assert_eq!(
+            String::from_utf8_lossy(&out).lines().count(),
+            BURST as usize
+        );
+        out.clear();
+        feed(&mut e, b"late\n", now + Duration::from_secs(1), &mut out);
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.starts_with("disk0: 50 log lines dropped"), "{text}");
+        assert!(text.ends_with("disk0: late\n"), "{text}");
+    }
+
+    #[test]
+    fn test_rate_limit_burst_then_refill() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(t0);
+        for _ in 0..BURST {
+            assert!(r.take(t0));
+        }
+        assert!(!r.take(t0));
+        assert_eq!(r.dropped, 1);
+        assert!(r.take(t0 + Duration::from_millis(1000 / u64::from(LINES_PER_SEC) + 1)));
+    }
+}
