@@ -38,11 +38,14 @@ log "unit tests, aarch64 (qemu-aarch64-static)"
 cargo test --workspace --target aarch64-unknown-linux-musl --lib --bins
 
 rc=0
-# Fuzz targets: CRATE_DIR:TARGET:SECONDS. Each replays its committed corpus (fuzz/corpus/TARGET:
+# Fuzz targets: CRATE_DIR:TARGET:SECONDS. Each replays its committed corpus (fuzz/seeds/TARGET:
 # a crash there is a regression) and then fuzzes for a bounded time. They share one target
 # directory so that their common dependencies are built once.
 FUZZ_TARGETS=(
     devices/block/fuzz:request_parser:60
+    devices/runtime/fuzz:vhost_user_messages:45
+    vmm/fuzz:virtio_pci_transport:45
+    vmm/fuzz:vhost_user_replies:45
 )
 log "fuzzing (cargo-fuzz, nightly): ${FUZZ_TARGETS[*]}"
 if ! rustup toolchain list | grep -q '^nightly'; then
@@ -55,13 +58,13 @@ fuzz_target_dir=$PWD/target/fuzz
 for t in "${FUZZ_TARGETS[@]}"; do
     IFS=: read -r dir name secs <<<"$t"
     [ -f "$dir/fuzz_targets/$name.rs" ] || { echo "FUZZ FAILED: no target $dir/fuzz_targets/$name.rs"; rc=1; continue; }
-    corpus=$dir/corpus/$name
-    mkdir -p "$corpus"
+    corpus=$dir/seeds/$name
+    [ -d "$corpus" ] || { echo "FUZZ FAILED: no seed corpus $corpus"; rc=1; continue; }
     # libFuzzer adds what it finds to the first directory: a scratch one, so the committed
     # corpus (the second, read as seeds) stays as it is.
     scratch=$(mktemp -d)
     echo "--- $dir $name: replay $(find "$corpus" -type f | wc -l) corpus inputs, then ${secs} s"
-    (cd "$dir" && cargo +nightly fuzz run --target-dir "$fuzz_target_dir" "$name" "$scratch" "corpus/$name" -- \
+    (cd "$dir" && cargo +nightly fuzz run --target-dir "$fuzz_target_dir" "$name" "$scratch" "seeds/$name" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 12
         exit "${PIPESTATUS[0]}") ||
         { echo "FUZZ FAILED: $dir $name (see $dir/artifacts/$name)"; rc=1; }
