@@ -42,10 +42,10 @@ rc=0
 # a crash there is a regression) and then fuzzes for a bounded time. They share one target
 # directory so that their common dependencies are built once.
 FUZZ_TARGETS=(
-    devices/block/fuzz:request_parser:60
-    devices/runtime/fuzz:vhost_user_messages:45
-    vmm/fuzz:virtio_pci_transport:45
-    vmm/fuzz:vhost_user_replies:45
+    devices/block/fuzz:request_parser:45
+    devices/runtime/fuzz:vhost_user_messages:30
+    vmm/fuzz:virtio_pci_transport:30
+    vmm/fuzz:vhost_user_replies:30
 )
 log "fuzzing (cargo-fuzz, nightly): ${FUZZ_TARGETS[*]}"
 if ! rustup toolchain list | grep -q '^nightly'; then
