@@ -260,6 +260,9 @@ pub fn start_backend<C: Device>(config: C) -> Result<(), Error> {
         warn!("LANDLOCK IS OFF (--landlock off): this device process can reach every path its jail has; never run it like this in production");
     }
     if runtime.seccomp {
+        // A panic under the filter must abort with its message, not die of SIGSYS while std's
+        // default hook resolves a backtrace.
+        bulkhead_sandbox::seccomp::install_panic_hook();
         bulkhead_sandbox::seccomp::apply(&opened.seccomp).map_err(Error::ApplySeccomp)?;
         info!(
             "seccomp filter installed ({} instructions)",

@@ -11,10 +11,7 @@
 //! ([`super::FailureHandle`]).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -87,18 +84,6 @@ impl VhostUserFrontendReqHandler for ConfigChange {
 /// Errors talking to a device process.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
-    /// The device process could not be started.
-    #[error("starting device process {0:?}")]
-    Spawn(PathBuf, #[source] std::io::Error),
-    /// The device process's jail could not be set up; it did not run.
-    #[error("starting device process {0:?} in its jail")]
-    Jail(PathBuf, #[source] bulkhead_sandbox::SpawnError),
-    /// The disk image could not be opened for the device process.
-    #[error("opening {0:?} for the device process")]
-    OpenImage(PathBuf, #[source] std::io::Error),
-    /// The socket pair could not be created.
-    #[error("creating the vhost-user socket pair")]
-    SocketPair(#[source] std::io::Error),
     /// Connecting to a backend's socket failed.
     #[error("connecting to vhost-user backend at {0:?}")]
     Connect(PathBuf, #[source] vhost::Error),
@@ -232,54 +217,6 @@ fn config_read_sizes() -> impl Iterator<Item = u32> {
     [CONFIG_CACHE_SIZE, 128]
         .into_iter()
         .chain((1..32).rev().map(|n| n * 4))
-}
-
-/// Starts device program `program` with `args`, connected over a socket pair whose other end
-/// it gets as fd 3 (`--socket-fd 3`). It dies with the VMM (PR_SET_PDEATHSIG).
-pub fn spawn_device(
-    program: &Path,
-    args: &[String],
-) -> Result<(Child, UnixStream), VhostUserError> {
-    let (ours, theirs) = UnixStream::pair().map_err(VhostUserError::SocketPair)?;
-    let fd = theirs.as_raw_fd();
-    let mut cmd = Command::new(program);
-    cmd.arg("--socket-fd")
-        .arg("3")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    // SAFETY: the closure runs in the child between fork and exec and calls only
-    // async-signal-safe functions (dup2, prctl, getppid, _exit).
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 clears close-on-exec on the copy.
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The VMM may have died before PR_SET_PDEATHSIG took effect.
-            if libc::getppid() == 1 {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| VhostUserError::Spawn(program.to_path_buf(), e))?;
-    drop(theirs);
-    Ok((child, ours))
-}
-
-/// Where the device program `name` is: beside the running `bulkhead`, else on PATH.
-pub fn device_program(name: &str) -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join(name)))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// A ring as the guest driver set it up.
@@ -670,89 +607,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = c.source();
     }
     s
-}
-
-/// A device process the VMM started.
-pub enum DeviceProcess {
-    /// Started without a jail (`--sandbox off`).
-    Plain(Child),
-    /// Started in its jail.
-    Jailed(bulkhead_sandbox::JailedChild),
-}
-
-impl DeviceProcess {
-    /// Its pid, as the VMM sees it.
-    pub fn id(&self) -> u32 {
-        match self {
-            Self::Plain(c) => c.id(),
-            Self::Jailed(c) => c.id(),
-        }
-    }
-
-    /// SIGKILL.
-    pub fn kill(&mut self) -> std::io::Result<()> {
-        match self {
-            Self::Plain(c) => c.kill(),
-            Self::Jailed(c) => c.kill(),
-        }
-    }
-
-    /// Waits for it to end.
-    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        match self {
-            Self::Plain(c) => c.wait(),
-            Self::Jailed(c) => c.wait(),
-        }
-    }
-}
-
-/// Starts a device program in the jail `jail` describes (the jail passes the program its
-/// socket end at fd 3 and whatever else it lists).
-pub fn spawn_jailed(
-    program: &Path,
-    args: &[String],
-    jail: bulkhead_sandbox::Jail,
-) -> Result<DeviceProcess, VhostUserError> {
-    jail.spawn(program, args)
-        .map(DeviceProcess::Jailed)
-        .map_err(|e| VhostUserError::Jail(program.to_path_buf(), e))
-}
-
-/// Watches a device process the VMM started: logs how it ended, and never lets the VM
-/// depend on it being alive.
-pub fn watch_device(name: String, mut child: DeviceProcess) -> Option<std::thread::JoinHandle<()>> {
-    let pid = child.id();
-    let spawned = std::thread::Builder::new()
-        .name(format!("watch-{name}"))
-        .spawn(move || {
-            if !crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::DeviceWatcher) {
-                return;
-            }
-            match child.wait() {
-                Ok(status) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    match status.signal() {
-                        Some(sig) => log::error!(
-                            "{name}: device process {pid} was killed by signal {sig}{}; the VM goes on without it",
-                            if sig == libc::SIGSYS { " (seccomp)" } else { "" }
-                        ),
-                        None if status.success() => {
-                            log::info!("{name}: device process {pid} exited")
-                        }
-                        None => log::warn!("{name}: device process {pid} exited with {status}"),
-                    }
-                }
-                Err(e) => log::warn!("{name}: waiting for device process {pid}: {e}"),
-            }
-        });
-    spawned
-        .map_err(|e| log::warn!("cannot watch device process {pid}: {e}"))
-        .ok()
-}
-
-/// Connects to a backend someone else started, listening at `path`.
-pub fn connect(path: &Path, max_queues: u64) -> Result<Frontend, VhostUserError> {
-    Frontend::connect(path, max_queues).map_err(|e| VhostUserError::Connect(path.to_path_buf(), e))
 }
 
 #[cfg(test)]
