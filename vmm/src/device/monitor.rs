@@ -230,12 +230,18 @@ impl Monitor {
             .map(|_| ())
     }
 
-    /// Waits until every watched process was reaped, or `timeout`; true if all were.
+    /// Waits until every watched process was reaped and its log pipe drained to its end (so
+    /// that what a device says on its way out, its exit report, reaches the VMM's stderr), or
+    /// `timeout`; true if all were.
     pub fn wait_all_reaped(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut st = self.state.lock().expect("not poisoned");
         loop {
-            let done = st.spawner_gone || st.entries.iter().all(|e| e.reaped || e.ended);
+            let gone = st.spawner_gone;
+            let done = st
+                .entries
+                .iter()
+                .all(|e| (gone || e.reaped || e.ended) && e.log.is_none());
             if done {
                 return true;
             }
