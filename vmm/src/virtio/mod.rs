@@ -26,6 +26,8 @@ use crate::ratelimit::RateLimiter;
 pub(crate) struct DeviceShared {
     pub(crate) name: String,
     failed: AtomicBool,
+    /// The VMM let go of the device (its transport was dropped): its end is expected.
+    disconnected: AtomicBool,
     needs_reset: AtomicBool,
     /// Resets handed to the worker and not yet done: the status register reads non-zero
     /// until they are (the driver polls it after writing 0).
@@ -48,6 +50,7 @@ impl DeviceShared {
         Self {
             name,
             failed: AtomicBool::new(false),
+            disconnected: AtomicBool::new(false),
             needs_reset: AtomicBool::new(false),
             resets_pending: AtomicU32::new(0),
             config: Mutex::new(Vec::new()),
@@ -82,13 +85,27 @@ impl DeviceShared {
     /// come fails at once), the guest sees DEVICE_NEEDS_RESET and a configuration interrupt.
     pub(crate) fn fail(&self, reason: &str) {
         if !self.failed.swap(true, Ordering::AcqRel) {
-            log::error!("{}: device failed: {reason}", self.name);
+            if self.disconnected.load(Ordering::Acquire) {
+                log::debug!("{}: after disconnect: {reason}", self.name);
+            } else {
+                log::error!("{}: device failed: {reason}", self.name);
+            }
             if let Some(s) = &self.socket {
                 // SAFETY: shutdown(2) on a descriptor this struct owns; no memory is passed.
                 unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
             }
         }
         self.set_needs_reset();
+    }
+
+    /// The VMM lets go of the device: its socket is shut down, so the device process sees the
+    /// frontend leave, finishes, reports what it served and exits. Its end is not a failure.
+    pub(crate) fn disconnect(&self) {
+        self.disconnected.store(true, Ordering::Release);
+        if let Some(s) = &self.socket {
+            // SAFETY: shutdown(2) on a descriptor this struct owns; no memory is passed.
+            unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
+        }
     }
 
     pub(crate) fn reset_started(&self) {

@@ -700,6 +700,9 @@ impl Drop for Transport {
     fn drop(&mut self) {
         // Leave no mapping behind that points at nothing.
         self.unmap();
+        // The worker thread and the deadline keeper hold the connection too: shut it down so
+        // the device process sees the frontend leave now (and exits with its report).
+        self.backend.shared.disconnect();
     }
 }
 
