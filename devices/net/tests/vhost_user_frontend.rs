@@ -446,3 +446,37 @@ fn test_real_tap_frames_both_ways_under_the_jail() {
     let status = wait_exit(&mut child, Duration::from_secs(10));
     assert!(status.success(), "exit status {status}");
 }
+
+/// A descriptor that is not a tap queue is bad input: exit status 2, one line saying so.
+#[test]
+fn test_tap_fd_not_a_tap_exit_status_two() {
+    let (_ours, theirs) = UnixStream::pair().expect("socketpair");
+    let (not_tap, _peer) = UnixStream::pair().expect("socketpair");
+    for fd in [theirs.as_raw_fd(), not_tap.as_raw_fd()] {
+        inherit(fd);
+    }
+    let out = Command::new(BIN)
+        .args(["--socket-fd", &theirs.as_raw_fd().to_string()])
+        .args(["--tap-fd", &not_tap.as_raw_fd().to_string()])
+        .args(["--mac", "52:54:00:ab:cd:ef"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bulkhead-net");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not a tap queue"), "{stderr}");
+    // Bad options too.
+    let out = Command::new(BIN)
+        .args([
+            "--socket-fd",
+            "3",
+            "--tap-fd",
+            "5",
+            "--mac",
+            "ff:ff:ff:ff:ff:ff",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bulkhead-net");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
