@@ -295,6 +295,10 @@ fn place(
                 }
             }
             placed.push((head, written));
+            // The header (with `num_buffers`) must fit the first buffer.
+            if first && off < frame.len() && (written as usize) < neg.hdr_len {
+                bad = true;
+            }
             if bad || !neg.mrg_rxbuf || placed.len() >= usize::from(size) {
                 break;
             }
