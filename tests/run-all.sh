@@ -77,6 +77,8 @@ done
 
 log "interop: QEMU (a vhost-user frontend nobody here wrote) drives bulkhead-block for a Debian amd64 guest"
 tests/interop/qemu-vhost-user-blk.sh || rc=1
+log "interop: QEMU drives bulkhead-net (vhost-user-net, 2 queue pairs) on a tap in a namespace of its own"
+tests/interop/qemu-vhost-user-net.sh || rc=1
 
 rm -f tests/out/*.summary
 log "system tests, nested KVM (L1 with a GICv3)"
