@@ -282,3 +282,38 @@ impl Drop for Source {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_frames_have_their_sizes_and_valid_ip_checksums() {
+        for to_driver in [false, true] {
+            let s = small_frame(to_driver);
+            assert_eq!(s.len(), 64);
+            let t = tso_frame(to_driver);
+            assert_eq!(t.len(), TCP_HEADERS + TSO_PAYLOAD);
+            for f in [&s, &t] {
+                // The IPv4 header sums to 0xffff with its checksum in place.
+                assert_eq!(csum_fold(csum_add(0, &f[14..34])), 0xffff);
+                assert_eq!(&f[12..14], &[0x08, 0x00]);
+            }
+            let tot = u16::from_be_bytes([t[16], t[17]]) as usize;
+            assert_eq!(tot + 14, t.len());
+            let dst = if to_driver { DRIVER_MAC } else { OTHER_MAC };
+            assert_eq!(&t[0..6], &dst);
+        }
+    }
+
+    #[test]
+    fn test_vnet_header_describes_a_tcpv4_segment() {
+        let h = vnet_header(true);
+        assert_eq!(h[0], 1);
+        assert_eq!(h[1], 1);
+        assert_eq!(u16::from_le_bytes([h[2], h[3]]) as usize, TCP_HEADERS);
+        assert_eq!(u16::from_le_bytes([h[6], h[7]]), 34);
+        assert_eq!(u16::from_le_bytes([h[8], h[9]]), 16);
+        assert_eq!(vnet_header(false), [0u8; 10]);
+    }
+}
