@@ -137,6 +137,13 @@ pub struct NetDriver {
     tx: Ring,
     pub offered: u64,
     pub features: u64,
+    event_idx: bool,
+}
+
+/// The virtio spec's vring_need_event: whether moving an index from `old` to `new` passes
+/// the other side's `event` index.
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
 /// Frames and bytes (without the virtio header) completed.
@@ -159,9 +166,10 @@ fn memfd(size: u64) -> Result<File> {
 }
 
 impl NetDriver {
-    /// Connect, agree on `wanted_features() & offered`, set up rx0 and tx0 with `size`
-    /// entries each.
-    pub fn connect(socket: &Path, size: u16) -> Result<Self> {
+    /// Connect, agree on `(wanted_features() | extra) & offered`, set up rx0 and tx0 with
+    /// `size` entries each. `extra` may hold `MRG_RXBUF` (every frame still fits one buffer)
+    /// and `EVENT_IDX` (notifications by index, both ways).
+    pub fn connect(socket: &Path, size: u16, extra: u64) -> Result<Self> {
         let mut frontend = Frontend::connect(socket, 2)
             .with_context(|| format!("connect to {}", socket.display()))?;
         frontend.set_owner().context("SET_OWNER")?;
@@ -170,7 +178,7 @@ impl NetDriver {
             offered & (1 << VIRTIO_F_VERSION_1) != 0,
             "backend lacks VIRTIO_F_VERSION_1"
         );
-        let features = offered & wanted_features();
+        let features = offered & (wanted_features() | extra);
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             let offered_pf = frontend
                 .get_protocol_features()
@@ -231,6 +239,7 @@ impl NetDriver {
             tx,
             offered,
             features,
+            event_idx: features & (1 << 29) != 0,
         };
         d.set_interrupts(true, false)?;
         d.set_interrupts(false, false)?;
@@ -259,6 +268,23 @@ impl NetDriver {
     }
 
     fn set_interrupts(&self, rx: bool, on: bool) -> Result<()> {
+        if self.event_idx {
+            // used_event: the next used entry asks for a call; one behind the last, none
+            // until the index wraps.
+            let r = self.ring(rx);
+            let event = if on {
+                r.last_used
+            } else {
+                r.last_used.wrapping_sub(1)
+            };
+            self.mem
+                .store(
+                    event,
+                    MemoryRegionAddress(r.avail + 4 + 2 * u64::from(r.size)),
+                    Ordering::Release,
+                )
+                .context("store used_event")?;
+        }
         let flags = if on {
             0u16
         } else {
@@ -313,17 +339,29 @@ impl NetDriver {
         if r.published == r.next_avail {
             return Ok(());
         }
-        let (new, avail, used) = (r.next_avail, r.avail, r.used);
+        let (old, new, avail, used, q) = (r.published, r.next_avail, r.avail, r.used, r.size);
         self.mem
             .store(new, MemoryRegionAddress(avail + 2), Ordering::Release)
             .context("store avail idx")?;
         self.ring_mut(rx).published = new;
         fence(Ordering::SeqCst);
-        let flags: u16 = self
-            .mem
-            .load(MemoryRegionAddress(used), Ordering::Relaxed)
-            .context("load used flags")?;
-        if flags & VRING_USED_F_NO_NOTIFY as u16 == 0 {
+        let notify = if self.event_idx {
+            let avail_event: u16 = self
+                .mem
+                .load(
+                    MemoryRegionAddress(used + 4 + 8 * u64::from(q)),
+                    Ordering::Relaxed,
+                )
+                .context("load avail_event")?;
+            need_event(avail_event, new, old)
+        } else {
+            let flags: u16 = self
+                .mem
+                .load(MemoryRegionAddress(used), Ordering::Relaxed)
+                .context("load used flags")?;
+            flags & VRING_USED_F_NO_NOTIFY as u16 == 0
+        };
+        if notify {
             self.ring(rx).kick.write(1).context("kick")?;
         }
         Ok(())
@@ -393,5 +431,19 @@ impl NetDriver {
 
     pub fn size(&self) -> u16 {
         self.rx.size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_need_event_crossing_event_index_notifies() {
+        assert!(need_event(5, 6, 5));
+        assert!(!need_event(5, 5, 3));
+        assert!(need_event(0xffff, 2, 0xfffe));
+        // used_event one behind the last index: no call until the index wraps.
+        assert!(!need_event(9, 10 + 200, 10));
     }
 }

@@ -56,12 +56,18 @@ struct Args {
     /// Virtqueue size.
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
+    /// Skip the extra bulkhead-net run with the features Cloud Hypervisor's backend lacks
+    /// (MRG_RXBUF, EVENT_IDX).
+    #[arg(long)]
+    no_full: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Target {
     Bulkhead,
     Ch,
+    /// bulkhead-net with MRG_RXBUF and EVENT_IDX on top.
+    BulkheadFull,
 }
 
 impl Target {
@@ -69,6 +75,17 @@ impl Target {
         match self {
             Target::Bulkhead => "bulkhead-net",
             Target::Ch => "ch vhost_user_net",
+            Target::BulkheadFull => "bulkhead-net full",
+        }
+    }
+
+    /// Features asked for on top of `driver::wanted_features()`.
+    fn extra_features(self) -> u64 {
+        match self {
+            Target::BulkheadFull => {
+                1 << 29 | 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF
+            }
+            _ => 0,
         }
     }
 }
@@ -132,7 +149,7 @@ struct Backend {
 impl Backend {
     fn start(target: Target, args: &Args, socket: &Path, tap: &str, log: &Path) -> Result<Self> {
         let mut cmd = match target {
-            Target::Bulkhead => {
+            Target::Bulkhead | Target::BulkheadFull => {
                 let mut c = Command::new(&args.bulkhead_net);
                 c.arg("--socket-path")
                     .arg(socket)
@@ -193,7 +210,7 @@ impl Backend {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        if target == Target::Bulkhead {
+        if target != Target::Ch {
             // Cloud Hypervisor's backend sets the address and brings its tap up itself.
             ip(&["addr", "add", "10.98.0.1/24", "dev", tap])?;
         }
@@ -388,6 +405,9 @@ fn main() -> Result<()> {
             println!("# Cloud Hypervisor's vhost_user_net: not given (--ch PATH), not measured")
         }
     }
+    if !args.no_full {
+        targets.push(Target::BulkheadFull);
+    }
     println!(
         "# features asked for (each backend gets what it offers of them): {}",
         driver::feature_names(driver::wanted_features())
@@ -403,11 +423,18 @@ fn main() -> Result<()> {
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); ROWS.len()]; targets.len()];
     for run in 0..args.runs {
         for (ti, &t) in targets.iter().enumerate() {
-            let tap = format!("nb{}{run}", if t == Target::Bulkhead { "bh" } else { "ch" });
+            let tap = format!(
+                "nb{}{run}",
+                match t {
+                    Target::Bulkhead => "bh",
+                    Target::Ch => "ch",
+                    Target::BulkheadFull => "bf",
+                }
+            );
             let socket = dir.join(format!("{tap}.sock"));
             let log = dir.join(format!("{tap}.log"));
             let backend = Backend::start(t, &args, &socket, &tap, &log)?;
-            let mut d = NetDriver::connect(&socket, args.queue_size)
+            let mut d = NetDriver::connect(&socket, args.queue_size, t.extra_features())
                 .map_err(|e| e.context(format!("backend log:\n{}", backend.log_tail())))?;
             if run == 0 {
                 println!(
@@ -460,7 +487,7 @@ fn main() -> Result<()> {
                 last
             );
         }
-        if targets.len() == 2 {
+        if targets.contains(&Target::Ch) {
             let med = |ti: usize| {
                 let mut v: Vec<f64> = samples[ti][ri].iter().map(|s| s.value).collect();
                 v.sort_by(f64::total_cmp);
@@ -472,6 +499,14 @@ fn main() -> Result<()> {
                 "bulkhead / ch",
                 med(0) / med(1).max(1e-9)
             );
+            if targets.len() == 3 {
+                println!(
+                    "{:<14} {:<18} {:>8.2}x",
+                    row.label(),
+                    "full / ch",
+                    med(2) / med(1).max(1e-9)
+                );
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
