@@ -753,8 +753,21 @@ where
     let connection = Arc::new(Mutex::new(VhostUserConnection::new(backend)?));
     let mut handler = BackendReqHandler::from_stream(stream, connection.clone());
     let result = loop {
-        if let Err(e) = handler.handle_request() {
-            break e;
+        match handler.handle_request() {
+            Ok(()) => {}
+            // QEMU sends VHOST_USER_SET_VRING_ENABLE before any SET_FEATURES (virtio-net's
+            // multiqueue set-up disables the extra pairs at realize, before a driver exists;
+            // QEMU only checks that the bit is offered). The vhost crate refuses it while
+            // VHOST_USER_F_PROTOCOL_FEATURES is not acked, before our handler sees it; the
+            // message was read whole and no reply is due before negotiation, so it is dropped
+            // and the session goes on. Rings start disabled once the bit is acked, and QEMU
+            // enables the pairs it uses after SET_FEATURES.
+            Err(VhostUserError::InactiveFeature(f))
+                if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES =>
+            {
+                warn!("SET_VRING_ENABLE before SET_FEATURES ignored (QEMU sends it at realize)");
+            }
+            Err(e) => break e,
         }
     };
     connection
