@@ -15,7 +15,8 @@ expect2() {
 	timeout -s KILL 20 "$BULKHEAD" --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" "$@" \
 		</dev/null >"$SCN_DIR/$_case.out" 2>"$SCN_DIR/$_case.err" 5</dev/null
 	_st=$?
-	_msg=$(tr -d '\r' <"$SCN_DIR/$_case.err" | grep -v '^[[:space:]]*$' | head -n 1)
+	_msg=$(tr -d '\r' <"$SCN_DIR/$_case.err" | grep -E "$_want" | head -n 1)
+	[ -n "$_msg" ] || _msg=$(tr -d '\r' <"$SCN_DIR/$_case.err" | grep -v '^[[:space:]]*$' | head -n 1)
 	say "case $_case: status $_st, stderr: ${_msg:-<empty>}"
 	_why=
 	[ "$_st" = 2 ] || _why="status $_st, expected 2"
