@@ -46,6 +46,7 @@ rc=0
 # (libFuzzer's -detect_leaks covers the per-input check, ASAN_OPTIONS the one at exit).
 FUZZ_TARGETS=(
     devices/block/fuzz:request_parser:45
+    devices/net/fuzz:descriptor_handling:30
     devices/runtime/fuzz:vhost_user_messages:30
     vmm/fuzz:virtio_pci_transport:30
     vmm/fuzz:vhost_user_replies:30

@@ -1,0 +1,610 @@
+//! The frame path of one queue pair: tap → guest (rx) and guest → tap (tx).
+//!
+//! Everything the guest controls is bounded: one round handles at most [`BATCH`] frames per
+//! direction; a chain is walked at most as far as the queue's size (virtio-queue's chain
+//! iterator) and at most [`MAX_FRAME_LEN`] bytes are gathered from it; device-readable
+//! descriptors in an rx chain, device-writable ones in a tx chain, addresses outside guest
+//! memory and frames shorter than their header are refused (the chain is returned unused, the
+//! frame counted as dropped), never a panic. A ring the guest broke (its available index more
+//! than a queue ahead, a head index past the queue, rings outside its memory) stops that
+//! queue until the driver resets it.
+//!
+//! rx: a frame is read from the tap into a buffer of [`RX_BUF_LEN`] bytes, then written into
+//! the guest's buffers: one chain, or with `VIRTIO_NET_F_MRG_RXBUF` as many chains as it takes,
+//! their count in the header's `num_buffers`. When the guest has too few buffers the frame
+//! stays in the buffer and the tap is not read again until the guest kicks the rx queue.
+//!
+//! tx: a chain's bytes (the 12-byte `virtio_net_hdr_v1`, then the frame) are gathered and
+//! written to the tap in one `write`: the guest's header is the tap's vnet header, so its
+//! checksum and segmentation offloads (CSUM, HOST_TSO4/6, HOST_ECN, HOST_UFO) cross as they are.
+
+use std::io;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use log::warn;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::rate::RateLimiter;
+use crate::stats::{add, Stats};
+use crate::tap::{Tap, VNET_HDR_LEN};
+
+/// Frames per direction in one round, before the worker looks at its other events.
+pub const BATCH: usize = 64;
+/// The largest frame (without vnet header) the tap hands or takes: a 64 KiB GSO segment with
+/// its Ethernet and VLAN headers.
+pub const MAX_FRAME_LEN: usize = 65536 + 14 + 4;
+/// The rx buffer: header and the largest frame.
+pub const RX_BUF_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
+/// Offset of `num_buffers` in `virtio_net_hdr_v1`.
+const NUM_BUFFERS_OFFSET: usize = 10;
+/// The header without `num_buffers` (legacy drivers without VERSION_1 or MRG_RXBUF).
+pub const LEGACY_HDR_LEN: usize = 10;
+/// `flags` of the header: the guest takes checksum state only with GUEST_CSUM.
+const HDR_FLAGS: usize = 0;
+
+/// Log lines a guest can cause: up to this many at once...
+const LOG_BURST: u32 = 10;
+/// ...then one more per this interval.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the guest negotiated that the frame path needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The guest's header: 12 bytes (VERSION_1 or MRG_RXBUF), else 10.
+    pub hdr_len: usize,
+    /// VIRTIO_NET_F_MRG_RXBUF: a frame may span chains.
+    pub mrg_rxbuf: bool,
+    /// Checksum offload towards the guest is on (GUEST_CSUM and TUN_F_CSUM set): the header's
+    /// flags are passed on; otherwise they are cleared.
+    pub guest_csum: bool,
+}
+
+impl Default for Negotiated {
+    fn default() -> Negotiated {
+        Negotiated {
+            hdr_len: VNET_HDR_LEN,
+            mrg_rxbuf: false,
+            guest_csum: false,
+        }
+    }
+}
+
+/// Why a queue stopped being processed (a driver bug or attack; it resumes after a reset).
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("cannot read the available ring")]
+    AvailRing(#[source] virtio_queue::Error),
+    #[error("descriptor head {0} is past the queue")]
+    HeadIndex(u16),
+    #[error("cannot add an entry to the used ring")]
+    AddUsed(#[source] virtio_queue::Error),
+    #[error("cannot update the notification settings")]
+    Notification(#[source] virtio_queue::Error),
+}
+
+/// Why a direction's round ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Nothing more to do (tap empty, or no frame from the guest).
+    Idle,
+    /// rx: the guest has too few buffers; wait for its kick.
+    NoBuffers,
+    /// The rate limiter refused: try again after this long.
+    Throttled(Duration),
+    /// tx: the tap cannot take more now (EAGAIN); wait until it is writable.
+    TapFull,
+    /// [`BATCH`] frames done; more may be waiting.
+    Budget,
+}
+
+/// What one round did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Round {
+    /// Used entries were added: the guest may need an interrupt.
+    pub used: bool,
+    pub stop: Stop,
+}
+
+/// A token bucket for log lines the guest controls.
+#[derive(Debug)]
+pub struct LogLimiter {
+    tokens: u32,
+    last_refill: Instant,
+    suppressed: u64,
+}
+
+impl Default for LogLimiter {
+    fn default() -> LogLimiter {
+        LogLimiter {
+            tokens: LOG_BURST,
+            last_refill: Instant::now(),
+            suppressed: 0,
+        }
+    }
+}
+
+impl LogLimiter {
+    /// Whether a line may be logged now; `Some(n)` with the number suppressed since the last.
+    pub fn admit(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        let refill =
+            now.saturating_duration_since(self.last_refill).as_nanos() / LOG_INTERVAL.as_nanos();
+        if refill > 0 {
+            let refill = u32::try_from(refill).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(refill).min(LOG_BURST);
+            self.last_refill = now;
+        }
+        if self.tokens == 0 {
+            self.suppressed = self.suppressed.saturating_add(1);
+            return None;
+        }
+        self.tokens -= 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+
+    /// Logs a warning through the limiter.
+    pub fn warn(&mut self, args: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.admit() {
+            if suppressed > 0 {
+                warn!("{args} ({suppressed} similar messages suppressed)");
+            } else {
+                warn!("{args}");
+            }
+        }
+    }
+}
+
+/// The rx side of a pair: the frame read from the tap and not yet placed.
+pub struct RxState {
+    buf: Box<[u8]>,
+    /// Bytes of the pending frame in `buf` (0: none).
+    pending: usize,
+    /// The pending frame was already counted by the rate limiter.
+    charged: bool,
+    /// The pending frame's header was adapted to the guest's (flags, legacy size).
+    shaped: bool,
+    /// Where the frame as the guest takes it starts in `buf` (2 with a legacy header).
+    offset: usize,
+    /// Notifications are enabled (waiting for buffers).
+    notify: bool,
+    /// Chains taken for the frame being placed: (head, bytes written).
+    placed: Vec<(u16, u32)>,
+    pub log: LogLimiter,
+}
+
+impl Default for RxState {
+    fn default() -> RxState {
+        RxState {
+            buf: vec![0u8; RX_BUF_LEN].into_boxed_slice(),
+            pending: 0,
+            charged: false,
+            shaped: false,
+            offset: 0,
+            notify: true,
+            placed: Vec::new(),
+            log: LogLimiter::default(),
+        }
+    }
+}
+
+impl RxState {
+    /// Forgets the pending frame (queue reset).
+    pub fn reset(&mut self) {
+        self.pending = 0;
+        self.charged = false;
+        self.notify = true;
+        self.placed.clear();
+    }
+
+    /// Whether a frame waits for guest buffers.
+    pub fn has_pending(&self) -> bool {
+        self.pending > 0
+    }
+}
+
+/// The tx side of a pair.
+pub struct TxState {
+    buf: Box<[u8]>,
+    pub log: LogLimiter,
+}
+
+impl Default for TxState {
+    fn default() -> TxState {
+        TxState {
+            // Room for a legacy header's two missing bytes in front.
+            buf: vec![0u8; RX_BUF_LEN].into_boxed_slice(),
+            log: LogLimiter::default(),
+        }
+    }
+}
+
+/// How a frame went into the guest's buffers.
+enum Placement {
+    Done,
+    /// Too few buffers now; `seen` is the available index they were counted up to.
+    NoBuffers {
+        seen: u16,
+    },
+    /// It can never fit (larger than a single buffer without MRG_RXBUF, or than the ring).
+    TooLarge,
+    /// A chain was malformed: it and the chains taken before it were returned unused.
+    BadChain,
+}
+
+fn rewind(q: &mut Queue, to: u16) {
+    q.set_next_avail(to);
+}
+
+/// Places `frame` (header included) into the guest's rx buffers.
+fn place(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    frame: &[u8],
+    neg: &Negotiated,
+    placed: &mut Vec<(u16, u32)>,
+) -> Result<Placement, QueueError> {
+    let start = q.next_avail();
+    let size = q.size();
+    placed.clear();
+    let mut off = 0usize;
+    let mut num_buffers_at: [Option<GuestAddress>; 2] = [None, None];
+    let mut bad = false;
+    {
+        let mut iter = q.iter(mem).map_err(QueueError::AvailRing)?;
+        while off < frame.len() {
+            let Some(chain) = iter.next() else {
+                break;
+            };
+            let head = chain.head_index();
+            if head >= size {
+                return Err(QueueError::HeadIndex(head));
+            }
+            let mut written = 0u32;
+            let first = placed.is_empty();
+            for desc in chain {
+                if !desc.is_write_only() {
+                    bad = true;
+                    break;
+                }
+                let n = (desc.len() as usize).min(frame.len() - off);
+                if n == 0 {
+                    continue;
+                }
+                let Some(bytes) = frame.get(off..off + n) else {
+                    bad = true;
+                    break;
+                };
+                if mem.write_slice(bytes, desc.addr()).is_err() {
+                    bad = true;
+                    break;
+                }
+                if first && neg.hdr_len == VNET_HDR_LEN {
+                    for (k, at) in num_buffers_at.iter_mut().enumerate() {
+                        let o = NUM_BUFFERS_OFFSET + k;
+                        if (off..off + n).contains(&o) {
+                            *at = desc.addr().checked_add((o - off) as u64);
+                        }
+                    }
+                }
+                off += n;
+                written += n as u32;
+                if off == frame.len() {
+                    break;
+                }
+            }
+            placed.push((head, written));
+            if bad || !neg.mrg_rxbuf || placed.len() >= usize::from(size) {
+                break;
+            }
+        }
+    }
+    if bad {
+        for &(head, _) in placed.iter() {
+            q.add_used(mem, head, 0).map_err(QueueError::AddUsed)?;
+        }
+        return Ok(Placement::BadChain);
+    }
+    if off < frame.len() {
+        let seen = start.wrapping_add(placed.len() as u16);
+        rewind(q, start);
+        if !neg.mrg_rxbuf && !placed.is_empty() || placed.len() >= usize::from(size) {
+            return Ok(Placement::TooLarge);
+        }
+        return Ok(Placement::NoBuffers { seen });
+    }
+    if placed.len() > 1 {
+        let count = (placed.len() as u16).to_le_bytes();
+        for (at, byte) in num_buffers_at.iter().zip(count) {
+            if let Some(at) = at {
+                // Written a moment ago, so it is mapped.
+                let _ = mem.write_obj(byte, *at);
+            }
+        }
+    }
+    for &(head, len) in placed.iter() {
+        q.add_used(mem, head, len).map_err(QueueError::AddUsed)?;
+    }
+    Ok(Placement::Done)
+}
+
+/// Arms notifications for "the guest added buffers past `seen`" and says whether it already
+/// did. With EVENT_IDX the avail event index must be `seen`, not the rewound next index, or the
+/// guest would not kick for the buffers it adds after those we could not use.
+fn wait_for_buffers(q: &mut Queue, mem: &GuestMemoryMmap, seen: u16) -> Result<bool, QueueError> {
+    let next = q.next_avail();
+    q.set_next_avail(seen);
+    let more = q.enable_notification(mem);
+    q.set_next_avail(next);
+    more.map_err(QueueError::Notification)
+}
+
+/// One rx round: reads frames from the tap and places them in the guest's buffers.
+pub fn process_rx(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    tap: &Tap,
+    rx: &mut RxState,
+    neg: &Negotiated,
+    limiter: Option<&Mutex<RateLimiter>>,
+    stats: &Stats,
+) -> Result<Round, QueueError> {
+    let mut round = Round {
+        used: false,
+        stop: Stop::Budget,
+    };
+    if rx.notify {
+        q.disable_notification(mem)
+            .map_err(QueueError::Notification)?;
+        rx.notify = false;
+    }
+    let mut frames = 0;
+    while frames < BATCH {
+        if rx.pending == 0 {
+            match tap.read(&mut rx.buf) {
+                Ok(n) if n >= VNET_HDR_LEN => {
+                    rx.pending = n;
+                    rx.charged = false;
+                    rx.shaped = false;
+                }
+                Ok(0) => {
+                    round.stop = Stop::Idle;
+                    return Ok(round);
+                }
+                Ok(_) => {
+                    add(&stats.rx_dropped, 1);
+                    frames += 1;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    round.stop = Stop::Idle;
+                    return Ok(round);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    rx.log.warn(format_args!("cannot read the tap: {e}"));
+                    round.stop = Stop::Idle;
+                    return Ok(round);
+                }
+            }
+        }
+        let frame_len = (rx.pending - VNET_HDR_LEN) as u64;
+        if !rx.charged {
+            if let Some(limiter) = limiter {
+                let mut l = limiter.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(wait) = l.consume(frame_len) {
+                    add(&stats.rx_throttled, 1);
+                    round.stop = Stop::Throttled(wait);
+                    return Ok(round);
+                }
+            }
+            rx.charged = true;
+        }
+        // The header as the guest takes it (once per frame: a retry finds it done).
+        if !rx.shaped {
+            if !neg.guest_csum {
+                if let Some(flags) = rx.buf.get_mut(HDR_FLAGS) {
+                    *flags = 0;
+                }
+            }
+            if neg.hdr_len == LEGACY_HDR_LEN {
+                // Drop `num_buffers`: the 10-byte header moves up against the frame.
+                rx.buf
+                    .copy_within(..LEGACY_HDR_LEN, VNET_HDR_LEN - LEGACY_HDR_LEN);
+                rx.offset = VNET_HDR_LEN - LEGACY_HDR_LEN;
+            } else {
+                rx.offset = 0;
+                if let Some(nb) = rx.buf.get_mut(NUM_BUFFERS_OFFSET..VNET_HDR_LEN) {
+                    nb.copy_from_slice(&1u16.to_le_bytes());
+                }
+            }
+            rx.shaped = true;
+        }
+        let frame = rx.buf.get(rx.offset..rx.pending).unwrap_or_default();
+        match place(q, mem, frame, neg, &mut rx.placed)? {
+            Placement::Done => {
+                add(&stats.rx_packets, 1);
+                add(&stats.rx_bytes, frame_len);
+                round.used = true;
+                rx.pending = 0;
+                rx.charged = false;
+            }
+            Placement::NoBuffers { seen } => {
+                if wait_for_buffers(q, mem, seen)? {
+                    // Buffers arrived meanwhile: go round again (notifications stay on until
+                    // the next round starts).
+                    rx.notify = true;
+                    q.disable_notification(mem)
+                        .map_err(QueueError::Notification)?;
+                    rx.notify = false;
+                    continue;
+                }
+                rx.notify = true;
+                round.stop = Stop::NoBuffers;
+                return Ok(round);
+            }
+            Placement::TooLarge => {
+                rx.log.warn(format_args!(
+                    "dropping a {frame_len}-byte frame: larger than the guest's receive buffers"
+                ));
+                add(&stats.rx_dropped, 1);
+                rx.pending = 0;
+                rx.charged = false;
+            }
+            Placement::BadChain => {
+                rx.log
+                    .warn(format_args!("rx: malformed receive buffer; frame dropped"));
+                add(&stats.bad_chains, 1);
+                add(&stats.rx_dropped, 1);
+                round.used = true;
+                rx.pending = 0;
+                rx.charged = false;
+            }
+        }
+        frames += 1;
+    }
+    Ok(round)
+}
+
+/// One tx round: sends the guest's frames to the tap.
+pub fn process_tx(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    tap: &Tap,
+    tx: &mut TxState,
+    neg: &Negotiated,
+    limiter: Option<&Mutex<RateLimiter>>,
+    stats: &Stats,
+) -> Result<Round, QueueError> {
+    let mut round = Round {
+        used: false,
+        stop: Stop::Budget,
+    };
+    let size = q.size();
+    // A legacy 10-byte header is widened to the tap's 12 bytes in place.
+    let pad = VNET_HDR_LEN - neg.hdr_len;
+    for _ in 0..BATCH {
+        let start = q.next_avail();
+        let chain = {
+            let mut iter = q.iter(mem).map_err(QueueError::AvailRing)?;
+            iter.next()
+        };
+        let Some(chain) = chain else {
+            round.stop = Stop::Idle;
+            return Ok(round);
+        };
+        let head = chain.head_index();
+        if head >= size {
+            return Err(QueueError::HeadIndex(head));
+        }
+        let mut len = 0usize;
+        let mut bad = false;
+        for desc in chain {
+            if desc.is_write_only() {
+                bad = true;
+                break;
+            }
+            let n = desc.len() as usize;
+            let Some(dst) = tx.buf.get_mut(pad + len..pad + len + n) else {
+                bad = true;
+                break;
+            };
+            if mem.read_slice(dst, desc.addr()).is_err() {
+                bad = true;
+                break;
+            }
+            len += n;
+        }
+        if bad || len < neg.hdr_len {
+            tx.log
+                .warn(format_args!("tx: malformed frame of {len} bytes refused"));
+            add(&stats.bad_chains, 1);
+            add(&stats.tx_dropped, 1);
+            q.add_used(mem, head, 0).map_err(QueueError::AddUsed)?;
+            round.used = true;
+            continue;
+        }
+        if pad > 0 {
+            tx.buf.copy_within(pad..pad + LEGACY_HDR_LEN, 0);
+            if let Some(nb) = tx.buf.get_mut(LEGACY_HDR_LEN..VNET_HDR_LEN) {
+                nb.fill(0);
+            }
+        }
+        let total = len + pad;
+        let frame_len = (total - VNET_HDR_LEN) as u64;
+        if let Some(limiter) = limiter {
+            let mut l = limiter.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(wait) = l.consume(frame_len) {
+                rewind(q, start);
+                add(&stats.tx_throttled, 1);
+                round.stop = Stop::Throttled(wait);
+                return Ok(round);
+            }
+        }
+        let Some(bytes) = tx.buf.get(..total) else {
+            continue;
+        };
+        match tap.write(bytes) {
+            Ok(_) => {
+                add(&stats.tx_packets, 1);
+                add(&stats.tx_bytes, frame_len);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(limiter) = limiter {
+                    limiter
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .refund(frame_len);
+                }
+                rewind(q, start);
+                round.stop = Stop::TapFull;
+                return Ok(round);
+            }
+            Err(e) => {
+                // EIO when the tap is down, EINVAL for a header the tap refuses: the frame is
+                // lost, as on a wire.
+                tx.log
+                    .warn(format_args!("tx: the tap refused a frame: {e}"));
+                add(&stats.tx_dropped, 1);
+            }
+        }
+        q.add_used(mem, head, 0).map_err(QueueError::AddUsed)?;
+        round.used = true;
+    }
+    Ok(round)
+}
+
+/// Disables notifications, runs `round`, re-enables them and goes round again while frames
+/// arrived meanwhile, as long as `round` ended idle (the tx pattern with EVENT_IDX).
+pub fn with_notifications_off(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut round: impl FnMut(&mut Queue) -> Result<Round, QueueError>,
+) -> Result<Round, QueueError> {
+    let mut used = false;
+    loop {
+        q.disable_notification(mem)
+            .map_err(QueueError::Notification)?;
+        let r = round(q)?;
+        used |= r.used;
+        if r.stop != Stop::Idle {
+            // Budget: the caller comes back; throttled / tap full: it waits for a timer or the
+            // tap, and must see new frames then.
+            if r.stop != Stop::Budget {
+                q.enable_notification(mem)
+                    .map_err(QueueError::Notification)?;
+            }
+            return Ok(Round { used, stop: r.stop });
+        }
+        if !q
+            .enable_notification(mem)
+            .map_err(QueueError::Notification)?
+        {
+            return Ok(Round { used, stop: r.stop });
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

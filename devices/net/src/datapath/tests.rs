@@ -1,0 +1,630 @@
+//! The frame path against an in-memory guest (MockSplitQueue) and a tap stand-in: a
+//! non-blocking SOCK_SEQPACKET socket pair, which keeps frame boundaries as a tap does.
+
+use super::*;
+use crate::rate::{BucketConfig, LimiterConfig};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::io::AsRawFd;
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+
+const MIB: u64 = 1 << 20;
+const QSIZE: u16 = 64;
+
+pub(crate) fn seqpacket_pair() -> (Tap, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two descriptors into `fds`; the result is checked.
+    let ret = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(ret, 0);
+    // Room for several 64 KiB frames in flight.
+    for fd in fds {
+        let size: libc::c_int = 4 << 20;
+        // SAFETY: setsockopt reads an int.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                4,
+            )
+        };
+    }
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    unsafe {
+        (
+            Tap::from_fd(OwnedFd::from_raw_fd(fds[0])),
+            OwnedFd::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+pub(crate) fn send(peer: &OwnedFd, bytes: &[u8]) {
+    // SAFETY: write from a valid slice on an open descriptor.
+    let n = unsafe { libc::write(peer.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    assert_eq!(n, bytes.len() as isize, "{}", io::Error::last_os_error());
+}
+
+pub(crate) fn recv(peer: &OwnedFd) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 2 * RX_BUF_LEN];
+    // SAFETY: read into a valid buffer on an open descriptor.
+    let n = unsafe {
+        libc::recv(
+            peer.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return None;
+    }
+    buf.truncate(n as usize);
+    Some(buf)
+}
+
+/// A frame as the tap hands it: a 12-byte header with `flags`, then `len` bytes of pattern.
+fn tap_frame(flags: u8, len: usize, seed: u8) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f[0] = flags;
+    f[10] = 0xee; // num_buffers as the tap leaves it: garbage the device overwrites.
+    f.extend((0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
+    f
+}
+
+fn memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * MIB as usize)]).expect("memory")
+}
+
+/// A mock ring and the next free descriptor index. The mock lays its rings out for four
+/// times the queue's size: it places the used ring right after `len` bytes of available ring,
+/// which a full ring of `len` two-byte entries would overrun.
+struct Ring<'a> {
+    vq: MockSplitQueue<'a, GuestMemoryMmap>,
+    size: u16,
+    next_desc: u16,
+}
+
+impl<'a> Ring<'a> {
+    fn new(mem: &'a GuestMemoryMmap) -> Ring<'a> {
+        Ring::sized(mem, QSIZE)
+    }
+
+    fn sized(mem: &'a GuestMemoryMmap, size: u16) -> Ring<'a> {
+        Ring {
+            vq: MockSplitQueue::new(mem, 4 * size),
+            size,
+            next_desc: 0,
+        }
+    }
+
+    fn queue(&self) -> Queue {
+        let mut q: Queue = self.vq.create_queue().expect("queue");
+        q.set_size(self.size);
+        q
+    }
+
+    /// Adds one chain: (address, length, device-writable).
+    fn chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
+        let first = self.next_desc;
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, write))| {
+                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if i + 1 < descs.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                RawDescriptor::from(Descriptor::new(addr, len, flags, first + i as u16 + 1))
+            })
+            .collect();
+        self.vq.add_desc_chains(&raw, first).expect("chain");
+        self.next_desc += descs.len() as u16;
+        first
+    }
+
+    fn used(&self) -> Vec<(u32, u32)> {
+        let n = self.vq.used().idx().load();
+        (0..n)
+            .map(|i| {
+                let e = self
+                    .vq
+                    .used()
+                    .ring()
+                    .ref_at(i as usize)
+                    .expect("used")
+                    .load();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+}
+
+fn mrg() -> Negotiated {
+    Negotiated {
+        hdr_len: VNET_HDR_LEN,
+        mrg_rxbuf: true,
+        guest_csum: true,
+    }
+}
+
+fn read_guest(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    mem.read_slice(&mut v, GuestAddress(addr)).expect("read");
+    v
+}
+
+#[test]
+fn test_rx_single_buffer_frame_and_num_buffers_one() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    ring.chain(&[(MIB, 2048, true)]);
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    let frame = tap_frame(0, 60, 1);
+    send(&peer, &frame);
+    let stats = Stats::default();
+    let mut rx = RxState::default();
+    let neg = Negotiated::default();
+    let round = process_rx(&mut q, &mem, &tap, &mut rx, &neg, None, &stats).expect("rx");
+    assert_eq!(
+        round,
+        Round {
+            used: true,
+            stop: Stop::Idle
+        }
+    );
+    assert_eq!(ring.used(), vec![(0, 72)]);
+    let got = read_guest(&mem, MIB, 72);
+    assert_eq!(&got[..10], &frame[..10]);
+    assert_eq!(&got[10..12], &[1, 0], "num_buffers");
+    assert_eq!(&got[12..], &frame[12..]);
+    assert_eq!(
+        stats.rx_packets.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        stats.rx_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        60
+    );
+}
+
+#[test]
+fn test_rx_mrg_rxbuf_splits_frame_over_chains() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    for i in 0..8 {
+        ring.chain(&[(MIB + i * 0x1000, 1500, true)]);
+    }
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    let frame = tap_frame(1, 5000, 3);
+    send(&peer, &frame);
+    let stats = Stats::default();
+    let mut rx = RxState::default();
+    process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &stats).expect("rx");
+    assert_eq!(ring.used(), vec![(0, 1500), (1, 1500), (2, 1500), (3, 512)]);
+    let mut got = Vec::new();
+    for (i, len) in [1500usize, 1500, 1500, 512].iter().enumerate() {
+        got.extend(read_guest(&mem, MIB + i as u64 * 0x1000, *len));
+    }
+    assert_eq!(&got[10..12], &[4, 0], "num_buffers");
+    assert_eq!(got[0], 1, "flags kept with guest_csum");
+    assert_eq!(&got[12..], &frame[12..]);
+}
+
+#[test]
+fn test_rx_largest_frame_in_page_buffers() {
+    // The largest frame (64 KiB GSO + headers) in 4 KiB mergeable buffers: 17 of them.
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    for i in 0..20 {
+        ring.chain(&[(MIB + i * 0x1000, 4096, true)]);
+    }
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    let frame = tap_frame(1, MAX_FRAME_LEN, 9);
+    send(&peer, &frame);
+    let stats = Stats::default();
+    let mut rx = RxState::default();
+    process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &stats).expect("rx");
+    let used = ring.used();
+    assert_eq!(used.len(), 17);
+    assert_eq!(
+        used.iter().map(|u| u.1 as usize).sum::<usize>(),
+        frame.len()
+    );
+    let got = read_guest(&mem, MIB, frame.len());
+    assert_eq!(&got[10..12], &17u16.to_le_bytes());
+    assert_eq!(&got[12..], &frame[12..]);
+}
+
+#[test]
+fn test_rx_too_few_buffers_waits_then_resumes_in_order() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    ring.chain(&[(MIB, 1500, true)]);
+    ring.chain(&[(MIB + 0x1000, 1500, true)]);
+    let mut q = ring.queue();
+    q.set_event_idx(true);
+    let (tap, peer) = seqpacket_pair();
+    let big = tap_frame(0, 4000, 5);
+    let small = tap_frame(0, 100, 6);
+    send(&peer, &big);
+    send(&peer, &small);
+    let stats = Stats::default();
+    let mut rx = RxState::default();
+    let round = process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &stats).expect("rx");
+    assert_eq!(round.stop, Stop::NoBuffers);
+    assert!(ring.used().is_empty(), "nothing published");
+    assert_eq!(q.next_avail(), 0, "chains given back");
+    assert!(rx.has_pending());
+    // The small frame is still in the tap: the device stopped reading it.
+    // The avail event asks for a kick once the guest adds past the two buffers it has.
+    let avail_event: u16 = mem
+        .read_obj(
+            ring.vq
+                .used_addr()
+                .checked_add(4 + 8 * u64::from(QSIZE))
+                .expect("addr"),
+        )
+        .expect("avail event");
+    assert_eq!(avail_event, 2);
+    // A second round without new buffers: still waiting, nothing read.
+    let round = process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &stats).expect("rx");
+    assert_eq!(round.stop, Stop::NoBuffers);
+    ring.chain(&[(MIB + 0x2000, 1500, true)]);
+    ring.chain(&[(MIB + 0x3000, 1500, true)]);
+    let round = process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &stats).expect("rx");
+    assert_eq!(round.stop, Stop::Idle);
+    assert_eq!(ring.used(), vec![(0, 1500), (1, 1500), (2, 1012), (3, 112)]);
+    let got = read_guest(&mem, MIB, 12);
+    assert_eq!(&got[10..12], &3u16.to_le_bytes());
+    let got = read_guest(&mem, MIB + 0x3000, 112);
+    assert_eq!(&got[12..], &small[12..]);
+    assert_eq!(&got[10..12], &1u16.to_le_bytes());
+}
+
+#[test]
+fn test_rx_without_mrg_short_buffer_drops_frame_keeps_buffer() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    ring.chain(&[(MIB, 1000, true)]);
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    send(&peer, &tap_frame(0, 2000, 1));
+    let small = tap_frame(2, 50, 2);
+    send(&peer, &small);
+    let stats = Stats::default();
+    let mut rx = RxState::default();
+    let neg = Negotiated::default();
+    process_rx(&mut q, &mem, &tap, &mut rx, &neg, None, &stats).expect("rx");
+    assert_eq!(
+        stats.rx_dropped.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(ring.used(), vec![(0, 62)], "the buffer took the next frame");
+    let got = read_guest(&mem, MIB, 62);
+    assert_eq!(got[0], 0, "DATA_VALID cleared without GUEST_CSUM");
+    assert_eq!(&got[12..], &small[12..]);
+}
+
+#[test]
+fn test_rx_legacy_header_is_ten_bytes() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    ring.chain(&[(MIB, 2048, true)]);
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    let frame = tap_frame(0, 64, 4);
+    send(&peer, &frame);
+    let stats = Stats::default();
+    let mut rx = RxState::default();
+    let neg = Negotiated {
+        hdr_len: LEGACY_HDR_LEN,
+        mrg_rxbuf: false,
+        guest_csum: false,
+    };
+    process_rx(&mut q, &mem, &tap, &mut rx, &neg, None, &stats).expect("rx");
+    assert_eq!(ring.used(), vec![(0, 74)]);
+    let got = read_guest(&mem, MIB, 74);
+    assert_eq!(&got[10..], &frame[12..]);
+}
+
+#[test]
+fn test_rx_bad_chains_refused_frame_dropped() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    // A device-readable buffer, one outside guest memory, then a good one.
+    ring.chain(&[(MIB, 1500, false)]);
+    ring.chain(&[(1 << 40, 1500, true)]);
+    ring.chain(&[(MIB + 0x1000, 1500, true)]);
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    for seed in 0..3 {
+        send(&peer, &tap_frame(0, 100, seed));
+    }
+    let stats = Stats::default();
+    let mut rx = RxState::default();
+    process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &stats).expect("rx");
+    assert_eq!(ring.used(), vec![(0, 0), (1, 0), (2, 112)]);
+    assert_eq!(
+        stats.bad_chains.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    assert_eq!(
+        stats.rx_dropped.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    assert_eq!(
+        stats.rx_packets.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn test_rx_frame_larger_than_whole_ring_dropped() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    // Every entry of the ring, 16 bytes each: 1 KiB can never hold a 2 KiB frame.
+    for i in 0..u64::from(QSIZE) {
+        ring.chain(&[(MIB + i * 16, 16, true)]);
+    }
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    send(&peer, &tap_frame(0, 2048, 1));
+    let stats = Stats::default();
+    let mut rx = RxState::default();
+    let round = process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &stats).expect("rx");
+    assert_eq!(round.stop, Stop::Idle);
+    assert_eq!(
+        stats.rx_dropped.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(ring.used().is_empty(), "{:?}", ring.used());
+}
+
+#[test]
+fn test_rx_throttled_keeps_frame_until_tokens() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    ring.chain(&[(MIB, 2048, true)]);
+    ring.chain(&[(MIB + 0x1000, 2048, true)]);
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    send(&peer, &tap_frame(0, 100, 1));
+    send(&peer, &tap_frame(0, 100, 2));
+    let limiter = Mutex::new(RateLimiter::new(&LimiterConfig {
+        bandwidth: BucketConfig::default(),
+        ops: BucketConfig {
+            size: 1,
+            one_time_burst: 0,
+            refill_time_ms: 60_000,
+        },
+    }));
+    let stats = Stats::default();
+    let mut rx = RxState::default();
+    let round =
+        process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), Some(&limiter), &stats).expect("rx");
+    assert!(matches!(round.stop, Stop::Throttled(d) if d > Duration::from_secs(50)));
+    assert_eq!(ring.used().len(), 1);
+    assert!(rx.has_pending());
+    assert_eq!(
+        stats
+            .rx_throttled
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn test_rx_broken_ring_is_an_error_not_a_panic() {
+    let mem = memory();
+    let ring = Ring::new(&mem);
+    let mut q = ring.queue();
+    // The available index a whole queue and more ahead.
+    ring.vq.avail().idx().store(QSIZE + 5);
+    let (tap, peer) = seqpacket_pair();
+    send(&peer, &tap_frame(0, 100, 1));
+    let mut rx = RxState::default();
+    let r = process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &Stats::default());
+    assert!(matches!(r, Err(QueueError::AvailRing(_))), "{r:?}");
+    // A head index past the queue.
+    let ring = Ring::new(&mem);
+    let mut q = ring.queue();
+    ring.vq
+        .avail()
+        .ring()
+        .ref_at(0)
+        .expect("entry")
+        .store(QSIZE + 3);
+    ring.vq.avail().idx().store(1);
+    let r = process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &Stats::default());
+    assert!(matches!(r, Err(QueueError::HeadIndex(_))), "{r:?}");
+}
+
+#[test]
+fn test_tx_header_passed_through_to_tap() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    let frame = tap_frame(1, 3000, 8);
+    mem.write_slice(&frame[..12], GuestAddress(MIB))
+        .expect("hdr");
+    mem.write_slice(&frame[12..], GuestAddress(2 * MIB))
+        .expect("data");
+    ring.chain(&[(MIB, 12, false), (2 * MIB, 3000, false)]);
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    let stats = Stats::default();
+    let mut tx = TxState::default();
+    let round = process_tx(
+        &mut q,
+        &mem,
+        &tap,
+        &mut tx,
+        &Negotiated::default(),
+        None,
+        &stats,
+    )
+    .expect("tx");
+    assert_eq!(
+        round,
+        Round {
+            used: true,
+            stop: Stop::Idle
+        }
+    );
+    assert_eq!(recv(&peer).expect("frame"), frame);
+    assert_eq!(ring.used(), vec![(0, 0)]);
+    assert_eq!(
+        stats.tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        3000
+    );
+}
+
+#[test]
+fn test_tx_legacy_header_widened() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    let mut chain = vec![1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+    chain.extend_from_slice(&[0xab; 60]);
+    mem.write_slice(&chain, GuestAddress(MIB)).expect("write");
+    ring.chain(&[(MIB, 70, false)]);
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    let neg = Negotiated {
+        hdr_len: LEGACY_HDR_LEN,
+        mrg_rxbuf: false,
+        guest_csum: false,
+    };
+    process_tx(
+        &mut q,
+        &mem,
+        &tap,
+        &mut TxState::default(),
+        &neg,
+        None,
+        &Stats::default(),
+    )
+    .expect("tx");
+    let got = recv(&peer).expect("frame");
+    assert_eq!(&got[..10], &chain[..10]);
+    assert_eq!(&got[10..12], &[0, 0]);
+    assert_eq!(&got[12..], &chain[10..]);
+}
+
+#[test]
+fn test_tx_bad_chains_refused_nothing_sent() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    ring.chain(&[(MIB, 12, false), (2 * MIB, 100, true)]); // writable in a tx chain
+    ring.chain(&[(MIB, 8, false)]); // shorter than the header
+    ring.chain(&[(1 << 40, 100, false)]); // outside guest memory
+    ring.chain(&[(MIB, u32::MAX, false)]); // larger than any frame
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    let stats = Stats::default();
+    process_tx(
+        &mut q,
+        &mem,
+        &tap,
+        &mut TxState::default(),
+        &Negotiated::default(),
+        None,
+        &stats,
+    )
+    .expect("tx");
+    assert!(recv(&peer).is_none());
+    assert_eq!(ring.used(), vec![(0, 0), (2, 0), (3, 0), (4, 0)]);
+    assert_eq!(
+        stats.bad_chains.load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+}
+
+#[test]
+fn test_tx_looping_chain_bounded() {
+    let mem = memory();
+    let ring = Ring::new(&mem);
+    // One descriptor whose next is itself, with NEXT set: walked at most a queue's length.
+    let raw = RawDescriptor::from(Descriptor::new(MIB, 64, VRING_DESC_F_NEXT as u16, 0));
+    ring.vq.add_desc_chains(&[raw], 0).expect("chain");
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    let stats = Stats::default();
+    process_tx(
+        &mut q,
+        &mem,
+        &tap,
+        &mut TxState::default(),
+        &Negotiated::default(),
+        None,
+        &stats,
+    )
+    .expect("tx");
+    let got = recv(&peer).expect("a frame of the walked bytes");
+    assert_eq!(got.len(), 64 * usize::from(QSIZE));
+}
+
+#[test]
+fn test_tx_throttled_rewinds_and_resumes() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    for _ in 0..3 {
+        ring.chain(&[(MIB, 112, false)]);
+    }
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    let limiter = Mutex::new(RateLimiter::new(&LimiterConfig {
+        bandwidth: BucketConfig {
+            size: 200,
+            one_time_burst: 0,
+            refill_time_ms: 20,
+        },
+        ops: BucketConfig::default(),
+    }));
+    let stats = Stats::default();
+    let mut tx = TxState::default();
+    let neg = Negotiated::default();
+    let round = process_tx(&mut q, &mem, &tap, &mut tx, &neg, Some(&limiter), &stats).expect("tx");
+    let Stop::Throttled(wait) = round.stop else {
+        panic!("not throttled: {round:?}");
+    };
+    assert!(wait <= Duration::from_millis(20));
+    assert_eq!(ring.used().len(), 2);
+    assert_eq!(q.next_avail(), 2, "the throttled chain stays in the ring");
+    std::thread::sleep(wait + Duration::from_millis(2));
+    let round = process_tx(&mut q, &mem, &tap, &mut tx, &neg, Some(&limiter), &stats).expect("tx");
+    assert_eq!(round.stop, Stop::Idle);
+    assert_eq!(ring.used().len(), 3);
+    for _ in 0..3 {
+        assert_eq!(recv(&peer).expect("frame").len(), 112);
+    }
+}
+
+#[test]
+fn test_tx_budget_bounds_one_round() {
+    let mem = memory();
+    let mut ring = Ring::sized(&mem, 256);
+    for _ in 0..(BATCH + 3) {
+        ring.chain(&[(MIB, 60, false)]);
+    }
+    let mut q = ring.queue();
+    let (tap, _peer) = seqpacket_pair();
+    let stats = Stats::default();
+    let mut tx = TxState::default();
+    let neg = Negotiated::default();
+    let round = process_tx(&mut q, &mem, &tap, &mut tx, &neg, None, &stats).expect("tx");
+    assert_eq!(round.stop, Stop::Budget);
+    let round = process_tx(&mut q, &mem, &tap, &mut tx, &neg, None, &stats).expect("tx");
+    assert_eq!(round.stop, Stop::Idle);
+    assert_eq!(ring.used().len(), BATCH + 3);
+}

@@ -1,0 +1,202 @@
+//! The net device process's seccomp allowlist, installed by `start_backend` after the tap
+//! queues and the socket are taken and before the first vhost-user message is read. Anything
+//! not listed kills the process (SECCOMP_RET_KILL_PROCESS). `clone3` fails with ENOSYS so that
+//! the C library creates threads with `clone`, whose flags the filter checks.
+//!
+//! Written with the sandbox crate's one seccomp layer (`bulkhead_sandbox::seccomp`): syscalls
+//! by name, compiled for either architecture. Every entry names the code path that needs it.
+//! What is deliberately absent: `socket`, `socketpair`, `connect`, `bind`, `accept` (no new
+//! sockets or peers), every `ioctl` but `TUNSETOFFLOAD` (so no `TUNSETIFF`, `TUNSETQUEUE`,
+//! `TUNSETPERSIST`, `TUNSETOWNER`, `SIOCSIFNAME` or any other call that could attach,
+//! re-attach, rename or reconfigure a tap), opening any path (`open`, `openat`, `openat2`),
+//! `execve`, `ptrace`, `mount`, `unshare`, `setns`, `memfd_create`, a `clone` that is not a thread or makes a namespace,
+//! and any `mmap`/`mprotect` that asks for executable memory. See `docs/jail-seccomp.md`.
+
+use bulkhead_sandbox::seccomp::{self, BpfProgram, Rules, SeccompError, TargetArch};
+
+use crate::tap::TUNSETOFFLOAD;
+
+/// The filter for the running architecture (x86_64 or aarch64).
+pub fn seccomp_filter() -> Result<BpfProgram, SeccompError> {
+    compile_for(seccomp::native_arch())
+}
+
+/// The filter for `arch`.
+pub fn compile_for(arch: TargetArch) -> Result<BpfProgram, SeccompError> {
+    rules().compile("bulkhead-net", arch)
+}
+
+/// The net device's rules.
+pub fn rules() -> Rules {
+    let mut r = Rules::default();
+    // vhost-user messages: the vhost crate's Endpoint receives with recvmsg (SCM_RIGHTS for
+    // memory regions and eventfds) and replies with sendmsg.
+    r.allow("recvmsg").allow("sendmsg");
+    // Frames: Tap::read / Tap::write on the tap queues (datapath::process_rx/process_tx);
+    // kick/call eventfds and the workers' own eventfds (vmm-sys-util EventFd read/write); the control channel; env_logger to stderr (fd 2, the VMM's log pipe).
+    r.allow("read").allow("write");
+    // Closing eventfds and memory region files the frontend replaces.
+    r.allow("close");
+    // The runtime's memory-table check reads a region's last byte (server::check_file_covers).
+    r.allow("preadv");
+    // Guest offloads: Tap::set_offload, from acked_features (set_features) and the control
+    // queue's GUEST_OFFLOADS_SET. The only ioctl, by request number.
+    r.allow_ioctls(&[TUNSETOFFLOAD]);
+    // Worker threads: the runtime's WorkerLoop and the pair workers (epoll on the tap queue,
+    // kicks and exit; a throttled direction waits for its tokens in epoll_wait's timeout); the runtime creates a worker's epoll and eventfds per connection;
+    // epoll_wait (x86_64 only) where the C library does not use epoll_pwait.
+    r.allow("epoll_ctl")
+        .allow("epoll_pwait")
+        .allow("epoll_wait")
+        .allow("eventfd2")
+        .allow("epoll_create1");
+    // Locks, condvars, thread joins (std::sync, JoinHandle::join).
+    r.allow("futex");
+    // Guest memory: SET_MEM_TABLE maps the frontend's memfds (vm-memory GuestRegionMmap) and
+    // unmaps the old table; the allocator.
+    r.allow("munmap")
+        .allow("madvise")
+        .allow("brk")
+        .allow("mremap");
+    // Guest memory regions (vm-memory MmapRegion::build), thread stacks, the allocator and
+    // thread stack guard pages map and protect memory; never executable memory.
+    seccomp::allow_mappings_no_exec(&mut r);
+    // Thread start and exit (std::thread::spawn in VhostUserConnection::new, the pair
+    // workers started by NetBackend::start_workers, and libc).
+    r.allow("set_robust_list")
+        .allow("rseq")
+        .allow("sigaltstack")
+        .allow("rt_sigprocmask")
+        .allow("sched_getaffinity")
+        .allow("exit")
+        .allow("exit_group")
+        .allow("gettid")
+        .allow("getpid");
+    // Threads only: clone with the thread flags and no namespace (std::thread::spawn on
+    // musl, and glibc once clone3 returned ENOSYS).
+    seccomp::allow_threads_only(&mut r);
+    // std's HashMap keys (RandomState) draw from getrandom.
+    r.allow("getrandom");
+    // Log timestamps (env_logger humantime) and Instant::now in the rate limiter and the log
+    // limiters when the vDSO is not used.
+    r.allow("clock_gettime");
+    // panic=abort: abort() resets SIGABRT and raises it on itself (glibc: tgkill, musl:
+    // tkill); glibc also installs its thread-cancellation handler (SIGRT_1) at the first
+    // thread start.
+    r.allow("rt_sigaction").allow("tgkill").allow("tkill");
+    // Thread names (std::thread::Builder::name → PR_SET_NAME on the thread itself).
+    r.allow_arg("prctl", 0, &[libc::PR_SET_NAME as u64]);
+    // Descriptor flags: adopt_socket_fd's FD_CLOEXEC, O_NONBLOCK on received eventfds.
+    r.allow_arg(
+        "fcntl",
+        1,
+        &[
+            libc::F_GETFD as u64,
+            libc::F_SETFD as u64,
+            libc::F_GETFL as u64,
+            libc::F_SETFL as u64,
+            libc::F_DUPFD_CLOEXEC as u64,
+        ],
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tap::{TUNGETIFF, TUNSETIFF, TUNSETVNETHDRSZ};
+    use bulkhead_sandbox::seccomp::{
+        check_matrix_bpf, check_matrix_real, enforcement, matrix, panic_under_filter_ends,
+        ChildEnd, Enforcement,
+    };
+
+    #[test]
+    fn test_seccomp_filter_compiles() {
+        for arch in [TargetArch::x86_64, TargetArch::aarch64] {
+            let filter = compile_for(arch).expect("filter");
+            assert!(filter.len() > 50 && filter.len() < 4096);
+        }
+        seccomp_filter().expect("native filter");
+    }
+
+    #[test]
+    fn test_allowlist_no_socket_no_path_no_other_ioctl() {
+        let r = rules();
+        for forbidden in [
+            "openat",
+            "socket",
+            "socketpair",
+            "connect",
+            "bind",
+            "accept4",
+            "execve",
+            "execveat",
+            "ptrace",
+            "mount",
+            "unshare",
+            "setns",
+            "clone3",
+            "memfd_create",
+            "timerfd_create",
+            "io_uring_setup",
+        ] {
+            assert_ne!(
+                r.verdict(forbidden, &[0; 6]),
+                Some(true),
+                "syscall {forbidden} is allowed"
+            );
+        }
+        let ioctl = |request: u64| r.verdict("ioctl", &[5, request, 0, 0, 0, 0]);
+        assert_eq!(ioctl(TUNSETOFFLOAD), Some(true));
+        // TUNSETQUEUE, TUNSETPERSIST, TUNSETOWNER, TUNSETLINK, SIOCSIFNAME, FIONBIO.
+        for request in [
+            TUNSETIFF,
+            TUNGETIFF,
+            TUNSETVNETHDRSZ,
+            0x4004_54d9,
+            0x4004_54cb,
+            0x4004_54cc,
+            0x4004_54cd,
+            0x8923,
+            0x5421,
+        ] {
+            assert_eq!(ioctl(request), Some(false), "ioctl {request:#x} is allowed");
+        }
+    }
+
+    #[test]
+    fn test_seccomp_net_matrix_bpf_both_arches() {
+        let cases = matrix(&rules());
+        for arch in [TargetArch::x86_64, TargetArch::aarch64] {
+            let prog = compile_for(arch).expect("compile");
+            let failures = check_matrix_bpf(&prog, arch, &cases);
+            assert!(failures.is_empty(), "{failures:#?}");
+        }
+        println!(
+            "net filter: {} calls checked on x86_64 and aarch64 BPF",
+            cases.len()
+        );
+    }
+
+    #[test]
+    fn test_seccomp_net_matrix_real_kernel() {
+        let prog = seccomp_filter().expect("compile");
+        if enforcement(&prog) != Enforcement::Enforced {
+            println!(
+                "seccomp filters are not enforced here (qemu-user?): real-kernel matrix skipped"
+            );
+            return;
+        }
+        let cases = matrix(&rules());
+        let failures = check_matrix_real(&prog, &cases);
+        assert!(failures.is_empty(), "{failures:#?}");
+        assert_eq!(
+            panic_under_filter_ends(&prog),
+            ChildEnd::Signalled(libc::SIGABRT)
+        );
+        println!(
+            "net filter: {} real calls checked, panic aborts",
+            cases.len()
+        );
+    }
+}

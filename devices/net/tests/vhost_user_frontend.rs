@@ -1,0 +1,482 @@
+//! End to end: the `bulkhead-net` binary, jailed by its own landlock and seccomp filter, driven
+//! by `vhost::vhost_user::Frontend` as the VMM drives it, on a real tap in a network namespace
+//! of the test's own. The host side of the tap is an AF_PACKET socket: frames the guest sends
+//! are captured there, frames written there reach the guest.
+//!
+//! Needs root (a network namespace, /dev/net/tun); skipped with a message otherwise.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bulkhead_net::Tap;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-net");
+const MEM_SIZE: usize = 32 << 20;
+const QSIZE: u16 = 64;
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
+const ETHERTYPE: u16 = 0x88b5; // IEEE local experimental: nothing else on the tap uses it.
+const TAP: &str = "bhnet0";
+
+fn memfd_memory() -> (GuestMemoryMmap, File) {
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: fd is a fresh descriptor we own.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE as u64).expect("size memfd");
+    let mem = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        MEM_SIZE,
+        Some(FileOffset::new(file.try_clone().expect("dup"), 0)),
+    )])
+    .expect("map guest memory");
+    (mem, file)
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("bulkhead-net did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two descriptors into `fds`; the result is checked.
+    let ret = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(ret, 0);
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+fn ask(fd: &OwnedFd, request: &str) -> String {
+    // SAFETY: write from a valid slice on an open descriptor.
+    let n = unsafe { libc::write(fd.as_raw_fd(), request.as_ptr().cast(), request.len()) };
+    assert_eq!(n, request.len() as isize);
+    let mut buf = vec![0u8; 8192];
+    // SAFETY: read into a valid buffer on an open descriptor.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n > 0, "no reply");
+    buf.truncate(n as usize);
+    String::from_utf8(buf).expect("UTF-8 reply")
+}
+
+fn inherit(fd: RawFd) {
+    // SAFETY: clearing FD_CLOEXEC on our own open descriptor so the child inherits it.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    data: [u8; 24],
+}
+
+fn ifreq(name: &str) -> IfReq {
+    let mut req = IfReq {
+        name: [0; 16],
+        data: [0; 24],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    req
+}
+
+/// Brings `name` up and returns an AF_PACKET socket bound to it (all protocols).
+fn host_side(name: &str) -> OwnedFd {
+    // SAFETY: plain socket creation; the result is checked.
+    let ctl = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(ctl >= 0, "socket");
+    // SAFETY: fresh descriptor.
+    let ctl = unsafe { OwnedFd::from_raw_fd(ctl) };
+    // A jumbo MTU, so a frame can need more than one 2 KiB buffer.
+    let mut req = ifreq(name);
+    req.data[..4].copy_from_slice(&9000i32.to_ne_bytes());
+    // SAFETY: SIOCSIFMTU on an ifreq.
+    let r = unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU, &req) };
+    assert_eq!(r, 0, "SIOCSIFMTU");
+    let mut req = ifreq(name);
+    // SAFETY: SIOCGIFFLAGS / SIOCSIFFLAGS on an ifreq.
+    unsafe {
+        assert_eq!(
+            libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req),
+            0
+        );
+        let flags = i16::from_ne_bytes([req.data[0], req.data[1]]) | libc::IFF_UP as i16;
+        req.data[..2].copy_from_slice(&flags.to_ne_bytes());
+        assert_eq!(libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS, &req), 0);
+    }
+    let mut req = ifreq(name);
+    // SAFETY: SIOCGIFINDEX on an ifreq.
+    let r = unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFINDEX, &mut req) };
+    assert_eq!(r, 0, "SIOCGIFINDEX");
+    let index = i32::from_ne_bytes(req.data[..4].try_into().expect("4 bytes"));
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket creation; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(proto),
+        )
+    };
+    assert!(fd >= 0, "AF_PACKET socket");
+    // SAFETY: fresh descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = proto;
+    addr.sll_ifindex = index;
+    // SAFETY: bind with a sockaddr_ll of the right size.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "bind AF_PACKET");
+    fd
+}
+
+/// Receives frames on the host side until one with [`ETHERTYPE`] comes (or 10 s pass).
+fn capture(fd: &OwnedFd) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = vec![0u8; 70000];
+    loop {
+        assert!(Instant::now() < deadline, "no frame from the guest");
+        // SAFETY: recv into a valid buffer on an open descriptor.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        let frame = &buf[..n as usize];
+        if frame.len() >= 14 && frame[12..14] == ETHERTYPE.to_be_bytes() {
+            return frame.to_vec();
+        }
+    }
+}
+
+fn ethernet(dst: [u8; 6], src: [u8; 6], payload_len: usize, seed: u8) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    f.extend((0..payload_len).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed)));
+    f
+}
+
+fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+}
+
+struct Rings<'a> {
+    table: DescriptorTable<'a, GuestMemoryMmap>,
+    avail: AvailRing<'a, GuestMemoryMmap>,
+    used: UsedRing<'a, GuestMemoryMmap>,
+    kick: EventFd,
+    call: EventFd,
+}
+
+fn setup_vring<'a>(
+    frontend: &mut Frontend,
+    mem: &'a GuestMemoryMmap,
+    host_base: u64,
+    index: usize,
+    base: u64,
+) -> Rings<'a> {
+    let (desc_addr, avail_addr, used_addr) = (base, base + 0x1000, base + 0x2000);
+    let rings = Rings {
+        table: DescriptorTable::new(mem, GuestAddress(desc_addr), QSIZE),
+        avail: AvailRing::new(mem, GuestAddress(avail_addr), QSIZE),
+        used: UsedRing::new(mem, GuestAddress(used_addr), QSIZE),
+        kick: EventFd::new(EFD_NONBLOCK).expect("kick"),
+        call: EventFd::new(EFD_NONBLOCK).expect("call"),
+    };
+    frontend.set_vring_num(index, QSIZE).expect("vring num");
+    frontend
+        .set_vring_addr(
+            index,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: host_base + desc_addr,
+                used_ring_addr: host_base + used_addr,
+                avail_ring_addr: host_base + avail_addr,
+                log_addr: None,
+            },
+        )
+        .expect("vring addr");
+    frontend.set_vring_base(index, 0).expect("vring base");
+    frontend.set_vring_call(index, &rings.call).expect("call");
+    frontend.set_vring_kick(index, &rings.kick).expect("kick");
+    frontend.set_vring_enable(index, true).expect("enable");
+    rings
+}
+
+fn wait_used(rings: &Rings, n: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rings.used.idx().load() < n {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn test_real_tap_frames_both_ways_under_the_jail() {
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        println!("no /dev/net/tun: real-tap test skipped");
+        return;
+    }
+    // SAFETY: unshare of this test thread's network namespace; children inherit it.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        println!(
+            "cannot create a network namespace ({}): real-tap test skipped",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let tap = Tap::open_named(TAP, 1)
+        .expect("open tap")
+        .pop()
+        .expect("one queue");
+    let host = host_side(TAP);
+
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let (control, control_theirs) = seqpacket_pair();
+    for fd in [
+        theirs.as_raw_fd(),
+        control_theirs.as_raw_fd(),
+        tap.as_raw_fd(),
+    ] {
+        inherit(fd);
+    }
+    let mut child = Command::new(BIN)
+        .args(["--socket-fd", &theirs.as_raw_fd().to_string()])
+        .args(["--control-fd", &control_theirs.as_raw_fd().to_string()])
+        .args(["--tap-fd", &tap.as_raw_fd().to_string()])
+        .args(["--mac", "52:54:00:ab:cd:ef", "--mtu", "1400"])
+        .args(["--queue-size", &QSIZE.to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn bulkhead-net");
+    drop((theirs, control_theirs, tap));
+
+    let mut frontend = Frontend::from_stream(ours, 3);
+    frontend.set_owner().expect("set_owner");
+    let features = frontend.get_features().expect("get_features");
+    frontend.set_features(features).expect("set_features");
+    frontend
+        .set_protocol_features(
+            VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK,
+        )
+        .expect("protocol features");
+    assert_eq!(frontend.get_queue_num().expect("queue num"), 3);
+    let (_, config) = frontend
+        .get_config(0, 12, VhostUserConfigFlags::WRITABLE, &[0u8; 12])
+        .expect("get_config");
+    assert_eq!(&config[..6], &MAC);
+    assert_eq!(
+        &config[6..],
+        &[1, 0, 1, 0, 0x78, 0x05],
+        "link up, 1 pair, mtu 1400"
+    );
+
+    let (mem, memfd) = memfd_memory();
+    let host_base = mem.get_host_address(GuestAddress(0)).expect("host addr") as u64;
+    frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: host_base,
+            mmap_offset: 0,
+            mmap_handle: memfd.as_raw_fd(),
+        }])
+        .expect("set_mem_table");
+    let rx = setup_vring(&mut frontend, &mem, host_base, 0, 0x1_0000);
+    let tx = setup_vring(&mut frontend, &mem, host_base, 1, 0x2_0000);
+
+    // Guest → tap: a header and the frame in two descriptors.
+    let out = ethernet([0xff; 6], MAC, 1000, 1);
+    mem.write_slice(&[0u8; 12], GuestAddress(0x10_0000))
+        .expect("hdr");
+    mem.write_slice(&out, GuestAddress(0x11_0000))
+        .expect("frame");
+    tx.table
+        .store(0, desc(0x10_0000, 12, VRING_DESC_F_NEXT, 1))
+        .expect("desc");
+    tx.table
+        .store(1, desc(0x11_0000, out.len() as u32, 0, 0))
+        .expect("desc");
+    tx.avail.ring().ref_at(0).expect("slot").store(0);
+    tx.avail.idx().store(1);
+    tx.kick.write(1).expect("kick");
+    assert_eq!(capture(&host), out);
+    wait_used(&tx, 1, "the tx used entry");
+
+    // Tap → guest: mergeable 2 KiB buffers; a 3000-byte frame takes two.
+    for i in 0..8u16 {
+        rx.table
+            .store(
+                i,
+                desc(
+                    0x40_0000 + u64::from(i) * 0x1000,
+                    2048,
+                    VRING_DESC_F_WRITE,
+                    0,
+                ),
+            )
+            .expect("desc");
+        rx.avail
+            .ring()
+            .ref_at(usize::from(i))
+            .expect("slot")
+            .store(i);
+    }
+    rx.avail.idx().store(8);
+    rx.kick.write(1).expect("kick");
+    let incoming = ethernet(MAC, [0x02, 0, 0, 0, 0, 1], 3000, 7);
+    // SAFETY: send a valid buffer on the bound AF_PACKET socket.
+    let n = unsafe {
+        libc::send(
+            host.as_raw_fd(),
+            incoming.as_ptr().cast(),
+            incoming.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        n,
+        incoming.len() as isize,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+    // The kernel may send its own frames (IPv6 router solicitations) first: look for ours.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the frame did not reach the guest"
+        );
+        let used = rx.used.idx().load();
+        let mut found = None;
+        let mut u = 0;
+        while u < used {
+            let e = rx.used.ring().ref_at(usize::from(u)).expect("used").load();
+            let addr = 0x40_0000 + u64::from(e.id()) * 0x1000;
+            let mut first = vec![0u8; e.len() as usize];
+            mem.read_slice(&mut first, GuestAddress(addr))
+                .expect("read");
+            let num_buffers = u16::from_le_bytes([first[10], first[11]]);
+            let mut frame = first[12..].to_vec();
+            for k in 1..num_buffers {
+                let e = rx
+                    .used
+                    .ring()
+                    .ref_at(usize::from(u + k))
+                    .expect("used")
+                    .load();
+                let mut more = vec![0u8; e.len() as usize];
+                mem.read_slice(
+                    &mut more,
+                    GuestAddress(0x40_0000 + u64::from(e.id()) * 0x1000),
+                )
+                .expect("read");
+                frame.extend_from_slice(&more);
+            }
+            if frame.len() >= 14 && frame[12..14] == ETHERTYPE.to_be_bytes() {
+                found = Some((frame, num_buffers));
+            }
+            u += num_buffers.max(1);
+        }
+        if let Some(f) = found {
+            break f;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(found.1, 2, "num_buffers");
+    assert_eq!(found.0, incoming);
+
+    let stats = ask(&control, "stats");
+    assert!(stats.starts_with("ok rx_packets="), "{stats}");
+    assert!(stats.contains(" tx_packets=1 tx_bytes=1014 "), "{stats}");
+    // Every guest offload negotiated: the tap took CSUM|TSO4|TSO6|TSO_ECN (+UFO if known).
+    assert!(
+        stats.ends_with("offloads=0xf") || stats.ends_with("offloads=0x1f"),
+        "{stats}"
+    );
+
+    drop(frontend);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+}
+
+/// A descriptor that is not a tap queue is bad input: exit status 2, one line saying so.
+#[test]
+fn test_tap_fd_not_a_tap_exit_status_two() {
+    let (_ours, theirs) = UnixStream::pair().expect("socketpair");
+    let (not_tap, _peer) = UnixStream::pair().expect("socketpair");
+    for fd in [theirs.as_raw_fd(), not_tap.as_raw_fd()] {
+        inherit(fd);
+    }
+    let out = Command::new(BIN)
+        .args(["--socket-fd", &theirs.as_raw_fd().to_string()])
+        .args(["--tap-fd", &not_tap.as_raw_fd().to_string()])
+        .args(["--mac", "52:54:00:ab:cd:ef"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bulkhead-net");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not a tap queue"), "{stderr}");
+    // Bad options too.
+    let out = Command::new(BIN)
+        .args([
+            "--socket-fd",
+            "3",
+            "--tap-fd",
+            "5",
+            "--mac",
+            "ff:ff:ff:ff:ff:ff",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bulkhead-net");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
