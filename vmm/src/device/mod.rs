@@ -871,6 +871,90 @@ mod tests {
         let _ = std::fs::remove_file(&image);
     }
 
+    /// The whole path against the real net device process on a real two-pair tap the VMM
+    /// creates (unjailed, as the block test): spawn with the tap queues at 5 and 6, handshake
+    /// (2 pairs + the control queue), transport, comm; the VMM keeps no tap queue. Skipped
+    /// without a built `bulkhead-net` or without CAP_NET_ADMIN.
+    #[test]
+    fn test_devices_start_net_on_tap() {
+        let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
+        else {
+            return;
+        };
+        if !dir.join("bulkhead-net").exists() {
+            eprintln!("skipped: no {}", dir.join("bulkhead-net").display());
+            return;
+        }
+        let name = format!("bhdev{}", std::process::id() % 100_000);
+        if let Err(e) = crate::tap::open_queues(&name, 1) {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        std::env::set_var("PATH", &dir);
+        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
+                .expect("memory");
+        let bus = Arc::new(MmioBus::default());
+        let env = DeviceEnv {
+            memory: &memory,
+            bus: &bus,
+            spawner: &spawner,
+            cgroup: None,
+            device_ids: None,
+            ram_size: 1 << 20,
+        };
+        let net = NetConfig {
+            backend: NetBackend::Tap {
+                name: name.clone(),
+                addr: Some(([198, 18, 253, 1].into(), [255, 255, 255, 0].into())),
+            },
+            mac: [0x52, 0x54, 0, 1, 2, 3],
+            mtu: Some(1400),
+            num_queues: 4,
+            queue_size: 256,
+            id: None,
+            rx_limit: vec![],
+            tx_limit: vec![],
+        };
+        let spec = net_spec(&net, 0, 0, false);
+        let (devices, transports) =
+            Devices::start(std::slice::from_ref(&spec), &env).expect("start");
+        assert_eq!(transports.len(), 1);
+        let pid = devices.processes[0].pid;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert_eq!(comm.trim(), "bulkhead-net");
+        let mut taps = 0;
+        for fd in [5, 6] {
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("fd");
+            assert!(info.contains(&format!("iff:\t{name}")), "fd {fd}: {info}");
+            taps += 1;
+        }
+        assert_eq!(taps, 2);
+        let ours = std::fs::read_dir("/proc/self/fd")
+            .expect("fds")
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l == Path::new("/dev/net/tun"))
+            .count();
+        assert_eq!(ours, 0, "the VMM kept a tap queue");
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu")).expect("mtu");
+        assert_eq!(mtu.trim(), "1400");
+        let stats = devices.processes[0]
+            .control
+            .request("stats")
+            .expect("stats");
+        assert!(stats.contains("rx_packets="), "{stats}");
+        drop(transports);
+        devices.shutdown(Duration::from_secs(3));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !Path::new(&format!("/sys/class/net/{name}")).exists(),
+            "the tap outlived its queues"
+        );
+    }
+
     #[test]
     fn test_net_spec_args_fds_slot_and_policy() {
         let net = NetConfig {
