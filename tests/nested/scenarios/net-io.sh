@@ -161,9 +161,10 @@ for _ in 1 2 3 4 5; do
 	sleep 2
 done
 [ -n "$sent" ] || fail "L1 could not connect to the guest's nc on port 5002"
-vm_wait_for vm '^RSUM-[0-9a-f]{64}$' 120
+# The background job's line may follow the shell's prompt on the same console line.
+vm_wait_for vm 'RSUM-[0-9a-f]{64}$' 120
 t1=$(now)
-got=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^RSUM-//p' | tail -n 1)
+got=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/.*RSUM-\([0-9a-f]\{64\}\)$/\1/p' | tail -n 1)
 say "L1 -> guest: $SIZE bytes in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s; L1 sha256 $want, guest sha256 $got"
 [ "$got" = "$want" ] || fail "the guest received different data from L1"
 rm -f "$SCN_DIR/to-guest"
