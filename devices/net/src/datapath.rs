@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use log::warn;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::rate::RateLimiter;
 use crate::stats::{add, Stats};
@@ -295,6 +295,10 @@ fn place(
                 }
             }
             placed.push((head, written));
+            // The header (with `num_buffers`) must fit the first buffer.
+            if first && off < frame.len() && (written as usize) < neg.hdr_len {
+                bad = true;
+            }
             if bad || !neg.mrg_rxbuf || placed.len() >= usize::from(size) {
                 break;
             }
@@ -467,6 +471,48 @@ pub fn process_rx(
     Ok(round)
 }
 
+/// Most pieces one frame is written in (the kernel's UIO_MAXIOV).
+const MAX_IOVECS: usize = 1024;
+
+/// Why a tx chain cannot be written straight from guest memory.
+enum Gather {
+    /// Malformed: a device-writable descriptor, memory outside the guest's, or too long.
+    Bad,
+    /// More pieces than one writev takes: copy it instead.
+    TooManyPieces,
+}
+
+/// The chain's bytes as iovecs into guest memory; their total length.
+fn gather(
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    iov: &mut Vec<libc::iovec>,
+) -> Result<usize, Gather> {
+    iov.clear();
+    let mut len = 0usize;
+    for desc in chain {
+        if desc.is_write_only() {
+            return Err(Gather::Bad);
+        }
+        let n = desc.len() as usize;
+        len += n;
+        if len > RX_BUF_LEN {
+            return Err(Gather::Bad);
+        }
+        for slice in mem.get_slices(desc.addr(), n) {
+            let slice = slice.map_err(|_| Gather::Bad)?;
+            if iov.len() >= MAX_IOVECS {
+                return Err(Gather::TooManyPieces);
+            }
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Ok(len)
+}
+
 /// One tx round: sends the guest's frames to the tap.
 pub fn process_tx(
     q: &mut Queue,
@@ -484,6 +530,8 @@ pub fn process_tx(
     let size = q.size();
     // A legacy 10-byte header is widened to the tap's 12 bytes in place.
     let pad = VNET_HDR_LEN - neg.hdr_len;
+    // Pieces of the frame being sent, pointing into guest memory (valid while `mem` is held).
+    let mut iov: Vec<libc::iovec> = Vec::new();
     for _ in 0..BATCH {
         let start = q.next_avail();
         let chain = {
@@ -498,23 +546,39 @@ pub fn process_tx(
         if head >= size {
             return Err(QueueError::HeadIndex(head));
         }
+        // With the tap's own header size the frame goes from guest memory to the tap in one
+        // writev; otherwise (a legacy header to widen, or more pieces than writev takes) it is
+        // gathered into the buffer first.
         let mut len = 0usize;
         let mut bad = false;
-        for desc in chain {
-            if desc.is_write_only() {
-                bad = true;
-                break;
+        let mut direct = false;
+        if pad == 0 {
+            match gather(chain.clone(), mem, &mut iov) {
+                Ok(n) => {
+                    len = n;
+                    direct = true;
+                }
+                Err(Gather::Bad) => bad = true,
+                Err(Gather::TooManyPieces) => {}
             }
-            let n = desc.len() as usize;
-            let Some(dst) = tx.buf.get_mut(pad + len..pad + len + n) else {
-                bad = true;
-                break;
-            };
-            if mem.read_slice(dst, desc.addr()).is_err() {
-                bad = true;
-                break;
+        }
+        if !direct && !bad {
+            for desc in chain {
+                if desc.is_write_only() {
+                    bad = true;
+                    break;
+                }
+                let n = desc.len() as usize;
+                let Some(dst) = tx.buf.get_mut(pad + len..pad + len + n) else {
+                    bad = true;
+                    break;
+                };
+                if mem.read_slice(dst, desc.addr()).is_err() {
+                    bad = true;
+                    break;
+                }
+                len += n;
             }
-            len += n;
         }
         if bad || len < neg.hdr_len {
             tx.log
@@ -525,7 +589,7 @@ pub fn process_tx(
             round.used = true;
             continue;
         }
-        if pad > 0 {
+        if pad > 0 && !direct {
             tx.buf.copy_within(pad..pad + LEGACY_HDR_LEN, 0);
             if let Some(nb) = tx.buf.get_mut(LEGACY_HDR_LEN..VNET_HDR_LEN) {
                 nb.fill(0);
@@ -542,10 +606,12 @@ pub fn process_tx(
                 return Ok(round);
             }
         }
-        let Some(bytes) = tx.buf.get(..total) else {
-            continue;
+        let written = if direct {
+            tap.writev(&iov)
+        } else {
+            tap.write(tx.buf.get(..total).unwrap_or_default())
         };
-        match tap.write(bytes) {
+        match written {
             Ok(_) => {
                 add(&stats.tx_packets, 1);
                 add(&stats.tx_bytes, frame_len);

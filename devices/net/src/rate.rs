@@ -5,6 +5,10 @@
 //! emptied ("over-consumption"), and the bucket then blocks for as long as refilling that
 //! excess takes.
 //!
+//! Unlike Firecracker's, the bucket refills at every request, so time it spends full and idle
+//! is never counted again once it is drained (Firecracker can grant up to a refill's worth of
+//! it twice).
+//!
 //! One [`RateLimiter`] per direction, with a bytes bucket and an operations (frames) bucket,
 //! each optional. Where Firecracker re-checks every 100 ms, [`RateLimiter::consume`] says how
 //! long until the tokens asked for are there, so a throttled queue sleeps (in its worker's epoll
@@ -102,6 +106,10 @@ impl TokenBucket {
             }
             self.blocked_until = None;
         }
+        // Refill first, every time: time spent with the bucket full earns nothing (Firecracker
+        // refills only when a request does not fit, so idle time of a full bucket could be
+        // counted again afterwards, up to a refill's worth).
+        self.auto_replenish(now);
         if self.one_time_burst > 0 {
             if self.one_time_burst >= tokens {
                 self.one_time_burst -= tokens;
@@ -296,6 +304,16 @@ mod tests {
         }
         // 10 ms at 0.3 tokens per ms: 3 tokens, whatever the polling step.
         assert_eq!(got, 3);
+    }
+
+    #[test]
+    fn test_token_bucket_idle_full_time_not_counted_again() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new_at(1000, 0, 100, t0).expect("bucket");
+        // Full and idle for 90 ms, then drained: only what refills from then on comes back.
+        assert_eq!(b.reduce_at(1000, t0 + 90 * MS), Reduction::Success);
+        assert_eq!(b.reduce_at(200, t0 + 100 * MS), Reduction::Failure);
+        assert_eq!(b.reduce_at(100, t0 + 100 * MS), Reduction::Success);
     }
 
     #[test]

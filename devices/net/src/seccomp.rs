@@ -35,6 +35,8 @@ pub fn rules() -> Rules {
     // Frames: Tap::read / Tap::write on the tap queues (datapath::process_rx/process_tx);
     // kick/call eventfds and the workers' own eventfds (vmm-sys-util EventFd read/write); the control channel; env_logger to stderr (fd 2, the VMM's log pipe).
     r.allow("read").allow("write");
+    // A tx frame goes from guest memory to the tap in one writev (datapath::process_tx).
+    r.allow("writev");
     // Closing eventfds and memory region files the frontend replaces.
     r.allow("close");
     // The runtime's memory-table check reads a region's last byte (server::check_file_covers).

@@ -195,6 +195,16 @@ impl Tap {
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
+    /// Writes one frame (with its vnet header) from the pieces `iov` describes.
+    pub fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let count = libc::c_int::try_from(iov.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: writev reads the buffers `iov` describes, which the caller keeps valid (guest
+        // memory mapped for the call); the descriptor is open.
+        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), count) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
     /// `TUNSETOFFLOAD`: which offloads (`TUN_F_*`) the tap may use in frames it hands us.
     pub fn set_offload(&self, flags: u32) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value.

@@ -166,6 +166,13 @@ fn host_side(name: &str) -> OwnedFd {
 
 /// Receives frames on the host side until one with [`ETHERTYPE`] comes (or 10 s pass).
 fn capture(fd: &OwnedFd) -> Vec<u8> {
+    capture_where(fd, |f| {
+        f.len() >= 14 && f[12..14] == ETHERTYPE.to_be_bytes()
+    })
+}
+
+/// Receives frames on the host side until one that `wanted` accepts comes (or 10 s pass).
+fn capture_where(fd: &OwnedFd, wanted: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut buf = vec![0u8; 70000];
     loop {
@@ -184,7 +191,7 @@ fn capture(fd: &OwnedFd) -> Vec<u8> {
             continue;
         }
         let frame = &buf[..n as usize];
-        if frame.len() >= 14 && frame[12..14] == ETHERTYPE.to_be_bytes() {
+        if wanted(frame) {
             return frame.to_vec();
         }
     }
@@ -197,6 +204,95 @@ fn ethernet(dst: [u8; 6], src: [u8; 6], payload_len: usize, seed: u8) -> Vec<u8>
     f.extend_from_slice(&ETHERTYPE.to_be_bytes());
     f.extend((0..payload_len).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed)));
     f
+}
+
+/// An Ethernet + IPv4 + TCP frame with `payload` bytes, to TCP port 5001 (from the guest's
+/// MAC) or 5002 (to it); checksums are left for the offload (NEEDS_CSUM).
+fn tcp_frame(dst: [u8; 6], src: [u8; 6], payload: usize) -> Vec<u8> {
+    let port: u16 = if src == MAC { 5001 } else { 5002 };
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let total = (20 + 20 + payload) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&[10, 0, 0, 2]);
+    ip[16..20].copy_from_slice(&[10, 0, 0, 1]);
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&port.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x18; // PSH ACK
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    f.extend_from_slice(&tcp);
+    f.extend((0..payload).map(|i| (i % 251) as u8));
+    f
+}
+
+fn is_our_tcp(f: &[u8], port: u16) -> bool {
+    f.len() >= 54 && f[12..14] == [0x08, 0x00] && f[23] == 6 && f[36..38] == port.to_be_bytes()
+}
+
+/// The frames the guest received so far, reassembled from the used ring (rx buffers at
+/// 0x40_0000 + index * 0x1000): waits (10 s) for one that `wanted` accepts and returns its
+/// header, the number of buffers it took and the frame.
+fn received(
+    rx: &Rings,
+    mem: &GuestMemoryMmap,
+    wanted: impl Fn(&[u8]) -> bool,
+) -> ([u8; 12], u16, Vec<u8>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let read = |u: u16| {
+        let e = rx.used.ring().ref_at(usize::from(u)).expect("used").load();
+        let mut bytes = vec![0u8; e.len() as usize];
+        mem.read_slice(
+            &mut bytes,
+            GuestAddress(0x40_0000 + u64::from(e.id()) * 0x1000),
+        )
+        .expect("read");
+        bytes
+    };
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the frame did not reach the guest"
+        );
+        let used = rx.used.idx().load();
+        let mut u = 0;
+        while u < used {
+            let first = read(u);
+            let mut hdr = [0u8; 12];
+            hdr.copy_from_slice(&first[..12]);
+            let num_buffers = u16::from_le_bytes([first[10], first[11]]).max(1);
+            if u + num_buffers > used {
+                break;
+            }
+            let mut frame = first[12..].to_vec();
+            for k in 1..num_buffers {
+                frame.extend_from_slice(&read(u + k));
+            }
+            if wanted(&frame) {
+                return (hdr, num_buffers, frame);
+            }
+            u += num_buffers;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
@@ -388,54 +484,90 @@ fn test_real_tap_frames_both_ways_under_the_jail() {
         std::io::Error::last_os_error()
     );
     // The kernel may send its own frames (IPv6 router solicitations) first: look for ours.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let found = loop {
-        assert!(
-            Instant::now() < deadline,
-            "the frame did not reach the guest"
-        );
-        let used = rx.used.idx().load();
-        let mut found = None;
-        let mut u = 0;
-        while u < used {
-            let e = rx.used.ring().ref_at(usize::from(u)).expect("used").load();
-            let addr = 0x40_0000 + u64::from(e.id()) * 0x1000;
-            let mut first = vec![0u8; e.len() as usize];
-            mem.read_slice(&mut first, GuestAddress(addr))
-                .expect("read");
-            let num_buffers = u16::from_le_bytes([first[10], first[11]]);
-            let mut frame = first[12..].to_vec();
-            for k in 1..num_buffers {
-                let e = rx
-                    .used
-                    .ring()
-                    .ref_at(usize::from(u + k))
-                    .expect("used")
-                    .load();
-                let mut more = vec![0u8; e.len() as usize];
-                mem.read_slice(
-                    &mut more,
-                    GuestAddress(0x40_0000 + u64::from(e.id()) * 0x1000),
-                )
-                .expect("read");
-                frame.extend_from_slice(&more);
-            }
-            if frame.len() >= 14 && frame[12..14] == ETHERTYPE.to_be_bytes() {
-                found = Some((frame, num_buffers));
-            }
-            u += num_buffers.max(1);
-        }
-        if let Some(f) = found {
-            break f;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let found = received(&rx, &mem, |f| {
+        f.len() >= 14 && f[12..14] == ETHERTYPE.to_be_bytes()
+    });
     assert_eq!(found.1, 2, "num_buffers");
-    assert_eq!(found.0, incoming);
+    assert_eq!(found.2, incoming);
+
+    // Guest → tap, TSO (HOST_TSO4): a 20000-byte TCP segment crosses the tap whole; the host
+    // side sees it before any segmentation.
+    let segment = tcp_frame([0x02, 0, 0, 0, 0, 1], MAC, 20000);
+    let mut hdr = [0u8; 12];
+    hdr[0] = 1; // NEEDS_CSUM
+    hdr[1] = 1; // GSO TCPV4
+    hdr[2..4].copy_from_slice(&54u16.to_le_bytes()); // hdr_len
+    hdr[4..6].copy_from_slice(&1448u16.to_le_bytes()); // gso_size
+    hdr[6..8].copy_from_slice(&34u16.to_le_bytes()); // csum_start
+    hdr[8..10].copy_from_slice(&16u16.to_le_bytes()); // csum_offset
+    mem.write_slice(&hdr, GuestAddress(0x12_0000)).expect("hdr");
+    mem.write_slice(&segment, GuestAddress(0x12_000c))
+        .expect("frame");
+    tx.table
+        .store(2, desc(0x12_0000, 12 + segment.len() as u32, 0, 0))
+        .expect("desc");
+    tx.avail.ring().ref_at(1).expect("slot").store(2);
+    tx.avail.idx().store(2);
+    tx.kick.write(1).expect("kick");
+    let captured = capture_where(&host, |f| is_our_tcp(f, 5001));
+    assert_eq!(captured.len(), segment.len(), "the segment crossed whole");
+    assert_eq!(captured[54..], segment[54..]);
+
+    // Tap → guest, TSO (GUEST_TSO4 made the device set TUN_F_TSO4): a 30000-byte segment sent
+    // with a vnet header from the host side reaches the guest whole, over 2 KiB mergeable
+    // buffers, its header saying TCPV4.
+    for i in 8..60u16 {
+        rx.table
+            .store(
+                i,
+                desc(
+                    0x40_0000 + u64::from(i) * 0x1000,
+                    2048,
+                    VRING_DESC_F_WRITE,
+                    0,
+                ),
+            )
+            .expect("desc");
+        rx.avail
+            .ring()
+            .ref_at(usize::from(i))
+            .expect("slot")
+            .store(i);
+    }
+    rx.avail.idx().store(60);
+    rx.kick.write(1).expect("kick");
+    let big = tcp_frame(MAC, [0x02, 0, 0, 0, 0, 1], 30000);
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads an int.
+    let r = unsafe {
+        libc::setsockopt(
+            host.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_VNET_HDR,
+            (&one as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    assert_eq!(r, 0, "PACKET_VNET_HDR");
+    let mut packet = hdr[..10].to_vec();
+    packet.extend_from_slice(&big);
+    // SAFETY: send a valid buffer on the bound AF_PACKET socket.
+    let n = unsafe { libc::send(host.as_raw_fd(), packet.as_ptr().cast(), packet.len(), 0) };
+    assert_eq!(
+        n,
+        packet.len() as isize,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+    let (vnet, buffers, frame) = received(&rx, &mem, |f| is_our_tcp(f, 5002));
+    assert_eq!(frame.len(), big.len(), "the segment arrived whole");
+    assert_eq!(frame[54..], big[54..]);
+    assert_eq!(vnet[1], 1, "gso_type TCPV4");
+    assert!(buffers >= 15, "{buffers} buffers");
 
     let stats = ask(&control, "stats");
     assert!(stats.starts_with("ok rx_packets="), "{stats}");
-    assert!(stats.contains(" tx_packets=1 tx_bytes=1014 "), "{stats}");
+    assert!(stats.contains(" tx_packets=2 tx_bytes=21068 "), "{stats}");
     // Every guest offload negotiated: the tap took CSUM|TSO4|TSO6|TSO_ECN (+UFO if known).
     assert!(
         stats.ends_with("offloads=0xf") || stats.ends_with("offloads=0x1f"),

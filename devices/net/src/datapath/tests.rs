@@ -628,3 +628,23 @@ fn test_tx_budget_bounds_one_round() {
     assert_eq!(round.stop, Stop::Idle);
     assert_eq!(ring.used().len(), BATCH + 3);
 }
+
+#[test]
+fn test_rx_first_buffer_smaller_than_header_refused() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem);
+    ring.chain(&[(MIB, 8, true)]);
+    ring.chain(&[(MIB + 0x1000, 1500, true)]);
+    ring.chain(&[(MIB + 0x2000, 1500, true)]);
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    send(&peer, &tap_frame(0, 100, 1));
+    let stats = Stats::default();
+    let mut rx = RxState::default();
+    process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &stats).expect("rx");
+    assert_eq!(ring.used(), vec![(0, 0)]);
+    assert_eq!(
+        stats.bad_chains.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
