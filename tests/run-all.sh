@@ -93,10 +93,13 @@ tests/nested/run.sh --suite disk --no-build || rc=1
 log "system tests, nested KVM: the device-process jail (attack probe)"
 tests/nested/run.sh --suite jail --no-build || rc=1
 
+log "system tests, nested KVM: networking (bulkhead-net processes on taps)"
+tests/nested/run.sh --suite net --no-build || rc=1
+
 log "summary"
-cat tests/out/boot.summary tests/out/gicv2.summary tests/out/disk.summary tests/out/jail.summary 2>/dev/null | grep -E '^RESULT|passed' || true
-passed=$(cat tests/out/boot.summary tests/out/gicv2.summary tests/out/disk.summary tests/out/jail.summary 2>/dev/null | grep -c '^RESULT .* PASS' || true)
-failed=$(cat tests/out/boot.summary tests/out/gicv2.summary tests/out/disk.summary tests/out/jail.summary 2>/dev/null | grep -c '^RESULT .* FAIL' || true)
+cat tests/out/boot.summary tests/out/gicv2.summary tests/out/disk.summary tests/out/jail.summary tests/out/net.summary 2>/dev/null | grep -E '^RESULT|passed' || true
+passed=$(cat tests/out/boot.summary tests/out/gicv2.summary tests/out/disk.summary tests/out/jail.summary tests/out/net.summary 2>/dev/null | grep -c '^RESULT .* PASS' || true)
+failed=$(cat tests/out/boot.summary tests/out/gicv2.summary tests/out/disk.summary tests/out/jail.summary tests/out/net.summary 2>/dev/null | grep -c '^RESULT .* FAIL' || true)
 [ "$passed" -gt 0 ] || rc=1
 echo "nested: $passed passed, $failed failed"
 exit "$rc"

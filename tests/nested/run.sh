@@ -210,7 +210,9 @@ pack() {
 	fi
 }
 
-GUEST_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk"
+GUEST_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk failover net_failover virtio_net"
+# Modules L1's init loads, in this order: tun, for the taps --net opens.
+L1_MODULES="tun"
 
 pack_guest() {
 	local d=$WORK/guest-root
@@ -264,6 +266,14 @@ pack_l1() {
 	busybox_tree "$d"
 	mkdir -p "$d/guest" "$d/harness/scenarios"
 	install -m 0755 "$NESTED_DIR/l1-init" "$d/init"
+	# L1 runs the same cloud kernel as the guest: its modules come from the same package.
+	mkdir -p "$d/lib/modules"
+	for m in $L1_MODULES; do
+		f=$(find "$KMODS/kernel" -name "$m.ko" | head -n 1)
+		[ -n "$f" ] || die "module $m.ko not in $KMODS"
+		install -m 0644 "$f" "$d/lib/modules/"
+	done
+	echo "$L1_MODULES" >"$d/lib/modules/order"
 	for b in "$BIN_DIR"/bulkhead "$BIN_DIR"/bulkhead-*; do
 		[ -f "$b" ] && [ -x "$b" ] && install -m 0755 "$b" "$d/bin/"
 	done

@@ -46,6 +46,18 @@ pub struct Args {
         value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N]"
     )]
     pub disk: Vec<String>,
+    /// A network interface, repeatable, served by a `bulkhead-net` process on a tap:
+    /// `tap=NAME[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,num_queues=N][,queue_size=N][,id=ID]`
+    /// (the VMM opens or creates the tap), `fd=N[:M...]` (tap queues the caller opened, one
+    /// per queue pair), or `socket=PATH` (a vhost-user-net backend already listening). Rate
+    /// limits: `bw_size`, `bw_one_time_burst`, `bw_refill_time`, `ops_size`,
+    /// `ops_one_time_burst`, `ops_refill_time`, each also with an `rx_` or `tx_` prefix
+    /// (docs/net.md).
+    #[arg(
+        long,
+        value_name = "tap=NAME|fd=N[:M...]|socket=PATH[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,num_queues=N][,queue_size=N][,id=ID]"
+    )]
+    pub net: Vec<String>,
     /// Run device processes as this host uid (and gid; default: the uid's number). Only for a
     /// VMM running as root.
     #[arg(long, value_name = "UID[:GID]")]
@@ -298,6 +310,348 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
     })
 }
 
+/// Most queue pairs a network interface may have.
+pub const MAX_NET_QUEUE_PAIRS: u16 = 16;
+/// The token-bucket options of `--net`, without their `rx_`/`tx_` prefix (Cloud Hypervisor's
+/// names; sizes in bytes or operations, refill times in milliseconds).
+pub const RATE_LIMIT_OPTIONS: [&str; 6] = [
+    "bw_size",
+    "bw_one_time_burst",
+    "bw_refill_time",
+    "ops_size",
+    "ops_one_time_burst",
+    "ops_refill_time",
+];
+
+/// Who serves a network interface, and on what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackend {
+    /// A `bulkhead-net` process on tap `name`, which the VMM opens (creating it if needed).
+    Tap {
+        /// The interface name.
+        name: String,
+        /// `ip=`, `mask=`: the host side's address, set when the VM starts.
+        addr: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+    },
+    /// A `bulkhead-net` process on tap queues the caller opened (inherited descriptors, one
+    /// per queue pair, checked with TUNGETIFF); the tap's name as the kernel reports it.
+    Fds {
+        /// The descriptors.
+        fds: Vec<std::os::fd::RawFd>,
+        /// The tap they are queues of.
+        name: String,
+    },
+    /// A vhost-user-net backend someone else started, listening here.
+    Socket(PathBuf),
+}
+
+/// Token-bucket limits of one direction: (option without prefix, value), in
+/// [`RATE_LIMIT_OPTIONS`] order, only those given.
+pub type RateLimit = Vec<(&'static str, u64)>;
+
+/// One `--net`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Who serves it.
+    pub backend: NetBackend,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// `mtu=`: advertised to the guest (VIRTIO_NET_F_MTU) and set on a tap the VMM opens.
+    pub mtu: Option<u16>,
+    /// Queues (rx + tx): twice the queue pairs.
+    pub num_queues: u16,
+    /// Entries per queue, at most.
+    pub queue_size: u16,
+    /// `id=`: the device's name in logs and its cgroup (default netN).
+    pub id: Option<String>,
+    /// Receive (guest-bound) limits.
+    pub rx_limit: RateLimit,
+    /// Transmit (guest-sent) limits.
+    pub tx_limit: RateLimit,
+}
+
+impl NetConfig {
+    /// Queue pairs.
+    pub fn queue_pairs(&self) -> u16 {
+        self.num_queues / 2
+    }
+}
+
+/// Formats a MAC address as `52:54:00:12:34:56`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `XX:XX:XX:XX:XX:XX` (hex digits, `:` or `-`), refusing multicast and all-zero
+/// addresses, which no NIC may have.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    (mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+}
+
+/// The default MAC of interface `id`: locally administered, unicast, and the same for the
+/// same id every time (FNV-1a of the id), so a guest keeps its address across runs. Two VMs
+/// on one segment need different ids or `mac=`.
+pub fn default_mac(id: &str) -> [u8; 6] {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    // 0x52: bit 1 set (locally administered), bit 0 clear (unicast), as QEMU's 52:54:...
+    [0x52, b[3], b[4], b[5], b[6], b[7]]
+}
+
+/// Whether `id` is a usable device id: 1 to 32 letters, digits, `-` or `_`, not `vmm`.
+fn valid_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && id != "vmm"
+}
+
+/// One PCIe slot per device: disks and network interfaces together fit in `slots`.
+fn check_device_slots(disks: usize, nets: usize, slots: usize) -> Result<(), ConfigError> {
+    if disks + nets > slots {
+        return Err(ConfigError::Option {
+            flag: "net",
+            reason: format!(
+                "{disks} disks and {nets} network interfaces but {slots} PCIe slots, one per device (raise --pci-slots)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// `--net`; `index` names it when `id=` is not given (`net0`, `net1`...).
+fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigError> {
+    let bad = |reason: String| ConfigError::Option {
+        flag: "net",
+        reason,
+    };
+    let mut known = vec![
+        "tap",
+        "fd",
+        "socket",
+        "mac",
+        "ip",
+        "mask",
+        "mtu",
+        "num_queues",
+        "queue_size",
+        "id",
+    ];
+    let prefixed: Vec<String> = ["rx_", "tx_"]
+        .iter()
+        .flat_map(|p| RATE_LIMIT_OPTIONS.iter().map(move |o| format!("{p}{o}")))
+        .collect();
+    known.extend(RATE_LIMIT_OPTIONS);
+    known.extend(prefixed.iter().map(String::as_str));
+    let opts = parse_options("net", value, &known)?;
+    let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+
+    let id = get("id").map(str::to_string);
+    if let Some(id) = &id {
+        if !valid_device_id(id) {
+            return Err(bad(format!(
+                "id={id:?}: 1 to 32 letters, digits, '-' or '_' (and not \"vmm\")"
+            )));
+        }
+    }
+    let name = id.clone().unwrap_or_else(|| format!("net{index}"));
+    let mac = match get("mac") {
+        None => default_mac(&name),
+        Some(v) => parse_mac(v).ok_or_else(|| {
+            bad(format!(
+                "mac={v:?}: expected six hex bytes like 52:54:00:12:34:56, unicast (even first byte) and not all zero"
+            ))
+        })?,
+    };
+    let mtu = match get("mtu") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<u16>()
+                .ok()
+                .filter(|n| *n >= 68)
+                .ok_or_else(|| bad(format!("mtu={v:?}: expected 68 to 65535")))?,
+        ),
+    };
+    let num_queues = match get("num_queues") {
+        None => None,
+        Some(v) => {
+            let n = v
+                .parse::<u16>()
+                .ok()
+                .filter(|n| (2..=2 * MAX_NET_QUEUE_PAIRS).contains(n));
+            let n = n.ok_or_else(|| {
+                bad(format!(
+                    "num_queues={v:?}: expected an even number from 2 to {} (an rx and a tx queue per pair)",
+                    2 * MAX_NET_QUEUE_PAIRS
+                ))
+            })?;
+            if n % 2 != 0 {
+                return Err(bad(format!(
+                    "num_queues={n} is odd: queues come in pairs (one rx, one tx), give 2, 4, ..."
+                )));
+            }
+            Some(n)
+        }
+    };
+    let queue_size = match get("queue_size") {
+        None => DEFAULT_QUEUE_SIZE,
+        Some(v) => v
+            .parse::<u16>()
+            .ok()
+            .filter(|n| n.is_power_of_two() && (2..=MAX_QUEUE_SIZE).contains(n))
+            .ok_or_else(|| {
+                bad(format!(
+                    "queue_size={v:?}: expected a power of two from 2 to {MAX_QUEUE_SIZE}"
+                ))
+            })?,
+    };
+    let ipv4 = |k: &str| -> Result<Option<std::net::Ipv4Addr>, ConfigError> {
+        get(k)
+            .map(|v| {
+                v.parse::<std::net::Ipv4Addr>()
+                    .map_err(|_| bad(format!("{k}={v:?}: expected an IPv4 address")))
+            })
+            .transpose()
+    };
+    let addr = match (ipv4("ip")?, ipv4("mask")?) {
+        (Some(ip), Some(mask)) => {
+            let m = u32::from(mask);
+            if m.leading_ones() + m.trailing_zeros() != 32 {
+                return Err(bad(format!(
+                    "mask={mask}: not a netmask (ones, then zeros)"
+                )));
+            }
+            Some((ip, mask))
+        }
+        (None, None) => None,
+        _ => return Err(bad("ip= and mask= go together".into())),
+    };
+    let mut rx_limit = RateLimit::new();
+    let mut tx_limit = RateLimit::new();
+    for (prefix, limit) in [("rx_", &mut rx_limit), ("tx_", &mut tx_limit)] {
+        for o in RATE_LIMIT_OPTIONS {
+            let key = format!("{prefix}{o}");
+            // A direction's own option wins over the one for both directions.
+            let Some(v) = get(&key).or_else(|| get(o)) else {
+                continue;
+            };
+            let n = v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0 || o.ends_with("one_time_burst"))
+                .ok_or_else(|| bad(format!("{key}={v:?}: expected a positive number")))?;
+            limit.push((o, n));
+        }
+        for kind in ["bw", "ops"] {
+            let has = |s: &str| limit.iter().any(|(k, _)| *k == format!("{kind}_{s}"));
+            if has("size") != has("refill_time") || (has("one_time_burst") && !has("size")) {
+                return Err(bad(format!(
+                    "{prefix}{kind}: a token bucket needs {kind}_size and {kind}_refill_time (ms) together, and {kind}_one_time_burst only with them"
+                )));
+            }
+        }
+    }
+
+    let backend = match (get("tap"), get("fd"), get("socket")) {
+        (Some(tap), None, None) => {
+            if !crate::tap::valid_name(tap) {
+                return Err(bad(format!(
+                    "tap={tap:?}: an interface name is 1 to {} letters, digits, '-', '_' or '.'",
+                    crate::tap::MAX_NAME
+                )));
+            }
+            NetBackend::Tap {
+                name: tap.into(),
+                addr,
+            }
+        }
+        (None, Some(fds), None) => {
+            let list = fds
+                .split(':')
+                .map(|f| f.parse::<std::os::fd::RawFd>().ok().filter(|n| *n >= 3))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    bad(format!(
+                        "fd={fds:?}: expected descriptor numbers (3 or more) separated by ':'"
+                    ))
+                })?;
+            if list.len() > usize::from(MAX_NET_QUEUE_PAIRS) {
+                return Err(bad(format!(
+                    "fd={fds}: at most {MAX_NET_QUEUE_PAIRS} queues"
+                )));
+            }
+            if (1..list.len()).any(|i| list[..i].contains(&list[i])) {
+                return Err(bad(format!("fd={fds}: a descriptor is given twice")));
+            }
+            if let Some(n) = num_queues {
+                if usize::from(n) != 2 * list.len() {
+                    return Err(bad(format!(
+                        "num_queues={n} but fd= gives {} tap queues (one per queue pair)",
+                        list.len()
+                    )));
+                }
+            }
+            if addr.is_some() {
+                return Err(bad(
+                    "ip= and mask= configure a tap the VMM opens (tap=), not one handed in with fd="
+                        .into(),
+                ));
+            }
+            let name = crate::tap::check_queue_fds(&list).map_err(|e| bad(e.to_string()))?;
+            NetBackend::Fds { fds: list, name }
+        }
+        (None, None, Some(socket)) if !socket.is_empty() => {
+            if addr.is_some() || !rx_limit.is_empty() || !tx_limit.is_empty() {
+                return Err(bad(
+                    "ip=, mask= and the rate limits belong to the backend's own options with socket="
+                        .into(),
+                ));
+            }
+            NetBackend::Socket(socket.into())
+        }
+        (None, None, None) => {
+            return Err(bad(
+                "tap=NAME, fd=N[:M...] or socket=PATH is required".into()
+            ))
+        }
+        _ => return Err(bad("give one of tap=, fd= and socket=".into())),
+    };
+    let num_queues = match &backend {
+        NetBackend::Fds { fds, .. } => 2 * fds.len() as u16,
+        _ => num_queues.unwrap_or(2),
+    };
+    Ok(NetConfig {
+        backend,
+        mac,
+        mtu,
+        num_queues,
+        queue_size,
+        id,
+        rx_limit,
+        tx_limit,
+    })
+}
+
 /// A checked VM configuration, with its boot files open.
 #[derive(Debug)]
 pub struct VmConfig {
@@ -317,6 +671,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// Disks, in slot order.
     pub disks: Vec<DiskConfig>,
+    /// Network interfaces, in slot order after the disks.
+    pub nets: Vec<NetConfig>,
     /// Number of PCIe root ports.
     pub pci_slots: usize,
     /// Confine the VMM's threads with seccomp filters (`--sandbox on`, the default).
@@ -558,6 +914,25 @@ impl TryFrom<Args> for VmConfig {
                 ),
             });
         }
+        let nets = args
+            .net
+            .iter()
+            .enumerate()
+            .map(|(i, n)| parse_net(n, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_device_slots(disks.len(), nets.len(), args.pci_slots)?;
+        let mut net_fds: Vec<std::os::fd::RawFd> = Vec::new();
+        for n in &nets {
+            if let NetBackend::Fds { fds, .. } = &n.backend {
+                if let Some(fd) = fds.iter().find(|f| net_fds.contains(f)) {
+                    return Err(ConfigError::Option {
+                        flag: "net",
+                        reason: format!("fd={fd} is given to two network interfaces"),
+                    });
+                }
+                net_fds.extend(fds);
+            }
+        }
         let serial = parse_serial(&args.serial)?;
         let sandbox = parse_sandbox(&args.sandbox)?;
         let device_ids = args
@@ -576,6 +951,16 @@ impl TryFrom<Args> for VmConfig {
             }
             ids.push(id);
         }
+        for (i, n) in nets.iter().enumerate() {
+            let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
+            if ids.contains(&id) {
+                return Err(ConfigError::Option {
+                    flag: "net",
+                    reason: format!("id={id:?} is used twice"),
+                });
+            }
+            ids.push(id);
+        }
         Ok(Self {
             vcpus,
             ram_size,
@@ -585,6 +970,7 @@ impl TryFrom<Args> for VmConfig {
             layout,
             serial,
             disks,
+            nets,
             pci_slots: args.pci_slots,
             sandbox,
             device_ids,
@@ -695,6 +1081,147 @@ mod tests {
             assert!(parse_disk(&bad).is_err(), "{bad} should be refused");
         }
         std::fs::remove_file(&img).expect("cleanup");
+    }
+
+    #[test]
+    fn test_parse_net_tap_forms_and_defaults() {
+        let n = parse_net("tap=bh0", 0).expect("valid");
+        assert_eq!(
+            n.backend,
+            NetBackend::Tap {
+                name: "bh0".into(),
+                addr: None
+            }
+        );
+        assert_eq!((n.num_queues, n.queue_pairs(), n.queue_size), (2, 1, 256));
+        assert_eq!(n.mac, default_mac("net0"));
+        assert_eq!(n.mtu, None);
+        let n = parse_net(
+            "tap=bh1,mac=52:54:00:12:34:56,ip=192.168.249.1,mask=255.255.255.0,mtu=9000,num_queues=4,queue_size=512,id=lan",
+            3,
+        )
+        .expect("valid");
+        assert_eq!(n.mac, [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        assert_eq!(n.mtu, Some(9000));
+        assert_eq!((n.num_queues, n.queue_pairs(), n.queue_size), (4, 2, 512));
+        assert_eq!(n.id.as_deref(), Some("lan"));
+        assert_eq!(
+            n.backend,
+            NetBackend::Tap {
+                name: "bh1".into(),
+                addr: Some(([192, 168, 249, 1].into(), [255, 255, 255, 0].into()))
+            }
+        );
+        assert_eq!(
+            parse_net("socket=/run/net.sock,num_queues=4", 0)
+                .expect("valid")
+                .backend,
+            NetBackend::Socket("/run/net.sock".into())
+        );
+    }
+
+    #[test]
+    fn test_default_mac_stable_local_unicast_per_id() {
+        let a = default_mac("net0");
+        assert_eq!(a, default_mac("net0"));
+        assert_ne!(a, default_mac("net1"));
+        assert_eq!(a[0] & 0b11, 0b10, "locally administered, unicast");
+        assert_eq!(
+            parse_net("tap=x,id=web", 5).expect("valid").mac,
+            default_mac("web")
+        );
+        assert_eq!(
+            format_mac(&[0x52, 0x54, 0, 0xab, 0x0c, 0xff]),
+            "52:54:00:ab:0c:ff"
+        );
+        assert_eq!(
+            parse_mac("52-54-00-AB-0C-FF"),
+            Some([0x52, 0x54, 0, 0xab, 0x0c, 0xff])
+        );
+    }
+
+    #[test]
+    fn test_parse_net_rate_limits_per_direction() {
+        let n = parse_net(
+            "tap=t,bw_size=1000,bw_refill_time=100,tx_bw_size=10485760,tx_bw_refill_time=1000,rx_ops_size=50,rx_ops_refill_time=10,rx_ops_one_time_burst=5",
+            0,
+        )
+        .expect("valid");
+        assert_eq!(
+            n.tx_limit,
+            vec![("bw_size", 10485760), ("bw_refill_time", 1000)]
+        );
+        assert_eq!(
+            n.rx_limit,
+            vec![
+                ("bw_size", 1000),
+                ("bw_refill_time", 100),
+                ("ops_size", 50),
+                ("ops_one_time_burst", 5),
+                ("ops_refill_time", 10)
+            ]
+        );
+        for bad in [
+            "tap=t,bw_size=100",
+            "tap=t,tx_bw_refill_time=100",
+            "tap=t,ops_one_time_burst=5",
+            "tap=t,bw_size=0,bw_refill_time=10",
+            "tap=t,bw_size=x,bw_refill_time=10",
+            "socket=/s,bw_size=1,bw_refill_time=1",
+        ] {
+            assert!(parse_net(bad, 0).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn test_parse_net_bad_input_refused_with_reason() {
+        let reason = |v: &str| match parse_net(v, 0) {
+            Err(e) => e.to_string(),
+            Ok(n) => panic!("{v} accepted: {n:?}"),
+        };
+        assert!(reason("tap=bh0,num_queues=3").contains("odd"));
+        assert!(reason("tap=bh0,num_queues=0").contains("even number"));
+        assert!(reason("tap=bh0,num_queues=34").contains("even number"));
+        assert!(reason("tap=bh0,mac=52:54:00:12:34").contains("mac="));
+        assert!(reason("tap=bh0,mac=01:00:5e:00:00:01").contains("unicast"));
+        assert!(reason("tap=bh0,mac=00:00:00:00:00:00").contains("mac="));
+        assert!(reason("tap=bh0,mac=zz:54:00:12:34:56").contains("mac="));
+        assert!(reason("tap=bh0,mtu=67").contains("68 to 65535"));
+        assert!(reason("tap=bh0,mtu=65536").contains("68 to 65535"));
+        assert!(reason("tap=bh0,ip=10.0.0.1").contains("together"));
+        assert!(reason("tap=bh0,ip=10.0.0.1,mask=255.0.255.0").contains("netmask"));
+        assert!(reason("tap=bh0,ip=10.0.0.300,mask=255.0.0.0").contains("IPv4"));
+        assert!(reason("tap=bh0,queue_size=100").contains("power of two"));
+        assert!(reason("tap=this-name-is-too-long").contains("interface name"));
+        assert!(reason("tap=a/b").contains("interface name"));
+        assert!(reason("tap=bh0,socket=/s").contains("one of"));
+        assert!(reason("mac=52:54:00:12:34:56").contains("required"));
+        assert!(reason("tap=bh0,id=vmm").contains("id="));
+        assert!(reason("tap=bh0,colour=blue").contains("unknown option"));
+        assert!(reason("fd=x").contains("descriptor numbers"));
+        assert!(reason("fd=2").contains("descriptor numbers"));
+        assert!(reason("fd=7:7").contains("twice"));
+        // A descriptor that is not a tap (TUNGETIFF fails), and one that is not open.
+        let f = File::open("/dev/null").expect("/dev/null");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        assert!(reason(&format!("fd={fd}")).contains("not an attached tap queue"));
+        assert!(reason("fd=4000").contains("not an open descriptor"));
+        assert!(reason(&format!("fd={fd},num_queues=4")).contains("one per queue pair"));
+    }
+
+    #[test]
+    fn test_device_slots_one_per_device() {
+        assert!(check_device_slots(2, 1, 3).is_ok());
+        let e = check_device_slots(1, 2, 2).expect_err("3 devices, 2 slots");
+        assert!(
+            e.to_string()
+                .contains("1 disks and 2 network interfaces but 2 PCIe slots"),
+            "{e}"
+        );
+        let args = Args::parse_from([
+            "bulkhead", "--kernel", "k", "--net", "tap=a", "--net", "fd=3:4",
+        ]);
+        assert_eq!(args.net, ["tap=a", "fd=3:4"]);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod mmio;
 pub mod pci;
 pub mod ratelimit;
 pub mod seccomp;
+pub mod tap;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio;

@@ -89,7 +89,7 @@ pub enum VmError {
     #[error(transparent)]
     VirtioPci(#[from] VirtioPciError),
     /// PCI devices need MSIs, which only the GICv3 ITS provides here.
-    #[error("this host's KVM offers only a GICv2, which has no ITS for the MSIs PCI devices need; run without --disk")]
+    #[error("this host's KVM offers only a GICv2, which has no ITS for the MSIs PCI devices need; run without --disk and --net")]
     NoMsiController,
     /// A vCPU stopped with an error.
     #[error("{0}")]
@@ -323,7 +323,9 @@ impl Vm {
             .map(|i| vm.create_vcpu(i).map_err(|e| VmError::CreateVcpu(i, e)))
             .collect::<Result<Vec<_>, _>>()?;
         let machine = arch::create_machine(&vm, &vcpus)?;
-        if machine.gic == bulkhead_firmware::fdt::GicKind::V2 && !self.config.disks.is_empty() {
+        if machine.gic == bulkhead_firmware::fdt::GicKind::V2
+            && !(self.config.disks.is_empty() && self.config.nets.is_empty())
+        {
             return Err(VmError::NoMsiController);
         }
         let irq = Arc::new(VmInterrupts::new(vm.clone()));

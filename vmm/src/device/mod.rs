@@ -20,8 +20,9 @@ use std::time::Duration;
 use log::{info, warn};
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::{DiskBackend, VmConfig};
+use crate::config::{DiskBackend, NetBackend, NetConfig, VmConfig};
 use crate::mmio::MmioBus;
+use crate::tap::TapError;
 use crate::virtio::pci::{VirtioPci, VirtioPciError};
 use crate::virtio::vhost_user::{VhostUserDevice, VhostUserError};
 use control::ControlChannel;
@@ -56,16 +57,19 @@ pub const DEVICE_OOM_SCORE_ADJ: i32 = 800;
 pub enum DeviceKind {
     /// virtio-blk, served by `bulkhead-block`.
     Block,
+    /// virtio-net, served by `bulkhead-net` on a tap.
+    Net,
 }
 
 impl DeviceKind {
     /// Every kind.
-    pub const ALL: [DeviceKind; 1] = [DeviceKind::Block];
+    pub const ALL: [DeviceKind; 2] = [DeviceKind::Block, DeviceKind::Net];
 
     /// Its short name: the program is `bulkhead-<name>`.
     pub fn name(self) -> &'static str {
         match self {
             DeviceKind::Block => "block",
+            DeviceKind::Net => "net",
         }
     }
 
@@ -78,6 +82,7 @@ impl DeviceKind {
     pub fn virtio_type(self) -> u16 {
         match self {
             DeviceKind::Block => 2,
+            DeviceKind::Net => 1,
         }
     }
 
@@ -86,6 +91,8 @@ impl DeviceKind {
         match self {
             // Mass storage, other.
             DeviceKind::Block => 0x01_80_00,
+            // Network controller, Ethernet.
+            DeviceKind::Net => 0x02_00_00,
         }
     }
 
@@ -106,6 +113,22 @@ impl DeviceKind {
                 seccomp: sandbox,
                 landlock: sandbox,
             },
+            // Descriptors: 64 + 8 per queue (its tap queue, kick, call and error eventfds, an
+            // epoll per worker, guest memory regions); tasks: 64 + 2 per queue pair (a worker
+            // per pair, the rate limiters' timers).
+            DeviceKind::Net => {
+                let pairs = q / 2;
+                JailPolicy {
+                    nofile: 64 + 8 * q,
+                    nproc: 64 + 2 * pairs,
+                    memory_max: DEFAULT_MEMORY_MAX,
+                    pids_max: 64 + 2 * pairs,
+                    oom_score_adj: DEVICE_OOM_SCORE_ADJ,
+                    jail: sandbox,
+                    seccomp: sandbox,
+                    landlock: sandbox,
+                }
+            }
         }
     }
 }
@@ -140,6 +163,25 @@ pub struct DeviceFile {
     pub readonly: bool,
 }
 
+/// The tap queues the VMM opens for a net device, handed over from descriptor 5 on, one per
+/// queue pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TapQueues {
+    /// Open (creating it if needed) tap `name` and set up its host side.
+    Open {
+        /// The interface.
+        name: String,
+        /// Queue pairs: one queue each (`IFF_MULTI_QUEUE` when more than one).
+        pairs: u16,
+        /// Host address and netmask to set.
+        addr: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+        /// MTU to set.
+        mtu: Option<u16>,
+    },
+    /// Copies of the tap queue descriptors the VMM was handed (`fd=`).
+    Fds(Vec<std::os::fd::RawFd>),
+}
+
 /// Who serves a device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -147,6 +189,13 @@ pub enum Backend {
     Spawn {
         /// Files the VMM opens for it, at descriptors 5, 6, ...
         files: Vec<DeviceFile>,
+        /// Its kind-specific options (the common ones are added here).
+        args: Vec<String>,
+    },
+    /// A program the VMM starts (through the spawner) and jails, handed tap queues.
+    SpawnOnTap {
+        /// The tap queues it gets, at descriptors 5, 6, ...
+        tap: TapQueues,
         /// Its kind-specific options (the common ones are added here).
         args: Vec<String>,
     },
@@ -173,8 +222,89 @@ pub struct DeviceSpec {
     pub policy: JailPolicy,
 }
 
-/// The devices a configuration asks for.
+/// The devices a configuration asks for: the disks, then the network interfaces, each in
+/// the next slot.
 pub fn specs(config: &VmConfig) -> Vec<DeviceSpec> {
+    let mut specs = disk_specs(config);
+    let first = specs.len();
+    specs.extend(
+        config
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, net)| net_spec(net, i, first + i, config.sandbox)),
+    );
+    specs
+}
+
+/// The `bulkhead-net` options of interface `net` (its tap queues at 5, 6, ...).
+fn net_args(net: &NetConfig) -> Vec<String> {
+    let pairs = net.queue_pairs();
+    let mut args = Vec::new();
+    for i in 0..i32::from(pairs) {
+        args.extend(["--tap-fd".to_string(), (FIRST_KIND_FD + i).to_string()]);
+    }
+    args.extend([
+        "--mac".to_string(),
+        crate::config::format_mac(&net.mac),
+        "--queue-pairs".to_string(),
+        pairs.to_string(),
+        "--queue-size".to_string(),
+        net.queue_size.to_string(),
+    ]);
+    if let Some(mtu) = net.mtu {
+        args.extend(["--mtu".to_string(), mtu.to_string()]);
+    }
+    for (dir, limit) in [("rx", &net.rx_limit), ("tx", &net.tx_limit)] {
+        for (option, value) in limit {
+            args.push(format!("--{dir}-{}", option.replace('_', "-")));
+            args.push(value.to_string());
+        }
+    }
+    args
+}
+
+/// The spec of network interface `net`, the `index`th, in `slot`.
+fn net_spec(net: &NetConfig, index: usize, slot: usize, sandbox: bool) -> DeviceSpec {
+    let pairs = net.queue_pairs();
+    let (backend, queues) = match &net.backend {
+        NetBackend::Tap { name, addr } => (
+            Backend::SpawnOnTap {
+                tap: TapQueues::Open {
+                    name: name.clone(),
+                    pairs,
+                    addr: *addr,
+                    mtu: net.mtu,
+                },
+                args: net_args(net),
+            },
+            // rx and tx per pair, then the control queue, which bulkhead-net serves.
+            2 * pairs + 1,
+        ),
+        NetBackend::Fds { fds, .. } => (
+            Backend::SpawnOnTap {
+                tap: TapQueues::Fds(fds.clone()),
+                args: net_args(net),
+            },
+            2 * pairs + 1,
+        ),
+        // An external backend: the queue pairs only (Cloud Hypervisor's vhost_user_net, for
+        // one, has no control queue).
+        NetBackend::Socket(path) => (Backend::Socket(path.clone()), 2 * pairs),
+    };
+    DeviceSpec {
+        id: net.id.clone().unwrap_or_else(|| format!("net{index}")),
+        kind: DeviceKind::Net,
+        slot,
+        queues,
+        queue_size: net.queue_size,
+        backend,
+        policy: DeviceKind::Net.policy(queues, sandbox),
+    }
+}
+
+/// The specs of the disks, in slots 0, 1, ...
+fn disk_specs(config: &VmConfig) -> Vec<DeviceSpec> {
     config
         .disks
         .iter()
@@ -265,6 +395,9 @@ pub enum DeviceError {
     /// The transport could not be built.
     #[error("{0}: creating its virtio-pci function")]
     Transport(String, #[source] VirtioPciError),
+    /// A tap could not be opened, checked or configured.
+    #[error("{0}")]
+    Tap(String, #[source] TapError),
 }
 
 impl DeviceError {
@@ -275,7 +408,7 @@ impl DeviceError {
             DeviceError::File {
                 source: LockError::InUse(_) | LockError::Open(_),
                 ..
-            }
+            } | DeviceError::Tap(..)
         )
     }
 }
@@ -406,9 +539,32 @@ pub struct StartedProcess {
     pub log: OwnedFd,
 }
 
-/// Opens and locks the files `spec`'s backend lists (none for a socket backend).
+/// Opens and locks the files `spec`'s backend lists, or opens its tap queues and sets up the
+/// tap's host side (none for a socket backend).
 pub fn open_files(spec: &DeviceSpec) -> Result<Vec<File>, DeviceError> {
     let mut files = Vec::new();
+    if let Backend::SpawnOnTap { tap, .. } = &spec.backend {
+        let tap_error = |e| DeviceError::Tap(spec.id.clone(), e);
+        return match tap {
+            TapQueues::Open {
+                name,
+                pairs,
+                addr,
+                mtu,
+            } => {
+                let queues = crate::tap::open_queues(name, *pairs).map_err(tap_error)?;
+                crate::tap::configure_host(name, *addr, *mtu).map_err(tap_error)?;
+                info!(
+                    "{}: tap {name}, {pairs} queue(s){}",
+                    spec.id,
+                    addr.map(|(ip, mask)| format!(", host side {ip}/{mask}"))
+                        .unwrap_or_default()
+                );
+                Ok(queues)
+            }
+            TapQueues::Fds(fds) => crate::tap::dup_queues(fds).map_err(tap_error),
+        };
+    }
     if let Backend::Spawn { files: wanted, .. } = &spec.backend {
         for f in wanted {
             let file =
@@ -433,7 +589,7 @@ pub fn spawn_process(
 ) -> Result<StartedProcess, DeviceError> {
     let id = &spec.id;
     let io = |e| DeviceError::Descriptors(id.clone(), e);
-    let Backend::Spawn { args, .. } = &spec.backend else {
+    let (Backend::Spawn { args, .. } | Backend::SpawnOnTap { args, .. }) = &spec.backend else {
         return Err(io(std::io::ErrorKind::InvalidInput.into()));
     };
     let (ours, theirs) = UnixStream::pair().map_err(io)?;
@@ -556,7 +712,7 @@ impl Devices {
         let io = |e| DeviceError::Descriptors(id.clone(), e);
         let mut spawned_pid = None;
         let (stream, pidfd) = match &spec.backend {
-            Backend::Spawn { .. } => {
+            Backend::Spawn { .. } | Backend::SpawnOnTap { .. } => {
                 let started = spawn_process(spec, files, &env.spawn_env())?;
                 let pidfd_copy = started.pidfd.try_clone().map_err(io)?;
                 if let Err(e) = self
@@ -713,6 +869,145 @@ mod tests {
                     != "bulkhead-block"
         );
         let _ = std::fs::remove_file(&image);
+    }
+
+    /// The whole path against the real net device process on a real two-pair tap the VMM
+    /// creates (unjailed, as the block test): spawn with the tap queues at 5 and 6, handshake
+    /// (2 pairs + the control queue), transport, comm; the VMM keeps no tap queue. Skipped
+    /// without a built `bulkhead-net` or without CAP_NET_ADMIN.
+    #[test]
+    fn test_devices_start_net_on_tap() {
+        let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
+        else {
+            return;
+        };
+        if !dir.join("bulkhead-net").exists() {
+            eprintln!("skipped: no {}", dir.join("bulkhead-net").display());
+            return;
+        }
+        let name = format!("bhdev{}", std::process::id() % 100_000);
+        if let Err(e) = crate::tap::open_queues(&name, 1) {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        std::env::set_var("PATH", &dir);
+        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
+                .expect("memory");
+        let bus = Arc::new(MmioBus::default());
+        let env = DeviceEnv {
+            memory: &memory,
+            bus: &bus,
+            spawner: &spawner,
+            cgroup: None,
+            device_ids: None,
+            ram_size: 1 << 20,
+        };
+        let net = NetConfig {
+            backend: NetBackend::Tap {
+                name: name.clone(),
+                addr: Some(([198, 18, 253, 1].into(), [255, 255, 255, 0].into())),
+            },
+            mac: [0x52, 0x54, 0, 1, 2, 3],
+            mtu: Some(1400),
+            num_queues: 4,
+            queue_size: 256,
+            id: None,
+            rx_limit: vec![],
+            tx_limit: vec![],
+        };
+        let spec = net_spec(&net, 0, 0, false);
+        let (devices, transports) =
+            Devices::start(std::slice::from_ref(&spec), &env).expect("start");
+        assert_eq!(transports.len(), 1);
+        let pid = devices.processes[0].pid;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert_eq!(comm.trim(), "bulkhead-net");
+        let mut taps = 0;
+        for fd in [5, 6] {
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("fd");
+            assert!(info.contains(&format!("iff:\t{name}")), "fd {fd}: {info}");
+            taps += 1;
+        }
+        assert_eq!(taps, 2);
+        let ours = std::fs::read_dir("/proc/self/fd")
+            .expect("fds")
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l == Path::new("/dev/net/tun"))
+            .count();
+        assert_eq!(ours, 0, "the VMM kept a tap queue");
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu")).expect("mtu");
+        assert_eq!(mtu.trim(), "1400");
+        let stats = devices.processes[0]
+            .control
+            .request("stats")
+            .expect("stats");
+        assert!(stats.contains("rx_packets="), "{stats}");
+        drop(transports);
+        devices.shutdown(Duration::from_secs(3));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !Path::new(&format!("/sys/class/net/{name}")).exists(),
+            "the tap outlived its queues"
+        );
+    }
+
+    #[test]
+    fn test_net_spec_args_fds_slot_and_policy() {
+        let net = NetConfig {
+            backend: NetBackend::Tap {
+                name: "bh0".into(),
+                addr: None,
+            },
+            mac: [0x52, 0x54, 0, 1, 2, 3],
+            mtu: Some(9000),
+            num_queues: 4,
+            queue_size: 512,
+            id: None,
+            rx_limit: vec![],
+            tx_limit: vec![("bw_size", 10 << 20), ("bw_refill_time", 1000)],
+        };
+        let spec = net_spec(&net, 1, 3, true);
+        assert_eq!(spec.id, "net1");
+        assert_eq!(spec.slot, 3);
+        assert_eq!(spec.kind.program_name(), "bulkhead-net");
+        assert_eq!(
+            (spec.kind.virtio_type(), spec.kind.pci_class()),
+            (1, 0x02_00_00)
+        );
+        assert_eq!(spec.queues, 5, "2 pairs and the control queue");
+        let Backend::SpawnOnTap { tap, args } = &spec.backend else {
+            panic!("{:?}", spec.backend);
+        };
+        assert_eq!(
+            *tap,
+            TapQueues::Open {
+                name: "bh0".into(),
+                pairs: 2,
+                addr: None,
+                mtu: Some(9000)
+            }
+        );
+        assert_eq!(
+            args.join(" "),
+            "--tap-fd 5 --tap-fd 6 --mac 52:54:00:01:02:03 --queue-pairs 2 --queue-size 512 \
+             --mtu 9000 --tx-bw-size 10485760 --tx-bw-refill-time 1000"
+        );
+        // Contract: nofile 64 + 8 per queue, pids 64 + 2 per pair.
+        assert_eq!(spec.policy.nofile, 64 + 8 * 5);
+        assert_eq!(spec.policy.pids_max, 64 + 2 * 2);
+        let socket = NetConfig {
+            backend: NetBackend::Socket("/run/n.sock".into()),
+            id: Some("ext".into()),
+            ..net
+        };
+        let spec = net_spec(&socket, 0, 0, false);
+        assert_eq!((spec.id.as_str(), spec.queues), ("ext", 4));
+        assert_eq!(spec.backend, Backend::Socket("/run/n.sock".into()));
+        assert!(!spec.policy.jail);
     }
 
     #[test]
