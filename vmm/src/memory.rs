@@ -9,8 +9,8 @@
 //!    visible anywhere), creates and unlinks one file there and passes its descriptor back.
 //!    The open file keeps the tmpfs alive; the VMM's own namespaces are untouched. Works
 //!    whatever `/sys/kernel/mm/transparent_hugepage/shmem_enabled` says, except `deny`.
-//!    A tmpfs file cannot be sealed: device filters forbid `ftruncate` and allow `fallocate`
-//!    only on their own image descriptors, and the mount's `size=` stops growth.
+//!    A tmpfs file cannot be sealed: no device filter allows `ftruncate`, `fallocate` cannot
+//!    shrink a file, and the mount's `size=` bounds what it can ever hold (docs/memory.md).
 //! 2. **madvise**: a sealed memfd with `MADV_HUGEPAGE`, when `shmem_enabled` is `advise` (or a
 //!    memfd simply, when it is `always` or `within_size`).
 //! 3. **collapse**: a sealed memfd whose whole range is collapsed into huge pages with
@@ -730,7 +730,20 @@ mod tests {
     #[test]
     fn test_tmpfs_huge_file_where_namespaces_allow() {
         match tmpfs_huge_file(4 << 20) {
-            Ok(f) => assert_eq!(f.metadata().expect("stat").len(), 4 << 20),
+            Ok(f) => {
+                assert_eq!(f.metadata().expect("stat").len(), 4 << 20);
+                // SAFETY: statfs is plain data; fstatfs fills it for our descriptor.
+                let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+                // SAFETY: as above.
+                assert_eq!(unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) }, 0);
+                assert_eq!(u64::try_from(st.f_type).ok(), Some(0x0102_1994), "tmpfs");
+                // The mount's size= bounds the pages it can ever hold to guest RAM's size.
+                assert!(
+                    // SAFETY: fallocate on our own descriptor.
+                    unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 8 << 20) } != 0,
+                    "allocating more than the mount's size must fail"
+                );
+            }
             Err(e) => eprintln!("no private tmpfs here: {e}"),
         }
     }
