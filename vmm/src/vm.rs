@@ -215,6 +215,7 @@ impl Vm {
         let memory = crate::memory::create(config.ram_size, config.ram_backing)
             .map_err(|e| VmError::CreateMemory(config.ram_size >> 20, e))?
             .memory;
+        crate::milestone::log("guest RAM created");
         let out: Option<Box<dyn std::io::Write + Send>> =
             match std::mem::replace(&mut config.serial, SerialConfig::Off) {
                 SerialConfig::Tty => Some(Box::new(std::io::stdout())),

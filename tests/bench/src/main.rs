@@ -101,8 +101,9 @@ fn kb_value(line: &str, key: &str) -> Option<u64> {
 }
 
 /// The milestones Bulkhead logs, in order.
-const MILESTONES: [&str; 4] = [
+const MILESTONES: [&str; 5] = [
     "configuration checked",
+    "guest RAM created",
     "VM created",
     "guest loaded",
     "first KVM_RUN",
