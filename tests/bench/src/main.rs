@@ -239,16 +239,64 @@ enum Seen {
     Ready,
 }
 
+/// A pseudo-terminal: (master, slave).
+fn openpty() -> Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two descriptors; name, termios and winsize may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!("openpty: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just opened and are owned by nothing else.
+    Ok(unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    })
+}
+
 fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
     let mut cmd = command(t, o, dir)?;
+    // Cloud Hypervisor's `--serial tty` reads guest input only from a terminal: it gets a pty.
+    let pty = if t.vmm == Vmm::CloudHypervisor {
+        Some(openpty()?)
+    } else {
+        None
+    };
+    match &pty {
+        Some((_, slave)) => cmd
+            .stdin(Stdio::from(slave.try_clone()?))
+            .stdout(Stdio::from(slave.try_clone()?)),
+        None => cmd.stdin(Stdio::piped()).stdout(Stdio::piped()),
+    };
     let start = Instant::now();
     let start_ns = monotonic_ns();
     let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", t.path.display()))?;
+    // Our copies of the pty's slave end go, so reading the master ends when the VMM exits.
+    drop(cmd);
+    let (stdout, mut stdin): (Box<dyn Read + Send>, Box<dyn Write>) = match pty {
+        Some((master, slave)) => {
+            drop(slave);
+            (Box::new(master.try_clone()?), Box::new(master))
+        }
+        None => (
+            Box::new(child.stdout.take().context("stdout")?),
+            Box::new(child.stdin.take().context("stdin")?),
+        ),
+    };
     let pid = child.id();
     let (tx, rx) = mpsc::channel();
     let stderr = child.stderr.take().context("stderr")?;
@@ -258,7 +306,7 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
             let _ = tx_err.send(Seen::Stderr(line));
         }
     });
-    let mut stdout = child.stdout.take().context("stdout")?;
+    let mut stdout = stdout;
     let ready = o.ready.clone();
     let out_reader = std::thread::spawn(move || {
         let (mut seen, mut buf, mut uptime_sent) = (Vec::new(), [0u8; 4096], false);
@@ -311,7 +359,6 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
     }
     let tree = process_tree(pid);
     let rss_kib = tree.iter().map(|p| non_guest_rss(*p)).sum();
-    let mut stdin = child.stdin.take().context("stdin")?;
     let stop_at = Instant::now();
     stdin.write_all(b"poweroff -f\n")?;
     let stop_deadline = Instant::now() + Duration::from_secs(60);

@@ -6,6 +6,11 @@
 
 BENCH=${BENCH:-/bin/bulkhead-bench}
 [ -x "$BENCH" ] || fail "$BENCH was not built"
+# Cloud Hypervisor reads guest input only from a terminal: the bench gives it a pty.
+if ! grep -q ' /dev/pts ' /proc/mounts; then
+	mkdir -p /dev/pts && mount -t devpts -o mode=620,ptmxmode=666 devpts /dev/pts ||
+		say "cannot mount devpts: Cloud Hypervisor will get no console input"
+fi
 set -- --bulkhead "$BULKHEAD" --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --runs 3
 for p in firecracker cloud-hypervisor; do
 	if [ -x "/peers/$p" ]; then
