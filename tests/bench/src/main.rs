@@ -35,11 +35,13 @@ struct Opts {
     runs: usize,
     ready: String,
     memory: String,
+    /// Extra Bulkhead arguments for a second Bulkhead target (`--bulkhead-variant`).
+    variant: Option<String>,
 }
 
 const USAGE: &str = "usage: bulkhead-bench --kernel IMAGE --initramfs CPIO [--bulkhead PATH] \
      [--firecracker PATH] [--cloud-hypervisor PATH] [--runs N] [--ready-marker STR] \
-     [--memory-option OPTS]";
+     [--memory-option OPTS] [--bulkhead-variant \"ARGS\"]";
 
 fn parse_args() -> Result<Opts> {
     let mut opts = Opts {
@@ -51,6 +53,7 @@ fn parse_args() -> Result<Opts> {
         runs: 3,
         ready: "GUEST-READY".into(),
         memory: format!("size={RAM_MIB}M"),
+        variant: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -64,6 +67,7 @@ fn parse_args() -> Result<Opts> {
             "--runs" => opts.runs = value()?.parse().context("--runs")?,
             "--ready-marker" => opts.ready = value()?,
             "--memory-option" => opts.memory = value()?,
+            "--bulkhead-variant" => opts.variant = Some(value()?),
             _ => bail!("{USAGE}"),
         }
     }
@@ -129,6 +133,8 @@ impl Vmm {
 struct Target {
     vmm: Vmm,
     path: PathBuf,
+    /// Extra arguments (a Bulkhead variant).
+    extra: Vec<String>,
     /// First line of `--version`.
     version: String,
 }
@@ -208,7 +214,8 @@ fn command(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Command> {
                 .arg("--kernel")
                 .arg(&o.kernel)
                 .arg("--initramfs")
-                .arg(&o.initramfs);
+                .arg(&o.initramfs)
+                .args(&t.extra);
         }
         Vmm::Firecracker => {
             let config = dir.join("fc.json");
@@ -467,6 +474,7 @@ fn peer(vmm: Vmm, path: &Option<PathBuf>) -> Option<Target> {
     Some(Target {
         vmm,
         path: path.clone(),
+        extra: Vec::new(),
         version,
     })
 }
@@ -478,8 +486,17 @@ fn main() -> Result<()> {
     let mut targets = vec![Target {
         vmm: Vmm::Bulkhead,
         path: o.bulkhead.clone(),
+        extra: Vec::new(),
         version: format!("--memory {}", o.memory),
     }];
+    if let Some(v) = &o.variant {
+        targets.push(Target {
+            vmm: Vmm::Bulkhead,
+            path: o.bulkhead.clone(),
+            extra: v.split_whitespace().map(str::to_string).collect(),
+            version: format!("--memory {} {v}", o.memory),
+        });
+    }
     targets.extend(peer(Vmm::Firecracker, &o.firecracker));
     targets.extend(peer(Vmm::CloudHypervisor, &o.cloud_hypervisor));
     let mut samples: Vec<Vec<Sample>> = targets.iter().map(|_| Vec::new()).collect();
@@ -511,10 +528,15 @@ fn main() -> Result<()> {
                 .zip(&r.milestones)
                 .map(|(m, (w, c))| format!("{m} {w:.1}/{c:.1}"))
                 .collect();
+            let name = if t.extra.is_empty() {
+                t.vmm.name().to_string()
+            } else {
+                format!("{} {}", t.vmm.name(), t.extra.join(" "))
+            };
             println!(
                 "round {round}: {:<16} launch->exit {:6.2} s, guest uptime at init {:5.2} s, \
                  poweroff->exit {:5.2} s, non-guest RSS {:6} KiB ({} processes){}",
-                t.vmm.name(),
+                name,
                 r.wall_s,
                 r.uptime_s,
                 r.stop_s,

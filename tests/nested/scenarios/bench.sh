@@ -11,7 +11,8 @@ if ! grep -q ' /dev/pts ' /proc/mounts; then
 	mkdir -p /dev/pts && mount -t devpts -o mode=620,ptmxmode=666 devpts /dev/pts ||
 		say "cannot mount devpts: Cloud Hypervisor will get no console input"
 fi
-set -- --bulkhead "$BULKHEAD" --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --runs 3
+set -- --bulkhead "$BULKHEAD" --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --runs 3 \
+	--bulkhead-variant "--pci-slots 1"
 for p in firecracker cloud-hypervisor; do
 	if [ -x "/peers/$p" ]; then
 		set -- "$@" "--$p" "/peers/$p"
