@@ -35,6 +35,8 @@ BIN_DIR=$TARGET_DIR/$TARGET_TRIPLE/release
 # target directory of its own so it never replaces the real one.
 TRIGGER_TARGET_DIR=$TARGET_DIR/seccomp-trigger
 TRIGGER_BIN=$TRIGGER_TARGET_DIR/$TARGET_TRIPLE/release/bulkhead
+# Peers' static arm64 binaries for the boot benchmark (see ../shared/anchors/README.md).
+PEERS_DIR=${BULKHEAD_PEERS_DIR:-$ROOT/../shared/anchors/aarch64}
 
 suite=boot
 demo=0
@@ -284,6 +286,18 @@ pack_l1() {
 	fi
 	cp "$KERNEL" "$d/guest/Image"
 	cp "$GUEST_INITRAMFS" "$d/guest/initramfs.cpio.gz"
+	# Peers for the boot benchmark (scenarios/bench.sh), only where it runs and only when present.
+	if echo "$SCENARIOS" | grep -qx bench; then
+		local peer
+		for peer in firecracker cloud-hypervisor; do
+			if [ -x "$PEERS_DIR/$peer" ]; then
+				mkdir -p "$d/peers"
+				install -m 0755 "$PEERS_DIR/$peer" "$d/peers/"
+			else
+				log "no $PEERS_DIR/$peer: the boot benchmark runs without it"
+			fi
+		done
+	fi
 	install -m 0644 "$NESTED_DIR/lib.sh" "$d/harness/lib.sh"
 	for s in "$NESTED_DIR"/scenarios/*.sh; do install -m 0755 "$s" "$d/harness/scenarios/"; done
 	{

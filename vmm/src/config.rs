@@ -10,6 +10,8 @@ use bulkhead_firmware::image::{Arm64Image, BootLayout, ImageError, LayoutError};
 use bulkhead_firmware::layout::{MAX_VCPUS_GICV3, RAM_MAX_SIZE, RAM_MIN_SIZE};
 use clap::Parser;
 
+use crate::memory::{self, Mechanism, RamBacking};
+
 /// Kernel command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyAMA0";
 /// Longest command line an arm64 kernel accepts (COMMAND_LINE_SIZE), including the NUL.
@@ -31,8 +33,13 @@ pub struct Args {
     /// vCPUs: `boot=N`.
     #[arg(long, value_name = "boot=N", default_value = "boot=1")]
     pub cpus: String,
-    /// Guest RAM: `size=SIZE`, with an optional K, M or G suffix.
-    #[arg(long, value_name = "size=SIZE", default_value = "size=512M")]
+    /// Guest RAM: `size=SIZE` (K, M or G suffix); `hugepages=on[,hugepage_size=SIZE]` for the
+    /// host's hugetlbfs pool; `thp=off` for no transparent huge pages (docs/memory.md).
+    #[arg(
+        long,
+        value_name = "size=SIZE[,hugepages=on[,hugepage_size=SIZE]][,thp=on|off]",
+        default_value = "size=512M"
+    )]
     pub memory: String,
     /// Guest console (the PL011): `tty` (this process's stdin and stdout), `file=PATH`, or `off`.
     #[arg(long, value_name = "tty|file=PATH|off", default_value = "tty")]
@@ -659,6 +666,8 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Bytes of guest RAM.
     pub ram_size: u64,
+    /// What backs guest RAM (`--memory hugepages=`, `thp=`).
+    pub ram_backing: RamBacking,
     /// Kernel command line.
     pub cmdline: String,
     /// The kernel file and what its header says.
@@ -785,17 +794,20 @@ fn parse_cpus(value: &str) -> Result<u32, ConfigError> {
     Ok(n)
 }
 
-fn parse_memory(value: &str) -> Result<u64, ConfigError> {
+/// `--memory size=SIZE[,hugepages=on[,hugepage_size=SIZE]][,thp=on|off]`: the RAM size and
+/// what backs it (docs/memory.md). `thp=tmpfs|madvise|collapse` insists on one mechanism.
+fn parse_memory(value: &str) -> Result<(u64, RamBacking), ConfigError> {
     let bad = |reason: String| ConfigError::Option {
         flag: "memory",
         reason,
     };
-    let opts = parse_options("memory", value, &["size"])?;
-    let size = opts
-        .iter()
-        .find(|(k, _)| *k == "size")
-        .ok_or_else(|| bad("size=SIZE is required".into()))?
-        .1;
+    let opts = parse_options(
+        "memory",
+        value,
+        &["size", "hugepages", "hugepage_size", "thp"],
+    )?;
+    let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+    let size = get("size").ok_or_else(|| bad("size=SIZE is required".into()))?;
     let bytes = parse_size(size).ok_or_else(|| {
         bad(format!(
             "size={size:?} is not a size (examples: 512M, 2G, 131072K)"
@@ -816,7 +828,67 @@ fn parse_memory(value: &str) -> Result<u64, ConfigError> {
     if bytes % (2 << 20) != 0 {
         return Err(bad(format!("size={size} is not a multiple of 2M")));
     }
-    Ok(bytes)
+    let hugepages = match get("hugepages") {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(v) => return Err(bad(format!("hugepages={v:?}: expected on or off"))),
+    };
+    let thp = match get("thp") {
+        None | Some("on") => RamBacking::Thp,
+        Some("off") => RamBacking::Off,
+        Some(v) => RamBacking::Only(Mechanism::from_option(v).ok_or_else(|| {
+            bad(format!(
+                "thp={v:?}: expected on, off, or one mechanism: tmpfs, madvise, collapse"
+            ))
+        })?),
+    };
+    if !hugepages {
+        if let Some(v) = get("hugepage_size") {
+            return Err(bad(format!("hugepage_size={v} needs hugepages=on")));
+        }
+        return Ok((bytes, thp));
+    }
+    if get("thp").is_some() {
+        return Err(bad(
+            "thp= and hugepages=on exclude each other (hugetlbfs pages are not transparent)".into(),
+        ));
+    }
+    let offered = memory::hugetlb_sizes();
+    let list = || {
+        offered
+            .iter()
+            .map(|s| format!("{}K", s >> 10))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let page = match get("hugepage_size") {
+        Some(v) => {
+            let p = parse_size(v)
+                .ok_or_else(|| bad(format!("hugepage_size={v:?} is not a size (example: 2M)")))?;
+            if !offered.contains(&p) {
+                return Err(bad(format!(
+                    "hugepage_size={v}: this host offers {}",
+                    if offered.is_empty() {
+                        "no huge pages".to_string()
+                    } else {
+                        list()
+                    }
+                )));
+            }
+            p
+        }
+        None => memory::default_hugetlb_size()
+            .filter(|p| offered.contains(p))
+            .or_else(|| offered.first().copied())
+            .ok_or_else(|| bad("hugepages=on: this host offers no huge pages".into()))?,
+    };
+    if bytes % page != 0 {
+        return Err(bad(format!(
+            "size={size} is not a multiple of the huge page size {}K",
+            page >> 10
+        )));
+    }
+    Ok((bytes, RamBacking::HugeTlb(page)))
 }
 
 fn parse_serial(value: &str) -> Result<SerialConfig, ConfigError> {
@@ -862,7 +934,7 @@ impl TryFrom<Args> for VmConfig {
 
     fn try_from(args: Args) -> Result<Self, ConfigError> {
         let vcpus = parse_cpus(&args.cpus)?;
-        let ram_size = parse_memory(&args.memory)?;
+        let (ram_size, ram_backing) = parse_memory(&args.memory)?;
         check_cmdline(&args.cmdline)?;
         let mut kernel = open("kernel", &args.kernel)?;
         let image = Arm64Image::from_file(&mut kernel).map_err(|source| ConfigError::Kernel {
@@ -964,6 +1036,7 @@ impl TryFrom<Args> for VmConfig {
         Ok(Self {
             vcpus,
             ram_size,
+            ram_backing,
             cmdline: args.cmdline,
             kernel: (kernel, image),
             initramfs,
@@ -1019,7 +1092,31 @@ mod tests {
 
     #[test]
     fn test_parse_memory_bounds() {
-        assert_eq!(parse_memory("size=1G").expect("valid"), 1 << 30);
+        assert_eq!(
+            parse_memory("size=1G").expect("valid"),
+            (1 << 30, RamBacking::Thp)
+        );
+        assert_eq!(
+            parse_memory("size=64M,thp=off").expect("valid").1,
+            RamBacking::Off
+        );
+        assert_eq!(
+            parse_memory("size=64M,thp=tmpfs").expect("valid").1,
+            RamBacking::Only(Mechanism::Tmpfs)
+        );
+        assert!(parse_memory("size=64M,thp=maybe").is_err());
+        assert!(parse_memory("size=64M,hugepages=yes").is_err());
+        assert!(parse_memory("size=64M,hugepage_size=2M").is_err());
+        assert!(parse_memory("size=64M,hugepages=on,thp=off").is_err());
+        assert!(parse_memory("size=64M,hugepages=on,hugepage_size=3M").is_err());
+        if memory::hugetlb_sizes().contains(&(2 << 20)) {
+            assert_eq!(
+                parse_memory("size=64M,hugepages=on,hugepage_size=2M")
+                    .expect("valid")
+                    .1,
+                RamBacking::HugeTlb(2 << 20)
+            );
+        }
         assert!(parse_memory("size=1M").is_err());
         assert!(parse_memory("size=banana").is_err());
         assert!(parse_memory("size=65M").is_err());

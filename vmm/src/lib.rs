@@ -6,6 +6,7 @@ pub mod config;
 pub mod device;
 pub mod irq;
 pub mod legacy;
+pub mod memory;
 pub mod milestone;
 pub mod mmio;
 pub mod pci;

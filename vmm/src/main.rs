@@ -107,6 +107,7 @@ fn main() -> ExitCode {
     terminal::restore();
     // Hangs up the spawner, which kills any device process still running.
     drop(spawner);
+    bulkhead::milestone::log("exiting");
     match result {
         Ok(Outcome::PowerOff) => {
             info!("VM powered off");

@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -18,7 +17,7 @@ use bulkhead_firmware::layout::{
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
 use log::{debug, error, info, warn};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::{self, ArchError};
@@ -51,10 +50,7 @@ pub enum VmError {
     CreateVm(#[source] kvm_ioctls::Error),
     /// Guest RAM could not be created.
     #[error("creating {0} MiB of guest RAM")]
-    CreateMemory(u64, #[source] std::io::Error),
-    /// Guest RAM could not be mapped.
-    #[error("mapping guest RAM")]
-    MapMemory(#[source] vm_memory::mmap::FromRangesError),
+    CreateMemory(u64, #[source] crate::memory::MemoryError),
     /// Guest RAM could not be registered with KVM.
     #[error("registering guest RAM with KVM")]
     SetMemoryRegion(#[source] kvm_ioctls::Error),
@@ -138,30 +134,6 @@ impl MmioDevice for SharedPl011 {
     }
 }
 
-/// A memfd holding guest RAM, sealed against resizing so that processes it is shared with
-/// cannot be made to fault by a shrink.
-fn create_ram(size: u64) -> std::io::Result<File> {
-    // SAFETY: the name is a valid NUL-terminated string; the result is checked.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"bulkhead-guest-ram".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nothing else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS on a memfd we own; the result is checked.
-    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(file)
-}
-
 /// A fresh rng-seed for the guest's device tree, from `urandom` (opened once in [`Vm::new`],
 /// so that a reboot under the main thread's seccomp filter needs no open()).
 fn random_seed(urandom: Option<&File>) -> [u8; 64] {
@@ -240,14 +212,10 @@ impl Vm {
                 max: max_vcpus,
             });
         }
-        let ram = create_ram(config.ram_size)
-            .map_err(|e| VmError::CreateMemory(config.ram_size >> 20, e))?;
-        let memory = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(RAM_START),
-            config.ram_size as usize,
-            Some(FileOffset::new(ram, 0)),
-        )])
-        .map_err(VmError::MapMemory)?;
+        let memory = crate::memory::create(config.ram_size, config.ram_backing)
+            .map_err(|e| VmError::CreateMemory(config.ram_size >> 20, e))?
+            .memory;
+        crate::milestone::log("guest RAM created");
         let out: Option<Box<dyn std::io::Write + Send>> =
             match std::mem::replace(&mut config.serial, SerialConfig::Off) {
                 SerialConfig::Tty => Some(Box::new(std::io::stdout())),
@@ -445,7 +413,10 @@ impl Vm {
                 Event::Vcpu {
                     stop: VcpuStop::PowerOff,
                     ..
-                } => return Ok(Outcome::PowerOff),
+                } => {
+                    crate::milestone::log("vCPUs stopped after power-off");
+                    return Ok(Outcome::PowerOff);
+                }
                 Event::Vcpu {
                     stop: VcpuStop::Reset,
                     ..

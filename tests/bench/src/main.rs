@@ -1,14 +1,19 @@
-//! `bulkhead-bench`: boot figures for a 1-vCPU, 512 MiB guest.
+//! `bulkhead-bench`: boot figures for a 1-vCPU, 512 MiB guest with no devices, for Bulkhead
+//! and, when their binaries are given, Firecracker and Cloud Hypervisor as peers, run
+//! interleaved (round 1: each VMM once, round 2: ...) on the same kernel and initramfs.
 //!
-//! For each run it starts `bulkhead -vv` and prints
-//! - for each start-up milestone the VMM logs (configuration checked, VM created, guest
-//!   loaded, first KVM_RUN), the wall time since just before the VMM's exec and the CPU time
-//!   the VMM had used by then;
-//! - the VMM's own resident memory once the guest is at init: the Rss of every mapping in
-//!   /proc/PID/smaps except guest RAM (the `bulkhead-guest-ram` memfd), reported apart;
+//! For each run it prints
+//! - launch to exit, wall: from just before the VMM's exec until it exited, the guest having
+//!   been powered off through its console (`poweroff -f`) as soon as its init was ready;
+//! - the guest's uptime when its init ran (the `GUEST-UPTIME` line of tests/guest/init);
+//! - ready to exit: from typing `poweroff -f` until the VMM exited;
+//! - non-guest RSS: the Rss of every mapping of the VMM and every process it started, except
+//!   guest RAM (a mapping at least as large as guest RAM, or the `bulkhead-guest-ram` file),
+//!   taken once the guest is at init;
+//! - for Bulkhead also its start-up milestones (configuration checked, VM created, guest
+//!   loaded, first KVM_RUN): wall and CPU milliseconds since just before its exec.
 //!
-//! then powers the guest off through its console. It asserts nothing: it prints figures, next
-//! to Firecracker's published ones.
+//! It asserts nothing: it prints figures.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -18,35 +23,52 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+/// Guest RAM of every run.
+const RAM_MIB: u64 = 512;
+
 struct Opts {
     bulkhead: PathBuf,
+    firecracker: Option<PathBuf>,
+    cloud_hypervisor: Option<PathBuf>,
     kernel: PathBuf,
     initramfs: PathBuf,
     runs: usize,
     ready: String,
+    memory: String,
+    /// Extra Bulkhead arguments for a second Bulkhead target (`--bulkhead-variant`).
+    variant: Option<String>,
 }
+
+const USAGE: &str = "usage: bulkhead-bench --kernel IMAGE --initramfs CPIO [--bulkhead PATH] \
+     [--firecracker PATH] [--cloud-hypervisor PATH] [--runs N] [--ready-marker STR] \
+     [--memory-option OPTS] [--bulkhead-variant \"ARGS\"]";
 
 fn parse_args() -> Result<Opts> {
     let mut opts = Opts {
         bulkhead: PathBuf::from("bulkhead"),
+        firecracker: None,
+        cloud_hypervisor: None,
         kernel: PathBuf::new(),
         initramfs: PathBuf::new(),
-        runs: 5,
+        runs: 3,
         ready: "GUEST-READY".into(),
+        memory: format!("size={RAM_MIB}M"),
+        variant: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or_else(|| anyhow!("{a} needs a value"));
         match a.as_str() {
             "--bulkhead" => opts.bulkhead = value()?.into(),
+            "--firecracker" => opts.firecracker = Some(value()?.into()),
+            "--cloud-hypervisor" => opts.cloud_hypervisor = Some(value()?.into()),
             "--kernel" => opts.kernel = value()?.into(),
             "--initramfs" => opts.initramfs = value()?.into(),
             "--runs" => opts.runs = value()?.parse().context("--runs")?,
             "--ready-marker" => opts.ready = value()?,
-            _ => bail!(
-                "usage: bulkhead-bench --kernel IMAGE --initramfs CPIO [--bulkhead PATH] \
-                 [--runs N] [--ready-marker STR]"
-            ),
+            "--memory-option" => opts.memory = value()?,
+            "--bulkhead-variant" => opts.variant = Some(value()?),
+            _ => bail!("{USAGE}"),
         }
     }
     if opts.kernel.as_os_str().is_empty() || opts.initramfs.as_os_str().is_empty() {
@@ -65,131 +87,357 @@ fn monotonic_ns() -> i64 {
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
-/// `key=value` from the VMM's `first KVM_RUN:` log line.
+/// `key=value` from the VMM's milestone log lines.
 fn field(line: &str, key: &str) -> Option<i64> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
         .and_then(|v| v.parse().ok())
 }
 
-/// kB value of a /proc/PID/status line.
-fn status_kb(status: &str, key: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+/// kB value of a `Key: N kB` line.
+fn kb_value(line: &str, key: &str) -> Option<u64> {
+    line.strip_prefix(key)?
+        .strip_prefix(':')?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
-/// The milestones the VMM logs, in order.
-const MILESTONES: [&str; 4] = [
+/// The milestones Bulkhead logs, in order.
+const MILESTONES: [&str; 5] = [
     "configuration checked",
+    "guest RAM created",
     "VM created",
     "guest loaded",
     "first KVM_RUN",
 ];
 
-struct Sample {
-    /// (wall ms since exec, CPU ms) for each milestone.
-    milestones: Vec<(f64, f64)>,
-    own_rss_kib: u64,
-    guest_rss_kib: u64,
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Vmm {
+    Bulkhead,
+    Firecracker,
+    CloudHypervisor,
 }
 
-/// Resident KiB of the process outside and inside guest RAM, from /proc/PID/smaps.
-fn rss_split(pid: u32) -> Result<(u64, u64)> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-    let (mut own, mut guest, mut in_guest) = (0, 0, false);
+impl Vmm {
+    fn name(self) -> &'static str {
+        match self {
+            Vmm::Bulkhead => "Bulkhead",
+            Vmm::Firecracker => "Firecracker",
+            Vmm::CloudHypervisor => "Cloud Hypervisor",
+        }
+    }
+}
+
+struct Target {
+    vmm: Vmm,
+    path: PathBuf,
+    /// Extra arguments (a Bulkhead variant).
+    extra: Vec<String>,
+    /// First line of `--version`.
+    version: String,
+}
+
+struct Sample {
+    /// Launch to exit.
+    wall_s: f64,
+    /// `GUEST-UPTIME`.
+    uptime_s: f64,
+    /// `poweroff -f` typed to exit.
+    stop_s: f64,
+    /// KiB outside guest RAM, and the number of processes summed.
+    rss_kib: u64,
+    procs: usize,
+    /// (wall ms since exec, CPU ms) for each Bulkhead milestone.
+    milestones: Vec<(f64, f64)>,
+}
+
+/// The process `root` and all its descendants.
+fn process_tree(root: u32) -> Vec<u32> {
+    let mut parents = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
+}
+
+/// Resident KiB of `pid` outside guest RAM, from /proc/PID/smaps.
+fn non_guest_rss(pid: u32) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return 0;
+    };
+    let (mut own, mut in_guest) = (0, false);
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            in_guest = line.contains("bulkhead-guest-ram");
-        } else if let Some(kb) = status_kb(line, "Rss") {
-            if in_guest {
-                guest += kb;
-            } else {
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let size =
+                u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
+            in_guest = size >= RAM_MIB << 20 || line.contains("bulkhead-guest-ram");
+        } else if let Some(kb) = kb_value(line, "Rss") {
+            if !in_guest {
                 own += kb;
             }
         }
     }
-    Ok((own, guest))
+    own
 }
 
-fn one_run(o: &Opts) -> Result<Sample> {
+fn command(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Command> {
+    let mut c = Command::new(&t.path);
+    match t.vmm {
+        Vmm::Bulkhead => {
+            c.args(["-vv", "--cpus", "boot=1", "--memory", &o.memory])
+                .args(["--cmdline", "console=ttyAMA0 quiet"])
+                .arg("--kernel")
+                .arg(&o.kernel)
+                .arg("--initramfs")
+                .arg(&o.initramfs)
+                .args(&t.extra);
+        }
+        Vmm::Firecracker => {
+            let config = dir.join("fc.json");
+            let json = format!(
+                r#"{{"boot-source":{{"kernel_image_path":"{}","initrd_path":"{}","boot_args":"console=ttyS0 quiet"}},"machine-config":{{"vcpu_count":1,"mem_size_mib":{RAM_MIB}}},"drives":[]}}"#,
+                o.kernel.display(),
+                o.initramfs.display()
+            );
+            std::fs::write(&config, json).context("writing fc.json")?;
+            c.arg("--no-api").arg("--config-file").arg(config);
+        }
+        Vmm::CloudHypervisor => {
+            c.arg("--kernel")
+                .arg(&o.kernel)
+                .arg("--initramfs")
+                .arg(&o.initramfs)
+                .args(["--cmdline", "console=ttyAMA0 quiet", "--cpus", "boot=1"])
+                .args(["--memory", &format!("size={RAM_MIB}M")])
+                .args(["--serial", "tty", "--console", "off"]);
+        }
+    }
+    Ok(c)
+}
+
+enum Seen {
+    Stderr(String),
+    Uptime(f64),
+    Ready,
+}
+
+/// A pseudo-terminal: (master, slave).
+fn openpty() -> Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two descriptors; name, termios and winsize may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!("openpty: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just opened and are owned by nothing else.
+    Ok(unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    })
+}
+
+fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
+    let mut cmd = command(t, o, dir)?;
+    // Cloud Hypervisor's `--serial tty` reads guest input only from a terminal: it gets a pty.
+    let pty = if t.vmm == Vmm::CloudHypervisor {
+        Some(openpty()?)
+    } else {
+        None
+    };
+    match &pty {
+        Some((_, slave)) => cmd
+            .stdin(Stdio::from(slave.try_clone()?))
+            .stdout(Stdio::from(slave.try_clone()?)),
+        None => cmd.stdin(Stdio::piped()).stdout(Stdio::piped()),
+    };
+    let start = Instant::now();
     let start_ns = monotonic_ns();
-    let mut child = Command::new(&o.bulkhead)
-        .args(["-vv", "--cpus", "boot=1", "--memory", "size=512M"])
-        .args(["--cmdline", "console=ttyAMA0 quiet"])
-        .arg("--kernel")
-        .arg(&o.kernel)
-        .arg("--initramfs")
-        .arg(&o.initramfs)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+    let mut child = cmd
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("starting {}", o.bulkhead.display()))?;
+        .with_context(|| format!("starting {}", t.path.display()))?;
+    // Our copies of the pty's slave end go, so reading the master ends when the VMM exits.
+    drop(cmd);
+    let (stdout, mut stdin): (Box<dyn Read + Send>, Box<dyn Write>) = match pty {
+        Some((master, slave)) => {
+            drop(slave);
+            (Box::new(master.try_clone()?), Box::new(master))
+        }
+        None => (
+            Box::new(child.stdout.take().context("stdout")?),
+            Box::new(child.stdin.take().context("stdin")?),
+        ),
+    };
     let pid = child.id();
     let (tx, rx) = mpsc::channel();
     let stderr = child.stderr.take().context("stderr")?;
     let tx_err = tx.clone();
-    std::thread::spawn(move || {
+    let err_reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if MILESTONES.iter().any(|m| line.contains(&format!("{m}: "))) {
-                let _ = tx_err.send(Ok(line));
-            }
+            let _ = tx_err.send(Seen::Stderr(line));
         }
     });
-    let mut stdout = child.stdout.take().context("stdout")?;
+    let mut stdout = stdout;
     let ready = o.ready.clone();
-    std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
+    let out_reader = std::thread::spawn(move || {
+        let (mut seen, mut buf, mut uptime_sent) = (Vec::new(), [0u8; 4096], false);
+        let mut tail = Vec::new();
         while let Ok(n) = stdout.read(&mut buf) {
             if n == 0 {
                 break;
             }
             seen.extend_from_slice(&buf[..n]);
-            if String::from_utf8_lossy(&seen).contains(&ready) {
-                let _ = tx.send(Err(()));
+            tail.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&seen).into_owned();
+            if text.contains(&ready) {
+                if !uptime_sent {
+                    uptime_sent = true;
+                    let v = text
+                        .lines()
+                        .find_map(|l| l.trim().strip_prefix("GUEST-UPTIME "))
+                        .and_then(|v| v.trim().parse::<f64>().ok());
+                    let _ = tx.send(Seen::Uptime(v.unwrap_or(f64::NAN)));
+                }
+                let _ = tx.send(Seen::Ready);
                 seen.clear();
             }
+            if tail.len() > 8192 {
+                tail.drain(..tail.len() - 4096);
+            }
         }
+        String::from_utf8_lossy(&tail).into_owned()
     });
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let (mut lines, mut at_init) = (Vec::new(), false);
-    while lines.len() < MILESTONES.len() || !at_init {
+    let deadline = start + Duration::from_secs(240);
+    let (mut lines, mut uptime, mut ready_seen) = (Vec::new(), None, false);
+    while uptime.is_none() || !ready_seen {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(Ok(line)) => lines.push(line),
-            Ok(Err(())) => at_init = true,
+            Ok(Seen::Stderr(line)) => lines.push(line),
+            Ok(Seen::Uptime(v)) => uptime = Some(v),
+            Ok(Seen::Ready) => ready_seen = true,
             Err(_) => {
                 let _ = child.kill();
-                bail!("guest did not reach init within 180 s");
+                let _ = child.wait();
+                let tail = out_reader.join().unwrap_or_default();
+                bail!(
+                    "{}: the guest did not reach init within 240 s; stderr: {:?}; console tail: {:?}",
+                    t.vmm.name(),
+                    lines.iter().rev().take(5).collect::<Vec<_>>(),
+                    tail
+                );
             }
         }
     }
-    let (own, guest) = rss_split(pid)?;
-    let mut milestones = Vec::new();
-    for m in MILESTONES {
-        let line = lines
-            .iter()
-            .find(|l| l.contains(&format!("{m}: ")))
-            .with_context(|| format!("no {m:?} line"))?;
-        let ns = field(line, "monotonic_ns").context("monotonic_ns")?;
-        let cpu_us = field(line, "cpu_us").context("cpu_us")?;
-        milestones.push(((ns - start_ns) as f64 / 1e6, cpu_us as f64 / 1e3));
-    }
-    let mut stdin = child.stdin.take().context("stdin")?;
+    let tree = process_tree(pid);
+    let rss_kib = tree.iter().map(|p| non_guest_rss(*p)).sum();
+    let stop_at = Instant::now();
     stdin.write_all(b"poweroff -f\n")?;
-    let exit = child.wait()?;
+    let stop_deadline = Instant::now() + Duration::from_secs(60);
+    let exit = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() >= stop_deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{} still running 60 s after poweroff -f", t.vmm.name());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let exit_ns = monotonic_ns();
+    let wall_s = start.elapsed().as_secs_f64();
+    let stop_s = stop_at.elapsed().as_secs_f64();
+    drop(stdin);
+    let _ = out_reader.join();
+    let _ = err_reader.join();
+    while let Ok(Seen::Stderr(line)) = rx.try_recv() {
+        lines.push(line);
+    }
     if !exit.success() {
-        bail!("bulkhead exited with {exit}");
+        bail!(
+            "{} exited with {exit}; last stderr lines: {:?}",
+            t.vmm.name(),
+            lines.iter().rev().take(5).collect::<Vec<_>>()
+        );
+    }
+    let mut milestones = Vec::new();
+    if t.vmm == Vmm::Bulkhead {
+        for m in MILESTONES {
+            let line = lines
+                .iter()
+                .find(|l| l.contains(&format!("{m}: ")))
+                .with_context(|| format!("no {m:?} line"))?;
+            let ns = field(line, "monotonic_ns").context("monotonic_ns")?;
+            let cpu_us = field(line, "cpu_us").context("cpu_us")?;
+            milestones.push(((ns - start_ns) as f64 / 1e6, cpu_us as f64 / 1e3));
+        }
+        // Where the stop goes: vCPUs stopped -> main's last line -> the process reaped.
+        let at = |m: &str| {
+            lines
+                .iter()
+                .find(|l| l.contains(&format!("{m}: ")))
+                .and_then(|l| field(l, "monotonic_ns"))
+        };
+        if let (Some(stopped), Some(exiting)) = (at("vCPUs stopped after power-off"), at("exiting"))
+        {
+            println!(
+                "  Bulkhead stop: vCPUs stopped -> exiting {:.1} ms, exiting -> reaped {:.1} ms",
+                (exiting - stopped) as f64 / 1e6,
+                (exit_ns - exiting) as f64 / 1e6
+            );
+        }
+        if let Some(l) = lines.iter().find(|l| l.contains("guest RAM:")) {
+            println!(
+                "  Bulkhead: {}",
+                l.split_once("guest RAM:")
+                    .map(|(_, r)| format!("guest RAM:{r}"))
+                    .unwrap_or_default()
+            );
+        }
     }
     Ok(Sample {
+        wall_s,
+        uptime_s: uptime.unwrap_or(f64::NAN),
+        stop_s,
+        rss_kib,
+        procs: tree.len(),
         milestones,
-        own_rss_kib: own,
-        guest_rss_kib: guest,
     })
 }
 
@@ -198,47 +446,147 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A peer's binary, if given and executable; says why not otherwise.
+fn peer(vmm: Vmm, path: &Option<PathBuf>) -> Option<Target> {
+    let Some(path) = path else {
+        println!(
+            "{}: no binary given; the benchmark runs without it",
+            vmm.name()
+        );
+        return None;
+    };
+    let version = match Command::new(path).arg("--version").output() {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+        Err(e) => {
+            println!(
+                "{}: cannot run {} ({e}); the benchmark runs without it",
+                vmm.name(),
+                path.display()
+            );
+            return None;
+        }
+    };
+    Some(Target {
+        vmm,
+        path: path.clone(),
+        extra: Vec::new(),
+        version,
+    })
+}
+
 fn main() -> Result<()> {
     let o = parse_args()?;
-    let mut samples = Vec::new();
-    for i in 0..o.runs.max(1) {
-        let s = one_run(&o)?;
-        let cells: Vec<String> = s
-            .milestones
+    let dir = std::env::temp_dir().join(format!("bulkhead-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut targets = vec![Target {
+        vmm: Vmm::Bulkhead,
+        path: o.bulkhead.clone(),
+        extra: Vec::new(),
+        version: format!("--memory {}", o.memory),
+    }];
+    if let Some(v) = &o.variant {
+        targets.push(Target {
+            vmm: Vmm::Bulkhead,
+            path: o.bulkhead.clone(),
+            extra: v.split_whitespace().map(str::to_string).collect(),
+            version: format!("--memory {} {v}", o.memory),
+        });
+    }
+    targets.extend(peer(Vmm::Firecracker, &o.firecracker));
+    targets.extend(peer(Vmm::CloudHypervisor, &o.cloud_hypervisor));
+    let mut samples: Vec<Vec<Sample>> = targets.iter().map(|_| Vec::new()).collect();
+    let mut failed = vec![false; targets.len()];
+    for round in 1..=o.runs.max(1) {
+        for ((t, s), failed) in targets
             .iter()
-            .map(|(w, c)| format!("{w:.1}/{c:.1}"))
-            .collect();
-        println!(
-            "run {}: ms wall/CPU since exec: {}; VMM RSS {} KiB, guest RAM resident {} KiB",
-            i + 1,
-            MILESTONES
+            .zip(samples.iter_mut())
+            .zip(failed.iter_mut())
+        {
+            if *failed {
+                continue;
+            }
+            let r = match one_run(t, &o, &dir) {
+                Ok(r) => r,
+                // Bulkhead failing fails the benchmark; a peer failing leaves it out.
+                Err(e) if t.vmm == Vmm::Bulkhead => return Err(e),
+                Err(e) => {
+                    println!(
+                        "round {round}: {} failed, left out from here: {e:#}",
+                        t.vmm.name()
+                    );
+                    *failed = true;
+                    continue;
+                }
+            };
+            let ms: Vec<String> = MILESTONES
                 .iter()
-                .zip(&cells)
-                .map(|(m, c)| format!("{m} {c}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            s.own_rss_kib,
-            s.guest_rss_kib
-        );
-        samples.push(s);
+                .zip(&r.milestones)
+                .map(|(m, (w, c))| format!("{m} {w:.1}/{c:.1}"))
+                .collect();
+            let name = if t.extra.is_empty() {
+                t.vmm.name().to_string()
+            } else {
+                format!("{} {}", t.vmm.name(), t.extra.join(" "))
+            };
+            println!(
+                "round {round}: {:<16} launch->exit {:6.2} s, guest uptime at init {:5.2} s, \
+                 poweroff->exit {:5.2} s, non-guest RSS {:6} KiB ({} processes){}",
+                name,
+                r.wall_s,
+                r.uptime_s,
+                r.stop_s,
+                r.rss_kib,
+                r.procs,
+                if ms.is_empty() {
+                    String::new()
+                } else {
+                    format!("; ms wall/CPU since exec: {}", ms.join(", "))
+                }
+            );
+            s.push(r);
+        }
     }
+    let _ = std::fs::remove_dir_all(&dir);
     println!();
-    println!("median of {} runs, 1 vCPU, 512 MiB guest:", samples.len());
-    for (k, m) in MILESTONES.iter().enumerate() {
-        let wall = median(samples.iter().map(|s| s.milestones[k].0).collect());
-        let cpu = median(samples.iter().map(|s| s.milestones[k].1).collect());
-        println!("  bulkhead exec -> {m:<22} {wall:>9.1} ms wall {cpu:>9.1} ms CPU");
+    println!(
+        "median of {} interleaved rounds; 1 vCPU, {RAM_MIB} MiB, no devices, quiet console:",
+        o.runs.max(1)
+    );
+    println!();
+    println!("| VMM | launch to exit, wall | guest uptime when its init runs | poweroff to exit | non-guest RSS |");
+    println!("|---|---|---|---|---|");
+    for (t, s) in targets.iter().zip(&samples) {
+        if s.is_empty() {
+            println!("| {} ({}) | failed | | | |", t.vmm.name(), t.version);
+            continue;
+        }
+        let med = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
+        println!(
+            "| {} ({}) | {:.2} s | {:.2} s | {:.2} s | {:.2} MiB |",
+            t.vmm.name(),
+            t.version,
+            med(|x| x.wall_s),
+            med(|x| x.uptime_s),
+            med(|x| x.stop_s),
+            med(|x| x.rss_kib as f64) / 1024.0
+        );
     }
-    let rss = median(samples.iter().map(|s| s.own_rss_kib as f64).collect());
+    if let Some(b) = samples.first() {
+        println!();
+        println!("Bulkhead start-up milestones (median):");
+        for (k, m) in MILESTONES.iter().enumerate() {
+            let wall = median(b.iter().map(|s| s.milestones[k].0).collect());
+            let cpu = median(b.iter().map(|s| s.milestones[k].1).collect());
+            println!("  exec -> {m:<22} {wall:>9.1} ms wall {cpu:>9.1} ms CPU");
+        }
+    }
     println!(
-        "  bulkhead VMM RSS at guest init (guest RAM excluded): {:.2} MiB",
-        rss / 1024.0
+        "Under nested virtualisation on an emulated host every time is inflated by the emulation."
     );
-    println!("  firecracker (published): about 8 CPU-ms to API-ready; under 5 MiB VMM overhead");
-    println!(
-        "  compare 'configuration checked' with Firecracker's API-ready: after it Bulkhead creates"
-    );
-    println!("  the VM and loads the kernel and initramfs, which Firecracker's figure leaves out.");
-    println!("  Under nested virtualisation on an emulated host every figure is inflated by the emulation.");
     Ok(())
 }

@@ -58,7 +58,7 @@ for fd in "/proc/$dev/fd/"*; do
 	case $n:$t in
 	0:/dev/null | 1:/dev/null | 2:pipe:\[*\] | 3:socket:\[*\] | 4:socket:\[*\] | 5:"$SCN_DIR/d.img") ;;
 	*:anon_inode:\[eventfd\] | *:anon_inode:\[eventpoll\] | *:anon_inode:\[io_uring\]) ;;
-	*:/memfd:bulkhead-guest-ram*) ;;
+	*:/memfd:bulkhead-guest-ram* | *:"/bulkhead-guest-ram (deleted)") ;; # guest RAM: memfd, or the private tmpfs's file (docs/memory.md)
 	*) bad="$bad $n($t)" ;;
 	esac
 done
