@@ -41,6 +41,10 @@ pub(crate) struct DeviceShared {
     /// A duplicate of the vhost-user socket, for shutting it down from any thread without
     /// taking the frontend's lock (which a stuck request holds).
     socket: Option<OwnedFd>,
+    /// A duplicate of the VMM's end of the backend-request channel (`SET_BACKEND_REQ_FD`),
+    /// shut down with the device: its thread reads it, and the frontend-request handler keeps
+    /// the other end open itself, so the device's end alone never ends that read.
+    backend_req: Mutex<Option<OwnedFd>>,
     /// Rate limit of the device's guest-triggered log lines.
     pub(crate) log_limit: RateLimiter,
 }
@@ -57,6 +61,7 @@ impl DeviceShared {
             generation: AtomicU8::new(0),
             config_irq,
             socket,
+            backend_req: Mutex::new(None),
             log_limit: RateLimiter::per_device(),
         }
     }
@@ -94,8 +99,26 @@ impl DeviceShared {
                 // SAFETY: shutdown(2) on a descriptor this struct owns; no memory is passed.
                 unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
             }
+            self.shut_backend_req();
         }
         self.set_needs_reset();
+    }
+
+    /// Hands over the backend-request channel's socket; shut down at once if the device has
+    /// already failed or been let go.
+    pub(crate) fn set_backend_req(&self, socket: OwnedFd) {
+        *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(socket);
+        if self.failed() || self.disconnected.load(Ordering::Acquire) {
+            self.shut_backend_req();
+        }
+    }
+
+    /// Ends the backend-request thread's read: it sees end of file and returns.
+    fn shut_backend_req(&self) {
+        if let Some(s) = &*self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) {
+            // SAFETY: shutdown(2) on a descriptor this struct owns; no memory is passed.
+            unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
+        }
     }
 
     /// The VMM lets go of the device: its socket is shut down, so the device process sees the
@@ -106,6 +129,7 @@ impl DeviceShared {
             // SAFETY: shutdown(2) on a descriptor this struct owns; no memory is passed.
             unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
         }
+        self.shut_backend_req();
     }
 
     pub(crate) fn reset_started(&self) {

@@ -328,6 +328,20 @@ impl VhostUserDevice {
             handler.set_reply_ack_flag(acked.contains(VhostUserProtocolFeatures::REPLY_ACK));
             let tx = handler.get_tx_raw_fd();
             conn.call("SET_BACKEND_REQ_FD", |f| f.set_backend_request_fd(&tx))?;
+            // The handler keeps `tx` open too, so the device's end closing (its process
+            // died, or it is stopped) never ends the thread's read: the device's failure or
+            // teardown shuts this duplicate down instead.
+            // SAFETY: fcntl(F_DUPFD_CLOEXEC) on the handler's open socket; the result is
+            // checked before it is owned.
+            let dup = unsafe { libc::fcntl(handler.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Err(VhostUserError::Resource(
+                    "backend request socket",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            // SAFETY: a fresh descriptor owned by nobody else.
+            shared.set_backend_req(unsafe { OwnedFd::from_raw_fd(dup) });
             std::thread::Builder::new()
                 .name(format!("{name}-backend-req"))
                 .spawn(move || {
@@ -789,6 +803,57 @@ mod tests {
         });
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(fake.codes().len(), before);
+    }
+
+    /// Whether this process has a thread named `name`.
+    fn thread_named(name: &str) -> bool {
+        std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .filter_map(Result::ok)
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+            })
+    }
+
+    /// The backend-request thread of a failed device ends (its socket is shut down), though
+    /// the device never closes its end; and that of a device the VMM let go of ends too.
+    #[test]
+    fn test_vhost_user_backend_req_thread_ends_on_failure_and_disconnect() {
+        const BACKEND_REQ: u64 = 1 << 5;
+        // Thread names are cut at 15 bytes: short device names.
+        for (name, fail) in [("bf", true), ("bd", false)] {
+            let mut fake = fake_with(|m| {
+                (m.code == GET_PROTOCOL_FEATURES)
+                    .then(|| reply(m.code, &(PROTOCOL | BACKEND_REQ).to_le_bytes()))
+            });
+            let frontend = fake.frontend.take().expect("frontend");
+            let dev = VhostUserDevice::handshake_with_timeout(name.into(), frontend, 1, T)
+                .expect("handshake");
+            let thread = format!("{name}-backend-req");
+            let start = Instant::now();
+            while !thread_named(&thread) && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(thread_named(&thread), "{thread} did not start");
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(thread_named(&thread), "{thread} ended on its own");
+            if fail {
+                dev.failure_handle().fail("test");
+            } else {
+                dev.shared.disconnect();
+            }
+            let start = Instant::now();
+            while thread_named(&thread) && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(!thread_named(&thread), "{thread} still blocked");
+            println!(
+                "{thread}: ended {:?} after the device's {}",
+                start.elapsed(),
+                if fail { "failure" } else { "disconnect" }
+            );
+            drop(dev);
+        }
     }
 
     #[test]
