@@ -10,6 +10,7 @@
 //! `docs/jail-namespaces.md`, `docs/jail-landlock.md`, `docs/jail-resources.md` and
 //! `docs/jail-seccomp.md`.
 
+pub mod audit;
 mod child;
 pub mod jail;
 pub mod seccomp;

@@ -144,6 +144,21 @@ pub fn syscall_nr(name: &str, arch: TargetArch) -> Option<i64> {
         })
 }
 
+/// The name of syscall `nr` on `arch`, if [`SYSCALLS`] has it.
+pub fn syscall_name(nr: i64, arch: TargetArch) -> Option<&'static str> {
+    SYSCALLS
+        .iter()
+        .find(|&&(_, x86, arm)| {
+            let n = match arch {
+                TargetArch::x86_64 => x86,
+                TargetArch::aarch64 => arm,
+                TargetArch::riscv64 => None,
+            };
+            n == Some(nr)
+        })
+        .map(|&(name, _, _)| name)
+}
+
 /// The architecture this binary runs on.
 pub fn native_arch() -> TargetArch {
     if cfg!(target_arch = "aarch64") {

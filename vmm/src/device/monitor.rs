@@ -67,16 +67,29 @@ pub fn sanitize(line: &[u8]) -> String {
 }
 
 /// How a device process ended, as the VMM logs it.
-fn describe(id: &str, exit: Exit) {
+fn describe(id: &str, exit: Exit, seccomp: Option<String>) {
+    let line = description(id, exit, seccomp);
     match exit {
-        Exit::Signal(pid, sig) => {
-            error!(
-            "{id}: device process {pid} was killed by signal {sig}{}; the VM goes on without it",
-            if sig == libc::SIGSYS { " (seccomp)" } else { "" }
-        )
-        }
-        Exit::Code(pid, 0) => info!("{id}: device process {pid} exited"),
-        Exit::Code(pid, code) => warn!("{id}: device process {pid} exited with status {code}"),
+        Exit::Signal(..) => error!("{line}"),
+        Exit::Code(_, 0) => info!("{line}"),
+        Exit::Code(..) => warn!("{line}"),
+    }
+}
+
+/// The line [`describe`] logs; for a seccomp kill, `seccomp` is what the spawner learned from
+/// the kernel's audit record ([`Exit::seccomp_detail`]).
+fn description(id: &str, exit: Exit, seccomp: Option<String>) -> String {
+    match exit {
+        Exit::Signal(pid, sig) if sig == libc::SIGSYS => format!(
+            "{id}: device process {pid} was killed by signal {sig} (seccomp): {}; the VM goes on \
+             without it",
+            seccomp.unwrap_or_else(|| "syscall unknown (no audit record: no report)".into())
+        ),
+        Exit::Signal(pid, sig) => format!(
+            "{id}: device process {pid} was killed by signal {sig}; the VM goes on without it"
+        ),
+        Exit::Code(pid, 0) => format!("{id}: device process {pid} exited"),
+        Exit::Code(pid, code) => format!("{id}: device process {pid} exited with status {code}"),
     }
 }
 
@@ -340,7 +353,7 @@ impl Monitor {
         };
         if let Some(e) = st.entries.iter_mut().find(|e| e.pid == exit.pid()) {
             e.reaped = true;
-            describe(&e.id, exit);
+            describe(&e.id, exit, Exit::seccomp_detail(&buf[..n as usize]));
         }
     }
 
@@ -433,6 +446,26 @@ fn emit(e: &mut Entry, line: &[u8], now: Instant, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_description_seccomp_kill_names_the_syscall() {
+        let report = b"exit 7 signal 31 audit syscall=426 arch=c00000b7";
+        let exit = Exit::parse(report).expect("report");
+        assert_eq!(
+            description("disk0", exit, Exit::seccomp_detail(report)),
+            "disk0: device process 7 was killed by signal 31 (seccomp): syscall io_uring_enter \
+             (426); the VM goes on without it"
+        );
+        let report = b"exit 7 signal 31 noaudit none in the kernel log within 1500 ms";
+        let exit = Exit::parse(report).expect("report");
+        assert!(description("disk0", exit, Exit::seccomp_detail(report)).contains(
+            "(seccomp): syscall unknown (no audit record: none in the kernel log within 1500 ms)"
+        ));
+        assert_eq!(
+            description("disk0", Exit::Signal(7, 9), None),
+            "disk0: device process 7 was killed by signal 9; the VM goes on without it"
+        );
+    }
 
     #[test]
     fn test_sanitize_removes_control_characters() {
