@@ -14,6 +14,7 @@ pub mod audit;
 mod child;
 pub mod jail;
 pub mod seccomp;
+pub mod spawner_filter;
 
 pub use jail::{BindMount, CgroupLimits, Jail, JailedChild, Rlimits, SpawnError, Step};
 

@@ -291,6 +291,16 @@ impl Spawner {
             // The kernel log, opened now (before any filter, while the spawner may still open
             // files): the kernel's own record of a seccomp kill names the syscall.
             let audit = KmsgAudit::open();
+            // Under --sandbox on, the spawner confines itself before it reads any request: its
+            // filter (bulkhead_sandbox::spawner_filter, every rule with its code path) is
+            // inherited by every device process it starts, stacked under the device's own.
+            if policy.require_jail {
+                if let Err(e) = confine() {
+                    error!("device spawner: {}", chain(&e));
+                    // SAFETY: leaves without running the VMM's atexit handlers.
+                    unsafe { libc::_exit(1) };
+                }
+            }
             let code = serve(
                 UnixDatagram::from(req_spawner),
                 UnixDatagram::from(ev_spawner),
@@ -634,6 +644,15 @@ fn handle_request(
         warn!("device spawner: replying: {e}");
     }
     Ok(result.ok())
+}
+
+/// Installs the spawner's seccomp filter on itself (it is single-threaded).
+fn confine() -> Result<(), bulkhead_sandbox::seccomp::SeccompError> {
+    let prog = bulkhead_sandbox::spawner_filter::spawner_rules()
+        .compile("bulkhead-spawn", bulkhead_sandbox::seccomp::native_arch())?;
+    bulkhead_sandbox::seccomp::apply(&prog)?;
+    debug!("device spawner: seccomp filter installed");
+    Ok(())
 }
 
 /// Error chain on one line.
