@@ -363,3 +363,58 @@ fn test_malicious_descriptor_flood_replaced_fds_closed() {
         },
     );
 }
+
+/// A queue the guest broke (its avail index jumped past the queue size) is stopped by the
+/// device, which signals the vring's error eventfd (VHOST_USER_SET_VRING_ERR): the frontend
+/// then shows the driver DEVICE_NEEDS_RESET.
+#[test]
+fn test_malicious_avail_index_jump_signals_vring_err() {
+    check("avail index jump", None, |f, _| {
+        use std::os::unix::fs::FileExt;
+        negotiate(f);
+        let a = memfd(MEM_SIZE);
+        let va = 0x1000_0000;
+        f.set_mem_table(&[region(0, MEM_SIZE, va, &a)])
+            .expect("mem table");
+        // avail->idx at avail + 2: 100 requests announced in a ring of 16.
+        a.write_at(&100u16.to_le_bytes(), 0x1000 + 2)
+            .expect("avail idx");
+        f.set_vring_num(0, 16).expect("vring num");
+        f.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: 16,
+                queue_size: 16,
+                flags: 0,
+                desc_table_addr: va,
+                avail_ring_addr: va + 0x1000,
+                used_ring_addr: va + 0x2000,
+                log_addr: None,
+            },
+        )
+        .expect("vring addr");
+        f.set_vring_base(0, 0).expect("vring base");
+        let err = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let call = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        f.set_vring_err(0, &err).expect("err");
+        f.set_vring_call(0, &call).expect("call");
+        f.set_vring_kick(0, &kick).expect("kick");
+        f.set_vring_enable(0, true).expect("enable");
+        kick.write(1).expect("kick");
+        let start = std::time::Instant::now();
+        let mut signalled = false;
+        while start.elapsed() < std::time::Duration::from_secs(5) {
+            if err.read().is_ok() {
+                signalled = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(signalled, "the vring's error eventfd was not signalled");
+        println!(
+            "avail index jump: vring error eventfd signalled after {:?}",
+            start.elapsed()
+        );
+    });
+}
