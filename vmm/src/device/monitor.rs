@@ -2,6 +2,11 @@
 //! is a pipe), notices at once when one ends (its pidfd becomes readable), and learns how it
 //! ended from the spawner's exit reports.
 //!
+//! It also watches each device's queue error eventfds (VHOST_USER_SET_VRING_ERR): a backend
+//! signals one when it stopped a queue the driver broke, and the guest then sees
+//! DEVICE_NEEDS_RESET and a configuration interrupt ([`crate::virtio::FailureHandle::
+//! queue_broken`]).
+//!
 //! Log lines go to the VMM's stderr prefixed with the device id, with control characters
 //! removed, cut at [`MAX_LINE`] bytes, and rate-limited per device: a bucket of
 //! [`BURST`] lines refilled at [`LINES_PER_SEC`] lines a second; lines beyond it are dropped
@@ -122,9 +127,18 @@ impl std::fmt::Debug for Entry {
     }
 }
 
+/// One queue's error eventfd and the device it belongs to.
+#[derive(Debug)]
+struct QueueError {
+    fd: OwnedFd,
+    queue: usize,
+    handle: crate::virtio::FailureHandle,
+}
+
 #[derive(Debug, Default)]
 struct State {
     entries: Vec<Entry>,
+    queue_errors: Vec<QueueError>,
     /// The spawner's events socket hung up: no more exit reports will come.
     spawner_gone: bool,
 }
@@ -140,6 +154,8 @@ pub struct Monitor {
 }
 
 const TOKEN_EVENTS: u64 = u64::MAX;
+/// Tokens of queue error eventfds: this bit and the index in `State::queue_errors`.
+const TOKEN_QUEUE_ERROR: u64 = 1 << 62;
 
 fn token(index: usize, pidfd: bool) -> u64 {
     ((index as u64) << 1) | u64::from(pidfd)
@@ -215,6 +231,34 @@ impl Monitor {
             on_end: None,
         });
         Ok(())
+    }
+
+    /// Watches a device's queue error eventfds: a signalled one sets DEVICE_NEEDS_RESET.
+    pub fn watch_queue_errors(&self, watch: crate::virtio::QueueErrorWatch) -> std::io::Result<()> {
+        let mut st = self.state.lock().expect("not poisoned");
+        for (queue, fd) in watch.fds.into_iter().enumerate() {
+            let index = st.queue_errors.len() as u64;
+            self.add(fd.as_raw_fd(), TOKEN_QUEUE_ERROR | index)?;
+            st.queue_errors.push(QueueError {
+                fd,
+                queue,
+                handle: watch.handle.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn queue_error(&self, index: usize) {
+        let st = self.state.lock().expect("not poisoned");
+        let Some(q) = st.queue_errors.get(index) else {
+            return;
+        };
+        let mut count = [0u8; 8];
+        // SAFETY: read of an eventfd's 8-byte counter into a local buffer (non-blocking).
+        let n = unsafe { libc::read(q.fd.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        if n == 8 && !q.handle.is_failed() {
+            q.handle.queue_broken(q.queue);
+        }
     }
 
     /// Calls `on_end` once when process `pid` ends (at once if it already has).
@@ -319,6 +363,8 @@ impl Monitor {
                 let tok = ev.u64;
                 if tok == TOKEN_EVENTS {
                     self.spawner_event();
+                } else if tok & TOKEN_QUEUE_ERROR != 0 {
+                    self.queue_error((tok & !TOKEN_QUEUE_ERROR) as usize);
                 } else if tok & 1 == 1 {
                     self.ended((tok >> 1) as usize);
                 } else {

@@ -45,6 +45,10 @@ pub(crate) struct DeviceShared {
     /// shut down with the device: its thread reads it, and the frontend-request handler keeps
     /// the other end open itself, so the device's end alone never ends that read.
     backend_req: Mutex<Option<OwnedFd>>,
+    /// One error eventfd per queue, handed to the backend with VHOST_USER_SET_VRING_ERR at
+    /// each activation: the backend signals one when the driver broke that queue (the device
+    /// stopped it until reset); the device monitor watches them ([`QueueErrorWatch`]).
+    pub(crate) queue_errors: Vec<EventFd>,
     /// Rate limit of the device's guest-triggered log lines.
     pub(crate) log_limit: RateLimiter,
 }
@@ -62,6 +66,7 @@ impl DeviceShared {
             config_irq,
             socket,
             backend_req: Mutex::new(None),
+            queue_errors: Vec::new(),
             log_limit: RateLimiter::per_device(),
         }
     }
@@ -200,6 +205,28 @@ impl FailureHandle {
     pub fn is_failed(&self) -> bool {
         self.0.failed()
     }
+
+    /// The backend stopped a queue the driver broke: the guest sees DEVICE_NEEDS_RESET and a
+    /// configuration interrupt, and resetting the device starts it afresh. Not a failure.
+    pub fn queue_broken(&self, queue: usize) {
+        crate::log_limited!(
+            self.0.log_limit,
+            log::Level::Warn,
+            "{}: the device stopped queue {queue}, which the driver broke; DEVICE_NEEDS_RESET",
+            self.0.name
+        );
+        self.0.set_needs_reset();
+    }
+}
+
+/// What the device monitor watches for a device's broken queues: duplicates of its queues'
+/// error eventfds (index = queue) and the handle that tells the guest.
+#[derive(Debug)]
+pub struct QueueErrorWatch {
+    /// The error eventfds, one per queue.
+    pub fds: Vec<OwnedFd>,
+    /// Calls [`FailureHandle::queue_broken`].
+    pub handle: FailureHandle,
 }
 
 impl std::fmt::Debug for FailureHandle {

@@ -10,7 +10,7 @@
 //! broken socket or a reply that breaks the protocol fails the device
 //! ([`super::FailureHandle`]).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -26,7 +26,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DeviceShared, FailureHandle};
+use super::{DeviceShared, FailureHandle, QueueErrorWatch};
 
 /// Deadline of every vhost-user request, from sending it to the end of its reply. A backend
 /// that misses it is declared failed.
@@ -280,7 +280,12 @@ impl VhostUserDevice {
             EventFd::new(libc::EFD_NONBLOCK)
                 .map_err(|e| VhostUserError::Resource("configuration eventfd", e))?,
         );
-        let shared = Arc::new(DeviceShared::new(name.clone(), config_irq, Some(socket)));
+        let mut shared = DeviceShared::new(name.clone(), config_irq, Some(socket));
+        shared.queue_errors = (0..num_queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
+            .collect::<Result<_, _>>()
+            .map_err(|e| VhostUserError::Resource("queue error eventfd", e))?;
+        let shared = Arc::new(shared);
         let mut conn = Connection {
             frontend,
             watchdog: Watchdog::start(shared.clone(), timeout)?,
@@ -381,6 +386,24 @@ impl VhostUserDevice {
     /// A handle that fails this device from anywhere.
     pub fn failure_handle(&self) -> FailureHandle {
         FailureHandle(self.shared.clone())
+    }
+
+    /// Duplicates of the queues' error eventfds, for the device monitor to watch.
+    pub fn queue_error_watch(&self) -> std::io::Result<QueueErrorWatch> {
+        let fds = self
+            .shared
+            .queue_errors
+            .iter()
+            .map(|e| {
+                // SAFETY: into_raw_fd hands over a fresh duplicate, owned by nobody else.
+                e.try_clone()
+                    .map(|e| unsafe { OwnedFd::from_raw_fd(e.into_raw_fd()) })
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(QueueErrorWatch {
+            fds,
+            handle: self.failure_handle(),
+        })
     }
 }
 
@@ -576,6 +599,12 @@ impl Connection {
             self.call("SET_VRING_BASE", |f| f.set_vring_base(q, 0))?;
             self.call("SET_VRING_KICK", |f| f.set_vring_kick(q, kick))?;
             self.call("SET_VRING_CALL", |f| f.set_vring_call(q, call))?;
+            // The backend signals it when the driver broke the queue (the device monitor
+            // then shows the guest DEVICE_NEEDS_RESET).
+            let shared = self.shared.clone();
+            if let Some(err) = shared.queue_errors.get(q) {
+                self.call("SET_VRING_ERR", |f| f.set_vring_err(q, err))?;
+            }
             if protocol {
                 self.call("SET_VRING_ENABLE", |f| f.set_vring_enable(q, true))?;
             }
