@@ -5,9 +5,10 @@
 # kernel log, matched by pid), not from the device, which is assumed compromised. The device
 # here is the jail probe run as bulkhead-block (a copy of bulkhead and one of the probe under
 # that name, side by side, so the VMM's device manager spawns it as the block device): the
-# real block device behind one more filter that kills it on its first disk I/O. The guest
-# goes on without the disk.
-# shellcheck disable=SC2016 # the commands typed into the guest expand there
+# real block device behind one more filter that kills it on its first disk I/O, the guest's
+# partition scan while its virtio_blk driver probes (that probe then never ends, so the guest
+# does not reach its prompt: the guest going on after a device's death is device-lifetime's).
+# The VMM stays up and SIGTERM still ends it.
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
 [ -x /bin/bulkhead-jail-probe ] || fail "no /bin/bulkhead-jail-probe in L1"
@@ -20,13 +21,13 @@ say "kernel: audit records in the log so far: $(dmesg | grep -c 'type=1326')"
 
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
 	--disk "path=$SCN_DIR/v.img,id=bad"
-vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
-say "guest ready $(elapsed vm) s after start"
-end=$(($(now_s) + 60))
+end=$(($(now_s) + BOOT_TIMEOUT))
 until grep -q 'killed by signal 31 (seccomp)' "$SCN_DIR/vm/err"; do
-	[ "$(now_s)" -lt "$end" ] || fail "the VMM logged no seccomp kill of the device within 60 s"
+	vm_exited vm && fail "bulkhead exited before its device was killed"
+	[ "$(now_s)" -lt "$end" ] || fail "the VMM logged no seccomp kill of the device within $BOOT_TIMEOUT s"
 	sleep 0.5
 done
+say "the device was killed $(elapsed vm) s after start"
 grep -E '^bad: |killed by signal' "$SCN_DIR/vm/err" | quote "!"
 dmesg | grep 'type=1326' | tail -n 3 | quote "k"
 line=$(grep 'killed by signal 31 (seccomp)' "$SCN_DIR/vm/err")
@@ -36,8 +37,7 @@ pid=$(echo "$line" | sed -n 's/.*device process \([0-9]*\) was killed.*/\1/p')
 dmesg | grep 'type=1326' | grep -q " pid=$pid " || fail "no audit record of pid $pid in the kernel log"
 say "the VMM named the syscall from the kernel's audit record of pid $pid"
 vm_exited vm && fail "the VMM exited when its device was killed"
-vm_send_until vm 'echo alive-$((20+22))' '^alive-42' 60
-say "the guest still answers on its console"
 kill -TERM "$(vm_pid vm)"
 vm_wait_exit vm 30
+say "SIGTERM ended the VMM (status $VM_STATUS)"
 exit 0
