@@ -22,6 +22,8 @@ pub mod args;
 pub mod control;
 pub mod server;
 pub mod startup;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 use std::error::Error as StdError;
 use std::fmt::Display;
