@@ -781,16 +781,17 @@ fn view(args: &[String]) -> Result<ExitCode> {
     })
 }
 
-/// The syscalls the `bulkhead-block` mode kills on: the block device's first disk I/O, through
-/// io_uring or, without it, the synchronous engine. The real device never makes them before
-/// the guest's driver sends a request, so the device passes its handshake and the VMM's
+/// The syscalls the `bulkhead-block` mode kills on: the block device's first read of a file
+/// after its start-up, which is the check that the guest memory table's last byte is backed
+/// (`preadv`, when the guest driver activates the device), or else its first disk I/O
+/// (io_uring or the synchronous engine). Either comes after the handshake, so the VMM's
 /// device monitor is watching when it dies.
 const FAULT_SYSCALLS: &[&str] = &["io_uring_enter", "preadv", "pwritev", "pread64"];
 
 /// Run as `bulkhead-block` (a copy of this program under that name, beside a copy of
 /// `bulkhead`, whose device manager then spawns it as the block device): the real block
-/// device, behind one more seccomp filter of its own that kills the process on its first disk
-/// I/O. A device process that really commits a violation, for the nested `device-violation`
+/// device, behind one more seccomp filter of its own that kills the process on its first read
+/// or disk I/O after start-up. A device process that really commits a violation, for the nested `device-violation`
 /// scenario (the VMM must log it with the syscall's name from the kernel's audit record).
 fn violating_block_device() -> ExitCode {
     use bulkhead_sandbox::seccomp::{native_arch, syscall_nr, SeccompAction};

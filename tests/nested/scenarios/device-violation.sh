@@ -5,9 +5,9 @@
 # kernel log, matched by pid), not from the device, which is assumed compromised. The device
 # here is the jail probe run as bulkhead-block (a copy of bulkhead and one of the probe under
 # that name, side by side, so the VMM's device manager spawns it as the block device): the
-# real block device behind one more filter that kills it on its first disk I/O, the guest's
-# partition scan while its virtio_blk driver probes (that probe then never ends, so the guest
-# does not reach its prompt: the guest going on after a device's death is device-lifetime's).
+# real block device behind one more filter that kills it at its first file read or disk I/O
+# after start-up (the check of the guest memory table when the guest's virtio_blk driver
+# activates it; that probe then never ends, so the guest does not reach its prompt: the guest going on after a device's death is device-lifetime's).
 # The VMM stays up and SIGTERM still ends it.
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
