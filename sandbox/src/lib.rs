@@ -10,9 +10,11 @@
 //! `docs/jail-namespaces.md`, `docs/jail-landlock.md`, `docs/jail-resources.md` and
 //! `docs/jail-seccomp.md`.
 
+pub mod audit;
 mod child;
 pub mod jail;
 pub mod seccomp;
+pub mod spawner_filter;
 
 pub use jail::{BindMount, CgroupLimits, Jail, JailedChild, Rlimits, SpawnError, Step};
 

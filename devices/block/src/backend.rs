@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -224,6 +224,28 @@ impl BlockBackend {
         if !state.get_queue().ready() {
             return Ok(());
         }
+        let was_broken = worker.broken().is_some();
+        let result =
+            Self::process_batches(&mut worker, &mut state, &mem, &limits, event_idx, queue);
+        if !was_broken && worker.broken().is_some() {
+            // The guest broke the queue: the frontend learns it through the vring's error
+            // eventfd and shows the driver DEVICE_NEEDS_RESET; the queue stays stopped until
+            // the driver resets the device.
+            if !bulkhead_device_runtime::signal_queue_error(queue) {
+                debug!("queue {queue}: the frontend gave no error eventfd");
+            }
+        }
+        result
+    }
+
+    fn process_batches(
+        worker: &mut QueueWorker,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+        mem: &GuestMemoryMmap,
+        limits: &Limits,
+        event_idx: bool,
+        queue: usize,
+    ) -> Result<(), BackendError> {
         // Batches until the queue is empty: a batch stops at its budgets, and the requests left
         // in the ring are not announced again by the driver.
         loop {
@@ -231,13 +253,13 @@ impl BlockBackend {
                 break;
             }
             if event_idx {
-                if let Err(e) = state.get_queue_mut().disable_notification(&*mem) {
+                if let Err(e) = state.get_queue_mut().disable_notification(mem) {
                     worker.mark_broken(QueueError::Notification(e));
                     break;
                 }
             }
             // Not logged: the guest decides how often this runs.
-            let batch = worker.process_queue(state.get_queue_mut(), &mem, &limits);
+            let batch = worker.process_queue(state.get_queue_mut(), mem, limits);
             if batch.notify {
                 state
                     .signal_used_queue()
@@ -250,7 +272,7 @@ impl BlockBackend {
                 break;
             }
             // Re-enable notifications; if requests arrived meanwhile, go round again.
-            match state.get_queue_mut().enable_notification(&*mem) {
+            match state.get_queue_mut().enable_notification(mem) {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {

@@ -9,6 +9,7 @@
 //! channel) is `bulkhead-device-runtime`'s; this crate is the device: its [`Config`], the
 //! [`Device`] impl that opens the image, and the [`BlockBackend`].
 
+pub mod args;
 pub mod backend;
 pub mod disk;
 pub mod engine;

@@ -147,6 +147,24 @@ mod tests {
         }
     }
 
+    /// The spawner's filter stays on the device process under the device's own (filters are
+    /// inherited and stacked): every syscall the device needs must be in the spawner's list.
+    #[test]
+    fn test_allowlist_within_the_spawners() {
+        let spawner = bulkhead_sandbox::spawner_filter::spawner_rules();
+        let r = rules();
+        for name in r.allowed.keys().chain(r.enosys.iter()) {
+            assert!(
+                spawner.allowed.contains_key(name),
+                "{name} is allowed for bulkhead-block but not by the spawner's filter"
+            );
+        }
+        println!(
+            "bulkhead-block: its {} syscalls are all in the spawner's filter",
+            r.allowed.len()
+        );
+    }
+
     #[test]
     fn test_seccomp_block_matrix_bpf_both_arches() {
         let cases = matrix(&rules());

@@ -6,12 +6,13 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 use bulkhead_block::{BlockBackend, BlockDeviceConfig, DiskImage, OpenMode, Serial};
+use bulkhead_device_runtime::testing::{memfd, send_with_fds, vhost_user_message};
 use bulkhead_device_runtime::{serve_stream, ServeError};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -62,54 +63,11 @@ impl Served {
     }
 }
 
-fn memfd(size: u64) -> File {
-    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create");
-    // SAFETY: fd is a fresh descriptor we own.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).expect("size memfd");
-    file
-}
-
 /// Sends one raw vhost-user message with `fds` attached.
 fn send_raw(stream: &UnixStream, request: u32, body: &[u8], fds: &[RawFd]) {
-    let mut msg = Vec::new();
-    msg.extend_from_slice(&request.to_le_bytes());
-    msg.extend_from_slice(&1u32.to_le_bytes()); // version 1, no reply wanted
-    msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    msg.extend_from_slice(body);
-    let mut iov = libc::iovec {
-        iov_base: msg.as_mut_ptr().cast(),
-        iov_len: msg.len(),
-    };
-    let fd_bytes = std::mem::size_of_val(fds) as u32;
-    // SAFETY: CMSG_SPACE computes a size from an integer.
-    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
-    let mut control = vec![0u8; space.max(1)];
-    // SAFETY: msghdr is plain data; zeroed is a valid empty value.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
-    if !fds.is_empty() {
-        hdr.msg_control = control.as_mut_ptr().cast();
-        hdr.msg_controllen = space as _;
-        // SAFETY: the control buffer holds CMSG_SPACE(fd_bytes) bytes, enough for one header
-        // and the descriptors, which are copied in below.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&hdr);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
-            std::ptr::copy_nonoverlapping(
-                fds.as_ptr().cast::<u8>(),
-                libc::CMSG_DATA(cmsg),
-                fd_bytes as usize,
-            );
-        }
-    }
-    // SAFETY: sendmsg reads the message and control data prepared above.
-    let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &hdr, 0) };
+    // Version 1, no reply wanted.
+    let msg = vhost_user_message(request, 1, body);
+    let n = send_with_fds(stream, &msg, fds, 0);
     // The server may already have hung up on an earlier bad message.
     assert!(
         n == msg.len() as isize || n < 0,
@@ -362,4 +320,59 @@ fn test_malicious_descriptor_flood_replaced_fds_closed() {
             }
         },
     );
+}
+
+/// A queue the guest broke (its avail index jumped past the queue size) is stopped by the
+/// device, which signals the vring's error eventfd (VHOST_USER_SET_VRING_ERR): the frontend
+/// then shows the driver DEVICE_NEEDS_RESET.
+#[test]
+fn test_malicious_avail_index_jump_signals_vring_err() {
+    check("avail index jump", None, |f, _| {
+        use std::os::unix::fs::FileExt;
+        negotiate(f);
+        let a = memfd(MEM_SIZE);
+        let va = 0x1000_0000;
+        f.set_mem_table(&[region(0, MEM_SIZE, va, &a)])
+            .expect("mem table");
+        // avail->idx at avail + 2: 100 requests announced in a ring of 16.
+        a.write_at(&100u16.to_le_bytes(), 0x1000 + 2)
+            .expect("avail idx");
+        f.set_vring_num(0, 16).expect("vring num");
+        f.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: 16,
+                queue_size: 16,
+                flags: 0,
+                desc_table_addr: va,
+                avail_ring_addr: va + 0x1000,
+                used_ring_addr: va + 0x2000,
+                log_addr: None,
+            },
+        )
+        .expect("vring addr");
+        f.set_vring_base(0, 0).expect("vring base");
+        let err = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let call = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        f.set_vring_err(0, &err).expect("err");
+        f.set_vring_call(0, &call).expect("call");
+        f.set_vring_kick(0, &kick).expect("kick");
+        f.set_vring_enable(0, true).expect("enable");
+        kick.write(1).expect("kick");
+        let start = std::time::Instant::now();
+        let mut signalled = false;
+        while start.elapsed() < std::time::Duration::from_secs(5) {
+            if err.read().is_ok() {
+                signalled = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(signalled, "the vring's error eventfd was not signalled");
+        println!(
+            "avail index jump: vring error eventfd signalled after {:?}",
+            start.elapsed()
+        );
+    });
 }

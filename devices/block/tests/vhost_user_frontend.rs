@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use bulkhead_device_runtime::testing::{ask, seqpacket_pair};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -369,35 +370,6 @@ fn test_bad_input_exit_status_two() {
     }
 }
 
-fn seqpacket_pair() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
-    use std::os::fd::OwnedFd;
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two descriptors into `fds`; the result is checked.
-    let ret = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(ret, 0);
-    // SAFETY: both descriptors are fresh and owned by nobody else.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
-fn ask(fd: &std::os::fd::OwnedFd, request: &str) -> String {
-    // SAFETY: write from a valid slice on an open descriptor.
-    let n = unsafe { libc::write(fd.as_raw_fd(), request.as_ptr().cast(), request.len()) };
-    assert_eq!(n, request.len() as isize);
-    let mut buf = vec![0u8; 8192];
-    // SAFETY: read into a valid buffer on an open descriptor.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(n > 0, "no reply to {request}");
-    buf.truncate(n as usize);
-    String::from_utf8(buf).expect("UTF-8 reply")
-}
-
 /// The VMM's layout: socket 3, control channel 4, image 5, and a stray descriptor 7 that the
 /// runtime must close.
 #[test]
@@ -453,13 +425,13 @@ fn test_contract_fds_control_channel_answers_and_stray_fd_closed() {
     let mut child = cmd.spawn().expect("spawn bulkhead-block");
     drop((theirs, control_theirs, image, stray));
 
-    assert_eq!(ask(&control, "ping"), "ok pong");
-    let stats = ask(&control, "stats");
+    assert_eq!(ask(&control, b"ping"), "ok pong");
+    let stats = ask(&control, b"stats");
     assert!(
         stats.starts_with("ok reads=0 read_bytes=0 writes=0"),
         "stats: {stats}"
     );
-    assert_eq!(ask(&control, "resize 5"), "err unknown command");
+    assert_eq!(ask(&control, b"resize 5"), "err unknown command");
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", child.id())).expect("comm");
     assert_eq!(comm.trim_end(), "bulkhead-block");
     let fd_path = |n: i32| format!("/proc/{}/fd/{n}", child.id());

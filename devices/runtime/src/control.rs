@@ -106,7 +106,7 @@ pub fn serve_control(socket: OwnedFd, handler: Arc<dyn ControlHandler>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
+    use crate::testing::{ask, seqpacket_pair};
 
     struct Fake;
 
@@ -123,34 +123,6 @@ mod tests {
                 _ => None,
             }
         }
-    }
-
-    fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: socketpair writes two descriptors into `fds`; the result is checked.
-        let ret = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            )
-        };
-        assert_eq!(ret, 0);
-        // SAFETY: both descriptors are fresh and owned by nobody else.
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-    }
-
-    fn ask(fd: &OwnedFd, request: &[u8]) -> String {
-        // SAFETY: write from a valid slice on an open descriptor.
-        let n = unsafe { libc::write(fd.as_raw_fd(), request.as_ptr().cast(), request.len()) };
-        assert_eq!(n, request.len() as isize);
-        let mut buf = vec![0u8; 2 * MAX_MESSAGE];
-        // SAFETY: read into a valid buffer on an open descriptor.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        assert!(n > 0, "no reply");
-        buf.truncate(n as usize);
-        String::from_utf8(buf).expect("UTF-8 reply")
     }
 
     #[test]

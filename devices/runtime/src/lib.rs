@@ -22,6 +22,8 @@ pub mod args;
 pub mod control;
 pub mod server;
 pub mod startup;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 use std::error::Error as StdError;
 use std::fmt::Display;
@@ -38,7 +40,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock};
 
 pub use args::{ArgsError, RuntimeArgs, RuntimeConfig, SocketSource, Switch};
 pub use control::{ControlHandler, MAX_MESSAGE};
-pub use server::{serve_stream, ServeError, VhostUserConnection};
+pub use server::{serve_stream, signal_queue_error, ServeError, VhostUserConnection};
 
 /// A device kind, as its validated configuration.
 pub trait Device: Sized {

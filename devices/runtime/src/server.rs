@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -80,6 +80,48 @@ struct WorkerLoop {
     pending: Mutex<BTreeSet<u16>>,
 }
 
+/// The error eventfds the frontend gave for each vring (VHOST_USER_SET_VRING_ERR), shared by a
+/// connection's request handler and its worker threads. The vhost-user-backend crate keeps its
+/// own copy private, so the runtime keeps these duplicates.
+#[derive(Default)]
+struct QueueErrors {
+    fds: Mutex<Vec<Option<EventFd>>>,
+}
+
+impl QueueErrors {
+    fn set(&self, queue: usize, fd: Option<EventFd>) {
+        let mut fds = self.fds.lock().unwrap_or_else(|p| p.into_inner());
+        if fds.len() <= queue {
+            fds.resize_with(queue + 1, || None);
+        }
+        fds[queue] = fd;
+    }
+
+    fn signal(&self, queue: usize) -> bool {
+        let fds = self.fds.lock().unwrap_or_else(|p| p.into_inner());
+        match fds.get(queue).and_then(Option::as_ref) {
+            Some(fd) => fd.write(1).is_ok(),
+            None => false,
+        }
+    }
+}
+
+thread_local! {
+    /// The queue errors of the connection whose worker runs on this thread.
+    static WORKER_QUEUE_ERRORS: std::cell::RefCell<Option<Arc<QueueErrors>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Tells the frontend that the device stopped vring `queue` because of the driver (a queue the
+/// guest broke: rings outside memory, a bad index): the vring's error eventfd
+/// (VHOST_USER_SET_VRING_ERR) is signalled, and the frontend shows the guest
+/// DEVICE_NEEDS_RESET. Call it from the backend's `handle_event`, on the worker thread that
+/// serves the vring. Returns whether an eventfd was signalled (the frontend may have given
+/// none).
+pub fn signal_queue_error(queue: usize) -> bool {
+    WORKER_QUEUE_ERRORS.with(|e| e.borrow().as_ref().is_some_and(|e| e.signal(queue)))
+}
+
 struct Worker {
     event_loop: Arc<WorkerLoop>,
     thread: Option<JoinHandle<()>>,
@@ -98,6 +140,7 @@ pub struct VhostUserConnection<T: VhostUserBackend<Bitmap = (), Vring = VringRwL
     atomic_mem: GuestMemoryAtomic<GuestMemoryMmap>,
     vrings: Vec<VringRwLock>,
     workers: Vec<Worker>,
+    queue_errors: Arc<QueueErrors>,
 }
 
 impl<T> VhostUserConnection<T>
@@ -127,6 +170,7 @@ where
             atomic_mem,
             vrings,
             workers: Vec::new(),
+            queue_errors: Arc::new(QueueErrors::default()),
         };
         for (worker, mask) in queues_per_thread.iter().enumerate() {
             let thread_vrings: Vec<VringRwLock> = connection
@@ -141,9 +185,13 @@ where
             );
             let thread_loop = event_loop.clone();
             let thread_backend = connection.backend.clone();
+            let thread_errors = connection.queue_errors.clone();
             let thread = thread::Builder::new()
                 .name(format!("queue{worker}"))
-                .spawn(move || thread_loop.run(&thread_backend, &thread_vrings, worker))
+                .spawn(move || {
+                    WORKER_QUEUE_ERRORS.with(|e| *e.borrow_mut() = Some(thread_errors));
+                    thread_loop.run(&thread_backend, &thread_vrings, worker)
+                })
                 .map_err(|source| ServeError::SpawnWorker { worker, source })?;
             connection.workers.push(Worker {
                 event_loop,
@@ -598,7 +646,21 @@ where
     }
 
     fn set_vring_err(&mut self, index: u8, file: Option<File>) -> VhostUserResult<()> {
-        self.vring(usize::from(index))?.set_err(file);
+        let vring = self.vring(usize::from(index))?;
+        let ours = match &file {
+            Some(f) => Some(
+                f.try_clone()
+                    .map(|f| {
+                        // SAFETY: a fresh duplicate of the frontend's eventfd, owned by nobody
+                        // else.
+                        unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }
+                    })
+                    .map_err(VhostUserError::ReqHandlerError)?,
+            ),
+            None => None,
+        };
+        self.queue_errors.set(usize::from(index), ours);
+        vring.set_err(file);
         Ok(())
     }
 

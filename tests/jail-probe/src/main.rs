@@ -781,7 +781,52 @@ fn view(args: &[String]) -> Result<ExitCode> {
     })
 }
 
+/// The syscalls the `bulkhead-block` mode kills on: the block device's first read of a file
+/// after its start-up, which is the check that the guest memory table's last byte is backed
+/// (`preadv`, when the guest driver activates the device), or else its first disk I/O
+/// (io_uring or the synchronous engine). Either comes after the handshake, so the VMM's
+/// device monitor is watching when it dies.
+const FAULT_SYSCALLS: &[&str] = &["io_uring_enter", "preadv", "pwritev", "pread64"];
+
+/// Run as `bulkhead-block` (a copy of this program under that name, beside a copy of
+/// `bulkhead`, whose device manager then spawns it as the block device): the real block
+/// device, behind one more seccomp filter of its own that kills the process on its first read
+/// or disk I/O after start-up. A device process that really commits a violation, for the nested `device-violation`
+/// scenario (the VMM must log it with the syscall's name from the kernel's audit record).
+fn violating_block_device() -> ExitCode {
+    use bulkhead_sandbox::seccomp::{native_arch, syscall_nr, SeccompAction};
+    let arch = native_arch();
+    let rules = FAULT_SYSCALLS
+        .iter()
+        .filter_map(|name| syscall_nr(name, arch))
+        .map(|nr| (nr, vec![]))
+        .collect();
+    let filter = seccompiler::SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::KillProcess,
+        arch,
+    )
+    .and_then(seccompiler::BpfProgram::try_from);
+    let applied = filter
+        .map_err(anyhow::Error::from)
+        .and_then(|f| bulkhead_sandbox::seccomp::apply(&f).map_err(anyhow::Error::from));
+    if let Err(e) = applied {
+        eprintln!("bulkhead-jail-probe as bulkhead-block: cannot install the fault filter: {e:#}");
+        return ExitCode::from(1);
+    }
+    eprintln!(
+        "bulkhead-jail-probe as bulkhead-block: the first of {} kills this device",
+        FAULT_SYSCALLS.join(", ")
+    );
+    bulkhead_device_runtime::main::<bulkhead_block::args::Args, bulkhead_block::Config>()
+}
+
 fn main() -> Result<ExitCode> {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name() == Some("bulkhead-block".as_ref()) {
+        return Ok(violating_block_device());
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = args.get(1..).unwrap_or(&[]);
     match args.first().map(String::as_str) {

@@ -2,7 +2,7 @@
 # timeout: 240
 # The device manager and its spawner: a device process is named bulkhead-block (its comm), is
 # a child of the VMM's spawner (bulkhead-spawn), not of the VMM, and was started while the
-# VMM's main thread is under its seccomp filter (Seccomp: 2); its log lines reach the VMM's
+# VMM's main thread is under its seccomp filter (Seccomp: 2), and so is the spawner (its own); its log lines reach the VMM's
 # stderr prefixed with its id; it sits in its own cgroup v2 leaf with memory.max (its budget
 # plus guest RAM) and pids.max, and a raised oom_score_adj; its image is locked, so a second
 # VM asking for the same writable image exits with status 2 and a clear message, starting
@@ -42,6 +42,7 @@ done
 main_seccomp=$(awk '$1 == "Seccomp:" { print $2 }' "/proc/$vmm/status")
 say "VMM main thread Seccomp: $main_seccomp; spawner Seccomp: $(awk '$1 == "Seccomp:" { print $2 }' "/proc/$spawner/status")"
 [ "$main_seccomp" = 2 ] || fail "the VMM's main thread is not under its filter"
+[ "$(awk '$1 == "Seccomp:" { print $2 }' "/proc/$spawner/status")" = 2 ] || fail "the spawner is not under its own filter"
 for d in $devs; do [ "$(ppid_of "$d")" != "$vmm" ] || fail "device $d is a child of the VMM"; done
 say "the devices are children of the spawner, the VMM's main thread is filtered"
 

@@ -764,6 +764,11 @@ impl Devices {
             self.monitor
                 .on_end(pid, Box::new(move |reason| failure.fail(reason)));
         }
+        // A queue the guest broke reaches the guest as DEVICE_NEEDS_RESET (monitor.rs).
+        let watch = transport.queue_error_watch().map_err(|e| fail(io(e)))?;
+        self.monitor
+            .watch_queue_errors(watch)
+            .map_err(|e| fail(io(e)))?;
         Ok(transport)
     }
 

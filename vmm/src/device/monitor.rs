@@ -2,6 +2,11 @@
 //! is a pipe), notices at once when one ends (its pidfd becomes readable), and learns how it
 //! ended from the spawner's exit reports.
 //!
+//! It also watches each device's queue error eventfds (VHOST_USER_SET_VRING_ERR): a backend
+//! signals one when it stopped a queue the driver broke, and the guest then sees
+//! DEVICE_NEEDS_RESET and a configuration interrupt ([`crate::virtio::FailureHandle::
+//! queue_broken`]).
+//!
 //! Log lines go to the VMM's stderr prefixed with the device id, with control characters
 //! removed, cut at [`MAX_LINE`] bytes, and rate-limited per device: a bucket of
 //! [`BURST`] lines refilled at [`LINES_PER_SEC`] lines a second; lines beyond it are dropped
@@ -67,16 +72,29 @@ pub fn sanitize(line: &[u8]) -> String {
 }
 
 /// How a device process ended, as the VMM logs it.
-fn describe(id: &str, exit: Exit) {
+fn describe(id: &str, exit: Exit, seccomp: Option<String>) {
+    let line = description(id, exit, seccomp);
     match exit {
-        Exit::Signal(pid, sig) => {
-            error!(
-            "{id}: device process {pid} was killed by signal {sig}{}; the VM goes on without it",
-            if sig == libc::SIGSYS { " (seccomp)" } else { "" }
-        )
-        }
-        Exit::Code(pid, 0) => info!("{id}: device process {pid} exited"),
-        Exit::Code(pid, code) => warn!("{id}: device process {pid} exited with status {code}"),
+        Exit::Signal(..) => error!("{line}"),
+        Exit::Code(_, 0) => info!("{line}"),
+        Exit::Code(..) => warn!("{line}"),
+    }
+}
+
+/// The line [`describe`] logs; for a seccomp kill, `seccomp` is what the spawner learned from
+/// the kernel's audit record ([`Exit::seccomp_detail`]).
+fn description(id: &str, exit: Exit, seccomp: Option<String>) -> String {
+    match exit {
+        Exit::Signal(pid, sig) if sig == libc::SIGSYS => format!(
+            "{id}: device process {pid} was killed by signal {sig} (seccomp): {}; the VM goes on \
+             without it",
+            seccomp.unwrap_or_else(|| "syscall unknown (no audit record: no report)".into())
+        ),
+        Exit::Signal(pid, sig) => format!(
+            "{id}: device process {pid} was killed by signal {sig}; the VM goes on without it"
+        ),
+        Exit::Code(pid, 0) => format!("{id}: device process {pid} exited"),
+        Exit::Code(pid, code) => format!("{id}: device process {pid} exited with status {code}"),
     }
 }
 
@@ -109,9 +127,18 @@ impl std::fmt::Debug for Entry {
     }
 }
 
+/// One queue's error eventfd and the device it belongs to.
+#[derive(Debug)]
+struct QueueError {
+    fd: OwnedFd,
+    queue: usize,
+    handle: crate::virtio::FailureHandle,
+}
+
 #[derive(Debug, Default)]
 struct State {
     entries: Vec<Entry>,
+    queue_errors: Vec<QueueError>,
     /// The spawner's events socket hung up: no more exit reports will come.
     spawner_gone: bool,
 }
@@ -127,6 +154,8 @@ pub struct Monitor {
 }
 
 const TOKEN_EVENTS: u64 = u64::MAX;
+/// Tokens of queue error eventfds: this bit and the index in `State::queue_errors`.
+const TOKEN_QUEUE_ERROR: u64 = 1 << 62;
 
 fn token(index: usize, pidfd: bool) -> u64 {
     ((index as u64) << 1) | u64::from(pidfd)
@@ -202,6 +231,34 @@ impl Monitor {
             on_end: None,
         });
         Ok(())
+    }
+
+    /// Watches a device's queue error eventfds: a signalled one sets DEVICE_NEEDS_RESET.
+    pub fn watch_queue_errors(&self, watch: crate::virtio::QueueErrorWatch) -> std::io::Result<()> {
+        let mut st = self.state.lock().expect("not poisoned");
+        for (queue, fd) in watch.fds.into_iter().enumerate() {
+            let index = st.queue_errors.len() as u64;
+            self.add(fd.as_raw_fd(), TOKEN_QUEUE_ERROR | index)?;
+            st.queue_errors.push(QueueError {
+                fd,
+                queue,
+                handle: watch.handle.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn queue_error(&self, index: usize) {
+        let st = self.state.lock().expect("not poisoned");
+        let Some(q) = st.queue_errors.get(index) else {
+            return;
+        };
+        let mut count = [0u8; 8];
+        // SAFETY: read of an eventfd's 8-byte counter into a local buffer (non-blocking).
+        let n = unsafe { libc::read(q.fd.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        if n == 8 && !q.handle.is_failed() {
+            q.handle.queue_broken(q.queue);
+        }
     }
 
     /// Calls `on_end` once when process `pid` ends (at once if it already has).
@@ -306,6 +363,8 @@ impl Monitor {
                 let tok = ev.u64;
                 if tok == TOKEN_EVENTS {
                     self.spawner_event();
+                } else if tok & TOKEN_QUEUE_ERROR != 0 {
+                    self.queue_error((tok & !TOKEN_QUEUE_ERROR) as usize);
                 } else if tok & 1 == 1 {
                     self.ended((tok >> 1) as usize);
                 } else {
@@ -340,7 +399,7 @@ impl Monitor {
         };
         if let Some(e) = st.entries.iter_mut().find(|e| e.pid == exit.pid()) {
             e.reaped = true;
-            describe(&e.id, exit);
+            describe(&e.id, exit, Exit::seccomp_detail(&buf[..n as usize]));
         }
     }
 
@@ -433,6 +492,26 @@ fn emit(e: &mut Entry, line: &[u8], now: Instant, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_description_seccomp_kill_names_the_syscall() {
+        let report = b"exit 7 signal 31 audit syscall=426 arch=c00000b7";
+        let exit = Exit::parse(report).expect("report");
+        assert_eq!(
+            description("disk0", exit, Exit::seccomp_detail(report)),
+            "disk0: device process 7 was killed by signal 31 (seccomp): syscall io_uring_enter \
+             (426); the VM goes on without it"
+        );
+        let report = b"exit 7 signal 31 noaudit none in the kernel log within 1500 ms";
+        let exit = Exit::parse(report).expect("report");
+        assert!(description("disk0", exit, Exit::seccomp_detail(report)).contains(
+            "(seccomp): syscall unknown (no audit record: none in the kernel log within 1500 ms)"
+        ));
+        assert_eq!(
+            description("disk0", Exit::Signal(7, 9), None),
+            "disk0: device process 7 was killed by signal 9; the VM goes on without it"
+        );
+    }
 
     #[test]
     fn test_sanitize_removes_control_characters() {

@@ -11,7 +11,9 @@
 //!   descriptors to hand over as SCM_RIGHTS, in the order of the request's `fd` keys;
 //! - reply: `ok PID` with a pidfd of the process as SCM_RIGHTS, or `err REASON`;
 //! - events, on a second socket: `exit PID code N` or `exit PID signal N` when the spawner
-//!   reaps a device process (it is their parent).
+//!   reaps a device process (it is their parent); a SIGSYS exit (a seccomp kill) adds what the
+//!   kernel's audit record says, `audit syscall=NR arch=HEX`, or `noaudit REASON` (see
+//!   [`bulkhead_sandbox::audit`]; the device itself is not asked, it is assumed compromised).
 //!
 //! Lifetime: the spawner sets PR_SET_PDEATHSIG (SIGKILL) right after the fork; its parent is
 //! the VMM's main thread, which lives as long as the VMM, so no short-lived thread can fire
@@ -30,6 +32,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use bulkhead_sandbox::audit::{KmsgAudit, SeccompRecord, RECORD_WAIT};
 use bulkhead_sandbox::{CgroupLimits, Jail, Rlimits};
 use log::{debug, error, warn};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -285,10 +288,24 @@ impl Spawner {
                 // SAFETY: a valid sigset; the old mask is not needed.
                 unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
             }
+            // The kernel log, opened now (before any filter, while the spawner may still open
+            // files): the kernel's own record of a seccomp kill names the syscall.
+            let audit = KmsgAudit::open();
+            // Under --sandbox on, the spawner confines itself before it reads any request: its
+            // filter (bulkhead_sandbox::spawner_filter, every rule with its code path) is
+            // inherited by every device process it starts, stacked under the device's own.
+            if policy.require_jail {
+                if let Err(e) = confine() {
+                    error!("device spawner: {}", chain(&e));
+                    // SAFETY: leaves without running the VMM's atexit handlers.
+                    unsafe { libc::_exit(1) };
+                }
+            }
             let code = serve(
                 UnixDatagram::from(req_spawner),
                 UnixDatagram::from(ev_spawner),
                 &policy,
+                &audit,
             );
             // SAFETY: leaves without running the VMM's atexit handlers or destructors.
             unsafe { libc::_exit(code) };
@@ -389,6 +406,31 @@ impl Exit {
         }
     }
 
+    /// For a seccomp kill, the syscall as the VMM logs it: `syscall NAME (NR)`, or `syscall
+    /// unknown (no audit record: REASON)`; `None` for other exits and older reports.
+    pub fn seccomp_detail(msg: &[u8]) -> Option<String> {
+        let text = std::str::from_utf8(msg).ok()?;
+        let mut w = text.splitn(5, ' ');
+        let (_, _, _, _) = (w.next()?, w.next()?, w.next()?, w.next()?);
+        let rest = w.next()?;
+        if let Some(reason) = rest.strip_prefix("noaudit ") {
+            return Some(format!("syscall unknown (no audit record: {reason})"));
+        }
+        let fields = rest.strip_prefix("audit ")?;
+        let get = |k: &str| {
+            fields
+                .split(' ')
+                .find_map(|f| f.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+        };
+        let record = SeccompRecord {
+            pid: 0,
+            syscall: get("syscall")?.parse().ok()?,
+            arch: u32::from_str_radix(get("arch")?, 16).ok()?,
+            sig: libc::SIGSYS,
+        };
+        Some(format!("syscall {}", record.describe()))
+    }
+
     /// The process's pid.
     pub fn pid(&self) -> u32 {
         match *self {
@@ -465,7 +507,12 @@ impl Child {
 }
 
 /// The spawner's loop: requests, reaping, and the end when the VMM hangs up.
-fn serve(requests: UnixDatagram, events: UnixDatagram, policy: &SpawnerPolicy) -> i32 {
+fn serve(
+    requests: UnixDatagram,
+    events: UnixDatagram,
+    policy: &SpawnerPolicy,
+    audit: &KmsgAudit,
+) -> i32 {
     let mut children: BTreeMap<u32, Child> = BTreeMap::new();
     loop {
         let mut polls = vec![libc::pollfd {
@@ -500,7 +547,7 @@ fn serve(requests: UnixDatagram, events: UnixDatagram, policy: &SpawnerPolicy) -
             };
             if let Some(status) = child.try_wait(false) {
                 children.remove(pid);
-                report_exit(&events, *pid, status);
+                report_exit(&events, *pid, status, audit);
             }
         }
         if polls[0].revents != 0 {
@@ -519,15 +566,27 @@ fn serve(requests: UnixDatagram, events: UnixDatagram, policy: &SpawnerPolicy) -
     }
     for (pid, mut child) in children {
         if let Some(status) = child.try_wait(true) {
-            report_exit(&events, pid, status);
+            report_exit(&events, pid, status, audit);
         }
     }
     0
 }
 
-fn report_exit(events: &UnixDatagram, pid: u32, status: std::process::ExitStatus) {
+fn report_exit(
+    events: &UnixDatagram,
+    pid: u32,
+    status: std::process::ExitStatus,
+    audit: &KmsgAudit,
+) {
     let msg = match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit {pid} code {code}"),
+        (None, Some(sig)) if sig == libc::SIGSYS => match audit.find(pid, RECORD_WAIT) {
+            Ok(r) => format!(
+                "exit {pid} signal {sig} audit syscall={} arch={:x}",
+                r.syscall, r.arch
+            ),
+            Err(reason) => format!("exit {pid} signal {sig} noaudit {reason}"),
+        },
         (None, Some(sig)) => format!("exit {pid} signal {sig}"),
         (None, None) => format!("exit {pid} code -1"),
     };
@@ -585,6 +644,15 @@ fn handle_request(
         warn!("device spawner: replying: {e}");
     }
     Ok(result.ok())
+}
+
+/// Installs the spawner's seccomp filter on itself (it is single-threaded).
+fn confine() -> Result<(), bulkhead_sandbox::seccomp::SeccompError> {
+    let prog = bulkhead_sandbox::spawner_filter::spawner_rules()
+        .compile("bulkhead-spawn", bulkhead_sandbox::seccomp::native_arch())?;
+    bulkhead_sandbox::seccomp::apply(&prog)?;
+    debug!("device spawner: seccomp filter installed");
+    Ok(())
 }
 
 /// Error chain on one line.
@@ -917,6 +985,19 @@ mod tests {
         assert_eq!(Exit::parse(b"exit 12 signal 9"), Some(Exit::Signal(12, 9)));
         assert_eq!(Exit::parse(b"exit x code 0"), None);
         assert_eq!(Exit::parse(b"exit 1 other 0"), None);
+        let killed = b"exit 12 signal 31 audit syscall=426 arch=c00000b7";
+        assert_eq!(Exit::parse(killed), Some(Exit::Signal(12, 31)));
+        assert_eq!(
+            Exit::seccomp_detail(killed).as_deref(),
+            Some("syscall io_uring_enter (426)")
+        );
+        let unknown = b"exit 12 signal 31 noaudit /dev/kmsg: Permission denied (os error 13)";
+        assert_eq!(Exit::parse(unknown), Some(Exit::Signal(12, 31)));
+        assert_eq!(
+            Exit::seccomp_detail(unknown).as_deref(),
+            Some("syscall unknown (no audit record: /dev/kmsg: Permission denied (os error 13))")
+        );
+        assert_eq!(Exit::seccomp_detail(b"exit 12 signal 9"), None);
     }
 
     /// The spawner starts a plain program with the listed descriptors, hands back a pidfd,
@@ -972,6 +1053,22 @@ mod tests {
             spawner.spawn(&bad, &[]),
             Err(SpawnerError::Refused(_))
         ));
+        // A SIGSYS death is reported with what the kernel's audit log says about it; a
+        // `kill -SYS` is no seccomp kill, so there is no record to find.
+        let sys = SpawnRequest {
+            argv: vec!["sh".into(), "-c".into(), "kill -SYS $$".into()],
+            fds: vec![],
+            ..req.clone()
+        };
+        let spawned = spawner.spawn(&sys, &[]).expect("spawn");
+        let n = events.recv(&mut buf).expect("exit event");
+        let report = &buf[..n];
+        assert_eq!(Exit::parse(report), Some(Exit::Signal(spawned.pid, 31)));
+        let detail = Exit::seccomp_detail(report).expect("a seccomp detail");
+        assert!(
+            detail.starts_with("syscall unknown (no audit record: "),
+            "{detail}"
+        );
         let pid = spawner.pid;
         drop(spawner);
         let mut raw = 0;

@@ -41,6 +41,14 @@ pub(crate) struct DeviceShared {
     /// A duplicate of the vhost-user socket, for shutting it down from any thread without
     /// taking the frontend's lock (which a stuck request holds).
     socket: Option<OwnedFd>,
+    /// A duplicate of the VMM's end of the backend-request channel (`SET_BACKEND_REQ_FD`),
+    /// shut down with the device: its thread reads it, and the frontend-request handler keeps
+    /// the other end open itself, so the device's end alone never ends that read.
+    backend_req: Mutex<Option<OwnedFd>>,
+    /// One error eventfd per queue, handed to the backend with VHOST_USER_SET_VRING_ERR at
+    /// each activation: the backend signals one when the driver broke that queue (the device
+    /// stopped it until reset); the device monitor watches them ([`QueueErrorWatch`]).
+    pub(crate) queue_errors: Vec<EventFd>,
     /// Rate limit of the device's guest-triggered log lines.
     pub(crate) log_limit: RateLimiter,
 }
@@ -57,6 +65,8 @@ impl DeviceShared {
             generation: AtomicU8::new(0),
             config_irq,
             socket,
+            backend_req: Mutex::new(None),
+            queue_errors: Vec::new(),
             log_limit: RateLimiter::per_device(),
         }
     }
@@ -94,8 +104,26 @@ impl DeviceShared {
                 // SAFETY: shutdown(2) on a descriptor this struct owns; no memory is passed.
                 unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
             }
+            self.shut_backend_req();
         }
         self.set_needs_reset();
+    }
+
+    /// Hands over the backend-request channel's socket; shut down at once if the device has
+    /// already failed or been let go.
+    pub(crate) fn set_backend_req(&self, socket: OwnedFd) {
+        *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(socket);
+        if self.failed() || self.disconnected.load(Ordering::Acquire) {
+            self.shut_backend_req();
+        }
+    }
+
+    /// Ends the backend-request thread's read: it sees end of file and returns.
+    fn shut_backend_req(&self) {
+        if let Some(s) = &*self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) {
+            // SAFETY: shutdown(2) on a descriptor this struct owns; no memory is passed.
+            unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
+        }
     }
 
     /// The VMM lets go of the device: its socket is shut down, so the device process sees the
@@ -106,6 +134,7 @@ impl DeviceShared {
             // SAFETY: shutdown(2) on a descriptor this struct owns; no memory is passed.
             unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
         }
+        self.shut_backend_req();
     }
 
     pub(crate) fn reset_started(&self) {
@@ -176,6 +205,28 @@ impl FailureHandle {
     pub fn is_failed(&self) -> bool {
         self.0.failed()
     }
+
+    /// The backend stopped a queue the driver broke: the guest sees DEVICE_NEEDS_RESET and a
+    /// configuration interrupt, and resetting the device starts it afresh. Not a failure.
+    pub fn queue_broken(&self, queue: usize) {
+        crate::log_limited!(
+            self.0.log_limit,
+            log::Level::Warn,
+            "{}: the device stopped queue {queue}, which the driver broke; DEVICE_NEEDS_RESET",
+            self.0.name
+        );
+        self.0.set_needs_reset();
+    }
+}
+
+/// What the device monitor watches for a device's broken queues: duplicates of its queues'
+/// error eventfds (index = queue) and the handle that tells the guest.
+#[derive(Debug)]
+pub struct QueueErrorWatch {
+    /// The error eventfds, one per queue.
+    pub fds: Vec<OwnedFd>,
+    /// Calls [`FailureHandle::queue_broken`].
+    pub handle: FailureHandle,
 }
 
 impl std::fmt::Debug for FailureHandle {

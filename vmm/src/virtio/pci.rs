@@ -274,6 +274,12 @@ impl VirtioPci {
     pub fn failure_handle(&self) -> FailureHandle {
         lock(&self.inner).backend.failure_handle()
     }
+
+    /// What the device monitor watches for the queues the backend stopped because the driver
+    /// broke them (the backend's VHOST_USER_SET_VRING_ERR eventfds).
+    pub fn queue_error_watch(&self) -> std::io::Result<super::QueueErrorWatch> {
+        lock(&self.inner).backend.queue_error_watch()
+    }
 }
 
 impl Transport {
@@ -860,6 +866,46 @@ mod tests {
         }
         assert_eq!(status(&p), 0, "status reads 0 once the reset is done");
         assert_eq!(count(&fake, GET_VRING_BASE), 0);
+    }
+
+    /// A queue the device process stopped because the driver broke it reaches the guest:
+    /// activation hands the backend the queue's error eventfd (SET_VRING_ERR), the backend
+    /// signals it, the device monitor sets DEVICE_NEEDS_RESET; the device has not failed.
+    #[test]
+    fn test_virtio_pci_broken_queue_reaches_guest_as_needs_reset() {
+        const SET_VRING_ERR: u32 = 14;
+        let (p, fake) = honest_device();
+        write8(&p, 0x14, 1);
+        write8(&p, 0x14, 3);
+        lock(&p.inner).bar_write(0x08, &1u32.to_le_bytes());
+        lock(&p.inner).bar_write(0x0c, &1u32.to_le_bytes());
+        write8(&p, 0x14, 0xb);
+        lock(&p.inner).bar_write(0x20, &0x1000u64.to_le_bytes());
+        lock(&p.inner).bar_write(0x28, &0x3000u64.to_le_bytes());
+        lock(&p.inner).bar_write(0x30, &0x4000u64.to_le_bytes());
+        lock(&p.inner).bar_write(0x1c, &1u16.to_le_bytes());
+        write8(&p, 0x14, 0xf);
+        assert!(fake.wait_for(SET_VRING_ERR), "{:?}", fake.codes());
+        let monitor = crate::device::monitor::Monitor::new(None).expect("monitor");
+        monitor
+            .watch_queue_errors(p.queue_error_watch().expect("watch"))
+            .expect("watch");
+        monitor.start().expect("monitor thread");
+        assert_eq!(status(&p) & STATUS_NEEDS_RESET, 0);
+        // What the device process does with the eventfd it was handed.
+        lock(&p.inner).backend.shared.queue_errors[0]
+            .write(1)
+            .expect("signal");
+        let start = Instant::now();
+        while status(&p) & STATUS_NEEDS_RESET == 0 && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_ne!(status(&p) & STATUS_NEEDS_RESET, 0, "no DEVICE_NEEDS_RESET");
+        assert!(!p.failure_handle().is_failed());
+        println!(
+            "broken queue: DEVICE_NEEDS_RESET {:?} after the backend's error eventfd",
+            start.elapsed()
+        );
     }
 
     #[test]

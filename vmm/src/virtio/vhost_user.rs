@@ -10,7 +10,7 @@
 //! broken socket or a reply that breaks the protocol fails the device
 //! ([`super::FailureHandle`]).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -26,7 +26,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DeviceShared, FailureHandle};
+use super::{DeviceShared, FailureHandle, QueueErrorWatch};
 
 /// Deadline of every vhost-user request, from sending it to the end of its reply. A backend
 /// that misses it is declared failed.
@@ -280,7 +280,12 @@ impl VhostUserDevice {
             EventFd::new(libc::EFD_NONBLOCK)
                 .map_err(|e| VhostUserError::Resource("configuration eventfd", e))?,
         );
-        let shared = Arc::new(DeviceShared::new(name.clone(), config_irq, Some(socket)));
+        let mut shared = DeviceShared::new(name.clone(), config_irq, Some(socket));
+        shared.queue_errors = (0..num_queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
+            .collect::<Result<_, _>>()
+            .map_err(|e| VhostUserError::Resource("queue error eventfd", e))?;
+        let shared = Arc::new(shared);
         let mut conn = Connection {
             frontend,
             watchdog: Watchdog::start(shared.clone(), timeout)?,
@@ -328,6 +333,20 @@ impl VhostUserDevice {
             handler.set_reply_ack_flag(acked.contains(VhostUserProtocolFeatures::REPLY_ACK));
             let tx = handler.get_tx_raw_fd();
             conn.call("SET_BACKEND_REQ_FD", |f| f.set_backend_request_fd(&tx))?;
+            // The handler keeps `tx` open too, so the device's end closing (its process
+            // died, or it is stopped) never ends the thread's read: the device's failure or
+            // teardown shuts this duplicate down instead.
+            // SAFETY: fcntl(F_DUPFD_CLOEXEC) on the handler's open socket; the result is
+            // checked before it is owned.
+            let dup = unsafe { libc::fcntl(handler.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Err(VhostUserError::Resource(
+                    "backend request socket",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            // SAFETY: a fresh descriptor owned by nobody else.
+            shared.set_backend_req(unsafe { OwnedFd::from_raw_fd(dup) });
             std::thread::Builder::new()
                 .name(format!("{name}-backend-req"))
                 .spawn(move || {
@@ -367,6 +386,24 @@ impl VhostUserDevice {
     /// A handle that fails this device from anywhere.
     pub fn failure_handle(&self) -> FailureHandle {
         FailureHandle(self.shared.clone())
+    }
+
+    /// Duplicates of the queues' error eventfds, for the device monitor to watch.
+    pub fn queue_error_watch(&self) -> std::io::Result<QueueErrorWatch> {
+        let fds = self
+            .shared
+            .queue_errors
+            .iter()
+            .map(|e| {
+                // SAFETY: into_raw_fd hands over a fresh duplicate, owned by nobody else.
+                e.try_clone()
+                    .map(|e| unsafe { OwnedFd::from_raw_fd(e.into_raw_fd()) })
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(QueueErrorWatch {
+            fds,
+            handle: self.failure_handle(),
+        })
     }
 }
 
@@ -562,6 +599,12 @@ impl Connection {
             self.call("SET_VRING_BASE", |f| f.set_vring_base(q, 0))?;
             self.call("SET_VRING_KICK", |f| f.set_vring_kick(q, kick))?;
             self.call("SET_VRING_CALL", |f| f.set_vring_call(q, call))?;
+            // The backend signals it when the driver broke the queue (the device monitor
+            // then shows the guest DEVICE_NEEDS_RESET).
+            let shared = self.shared.clone();
+            if let Some(err) = shared.queue_errors.get(q) {
+                self.call("SET_VRING_ERR", |f| f.set_vring_err(q, err))?;
+            }
             if protocol {
                 self.call("SET_VRING_ENABLE", |f| f.set_vring_enable(q, true))?;
             }
@@ -789,6 +832,57 @@ mod tests {
         });
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(fake.codes().len(), before);
+    }
+
+    /// Whether this process has a thread named `name`.
+    fn thread_named(name: &str) -> bool {
+        std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .filter_map(Result::ok)
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+            })
+    }
+
+    /// The backend-request thread of a failed device ends (its socket is shut down), though
+    /// the device never closes its end; and that of a device the VMM let go of ends too.
+    #[test]
+    fn test_vhost_user_backend_req_thread_ends_on_failure_and_disconnect() {
+        const BACKEND_REQ: u64 = 1 << 5;
+        // Thread names are cut at 15 bytes: short device names.
+        for (name, fail) in [("bf", true), ("bd", false)] {
+            let mut fake = fake_with(|m| {
+                (m.code == GET_PROTOCOL_FEATURES)
+                    .then(|| reply(m.code, &(PROTOCOL | BACKEND_REQ).to_le_bytes()))
+            });
+            let frontend = fake.frontend.take().expect("frontend");
+            let dev = VhostUserDevice::handshake_with_timeout(name.into(), frontend, 1, T)
+                .expect("handshake");
+            let thread = format!("{name}-backend-req");
+            let start = Instant::now();
+            while !thread_named(&thread) && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(thread_named(&thread), "{thread} did not start");
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(thread_named(&thread), "{thread} ended on its own");
+            if fail {
+                dev.failure_handle().fail("test");
+            } else {
+                dev.shared.disconnect();
+            }
+            let start = Instant::now();
+            while thread_named(&thread) && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(!thread_named(&thread), "{thread} still blocked");
+            println!(
+                "{thread}: ended {:?} after the device's {}",
+                start.elapsed(),
+                if fail { "failure" } else { "disconnect" }
+            );
+            drop(dev);
+        }
     }
 
     #[test]
