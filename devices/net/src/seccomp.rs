@@ -112,6 +112,24 @@ mod tests {
         ChildEnd, Enforcement,
     };
 
+    /// The spawner's filter stays on the device process under the device's own (filters are
+    /// inherited and stacked): every syscall the device needs must be in the spawner's list.
+    #[test]
+    fn test_allowlist_within_the_spawners() {
+        let spawner = bulkhead_sandbox::spawner_filter::spawner_rules();
+        let r = rules();
+        for name in r.allowed.keys().chain(r.enosys.iter()) {
+            assert!(
+                spawner.allowed.contains_key(name),
+                "{name} is allowed for bulkhead-net but not by the spawner's filter"
+            );
+        }
+        println!(
+            "bulkhead-net: its {} syscalls are all in the spawner's filter",
+            r.allowed.len()
+        );
+    }
+
     #[test]
     fn test_seccomp_filter_compiles() {
         for arch in [TargetArch::x86_64, TargetArch::aarch64] {
