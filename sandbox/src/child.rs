@@ -118,6 +118,15 @@ unsafe fn setup_and_exec(plan: &Plan, err_fd: &mut RawFd) -> StepResult {
         }
         libc::close(plan.sync_read);
 
+        // Take the mapped ids. Writing uid_map/gid_map changes nobody's credentials: until
+        // now this process kept the spawner's (host root under a root VMM, which
+        // --device-uid is meant to avoid). Ids 0 here are the host ids the parent mapped;
+        // the capabilities this process holds in its namespace stay (nonroot -> root of the
+        // namespace clears nothing) until drop_capabilities below. setgroups is denied, so
+        // the supplementary groups are the spawner's, which hold no file access here.
+        check(libc::setresgid(0, 0, 0).into(), Step::SetIds)?;
+        check(libc::setresuid(0, 0, 0).into(), Step::SetIds)?;
+
         mount_root(plan)?;
         move_descriptors(plan, err_fd)?;
         let program = *err_fd + 1;

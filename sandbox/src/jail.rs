@@ -54,10 +54,11 @@ pub enum Step {
     DropCapabilities,
     SetNoNewPrivs,
     Exec,
+    SetIds,
 }
 
 impl Step {
-    const ALL: [Step; 15] = [
+    const ALL: [Step; 16] = [
         Step::SetParentDeathSignal,
         Step::WaitForParent,
         Step::MakeMountsPrivate,
@@ -73,6 +74,7 @@ impl Step {
         Step::DropCapabilities,
         Step::SetNoNewPrivs,
         Step::Exec,
+        Step::SetIds,
     ];
 
     fn from_u32(v: u32) -> Option<Step> {
@@ -98,6 +100,7 @@ impl std::fmt::Display for Step {
             Step::DropCapabilities => "drop the capabilities",
             Step::SetNoNewPrivs => "set no_new_privs",
             Step::Exec => "execute the program",
+            Step::SetIds => "become uid and gid 0 of the user namespace (the mapped host ids)",
         })
     }
 }

@@ -2,13 +2,8 @@
 # timeout: 200
 # --device-uid UID:GID (a root VMM): the device process runs as that host uid and gid (as seen
 # from outside its user namespace), unprivileged, and still serves the guest's disk.
-#
-# NOT IN A SUITE YET: it fails today, and shows why. The jail writes uid_map "0 UID 1" for the
-# child, but the child never calls setresuid/setresgid(0) inside its namespace afterwards, so
-# its credentials keep the spawner's kuid: with a root VMM the device process runs as host
-# uid 0 (measured in L1: "Uid 0 0 0 0" with --device-uid 4321:4322). Fix in
-# sandbox/src/child.rs (setresgid(0,0,0) and setresuid(0,0,0) after the parent's maps, before
-# the capabilities are dropped), then add this scenario to the disk suite.
+# The child takes the mapped ids itself (setresgid/setresuid(0) inside its namespace, after
+# the parent wrote the maps): before that fix it kept host uid 0 ("Uid 0 0 0 0" in L1).
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 spawner_of() {
