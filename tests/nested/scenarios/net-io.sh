@@ -100,7 +100,7 @@ for fd in "/proc/$dev/fd/"*; do
 		[ "$iff" = "$TAP" ] || bad="$bad $n(queue of '$iff', not $TAP)"
 		;;
 	*:anon_inode:\[eventfd\] | *:anon_inode:\[eventpoll\] | *:anon_inode:\[timerfd\]) ;;
-	*:/memfd:bulkhead-guest-ram*) ;;
+	*:/memfd:bulkhead-guest-ram* | *:"/bulkhead-guest-ram (deleted)") ;; # guest RAM: memfd, or the private tmpfs's file (docs/memory.md)
 	*) bad="$bad $n($t)" ;;
 	esac
 done
