@@ -25,16 +25,8 @@ pub fn compile_for(arch: TargetArch) -> Result<BpfProgram, SeccompError> {
 
 /// The block device's rules.
 pub fn rules() -> Rules {
-    let mut r = Rules::default();
-    // vhost-user messages: the vhost crate's Endpoint receives with recvmsg (SCM_RIGHTS for
-    // memory regions and eventfds) and replies with sendmsg.
-    r.allow("recvmsg").allow("sendmsg");
-    // Kick/call/err eventfds (vmm-sys-util EventFd read/write), env_logger to stderr (fd 2,
-    // the VMM's log descriptor in the jail).
-    r.allow("read").allow("write");
-    // Closing eventfds and memory region files the frontend replaces, and the worker loops'
-    // epoll/eventfds when the frontend disconnects.
-    r.allow("close");
+    // The runtime's own needs (vhost-user, workers, threads, memory, logging, panic).
+    let mut r = bulkhead_device_runtime::seccomp::runtime_rules();
     // Synchronous I/O engine and write-zeroes fallback: disk::rw_vectored_all (preadv and
     // pwritev, also the musl/glibc form on both architectures).
     r.allow("preadv").allow("pwritev");
@@ -45,62 +37,8 @@ pub fn rules() -> Rules {
     // The io_uring engine (engine::run_uring) submits and reaps on rings created before the
     // filter; io_uring_setup and io_uring_register stay forbidden.
     r.allow("io_uring_enter");
-    // Worker threads: vhost_user::WorkerLoop (epoll on kick and exit eventfds) and the
-    // eventfds it creates per connection; epoll_wait (x86_64 only) where the C library does
-    // not use epoll_pwait (vmm-sys-util Epoll::wait).
-    r.allow("epoll_ctl")
-        .allow("epoll_pwait")
-        .allow("epoll_wait")
-        .allow("eventfd2")
-        .allow("epoll_create1");
-    // Locks, condvars, thread joins (std::sync, JoinHandle::join).
-    r.allow("futex");
     // engine::run_uring backs off with thread::yield_now.
     r.allow("sched_yield");
-    // Guest memory: SET_MEM_TABLE maps the frontend's memfds (vm-memory GuestRegionMmap) and
-    // unmaps the old table; the allocator.
-    r.allow("munmap")
-        .allow("madvise")
-        .allow("brk")
-        .allow("mremap");
-    // Guest memory regions (vm-memory MmapRegion::build), thread stacks, the allocator and
-    // thread stack guard pages map and protect memory; never executable memory.
-    seccomp::allow_mappings_no_exec(&mut r);
-    // Thread start and exit (std::thread::spawn in VhostUserConnection::new and libc).
-    r.allow("set_robust_list")
-        .allow("rseq")
-        .allow("sigaltstack")
-        .allow("rt_sigprocmask")
-        .allow("sched_getaffinity")
-        .allow("exit")
-        .allow("exit_group")
-        .allow("gettid")
-        .allow("getpid");
-    // Threads only: clone with the thread flags and no namespace (std::thread::spawn on
-    // musl, and glibc once clone3 returned ENOSYS).
-    seccomp::allow_threads_only(&mut r);
-    // std's HashMap keys (RandomState) draw from getrandom.
-    r.allow("getrandom");
-    // Log timestamps (env_logger humantime) when the vDSO is not used.
-    r.allow("clock_gettime");
-    // panic=abort: abort() resets SIGABRT and raises it on itself (glibc: tgkill, musl:
-    // tkill); glibc also installs its thread-cancellation handler (SIGRT_1) at the first
-    // thread start.
-    r.allow("rt_sigaction").allow("tgkill").allow("tkill");
-    // Thread names (std::thread::Builder::name → PR_SET_NAME on the thread itself).
-    r.allow_arg("prctl", 0, &[libc::PR_SET_NAME as u64]);
-    // Descriptor flags: adopt_socket_fd's FD_CLOEXEC, O_NONBLOCK on received eventfds.
-    r.allow_arg(
-        "fcntl",
-        1,
-        &[
-            libc::F_GETFD as u64,
-            libc::F_SETFD as u64,
-            libc::F_GETFL as u64,
-            libc::F_SETFL as u64,
-            libc::F_DUPFD_CLOEXEC as u64,
-        ],
-    );
     r
 }
 
@@ -147,21 +85,13 @@ mod tests {
         }
     }
 
-    /// The spawner's filter stays on the device process under the device's own (filters are
-    /// inherited and stacked): every syscall the device needs must be in the spawner's list.
+    /// The spawner's filter stays on the device process under the device's own.
     #[test]
     fn test_allowlist_within_the_spawners() {
-        let spawner = bulkhead_sandbox::spawner_filter::spawner_rules();
-        let r = rules();
-        for name in r.allowed.keys().chain(r.enosys.iter()) {
-            assert!(
-                spawner.allowed.contains_key(name),
-                "{name} is allowed for bulkhead-block but not by the spawner's filter"
-            );
-        }
-        println!(
-            "bulkhead-block: its {} syscalls are all in the spawner's filter",
-            r.allowed.len()
+        let outside = bulkhead_device_runtime::seccomp::outside_spawner(&rules());
+        assert!(
+            outside.is_empty(),
+            "not in the spawner's filter: {outside:?}"
         );
     }
 
