@@ -10,7 +10,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+
+pub use bulkhead_device_runtime::loglimit::LogLimiter;
 
 use log::warn;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -52,11 +53,6 @@ impl Default for Budgets {
     }
 }
 
-/// Log lines a guest can cause: up to this many at once...
-const LOG_BURST: u32 = 10;
-/// ...then one more per this interval, with the count of those suppressed meanwhile.
-const LOG_INTERVAL: Duration = Duration::from_secs(1);
-
 /// Why a queue stopped being processed. Each is a driver bug (or attack): the spec lets the
 /// device stop using the queue until the driver resets it (DEVICE_NEEDS_RESET).
 #[derive(Debug, thiserror::Error)]
@@ -80,48 +76,6 @@ pub enum QueueError {
 /// A device serial as returned by GET_ID: up to 20 bytes, NUL-padded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Serial(pub [u8; ID_BYTES]);
-
-/// A token bucket for log lines the guest controls: [`LOG_BURST`] lines, then one per
-/// [`LOG_INTERVAL`]; each line that gets through says how many were suppressed before it.
-#[derive(Debug)]
-pub struct LogLimiter {
-    tokens: u32,
-    last_refill: Instant,
-    suppressed: u64,
-}
-
-impl Default for LogLimiter {
-    fn default() -> LogLimiter {
-        LogLimiter {
-            tokens: LOG_BURST,
-            last_refill: Instant::now(),
-            suppressed: 0,
-        }
-    }
-}
-
-impl LogLimiter {
-    /// Whether a line may be logged now; `Some(n)` with the number suppressed since the last.
-    pub fn admit(&mut self) -> Option<u64> {
-        self.admit_at(Instant::now())
-    }
-
-    fn admit_at(&mut self, now: Instant) -> Option<u64> {
-        let elapsed = now.saturating_duration_since(self.last_refill);
-        let refill = elapsed.as_nanos() / LOG_INTERVAL.as_nanos();
-        if refill > 0 {
-            let refill = u32::try_from(refill).unwrap_or(u32::MAX);
-            self.tokens = self.tokens.saturating_add(refill).min(LOG_BURST);
-            self.last_refill = now;
-        }
-        if self.tokens == 0 {
-            self.suppressed = self.suppressed.saturating_add(1);
-            return None;
-        }
-        self.tokens -= 1;
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
 
 /// Logs a warning the guest can trigger, through the worker's [`LogLimiter`].
 macro_rules! guest_warn {
@@ -1881,27 +1835,6 @@ mod tests {
     }
 
     #[test]
-    fn test_log_limiter_burst_then_one_per_interval_counts_suppressed() {
-        let mut log = LogLimiter::default();
-        let start = log.last_refill;
-        for _ in 0..LOG_BURST {
-            assert_eq!(log.admit_at(start), Some(0));
-        }
-        for _ in 0..1000 {
-            assert_eq!(log.admit_at(start), None);
-        }
-        let later = start + LOG_INTERVAL;
-        assert_eq!(log.admit_at(later), Some(1000));
-        assert_eq!(log.admit_at(later), None);
-        // A long quiet spell refills the burst, no more.
-        let much_later = later + LOG_INTERVAL * 1000;
-        for _ in 0..LOG_BURST {
-            assert!(log.admit_at(much_later).is_some());
-        }
-        assert_eq!(log.admit_at(much_later), None);
-    }
-
-    #[test]
     fn test_bad_chains_flood_logs_rate_limited() {
         let mut h = Harness::new();
         h.limits.seg_max = 1;
@@ -1916,6 +1849,9 @@ mod tests {
         let refused = h.worker.disk.stats.refused.load(Ordering::Relaxed);
         assert_eq!(refused, 24);
         // Only the burst was logged (no second went by in between, or one more line).
-        assert!(h.worker.log.suppressed >= refused - u64::from(LOG_BURST) - 1);
+        assert!(
+            h.worker.log.suppressed()
+                >= refused - u64::from(bulkhead_device_runtime::loglimit::LOG_BURST) - 1
+        );
     }
 }

@@ -20,9 +20,10 @@
 
 use std::io;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use log::warn;
+pub use bulkhead_device_runtime::loglimit::LogLimiter;
+
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -43,11 +44,6 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 pub const LEGACY_HDR_LEN: usize = 10;
 /// `flags` of the header: the guest takes checksum state only with GUEST_CSUM.
 const HDR_FLAGS: usize = 0;
-
-/// Log lines a guest can cause: up to this many at once...
-const LOG_BURST: u32 = 10;
-/// ...then one more per this interval.
-const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the guest negotiated that the frame path needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,55 +101,6 @@ pub struct Round {
     /// Used entries were added: the guest may need an interrupt.
     pub used: bool,
     pub stop: Stop,
-}
-
-/// A token bucket for log lines the guest controls.
-#[derive(Debug)]
-pub struct LogLimiter {
-    tokens: u32,
-    last_refill: Instant,
-    suppressed: u64,
-}
-
-impl Default for LogLimiter {
-    fn default() -> LogLimiter {
-        LogLimiter {
-            tokens: LOG_BURST,
-            last_refill: Instant::now(),
-            suppressed: 0,
-        }
-    }
-}
-
-impl LogLimiter {
-    /// Whether a line may be logged now; `Some(n)` with the number suppressed since the last.
-    pub fn admit(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        let refill =
-            now.saturating_duration_since(self.last_refill).as_nanos() / LOG_INTERVAL.as_nanos();
-        if refill > 0 {
-            let refill = u32::try_from(refill).unwrap_or(u32::MAX);
-            self.tokens = self.tokens.saturating_add(refill).min(LOG_BURST);
-            self.last_refill = now;
-        }
-        if self.tokens == 0 {
-            self.suppressed = self.suppressed.saturating_add(1);
-            return None;
-        }
-        self.tokens -= 1;
-        Some(std::mem::take(&mut self.suppressed))
-    }
-
-    /// Logs a warning through the limiter.
-    pub fn warn(&mut self, args: std::fmt::Arguments<'_>) {
-        if let Some(suppressed) = self.admit() {
-            if suppressed > 0 {
-                warn!("{args} ({suppressed} similar messages suppressed)");
-            } else {
-                warn!("{args}");
-            }
-        }
-    }
 }
 
 /// The rx side of a pair: the frame read from the tap and not yet placed.

@@ -20,6 +20,7 @@
 
 pub mod args;
 pub mod control;
+pub mod loglimit;
 pub mod seccomp;
 pub mod server;
 pub mod startup;
