@@ -12,6 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use bulkhead_device_runtime::testing::{ask, memfd, seqpacket_pair};
 use bulkhead_net::Tap;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -30,12 +31,7 @@ const ETHERTYPE: u16 = 0x88b5; // IEEE local experimental: nothing else on the t
 const TAP: &str = "bhnet0";
 
 fn memfd_memory() -> (GuestMemoryMmap, File) {
-    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create");
-    // SAFETY: fd is a fresh descriptor we own.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).expect("size memfd");
+    let file = memfd(MEM_SIZE as u64);
     let mem = GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
         MEM_SIZE,
@@ -57,34 +53,6 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two descriptors into `fds`; the result is checked.
-    let ret = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(ret, 0);
-    // SAFETY: both descriptors are fresh and owned by nobody else.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
-fn ask(fd: &OwnedFd, request: &str) -> String {
-    // SAFETY: write from a valid slice on an open descriptor.
-    let n = unsafe { libc::write(fd.as_raw_fd(), request.as_ptr().cast(), request.len()) };
-    assert_eq!(n, request.len() as isize);
-    let mut buf = vec![0u8; 8192];
-    // SAFETY: read into a valid buffer on an open descriptor.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(n > 0, "no reply");
-    buf.truncate(n as usize);
-    String::from_utf8(buf).expect("UTF-8 reply")
 }
 
 fn inherit(fd: RawFd) {
@@ -576,7 +544,7 @@ fn test_real_tap_frames_both_ways_under_the_jail() {
     assert_eq!(vnet[1], 1, "gso_type TCPV4");
     assert!(buffers >= 15, "{buffers} buffers");
 
-    let stats = ask(&control, "stats");
+    let stats = ask(&control, b"stats");
     assert!(stats.starts_with("ok rx_packets="), "{stats}");
     assert!(stats.contains(" tx_packets=2 tx_bytes=21068 "), "{stats}");
     // Every guest offload negotiated: the tap took CSUM|TSO4|TSO6|TSO_ECN (+UFO if known).
