@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use bulkhead_device_runtime::{queue_error_signal, QueueErrorSignal};
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -173,6 +174,9 @@ struct Pair {
     exit: EventFd,
     /// rx and tx vrings, learned at the first event of the pair.
     vrings: Mutex<Option<(VringRwLock, VringRwLock)>>,
+    /// The vrings' error eventfds (VHOST_USER_SET_VRING_ERR), learned with them: a queue the
+    /// guest broke reaches the guest as DEVICE_NEEDS_RESET through the frontend.
+    errors: Mutex<Option<QueueErrorSignal>>,
     state: Mutex<PairState>,
     /// The worker's event loop, until its thread takes it.
     event_loop: Mutex<Option<EventLoop>>,
@@ -234,6 +238,7 @@ impl NetBackend {
                 tx_kick,
                 exit,
                 vrings: Mutex::new(None),
+                errors: Mutex::new(None),
                 state: Mutex::new(PairState::default()),
                 event_loop: Mutex::new(Some(EventLoop { epoll })),
             });
@@ -342,6 +347,12 @@ impl NetBackend {
             }
             Err(e) => {
                 add(&inner.stats.broken_queues, 1);
+                // The frontend shows the guest DEVICE_NEEDS_RESET (this runs on the runtime's
+                // worker thread, which knows the connection's error eventfds).
+                let queue = 2 * inner.pairs.len();
+                if !bulkhead_device_runtime::signal_queue_error(queue) {
+                    debug!("queue {queue}: the frontend gave no error eventfd");
+                }
                 Err(io::Error::other(e))
             }
         }
@@ -446,14 +457,26 @@ impl Inner {
         self.pairs.get(p)
     }
 
-    fn mark_broken(&self, p: usize, what: &str, e: &QueueError) {
+    /// Queue `queue` (2p: rx, 2p+1: tx) of pair `p` is stopped until the driver resets it;
+    /// the frontend learns it through the vring's error eventfd.
+    fn mark_broken(&self, p: usize, queue: usize, e: &QueueError) {
         add(&self.stats.broken_queues, 1);
+        let what = if queue & 1 == 0 { "rx" } else { "tx" };
         self.log
             .lock()
             .unwrap_or_else(|x| x.into_inner())
             .warn(format_args!(
                 "queue pair {p}: {what} queue stopped until the driver resets it: {e}"
             ));
+        let errors = self.pair(p).and_then(|pair| {
+            pair.errors
+                .lock()
+                .unwrap_or_else(|x| x.into_inner())
+                .clone()
+        });
+        if !errors.is_some_and(|errors| errors.signal(queue)) {
+            debug!("queue {queue}: the frontend gave no error eventfd");
+        }
     }
 
     /// One tx round of pair `p`; `None` when there is nothing to run.
@@ -492,7 +515,7 @@ impl Inner {
             }
             Err(e) => {
                 ps.tx_broken = true;
-                self.mark_broken(p, "tx", &e);
+                self.mark_broken(p, 2 * p + 1, &e);
                 None
             }
         }
@@ -541,7 +564,7 @@ impl Inner {
             }
             Err(e) => {
                 ps.rx_broken = true;
-                self.mark_broken(p, "rx", &e);
+                self.mark_broken(p, 2 * p, &e);
                 None
             }
         }
@@ -771,6 +794,10 @@ impl VhostUserBackend for NetBackend {
                 if let [rx, tx, ..] = vrings {
                     *slot = Some((rx.clone(), tx.clone()));
                 }
+            }
+            let mut errors = pair.errors.lock().unwrap_or_else(|e| e.into_inner());
+            if errors.is_none() {
+                *errors = queue_error_signal();
             }
         }
         let notify = |fd: &EventFd| {

@@ -553,6 +553,23 @@ fn test_real_tap_frames_both_ways_under_the_jail() {
         "{stats}"
     );
 
+    // A tx ring the guest breaks (its available index jumps past the ring) is stopped, and
+    // the frontend hears of it on the vring's error eventfd (VHOST_USER_SET_VRING_ERR).
+    let err = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    frontend.set_vring_err(1, &err).expect("set_vring_err");
+    tx.avail.idx().store(2 + QSIZE + 100);
+    tx.kick.write(1).expect("kick");
+    let start = Instant::now();
+    while err.read().is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the tx vring's error eventfd was not signalled"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stats = ask(&control, b"stats");
+    assert!(stats.contains(" broken_queues=1 "), "{stats}");
+
     drop(frontend);
     let status = wait_exit(&mut child, Duration::from_secs(10));
     assert!(status.success(), "exit status {status}");

@@ -119,7 +119,25 @@ thread_local! {
 /// serves the vring. Returns whether an eventfd was signalled (the frontend may have given
 /// none).
 pub fn signal_queue_error(queue: usize) -> bool {
-    WORKER_QUEUE_ERRORS.with(|e| e.borrow().as_ref().is_some_and(|e| e.signal(queue)))
+    queue_error_signal().is_some_and(|e| e.signal(queue))
+}
+
+/// The connection's vring error eventfds, as a handle a backend can keep and hand to threads
+/// of its own (bulkhead-net's pair workers stop queues off the runtime's worker threads).
+#[derive(Clone)]
+pub struct QueueErrorSignal(Arc<QueueErrors>);
+
+impl QueueErrorSignal {
+    /// As [`signal_queue_error`], from any thread.
+    pub fn signal(&self, queue: usize) -> bool {
+        self.0.signal(queue)
+    }
+}
+
+/// The handle for the connection whose worker runs on this thread (call it from the backend's
+/// `handle_event`); `None` elsewhere.
+pub fn queue_error_signal() -> Option<QueueErrorSignal> {
+    WORKER_QUEUE_ERRORS.with(|e| e.borrow().clone().map(QueueErrorSignal))
 }
 
 struct Worker {
