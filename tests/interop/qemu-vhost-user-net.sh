@@ -66,83 +66,10 @@ done
 [ "$(id -u)" -eq 0 ] || die "needs root (a network namespace and a tap)"
 
 # ---------------------------------------------------------------------------------------------
-# 1. Host packages and guest assets (as qemu-vhost-user-blk.sh does).
+# 1. Host packages and guest assets (tests/interop/lib.sh).
 
-pkg_installed() {
-	[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
-}
-
-apt_updated=0
-apt_update() {
-	if [ "$apt_updated" -eq 0 ]; then
-		log "apt-get update"
-		apt-get update -qq >/dev/null
-		apt_updated=1
-	fi
-}
-
-ensure_host_deps() {
-	local missing=() p
-	for p in qemu-system-x86 cpio gzip iproute2; do
-		pkg_installed "$p" || missing+=("$p")
-	done
-	if [ ${#missing[@]} -gt 0 ]; then
-		if ! env DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
-			apt_update
-			log "apt-get install ${missing[*]}"
-			env DEBIAN_FRONTEND=noninteractive \
-				apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
-				die "apt-get install ${missing[*]} failed"
-		fi
-	fi
-	if ! compgen -G "$CACHE/linux-image-*-cloud-amd64/.unpacked" >/dev/null ||
-		[ ! -e "$CACHE/busybox-static-amd64/.unpacked" ]; then
-		if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 ||
-			! apt-cache show busybox-static >/dev/null 2>&1; then
-			apt_update
-		fi
-	fi
-}
-
-download_pkg() { # PKG DEST
-	local pkg=$1 dest=$2 tmp
-	if [ -e "$dest/.unpacked" ]; then return 0; fi
-	mkdir -p "$CACHE"
-	tmp=$(mktemp -d "$CACHE/dl.XXXXXX")
-	log "apt-get download $pkg"
-	(cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$pkg" >/dev/null 2>&1) ||
-		(cd "$tmp" && apt-get download -qq "$pkg" >/dev/null) ||
-		{ rm -rf "$tmp"; die "apt-get download $pkg failed"; }
-	rm -rf "$dest"
-	mkdir -p "$dest"
-	dpkg-deb -x "$tmp"/*.deb "$dest"
-	mv "$tmp"/*.deb "$dest"/
-	rm -rf "$tmp"
-	touch "$dest/.unpacked"
-}
-
-fetch_assets() {
-	local kpkg kdir
-	kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-		awk '!found && $1 == "Depends:" && $2 ~ /^linux-image-.*-cloud-amd64/ { print $2; found = 1 }')
-	if [ -n "$kpkg" ]; then
-		kdir=$CACHE/$kpkg
-		download_pkg "$kpkg" "$kdir"
-	else
-		kdir=$(find "$CACHE" -maxdepth 1 -name 'linux-image-*-cloud-amd64' | sort -V | tail -n 1)
-		[ -n "$kdir" ] || die "cannot resolve linux-image-cloud-amd64 (apt-cache depends)"
-		log "using cached $(basename "$kdir")"
-	fi
-	KERNEL=$(find "$kdir/boot" -maxdepth 1 -name 'vmlinuz-*' -print -quit 2>/dev/null)
-	[ -f "$KERNEL" ] || die "no boot/vmlinuz-* in $kdir"
-	KVER=${KERNEL##*/vmlinuz-}
-	MODDIR=$kdir/lib/modules/$KVER
-	[ -d "$MODDIR/kernel" ] || die "no modules for $KVER in $kdir"
-	download_pkg busybox-static "$CACHE/busybox-static-amd64"
-	BUSYBOX=$CACHE/busybox-static-amd64/bin/busybox
-	[ -x "$BUSYBOX" ] || die "no bin/busybox in busybox-static"
-}
+# shellcheck source=tests/interop/lib.sh
+. "$HERE/lib.sh"
 
 build_backend() {
 	BULKHEAD_NET=$TARGET_DIR/release/bulkhead-net
@@ -156,37 +83,6 @@ build_backend() {
 # ---------------------------------------------------------------------------------------------
 # 2. Initramfs: busybox, /init, virtio_net and what it needs (failover, net_failover), in load
 #    order; modules built into this kernel are skipped.
-
-module_file() {
-	local alt=${1//_/-}
-	find "$MODDIR/kernel" \( -name "$1.ko" -o -name "$1.ko.*" -o -name "$alt.ko" -o -name "$alt.ko.*" \) \
-		-print -quit
-}
-
-declare -A mod_seen=()
-MOD_ORDER=()
-add_module() {
-	local name=$1 file deps d
-	[ -z "${mod_seen[$name]:-}" ] || return 0
-	mod_seen[$name]=1
-	if grep -qE "/${name//_/[_-]}\.ko\$" "$MODDIR/modules.builtin" 2>/dev/null; then
-		return 0
-	fi
-	file=$(module_file "$name")
-	[ -n "$file" ] || die "module $name neither built in nor in $MODDIR"
-	deps=$(unpacked_module "$file" | { grep -a -o 'depends=[^[:cntrl:]]*' || true; } | sed -n '1s/^depends=//p')
-	for d in ${deps//,/ }; do add_module "$d"; done
-	MOD_ORDER+=("$name")
-}
-
-unpacked_module() {
-	case $1 in
-	*.ko.xz) xz -dc "$1" ;;
-	*.ko.zst) zstd -qdc "$1" ;;
-	*.ko.gz) gzip -dc "$1" ;;
-	*) cat "$1" ;;
-	esac
-}
 
 write_guest_init() { # FILE
 	cat >"$1" <<'INIT'
@@ -393,7 +289,7 @@ run() {
 mkdir -p "$OUT"
 exec 9>"$OUT/.net.lock"
 flock -w 600 9 || die "$OUT/.net.lock still held after 600 s"
-ensure_host_deps
+ensure_host_deps qemu-system-x86 cpio gzip iproute2
 fetch_assets
 build_backend
 WORK=$(mktemp -d /tmp/bulkhead-interop-net.XXXXXX)
