@@ -20,6 +20,7 @@
 
 pub mod args;
 pub mod control;
+pub mod rate;
 pub mod server;
 pub mod startup;
 #[cfg(any(test, feature = "test-utils"))]
