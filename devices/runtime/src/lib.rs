@@ -41,7 +41,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock};
 
 pub use args::{ArgsError, RuntimeArgs, RuntimeConfig, SocketSource, Switch};
 pub use control::{ControlHandler, MAX_MESSAGE};
-pub use server::{serve_stream, signal_queue_error, ServeError, VhostUserConnection};
+pub use server::{
+    retry_queue_after, serve_stream, signal_queue_error, ServeError, VhostUserConnection,
+};
 
 /// A device kind, as its validated configuration.
 pub trait Device: Sized {

@@ -10,13 +10,15 @@
 //! `queues_per_thread`), so the device code is an ordinary [`VhostUserBackend`] and could move
 //! back to `VhostUserDaemon` unchanged once the daemon accepts a stream.
 
-use std::collections::BTreeSet;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{
@@ -120,6 +122,52 @@ thread_local! {
 /// none).
 pub fn signal_queue_error(queue: usize) -> bool {
     WORKER_QUEUE_ERRORS.with(|e| e.borrow().as_ref().is_some_and(|e| e.signal(queue)))
+}
+
+thread_local! {
+    /// Vrings (thread-local indices) this worker handles again, without a kick, at a time.
+    static WORKER_RETRIES: RefCell<BTreeMap<u16, Instant>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// Asks the worker thread that serves vring `local` (the thread-local index `handle_event`
+/// was given) to call `handle_event` for it again after `after`, without a kick: a throttled
+/// queue (rate limiting) resumes when its tokens are there. The wait is the worker's epoll
+/// timeout (no timer descriptor, no busy loop); an earlier retry of the same vring wins. Call
+/// it from `handle_event`, on that worker thread.
+pub fn retry_queue_after(local: u16, after: Duration) {
+    let at = Instant::now() + after;
+    WORKER_RETRIES.with(|r| {
+        let mut r = r.borrow_mut();
+        let entry = r.entry(local).or_insert(at);
+        *entry = (*entry).min(at);
+    });
+}
+
+/// The epoll timeout until the earliest retry, rounded up to whole milliseconds (-1: none).
+fn retry_timeout(now: Instant) -> i32 {
+    WORKER_RETRIES.with(|r| {
+        r.borrow().values().min().map_or(-1, |at| {
+            let wait = at.saturating_duration_since(now);
+            let ms = wait.as_nanos().div_ceil(1_000_000);
+            i32::try_from(ms).unwrap_or(i32::MAX)
+        })
+    })
+}
+
+/// Takes the retries that are due.
+fn due_retries(now: Instant) -> Vec<u16> {
+    WORKER_RETRIES.with(|r| {
+        let mut r = r.borrow_mut();
+        let due: Vec<u16> = r
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(l, _)| *l)
+            .collect();
+        for l in &due {
+            r.remove(l);
+        }
+        due
+    })
 }
 
 struct Worker {
@@ -406,7 +454,7 @@ impl WorkerLoop {
     ) {
         let mut events = vec![EpollEvent::default(); 16];
         loop {
-            let count = match self.epoll.wait(-1, &mut events) {
+            let count = match self.epoll.wait(retry_timeout(Instant::now()), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -414,6 +462,14 @@ impl WorkerLoop {
                     return;
                 }
             };
+            for local in due_retries(Instant::now()) {
+                let enabled = vrings
+                    .get(usize::from(local))
+                    .is_some_and(|v| v.get_ref().is_enabled());
+                if enabled {
+                    handle(backend, local, vrings, worker);
+                }
+            }
             for event in events.iter().take(count) {
                 match event.data() {
                     EXIT_TOKEN => {
@@ -844,5 +900,29 @@ where
             Ok(())
         }
         e => Err(ServeError::Protocol(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_retry_queue_after_sets_epoll_timeout_then_due() {
+        let now = Instant::now();
+        assert_eq!(retry_timeout(now), -1, "no retry: wait for a kick");
+        retry_queue_after(1, Duration::from_millis(50));
+        retry_queue_after(1, Duration::from_millis(20));
+        retry_queue_after(0, Duration::from_millis(200));
+        let timeout = retry_timeout(now);
+        assert!(
+            (19..=21).contains(&timeout),
+            "the earliest retry wins: {timeout}"
+        );
+        assert!(due_retries(now).is_empty());
+        assert_eq!(due_retries(now + Duration::from_millis(30)), vec![1]);
+        assert!(retry_timeout(now) > 150);
+        assert_eq!(due_retries(now + Duration::from_secs(1)), vec![0]);
+        assert_eq!(retry_timeout(now), -1);
     }
 }
