@@ -47,7 +47,8 @@ pub fn rules() -> Rules {
     r.allow("io_uring_enter");
     // Worker threads: vhost_user::WorkerLoop (epoll on kick and exit eventfds) and the
     // eventfds it creates per connection; epoll_wait (x86_64 only) where the C library does
-    // not use epoll_pwait (vmm-sys-util Epoll::wait).
+    // not use epoll_pwait (vmm-sys-util Epoll::wait). A throttled queue waits in the same
+    // call, with a timeout (rate limiting: runtime retry_queue_after).
     r.allow("epoll_ctl")
         .allow("epoll_pwait")
         .allow("epoll_wait")
@@ -81,7 +82,8 @@ pub fn rules() -> Rules {
     seccomp::allow_threads_only(&mut r);
     // std's HashMap keys (RandomState) draw from getrandom.
     r.allow("getrandom");
-    // Log timestamps (env_logger humantime) when the vDSO is not used.
+    // Log timestamps (env_logger humantime), Instant::now in the rate limiter and the worker's
+    // retry timeout, when the vDSO is not used.
     r.allow("clock_gettime");
     // panic=abort: abort() resets SIGABRT and raises it on itself (glibc: tgkill, musl:
     // tkill); glibc also installs its thread-cancellation handler (SIGRT_1) at the first
