@@ -48,9 +48,11 @@ pub struct Args {
     /// `bulkhead-block` process the VMM starts; `socket=PATH[,num_queues=N]` connects to a
     /// vhost-user-blk backend already listening at PATH. `id=NAME` names it (default diskN);
     /// `memory_max=SIZE` and `pids_max=N` override its process's limits (docs/jail-resources.md).
+    /// Rate limits (Firecracker's token buckets, one per device): `bw_size`, `bw_one_time_burst`,
+    /// `bw_refill_time`, `ops_size`, `ops_one_time_burst`, `ops_refill_time` (docs/disks.md).
     #[arg(
         long,
-        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N]"
+        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS]"
     )]
     pub disk: Vec<String>,
     /// A network interface, repeatable, served by a `bulkhead-net` process on a tap:
@@ -163,6 +165,8 @@ pub enum DiskBackend {
         serial: Option<String>,
         /// Bypass the host page cache (O_DIRECT).
         direct: bool,
+        /// `bw_*`, `ops_*`: the device's token buckets (one limiter for all its queues).
+        rate_limit: RateLimit,
     },
     /// A vhost-user-blk backend someone else started, listening here.
     Socket(PathBuf),
@@ -204,6 +208,12 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
             "id",
             "memory_max",
             "pids_max",
+            "bw_size",
+            "bw_one_time_burst",
+            "bw_refill_time",
+            "ops_size",
+            "ops_one_time_burst",
+            "ops_refill_time",
         ],
     )?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
@@ -268,6 +278,7 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
                 .ok_or_else(|| bad(format!("pids_max={v:?}: expected 8 to 65536")))?,
         ),
     };
+    let rate_limit = parse_rate_limit("disk", "", get)?;
     let serial = get("serial").map(str::to_string);
     if let Some(s) = &serial {
         if s.len() > MAX_SERIAL || !s.bytes().all(|b| b.is_ascii_graphic()) {
@@ -293,12 +304,13 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
                 readonly,
                 serial,
                 direct,
+                rate_limit,
             }
         }
         (None, Some(socket)) if !socket.is_empty() => {
-            if readonly || serial.is_some() || direct {
+            if readonly || serial.is_some() || direct || !rate_limit.is_empty() {
                 return Err(bad(
-                    "readonly, serial and direct belong to the backend's own options with socket="
+                    "readonly, serial, direct and the rate limits belong to the backend's own options with socket="
                         .into(),
                 ));
             }
@@ -319,8 +331,8 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
 
 /// Most queue pairs a network interface may have.
 pub const MAX_NET_QUEUE_PAIRS: u16 = 16;
-/// The token-bucket options of `--net`, without their `rx_`/`tx_` prefix (Cloud Hypervisor's
-/// names; sizes in bytes or operations, refill times in milliseconds).
+/// The token-bucket options of `--disk` and (without their `rx_`/`tx_` prefix) `--net`
+/// (Cloud Hypervisor's names; sizes in bytes or operations, refill times in milliseconds).
 pub const RATE_LIMIT_OPTIONS: [&str; 6] = [
     "bw_size",
     "bw_one_time_burst",
@@ -329,6 +341,39 @@ pub const RATE_LIMIT_OPTIONS: [&str; 6] = [
     "ops_one_time_burst",
     "ops_refill_time",
 ];
+
+/// The token-bucket options [`RATE_LIMIT_OPTIONS`] that `lookup` finds (it is given the
+/// option's name without `prefix`, which only names it in errors): each a positive number
+/// (a one-time burst may be 0), a bucket's size and refill time together, its one-time burst
+/// only with them.
+fn parse_rate_limit<'a>(
+    flag: &'static str,
+    prefix: &str,
+    lookup: impl Fn(&str) -> Option<&'a str>,
+) -> Result<RateLimit, ConfigError> {
+    let bad = |reason: String| ConfigError::Option { flag, reason };
+    let mut limit = RateLimit::new();
+    for o in RATE_LIMIT_OPTIONS {
+        let Some(v) = lookup(o) else {
+            continue;
+        };
+        let n = v
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0 || o.ends_with("one_time_burst"))
+            .ok_or_else(|| bad(format!("{prefix}{o}={v:?}: expected a positive number")))?;
+        limit.push((o, n));
+    }
+    for kind in ["bw", "ops"] {
+        let has = |s: &str| limit.iter().any(|(k, _)| *k == format!("{kind}_{s}"));
+        if has("size") != has("refill_time") || (has("one_time_burst") && !has("size")) {
+            return Err(bad(format!(
+                "{prefix}{kind}: a token bucket needs {kind}_size and {kind}_refill_time (ms) together, and {kind}_one_time_burst only with them"
+            )));
+        }
+    }
+    Ok(limit)
+}
 
 /// Who serves a network interface, and on what.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -553,31 +598,9 @@ fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigError> {
         (None, None) => None,
         _ => return Err(bad("ip= and mask= go together".into())),
     };
-    let mut rx_limit = RateLimit::new();
-    let mut tx_limit = RateLimit::new();
-    for (prefix, limit) in [("rx_", &mut rx_limit), ("tx_", &mut tx_limit)] {
-        for o in RATE_LIMIT_OPTIONS {
-            let key = format!("{prefix}{o}");
-            // A direction's own option wins over the one for both directions.
-            let Some(v) = get(&key).or_else(|| get(o)) else {
-                continue;
-            };
-            let n = v
-                .parse::<u64>()
-                .ok()
-                .filter(|n| *n > 0 || o.ends_with("one_time_burst"))
-                .ok_or_else(|| bad(format!("{key}={v:?}: expected a positive number")))?;
-            limit.push((o, n));
-        }
-        for kind in ["bw", "ops"] {
-            let has = |s: &str| limit.iter().any(|(k, _)| *k == format!("{kind}_{s}"));
-            if has("size") != has("refill_time") || (has("one_time_burst") && !has("size")) {
-                return Err(bad(format!(
-                    "{prefix}{kind}: a token bucket needs {kind}_size and {kind}_refill_time (ms) together, and {kind}_one_time_burst only with them"
-                )));
-            }
-        }
-    }
+    // A direction's own option wins over the one for both directions.
+    let rx_limit = parse_rate_limit("net", "rx_", |o| get(&format!("rx_{o}")).or_else(|| get(o)))?;
+    let tx_limit = parse_rate_limit("net", "tx_", |o| get(&format!("tx_{o}")).or_else(|| get(o)))?;
 
     let backend = match (get("tap"), get("fd"), get("socket")) {
         (Some(tap), None, None) => {
@@ -1155,6 +1178,7 @@ mod tests {
                 readonly: true,
                 serial: Some("abc".into()),
                 direct: false,
+                rate_limit: vec![],
             }
         );
         assert_eq!(
@@ -1176,6 +1200,63 @@ mod tests {
             format!("path={p},queue_size=2048"),
         ] {
             assert!(parse_disk(&bad).is_err(), "{bad} should be refused");
+        }
+        std::fs::remove_file(&img).expect("cleanup");
+    }
+
+    #[test]
+    fn test_parse_disk_rate_limits() {
+        let img = std::env::temp_dir().join(format!("bulkhead-disk-rate-{}", std::process::id()));
+        std::fs::write(&img, [0u8; 512]).expect("image");
+        let p = img.to_str().expect("utf-8");
+        let d = parse_disk(&format!(
+            "path={p},ops_refill_time=1000,bw_size=1048576,bw_refill_time=100,ops_size=500,bw_one_time_burst=0"
+        ))
+        .expect("valid");
+        let DiskBackend::Process { rate_limit, .. } = d.backend else {
+            panic!("a process backend");
+        };
+        assert_eq!(
+            rate_limit,
+            vec![
+                ("bw_size", 1 << 20),
+                ("bw_one_time_burst", 0),
+                ("bw_refill_time", 100),
+                ("ops_size", 500),
+                ("ops_refill_time", 1000),
+            ],
+            "in option order, only those given"
+        );
+        for (bad, says) in [
+            (
+                format!("path={p},bw_size=1048576"),
+                "bw_size and bw_refill_time",
+            ),
+            (
+                format!("path={p},ops_refill_time=10"),
+                "ops_size and ops_refill_time",
+            ),
+            (
+                format!("path={p},bw_one_time_burst=10"),
+                "bw_one_time_burst only with them",
+            ),
+            (
+                format!("path={p},bw_size=0,bw_refill_time=10"),
+                "bw_size=\"0\"",
+            ),
+            (
+                format!("path={p},bw_size=1M,bw_refill_time=10"),
+                "expected a positive number",
+            ),
+            (
+                format!("path={p},ops_size=-1,ops_refill_time=10"),
+                "ops_size=\"-1\"",
+            ),
+            (format!("path={p},bw_sizes=1"), "bw_sizes"),
+            ("socket=/s,bw_size=1,bw_refill_time=1".into(), "rate limits"),
+        ] {
+            let e = parse_disk(&bad).expect_err(&bad).to_string();
+            assert!(e.contains(says), "{bad}: {e}");
         }
         std::fs::remove_file(&img).expect("cleanup");
     }

@@ -8,6 +8,7 @@ use crate::backend::{MAX_QUEUES, MAX_QUEUE_SIZE};
 use crate::request::ID_BYTES;
 use crate::{Config, ImageSource, Serial};
 use bulkhead_device_runtime::args::check_fd;
+use bulkhead_device_runtime::rate::{BucketConfig, LimiterConfig};
 use bulkhead_device_runtime::{ArgsError, RuntimeArgs, RuntimeConfig};
 use clap::Parser;
 
@@ -39,6 +40,24 @@ pub struct Args {
     /// Open the image with O_DIRECT, bypassing the host page cache.
     #[arg(long)]
     direct: bool,
+    /// Bandwidth bucket size, bytes (with --bw-refill-time; 0: no bandwidth limit).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    bw_size: u64,
+    /// Bandwidth one-time burst, bytes, spent before the bucket.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    bw_one_time_burst: u64,
+    /// Bandwidth refill time, ms: the bucket refills --bw-size bytes in this long.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    bw_refill_time: u64,
+    /// Operations (requests) bucket size (with --ops-refill-time; 0: no operations limit).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    ops_size: u64,
+    /// Operations one-time burst, spent before the bucket.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    ops_one_time_burst: u64,
+    /// Operations refill time, ms: the bucket refills --ops-size operations in this long.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    ops_refill_time: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -53,6 +72,24 @@ pub enum ConfigError {
     Runtime(#[from] ArgsError),
     #[error("one of --path and --image-fd is required")]
     Image,
+    #[error("--{0}-size and --{0}-refill-time go together (both non-zero, or neither)")]
+    Bucket(&'static str),
+}
+
+fn bucket(
+    name: &'static str,
+    size: u64,
+    one_time_burst: u64,
+    refill_time_ms: u64,
+) -> Result<BucketConfig, ConfigError> {
+    if (size == 0) != (refill_time_ms == 0) {
+        return Err(ConfigError::Bucket(name));
+    }
+    Ok(BucketConfig {
+        size,
+        one_time_burst,
+        refill_time_ms,
+    })
 }
 
 impl TryFrom<Args> for Config {
@@ -77,6 +114,20 @@ impl TryFrom<Args> for Config {
                 .ok_or(ConfigError::Serial)?
                 .copy_from_slice(bytes);
         }
+        let rate_limit = LimiterConfig {
+            bandwidth: bucket(
+                "bw",
+                args.bw_size,
+                args.bw_one_time_burst,
+                args.bw_refill_time,
+            )?,
+            ops: bucket(
+                "ops",
+                args.ops_size,
+                args.ops_one_time_burst,
+                args.ops_refill_time,
+            )?,
+        };
         let runtime = RuntimeConfig::try_from(args.runtime)?;
         let image = match (args.image_fd, args.path) {
             (Some(fd), name) => ImageSource::Fd {
@@ -97,6 +148,7 @@ impl TryFrom<Args> for Config {
             queue_size: args.queue_size,
             serial,
             direct: args.direct,
+            rate_limit,
         })
     }
 }
@@ -122,6 +174,62 @@ mod tests {
         assert_eq!(config.image, ImageSource::Path("/img".into()));
         assert!(config.runtime.seccomp, "seccomp is on by default");
         assert!(config.runtime.landlock, "landlock is on by default");
+    }
+
+    #[test]
+    fn test_args_rate_limits_converted() {
+        let args = parse(&[
+            "--socket-fd",
+            "3",
+            "--path",
+            "/img",
+            "--bw-size",
+            "1048576",
+            "--bw-one-time-burst",
+            "4096",
+            "--bw-refill-time",
+            "100",
+            "--ops-size",
+            "1000",
+            "--ops-refill-time",
+            "1000",
+        ])
+        .expect("parse");
+        let config = Config::try_from(args).expect("config");
+        assert_eq!(
+            config.rate_limit,
+            LimiterConfig {
+                bandwidth: BucketConfig {
+                    size: 1 << 20,
+                    one_time_burst: 4096,
+                    refill_time_ms: 100,
+                },
+                ops: BucketConfig {
+                    size: 1000,
+                    one_time_burst: 0,
+                    refill_time_ms: 1000,
+                },
+            }
+        );
+        let args = parse(&["--socket-fd", "3", "--path", "/img"]).expect("parse");
+        let config = Config::try_from(args).expect("config");
+        assert!(!config.rate_limit.is_limit(), "no limit by default");
+    }
+
+    #[test]
+    fn test_args_rate_limit_size_without_refill_time_rejected() {
+        for (options, name) in [
+            (["--bw-size", "4096"], "bw"),
+            (["--bw-refill-time", "100"], "bw"),
+            (["--ops-size", "10"], "ops"),
+            (["--ops-refill-time", "100"], "ops"),
+        ] {
+            let mut all = vec!["--socket-fd", "3", "--path", "/img"];
+            all.extend(options);
+            let args = parse(&all).expect("parse");
+            let error = Config::try_from(args).expect_err("size and refill time go together");
+            assert_eq!(error, ConfigError::Bucket(name));
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::disk::{DiskImage, SECTOR_SIZE};
 use crate::engine::Engine;
 use crate::queue::{LogLimiter, QueueError, QueueWorker, Serial, SIZE_MAX};
 use crate::request::Limits;
+use bulkhead_device_runtime::rate::{LimiterConfig, RateLimiter};
 
 /// Most discard / write-zeroes segments per request (Linux caps its own at 256).
 pub const MAX_DISCARD_SEG: u32 = 32;
@@ -65,6 +66,8 @@ pub struct BlockDeviceConfig {
     pub num_queues: u16,
     pub queue_size: u16,
     pub serial: Serial,
+    /// The rate limit, shared by all queues (none when no bucket is set).
+    pub rate_limit: LimiterConfig,
 }
 
 /// The virtio-blk vhost-user backend. Clones share state.
@@ -100,16 +103,18 @@ impl BlockBackend {
         let queue_size = config.queue_size.max(2);
         let mut workers = Vec::with_capacity(usize::from(num_queues));
         let mut uring_error = None;
+        let limiter = config
+            .rate_limit
+            .is_limit()
+            .then(|| Arc::new(Mutex::new(RateLimiter::new(&config.rate_limit))));
         for _ in 0..num_queues {
             let (engine, err) = Engine::new(u32::from(queue_size));
             if let Some(e) = err {
                 uring_error = Some(e);
             }
-            workers.push(Mutex::new(QueueWorker::new(
-                disk.clone(),
-                config.serial,
-                engine,
-            )));
+            let mut worker = QueueWorker::new(disk.clone(), config.serial, engine);
+            worker.set_limiter(limiter.clone());
+            workers.push(Mutex::new(worker));
         }
         match uring_error {
             Some(e) => warn!("io_uring unavailable ({e}); using synchronous I/O"),
@@ -200,7 +205,12 @@ impl BlockBackend {
         c
     }
 
-    fn process_vring(&self, vring: &VringRwLock, queue: usize) -> Result<(), BackendError> {
+    fn process_vring(
+        &self,
+        vring: &VringRwLock,
+        local: u16,
+        queue: usize,
+    ) -> Result<(), BackendError> {
         let atomic = self
             .inner
             .mem
@@ -225,8 +235,15 @@ impl BlockBackend {
             return Ok(());
         }
         let was_broken = worker.broken().is_some();
-        let result =
-            Self::process_batches(&mut worker, &mut state, &mem, &limits, event_idx, queue);
+        let result = Self::process_batches(
+            &mut worker,
+            &mut state,
+            &mem,
+            &limits,
+            event_idx,
+            local,
+            queue,
+        );
         if !was_broken && worker.broken().is_some() {
             // The guest broke the queue: the frontend learns it through the vring's error
             // eventfd and shows the driver DEVICE_NEEDS_RESET; the queue stays stopped until
@@ -244,6 +261,7 @@ impl BlockBackend {
         mem: &GuestMemoryMmap,
         limits: &Limits,
         event_idx: bool,
+        local: u16,
         queue: usize,
     ) -> Result<(), BackendError> {
         // Batches until the queue is empty: a batch stops at its budgets, and the requests left
@@ -264,6 +282,12 @@ impl BlockBackend {
                 state
                     .signal_used_queue()
                     .map_err(|source| BackendError::SignalUsedQueue { queue, source })?;
+            }
+            if let Some(wait) = batch.throttled {
+                // The limiter refused the next request: it stays in the ring, and the worker
+                // comes back to it when the tokens are there (its epoll timeout), kick or not.
+                bulkhead_device_runtime::retry_queue_after(local, wait);
+                break;
             }
             if batch.more {
                 continue;
@@ -390,7 +414,7 @@ impl VhostUserBackend for BlockBackend {
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or(BackendError::NoSuchQueue(thread_id))?;
-        self.process_vring(vring, thread_id)?;
+        self.process_vring(vring, device_event, thread_id)?;
         Ok(())
     }
 }
@@ -418,6 +442,7 @@ mod tests {
             num_queues: 3,
             queue_size: 128,
             serial: Serial::default(),
+            rate_limit: Default::default(),
         });
         (tmp, backend)
     }
@@ -464,6 +489,7 @@ mod tests {
                 num_queues: 1,
                 queue_size,
                 serial: Serial::default(),
+                rate_limit: Default::default(),
             });
             assert_eq!(b.limits().seg_max, seg_max, "queue size {queue_size}");
             assert!(b.max_queue_size() >= 2);
@@ -487,6 +513,7 @@ mod tests {
             num_queues: 1,
             queue_size: 64,
             serial: Serial::default(),
+            rate_limit: Default::default(),
         });
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * MIB as usize)])
             .expect("guest memory");
@@ -521,7 +548,7 @@ mod tests {
             .expect("queue addresses");
         vring.set_queue_ready(true);
         // One kick: all three complete, the third in a second batch.
-        b.process_vring(&vring, 0).expect("process");
+        b.process_vring(&vring, 0, 0).expect("process");
         assert_eq!(vq.used().idx().load(), 3);
         assert_eq!(b.disk().stats.deferred.load(Ordering::Relaxed), 1);
         for i in 0..3 {

@@ -117,6 +117,8 @@ pub struct RequestStats {
     pub deferred: AtomicU64,
     /// Times a queue was marked broken by its driver.
     pub broken_queues: AtomicU64,
+    /// Times a queue stopped taking requests because the rate limiter refused the next one.
+    pub throttled: AtomicU64,
 }
 
 impl std::fmt::Display for RequestStats {
@@ -124,7 +126,7 @@ impl std::fmt::Display for RequestStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "reads={} read_bytes={} writes={} write_bytes={} flushes={} discards={} write_zeroes={} get_ids={} errors={} refused={} deferred={} broken_queues={}",
+            "reads={} read_bytes={} writes={} write_bytes={} flushes={} discards={} write_zeroes={} get_ids={} errors={} refused={} deferred={} broken_queues={} throttled={}",
             g(&self.reads),
             g(&self.read_bytes),
             g(&self.writes),
@@ -136,7 +138,8 @@ impl std::fmt::Display for RequestStats {
             g(&self.errors),
             g(&self.refused),
             g(&self.deferred),
-            g(&self.broken_queues)
+            g(&self.broken_queues),
+            g(&self.throttled)
         )
     }
 }

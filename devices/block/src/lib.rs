@@ -22,6 +22,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use bulkhead_device_runtime::rate::LimiterConfig;
 use bulkhead_device_runtime::{ControlHandler, Device, OpenError, Opened, RuntimeConfig};
 use log::info;
 
@@ -59,6 +60,8 @@ pub struct Config {
     pub queue_size: u16,
     pub serial: Serial,
     pub direct: bool,
+    /// The device's rate limit (one limiter shared by its queues, as Firecracker's per device).
+    pub rate_limit: LimiterConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +129,7 @@ impl Device for Config {
             num_queues: self.num_queues,
             queue_size: self.queue_size,
             serial: self.serial,
+            rate_limit: self.rate_limit,
         });
         let seccomp = seccomp_filter().map_err(|e| OpenError::failure(Error::BuildSeccomp(e)))?;
         let control = Arc::new(BlockControl {

@@ -9,10 +9,12 @@
 //! being processed until the driver resets it. Log lines the guest can cause are rate-limited.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 pub use bulkhead_device_runtime::loglimit::LogLimiter;
 
+use bulkhead_device_runtime::rate::RateLimiter;
 use log::warn;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -97,6 +99,8 @@ pub struct Batch {
     pub notify: bool,
     /// Requests were left for the next batch (a budget was reached); call again.
     pub more: bool,
+    /// The rate limiter refused the next request (left in the ring): call again after this.
+    pub throttled: Option<Duration>,
 }
 
 /// Processes the requests of one virtqueue; owned by that queue's worker thread.
@@ -110,6 +114,8 @@ pub struct QueueWorker {
     broken: Option<QueueError>,
     /// Heads taken in the current batch, one bit each.
     in_flight: Vec<u64>,
+    /// The device's rate limiter, shared with its other queues.
+    limiter: Option<Arc<Mutex<RateLimiter>>>,
 }
 
 /// The outcome of one request, before it is published.
@@ -167,6 +173,7 @@ impl QueueWorker {
             log: LogLimiter::default(),
             broken: None,
             in_flight: Vec::new(),
+            limiter: None,
         }
     }
 
@@ -177,6 +184,40 @@ impl QueueWorker {
     /// Replaces the default budgets (smaller ones make tests and fuzzing reach them).
     pub fn set_budgets(&mut self, budgets: Budgets) {
         self.budgets = budgets;
+    }
+
+    /// Sets the rate limiter consulted before each request joins a batch (`None`: no limit).
+    pub fn set_limiter(&mut self, limiter: Option<Arc<Mutex<RateLimiter>>>) {
+        self.limiter = limiter;
+    }
+
+    /// Asks the rate limiter for `request`: `Ok(tokens)` when it may go (the bytes taken, to
+    /// give back if it is deferred), `Err(wait)` when it must wait. One operation and its data
+    /// bytes for a read or write; one operation for a flush, discard or write-zeroes; requests
+    /// that reach no disk (GET_ID, refused or failed ones) are free.
+    fn consume_tokens(&self, request: &Request) -> Result<Option<u64>, Duration> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(None);
+        };
+        if request.status.is_none() {
+            return Ok(None);
+        }
+        let bytes = match &request.action {
+            Action::Read { len, .. } | Action::Write { len, .. } => *len,
+            Action::Flush | Action::Discard(_) | Action::WriteZeroes(_) => 0,
+            Action::GetId { .. } | Action::Fail(_) => return Ok(None),
+        };
+        let mut limiter = limiter.lock().unwrap_or_else(|p| p.into_inner());
+        limiter.consume(bytes).map(|()| Some(bytes))
+    }
+
+    fn refund_tokens(&self, bytes: u64) {
+        if let Some(limiter) = &self.limiter {
+            limiter
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .refund(bytes);
+        }
     }
 
     /// Why the queue is no longer processed, if the guest broke it.
@@ -248,6 +289,7 @@ impl QueueWorker {
         let mut owners: Vec<usize> = Vec::new();
         let mut budget = BatchBudget::default();
         let mut more = false;
+        let mut throttled = None;
         {
             let mut avail = match queue.iter(mem) {
                 Ok(avail) => avail,
@@ -278,6 +320,17 @@ impl QueueWorker {
                         action: Action::Fail(RequestError::DuplicateHead),
                     }
                 };
+                let tokens = match self.consume_tokens(&request) {
+                    Ok(tokens) => tokens,
+                    Err(wait) => {
+                        // Left in the ring, first in line once the tokens are there.
+                        self.release_head(head);
+                        avail.go_to_previous_position();
+                        self.disk.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                        throttled = Some(wait);
+                        break;
+                    }
+                };
                 match self.admit(mem, request, &mut budget) {
                     Admission::Taken(completion, new_ops) => {
                         owners.extend(std::iter::repeat_n(completions.len(), new_ops.len()));
@@ -288,6 +341,9 @@ impl QueueWorker {
                         // Left in the ring, first in line for the next batch.
                         self.release_head(head);
                         avail.go_to_previous_position();
+                        if let Some(bytes) = tokens {
+                            self.refund_tokens(bytes);
+                        }
                         self.disk.stats.deferred.fetch_add(1, Ordering::Relaxed);
                         more = true;
                         break;
@@ -296,7 +352,10 @@ impl QueueWorker {
             }
         }
         if completions.is_empty() {
-            return Batch::default();
+            return Batch {
+                throttled,
+                ..Batch::default()
+            };
         }
         if completions.len() >= usize::from(size) {
             more = true;
@@ -317,16 +376,22 @@ impl QueueWorker {
                 return Batch {
                     notify: true,
                     more: false,
+                    throttled: None,
                 };
             }
         }
         match queue.needs_notification(mem) {
-            Ok(notify) => Batch { notify, more },
+            Ok(notify) => Batch {
+                notify,
+                more,
+                throttled,
+            },
             Err(e) => {
                 self.mark_broken(QueueError::NeedsNotification(e));
                 Batch {
                     notify: true,
                     more: false,
+                    throttled: None,
                 }
             }
         }
@@ -675,7 +740,9 @@ mod tests {
     use super::*;
     use crate::disk::{DiskImage, OpenMode};
     use crate::request::{SEGMENT_LEN, STATUS_UNSUPP};
+    use bulkhead_device_runtime::rate::{BucketConfig, LimiterConfig};
     use std::io::Write;
+    use std::time::Instant;
     use virtio_bindings::bindings::virtio_blk::*;
     use virtio_bindings::bindings::virtio_ring::{
         VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
@@ -851,8 +918,9 @@ mod tests {
         }
     }
 
-    /// Processes `queue` the way the backend does: batches until none is left over. Returns
-    /// whether a notification is due and how many batches ran.
+    /// Processes `queue` the way the backend does: batches until none is left over, and after
+    /// a throttled batch, again once the wait is over without a new kick (the worker's epoll
+    /// timeout). Returns whether a notification is due and how many batches ran.
     fn drain(
         worker: &mut QueueWorker,
         mem: &GuestMemoryMmap,
@@ -865,6 +933,10 @@ mod tests {
             let batch = worker.process_queue(queue, mem, limits);
             rounds += 1;
             notify |= batch.notify;
+            if let Some(wait) = batch.throttled {
+                std::thread::sleep(wait);
+                continue;
+            }
             if !batch.more {
                 break;
             }
@@ -1322,6 +1394,132 @@ mod tests {
                 .iter()
                 .all(|&b| b == sector_pattern(i)));
         }
+    }
+
+    /// Runs `n` one-sector reads under `limit`; returns the time taken, after checking that
+    /// every read completed once, in ring order, with its data.
+    fn run_limited_reads(limit: LimiterConfig, n: u64) -> Duration {
+        let mut h = Harness::new();
+        h.worker
+            .set_limiter(Some(Arc::new(Mutex::new(RateLimiter::new(&limit)))));
+        let mut chains = Vec::new();
+        for i in 0..n {
+            let hdr = HDR + i * 0x100;
+            h.header(hdr, VIRTIO_BLK_T_IN, i % SECTORS);
+            chains.push(vec![
+                r(hdr, 16),
+                w(DATA + i * 0x1000, 512),
+                w(STATUS + i, 1),
+            ]);
+        }
+        let start = Instant::now();
+        let (used, notify) = h.run_chains(&chains);
+        let elapsed = start.elapsed();
+        assert!(notify);
+        let heads: Vec<u32> = used.iter().map(|(head, _)| *head).collect();
+        let expected: Vec<u32> = (0..n as u32).map(|i| 3 * i).collect();
+        assert_eq!(heads, expected, "every request once, in ring order");
+        for i in 0..n {
+            assert_eq!(h.read(STATUS + i, 1)[0], STATUS_OK);
+            assert!(h
+                .read(DATA + i * 0x1000, 512)
+                .iter()
+                .all(|&b| b == sector_pattern(i % SECTORS)));
+        }
+        assert!(h.worker.disk.stats.throttled.load(Ordering::Relaxed) > 0);
+        elapsed
+    }
+
+    /// `expected` within 10% below (the limit holds) and a loaded machine's slack above.
+    fn assert_near(elapsed: Duration, expected: Duration) {
+        assert!(
+            elapsed >= expected.mul_f64(0.9) && elapsed <= expected.mul_f64(1.5),
+            "took {elapsed:?}, expected {expected:?}"
+        );
+    }
+
+    #[test]
+    fn test_rate_limit_bandwidth_throttles_then_resumes_in_order() {
+        // 1 KiB per 50 ms: the full bucket passes 2 reads of 512 bytes, the other 8 (4 KiB)
+        // take 4 refills.
+        let limit = LimiterConfig {
+            bandwidth: BucketConfig {
+                size: 1024,
+                one_time_burst: 0,
+                refill_time_ms: 50,
+            },
+            ..LimiterConfig::default()
+        };
+        assert_near(run_limited_reads(limit, 10), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn test_rate_limit_ops_throttles_then_resumes_in_order() {
+        // 2 requests per 40 ms after a one-time burst of 2: 4 pass at once, the other 6 take
+        // 3 refills.
+        let limit = LimiterConfig {
+            ops: BucketConfig {
+                size: 2,
+                one_time_burst: 2,
+                refill_time_ms: 40,
+            },
+            ..LimiterConfig::default()
+        };
+        assert_near(run_limited_reads(limit, 10), Duration::from_millis(120));
+    }
+
+    #[test]
+    fn test_rate_limit_throttled_batch_leaves_requests_in_ring() {
+        let mut h = Harness::new();
+        let limit = LimiterConfig {
+            ops: BucketConfig {
+                size: 2,
+                one_time_burst: 0,
+                refill_time_ms: 60_000,
+            },
+            ..LimiterConfig::default()
+        };
+        h.worker
+            .set_limiter(Some(Arc::new(Mutex::new(RateLimiter::new(&limit)))));
+        let vq = MockSplitQueue::new(&h.mem, QSIZE);
+        let mut descs = Vec::new();
+        for i in 0..4u64 {
+            let hdr = HDR + i * 0x100;
+            h.header(hdr, VIRTIO_BLK_T_IN, i);
+            for (k, d) in [r(hdr, 16), w(DATA + i * 0x1000, 512), w(STATUS + i, 1)]
+                .iter()
+                .enumerate()
+            {
+                let mut flags = if d.write { VRING_DESC_F_WRITE } else { 0 };
+                if k < 2 {
+                    flags |= VRING_DESC_F_NEXT;
+                }
+                let index = descs.len() as u16;
+                descs.push(RawDescriptor::from(SplitDescriptor::new(
+                    d.addr,
+                    d.len,
+                    flags as u16,
+                    index + 1,
+                )));
+            }
+        }
+        vq.add_desc_chains(&descs, 0).expect("add chains");
+        let mut queue: Queue = vq.create_queue().expect("queue");
+        let batch = h.worker.process_queue(&mut queue, &h.mem, &h.limits);
+        assert!(batch.notify && !batch.more);
+        let wait = batch.throttled.expect("throttled");
+        assert!(
+            wait > Duration::from_secs(20),
+            "waits for the refill: {wait:?}"
+        );
+        assert_eq!(vq.used().idx().load(), 2);
+        // The refused request is still next: nothing taken, again.
+        let batch = h.worker.process_queue(&mut queue, &h.mem, &h.limits);
+        assert!(batch.throttled.is_some() && !batch.notify);
+        assert_eq!(vq.used().idx().load(), 2);
+        assert_eq!(queue.next_avail(), 2);
+        assert_eq!(h.worker.disk.stats.throttled.load(Ordering::Relaxed), 2);
+        assert_eq!(h.worker.disk.stats.reads.load(Ordering::Relaxed), 2);
     }
 
     #[test]

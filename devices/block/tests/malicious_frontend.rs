@@ -48,6 +48,7 @@ fn serve(num_queues: u16) -> (Served, UnixStream) {
         num_queues,
         queue_size: 16,
         serial: Serial::default(),
+        rate_limit: Default::default(),
     });
     let (ours, theirs) = UnixStream::pair().expect("socketpair");
     let thread = std::thread::spawn(move || serve_stream(theirs, backend));

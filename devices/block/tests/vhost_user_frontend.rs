@@ -485,3 +485,135 @@ fn test_control_fd_not_seqpacket_exit_status_two() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("SOCK_SEQPACKET"), "{stderr}");
 }
+
+#[test]
+fn test_rate_limited_queue_resumes_without_kick_in_order() {
+    // The real process, under its seccomp filter: one operation per 100 ms after a full bucket
+    // of 1. Four reads in one kick: the first at once, the other three 100 ms apart, served by
+    // the worker's own timeout (no further kick), in ring order.
+    let img = image();
+    let (mut child, stream) = spawn_on_socketpair(
+        img.as_path(),
+        &[
+            "--queue-size",
+            "64",
+            "--ops-size",
+            "1",
+            "--ops-refill-time",
+            "100",
+        ],
+    );
+    let mut frontend = Frontend::from_stream(stream, 1);
+    frontend.set_owner().expect("set_owner");
+    let features = frontend.get_features().expect("get_features");
+    // Without EVENT_IDX: the driver's kicks would be the only other wake-up.
+    frontend
+        .set_features(features & !(1 << 29))
+        .expect("set_features");
+    frontend
+        .set_protocol_features(VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK)
+        .expect("set protocol");
+    let (mem, memfd) = memfd_memory();
+    let region = mem.iter().next().expect("one region");
+    let host_base = mem.get_host_address(GuestAddress(0)).expect("host addr") as u64;
+    frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: region.len(),
+            userspace_addr: host_base,
+            mmap_offset: 0,
+            mmap_handle: memfd.as_raw_fd(),
+        }])
+        .expect("set_mem_table");
+    let (desc_addr, avail_addr, used_addr) = (0x1_0000u64, 0x1_1000u64, 0x1_2000u64);
+    let table = DescriptorTable::new(&mem, GuestAddress(desc_addr), QSIZE);
+    let avail = AvailRing::new(&mem, GuestAddress(avail_addr), QSIZE);
+    let used_ring = UsedRing::new(&mem, GuestAddress(used_addr), QSIZE);
+    let call = EventFd::new(EFD_NONBLOCK).expect("call");
+    let kick = EventFd::new(EFD_NONBLOCK).expect("kick");
+    frontend.set_vring_num(0, QSIZE).expect("vring num");
+    frontend
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: host_base + desc_addr,
+                used_ring_addr: host_base + used_addr,
+                avail_ring_addr: host_base + avail_addr,
+                log_addr: None,
+            },
+        )
+        .expect("vring addr");
+    frontend.set_vring_base(0, 0).expect("vring base");
+    frontend.set_vring_call(0, &call).expect("vring call");
+    frontend.set_vring_kick(0, &kick).expect("vring kick");
+    frontend.set_vring_enable(0, true).expect("vring enable");
+
+    let (hdr, data, status) = (0x10_0000u64, 0x20_0000u64, 0x30_0000u64);
+    for i in 0..4u16 {
+        let a = u64::from(i);
+        header(&mem, hdr + a * 0x100, VIRTIO_BLK_T_IN, a);
+        let first = 3 * i;
+        table
+            .store(
+                first,
+                desc(hdr + a * 0x100, 16, VRING_DESC_F_NEXT, first + 1),
+            )
+            .expect("descriptor");
+        table
+            .store(
+                first + 1,
+                desc(
+                    data + a * 0x1000,
+                    512,
+                    VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+                    first + 2,
+                ),
+            )
+            .expect("descriptor");
+        table
+            .store(first + 2, desc(status + a, 1, VRING_DESC_F_WRITE, 0))
+            .expect("descriptor");
+        avail
+            .ring()
+            .ref_at(usize::from(i))
+            .expect("avail slot")
+            .store(first);
+    }
+    avail.idx().store(4);
+    let start = Instant::now();
+    kick.write(1).expect("kick");
+    let mut done_at = Vec::new();
+    while done_at.len() < 4 {
+        let n = usize::from(used_ring.idx().load());
+        while done_at.len() < n {
+            done_at.push(start.elapsed());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "throttled requests not resumed without a kick: {n} of 4 done"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let heads: Vec<u32> = (0..4)
+        .map(|i| used_ring.ring().ref_at(i).expect("used").load().id())
+        .collect();
+    assert_eq!(heads, [0, 3, 6, 9], "ring order kept");
+    assert!(done_at[0] < Duration::from_millis(80), "{done_at:?}");
+    let total = done_at[3];
+    assert!(
+        total >= Duration::from_millis(270) && total <= Duration::from_millis(600),
+        "3 refills of 100 ms took {total:?} ({done_at:?})"
+    );
+    for i in 0..4u64 {
+        let mut sector = [0u8; 512];
+        mem.read_slice(&mut sector, GuestAddress(data + i * 0x1000))
+            .expect("read back");
+        assert!(sector.iter().all(|&b| b == i as u8), "sector {i}");
+    }
+    drop(frontend);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+}

@@ -41,9 +41,9 @@ use crate::datapath::{
     process_rx, process_tx, with_notifications_off, LogLimiter, Negotiated, QueueError, RxState,
     Stop, TxState, LEGACY_HDR_LEN,
 };
-use crate::rate::{LimiterConfig, RateLimiter};
 use crate::stats::{add, Stats};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};
+use bulkhead_device_runtime::rate::{LimiterConfig, RateLimiter};
 
 /// Most queue pairs (2P + 1 queues must fit the runtime's 64-bit thread masks).
 pub const MAX_QUEUE_PAIRS: u16 = 16;

@@ -27,9 +27,9 @@ pub use bulkhead_device_runtime::loglimit::LogLimiter;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::rate::RateLimiter;
 use crate::stats::{add, Stats};
 use crate::tap::{Tap, VNET_HDR_LEN};
+use bulkhead_device_runtime::rate::RateLimiter;
 
 /// Frames per direction in one round, before the worker looks at its other events.
 pub const BATCH: usize = 64;

@@ -13,7 +13,6 @@ pub mod backend;
 pub mod ctrl;
 pub mod datapath;
 pub mod jail;
-pub mod rate;
 pub mod seccomp;
 pub mod stats;
 pub mod tap;
@@ -25,7 +24,7 @@ use bulkhead_device_runtime::{ControlHandler, Device, OpenError, Opened, Runtime
 use log::info;
 
 pub use backend::{NetBackend, NetParams};
-pub use rate::{BucketConfig, LimiterConfig};
+pub use bulkhead_device_runtime::rate::{BucketConfig, LimiterConfig};
 pub use seccomp::seccomp_filter;
 pub use tap::Tap;
 

@@ -21,6 +21,7 @@
 pub mod args;
 pub mod control;
 pub mod loglimit;
+pub mod rate;
 pub mod seccomp;
 pub mod server;
 pub mod startup;
@@ -43,8 +44,8 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock};
 pub use args::{ArgsError, RuntimeArgs, RuntimeConfig, SocketSource, Switch};
 pub use control::{ControlHandler, MAX_MESSAGE};
 pub use server::{
-    queue_error_signal, serve_stream, signal_queue_error, QueueErrorSignal, ServeError,
-    VhostUserConnection,
+    queue_error_signal, retry_queue_after, serve_stream, signal_queue_error, QueueErrorSignal,
+    ServeError, VhostUserConnection,
 };
 
 /// A device kind, as its validated configuration.

@@ -10,13 +10,15 @@
 //! `queues_per_thread`), so the device code is an ordinary [`VhostUserBackend`] and could move
 //! back to `VhostUserDaemon` unchanged once the daemon accepts a stream.
 
-use std::collections::BTreeSet;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{
@@ -138,6 +140,52 @@ impl QueueErrorSignal {
 /// `handle_event`); `None` elsewhere.
 pub fn queue_error_signal() -> Option<QueueErrorSignal> {
     WORKER_QUEUE_ERRORS.with(|e| e.borrow().clone().map(QueueErrorSignal))
+}
+
+thread_local! {
+    /// Vrings (thread-local indices) this worker handles again, without a kick, at a time.
+    static WORKER_RETRIES: RefCell<BTreeMap<u16, Instant>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// Asks the worker thread that serves vring `local` (the thread-local index `handle_event`
+/// was given) to call `handle_event` for it again after `after`, without a kick: a throttled
+/// queue (rate limiting) resumes when its tokens are there. The wait is the worker's epoll
+/// timeout (no timer descriptor, no busy loop); an earlier retry of the same vring wins. Call
+/// it from `handle_event`, on that worker thread.
+pub fn retry_queue_after(local: u16, after: Duration) {
+    let at = Instant::now() + after;
+    WORKER_RETRIES.with(|r| {
+        let mut r = r.borrow_mut();
+        let entry = r.entry(local).or_insert(at);
+        *entry = (*entry).min(at);
+    });
+}
+
+/// The epoll timeout until the earliest retry, rounded up to whole milliseconds (-1: none).
+fn retry_timeout(now: Instant) -> i32 {
+    WORKER_RETRIES.with(|r| {
+        r.borrow().values().min().map_or(-1, |at| {
+            let wait = at.saturating_duration_since(now);
+            let ms = wait.as_nanos().div_ceil(1_000_000);
+            i32::try_from(ms).unwrap_or(i32::MAX)
+        })
+    })
+}
+
+/// Takes the retries that are due.
+fn due_retries(now: Instant) -> Vec<u16> {
+    WORKER_RETRIES.with(|r| {
+        let mut r = r.borrow_mut();
+        let due: Vec<u16> = r
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(l, _)| *l)
+            .collect();
+        for l in &due {
+            r.remove(l);
+        }
+        due
+    })
 }
 
 struct Worker {
@@ -424,7 +472,7 @@ impl WorkerLoop {
     ) {
         let mut events = vec![EpollEvent::default(); 16];
         loop {
-            let count = match self.epoll.wait(-1, &mut events) {
+            let count = match self.epoll.wait(retry_timeout(Instant::now()), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -432,6 +480,14 @@ impl WorkerLoop {
                     return;
                 }
             };
+            for local in due_retries(Instant::now()) {
+                let enabled = vrings
+                    .get(usize::from(local))
+                    .is_some_and(|v| v.get_ref().is_enabled());
+                if enabled {
+                    handle(backend, local, vrings, worker);
+                }
+            }
             for event in events.iter().take(count) {
                 match event.data() {
                     EXIT_TOKEN => {
@@ -862,5 +918,32 @@ where
             Ok(())
         }
         e => Err(ServeError::Protocol(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_retry_queue_after_sets_epoll_timeout_then_due() {
+        // Margins of hundreds of ms: under qemu-user the registrations themselves take ms.
+        let now = Instant::now();
+        assert_eq!(retry_timeout(now), -1, "no retry: wait for a kick");
+        retry_queue_after(1, Duration::from_millis(500));
+        retry_queue_after(1, Duration::from_millis(20));
+        retry_queue_after(0, Duration::from_millis(2000));
+        let t = Instant::now();
+        let timeout = retry_timeout(t);
+        assert!(
+            (0..=21).contains(&timeout),
+            "the earliest retry wins: {timeout}"
+        );
+        assert!(due_retries(now).is_empty());
+        assert_eq!(due_retries(t + Duration::from_millis(30)), vec![1]);
+        assert!(retry_timeout(t) > 1000, "queue 0's retry is next");
+        assert_eq!(due_retries(t + Duration::from_secs(3)), vec![0]);
+        let now = t;
+        assert_eq!(retry_timeout(now), -1);
     }
 }

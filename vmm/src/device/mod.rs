@@ -20,7 +20,7 @@ use std::time::Duration;
 use log::{info, warn};
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::{DiskBackend, NetBackend, NetConfig, VmConfig};
+use crate::config::{DiskBackend, DiskConfig, NetBackend, NetConfig, VmConfig};
 use crate::mmio::MmioBus;
 use crate::tap::TapError;
 use crate::virtio::pci::{VirtioPci, VirtioPciError};
@@ -303,6 +303,44 @@ fn net_spec(net: &NetConfig, index: usize, slot: usize, sandbox: bool) -> Device
     }
 }
 
+/// The `bulkhead-block` options for `disk` (none for a disk served on a socket).
+fn block_args(disk: &DiskConfig) -> Vec<String> {
+    let DiskBackend::Process {
+        path,
+        readonly,
+        serial,
+        direct,
+        rate_limit,
+    } = &disk.backend
+    else {
+        return Vec::new();
+    };
+    let mut args = vec![
+        "--path".to_string(),
+        path.display().to_string(),
+        "--image-fd".to_string(),
+        FIRST_KIND_FD.to_string(),
+        "--num-queues".to_string(),
+        disk.num_queues.to_string(),
+        "--queue-size".to_string(),
+        disk.queue_size.to_string(),
+    ];
+    if *readonly {
+        args.push("--readonly".into());
+    }
+    if *direct {
+        args.push("--direct".into());
+    }
+    if let Some(s) = serial {
+        args.extend(["--serial".to_string(), s.clone()]);
+    }
+    for (option, value) in rate_limit {
+        args.push(format!("--{}", option.replace('_', "-")));
+        args.push(value.to_string());
+    }
+    args
+}
+
 /// The specs of the disks, in slots 0, 1, ...
 fn disk_specs(config: &VmConfig) -> Vec<DeviceSpec> {
     config
@@ -318,31 +356,8 @@ fn disk_specs(config: &VmConfig) -> Vec<DeviceSpec> {
                 policy.pids_max = p;
             }
             let backend = match &disk.backend {
-                DiskBackend::Process {
-                    path,
-                    readonly,
-                    serial,
-                    direct,
-                } => {
-                    let mut args = vec![
-                        "--path".to_string(),
-                        path.display().to_string(),
-                        "--image-fd".to_string(),
-                        FIRST_KIND_FD.to_string(),
-                        "--num-queues".to_string(),
-                        disk.num_queues.to_string(),
-                        "--queue-size".to_string(),
-                        disk.queue_size.to_string(),
-                    ];
-                    if *readonly {
-                        args.push("--readonly".into());
-                    }
-                    if *direct {
-                        args.push("--direct".into());
-                    }
-                    if let Some(s) = serial {
-                        args.extend(["--serial".to_string(), s.clone()]);
-                    }
+                DiskBackend::Process { path, readonly, .. } => {
+                    let args = block_args(disk);
                     Backend::Spawn {
                         files: vec![DeviceFile {
                             path: path.clone(),
@@ -1013,6 +1028,36 @@ mod tests {
         assert_eq!((spec.id.as_str(), spec.queues), ("ext", 4));
         assert_eq!(spec.backend, Backend::Socket("/run/n.sock".into()));
         assert!(!spec.policy.jail);
+    }
+
+    #[test]
+    fn test_block_args_pass_rate_limits() {
+        let disk = DiskConfig {
+            backend: DiskBackend::Process {
+                path: "/img".into(),
+                readonly: false,
+                serial: None,
+                direct: true,
+                rate_limit: vec![
+                    ("bw_size", 1 << 20),
+                    ("bw_refill_time", 100),
+                    ("ops_size", 10),
+                    ("ops_one_time_burst", 5),
+                    ("ops_refill_time", 1000),
+                ],
+            },
+            num_queues: 2,
+            queue_size: 128,
+            id: None,
+            memory_max: None,
+            pids_max: None,
+        };
+        assert_eq!(
+            block_args(&disk).join(" "),
+            "--path /img --image-fd 5 --num-queues 2 --queue-size 128 --direct \
+             --bw-size 1048576 --bw-refill-time 100 --ops-size 10 --ops-one-time-burst 5 \
+             --ops-refill-time 1000"
+        );
     }
 
     #[test]

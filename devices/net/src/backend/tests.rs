@@ -366,7 +366,7 @@ fn test_tx_rate_limit_holds_and_resumes_without_kicks() {
     let (tap, peer) = seqpacket_pair();
     let mut p = params(1);
     // 100 KiB per 100 ms (1 MiB/s), full at start.
-    p.tx_limit.bandwidth = crate::rate::BucketConfig {
+    p.tx_limit.bandwidth = bulkhead_device_runtime::rate::BucketConfig {
         size: 100 << 10,
         one_time_burst: 0,
         refill_time_ms: 100,

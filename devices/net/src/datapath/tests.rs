@@ -2,7 +2,7 @@
 //! non-blocking SOCK_SEQPACKET socket pair, which keeps frame boundaries as a tap does.
 
 use super::*;
-use crate::rate::{BucketConfig, LimiterConfig};
+use bulkhead_device_runtime::rate::{BucketConfig, LimiterConfig};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::io::AsRawFd;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};

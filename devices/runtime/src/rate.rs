@@ -9,10 +9,12 @@
 //! is never counted again once it is drained (Firecracker can grant up to a refill's worth of
 //! it twice).
 //!
-//! One [`RateLimiter`] per direction, with a bytes bucket and an operations (frames) bucket,
-//! each optional. Where Firecracker re-checks every 100 ms, [`RateLimiter::consume`] says how
-//! long until the tokens asked for are there, so a throttled queue sleeps (in its worker's epoll
-//! timeout) for exactly that long (never less than [`MIN_WAIT`]).
+//! Shared by the device processes: bulkhead-net keeps one [`RateLimiter`] per direction
+//! (operations are frames), bulkhead-block one per device (operations are requests). A limiter
+//! has a bytes bucket and an operations bucket, each optional. Where Firecracker re-checks
+//! every 100 ms, [`RateLimiter::consume`] says how long until the tokens asked for are there,
+//! so a throttled queue sleeps (in its worker's wait timeout) for exactly that long (never
+//! less than [`MIN_WAIT`]).
 
 use std::time::{Duration, Instant};
 
@@ -224,7 +226,7 @@ impl RateLimiter {
         }
     }
 
-    /// Takes one operation and `bytes`; `Ok(())` if the frame may go now, otherwise nothing is
+    /// Takes one operation and `bytes`; `Ok(())` if the frame or request may go now, otherwise nothing is
     /// taken and `Err(wait)` says when to try again.
     pub fn consume(&mut self, bytes: u64) -> Result<(), Duration> {
         self.consume_at(bytes, Instant::now())
@@ -248,7 +250,7 @@ impl RateLimiter {
         Ok(())
     }
 
-    /// Gives back what [`RateLimiter::consume`] took for a frame that could not be sent.
+    /// Gives back what [`RateLimiter::consume`] took for a frame or request that could not go.
     pub fn refund(&mut self, bytes: u64) {
         if let Some(ops) = &mut self.ops {
             ops.replenish(1);
