@@ -36,6 +36,18 @@ const PCIE_DEVCTL2: usize = 0x28;
 const PCIE_LNKCTL2: usize = 0x30;
 const PCIE_CAP_LEN: usize = 0x3c;
 
+const CAP_ID_MSI: u8 = 0x05;
+// Offsets inside the MSI capability (64-bit address, no per-vector masking).
+const MSI_CONTROL: usize = 0x02;
+const MSI_ADDRESS_LO: usize = 0x04;
+const MSI_ADDRESS_HI: usize = 0x08;
+const MSI_DATA: usize = 0x0c;
+const MSI_CAP_LEN: usize = 0x10;
+/// Message control: one vector, 64-bit address capable.
+const MSI_CONTROL_64BIT: u16 = 1 << 7;
+/// Message control bits a guest may write: MSI enable (one vector: multiple message enable stays 0).
+const MSI_CONTROL_WRITABLE: u16 = 0x0001;
+
 /// Capability register: version 2, device/port type Root Port, slot implemented.
 const PCIE_CAPS_ROOT_PORT: u16 = 0x2 | (0x4 << 4) | (1 << 8);
 /// Link: 2.5 GT/s, x1, data link layer active reporting capable.
@@ -94,6 +106,16 @@ impl RootPort {
         c.writable_u16(cap + PCIE_RTCTL, 0x001f);
         c.writable_u16(cap + PCIE_DEVCTL2, 0xffff);
         c.writable_u16(cap + PCIE_LNKCTL2, 0xffff);
+        // MSI, so that the port services (pciehp, PME) get an interrupt through the ITS and
+        // bind: without it Linux finds no IRQ for them and pciehp fails its probe, printing two
+        // errors per port on the console.
+        let mut msi = [0u8; MSI_CAP_LEN - 2];
+        msi[MSI_CONTROL - 2..MSI_CONTROL].copy_from_slice(&MSI_CONTROL_64BIT.to_le_bytes());
+        let msi_cap = c.add_capability(CAP_ID_MSI, &msi);
+        c.writable_u16(msi_cap + MSI_CONTROL, MSI_CONTROL_WRITABLE);
+        c.writable_u32(msi_cap + MSI_ADDRESS_LO, 0xffff_fffc);
+        c.writable_u32(msi_cap + MSI_ADDRESS_HI, 0xffff_ffff);
+        c.writable_u16(msi_cap + MSI_DATA, 0xffff);
         Self {
             config: c,
             pcie_cap: cap,
@@ -159,6 +181,25 @@ mod tests {
         assert_ne!(sltcap & (1 << 6), 0, "hot-plug capable");
         assert_eq!(sltcap >> 19, 3, "physical slot number");
         assert_eq!(rp.config.u16(cap + PCIE_SLTSTA) & SLTSTA_PRESENCE, 0);
+    }
+
+    #[test]
+    fn test_root_port_msi_capability_is_chained_and_programmable() {
+        let mut rp = RootPort::new(0);
+        let msi = usize::from(rp.config.u16(rp.pcie_cap) >> 8);
+        assert_ne!(msi, 0, "MSI follows the PCIe capability");
+        assert_eq!(rp.config.u16(msi) & 0xff, u16::from(CAP_ID_MSI));
+        assert_eq!(rp.config.u16(msi) >> 8, 0, "last capability");
+        assert_eq!(rp.config.u16(msi + MSI_CONTROL), MSI_CONTROL_64BIT);
+        // The guest programs address and data and enables MSI; capability bits stay.
+        rp.config_write(msi + MSI_ADDRESS_LO, &0x0809_0043u32.to_le_bytes());
+        rp.config_write(msi + MSI_ADDRESS_HI, &1u32.to_le_bytes());
+        rp.config_write(msi + MSI_DATA, &0x0021u16.to_le_bytes());
+        rp.config_write(msi + MSI_CONTROL, &0xffffu16.to_le_bytes());
+        assert_eq!(rp.config.u32(msi + MSI_ADDRESS_LO), 0x0809_0040);
+        assert_eq!(rp.config.u32(msi + MSI_ADDRESS_HI), 1);
+        assert_eq!(rp.config.u16(msi + MSI_DATA), 0x0021);
+        assert_eq!(rp.config.u16(msi + MSI_CONTROL), MSI_CONTROL_64BIT | 1);
     }
 
     #[test]
