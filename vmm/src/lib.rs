@@ -3,6 +3,7 @@
 
 pub mod arch;
 pub mod config;
+pub mod control;
 pub mod device;
 pub mod irq;
 pub mod legacy;

@@ -22,6 +22,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::arch::{self, ArchError};
 use crate::config::{SerialConfig, VmConfig};
+use crate::control::{ReplySender, Request, RequestError};
 use crate::device::spawner::Spawner;
 use crate::device::{DeviceEnv, DeviceError, Devices};
 use crate::irq::VmInterrupts;
@@ -403,11 +404,21 @@ impl Vm {
                 self.config.vcpus,
                 self.config.ram_size >> 20
             );
-            let event = self
-                .events
-                .1
-                .recv()
-                .map_err(|_| VmError::Vcpu("event channel closed".into()))?;
+            let event = loop {
+                match self
+                    .events
+                    .1
+                    .recv()
+                    .map_err(|_| VmError::Vcpu("event channel closed".into()))?
+                {
+                    Event::Control(request, reply) => {
+                        if let Some(event) = self.control(request, reply) {
+                            break event;
+                        }
+                    }
+                    event => break event,
+                }
+            };
             running.stop();
             match event {
                 Event::Vcpu {
@@ -426,16 +437,37 @@ impl Vm {
                     ..
                 } => return Err(VmError::Vcpu(reason)),
                 Event::Signal(sig) => return Ok(Outcome::Signal(sig)),
+                Event::Control(..) => unreachable!("control requests are answered above"),
             }
             // Drop what other vCPUs reported while they were being stopped (a second
             // SYSTEM_RESET from another CPU, say); a signal still counts.
             while let Ok(late) = self.events.1.try_recv() {
-                if let Event::Signal(sig) = late {
-                    return Ok(Outcome::Signal(sig));
+                match late {
+                    Event::Signal(sig) => return Ok(Outcome::Signal(sig)),
+                    Event::Control(request, reply) => {
+                        debug!("control request {request:?} arrived during a reset");
+                        drop(reply.send(Err(RequestError::new(
+                            409,
+                            "the VM is rebooting: try again",
+                        ))));
+                    }
+                    late => debug!("ignoring late event {late:?}"),
                 }
-                debug!("ignoring late event {late:?}");
             }
         }
+    }
+}
+
+impl Vm {
+    /// Answers one control request while the guest runs; returns the event that ends this
+    /// boot when the request asks for one (shutdown, reboot).
+    fn control(&mut self, request: Request, reply: ReplySender) -> Option<Event> {
+        debug!("control request: {request:?}");
+        drop(reply.send(Err(RequestError::new(
+            501,
+            "this request is not available in this build",
+        ))));
+        None
     }
 }
 

@@ -33,6 +33,8 @@ pub enum Event {
     },
     /// A termination signal arrived.
     Signal(i32),
+    /// A request from outside the VM (the API), with where to answer it.
+    Control(crate::control::Request, crate::control::ReplySender),
 }
 
 /// What a vCPU thread needs.
