@@ -25,7 +25,7 @@ use bulkhead_net::ctrl::{parse, process_ctrl};
 use bulkhead_net::datapath::{
     process_rx, process_tx, with_notifications_off, Negotiated, RxState, Stop, TxState,
 };
-use bulkhead_net::rate::{BucketConfig, LimiterConfig, RateLimiter};
+use bulkhead_device_runtime::rate::{BucketConfig, LimiterConfig, RateLimiter};
 use bulkhead_net::stats::Stats;
 use bulkhead_net::Tap;
 use libfuzzer_sys::fuzz_target;

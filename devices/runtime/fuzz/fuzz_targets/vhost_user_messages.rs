@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
         num_queues: 2,
         queue_size: 16,
         serial: Serial::default(),
+        rate_limit: Default::default(),
     });
     let (ours, theirs) = UnixStream::pair().expect("socketpair");
     let mut rest = data;
