@@ -42,8 +42,14 @@ use workload::{Engine, Figures, Op, Pattern, Workload};
 enum Target {
     /// Bulkhead's vhost-user-blk backend.
     BulkheadBlock,
+    /// The same with `--poll-us` (see `--poll-us`).
+    BulkheadBlockPoll,
     /// QEMU's storage daemon as a vhost-user-blk backend.
     Qsd,
+    /// Cloud Hypervisor's vhost_user_block with `poll_queue=false` (needs `--ch`).
+    Ch,
+    /// Cloud Hypervisor's vhost_user_block with its default `poll_queue=true` (needs `--ch`).
+    ChPoll,
     /// io_uring straight on the image file.
     IoUring,
     /// The same on the file opened O_NONBLOCK: reads are tried inline before a worker.
@@ -54,7 +60,10 @@ impl Target {
     fn label(self) -> &'static str {
         match self {
             Target::BulkheadBlock => "bulkhead-block",
+            Target::BulkheadBlockPoll => "bulkhead-block poll",
             Target::Qsd => "qemu-storage-daemon",
+            Target::Ch => "ch poll_queue=false",
+            Target::ChPoll => "ch poll_queue=true",
             Target::IoUring => "io_uring",
             Target::IoUringNonblock => "io_uring O_NONBLOCK",
         }
@@ -71,14 +80,32 @@ struct Args {
     /// The qemu-storage-daemon binary.
     #[arg(long, default_value = "qemu-storage-daemon")]
     qsd: PathBuf,
+    /// Cloud Hypervisor's vhost_user_block binary; without it its targets are skipped (and
+    /// the output says so).
+    #[arg(long)]
+    ch: Option<PathBuf>,
     /// What to measure, in this order.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "bulkhead-block,qsd,io-uring,io-uring-nonblock"
+        default_value = "bulkhead-block,bulkhead-block-poll,qsd,ch,ch-poll,io-uring,io-uring-nonblock"
     )]
     targets: Vec<Target>,
+    /// `--poll-us` of the `bulkhead-block-poll` target.
+    #[arg(long, default_value_t = 50)]
+    poll_us: u32,
+    /// How the driver waits for completions, each mode a row of every workload: `irq` sleeps
+    /// on the call eventfd (as a guest waits for its interrupt), `poll` spins on the used
+    /// ring with calls suppressed (yielding the CPU between looks when it shares it with the
+    /// backend, `--pin same`).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "irq,poll")]
+    driver: Vec<Driver>,
+    /// Open the image with O_DIRECT in every backend (bulkhead-block `--direct`, qsd
+    /// `cache.direct=on`, Cloud Hypervisor `direct=true`); put `--image` on a regular file
+    /// system then, tmpfs has no O_DIRECT.
+    #[arg(long)]
+    direct: bool,
     /// Image file, created and prefilled for each target, removed at the end; put it in
     /// tmpfs. Default: /dev/shm/bulkhead-blk-bench.<pid>.img.
     #[arg(long)]
@@ -110,6 +137,21 @@ struct Args {
     keep_image: bool,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Driver {
+    Irq,
+    Poll,
+}
+
+impl Driver {
+    fn label(self) -> &'static str {
+        match self {
+            Driver::Irq => "irq",
+            Driver::Poll => "poll",
+        }
+    }
+}
+
 impl Args {
     fn image(&self) -> &Path {
         self.image.as_deref().expect("main() sets the image path")
@@ -130,6 +172,20 @@ fn workloads(seq_depth: usize) -> Vec<Workload> {
         Workload {
             name: "randread 4k",
             op: Op::Read,
+            pattern: Pattern::Random,
+            block: 4096,
+            depth: 32,
+        },
+        Workload {
+            name: "randwrite 4k",
+            op: Op::Write,
+            pattern: Pattern::Random,
+            block: 4096,
+            depth: 1,
+        },
+        Workload {
+            name: "randwrite 4k",
+            op: Op::Write,
             pattern: Pattern::Random,
             block: 4096,
             depth: 32,
@@ -177,19 +233,40 @@ fn open_target(
                 backend: None,
             });
         }
-        Target::BulkheadBlock => BackendProcess::bulkhead_block(
-            &args.bulkhead_block,
-            args.image(),
-            &socket,
-            &log,
-            args.queue_size,
-            place.backend,
-        )?,
+        Target::BulkheadBlock | Target::BulkheadBlockPoll => {
+            let mut extra = Vec::new();
+            if target == Target::BulkheadBlockPoll {
+                extra.extend(["--poll-us".to_string(), args.poll_us.to_string()]);
+            }
+            if args.direct {
+                extra.push("--direct".into());
+            }
+            BackendProcess::bulkhead_block(
+                &args.bulkhead_block,
+                args.image(),
+                &socket,
+                &log,
+                args.queue_size,
+                &extra,
+                place.backend,
+            )?
+        }
         Target::Qsd => BackendProcess::qemu_storage_daemon(
             &args.qsd,
             args.image(),
             &socket,
             &log,
+            args.direct,
+            place.backend,
+        )?,
+        Target::Ch | Target::ChPoll => BackendProcess::cloud_hypervisor(
+            args.ch.as_deref().context("no --ch")?,
+            args.image(),
+            &socket,
+            &log,
+            args.queue_size,
+            target == Target::ChPoll,
+            args.direct,
             place.backend,
         )?,
     };
@@ -243,9 +320,10 @@ impl Row {
 
 fn print_header() {
     println!(
-        "{:<14} {:>3}  {:<20} {:>9} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "{:<14} {:>3} {:<4}  {:<20} {:>9} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
         "workload",
         "QD",
+        "drv",
         "target",
         "IOPS",
         "spread",
@@ -254,16 +332,17 @@ fn print_header() {
         "lat p50",
         "lat p99",
         "backend",
+        "backend",
         "bench"
     );
     println!(
-        "{:<14} {:>3}  {:<20} {:>9} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
-        "", "", "", "median", "%", "", "us", "us", "us", "CPU %", "CPU %"
+        "{:<14} {:>3} {:<4}  {:<20} {:>9} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "", "", "", "", "median", "%", "", "us", "us", "us", "CPU %", "us/IO", "CPU %"
     );
 }
 
 /// One line: the run with the median IOPS, and how far apart the fastest and slowest were.
-fn print_row(w: &Workload, target: Target, rows: &mut [Row]) {
+fn print_row(w: &Workload, driver: Driver, target: Target, rows: &mut [Row]) {
     rows.sort_by(|a, b| a.figures.iops().total_cmp(&b.figures.iops()));
     let (Some(min), Some(max)) = (rows.first(), rows.last()) else {
         return;
@@ -272,9 +351,10 @@ fn print_row(w: &Workload, target: Target, rows: &mut [Row]) {
     let f = &r.figures;
     let spread = 100.0 * (max.figures.iops() - min.figures.iops()) / f.iops().max(1.0);
     println!(
-        "{:<14} {:>3}  {:<20} {:>9.0} {:>6.0} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8} {:>6}",
+        "{:<14} {:>3} {:<4}  {:<20} {:>9.0} {:>6.0} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8} {:>8} {:>6}",
         w.name,
         w.depth,
+        driver.label(),
         target.label(),
         f.iops(),
         spread,
@@ -285,13 +365,24 @@ fn print_row(w: &Workload, target: Target, rows: &mut [Row]) {
         r.backend_cpu
             .map(|d| r.cpu_pct(d))
             .unwrap_or_else(|| "-".into()),
+        r.backend_cpu
+            .map(|d| format!("{:.2}", d.as_secs_f64() * 1e6 / f.ops.max(1) as f64))
+            .unwrap_or_else(|| "-".into()),
         r.cpu_pct(r.bench_cpu),
     );
     let _ = std::io::stdout().flush();
 }
 
-fn measure(args: &Args, s: &mut Session, w: &Workload) -> Result<Row> {
+fn measure(
+    args: &Args,
+    s: &mut Session,
+    w: &Workload,
+    driver: Driver,
+    place: Placement,
+) -> Result<Row> {
     let size = args.size_mib << 20;
+    let same_cpu = place.bench.is_some() && place.bench == place.backend;
+    s.engine.set_poll(driver == Driver::Poll, same_cpu)?;
     let duration = Duration::from_secs_f64(args.seconds);
     let warmup = (duration / 10).min(Duration::from_millis(500));
     workload::run(s.engine.as_mut(), w, size, warmup).context("warm-up")?;
@@ -301,8 +392,10 @@ fn measure(args: &Args, s: &mut Session, w: &Workload) -> Result<Row> {
         .map(BackendProcess::cpu_time)
         .transpose()?;
     let bench_cpu0 = own_cpu_time();
-    let figures = workload::run(s.engine.as_mut(), w, size, duration)?;
+    let figures = workload::run(s.engine.as_mut(), w, size, duration);
     let bench_cpu = own_cpu_time() - bench_cpu0;
+    s.engine.set_poll(false, same_cpu)?;
+    let figures = figures?;
     let backend_cpu = match (&s.backend, backend_cpu0) {
         (Some(b), Some(t0)) => Some(b.cpu_time()? - t0),
         _ => None,
@@ -352,6 +445,13 @@ fn close(target: Target, session: Session, notes: &mut Vec<String>) -> Result<()
     result.map(|_| ())
 }
 
+/// The first three fields of /proc/loadavg: the machine is shared, the figures say how much.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
 fn main() -> std::process::ExitCode {
     let mut args = Args::parse();
     if !(args.seconds > 0.0 && args.seconds < 3600.0) {
@@ -382,7 +482,8 @@ fn main() -> std::process::ExitCode {
     }
     println!(
         "# bulkhead-blk-bench: {} MiB image at {}; each workload {} times {} s per target, \
-         targets taking turns; CPUs: benchmark {}, backend {}; virtqueue size {}, EVENT_IDX {}",
+         targets taking turns; CPUs: benchmark {}, backend {}; virtqueue size {}, EVENT_IDX {}; \
+         O_DIRECT {}; load average at start {}",
         args.size_mib,
         args.image().display(),
         args.runs,
@@ -395,6 +496,8 @@ fn main() -> std::process::ExitCode {
         } else {
             "if offered"
         },
+        if args.direct { "on" } else { "off" },
+        loadavg(),
     );
     let mut failed = false;
     let mut notes = Vec::new();
@@ -403,7 +506,16 @@ fn main() -> std::process::ExitCode {
     // workload can take turns: a slow spell of the machine then hits all targets alike.
     let mut live: Vec<(Target, Option<Session>)> = Vec::new();
     for &target in &args.targets {
-        if target == Target::BulkheadBlock && !args.bulkhead_block.exists() {
+        if matches!(target, Target::Ch | Target::ChPoll) && args.ch.is_none() {
+            notes.push(format!(
+                "{}: skipped, no --ch PATH (Cloud Hypervisor's vhost_user_block binary)",
+                target.label()
+            ));
+            continue;
+        }
+        if matches!(target, Target::BulkheadBlock | Target::BulkheadBlockPoll)
+            && !args.bulkhead_block.exists()
+        {
             notes.push(format!(
                 "bulkhead-block: skipped, {} not found (cargo build --release -p bulkhead-block)",
                 args.bulkhead_block.display()
@@ -422,13 +534,18 @@ fn main() -> std::process::ExitCode {
     if !live.is_empty() {
         print_header();
     }
-    for w in &all {
+    let rows: Vec<(Workload, Driver)> = all
+        .iter()
+        .flat_map(|w| args.driver.iter().map(move |d| (*w, *d)))
+        .collect();
+    for (w, driver) in &rows {
+        let (w, driver) = (w, *driver);
         let mut samples: Vec<Vec<Row>> = live.iter().map(|_| Vec::new()).collect();
         let mut errors: Vec<Option<anyhow::Error>> = live.iter().map(|_| None).collect();
         for _ in 0..args.runs {
             for (i, (_, session)) in live.iter_mut().enumerate() {
                 let Some(s) = session.as_mut() else { continue };
-                match measure(&args, s, w) {
+                match measure(&args, s, w, driver, place) {
                     Ok(row) => samples[i].push(row),
                     Err(e) => {
                         errors[i] = Some(e);
@@ -441,13 +558,14 @@ fn main() -> std::process::ExitCode {
             if let Some(e) = &errors[i] {
                 failed = true;
                 println!(
-                    "{:<14} {:>3}  {:<20} FAILED: {e:#}",
+                    "{:<14} {:>3} {:<4}  {:<20} FAILED: {e:#}",
                     w.name,
                     w.depth,
+                    driver.label(),
                     target.label()
                 );
             } else {
-                print_row(w, *target, &mut samples[i]);
+                print_row(w, driver, *target, &mut samples[i]);
             }
         }
     }
@@ -460,6 +578,7 @@ fn main() -> std::process::ExitCode {
         }
     }
 
+    println!("# load average at end {}", loadavg());
     for n in &notes {
         println!("# note: {n}");
     }
