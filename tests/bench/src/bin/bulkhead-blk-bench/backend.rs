@@ -161,6 +161,29 @@ impl BackendProcess {
         Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
     }
 
+    /// Move every thread of the backend to `cpu` (or let them run anywhere). Threads that
+    /// cannot be moved (io_uring's io-wq workers) are left where they are.
+    pub fn pin(&self, cpu: Option<usize>) {
+        let set = match cpu {
+            Some(c) => crate::pin::cpu_set(c),
+            None => crate::pin::all_cpus(),
+        };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
+            return;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: `set` is a valid cpu_set_t of the size passed; a failure is ignored.
+            unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+        }
+    }
+
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();

@@ -123,9 +123,13 @@ struct Args {
     /// Queue depth of the sequential workloads.
     #[arg(long, default_value_t = 8)]
     seq_depth: usize,
-    /// Where the benchmark and the backend run (see --help).
+    /// Where the benchmark and the backend run for the interrupt-driven rows (see --help).
     #[arg(long, value_enum, default_value = "same")]
     pin: Pin,
+    /// Where they run for the polling rows: two spinning sides on one CPU mostly wait for
+    /// each other's time slice, so by default each gets a CPU of its own.
+    #[arg(long, value_enum, default_value = "split")]
+    pin_poll: Pin,
     /// Virtqueue size.
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
@@ -381,6 +385,11 @@ fn measure(
     place: Placement,
 ) -> Result<Row> {
     let size = args.size_mib << 20;
+    // The placement of this row's driver mode, for this thread and the backend's threads.
+    pin::repin_current_thread(place.bench).context("bind the benchmark thread")?;
+    if let Some(b) = &s.backend {
+        b.pin(place.backend);
+    }
     let same_cpu = place.bench.is_some() && place.bench == place.backend;
     s.engine.set_poll(driver == Driver::Poll, same_cpu)?;
     let duration = Duration::from_secs_f64(args.seconds);
@@ -467,9 +476,9 @@ fn main() -> std::process::ExitCode {
     }
     let all = workloads(args.seq_depth);
     let slots = all.iter().map(|w| w.depth).max().unwrap_or(1);
-    let place = match args.pin.placement() {
-        Ok(p) => p,
-        Err(e) => {
+    let (place, place_poll) = match (args.pin.placement(), args.pin_poll.placement()) {
+        (Ok(p), Ok(q)) => (p, q),
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("error: {e:#}");
             return std::process::ExitCode::FAILURE;
         }
@@ -482,7 +491,8 @@ fn main() -> std::process::ExitCode {
     }
     println!(
         "# bulkhead-blk-bench: {} MiB image at {}; each workload {} times {} s per target, \
-         targets taking turns; CPUs: benchmark {}, backend {}; virtqueue size {}, EVENT_IDX {}; \
+         targets taking turns; CPUs: benchmark {}, backend {} (polling rows: {}, {}); \
+         virtqueue size {}, EVENT_IDX {}; \
          O_DIRECT {}; load average at start {}",
         args.size_mib,
         args.image().display(),
@@ -490,6 +500,8 @@ fn main() -> std::process::ExitCode {
         args.seconds,
         place.bench.map_or("any".into(), |c| c.to_string()),
         place.backend.map_or("any".into(), |c| c.to_string()),
+        place_poll.bench.map_or("any".into(), |c| c.to_string()),
+        place_poll.backend.map_or("any".into(), |c| c.to_string()),
         args.queue_size,
         if args.no_event_idx {
             "off"
@@ -545,7 +557,11 @@ fn main() -> std::process::ExitCode {
         for _ in 0..args.runs {
             for (i, (_, session)) in live.iter_mut().enumerate() {
                 let Some(s) = session.as_mut() else { continue };
-                match measure(&args, s, w, driver, place) {
+                let p = match driver {
+                    Driver::Irq => place,
+                    Driver::Poll => place_poll,
+                };
+                match measure(&args, s, w, driver, p) {
                     Ok(row) => samples[i].push(row),
                     Err(e) => {
                         errors[i] = Some(e);
