@@ -116,7 +116,22 @@ pub struct QueueWorker {
     in_flight: Vec<u64>,
     /// The device's rate limiter, shared with its other queues.
     limiter: Option<Arc<Mutex<RateLimiter>>>,
+    /// A batch's completions, disk operations and their owners: kept between batches (empty)
+    /// so that a batch allocates none of them again.
+    scratch: Option<Scratch>,
 }
+
+#[derive(Default)]
+struct Scratch {
+    completions: Vec<Completion>,
+    ops: Vec<Op>,
+    owners: Vec<usize>,
+}
+
+// SAFETY: the only part that is not Send is the iovec pointers inside `ops`, and `ops` is
+// empty whenever the worker (and so the scratch) is not inside `process_queue`, which runs on
+// one thread under the worker's lock from start to end.
+unsafe impl Send for Scratch {}
 
 /// The outcome of one request, before it is published.
 struct Completion {
@@ -174,6 +189,7 @@ impl QueueWorker {
             broken: None,
             in_flight: Vec::new(),
             limiter: None,
+            scratch: None,
         }
     }
 
@@ -273,6 +289,23 @@ impl QueueWorker {
         mem: &GuestMemoryMmap,
         limits: &Limits,
     ) -> Batch {
+        let mut scratch = self.scratch.take().unwrap_or_default();
+        let batch = self.process_queue_with(queue, mem, limits, &mut scratch);
+        // The ops point into guest memory: none outlives its batch.
+        scratch.completions.clear();
+        scratch.ops.clear();
+        scratch.owners.clear();
+        self.scratch = Some(scratch);
+        batch
+    }
+
+    fn process_queue_with(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        limits: &Limits,
+        scratch: &mut Scratch,
+    ) -> Batch {
         if self.broken.is_some() || !queue.ready() {
             return Batch::default();
         }
@@ -284,9 +317,11 @@ impl QueueWorker {
         self.in_flight.clear();
         self.in_flight.resize(usize::from(size).div_ceil(64), 0);
 
-        let mut completions: Vec<Completion> = Vec::new();
-        let mut ops: Vec<Op> = Vec::new();
-        let mut owners: Vec<usize> = Vec::new();
+        let Scratch {
+            completions,
+            ops,
+            owners,
+        } = scratch;
         let mut budget = BatchBudget::default();
         let mut more = false;
         let mut throttled = None;
@@ -361,9 +396,9 @@ impl QueueWorker {
             more = true;
         }
 
-        self.run(mem, &mut completions, &mut ops, &owners);
+        self.run(mem, completions, ops, owners);
 
-        for c in &completions {
+        for c in completions.iter() {
             let len = publish(mem, c);
             // A head that is not a descriptor index cannot be returned; the rest of the batch
             // still is.
