@@ -625,6 +625,16 @@ impl QueueWorker {
         let offset = sector << SECTOR_SHIFT;
         let mut iovecs = Vec::with_capacity(data.len());
         for seg in data {
+            // The usual case, a buffer inside one memory region: one lookup, no iterator.
+            if seg.len > 0 && iovecs.len() < MAX_IOVECS {
+                if let Ok(slice) = GuestMemoryBackend::get_slice(mem, seg.addr, seg.len as usize) {
+                    iovecs.push(libc::iovec {
+                        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                        iov_len: slice.len(),
+                    });
+                    continue;
+                }
+            }
             for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
                 let slice = slice.map_err(|_| PrepareError::Fail)?;
                 if iovecs.len() >= MAX_IOVECS {
