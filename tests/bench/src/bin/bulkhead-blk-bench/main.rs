@@ -2,16 +2,21 @@
 //!
 //! This program is the vhost-user frontend and the guest driver at once: it shares a memfd
 //! as guest memory with the backend, sets up one split virtqueue in it and drives virtio-blk
-//! requests through it (see `vhost_blk.rs`). For each of
-//! - `bulkhead-block`, started here on the image,
-//! - `qemu-storage-daemon` exporting the same image as vhost-user-blk,
+//! requests through it (see `vhost_blk.rs`), waiting for completions on the call eventfd (the
+//! `irq` rows, as a guest waits for its interrupt) or by spinning on the used ring with calls
+//! suppressed (the `poll` rows). For each of
+//! - `bulkhead-block`, started here on the image, and again with `--poll-us`,
+//! - `qemu-storage-daemon` exporting the same image as vhost-user-blk (io_uring),
+//! - Cloud Hypervisor's `vhost_user_block` (`--ch PATH`) with `poll_queue=false` and with its
+//!   default `poll_queue=true`,
 //! - plain io_uring on the image file (no virtio, no second process: the ceiling), and the
 //!   same with the file opened O_NONBLOCK, which lets io_uring complete page-cache reads
 //!   inline instead of in a worker thread,
 //!
 //! it first checks that data goes to and comes from the right places (fails loudly if not).
 //! Then it runs each workload for a fixed time, several times, the targets taking turns, and
-//! prints per target the run with the median IOPS: IOPS, MiB/s, latency, CPU time, and the
+//! prints per target the run with the median IOPS: IOPS, MiB/s, latency, CPU time (also the
+//! backend's CPU microseconds per request, from its /proc/PID/stat, all threads), and the
 //! spread between the fastest and the slowest run (the build machines are shared and
 //! noisy). The image lives in tmpfs, so the figures are those of the I/O path, not of a
 //! disk. It asserts nothing about speed.
