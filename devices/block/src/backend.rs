@@ -242,7 +242,8 @@ impl BlockBackend {
         let limits = self.limits();
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         let poll = self.inner.poll;
-        let started = Instant::now();
+        // Only a polling device looks at the clock.
+        let started = (!poll.is_zero()).then(Instant::now);
         loop {
             let polling = {
                 let mut worker = worker.lock().unwrap_or_else(|p| p.into_inner());
@@ -277,7 +278,7 @@ impl BlockBackend {
             // The ring is empty and the driver's notifications are off: look at it for `poll`
             // without holding the queue's locks (the frontend may stop the vring meanwhile).
             if Self::poll_avail(vring, &mem, poll) {
-                if started.elapsed() < MAX_POLL_STRETCH {
+                if started.is_some_and(|t| t.elapsed() < MAX_POLL_STRETCH) {
                     continue;
                 }
                 // Back through the worker's epoll loop (exit, frontend wake-ups), and here
