@@ -841,7 +841,15 @@ mod tests {
 
     impl Harness {
         fn with(read_only: bool, direct: bool, uring: bool) -> Harness {
-            let image = TempFile::new().expect("temp file");
+            Self::with_image(
+                TempFile::new().expect("temp file"),
+                read_only,
+                direct,
+                uring,
+            )
+        }
+
+        fn with_image(image: TempFile, read_only: bool, direct: bool, uring: bool) -> Harness {
             let mut content = Vec::new();
             for s in 0..SECTORS {
                 content.extend(std::iter::repeat_n(sector_pattern(s), 512));
@@ -1007,6 +1015,42 @@ mod tests {
             assert!(data[..512].iter().all(|&b| b == sector_pattern(3)));
             assert!(data[512..].iter().all(|&b| b == sector_pattern(4)));
         }
+    }
+
+    /// A harness whose image is in /dev/shm, if that is a tmpfs here.
+    fn tmpfs_harness() -> Option<Harness> {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let tmpfs = mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/dev/shm") && l.contains(" tmpfs "));
+        if !tmpfs {
+            return None;
+        }
+        let image = TempFile::new_in(std::path::Path::new("/dev/shm")).expect("temp file");
+        Some(Harness::with_image(image, false, false, true))
+    }
+
+    #[test]
+    fn test_tmpfs_image_served_inline_with_uring_engine() {
+        let Some(mut h) = tmpfs_harness() else {
+            return;
+        };
+        assert!(h.worker.disk.memory_backed() && h.worker.engine().is_uring());
+        h.header(HDR, VIRTIO_BLK_T_OUT, 5);
+        h.fill(DATA, 1024, 0x5a);
+        assert_eq!(h.run(&[r(HDR, 16), r(DATA, 1024), w(STATUS, 1)]), 1);
+        assert_eq!(h.status(), STATUS_OK);
+        h.header(HDR, VIRTIO_BLK_T_IN, 4);
+        h.fill(DATA, 2048, 0);
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 2048), w(STATUS, 1)]), 2049);
+        assert_eq!(h.status(), STATUS_OK);
+        let data = h.read(DATA, 2048);
+        assert!(data[..512].iter().all(|&b| b == sector_pattern(4)));
+        assert!(data[512..1536].iter().all(|&b| b == 0x5a));
+        assert!(data[1536..].iter().all(|&b| b == sector_pattern(7)));
+        h.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(h.run(&[r(HDR, 16), w(STATUS, 1)]), 1);
+        assert_eq!(h.status(), STATUS_OK);
     }
 
     #[test]
