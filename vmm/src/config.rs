@@ -50,9 +50,10 @@ pub struct Args {
     /// `memory_max=SIZE` and `pids_max=N` override its process's limits (docs/jail-resources.md).
     /// Rate limits (Firecracker's token buckets, one per device): `bw_size`, `bw_one_time_burst`,
     /// `bw_refill_time`, `ops_size`, `ops_one_time_burst`, `ops_refill_time` (docs/disks.md).
+    /// `poll_us=N`: its queue workers poll their rings N microseconds before sleeping (off).
     #[arg(
         long,
-        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS]"
+        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS][,poll_us=N]"
     )]
     pub disk: Vec<String>,
     /// A network interface, repeatable, served by a `bulkhead-net` process on a tap:
@@ -147,6 +148,8 @@ pub enum SerialConfig {
 pub const MAX_DISK_QUEUES: u16 = 16;
 /// Entries per disk queue unless `queue_size=` says otherwise.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// Largest `poll_us` of a disk (bulkhead-block's `--poll-us` bound).
+pub const MAX_DISK_POLL_US: u32 = 10_000;
 /// Most entries a disk queue may have.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Longest disk serial (virtio-blk's GET_ID buffer).
@@ -167,6 +170,9 @@ pub enum DiskBackend {
         direct: bool,
         /// `bw_*`, `ops_*`: the device's token buckets (one limiter for all its queues).
         rate_limit: RateLimit,
+        /// `poll_us=N`: microseconds a queue worker polls its ring before it sleeps (0: off;
+        /// bulkhead-block `--poll-us`).
+        poll_us: u32,
     },
     /// A vhost-user-blk backend someone else started, listening here.
     Socket(PathBuf),
@@ -214,9 +220,18 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
             "ops_size",
             "ops_one_time_burst",
             "ops_refill_time",
+            "poll_us",
         ],
     )?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+    let poll_us = match get("poll_us") {
+        None => 0,
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= MAX_DISK_POLL_US)
+            .ok_or_else(|| bad(format!("poll_us={v:?}: expected 0 to {MAX_DISK_POLL_US}")))?,
+    };
     let readonly = match get("readonly") {
         None | Some("off") => false,
         Some("on") => true,
@@ -305,12 +320,13 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
                 serial,
                 direct,
                 rate_limit,
+                poll_us,
             }
         }
         (None, Some(socket)) if !socket.is_empty() => {
-            if readonly || serial.is_some() || direct || !rate_limit.is_empty() {
+            if readonly || serial.is_some() || direct || !rate_limit.is_empty() || poll_us > 0 {
                 return Err(bad(
-                    "readonly, serial, direct and the rate limits belong to the backend's own options with socket="
+                    "readonly, serial, direct, poll_us and the rate limits belong to the backend's own options with socket="
                         .into(),
                 ));
             }
@@ -1179,8 +1195,18 @@ mod tests {
                 serial: Some("abc".into()),
                 direct: false,
                 rate_limit: vec![],
+                poll_us: 0,
             }
         );
+        let DiskBackend::Process { poll_us, .. } = parse_disk(&format!("path={p},poll_us=50"))
+            .expect("valid")
+            .backend
+        else {
+            panic!("a process disk");
+        };
+        assert_eq!(poll_us, 50);
+        assert!(parse_disk(&format!("path={p},poll_us=10001")).is_err());
+        assert!(parse_disk("socket=/s,poll_us=5").is_err());
         assert_eq!(
             parse_disk("socket=/run/blk.sock").expect("valid").backend,
             DiskBackend::Socket("/run/blk.sock".into())

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::backend::{MAX_QUEUES, MAX_QUEUE_SIZE};
+use crate::backend::{MAX_POLL_US, MAX_QUEUES, MAX_QUEUE_SIZE};
 use crate::request::ID_BYTES;
 use crate::{Config, ImageSource, Serial};
 use bulkhead_device_runtime::args::check_fd;
@@ -58,6 +58,11 @@ pub struct Args {
     /// Operations refill time, ms: the bucket refills --ops-size operations in this long.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     ops_refill_time: u64,
+    /// After its queue runs empty, a worker keeps looking at the ring for this many
+    /// microseconds (the driver's notifications off) before it sleeps: lower latency for a
+    /// CPU that spins. 0 (the default): no polling.
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    poll_us: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -74,6 +79,8 @@ pub enum ConfigError {
     Image,
     #[error("--{0}-size and --{0}-refill-time go together (both non-zero, or neither)")]
     Bucket(&'static str),
+    #[error("--poll-us must be at most {MAX_POLL_US}, not {0}")]
+    PollUs(u32),
 }
 
 fn bucket(
@@ -128,6 +135,9 @@ impl TryFrom<Args> for Config {
                 args.ops_refill_time,
             )?,
         };
+        if args.poll_us > MAX_POLL_US {
+            return Err(ConfigError::PollUs(args.poll_us));
+        }
         let runtime = RuntimeConfig::try_from(args.runtime)?;
         let image = match (args.image_fd, args.path) {
             (Some(fd), name) => ImageSource::Fd {
@@ -149,6 +159,7 @@ impl TryFrom<Args> for Config {
             serial,
             direct: args.direct,
             rate_limit,
+            poll_us: args.poll_us,
         })
     }
 }
@@ -292,6 +303,24 @@ mod tests {
         let err = parse(&["--socket-fd", "3", "--path", "/i", "--num-queues", "x"])
             .expect_err("bad number");
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn test_args_poll_us_converted_and_bounded() {
+        let base = ["--socket-fd", "3", "--path", "/i"];
+        let config = Config::try_from(parse(&base).expect("parse")).expect("config");
+        assert_eq!(config.poll_us, 0, "polling is off by default");
+        let with = |v: &str| {
+            let mut a = base.to_vec();
+            a.extend(["--poll-us", v]);
+            Config::try_from(parse(&a).expect("parse"))
+        };
+        assert_eq!(with("50").expect("config").poll_us, 50);
+        assert_eq!(with("10000").expect("config").poll_us, MAX_POLL_US);
+        assert_eq!(
+            with("10001").expect_err("too long"),
+            ConfigError::PollUs(10001)
+        );
     }
 
     #[test]

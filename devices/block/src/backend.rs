@@ -4,6 +4,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -37,6 +38,12 @@ const MAX_CONFIG_REQUEST: u64 = 0x1000;
 
 /// Most queues a device may have (queues map to worker threads through a 64-bit mask).
 pub const MAX_QUEUES: u16 = 64;
+/// Longest a queue worker stays in one round of processing and polling before it goes back
+/// through its epoll loop (which serves the worker's exit and wake-up events).
+const MAX_POLL_STRETCH: Duration = Duration::from_millis(10);
+/// Largest `--poll-us`.
+pub const MAX_POLL_US: u32 = 10_000;
+
 /// Largest queue size accepted on the command line.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 
@@ -68,6 +75,9 @@ pub struct BlockDeviceConfig {
     pub serial: Serial,
     /// The rate limit, shared by all queues (none when no bucket is set).
     pub rate_limit: LimiterConfig,
+    /// How long a queue worker keeps looking at its avail ring for more requests, with the
+    /// driver's notifications off, before it goes back to sleep (`--poll-us`; zero: never).
+    pub poll: Duration,
 }
 
 /// The virtio-blk vhost-user backend. Clones share state.
@@ -89,6 +99,8 @@ struct Inner {
     workers: Vec<Mutex<QueueWorker>>,
     /// Rate limit of the config-write log line.
     config_log: Mutex<LogLimiter>,
+    /// See [`BlockDeviceConfig::poll`].
+    poll: Duration,
 }
 
 impl BlockBackend {
@@ -152,6 +164,7 @@ impl BlockBackend {
                 mem: RwLock::new(None),
                 workers,
                 config_log: Mutex::new(LogLimiter::default()),
+                poll: config.poll,
             }),
         }
     }
@@ -226,51 +239,119 @@ impl BlockBackend {
             .workers
             .get(queue)
             .ok_or(BackendError::NoSuchQueue(queue))?;
-        let mut worker = worker.lock().unwrap_or_else(|p| p.into_inner());
         let limits = self.limits();
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
-
-        let mut state = vring.get_mut();
-        if !state.get_queue().ready() {
-            return Ok(());
-        }
-        let was_broken = worker.broken().is_some();
-        let result = Self::process_batches(
-            &mut worker,
-            &mut state,
-            &mem,
-            &limits,
-            event_idx,
-            local,
-            queue,
-        );
-        if !was_broken && worker.broken().is_some() {
-            // The guest broke the queue: the frontend learns it through the vring's error
-            // eventfd and shows the driver DEVICE_NEEDS_RESET; the queue stays stopped until
-            // the driver resets the device.
-            if !bulkhead_device_runtime::signal_queue_error(queue) {
-                debug!("queue {queue}: the frontend gave no error eventfd");
+        let poll = self.inner.poll;
+        // Only a polling device looks at the clock.
+        let started = (!poll.is_zero()).then(Instant::now);
+        loop {
+            let polling = {
+                let mut worker = worker.lock().unwrap_or_else(|p| p.into_inner());
+                let mut state = vring.get_mut();
+                if !state.get_queue().ready() {
+                    return Ok(());
+                }
+                let was_broken = worker.broken().is_some();
+                let result = Self::process_batches(
+                    &mut worker,
+                    &mut state,
+                    &mem,
+                    &limits,
+                    event_idx,
+                    !poll.is_zero(),
+                    local,
+                    queue,
+                );
+                if !was_broken && worker.broken().is_some() {
+                    // The guest broke the queue: the frontend learns it through the vring's
+                    // error eventfd and shows the driver DEVICE_NEEDS_RESET; the queue stays
+                    // stopped until the driver resets the device.
+                    if !bulkhead_device_runtime::signal_queue_error(queue) {
+                        debug!("queue {queue}: the frontend gave no error eventfd");
+                    }
+                }
+                result?
+            };
+            if !polling {
+                return Ok(());
+            }
+            // The ring is empty and the driver's notifications are off: look at it for `poll`
+            // without holding the queue's locks (the frontend may stop the vring meanwhile).
+            if Self::poll_avail(vring, &mem, poll) {
+                if started.is_some_and(|t| t.elapsed() < MAX_POLL_STRETCH) {
+                    continue;
+                }
+                // Back through the worker's epoll loop (exit, frontend wake-ups), and here
+                // again at once: the requests are there and nobody will kick for them.
+                bulkhead_device_runtime::retry_queue_after(local, Duration::ZERO);
+                return Ok(());
+            }
+            // Nothing came: notifications on again, and one last look (a request may have
+            // come just before the driver could see them on).
+            let _worker = worker.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = vring.get_mut();
+            if !state.get_queue().ready() {
+                return Ok(());
+            }
+            match state.get_queue_mut().enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => return Ok(()),
+                // The next batch finds and reports what is wrong with the ring.
+                Err(_) => continue,
             }
         }
-        result
     }
 
+    /// Spins (yielding the CPU to whoever else wants it) until the avail ring of `vring` has
+    /// a request this device has not taken, for at most `budget`. False if none came, the
+    /// queue was stopped, or the index cannot be read.
+    fn poll_avail(vring: &VringRwLock, mem: &GuestMemoryMmap, budget: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            {
+                let state = vring.get_ref();
+                let q = state.get_queue();
+                if !q.ready() || !state.is_enabled() {
+                    return false;
+                }
+                match q.avail_idx(mem, Ordering::Acquire) {
+                    Ok(idx) if idx.0 != q.next_avail() => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+            if start.elapsed() >= budget {
+                return false;
+            }
+            // sched_yield: free when the CPU has nothing else to run, and a vCPU or another
+            // device thread on this CPU is not starved by the poll.
+            std::thread::yield_now();
+        }
+    }
+
+    /// Runs batches until the queue is empty. With `poll`, returns true if it left the
+    /// driver's notifications off for the caller to poll the ring (instead of turning them on
+    /// again and checking once more).
+    #[allow(clippy::too_many_arguments)]
     fn process_batches(
         worker: &mut QueueWorker,
         state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
         mem: &GuestMemoryMmap,
         limits: &Limits,
         event_idx: bool,
+        poll: bool,
         local: u16,
         queue: usize,
-    ) -> Result<(), BackendError> {
+    ) -> Result<bool, BackendError> {
         // Batches until the queue is empty: a batch stops at its budgets, and the requests left
         // in the ring are not announced again by the driver.
         loop {
             if worker.broken().is_some() {
                 break;
             }
-            if event_idx {
+            // Without EVENT_IDX this sets VRING_USED_F_NO_NOTIFY, which only a polling worker
+            // wants (it clears it when it stops polling).
+            if event_idx || poll {
                 if let Err(e) = state.get_queue_mut().disable_notification(mem) {
                     worker.mark_broken(QueueError::Notification(e));
                     break;
@@ -292,6 +373,9 @@ impl BlockBackend {
             if batch.more {
                 continue;
             }
+            if poll {
+                return Ok(true);
+            }
             if !event_idx {
                 break;
             }
@@ -305,7 +389,7 @@ impl BlockBackend {
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -443,6 +527,7 @@ mod tests {
             queue_size: 128,
             serial: Serial::default(),
             rate_limit: Default::default(),
+            poll: Duration::ZERO,
         });
         (tmp, backend)
     }
@@ -490,6 +575,7 @@ mod tests {
                 queue_size,
                 serial: Serial::default(),
                 rate_limit: Default::default(),
+                poll: Duration::ZERO,
             });
             assert_eq!(b.limits().seg_max, seg_max, "queue size {queue_size}");
             assert!(b.max_queue_size() >= 2);
@@ -514,6 +600,7 @@ mod tests {
             queue_size: 64,
             serial: Serial::default(),
             rate_limit: Default::default(),
+            poll: Duration::ZERO,
         });
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * MIB as usize)])
             .expect("guest memory");
@@ -555,6 +642,64 @@ mod tests {
             let status: u8 = mem.read_obj(GuestAddress(2 * MIB + i)).expect("status");
             assert_eq!(status, 0);
         }
+    }
+
+    #[test]
+    fn test_process_vring_polling_serves_then_turns_notifications_back_on() {
+        use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_IN;
+        use virtio_bindings::bindings::virtio_ring::{
+            VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+        };
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::{Bytes, GuestAddress};
+
+        const MIB: u64 = 1 << 20;
+        let tmp = TempFile::new().expect("temp file");
+        tmp.as_file().set_len(MIB).expect("size");
+        let disk = DiskImage::open(tmp.as_path(), OpenMode::default()).expect("open");
+        let b = BlockBackend::new(BlockDeviceConfig {
+            disk,
+            num_queues: 1,
+            queue_size: 16,
+            serial: Serial::default(),
+            rate_limit: Default::default(),
+            poll: Duration::from_micros(300),
+        });
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 * MIB as usize)])
+            .expect("guest memory");
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        b.update_memory(atomic.clone()).expect("memory");
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        mem.write_slice(&header, GuestAddress(MIB)).expect("header");
+        let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+        let raw: Vec<RawDescriptor> = [
+            Descriptor::new(MIB, 16, next, 1),
+            Descriptor::new(2 * MIB, 4096, next | write, 2),
+            Descriptor::new(3 * MIB, 1, write, 0),
+        ]
+        .into_iter()
+        .map(RawDescriptor::from)
+        .collect();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&raw, 0).expect("chain");
+        let vring = VringRwLock::new(atomic, 16).expect("vring");
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .expect("queue addresses");
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let start = Instant::now();
+        b.process_vring(&vring, 0, 0).expect("process");
+        // Served, then polled the empty ring for its budget, then notifications on again.
+        assert_eq!(vq.used().idx().load(), 1);
+        assert!(start.elapsed() >= Duration::from_micros(300));
+        let used_flags: u16 = mem.read_obj(vq.used_addr()).expect("used flags");
+        assert_eq!(used_flags & VRING_USED_F_NO_NOTIFY as u16, 0);
+        let status: u8 = mem.read_obj(GuestAddress(3 * MIB)).expect("status");
+        assert_eq!(status, 0);
     }
 
     #[test]

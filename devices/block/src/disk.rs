@@ -82,6 +82,8 @@ pub struct DiskImage {
     capacity_sectors: u64,
     read_only: bool,
     direct: Option<DirectAlignment>,
+    /// A regular file in memory (tmpfs, ramfs, hugetlbfs): see [`DiskImage::memory_backed`].
+    memory_backed: bool,
     /// Set once `FALLOC_FL_PUNCH_HOLE` turned out unsupported, so later requests skip it.
     no_punch_hole: AtomicBool,
     /// Set once `FALLOC_FL_ZERO_RANGE` turned out unsupported.
@@ -247,11 +249,16 @@ impl DiskImage {
         } else {
             None
         };
+        let memory_backed = file_type.is_file() && in_memory_file_system(&file);
+        if memory_backed {
+            info!("the image is in memory (tmpfs): its reads and writes are done inline");
+        }
         Ok(DiskImage {
             file,
             capacity_sectors: size >> SECTOR_SHIFT,
             read_only: mode.read_only,
             direct,
+            memory_backed,
             no_punch_hole: AtomicBool::new(false),
             no_zero_range: AtomicBool::new(false),
             stats: RequestStats::default(),
@@ -265,6 +272,15 @@ impl DiskImage {
 
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Whether the image is a file in a memory file system (tmpfs, ramfs, hugetlbfs). Its
+    /// reads and writes never wait for a device, and io_uring cannot issue them inline: such
+    /// a file system does not declare `FMODE_NOWAIT`, so io_uring hands every request on it to
+    /// an io-wq worker thread, two context switches and a wake-up per request (the QD1 profile
+    /// in docs/benchmarks.md). The engine does them with plain syscalls instead.
+    pub fn memory_backed(&self) -> bool {
+        self.memory_backed
     }
 
     /// The O_DIRECT alignment, if the image was opened with O_DIRECT.
@@ -503,6 +519,23 @@ unsafe fn rw_vectored_all(
     Ok(())
 }
 
+/// Whether `file` lives in a file system whose data is memory: tmpfs (and shmem), ramfs,
+/// hugetlbfs. False when the question cannot be answered.
+fn in_memory_file_system(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // SAFETY: all-zero is a valid statfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into `st`, a statfs of the right size, for a descriptor we own.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type is i64 on x86_64, u64 on aarch64 (musl)
+    let magic = st.f_type as i64;
+    matches!(magic, TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC)
+}
+
 /// Queries the O_DIRECT alignment with statx(STATX_DIOALIGN), falling back to 512/512 on kernels
 /// or file systems that do not report it.
 fn direct_alignment(file: &File) -> io::Result<DirectAlignment> {
@@ -590,6 +623,22 @@ mod tests {
     use super::*;
     use std::io::Write;
     use vmm_sys_util::tempfile::TempFile;
+
+    #[test]
+    fn test_memory_backed_only_for_tmpfs_files() {
+        // /dev/shm is tmpfs wherever the mount table says so; elsewhere there is nothing to
+        // check here.
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        if mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/dev/shm") && l.contains(" tmpfs "))
+        {
+            let tmp = TempFile::new_in(Path::new("/dev/shm")).expect("temp file in /dev/shm");
+            tmp.as_file().set_len(4096).expect("size");
+            let disk = DiskImage::open(tmp.as_path(), OpenMode::default()).expect("open");
+            assert!(disk.memory_backed());
+        }
+    }
 
     fn image(len: usize) -> TempFile {
         let tmp = TempFile::new().expect("temp file");

@@ -86,6 +86,13 @@ impl Engine {
                     op.result = run_sync(disk, &op.kind);
                 }
             }
+            // A file in memory: every op is a copy (or a no-op flush) the worker thread does
+            // faster itself than an io-wq worker woken for it (DiskImage::memory_backed).
+            Engine::Uring(_) if disk.memory_backed() => {
+                for op in ops.iter_mut() {
+                    op.result = run_sync(disk, &op.kind);
+                }
+            }
             Engine::Uring(ring) => run_uring(ring, disk, ops),
         }
     }

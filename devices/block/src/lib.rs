@@ -62,6 +62,8 @@ pub struct Config {
     pub direct: bool,
     /// The device's rate limit (one limiter shared by its queues, as Firecracker's per device).
     pub rate_limit: LimiterConfig,
+    /// `--poll-us`: microseconds a queue worker polls its ring before sleeping (0: off).
+    pub poll_us: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,13 +118,18 @@ impl Device for Config {
         }
         .map_err(|e| OpenError::bad_input(Error::OpenDisk(e)))?;
         info!(
-            "disk {}: {} sectors{}{}, {} queue(s) of {}",
+            "disk {}: {} sectors{}{}, {} queue(s) of {}{}",
             name.display(),
             disk.capacity_sectors(),
             if self.read_only { ", read-only" } else { "" },
             if self.direct { ", O_DIRECT" } else { "" },
             self.num_queues,
-            self.queue_size
+            self.queue_size,
+            if self.poll_us > 0 {
+                format!(", polling {} us", self.poll_us)
+            } else {
+                String::new()
+            }
         );
         let backend = BlockBackend::new(BlockDeviceConfig {
             disk,
@@ -130,6 +137,7 @@ impl Device for Config {
             queue_size: self.queue_size,
             serial: self.serial,
             rate_limit: self.rate_limit,
+            poll: std::time::Duration::from_micros(u64::from(self.poll_us)),
         });
         let seccomp = seccomp_filter().map_err(|e| OpenError::failure(Error::BuildSeccomp(e)))?;
         let control = Arc::new(BlockControl {

@@ -116,7 +116,22 @@ pub struct QueueWorker {
     in_flight: Vec<u64>,
     /// The device's rate limiter, shared with its other queues.
     limiter: Option<Arc<Mutex<RateLimiter>>>,
+    /// A batch's completions, disk operations and their owners: kept between batches (empty)
+    /// so that a batch allocates none of them again.
+    scratch: Option<Scratch>,
 }
+
+#[derive(Default)]
+struct Scratch {
+    completions: Vec<Completion>,
+    ops: Vec<Op>,
+    owners: Vec<usize>,
+}
+
+// SAFETY: the only part that is not Send is the iovec pointers inside `ops`, and `ops` is
+// empty whenever the worker (and so the scratch) is not inside `process_queue`, which runs on
+// one thread under the worker's lock from start to end.
+unsafe impl Send for Scratch {}
 
 /// The outcome of one request, before it is published.
 struct Completion {
@@ -174,6 +189,7 @@ impl QueueWorker {
             broken: None,
             in_flight: Vec::new(),
             limiter: None,
+            scratch: None,
         }
     }
 
@@ -273,6 +289,23 @@ impl QueueWorker {
         mem: &GuestMemoryMmap,
         limits: &Limits,
     ) -> Batch {
+        let mut scratch = self.scratch.take().unwrap_or_default();
+        let batch = self.process_queue_with(queue, mem, limits, &mut scratch);
+        // The ops point into guest memory: none outlives its batch.
+        scratch.completions.clear();
+        scratch.ops.clear();
+        scratch.owners.clear();
+        self.scratch = Some(scratch);
+        batch
+    }
+
+    fn process_queue_with(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        limits: &Limits,
+        scratch: &mut Scratch,
+    ) -> Batch {
         if self.broken.is_some() || !queue.ready() {
             return Batch::default();
         }
@@ -284,9 +317,11 @@ impl QueueWorker {
         self.in_flight.clear();
         self.in_flight.resize(usize::from(size).div_ceil(64), 0);
 
-        let mut completions: Vec<Completion> = Vec::new();
-        let mut ops: Vec<Op> = Vec::new();
-        let mut owners: Vec<usize> = Vec::new();
+        let Scratch {
+            completions,
+            ops,
+            owners,
+        } = scratch;
         let mut budget = BatchBudget::default();
         let mut more = false;
         let mut throttled = None;
@@ -361,9 +396,9 @@ impl QueueWorker {
             more = true;
         }
 
-        self.run(mem, &mut completions, &mut ops, &owners);
+        self.run(mem, completions, ops, owners);
 
-        for c in &completions {
+        for c in completions.iter() {
             let len = publish(mem, c);
             // A head that is not a descriptor index cannot be returned; the rest of the batch
             // still is.
@@ -590,6 +625,16 @@ impl QueueWorker {
         let offset = sector << SECTOR_SHIFT;
         let mut iovecs = Vec::with_capacity(data.len());
         for seg in data {
+            // The usual case, a buffer inside one memory region: one lookup, no iterator.
+            if seg.len > 0 && iovecs.len() < MAX_IOVECS {
+                if let Ok(slice) = GuestMemoryBackend::get_slice(mem, seg.addr, seg.len as usize) {
+                    iovecs.push(libc::iovec {
+                        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                        iov_len: slice.len(),
+                    });
+                    continue;
+                }
+            }
             for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
                 let slice = slice.map_err(|_| PrepareError::Fail)?;
                 if iovecs.len() >= MAX_IOVECS {
@@ -796,7 +841,15 @@ mod tests {
 
     impl Harness {
         fn with(read_only: bool, direct: bool, uring: bool) -> Harness {
-            let image = TempFile::new().expect("temp file");
+            Self::with_image(
+                TempFile::new().expect("temp file"),
+                read_only,
+                direct,
+                uring,
+            )
+        }
+
+        fn with_image(image: TempFile, read_only: bool, direct: bool, uring: bool) -> Harness {
             let mut content = Vec::new();
             for s in 0..SECTORS {
                 content.extend(std::iter::repeat_n(sector_pattern(s), 512));
@@ -962,6 +1015,42 @@ mod tests {
             assert!(data[..512].iter().all(|&b| b == sector_pattern(3)));
             assert!(data[512..].iter().all(|&b| b == sector_pattern(4)));
         }
+    }
+
+    /// A harness whose image is in /dev/shm, if that is a tmpfs here.
+    fn tmpfs_harness() -> Option<Harness> {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let tmpfs = mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/dev/shm") && l.contains(" tmpfs "));
+        if !tmpfs {
+            return None;
+        }
+        let image = TempFile::new_in(std::path::Path::new("/dev/shm")).expect("temp file");
+        Some(Harness::with_image(image, false, false, true))
+    }
+
+    #[test]
+    fn test_tmpfs_image_served_inline_with_uring_engine() {
+        let Some(mut h) = tmpfs_harness() else {
+            return;
+        };
+        assert!(h.worker.disk.memory_backed() && h.worker.engine().is_uring());
+        h.header(HDR, VIRTIO_BLK_T_OUT, 5);
+        h.fill(DATA, 1024, 0x5a);
+        assert_eq!(h.run(&[r(HDR, 16), r(DATA, 1024), w(STATUS, 1)]), 1);
+        assert_eq!(h.status(), STATUS_OK);
+        h.header(HDR, VIRTIO_BLK_T_IN, 4);
+        h.fill(DATA, 2048, 0);
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 2048), w(STATUS, 1)]), 2049);
+        assert_eq!(h.status(), STATUS_OK);
+        let data = h.read(DATA, 2048);
+        assert!(data[..512].iter().all(|&b| b == sector_pattern(4)));
+        assert!(data[512..1536].iter().all(|&b| b == 0x5a));
+        assert!(data[1536..].iter().all(|&b| b == sector_pattern(7)));
+        h.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(h.run(&[r(HDR, 16), w(STATUS, 1)]), 1);
+        assert_eq!(h.status(), STATUS_OK);
     }
 
     #[test]

@@ -37,7 +37,8 @@ pub fn rules() -> Rules {
     // The io_uring engine (engine::run_uring) submits and reaps on rings created before the
     // filter; io_uring_setup and io_uring_register stay forbidden.
     r.allow("io_uring_enter");
-    // engine::run_uring backs off with thread::yield_now.
+    // engine::run_uring backs off with thread::yield_now; a polling queue worker
+    // (--poll-us, BlockBackend::poll_avail) yields between looks at its ring.
     r.allow("sched_yield");
     r
 }

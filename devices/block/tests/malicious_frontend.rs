@@ -49,6 +49,7 @@ fn serve(num_queues: u16) -> (Served, UnixStream) {
         queue_size: 16,
         serial: Serial::default(),
         rate_limit: Default::default(),
+        poll: std::time::Duration::ZERO,
     });
     let (ours, theirs) = UnixStream::pair().expect("socketpair");
     let thread = std::thread::spawn(move || serve_stream(theirs, backend));

@@ -311,6 +311,7 @@ fn block_args(disk: &DiskConfig) -> Vec<String> {
         serial,
         direct,
         rate_limit,
+        poll_us,
     } = &disk.backend
     else {
         return Vec::new();
@@ -337,6 +338,9 @@ fn block_args(disk: &DiskConfig) -> Vec<String> {
     for (option, value) in rate_limit {
         args.push(format!("--{}", option.replace('_', "-")));
         args.push(value.to_string());
+    }
+    if *poll_us > 0 {
+        args.extend(["--poll-us".to_string(), poll_us.to_string()]);
     }
     args
 }
@@ -1045,6 +1049,7 @@ mod tests {
                     ("ops_one_time_burst", 5),
                     ("ops_refill_time", 1000),
                 ],
+                poll_us: 50,
             },
             num_queues: 2,
             queue_size: 128,
@@ -1056,7 +1061,7 @@ mod tests {
             block_args(&disk).join(" "),
             "--path /img --image-fd 5 --num-queues 2 --queue-size 128 --direct \
              --bw-size 1048576 --bw-refill-time 100 --ops-size 10 --ops-one-time-burst 5 \
-             --ops-refill-time 1000"
+             --ops-refill-time 1000 --poll-us 50"
         );
     }
 

@@ -53,12 +53,14 @@ impl BackendProcess {
         })
     }
 
+    /// `extra`: more options (`--poll-us N`, `--direct`).
     pub fn bulkhead_block(
         bin: &Path,
         image: &Path,
         socket: &Path,
         log: &Path,
         queue_size: u16,
+        extra: &[String],
         cpu: Option<usize>,
     ) -> Result<Self> {
         let mut cmd = Command::new(bin);
@@ -67,8 +69,33 @@ impl BackendProcess {
             .arg("--path")
             .arg(image)
             .args(["--num-queues", "1", "--queue-size"])
-            .arg(queue_size.to_string());
+            .arg(queue_size.to_string())
+            .args(extra);
         Self::spawn(cmd, log, true, cpu)
+    }
+
+    /// Cloud Hypervisor's `vhost_user_block`, as its documentation runs it, with its queue
+    /// polling on (its default) or off.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cloud_hypervisor(
+        bin: &Path,
+        image: &Path,
+        socket: &Path,
+        log: &Path,
+        queue_size: u16,
+        poll_queue: bool,
+        direct: bool,
+        cpu: Option<usize>,
+    ) -> Result<Self> {
+        let mut cmd = Command::new(bin);
+        cmd.arg("--block-backend").arg(format!(
+            "path={},socket={},num_queues=1,queue_size={queue_size},direct={direct},\
+             poll_queue={poll_queue}",
+            image.display(),
+            socket.display(),
+        ));
+        // It goes back to listening when its frontend leaves; it is stopped like qsd.
+        Self::spawn(cmd, log, false, cpu)
     }
 
     pub fn qemu_storage_daemon(
@@ -76,13 +103,15 @@ impl BackendProcess {
         image: &Path,
         socket: &Path,
         log: &Path,
+        direct: bool,
         cpu: Option<usize>,
     ) -> Result<Self> {
         let mut cmd = Command::new(bin);
         cmd.arg("--blockdev")
             .arg(format!(
-                "driver=file,node-name=f,filename={},cache.direct=off",
-                image.display()
+                "driver=file,node-name=f,filename={},cache.direct={},aio=io_uring",
+                image.display(),
+                if direct { "on" } else { "off" }
             ))
             .arg("--export")
             .arg(format!(
@@ -130,6 +159,29 @@ impl BackendProcess {
         // SAFETY: sysconf has no memory effects.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
         Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+    }
+
+    /// Move every thread of the backend to `cpu` (or let them run anywhere). Threads that
+    /// cannot be moved (io_uring's io-wq workers) are left where they are.
+    pub fn pin(&self, cpu: Option<usize>) {
+        let set = match cpu {
+            Some(c) => crate::pin::cpu_set(c),
+            None => crate::pin::all_cpus(),
+        };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
+            return;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: `set` is a valid cpu_set_t of the size passed; a failure is ignored.
+            unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+        }
     }
 
     pub fn log_tail(&self) -> String {

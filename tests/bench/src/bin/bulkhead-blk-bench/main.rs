@@ -2,16 +2,21 @@
 //!
 //! This program is the vhost-user frontend and the guest driver at once: it shares a memfd
 //! as guest memory with the backend, sets up one split virtqueue in it and drives virtio-blk
-//! requests through it (see `vhost_blk.rs`). For each of
-//! - `bulkhead-block`, started here on the image,
-//! - `qemu-storage-daemon` exporting the same image as vhost-user-blk,
+//! requests through it (see `vhost_blk.rs`), waiting for completions on the call eventfd (the
+//! `irq` rows, as a guest waits for its interrupt) or by spinning on the used ring with calls
+//! suppressed (the `poll` rows). For each of
+//! - `bulkhead-block`, started here on the image, and again with `--poll-us`,
+//! - `qemu-storage-daemon` exporting the same image as vhost-user-blk (io_uring),
+//! - Cloud Hypervisor's `vhost_user_block` (`--ch PATH`) with `poll_queue=false` and with its
+//!   default `poll_queue=true`,
 //! - plain io_uring on the image file (no virtio, no second process: the ceiling), and the
 //!   same with the file opened O_NONBLOCK, which lets io_uring complete page-cache reads
 //!   inline instead of in a worker thread,
 //!
 //! it first checks that data goes to and comes from the right places (fails loudly if not).
 //! Then it runs each workload for a fixed time, several times, the targets taking turns, and
-//! prints per target the run with the median IOPS: IOPS, MiB/s, latency, CPU time, and the
+//! prints per target the run with the median IOPS: IOPS, MiB/s, latency, CPU time (also the
+//! backend's CPU microseconds per request, from its /proc/PID/stat, all threads), and the
 //! spread between the fastest and the slowest run (the build machines are shared and
 //! noisy). The image lives in tmpfs, so the figures are those of the I/O path, not of a
 //! disk. It asserts nothing about speed.
@@ -42,8 +47,14 @@ use workload::{Engine, Figures, Op, Pattern, Workload};
 enum Target {
     /// Bulkhead's vhost-user-blk backend.
     BulkheadBlock,
+    /// The same with `--poll-us` (see `--poll-us`).
+    BulkheadBlockPoll,
     /// QEMU's storage daemon as a vhost-user-blk backend.
     Qsd,
+    /// Cloud Hypervisor's vhost_user_block with `poll_queue=false` (needs `--ch`).
+    Ch,
+    /// Cloud Hypervisor's vhost_user_block with its default `poll_queue=true` (needs `--ch`).
+    ChPoll,
     /// io_uring straight on the image file.
     IoUring,
     /// The same on the file opened O_NONBLOCK: reads are tried inline before a worker.
@@ -54,7 +65,10 @@ impl Target {
     fn label(self) -> &'static str {
         match self {
             Target::BulkheadBlock => "bulkhead-block",
+            Target::BulkheadBlockPoll => "bulkhead-block poll",
             Target::Qsd => "qemu-storage-daemon",
+            Target::Ch => "ch poll_queue=false",
+            Target::ChPoll => "ch poll_queue=true",
             Target::IoUring => "io_uring",
             Target::IoUringNonblock => "io_uring O_NONBLOCK",
         }
@@ -71,14 +85,32 @@ struct Args {
     /// The qemu-storage-daemon binary.
     #[arg(long, default_value = "qemu-storage-daemon")]
     qsd: PathBuf,
+    /// Cloud Hypervisor's vhost_user_block binary; without it its targets are skipped (and
+    /// the output says so).
+    #[arg(long)]
+    ch: Option<PathBuf>,
     /// What to measure, in this order.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "bulkhead-block,qsd,io-uring,io-uring-nonblock"
+        default_value = "bulkhead-block,bulkhead-block-poll,qsd,ch,ch-poll,io-uring,io-uring-nonblock"
     )]
     targets: Vec<Target>,
+    /// `--poll-us` of the `bulkhead-block-poll` target.
+    #[arg(long, default_value_t = 50)]
+    poll_us: u32,
+    /// How the driver waits for completions, each mode a row of every workload: `irq` sleeps
+    /// on the call eventfd (as a guest waits for its interrupt), `poll` spins on the used
+    /// ring with calls suppressed (yielding the CPU between looks when it shares it with the
+    /// backend, `--pin same`).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "irq,poll")]
+    driver: Vec<Driver>,
+    /// Open the image with O_DIRECT in every backend (bulkhead-block `--direct`, qsd
+    /// `cache.direct=on`, Cloud Hypervisor `direct=true`); put `--image` on a regular file
+    /// system then, tmpfs has no O_DIRECT.
+    #[arg(long)]
+    direct: bool,
     /// Image file, created and prefilled for each target, removed at the end; put it in
     /// tmpfs. Default: /dev/shm/bulkhead-blk-bench.<pid>.img.
     #[arg(long)]
@@ -96,9 +128,13 @@ struct Args {
     /// Queue depth of the sequential workloads.
     #[arg(long, default_value_t = 8)]
     seq_depth: usize,
-    /// Where the benchmark and the backend run (see --help).
+    /// Where the benchmark and the backend run for the interrupt-driven rows (see --help).
     #[arg(long, value_enum, default_value = "same")]
     pin: Pin,
+    /// Where they run for the polling rows: two spinning sides on one CPU mostly wait for
+    /// each other's time slice, so by default each gets a CPU of its own.
+    #[arg(long, value_enum, default_value = "split")]
+    pin_poll: Pin,
     /// Virtqueue size.
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
@@ -108,6 +144,21 @@ struct Args {
     /// Keep the image file at the end.
     #[arg(long)]
     keep_image: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Driver {
+    Irq,
+    Poll,
+}
+
+impl Driver {
+    fn label(self) -> &'static str {
+        match self {
+            Driver::Irq => "irq",
+            Driver::Poll => "poll",
+        }
+    }
 }
 
 impl Args {
@@ -130,6 +181,20 @@ fn workloads(seq_depth: usize) -> Vec<Workload> {
         Workload {
             name: "randread 4k",
             op: Op::Read,
+            pattern: Pattern::Random,
+            block: 4096,
+            depth: 32,
+        },
+        Workload {
+            name: "randwrite 4k",
+            op: Op::Write,
+            pattern: Pattern::Random,
+            block: 4096,
+            depth: 1,
+        },
+        Workload {
+            name: "randwrite 4k",
+            op: Op::Write,
             pattern: Pattern::Random,
             block: 4096,
             depth: 32,
@@ -177,19 +242,40 @@ fn open_target(
                 backend: None,
             });
         }
-        Target::BulkheadBlock => BackendProcess::bulkhead_block(
-            &args.bulkhead_block,
-            args.image(),
-            &socket,
-            &log,
-            args.queue_size,
-            place.backend,
-        )?,
+        Target::BulkheadBlock | Target::BulkheadBlockPoll => {
+            let mut extra = Vec::new();
+            if target == Target::BulkheadBlockPoll {
+                extra.extend(["--poll-us".to_string(), args.poll_us.to_string()]);
+            }
+            if args.direct {
+                extra.push("--direct".into());
+            }
+            BackendProcess::bulkhead_block(
+                &args.bulkhead_block,
+                args.image(),
+                &socket,
+                &log,
+                args.queue_size,
+                &extra,
+                place.backend,
+            )?
+        }
         Target::Qsd => BackendProcess::qemu_storage_daemon(
             &args.qsd,
             args.image(),
             &socket,
             &log,
+            args.direct,
+            place.backend,
+        )?,
+        Target::Ch | Target::ChPoll => BackendProcess::cloud_hypervisor(
+            args.ch.as_deref().context("no --ch")?,
+            args.image(),
+            &socket,
+            &log,
+            args.queue_size,
+            target == Target::ChPoll,
+            args.direct,
             place.backend,
         )?,
     };
@@ -243,9 +329,10 @@ impl Row {
 
 fn print_header() {
     println!(
-        "{:<14} {:>3}  {:<20} {:>9} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "{:<14} {:>3} {:<4}  {:<20} {:>9} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
         "workload",
         "QD",
+        "drv",
         "target",
         "IOPS",
         "spread",
@@ -254,16 +341,17 @@ fn print_header() {
         "lat p50",
         "lat p99",
         "backend",
+        "backend",
         "bench"
     );
     println!(
-        "{:<14} {:>3}  {:<20} {:>9} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
-        "", "", "", "median", "%", "", "us", "us", "us", "CPU %", "CPU %"
+        "{:<14} {:>3} {:<4}  {:<20} {:>9} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "", "", "", "", "median", "%", "", "us", "us", "us", "CPU %", "us/IO", "CPU %"
     );
 }
 
 /// One line: the run with the median IOPS, and how far apart the fastest and slowest were.
-fn print_row(w: &Workload, target: Target, rows: &mut [Row]) {
+fn print_row(w: &Workload, driver: Driver, target: Target, rows: &mut [Row]) {
     rows.sort_by(|a, b| a.figures.iops().total_cmp(&b.figures.iops()));
     let (Some(min), Some(max)) = (rows.first(), rows.last()) else {
         return;
@@ -272,9 +360,10 @@ fn print_row(w: &Workload, target: Target, rows: &mut [Row]) {
     let f = &r.figures;
     let spread = 100.0 * (max.figures.iops() - min.figures.iops()) / f.iops().max(1.0);
     println!(
-        "{:<14} {:>3}  {:<20} {:>9.0} {:>6.0} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8} {:>6}",
+        "{:<14} {:>3} {:<4}  {:<20} {:>9.0} {:>6.0} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8} {:>8} {:>6}",
         w.name,
         w.depth,
+        driver.label(),
         target.label(),
         f.iops(),
         spread,
@@ -285,13 +374,29 @@ fn print_row(w: &Workload, target: Target, rows: &mut [Row]) {
         r.backend_cpu
             .map(|d| r.cpu_pct(d))
             .unwrap_or_else(|| "-".into()),
+        r.backend_cpu
+            .map(|d| format!("{:.2}", d.as_secs_f64() * 1e6 / f.ops.max(1) as f64))
+            .unwrap_or_else(|| "-".into()),
         r.cpu_pct(r.bench_cpu),
     );
     let _ = std::io::stdout().flush();
 }
 
-fn measure(args: &Args, s: &mut Session, w: &Workload) -> Result<Row> {
+fn measure(
+    args: &Args,
+    s: &mut Session,
+    w: &Workload,
+    driver: Driver,
+    place: Placement,
+) -> Result<Row> {
     let size = args.size_mib << 20;
+    // The placement of this row's driver mode, for this thread and the backend's threads.
+    pin::repin_current_thread(place.bench).context("bind the benchmark thread")?;
+    if let Some(b) = &s.backend {
+        b.pin(place.backend);
+    }
+    let same_cpu = place.bench.is_some() && place.bench == place.backend;
+    s.engine.set_poll(driver == Driver::Poll, same_cpu)?;
     let duration = Duration::from_secs_f64(args.seconds);
     let warmup = (duration / 10).min(Duration::from_millis(500));
     workload::run(s.engine.as_mut(), w, size, warmup).context("warm-up")?;
@@ -301,8 +406,10 @@ fn measure(args: &Args, s: &mut Session, w: &Workload) -> Result<Row> {
         .map(BackendProcess::cpu_time)
         .transpose()?;
     let bench_cpu0 = own_cpu_time();
-    let figures = workload::run(s.engine.as_mut(), w, size, duration)?;
+    let figures = workload::run(s.engine.as_mut(), w, size, duration);
     let bench_cpu = own_cpu_time() - bench_cpu0;
+    s.engine.set_poll(false, same_cpu)?;
+    let figures = figures?;
     let backend_cpu = match (&s.backend, backend_cpu0) {
         (Some(b), Some(t0)) => Some(b.cpu_time()? - t0),
         _ => None,
@@ -352,6 +459,13 @@ fn close(target: Target, session: Session, notes: &mut Vec<String>) -> Result<()
     result.map(|_| ())
 }
 
+/// The first three fields of /proc/loadavg: the machine is shared, the figures say how much.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
 fn main() -> std::process::ExitCode {
     let mut args = Args::parse();
     if !(args.seconds > 0.0 && args.seconds < 3600.0) {
@@ -367,9 +481,9 @@ fn main() -> std::process::ExitCode {
     }
     let all = workloads(args.seq_depth);
     let slots = all.iter().map(|w| w.depth).max().unwrap_or(1);
-    let place = match args.pin.placement() {
-        Ok(p) => p,
-        Err(e) => {
+    let (place, place_poll) = match (args.pin.placement(), args.pin_poll.placement()) {
+        (Ok(p), Ok(q)) => (p, q),
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("error: {e:#}");
             return std::process::ExitCode::FAILURE;
         }
@@ -382,19 +496,25 @@ fn main() -> std::process::ExitCode {
     }
     println!(
         "# bulkhead-blk-bench: {} MiB image at {}; each workload {} times {} s per target, \
-         targets taking turns; CPUs: benchmark {}, backend {}; virtqueue size {}, EVENT_IDX {}",
+         targets taking turns; CPUs: benchmark {}, backend {} (polling rows: {}, {}); \
+         virtqueue size {}, EVENT_IDX {}; \
+         O_DIRECT {}; load average at start {}",
         args.size_mib,
         args.image().display(),
         args.runs,
         args.seconds,
         place.bench.map_or("any".into(), |c| c.to_string()),
         place.backend.map_or("any".into(), |c| c.to_string()),
+        place_poll.bench.map_or("any".into(), |c| c.to_string()),
+        place_poll.backend.map_or("any".into(), |c| c.to_string()),
         args.queue_size,
         if args.no_event_idx {
             "off"
         } else {
             "if offered"
         },
+        if args.direct { "on" } else { "off" },
+        loadavg(),
     );
     let mut failed = false;
     let mut notes = Vec::new();
@@ -403,7 +523,16 @@ fn main() -> std::process::ExitCode {
     // workload can take turns: a slow spell of the machine then hits all targets alike.
     let mut live: Vec<(Target, Option<Session>)> = Vec::new();
     for &target in &args.targets {
-        if target == Target::BulkheadBlock && !args.bulkhead_block.exists() {
+        if matches!(target, Target::Ch | Target::ChPoll) && args.ch.is_none() {
+            notes.push(format!(
+                "{}: skipped, no --ch PATH (Cloud Hypervisor's vhost_user_block binary)",
+                target.label()
+            ));
+            continue;
+        }
+        if matches!(target, Target::BulkheadBlock | Target::BulkheadBlockPoll)
+            && !args.bulkhead_block.exists()
+        {
             notes.push(format!(
                 "bulkhead-block: skipped, {} not found (cargo build --release -p bulkhead-block)",
                 args.bulkhead_block.display()
@@ -422,13 +551,22 @@ fn main() -> std::process::ExitCode {
     if !live.is_empty() {
         print_header();
     }
-    for w in &all {
+    let rows: Vec<(Workload, Driver)> = all
+        .iter()
+        .flat_map(|w| args.driver.iter().map(move |d| (*w, *d)))
+        .collect();
+    for (w, driver) in &rows {
+        let (w, driver) = (w, *driver);
         let mut samples: Vec<Vec<Row>> = live.iter().map(|_| Vec::new()).collect();
         let mut errors: Vec<Option<anyhow::Error>> = live.iter().map(|_| None).collect();
         for _ in 0..args.runs {
             for (i, (_, session)) in live.iter_mut().enumerate() {
                 let Some(s) = session.as_mut() else { continue };
-                match measure(&args, s, w) {
+                let p = match driver {
+                    Driver::Irq => place,
+                    Driver::Poll => place_poll,
+                };
+                match measure(&args, s, w, driver, p) {
                     Ok(row) => samples[i].push(row),
                     Err(e) => {
                         errors[i] = Some(e);
@@ -441,13 +579,14 @@ fn main() -> std::process::ExitCode {
             if let Some(e) = &errors[i] {
                 failed = true;
                 println!(
-                    "{:<14} {:>3}  {:<20} FAILED: {e:#}",
+                    "{:<14} {:>3} {:<4}  {:<20} FAILED: {e:#}",
                     w.name,
                     w.depth,
+                    driver.label(),
                     target.label()
                 );
             } else {
-                print_row(w, *target, &mut samples[i]);
+                print_row(w, driver, *target, &mut samples[i]);
             }
         }
     }
@@ -460,6 +599,7 @@ fn main() -> std::process::ExitCode {
         }
     }
 
+    println!("# load average at end {}", loadavg());
     for n in &notes {
         println!("# note: {n}");
     }

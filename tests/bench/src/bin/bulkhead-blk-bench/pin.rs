@@ -49,6 +49,32 @@ pub fn cpu_set(cpu: usize) -> libc::cpu_set_t {
     set
 }
 
+/// Every CPU this process may use (taken at start-up, before any pinning).
+pub fn all_cpus() -> libc::cpu_set_t {
+    // SAFETY: all-zero is a valid, empty cpu_set_t.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for c in ALLOWED.get().cloned().unwrap_or_default() {
+        // SAFETY: CPU_SET writes into `set`; an index of CPU_SETSIZE or more is ignored.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    set
+}
+
+static ALLOWED: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+
+/// Let the calling thread run on every CPU it could at start-up (`None`), or bind it.
+pub fn repin_current_thread(cpu: Option<usize>) -> std::io::Result<()> {
+    let set = match cpu {
+        Some(c) => cpu_set(c),
+        None => all_cpus(),
+    };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Bind the calling thread to `cpu`; threads and processes it creates later inherit that.
 pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
     let set = cpu_set(cpu);
@@ -61,7 +87,14 @@ pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
 
 impl Pin {
     pub fn placement(self) -> Result<Placement> {
-        let cpus = allowed_cpus()?;
+        let cpus = match ALLOWED.get() {
+            Some(c) => c.clone(),
+            None => {
+                let c = allowed_cpus()?;
+                let _ = ALLOWED.set(c.clone());
+                c
+            }
+        };
         ensure!(!cpus.is_empty(), "no CPU to run on");
         Ok(match self {
             Pin::None => Placement {

@@ -23,7 +23,8 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+    VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
 };
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{
@@ -117,6 +118,10 @@ pub struct VhostUserBlk {
     /// Completions whose used length was not what the spec asks for.
     pub odd_used_len: u64,
     pub info: DeviceInfo,
+    /// Busy-poll the used ring instead of waiting for the call eventfd (see `set_poll`).
+    poll: bool,
+    /// Yield the CPU between looks at the used ring while polling: the backend shares it.
+    poll_yield: bool,
 }
 
 fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File> {
@@ -299,6 +304,8 @@ impl VhostUserBlk {
             in_flight: vec![None; slots],
             odd_used_len: 0,
             info,
+            poll: false,
+            poll_yield: false,
         })
     }
 
@@ -471,6 +478,9 @@ impl Engine for VhostUserBlk {
 
     fn reap(&mut self, done: &mut Vec<usize>) -> Result<()> {
         let q = u64::from(self.queue_size);
+        if self.poll {
+            return self.reap_polling(done);
+        }
         loop {
             let mut used = self.used_idx()?;
             if used == self.last_used && self.info.event_idx {
@@ -490,39 +500,17 @@ impl Engine for VhostUserBlk {
                 self.wait_call()?;
                 continue;
             }
-            let pending = used.wrapping_sub(self.last_used);
-            ensure!(
-                usize::from(pending) <= self.in_flight.len(),
-                "used idx jumped by {pending} with at most {} requests in flight",
-                self.in_flight.len()
-            );
-            while self.last_used != used {
-                let at = self.layout.used + 4 + 8 * (u64::from(self.last_used) % q);
-                // struct virtq_used_elem { le32 id; le32 len; }
-                let id = u32::from(self.read::<Le32>(at)?);
-                let used_len = u32::from(self.read::<Le32>(at + 4)?);
-                let slot = (id / u32::from(self.descs_per_slot)) as usize;
-                ensure!(
-                    id % u32::from(self.descs_per_slot) == 0 && slot < self.in_flight.len(),
-                    "used ring entry names descriptor {id}, which heads no request"
-                );
-                let Some(want_len) = self.in_flight[slot].take() else {
-                    bail!("used ring entry for descriptor {id}, which is not in flight");
-                };
-                let status: u8 =
-                    self.read(self.layout.headers + HEADER_STRIDE * slot as u64 + STATUS_OFFSET)?;
-                ensure!(
-                    u32::from(status) == VIRTIO_BLK_S_OK,
-                    "request on slot {slot} completed with status {status:#x}"
-                );
-                if used_len != want_len {
-                    self.odd_used_len += 1;
-                }
-                done.push(slot);
-                self.last_used = self.last_used.wrapping_add(1);
-            }
-            return Ok(());
+            return self.take_used(used, done);
         }
+    }
+
+    fn set_poll(&mut self, poll: bool, same_cpu: bool) -> Result<()> {
+        self.poll = poll;
+        self.poll_yield = same_cpu;
+        self.suppress_calls(poll)?;
+        // A call that was already made is drained, so a later wait is not woken by it.
+        let _ = self.call.read();
+        Ok(())
     }
 
     fn fill_buffer(&mut self, slot: usize, data: &[u8]) -> Result<()> {
@@ -557,6 +545,108 @@ impl Engine for VhostUserBlk {
             ));
         }
         Ok(remarks)
+    }
+}
+
+impl VhostUserBlk {
+    /// Completions up to used index `used`: check each and append its slot.
+    fn take_used(&mut self, used: u16, done: &mut Vec<usize>) -> Result<()> {
+        let q = u64::from(self.queue_size);
+        let pending = used.wrapping_sub(self.last_used);
+        ensure!(
+            usize::from(pending) <= self.in_flight.len(),
+            "used idx jumped by {pending} with at most {} requests in flight",
+            self.in_flight.len()
+        );
+        while self.last_used != used {
+            let at = self.layout.used + 4 + 8 * (u64::from(self.last_used) % q);
+            // struct virtq_used_elem { le32 id; le32 len; }
+            let id = u32::from(self.read::<Le32>(at)?);
+            let used_len = u32::from(self.read::<Le32>(at + 4)?);
+            let slot = (id / u32::from(self.descs_per_slot)) as usize;
+            ensure!(
+                id % u32::from(self.descs_per_slot) == 0 && slot < self.in_flight.len(),
+                "used ring entry names descriptor {id}, which heads no request"
+            );
+            let Some(want_len) = self.in_flight[slot].take() else {
+                bail!("used ring entry for descriptor {id}, which is not in flight");
+            };
+            let status: u8 =
+                self.read(self.layout.headers + HEADER_STRIDE * slot as u64 + STATUS_OFFSET)?;
+            ensure!(
+                u32::from(status) == VIRTIO_BLK_S_OK,
+                "request on slot {slot} completed with status {status:#x}"
+            );
+            if used_len != want_len {
+                self.odd_used_len += 1;
+            }
+            done.push(slot);
+            self.last_used = self.last_used.wrapping_add(1);
+        }
+        Ok(())
+    }
+
+    /// Spin on the used ring until something completed, as a polling guest driver does
+    /// (calls suppressed, so the backend makes none; see `suppress_calls`).
+    fn reap_polling(&mut self, done: &mut Vec<usize>) -> Result<()> {
+        let start = std::time::Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let used = self.used_idx()?;
+            if used != self.last_used {
+                self.take_used(used, done)?;
+                return self.suppress_calls(true);
+            }
+            spins = spins.wrapping_add(1);
+            if self.poll_yield {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+            if spins.is_multiple_of(4096)
+                && start.elapsed() > std::time::Duration::from_millis(REAP_TIMEOUT_MS as u64)
+            {
+                bail!(
+                    "no completion within {} s: backend stuck or gone",
+                    REAP_TIMEOUT_MS / 1000
+                );
+            }
+        }
+    }
+
+    /// With `off`, ask the device for no call: `used_event` half the ring index space ahead
+    /// (EVENT_IDX) or VRING_AVAIL_F_NO_INTERRUPT. Without, ask for a call at every used entry
+    /// again (the interrupt-driven mode sets `used_event` itself before it waits).
+    fn suppress_calls(&mut self, off: bool) -> Result<()> {
+        let q = u64::from(self.queue_size);
+        if self.info.event_idx {
+            let event = if off {
+                self.last_used.wrapping_add(0x7fff)
+            } else {
+                self.last_used
+            };
+            self.mem
+                .store(
+                    event,
+                    MemoryRegionAddress(self.layout.avail + 4 + 2 * q),
+                    Ordering::Relaxed,
+                )
+                .context("store used_event")?;
+        } else {
+            let flags: u16 = if off {
+                VRING_AVAIL_F_NO_INTERRUPT as u16
+            } else {
+                0
+            };
+            self.mem
+                .store(
+                    flags,
+                    MemoryRegionAddress(self.layout.avail),
+                    Ordering::Relaxed,
+                )
+                .context("store avail flags")?;
+        }
+        Ok(())
     }
 }
 

@@ -38,6 +38,12 @@ pub trait Engine {
     fn fill_buffer(&mut self, slot: usize, data: &[u8]) -> Result<()>;
     /// Copy the start of `slot`'s buffer into `data`.
     fn read_buffer(&self, slot: usize, data: &mut [u8]) -> Result<()>;
+    /// Wait for completions by busy-polling (`poll`) or by sleeping until notified. With
+    /// `same_cpu`, the path's other side runs on this CPU: the poll loop yields to it.
+    fn set_poll(&mut self, poll: bool, same_cpu: bool) -> Result<()> {
+        let _ = (poll, same_cpu);
+        Ok(())
+    }
     /// Stop the path with nothing in flight; return remarks on anything odd it saw.
     fn close(&mut self) -> Result<Vec<String>> {
         Ok(Vec::new())
