@@ -356,6 +356,23 @@ pub fn compile(thread: ThreadKind, arch: TargetArch) -> Result<BpfProgram, Secco
         .map_err(|e| SeccompError::Build(thread.name(), e))
 }
 
+/// The trace family of `thread`'s filter (the seccomp rule usage trace, test only): the main
+/// thread's is traced apart from the others, since vCPU threads run under both.
+pub fn trace_family(thread: ThreadKind) -> seccomp::TraceFamily {
+    match thread {
+        ThreadKind::Main => seccomp::TraceFamily::VmmMain,
+        _ => seccomp::TraceFamily::VmmThreads,
+    }
+}
+
+/// Compiles the filter of `thread` for this host as it is installed (traced in the test-only
+/// seccomp rule usage trace, `bulkhead_sandbox::seccomp::TRACE_ENV`).
+fn compile_installed(thread: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    rules(thread)
+        .compile_installed(thread.name(), trace_family(thread))
+        .map_err(|e| SeccompError::Build(thread.name(), e))
+}
+
 /// The compiled filters, or `None` when the sandbox is off.
 static FILTERS: OnceLock<Option<BTreeMap<ThreadKind, BpfProgram>>> = OnceLock::new();
 
@@ -366,11 +383,10 @@ pub fn init(enabled: bool) -> Result<(), SeccompError> {
         // A panic under a filter must abort with its message, not die of SIGSYS while
         // resolving a backtrace.
         seccomp::install_panic_hook();
-        let arch = native_arch();
         Some(
             ThreadKind::ALL
                 .iter()
-                .map(|&t| compile(t, arch).map(|p| (t, p)))
+                .map(|&t| compile_installed(t).map(|p| (t, p)))
                 .collect::<Result<BTreeMap<_, _>, _>>()?,
         )
     } else {
