@@ -32,15 +32,21 @@ use anyhow::{bail, Context, Result};
 use bulkhead::seccomp::ThreadKind;
 use bulkhead_sandbox::seccomp::{native_arch, syscall_name, syscall_nr, Allow, Rules, TraceFamily};
 
+/// The rules every VMM thread kind has (`common_rules` in `vmm/src/seccomp.rs`).
+const VMM_COMMON: &str = "vmm-common";
+/// The rules every device process has (`runtime_rules` in `devices/runtime/src/seccomp.rs`).
+const RUNTIME: &str = "runtime";
+
 /// SECCOMP_RET_LOG, as the audit record's `code=` shows it.
 const CODE_LOG: u32 = 0x7ffc_0000;
 /// AUDIT_SECCOMP.
 const TYPE_SECCOMP: &str = "type=1326";
 
 /// Rules a normal run of the trace scenario cannot reach, with the reason; the check prints
-/// them and does not fail on them. (filter, syscall, reason). Filters: the VMM thread kinds'
-/// names, `runtime` (the rules every device gets from the runtime), `bulkhead-block`,
-/// `bulkhead-net`, `bulkhead-spawn`.
+/// them and does not fail on them. (filter, syscall, reason). Filters: `vmm-common` (the rules
+/// every VMM thread kind has), the VMM thread kinds' names (their own rules), `runtime` (the
+/// rules every device gets from the runtime), `bulkhead-block` and `bulkhead-net` (their own
+/// rules), `bulkhead-spawn`.
 const EXCEPTIONS: &[(&str, &str, &str)] = &[];
 
 fn main() -> Result<()> {
@@ -313,8 +319,8 @@ struct Run {
 struct Filter {
     name: String,
     rules: Rules,
-    /// Syscall -> run number -> calls.
-    used: BTreeMap<&'static str, BTreeMap<usize, u64>>,
+    /// Syscall -> who used it (run and thread kind or process) -> calls.
+    used: BTreeMap<&'static str, BTreeMap<String, u64>>,
 }
 
 /// The VMM thread kind a thread name belongs to (`std::thread::Builder::name` in the VMM;
@@ -349,22 +355,40 @@ fn check(runs: &[Run]) -> Result<bool> {
             used: BTreeMap::new(),
         })
     };
-    for kind in ThreadKind::ALL {
-        add(kind.name(), bulkhead::seccomp::rules(kind));
-    }
-    let runtime = bulkhead_device_runtime::seccomp::runtime_rules();
-    add("runtime", runtime.clone());
-    let own = |device: Rules| {
-        let mut r = Rules::default();
-        for (name, allow) in device.allowed {
-            if !runtime.allowed.contains_key(name) {
-                r.allowed.insert(name, allow);
-            }
-        }
+    // What every VMM thread kind allows (common_rules: allocating, locking, logging, thread
+    // exit, abort on a panic): judged on all VMM threads together, as any thread takes those
+    // paths; each kind's own rules on that kind.
+    let kinds: Vec<(ThreadKind, Rules)> = ThreadKind::ALL
+        .iter()
+        .map(|&k| (k, bulkhead::seccomp::rules(k)))
+        .collect();
+    let mut common = kinds[0].1.clone();
+    common
+        .allowed
+        .retain(|name, _| kinds.iter().all(|(_, r)| r.allowed.contains_key(name)));
+    common.enosys.clear();
+    let minus = |all: &Rules, shared: &Rules| {
+        let mut r = all.clone();
+        r.allowed
+            .retain(|name, _| !shared.allowed.contains_key(name));
         r
     };
-    add("bulkhead-block", own(bulkhead_block::seccomp::rules()));
-    add("bulkhead-net", own(bulkhead_net::seccomp::rules()));
+    add(VMM_COMMON, common.clone());
+    for (kind, rules) in &kinds {
+        add(kind.name(), minus(rules, &common));
+    }
+    // The device runtime's rules are judged on every device process together, a device's own
+    // rules on that device.
+    let runtime = bulkhead_device_runtime::seccomp::runtime_rules();
+    add(RUNTIME, runtime.clone());
+    add(
+        "bulkhead-block",
+        minus(&bulkhead_block::seccomp::rules(), &runtime),
+    );
+    add(
+        "bulkhead-net",
+        minus(&bulkhead_net::seccomp::rules(), &runtime),
+    );
     add(
         "bulkhead-spawn",
         bulkhead_sandbox::spawner_filter::spawner_rules(),
@@ -412,31 +436,37 @@ fn check(runs: &[Run]) -> Result<bool> {
                 ));
                 continue;
             };
-            let targets: Vec<&str> = if k.pid == run.vmm_pid {
+            let (targets, by): (Vec<&str>, String) = if k.pid == run.vmm_pid {
                 if has(TraceFamily::VmmMain) {
-                    vec![ThreadKind::Main.name()]
+                    (
+                        vec![VMM_COMMON, ThreadKind::Main.name()],
+                        format!("run {} main filter ({})", run.number, k.thread),
+                    )
                 } else if has(TraceFamily::VmmThreads) {
                     match thread_kind(&k.thread) {
-                        Some(kind) if kind != ThreadKind::Main => vec![kind.name()],
-                        _ => vec![],
+                        Some(kind) if kind != ThreadKind::Main => (
+                            vec![VMM_COMMON, kind.name()],
+                            format!("run {} {}", run.number, kind.name()),
+                        ),
+                        _ => (vec![], String::new()),
                     }
                 } else {
-                    vec![]
+                    (vec![], String::new())
                 }
             } else if has(TraceFamily::Spawner) {
-                vec!["bulkhead-spawn"]
+                (
+                    vec!["bulkhead-spawn"],
+                    format!("run {} {}", run.number, k.process),
+                )
             } else if has(TraceFamily::Devices) {
-                let device = match k.process.as_str() {
-                    p @ ("bulkhead-block" | "bulkhead-net") => p,
-                    _ => "",
-                };
-                if device.is_empty() {
-                    vec![]
-                } else {
-                    vec!["runtime", device]
+                match k.process.as_str() {
+                    p @ ("bulkhead-block" | "bulkhead-net") => {
+                        (vec![RUNTIME, p], format!("run {} {p}", run.number))
+                    }
+                    _ => (vec![], String::new()),
                 }
             } else {
-                vec![]
+                (vec![], String::new())
             };
             // The call must be in one of the filters it is attributed to (a device's own
             // rules or the runtime's).
@@ -448,9 +478,10 @@ fn check(runs: &[Run]) -> Result<bool> {
                         .used
                         .entry(key)
                         .or_default()
-                        .entry(run.number)
+                        .entry(by.clone())
                         .or_insert(0) += n;
                     placed = true;
+                    break;
                 }
             }
             if !placed {
@@ -483,8 +514,7 @@ fn check(runs: &[Run]) -> Result<bool> {
                 .map(|(_, _, why)| *why);
             match f.used.get(name) {
                 Some(by) => {
-                    let runs: Vec<String> =
-                        by.iter().map(|(r, n)| format!("run {r}: {n}")).collect();
+                    let runs: Vec<String> = by.iter().map(|(r, n)| format!("{r}: {n}")).collect();
                     println!(
                         "[seccomp-usage]   {:<24} used ({}){args}",
                         name,
