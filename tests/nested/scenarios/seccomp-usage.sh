@@ -2,10 +2,10 @@
 # timeout: 600
 # No seccomp rule goes unused: two VMs, each with a writable disk, a read-only disk and a
 # network interface, run the disk and net data paths (write, flush, read, discard, a refused
-# write, ping, a device reset by unbinding the driver, a guest reboot, poweroff) with the
-# test-only rule usage trace on (BULKHEAD_SECCOMP_TRACE: the traced filters answer an allowed
-# call with SECCOMP_RET_LOG, an audit record in the kernel log, instead of a silent allow;
-# everything else keeps its kill or errno). Filters that stack on one thread are traced in
+# write, ping, a device reset by unbinding the driver, a guest reboot, a killed device process,
+# poweroff) with the test-only rule usage trace on (BULKHEAD_SECCOMP_TRACE: the traced filters
+# answer an allowed call with SECCOMP_RET_LOG, an audit record in the kernel log, instead of a
+# silent allow; everything else keeps its kill or errno). Filters that stack on one thread are traced in
 # different runs, so that every record comes from one filter: run 1 the VMM's thread filters
 # and the device processes' filters, run 2 the VMM main thread's filter and the spawner's.
 # bulkhead-seccomp-usage records the kernel log (and any sign of a lost record) and then
@@ -74,6 +74,15 @@ traced_run() {
 	vm_wait_for "$id" '^GUEST-READY' "$BOOT_TIMEOUT" 2
 	sleep 1
 	vm_send_until "$id" "head -c 1048576 /dev/$dw | wc -c | sed s/^/RB$n-/" "^RB$n-" 60
+	# A device process that dies: the VMM's watcher fails the device, the spawner reaps it.
+	vmm=$(vm_pid "$id")
+	for p in /proc/[0-9]*; do
+		[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-net ] || continue
+		sp=$(awk '{ print $4 }' "$p/stat")
+		[ "$(awk '{ print $4 }' "/proc/$sp/stat" 2>/dev/null)" = "$vmm" ] && kill -KILL "${p#/proc/}"
+	done
+	sleep 2
+	grep -E '^n0: |n0.*(ended|killed|failed)' "$SCN_DIR/$id/err" | tail -n 2 | quote "!"
 	vm_send "$id" 'poweroff -f'
 	vm_wait_exit "$id" 60
 	vm_no_panic "$id"
