@@ -43,7 +43,7 @@ pub(crate) struct Plan<'a> {
     pub rlimits: &'a [(u32, u64)],
     /// NULL-terminated.
     pub argv: &'a [*const libc::c_char],
-    /// NULL-terminated (the environment is empty).
+    /// NULL-terminated (empty but for the test-only seccomp trace variable).
     pub envp: &'a [*const libc::c_char],
 }
 

@@ -613,7 +613,14 @@ fn spawn<S: AsRef<OsStr>>(
     }
     let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
     argv.push(std::ptr::null());
-    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    // The environment is empty, except for the test-only seccomp rule usage trace, which the
+    // device's filter reads (crate::seccomp::TRACE_ENV; it weakens nothing).
+    let trace_env = std::env::var(crate::seccomp::TRACE_ENV)
+        .ok()
+        .map(|v| cstring(format!("{}={v}", crate::seccomp::TRACE_ENV).as_bytes()))
+        .transpose()?;
+    let mut envp: Vec<*const libc::c_char> = trace_env.iter().map(|c| c.as_ptr()).collect();
+    envp.push(std::ptr::null());
 
     let mut rlimits = vec![
         (resource(libc::RLIMIT_NOFILE), jail.rlimits.nofile),

@@ -360,6 +360,38 @@ impl Rules {
 
     /// Compiles the rules for `arch`; `filter` names them in errors.
     pub fn compile(&self, filter: &str, arch: TargetArch) -> Result<BpfProgram, SeccompError> {
+        self.compile_with(filter, arch, SeccompAction::Allow)
+    }
+
+    /// Compiles the rules for this host, as the filter of `family` that a process installs:
+    /// as [`Rules::compile`] does, except in the test-only trace mode ([`TRACE_ENV`] names
+    /// `family`), where every call a rule allows is allowed and logged (SECCOMP_RET_LOG)
+    /// instead of silently allowed. Everything outside the rules is killed (or gets its errno)
+    /// exactly as without the trace.
+    pub fn compile_installed(
+        &self,
+        filter: &str,
+        family: TraceFamily,
+    ) -> Result<BpfProgram, SeccompError> {
+        let allowed = if traced(family) {
+            log::warn!(
+                "{TRACE_ENV}: the {filter} filter logs every call it allows to the kernel log \
+                 (seccomp rule usage trace; test only)"
+            );
+            SeccompAction::Log
+        } else {
+            SeccompAction::Allow
+        };
+        self.compile_with(filter, native_arch(), allowed)
+    }
+
+    /// Compiles the rules for `arch`, answering the calls they allow with `allowed`.
+    fn compile_with(
+        &self,
+        filter: &str,
+        arch: TargetArch,
+        allowed: SeccompAction,
+    ) -> Result<BpfProgram, SeccompError> {
         let mut map = BTreeMap::new();
         for (&name, allow) in &self.allowed {
             if !is_known(name) {
@@ -398,8 +430,74 @@ impl Rules {
             }
             enosys.extend(syscall_nr(name, arch));
         }
-        compile_numbers(map, &enosys, arch)
+        compile_numbers(map, &enosys, arch, allowed)
     }
+}
+
+/// The environment variable that turns on the seccomp rule usage trace (test only; see
+/// `docs/jail-seccomp.md`, "Rule usage trace"): a comma-separated list of [`TraceFamily`]
+/// names. The filters of the families it names answer the calls their rules allow with
+/// SECCOMP_RET_LOG (allow, and write an audit record to the kernel log) instead of
+/// SECCOMP_RET_ALLOW; nothing else changes: a call outside the rules is killed, or gets its
+/// errno, as always. It weakens no filter; it only floods the kernel log, which is why only the
+/// nested test harness sets it. The jail passes it on to device processes (their environment
+/// is otherwise empty).
+pub const TRACE_ENV: &str = "BULKHEAD_SECCOMP_TRACE";
+
+/// Which filters a trace covers. Filters that stack on one thread (the VMM's main filter on
+/// its vCPU threads; the spawner's on every device process) are traced in separate runs, so
+/// that each logged call is known to come from one filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceFamily {
+    /// The VMM main thread's filter (and so its vCPU threads, which inherit it): `vmm-main`.
+    VmmMain,
+    /// The VMM's other thread filters (vCPU, signals, serial-in, devices, backend-req, vhost
+    /// worker): `vmm-threads`.
+    VmmThreads,
+    /// Every device process's filter: `devices`.
+    Devices,
+    /// The device spawner's filter, which every device process keeps too: `spawner`.
+    Spawner,
+}
+
+impl TraceFamily {
+    /// Every family.
+    pub const ALL: [TraceFamily; 4] = [
+        TraceFamily::VmmMain,
+        TraceFamily::VmmThreads,
+        TraceFamily::Devices,
+        TraceFamily::Spawner,
+    ];
+
+    /// Its name in [`TRACE_ENV`].
+    pub fn name(self) -> &'static str {
+        match self {
+            TraceFamily::VmmMain => "vmm-main",
+            TraceFamily::VmmThreads => "vmm-threads",
+            TraceFamily::Devices => "devices",
+            TraceFamily::Spawner => "spawner",
+        }
+    }
+
+    /// The families a [`TRACE_ENV`] value names (unknown names are ignored).
+    pub fn parse_list(value: &str) -> Vec<TraceFamily> {
+        value
+            .split(',')
+            .filter_map(|n| TraceFamily::ALL.into_iter().find(|f| f.name() == n.trim()))
+            .collect()
+    }
+}
+
+/// Whether [`TRACE_ENV`] names `family` in this process's environment (read once).
+pub fn traced(family: TraceFamily) -> bool {
+    static TRACED: std::sync::OnceLock<Vec<TraceFamily>> = std::sync::OnceLock::new();
+    TRACED
+        .get_or_init(|| {
+            std::env::var(TRACE_ENV)
+                .map(|v| TraceFamily::parse_list(&v))
+                .unwrap_or_default()
+        })
+        .contains(&family)
 }
 
 /// An allowlist by number: syscall number to the rules one of which its arguments must match
@@ -431,7 +529,7 @@ pub fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, SeccompErr
 /// Compiles a numeric `allow` for the running architecture; the syscalls in `enosys` fail
 /// with ENOSYS.
 pub fn compile(allow: Allowlist, enosys: &[i64]) -> Result<BpfProgram, SeccompError> {
-    compile_numbers(allow, enosys, native_arch())
+    compile_numbers(allow, enosys, native_arch(), SeccompAction::Allow)
 }
 
 /// Most instructions a classic BPF program may have (BPF_MAXINSNS).
@@ -441,14 +539,10 @@ fn compile_numbers(
     allow: Allowlist,
     enosys: &[i64],
     arch: TargetArch,
+    allowed: SeccompAction,
 ) -> Result<BpfProgram, SeccompError> {
-    let filter = SeccompFilter::new(
-        allow,
-        SeccompAction::KillProcess,
-        SeccompAction::Allow,
-        arch,
-    )
-    .map_err(SeccompError::Build)?;
+    let filter = SeccompFilter::new(allow, SeccompAction::KillProcess, allowed, arch)
+        .map_err(SeccompError::Build)?;
     let body: BpfProgram = filter.try_into().map_err(SeccompError::Compile)?;
     let program = with_errno_prefix(audit_arch(arch), enosys, libc::ENOSYS as u32, body);
     if program.len() > MAX_INSNS {
@@ -477,6 +571,8 @@ pub const RET_ERRNO: u32 = 0x0005_0000;
 pub const RET_ALLOW: u32 = 0x7fff_0000;
 /// SECCOMP_RET_KILL_PROCESS.
 pub const RET_KILL_PROCESS: u32 = 0x8000_0000;
+/// SECCOMP_RET_LOG: the rule usage trace's answer to an allowed call.
+pub const RET_LOG: u32 = 0x7ffc_0000;
 
 /// The AUDIT_ARCH value of `arch`.
 pub fn audit_arch(arch: TargetArch) -> u32 {
@@ -1148,6 +1244,41 @@ mod tests {
                 assert_eq!(verdict, expect, "verdict of {name} {args:x?}");
             }
         }
+    }
+
+    /// The trace mode changes only the answer to allowed calls: ALLOW becomes LOG, while a
+    /// call outside the rules is still killed and an ENOSYS entry still gets ENOSYS.
+    #[test]
+    fn test_trace_mode_logs_allowed_calls_and_changes_nothing_else() {
+        let mut r = Rules::default();
+        r.allow("read");
+        r.allow_arg("prctl", 0, &[15]);
+        allow_threads_only(&mut r);
+        for arch in [TargetArch::x86_64, TargetArch::aarch64] {
+            let plain = r.compile("test", arch).expect("compile");
+            let traced = r
+                .compile_with("test", arch, SeccompAction::Log)
+                .expect("compile traced");
+            let aa = audit_arch(arch);
+            let nr = |name| syscall_nr(name, arch).expect("nr");
+            for (name, args) in [
+                ("read", [0; 6]),
+                ("prctl", [15, 0, 0, 0, 0, 0]),
+                ("prctl", [16, 0, 0, 0, 0, 0]),
+                ("clone3", [0; 6]),
+                ("socket", [2, 1, 0, 0, 0, 0]),
+            ] {
+                let p = evaluate(&plain, aa, nr(name), &args).expect("runs");
+                let t = evaluate(&traced, aa, nr(name), &args).expect("runs");
+                let want = if p == RET_ALLOW { RET_LOG } else { p };
+                assert_eq!(t, want, "{name} {args:x?} on {arch:?}");
+            }
+        }
+        assert_eq!(
+            TraceFamily::parse_list("vmm-threads, devices,nonsense"),
+            vec![TraceFamily::VmmThreads, TraceFamily::Devices]
+        );
+        assert!(TraceFamily::parse_list("").is_empty());
     }
 
     #[test]

@@ -30,20 +30,20 @@ pub fn spawner_rules() -> Rules {
     // ---- The spawner's own loop (spawner.rs `serve`, `handle_request`, `report_exit`).
     // Waits on the request socket and the children's pidfds; poll is x86_64's form.
     r.allow("ppoll").allow("poll");
+    // (The filter is installed only under --sandbox on, where every child is jailed: the
+    // plain children of --sandbox off, start_plain's fork, pidfd_open, execve and kill, never
+    // run under it.)
     // Requests with descriptors (recv_with_fds) and replies with a pidfd (send_with_fd).
     r.allow("recvmsg").allow("sendmsg");
-    // Exit reports on the events socket (UnixDatagram::send).
-    r.allow("sendto");
-    // Reaping: JailedChild::try_wait/wait (waitid on the pidfd), waitpid for plain children.
-    r.allow("waitid").allow("wait4");
-    // Killing children: pidfd_send_signal (Child::kill), kill (a plain child that failed).
-    r.allow("pidfd_send_signal").allow("kill");
-    // start_plain's pidfd of the new child.
-    r.allow("pidfd_open");
+    // Exit reports on the events socket (UnixDatagram::send is write, below).
+    // Reaping: JailedChild::try_wait/wait (waitpid, which is wait4).
+    r.allow("wait4");
+    // Killing the devices left when the VMM hangs up: JailedChild::kill (pidfd_send_signal).
+    r.allow("pidfd_send_signal");
     // Fork: the jail's fork-like clone3 (CLONE_PIDFD and the CLONE_NEW* flags, which a
-    // filter cannot read in clone3's memory argument) or clone, start_plain's fork (musl: fork
-    // on x86_64, clone(SIGCHLD) on aarch64); device processes' threads (std::thread::spawn).
-    r.allow("clone").allow("clone3").allow("fork");
+    // filter cannot read in clone3's memory argument) or clone; device processes' threads
+    // (std::thread::spawn).
+    r.allow("clone").allow("clone3");
     // The kernel log (audit::KmsgAudit::find): read and poll, opened before the filter.
     r.allow("read");
     // Cgroup leaves (jail::create_cgroup: mkdir, write memory.max/pids.max/cgroup.procs;
@@ -57,13 +57,12 @@ pub fn spawner_rules() -> Rules {
         .allow("newfstatat")
         .allow("statx")
         .allow("lseek");
-    // Descriptor moves (child.rs move_descriptors, plain_child): fcntl F_DUPFD_CLOEXEC, dup2
-    // (dup3 on aarch64), close_range.
-    r.allow("fcntl").allow("dup").allow("dup2").allow("dup3");
+    // Descriptor moves (child.rs move_descriptors): fcntl F_DUPFD_CLOEXEC, dup2 (dup3 on
+    // aarch64), close_range.
+    r.allow("fcntl").allow("dup2").allow("dup3");
     r.allow("close_range");
-    // The spawner checks its parent (getppid) after PR_SET_PDEATHSIG; getpid for the child's
-    // parent check.
-    r.allow("getpid").allow("getppid").allow("gettid");
+    // glibc's abort (getpid, gettid), thread ids.
+    r.allow("getpid").allow("gettid");
     // The Rust runtime and allocator: memory, locks, signals, time, randomness, exit.
     r.allow("mmap")
         .allow("mprotect")
@@ -75,9 +74,7 @@ pub fn spawner_rules() -> Rules {
         .allow("rt_sigprocmask")
         .allow("rt_sigreturn");
     r.allow("sigaltstack").allow("restart_syscall");
-    r.allow("clock_gettime")
-        .allow("clock_nanosleep")
-        .allow("nanosleep");
+    r.allow("clock_gettime");
     r.allow("getrandom");
     r.allow("exit").allow("exit_group");
     // panic=abort raises SIGABRT on itself (tkill on musl, tgkill on glibc).
@@ -87,17 +84,17 @@ pub fn spawner_rules() -> Rules {
     // Namespaces' mounts: the private root, the tmpfs stage, bind mounts, pivot_root into it,
     // the old root detached, the read-only remount.
     r.allow("mount").allow("umount2").allow("pivot_root");
-    r.allow("chdir").allow("fchdir");
+    r.allow("chdir");
     // statvfs of a bind-mount source (jail.rs), for its mount flags.
-    r.allow("statfs").allow("fstatfs");
+    r.allow("statfs");
     // uid_map/gid_map/setgroups of the user namespace (openat + write above); a host uid
-    // for --device-uid (setgroups, setgid, setuid; setres* where the C library uses them).
+    // for --device-uid (setgroups, setgid, setuid), then the namespace's ids (setres*).
     r.allow("setgroups").allow("setgid").allow("setuid");
     r.allow("setresgid").allow("setresuid");
-    // Limits: setrlimit (prlimit64 in musl), getrlimit in close_from's fallback.
-    r.allow("setrlimit").allow("prlimit64").allow("getrlimit");
-    // Dropping capabilities: capset (and capget where the C library reads first).
-    r.allow("capset").allow("capget");
+    // Limits: setrlimit (prlimit64 in musl and glibc), getrlimit in close_from's fallback.
+    r.allow("prlimit64").allow("getrlimit");
+    // Dropping capabilities: capset.
+    r.allow("capset");
     // prctl, only with what the set-up, the runtimes and the devices use: PR_SET_PDEATHSIG,
     // PR_SET_NO_NEW_PRIVS (child.rs, seccomp::apply), PR_SET_SECUREBITS, PR_CAPBSET_DROP,
     // PR_CAP_AMBIENT (drop_capabilities), PR_SET_NAME (set_comm, thread names), PR_GET_NAME
@@ -116,9 +113,8 @@ pub fn spawner_rules() -> Rules {
             libc::PR_SET_DUMPABLE as u64,
         ],
     );
-    // The program: execveat(AT_EMPTY_PATH) on its descriptor (child.rs), execve for plain
-    // children (start_plain).
-    r.allow("execveat").allow("execve");
+    // The program: execveat(AT_EMPTY_PATH) on its descriptor (child.rs).
+    r.allow("execveat");
 
     // ---- A device program's start-up, up to its own filter (bulkhead-device-runtime).
     // The C runtime's start (musl: set_tid_address, x86_64's arch_prctl for the thread
@@ -127,13 +123,10 @@ pub fn spawner_rules() -> Rules {
     r.allow("set_tid_address").allow("arch_prctl");
     r.allow("sched_getaffinity").allow("sched_yield");
     r.allow("set_robust_list").allow("rseq");
-    r.allow("getuid")
-        .allow("geteuid")
-        .allow("getgid")
-        .allow("getegid");
+    r.allow("geteuid").allow("getegid");
     r.allow("ioctl");
     // Adopting the sockets: getsockopt(SO_TYPE) (startup::adopt_unix_socket).
-    r.allow("getsockopt").allow("setsockopt");
+    r.allow("getsockopt");
     // Landlock (startup::apply_landlock), then the device's own filter (seccomp, after
     // PR_SET_NO_NEW_PRIVS).
     r.allow("landlock_create_ruleset")
@@ -146,23 +139,14 @@ pub fn spawner_rules() -> Rules {
     // ---- What devices do under their own filters (each device kind's allowlist, a subset
     // of this one): block (devices/block/src/seccomp.rs) and the kinds to come.
     r.allow("io_uring_enter");
-    r.allow("preadv")
-        .allow("pwritev")
-        .allow("pread64")
-        .allow("pwrite64");
-    r.allow("readv").allow("writev");
-    r.allow("fdatasync").allow("fsync").allow("fallocate");
+    r.allow("preadv").allow("pwritev");
+    r.allow("writev");
+    r.allow("fdatasync").allow("fallocate");
     r.allow("epoll_create1")
         .allow("epoll_ctl")
         .allow("epoll_pwait")
         .allow("epoll_wait");
     r.allow("eventfd2");
-    r.allow("recvfrom").allow("shutdown");
-    // Rate limiters of network devices (timerfd), their stats.
-    r.allow("timerfd_create")
-        .allow("timerfd_settime")
-        .allow("timerfd_gettime");
-    r.allow("getrusage").allow("rt_sigtimedwait");
     r
 }
 

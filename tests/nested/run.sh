@@ -322,10 +322,12 @@ pack_l1() {
 qemu_l1_args() {
 	L1_GIC=3
 	[ "$demo" -eq 1 ] || L1_GIC=$(suite_gic "$suite")
+	# log_buf_len: room for the audit records of the seccomp rule usage trace
+	# (scenarios/seccomp-usage.sh) while its recorder catches up; it detects any it missed.
 	# shellcheck disable=SC2054 # the commas are QEMU's
 	L1_QEMU=(qemu-system-aarch64 -M virt,virtualization=on,gic-version="$L1_GIC" -cpu max,pauth-impdef=on -smp 2 -m 3072
 		-nographic -no-reboot -nic none -kernel "$KERNEL" -initrd "$L1_INITRAMFS"
-		-append "console=ttyAMA0 panic=-1 quiet kvm-arm.mode=nvhe")
+		-append "console=ttyAMA0 panic=-1 quiet kvm-arm.mode=nvhe log_buf_len=64M")
 }
 
 run_guest_check() {

@@ -240,14 +240,9 @@ fn main_rules(r: &mut Rules, kick_signal: u64) {
     // VM's, vCPUs' and GIC's descriptors on a reboot; device connections on shutdown.
     r.allow("close");
     // Vm::boot: the kernel and initramfs are read again on every boot (lseek + read), and
-    // the rng-seed from /dev/urandom (read); std's File may ask for the size.
-    r.allow("read")
-        .allow("readv")
-        .allow("pread64")
-        .allow("lseek")
-        .allow("fstat")
-        .allow("newfstatat")
-        .allow("statx");
+    // the rng-seed from /dev/urandom (read). (No size query: the seccomp rule usage trace saw
+    // none, so fstat, newfstatat, statx, readv and pread64 are not allowed.)
+    r.allow("read").allow("lseek");
     // Vm::boot starts the vCPU threads, VhostUserDevice::handshake a device's worker and
     // backend-request threads: clone with the thread flags only (never a process, never a
     // namespace); clone3 answers ENOSYS so that glibc falls back to clone.
@@ -266,8 +261,9 @@ fn main_rules(r: &mut Rules, kick_signal: u64) {
     // tkill on musl.
     r.allow_arg("tgkill", 2, &[kick_signal]);
     r.allow_arg("tkill", 1, &[kick_signal]);
-    // Running::stop and Vm::shutdown_devices poll in short sleeps.
-    r.allow("nanosleep").allow("clock_nanosleep");
+    // Running::stop and Vm::shutdown_devices poll in short sleeps (thread::sleep is
+    // clock_nanosleep in musl and glibc).
+    r.allow("clock_nanosleep");
     // The start-up milestones of the first boot (milestone::log).
     r.allow("getrusage");
     // A device connected after the filter (restart, hot-plug): VhostUserDevice::handshake
@@ -356,6 +352,23 @@ pub fn compile(thread: ThreadKind, arch: TargetArch) -> Result<BpfProgram, Secco
         .map_err(|e| SeccompError::Build(thread.name(), e))
 }
 
+/// The trace family of `thread`'s filter (the seccomp rule usage trace, test only): the main
+/// thread's is traced apart from the others, since vCPU threads run under both.
+pub fn trace_family(thread: ThreadKind) -> seccomp::TraceFamily {
+    match thread {
+        ThreadKind::Main => seccomp::TraceFamily::VmmMain,
+        _ => seccomp::TraceFamily::VmmThreads,
+    }
+}
+
+/// Compiles the filter of `thread` for this host as it is installed (traced in the test-only
+/// seccomp rule usage trace, `bulkhead_sandbox::seccomp::TRACE_ENV`).
+fn compile_installed(thread: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    rules(thread)
+        .compile_installed(thread.name(), trace_family(thread))
+        .map_err(|e| SeccompError::Build(thread.name(), e))
+}
+
 /// The compiled filters, or `None` when the sandbox is off.
 static FILTERS: OnceLock<Option<BTreeMap<ThreadKind, BpfProgram>>> = OnceLock::new();
 
@@ -366,11 +379,10 @@ pub fn init(enabled: bool) -> Result<(), SeccompError> {
         // A panic under a filter must abort with its message, not die of SIGSYS while
         // resolving a backtrace.
         seccomp::install_panic_hook();
-        let arch = native_arch();
         Some(
             ThreadKind::ALL
                 .iter()
-                .map(|&t| compile(t, arch).map(|p| (t, p)))
+                .map(|&t| compile_installed(t).map(|p| (t, p)))
                 .collect::<Result<BTreeMap<_, _>, _>>()?,
         )
     } else {

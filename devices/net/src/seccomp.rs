@@ -16,9 +16,10 @@ use bulkhead_sandbox::seccomp::{self, BpfProgram, Rules, SeccompError, TargetArc
 
 use crate::tap::TUNSETOFFLOAD;
 
-/// The filter for the running architecture (x86_64 or aarch64).
+/// The filter for the running architecture (x86_64 or aarch64), as installed (traced in the
+/// test-only seccomp rule usage trace, `bulkhead_sandbox::seccomp::TRACE_ENV`).
 pub fn seccomp_filter() -> Result<BpfProgram, SeccompError> {
-    compile_for(seccomp::native_arch())
+    rules().compile_installed("bulkhead-net", seccomp::TraceFamily::Devices)
 }
 
 /// The filter for `arch`.

@@ -648,8 +648,10 @@ fn handle_request(
 
 /// Installs the spawner's seccomp filter on itself (it is single-threaded).
 fn confine() -> Result<(), bulkhead_sandbox::seccomp::SeccompError> {
-    let prog = bulkhead_sandbox::spawner_filter::spawner_rules()
-        .compile("bulkhead-spawn", bulkhead_sandbox::seccomp::native_arch())?;
+    let prog = bulkhead_sandbox::spawner_filter::spawner_rules().compile_installed(
+        "bulkhead-spawn",
+        bulkhead_sandbox::seccomp::TraceFamily::Spawner,
+    )?;
     bulkhead_sandbox::seccomp::apply(&prog)?;
     debug!("device spawner: seccomp filter installed");
     Ok(())
