@@ -4,10 +4,13 @@
 # - fd=20: a tap queue the caller opened (bulkhead-tap-fds opens tap bhfd and execs bulkhead
 #   with it as descriptor 20, as an orchestrator would); the device process holds a queue of
 #   bhfd, and the tap goes away with the VM;
-# - tap=bhrate with tx_bw_size=131072,tx_bw_refill_time=250 (512 KiB/s guest -> host, the
-#   bucket full at start): 1.5 MiB sent by the guest arrives in 2.75 s from its first byte,
-#   checked within 20%, while the same data over the unlimited fd= NIC is much faster (the
-#   emulated path moves ~3 MiB/s); the device process counts throttled transmits;
+# - tap=bhrate with tx_bw_size=32768,tx_bw_refill_time=250 (128 KiB/s guest -> host, the
+#   bucket full at start): 512 KiB sent by the guest arrive in 3.75 s from the first byte,
+#   checked within 20%, while the same data over the unlimited NICs is much faster; the
+#   device process counts throttled transmits. (The emulated path carries only ~1-3 MiB/s,
+#   and a TCP sender keeps little queued in a slow device, so a limit close to what the
+#   path carries (512 KiB/s there took 3.72 s for an expected 2.75 s) measures the path's
+#   latency more than the bucket: the limit is set well below it.)
 # - socket=PATH: a bulkhead-net started by hand (--socket-path, --tap bhsock) serves the third
 #   NIC; the guest sends over it, and the backend exits 0 when the VM goes.
 # Every transfer is checksummed at both ends.
@@ -18,9 +21,9 @@ MACA=52:54:00:00:03:01
 MACB=52:54:00:00:03:02
 MACC=52:54:00:00:03:03
 SOCK=$SCN_DIR/ext-net.sock
-SIZE=1572864
-# 512 KiB/s: (SIZE - the full bucket) / rate, from the first byte.
-EXPECT=2.75
+SIZE=524288
+# 128 KiB/s: (SIZE - the full bucket) / rate, from the first byte.
+EXPECT=3.75
 
 [ -c /dev/net/tun ] || fail "no /dev/net/tun in L1 (tun.ko not loaded?)"
 [ -x /bin/bulkhead-tap-fds ] || fail "/bin/bulkhead-tap-fds was not built"
@@ -38,7 +41,7 @@ BULKHEAD=/bin/bulkhead-tap-fds
 vm_start vm bhfd 1 20 "$BULKHEAD_REAL" --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" \
 	--cmdline "$GUEST_CMDLINE" --cpus boot=2 --memory size=512M -v \
 	--net "fd=20,mac=$MACA,id=fdnic" \
-	--net "tap=bhrate,mac=$MACB,id=ratenic,ip=192.168.253.1,mask=255.255.255.0,tx_bw_size=131072,tx_bw_refill_time=250" \
+	--net "tap=bhrate,mac=$MACB,id=ratenic,ip=192.168.253.1,mask=255.255.255.0,tx_bw_size=32768,tx_bw_refill_time=250" \
 	--net "socket=$SOCK,mac=$MACC"
 BULKHEAD=$BULKHEAD_REAL
 for _ in $(seq 50); do [ -e /sys/class/net/bhfd ] && break; sleep 0.2; done
@@ -51,7 +54,7 @@ ifa=$(ifname $MACA)
 ifb=$(ifname $MACB)
 ifc=$(ifname $MACC)
 [ -n "$ifa" ] && [ -n "$ifb" ] && [ -n "$ifc" ] || fail "the guest does not see the three NICs by MAC (fd: '$ifa', rate: '$ifb', socket: '$ifc')"
-say "guest: $ifa (fd=20, tap bhfd), $ifb (tap bhrate, 512 KiB/s tx), $ifc (socket=, tap bhsock)"
+say "guest: $ifa (fd=20, tap bhfd), $ifb (tap bhrate, 128 KiB/s tx), $ifc (socket=, tap bhsock)"
 
 # The fd= NIC's device process holds a queue of the tap the caller opened.
 vmm=$(vm_pid vm)
@@ -101,21 +104,25 @@ send() {
 	[ -n "$_t0" ] || _t0=$_t1
 	echo "$(awk -v a="$_t0" -v b="$_t1" 'BEGIN { printf "%.2f", b - a }') $(sha256sum "$SCN_DIR/got" | cut -c1-64) $(wc -c <"$SCN_DIR/got")"
 }
+set -- $(send 192.168.254.1 5102 SOCK)
+t_sock=$1
+say "socket= NIC (external bulkhead-net, unlimited): $3 bytes in $t_sock s, sha256 $2"
+[ "$2" = "$want" ] || fail "L1 received different data over the socket= NIC ($3 bytes)"
 set -- $(send 192.168.252.1 5101 FD)
 t_fd=$1
 say "fd= NIC (unlimited): $3 bytes in $t_fd s, sha256 $2"
 [ "$2" = "$want" ] || fail "L1 received different data over the fd= NIC ($3 bytes)"
-set -- $(send 192.168.254.1 5102 SOCK)
-say "socket= NIC (external bulkhead-net, unlimited): $3 bytes in $1 s, sha256 $2"
-[ "$2" = "$want" ] || fail "L1 received different data over the socket= NIC ($3 bytes)"
 set -- $(send 192.168.253.1 5103 RATE)
 t_rate=$1
-say "tap= NIC at 512 KiB/s: $3 bytes in $t_rate s from the first byte (expected $EXPECT s +-20%), sha256 $2"
+say "tap= NIC at 128 KiB/s: $3 bytes in $t_rate s from the first byte (expected $EXPECT s +-20%), sha256 $2"
 [ "$2" = "$want" ] || fail "L1 received different data over the rate-limited NIC ($3 bytes)"
-awk -v t="$t_fd" -v e="$EXPECT" 'BEGIN { exit !(t < 0.6 * e) }' ||
-	fail "the unlimited NIC is too slow here ($t_fd s) for the limit check to mean anything"
+# The unlimited reference: the faster of the two unlimited NICs (one transfer each; the
+# emulated host's load swings a single one by several times).
+t_free=$(awk -v a="$t_fd" -v b="$t_sock" 'BEGIN { print (a < b ? a : b) }')
+awk -v t="$t_free" -v e="$EXPECT" 'BEGIN { exit !(t < 0.5 * e) }' ||
+	fail "the unlimited NICs are too slow here ($t_fd s, $t_sock s) for the limit check to mean anything"
 awk -v t="$t_rate" -v e="$EXPECT" 'BEGIN { exit !(t >= 0.8 * e && t <= 1.2 * e) }' ||
-	fail "the 512 KiB/s NIC took $t_rate s, not $EXPECT s +-20%"
+	fail "the 128 KiB/s NIC took $t_rate s, not $EXPECT s +-20%"
 
 vm_send vm 'poweroff -f'
 vm_wait_exit vm 60
