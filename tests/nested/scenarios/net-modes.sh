@@ -12,7 +12,8 @@
 #   path carries (512 KiB/s there took 3.72 s for an expected 2.75 s) measures the path's
 #   latency more than the bucket: the limit is set well below it.)
 # - socket=PATH: a bulkhead-net started by hand (--socket-path, --tap bhsock) serves the third
-#   NIC; the guest sends over it, and the backend exits 0 when the VM goes.
+#   NIC (without CTRL_VQ or MQ: that transport has no control queue); the guest sends over
+#   it, and the backend exits 0 when the VM goes.
 # Every transfer is checksummed at both ends.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
@@ -55,6 +56,12 @@ ifb=$(ifname $MACB)
 ifc=$(ifname $MACC)
 [ -n "$ifa" ] && [ -n "$ifb" ] && [ -n "$ifc" ] || fail "the guest does not see the three NICs by MAC (fd: '$ifa', rate: '$ifb', socket: '$ifc')"
 say "guest: $ifa (fd=20, tap bhfd), $ifb (tap bhrate, 128 KiB/s tx), $ifc (socket=, tap bhsock)"
+# socket= has no control queue: CTRL_VQ (bit 17) and MQ (22) are not offered to the guest,
+# though the backend offers them; the fd= NIC, served with a control queue, has CTRL_VQ.
+feat() { tr -d '\r' <"$SCN_DIR/vm/out" | awk -v m="$1" '$1 == "GUEST-NET" && $3 == m { sub(/^features=/, "", $6); print $6 }' | cut -c "$(($2 + 1))"; }
+say "CTRL_VQ negotiated: fd= NIC $(feat $MACA 17), socket= NIC $(feat $MACC 17); MQ on socket= $(feat $MACC 22)"
+[ "$(feat $MACC 17)$(feat $MACC 22)" = 00 ] || fail "the socket= NIC negotiated CTRL_VQ or MQ without a control queue"
+[ "$(feat $MACA 17)" = 1 ] || fail "the fd= NIC did not negotiate CTRL_VQ"
 
 # The fd= NIC's device process holds a queue of the tap the caller opened.
 vmm=$(vm_pid vm)
