@@ -6,7 +6,8 @@
 #   bhfd, and the tap goes away with the VM;
 # - tap=bhrate with tx_bw_size=32768,tx_bw_refill_time=250 (128 KiB/s guest -> host, the
 #   bucket full at start): 512 KiB sent by the guest arrive in 3.75 s from the first byte,
-#   checked within 20%, while the same data over the unlimited NICs is much faster; the
+#   checked within 20%, while the same data over the faster unlimited NIC takes under 3/4 of
+#   that (as disk-rate asks of its unlimited disk); the
 #   device process counts throttled transmits. (The emulated path carries only ~1-3 MiB/s,
 #   and a TCP sender keeps little queued in a slow device, so a limit close to what the
 #   path carries (512 KiB/s there took 3.72 s for an expected 2.75 s) measures the path's
@@ -126,7 +127,7 @@ say "tap= NIC at 128 KiB/s: $3 bytes in $t_rate s from the first byte (expected 
 # The unlimited reference: the faster of the two unlimited NICs (one transfer each; the
 # emulated host's load swings a single one by several times).
 t_free=$(awk -v a="$t_fd" -v b="$t_sock" 'BEGIN { print (a < b ? a : b) }')
-awk -v t="$t_free" -v e="$EXPECT" 'BEGIN { exit !(t < 0.5 * e) }' ||
+awk -v t="$t_free" -v e="$EXPECT" 'BEGIN { exit !(t < 0.75 * e) }' ||
 	fail "the unlimited NICs are too slow here ($t_fd s, $t_sock s) for the limit check to mean anything"
 awk -v t="$t_rate" -v e="$EXPECT" 'BEGIN { exit !(t >= 0.8 * e && t <= 1.2 * e) }' ||
 	fail "the 128 KiB/s NIC took $t_rate s, not $EXPECT s +-20%"
