@@ -212,7 +212,8 @@ pack() {
 	fi
 }
 
-GUEST_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk failover net_failover virtio_net"
+# virtio_mmio: for the peers' devices in the boot benchmark (Firecracker has only virtio-mmio).
+GUEST_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio virtio_blk failover net_failover virtio_net"
 # Modules L1's init loads, in this order: tun, for the taps --net opens.
 L1_MODULES="tun"
 

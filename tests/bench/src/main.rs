@@ -9,9 +9,14 @@
 //! - ready to exit: from typing `poweroff -f` until the VMM exited;
 //! - non-guest RSS: the Rss of every mapping of the VMM and every process it started, except
 //!   guest RAM (a mapping at least as large as guest RAM, or the `bulkhead-guest-ram` file),
-//!   taken once the guest is at init;
+//!   taken once the guest is at init; and the same as Pss (pages shared between those
+//!   processes, such as the VMM's binary in the VMM and its forked spawner, counted once);
 //! - for Bulkhead also its start-up milestones (configuration checked, VM created, guest
 //!   loaded, first KVM_RUN): wall and CPU milliseconds since just before its exec.
+//!
+//! With `--devices IMAGE` each VMM (Bulkhead with its default slots, and each peer) also runs
+//! with one disk (IMAGE, read-write) and one NIC (a tap the VMM opens, `bhbench0`), as separate
+//! rows: their non-guest RSS is the issue's "one disk and one NIC" comparison.
 //!
 //! It asserts nothing: it prints figures.
 
@@ -37,11 +42,16 @@ struct Opts {
     memory: String,
     /// Extra Bulkhead arguments for a second Bulkhead target (`--bulkhead-variant`).
     variant: Option<String>,
+    /// `--devices IMAGE`: also run every VMM with this disk and a NIC.
+    devices: Option<PathBuf>,
 }
+
+/// The tap each VMM opens (creating it) for the NIC rows; gone with the VMM.
+const BENCH_TAP: &str = "bhbench0";
 
 const USAGE: &str = "usage: bulkhead-bench --kernel IMAGE --initramfs CPIO [--bulkhead PATH] \
      [--firecracker PATH] [--cloud-hypervisor PATH] [--runs N] [--ready-marker STR] \
-     [--memory-option OPTS] [--bulkhead-variant \"ARGS\"]";
+     [--memory-option OPTS] [--bulkhead-variant \"ARGS\"] [--devices DISK_IMAGE]";
 
 fn parse_args() -> Result<Opts> {
     let mut opts = Opts {
@@ -54,6 +64,7 @@ fn parse_args() -> Result<Opts> {
         ready: "GUEST-READY".into(),
         memory: format!("size={RAM_MIB}M"),
         variant: None,
+        devices: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -68,6 +79,7 @@ fn parse_args() -> Result<Opts> {
             "--ready-marker" => opts.ready = value()?,
             "--memory-option" => opts.memory = value()?,
             "--bulkhead-variant" => opts.variant = Some(value()?),
+            "--devices" => opts.devices = Some(value()?.into()),
             _ => bail!("{USAGE}"),
         }
     }
@@ -137,6 +149,21 @@ struct Target {
     extra: Vec<String>,
     /// First line of `--version`.
     version: String,
+    /// With one disk and one NIC (`--devices`).
+    devices: bool,
+}
+
+impl Target {
+    fn label(&self) -> String {
+        let mut name = self.vmm.name().to_string();
+        if !self.extra.is_empty() {
+            name = format!("{name} {}", self.extra.join(" "));
+        }
+        if self.devices {
+            name.push_str(" +disk+NIC");
+        }
+        name
+    }
 }
 
 struct Sample {
@@ -148,6 +175,9 @@ struct Sample {
     stop_s: f64,
     /// KiB outside guest RAM, and the number of processes summed.
     rss_kib: u64,
+    /// The same as Pss: pages shared between the processes (the VMM's binary in the VMM and
+    /// its forked spawner, say) counted once in all.
+    pss_kib: u64,
     procs: usize,
     /// (wall ms since exec, CPU ms) for each Bulkhead milestone.
     milestones: Vec<(f64, f64)>,
@@ -184,12 +214,12 @@ fn process_tree(root: u32) -> Vec<u32> {
     tree
 }
 
-/// Resident KiB of `pid` outside guest RAM, from /proc/PID/smaps.
-fn non_guest_rss(pid: u32) -> u64 {
+/// Resident KiB of `pid` outside guest RAM, from /proc/PID/smaps: (Rss, Pss).
+fn non_guest_rss(pid: u32) -> (u64, u64) {
     let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return 0;
+        return (0, 0);
     };
-    let (mut own, mut in_guest) = (0, false);
+    let (mut own, mut pss, mut in_guest) = (0, 0, false);
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
         if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
@@ -200,9 +230,13 @@ fn non_guest_rss(pid: u32) -> u64 {
             if !in_guest {
                 own += kb;
             }
+        } else if let Some(kb) = kb_value(line, "Pss") {
+            if !in_guest {
+                pss += kb;
+            }
         }
     }
-    own
+    (own, pss)
 }
 
 fn command(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Command> {
@@ -216,11 +250,28 @@ fn command(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Command> {
                 .arg("--initramfs")
                 .arg(&o.initramfs)
                 .args(&t.extra);
+            if let Some(img) = o.devices.as_ref().filter(|_| t.devices) {
+                c.arg("--disk")
+                    .arg(format!("path={}", img.display()))
+                    .args(["--net", &format!("tap={BENCH_TAP}")]);
+            }
         }
         Vmm::Firecracker => {
             let config = dir.join("fc.json");
+            let (drives, nics) = match o.devices.as_ref().filter(|_| t.devices) {
+                Some(img) => (
+                    format!(
+                        r#"[{{"drive_id":"d0","path_on_host":"{}","is_root_device":false,"is_read_only":false}}]"#,
+                        img.display()
+                    ),
+                    format!(
+                        r#","network-interfaces":[{{"iface_id":"n0","host_dev_name":"{BENCH_TAP}"}}]"#
+                    ),
+                ),
+                None => ("[]".to_string(), String::new()),
+            };
             let json = format!(
-                r#"{{"boot-source":{{"kernel_image_path":"{}","initrd_path":"{}","boot_args":"console=ttyS0 quiet"}},"machine-config":{{"vcpu_count":1,"mem_size_mib":{RAM_MIB}}},"drives":[]}}"#,
+                r#"{{"boot-source":{{"kernel_image_path":"{}","initrd_path":"{}","boot_args":"console=ttyS0 quiet"}},"machine-config":{{"vcpu_count":1,"mem_size_mib":{RAM_MIB}}},"drives":{drives}{nics}}}"#,
                 o.kernel.display(),
                 o.initramfs.display()
             );
@@ -235,6 +286,11 @@ fn command(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Command> {
                 .args(["--cmdline", "console=ttyAMA0 quiet", "--cpus", "boot=1"])
                 .args(["--memory", &format!("size={RAM_MIB}M")])
                 .args(["--serial", "tty", "--console", "off"]);
+            if let Some(img) = o.devices.as_ref().filter(|_| t.devices) {
+                c.arg("--disk")
+                    .arg(format!("path={}", img.display()))
+                    .args(["--net", &format!("tap={BENCH_TAP}")]);
+            }
         }
     }
     Ok(c)
@@ -365,7 +421,10 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
         }
     }
     let tree = process_tree(pid);
-    let rss_kib = tree.iter().map(|p| non_guest_rss(*p)).sum();
+    let (rss_kib, pss_kib) = tree
+        .iter()
+        .map(|p| non_guest_rss(*p))
+        .fold((0, 0), |(r, p), (a, b)| (r + a, p + b));
     let stop_at = Instant::now();
     stdin.write_all(b"poweroff -f\n")?;
     let stop_deadline = Instant::now() + Duration::from_secs(60);
@@ -436,6 +495,7 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
         uptime_s: uptime.unwrap_or(f64::NAN),
         stop_s,
         rss_kib,
+        pss_kib,
         procs: tree.len(),
         milestones,
     })
@@ -476,6 +536,7 @@ fn peer(vmm: Vmm, path: &Option<PathBuf>) -> Option<Target> {
         path: path.clone(),
         extra: Vec::new(),
         version,
+        devices: false,
     })
 }
 
@@ -488,6 +549,7 @@ fn main() -> Result<()> {
         path: o.bulkhead.clone(),
         extra: Vec::new(),
         version: format!("--memory {}", o.memory),
+        devices: false,
     }];
     if let Some(v) = &o.variant {
         targets.push(Target {
@@ -495,10 +557,26 @@ fn main() -> Result<()> {
             path: o.bulkhead.clone(),
             extra: v.split_whitespace().map(str::to_string).collect(),
             version: format!("--memory {} {v}", o.memory),
+            devices: false,
         });
     }
     targets.extend(peer(Vmm::Firecracker, &o.firecracker));
     targets.extend(peer(Vmm::CloudHypervisor, &o.cloud_hypervisor));
+    if o.devices.is_some() {
+        // The same VMMs (not the Bulkhead variant) with one disk and one NIC.
+        let with: Vec<Target> = targets
+            .iter()
+            .filter(|t| t.extra.is_empty())
+            .map(|t| Target {
+                vmm: t.vmm,
+                path: t.path.clone(),
+                extra: Vec::new(),
+                version: t.version.clone(),
+                devices: true,
+            })
+            .collect();
+        targets.extend(with);
+    }
     let mut samples: Vec<Vec<Sample>> = targets.iter().map(|_| Vec::new()).collect();
     let mut failed = vec![false; targets.len()];
     for round in 1..=o.runs.max(1) {
@@ -528,19 +606,16 @@ fn main() -> Result<()> {
                 .zip(&r.milestones)
                 .map(|(m, (w, c))| format!("{m} {w:.1}/{c:.1}"))
                 .collect();
-            let name = if t.extra.is_empty() {
-                t.vmm.name().to_string()
-            } else {
-                format!("{} {}", t.vmm.name(), t.extra.join(" "))
-            };
+            let name = t.label();
             println!(
-                "round {round}: {:<16} launch->exit {:6.2} s, guest uptime at init {:5.2} s, \
-                 poweroff->exit {:5.2} s, non-guest RSS {:6} KiB ({} processes){}",
+                "round {round}: {:<28} launch->exit {:6.2} s, guest uptime at init {:5.2} s, \
+                 poweroff->exit {:5.2} s, non-guest RSS {:6} KiB, PSS {:6} KiB ({} processes){}",
                 name,
                 r.wall_s,
                 r.uptime_s,
                 r.stop_s,
                 r.rss_kib,
+                r.pss_kib,
                 r.procs,
                 if ms.is_empty() {
                     String::new()
@@ -554,27 +629,58 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     println!();
     println!(
-        "median of {} interleaved rounds; 1 vCPU, {RAM_MIB} MiB, no devices, quiet console:",
-        o.runs.max(1)
+        "median of {} interleaved rounds; 1 vCPU, {RAM_MIB} MiB, quiet console; no devices, \
+         except the +disk+NIC rows (a {}-backed disk and a NIC on tap {BENCH_TAP}):",
+        o.runs.max(1),
+        o.devices
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(none)".into())
     );
     println!();
-    println!("| VMM | launch to exit, wall | guest uptime when its init runs | poweroff to exit | non-guest RSS |");
-    println!("|---|---|---|---|---|");
+    println!("| VMM | launch to exit, wall | guest uptime when its init runs | poweroff to exit | non-guest RSS | non-guest PSS |");
+    println!("|---|---|---|---|---|---|");
     for (t, s) in targets.iter().zip(&samples) {
         if s.is_empty() {
-            println!("| {} ({}) | failed | | | |", t.vmm.name(), t.version);
+            println!("| {} ({}) | failed | | | | |", t.label(), t.version);
             continue;
         }
         let med = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
         println!(
-            "| {} ({}) | {:.2} s | {:.2} s | {:.2} s | {:.2} MiB |",
-            t.vmm.name(),
+            "| {} ({}) | {:.2} s | {:.2} s | {:.2} s | {:.2} MiB | {:.2} MiB |",
+            t.label(),
             t.version,
             med(|x| x.wall_s),
             med(|x| x.uptime_s),
             med(|x| x.stop_s),
-            med(|x| x.rss_kib as f64) / 1024.0
+            med(|x| x.rss_kib as f64) / 1024.0,
+            med(|x| x.pss_kib as f64) / 1024.0
         );
+    }
+    // The issue's goal, as ratios to Firecracker in this run (medians of the rows above).
+    let med_of = |vmm: Vmm, devices: bool, f: fn(&Sample) -> f64| {
+        targets
+            .iter()
+            .zip(&samples)
+            .find(|(t, s)| {
+                t.vmm == vmm && t.devices == devices && t.extra.is_empty() && !s.is_empty()
+            })
+            .map(|(_, s)| median(s.iter().map(f).collect()))
+    };
+    let ratio = |devices: bool, f: fn(&Sample) -> f64| {
+        Some(med_of(Vmm::Bulkhead, devices, f)? / med_of(Vmm::Firecracker, devices, f)?)
+    };
+    if let (Some(w), Some(u)) = (ratio(false, |x| x.wall_s), ratio(false, |x| x.uptime_s)) {
+        println!();
+        println!(
+            "Bulkhead (default) / Firecracker: launch to exit {w:.2}x (goal <= 0.8x), guest uptime at init {u:.2}x (goal <= 1x)"
+        );
+    }
+    if let (Some(r), Some(p)) = (
+        ratio(true, |x| x.rss_kib as f64),
+        ratio(true, |x| x.pss_kib as f64),
+    ) {
+        println!("Bulkhead / Firecracker non-guest RSS with one disk and one NIC: {r:.2}x (goal <= 0.7x); PSS {p:.2}x");
     }
     if let Some(b) = samples.first() {
         println!();

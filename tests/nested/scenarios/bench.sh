@@ -1,7 +1,8 @@
 #!/bin/sh
 # timeout: 900
 # Runs bulkhead-bench (tests/bench) against the test guest and prints its figures: Bulkhead
-# and, when run.sh packed them into /peers, Firecracker and Cloud Hypervisor, interleaved.
+# and, when run.sh packed them into /peers, Firecracker and Cloud Hypervisor, interleaved,
+# each also with one disk and one NIC (tap bhbench0, which L1's tun.ko allows).
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
 BENCH=${BENCH:-/bin/bulkhead-bench}
@@ -11,8 +12,10 @@ if ! grep -q ' /dev/pts ' /proc/mounts; then
 	mkdir -p /dev/pts && mount -t devpts -o mode=620,ptmxmode=666 devpts /dev/pts ||
 		say "cannot mount devpts: Cloud Hypervisor will get no console input"
 fi
+# The +disk+NIC rows (non-guest RSS with one disk and one NIC): a 64 MiB disk image.
+dd if=/dev/zero of="$SCN_DIR/disk.img" bs=1M count=64 2>/dev/null || fail "cannot make the disk image"
 set -- --bulkhead "$BULKHEAD" --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --runs 3 \
-	--bulkhead-variant "--pci-slots 1"
+	--bulkhead-variant "--pci-slots 1" --devices "$SCN_DIR/disk.img"
 for p in firecracker cloud-hypervisor; do
 	if [ -x "/peers/$p" ]; then
 		set -- "$@" "--$p" "/peers/$p"

@@ -52,6 +52,23 @@ pub const DEFAULT_MEMORY_MAX: u64 = 256 << 20;
 /// oom_score_adj of device processes: the OOM killer picks a runaway device before the VMM.
 pub const DEVICE_OOM_SCORE_ADJ: i32 = 800;
 
+/// virtio-net features that need the control queue: CTRL_VQ (17) and CTRL_GUEST_OFFLOADS (2),
+/// CTRL_RX (18), CTRL_VLAN (19), GUEST_ANNOUNCE (21), MQ (22), CTRL_MAC_ADDR (23). Taken from
+/// what a `socket=` backend offers, whose transport has no control queue (Cloud Hypervisor's
+/// and bulkhead-net both offer CTRL_VQ; the guest would look for a queue that is not there).
+const NET_NEEDS_CTRL_VQ: u64 = 1 << 17 | 1 << 2 | 1 << 18 | 1 << 19 | 1 << 21 | 1 << 22 | 1 << 23;
+
+/// What of the features a backend offers its transport passes on to the guest: all of them,
+/// except for a network device whose transport has no control queue (an even queue count:
+/// pairs only, an external backend), which must not offer one nor what needs one.
+fn features_for_guest(kind: DeviceKind, queues: u16, offered: u64) -> u64 {
+    if kind == DeviceKind::Net && queues.is_multiple_of(2) {
+        offered & !NET_NEEDS_CTRL_VQ
+    } else {
+        offered
+    }
+}
+
 /// A kind of device process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -765,8 +782,10 @@ impl Devices {
         // request has a deadline kept by the transport's deadline thread, which shuts the
         // socket down (socket timeouts would not do: the vhost crate retries EAGAIN forever).
         let frontend = vhost::vhost_user::Frontend::from_stream(stream, u64::from(spec.queues));
-        let backend = VhostUserDevice::handshake(id.clone(), frontend, usize::from(spec.queues))
-            .map_err(|e| fail(DeviceError::Handshake(id.clone(), e)))?;
+        let mut backend =
+            VhostUserDevice::handshake(id.clone(), frontend, usize::from(spec.queues))
+                .map_err(|e| fail(DeviceError::Handshake(id.clone(), e)))?;
+        backend.features = features_for_guest(spec.kind, spec.queues, backend.features);
         let transport = VirtioPci::new(
             spec.kind.virtio_type().into(),
             spec.kind.pci_class(),
@@ -977,6 +996,29 @@ mod tests {
             !Path::new(&format!("/sys/class/net/{name}")).exists(),
             "the tap outlived its queues"
         );
+    }
+
+    #[test]
+    fn test_socket_net_offers_no_control_queue_features() {
+        // Cloud Hypervisor's vhost_user_net offers 0x141427fa3 (CTRL_VQ and MQ among them).
+        let ch = 0x1_4142_7fa3_u64;
+        let got = features_for_guest(DeviceKind::Net, 2, ch);
+        for bit in [2, 17, 18, 19, 21, 22, 23] {
+            assert_eq!(
+                got & (1 << bit),
+                0,
+                "bit {bit} offered without a control queue"
+            );
+        }
+        assert_eq!(
+            got | NET_NEEDS_CTRL_VQ,
+            ch | NET_NEEDS_CTRL_VQ,
+            "nothing else taken"
+        );
+        assert_ne!(got & (1 << 32), 0, "VERSION_1 stays");
+        // bulkhead-net on a tap the VMM opened: 2 pairs + the control queue, all offered.
+        assert_eq!(features_for_guest(DeviceKind::Net, 5, ch), ch);
+        assert_eq!(features_for_guest(DeviceKind::Block, 2, ch), ch);
     }
 
     #[test]
