@@ -22,8 +22,18 @@ const CMDLINE_MAX: usize = 2048;
 #[command(name = "bulkhead", version, about)]
 pub struct Args {
     /// Guest kernel: an arm64 `Image`.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "firmware")]
+    pub kernel: Option<PathBuf>,
+    /// UEFI firmware instead of a kernel: an edk2 ArmVirtQemu build (Debian's
+    /// qemu-efi-aarch64: AAVMF_CODE.fd or QEMU_EFI.fd), executed in place from flash bank 0;
+    /// it boots the disks' `\EFI\BOOT\BOOTAA64.EFI` (docs/uefi.md).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initramfs", "cmdline"])]
+    pub firmware: Option<PathBuf>,
+    /// The UEFI variable store (flash bank 1) kept in this file, so variables survive the VM;
+    /// created from AAVMF_VARS.fd beside the firmware when missing. Without it variables live
+    /// in memory for the VMM's life.
+    #[arg(long, value_name = "PATH", requires = "firmware")]
+    pub firmware_vars: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed) handed to the kernel.
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
@@ -130,6 +140,9 @@ pub enum ConfigError {
     /// The kernel command line is not acceptable.
     #[error("--cmdline: {0}")]
     Cmdline(String),
+    /// The firmware or its variable store is not usable.
+    #[error(transparent)]
+    Firmware(#[from] crate::legacy::cfi_flash::FlashError),
 }
 
 /// Where the guest console goes.
@@ -682,6 +695,83 @@ fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigError> {
     })
 }
 
+/// What the boot vCPU starts in.
+#[derive(Debug)]
+pub enum BootConfig {
+    /// A Linux kernel loaded into RAM (`--kernel`).
+    Kernel {
+        /// The kernel file and what its header says.
+        kernel: (File, Arm64Image),
+        /// The initramfs file, if any.
+        initramfs: Option<File>,
+        /// Where everything goes in RAM.
+        layout: BootLayout,
+    },
+    /// UEFI firmware executed in place from flash (`--firmware`).
+    Firmware {
+        /// The firmware file, mapped into flash bank 0.
+        code: File,
+        /// What backs flash bank 1.
+        vars: crate::legacy::cfi_flash::VarsStore,
+    },
+}
+
+/// `--firmware` and `--firmware-vars`, checked and opened (the vars file created if missing).
+fn firmware_boot(
+    firmware: &std::path::Path,
+    vars: Option<&PathBuf>,
+) -> Result<BootConfig, ConfigError> {
+    use crate::legacy::cfi_flash::{check_firmware, open_vars, vars_template, VarsStore};
+    let code = check_firmware(firmware)?;
+    let vars = match vars {
+        Some(path) => VarsStore::File(open_vars(path, vars_template(firmware).as_deref())?),
+        None => VarsStore::Memory,
+    };
+    Ok(BootConfig::Firmware { code, vars })
+}
+
+/// `--kernel` and `--initramfs`, checked and opened, and where they go in RAM.
+fn kernel_boot(
+    args: &Args,
+    kernel_path: &PathBuf,
+    ram_size: u64,
+) -> Result<BootConfig, ConfigError> {
+    let mut kernel = open("kernel", kernel_path)?;
+    let image = Arm64Image::from_file(&mut kernel).map_err(|source| ConfigError::Kernel {
+        path: kernel_path.clone(),
+        source,
+    })?;
+    let initramfs = args
+        .initramfs
+        .as_ref()
+        .map(|p| open("initramfs", p))
+        .transpose()?;
+    let initramfs_size = initramfs
+        .as_ref()
+        .zip(args.initramfs.as_ref())
+        .map(|(f, p)| {
+            f.metadata()
+                .map(|m| m.len())
+                .map_err(|source| ConfigError::Open {
+                    what: "initramfs",
+                    path: p.clone(),
+                    source,
+                })
+        })
+        .transpose()?;
+    let layout = BootLayout::new(ram_size, &image, initramfs_size).map_err(|source| {
+        ConfigError::Layout {
+            ram_mib: ram_size >> 20,
+            source,
+        }
+    })?;
+    Ok(BootConfig::Kernel {
+        kernel: (kernel, image),
+        initramfs,
+        layout,
+    })
+}
+
 /// A checked VM configuration, with its boot files open.
 #[derive(Debug)]
 pub struct VmConfig {
@@ -693,12 +783,8 @@ pub struct VmConfig {
     pub ram_backing: RamBacking,
     /// Kernel command line.
     pub cmdline: String,
-    /// The kernel file and what its header says.
-    pub kernel: (File, Arm64Image),
-    /// The initramfs file, if any.
-    pub initramfs: Option<File>,
-    /// Where everything goes in RAM.
-    pub layout: BootLayout,
+    /// What the guest boots: a kernel, or UEFI firmware.
+    pub boot: BootConfig,
     /// Guest console.
     pub serial: SerialConfig,
     /// Disks, in slot order.
@@ -959,35 +1045,17 @@ impl TryFrom<Args> for VmConfig {
         let vcpus = parse_cpus(&args.cpus)?;
         let (ram_size, ram_backing) = parse_memory(&args.memory)?;
         check_cmdline(&args.cmdline)?;
-        let mut kernel = open("kernel", &args.kernel)?;
-        let image = Arm64Image::from_file(&mut kernel).map_err(|source| ConfigError::Kernel {
-            path: args.kernel.clone(),
-            source,
-        })?;
-        let initramfs = args
-            .initramfs
-            .as_ref()
-            .map(|p| open("initramfs", p))
-            .transpose()?;
-        let initramfs_size = initramfs
-            .as_ref()
-            .zip(args.initramfs.as_ref())
-            .map(|(f, p)| {
-                f.metadata()
-                    .map(|m| m.len())
-                    .map_err(|source| ConfigError::Open {
-                        what: "initramfs",
-                        path: p.clone(),
-                        source,
-                    })
-            })
-            .transpose()?;
-        let layout = BootLayout::new(ram_size, &image, initramfs_size).map_err(|source| {
-            ConfigError::Layout {
-                ram_mib: ram_size >> 20,
-                source,
+        let boot = match (&args.firmware, &args.kernel) {
+            (Some(firmware), _) => firmware_boot(firmware, args.firmware_vars.as_ref())?,
+            (None, Some(kernel)) => kernel_boot(&args, kernel, ram_size)?,
+            // clap requires one of them.
+            (None, None) => {
+                return Err(ConfigError::Option {
+                    flag: "kernel",
+                    reason: "--kernel or --firmware is required".into(),
+                })
             }
-        })?;
+        };
         if !(1..=31).contains(&args.pci_slots) {
             return Err(ConfigError::Option {
                 flag: "pci-slots",
@@ -1061,9 +1129,7 @@ impl TryFrom<Args> for VmConfig {
             ram_size,
             ram_backing,
             cmdline: args.cmdline,
-            kernel: (kernel, image),
-            initramfs,
-            layout,
+            boot,
             serial,
             disks,
             nets,
