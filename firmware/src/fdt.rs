@@ -88,7 +88,7 @@ pub fn create_fdt(cfg: &FdtConfig) -> Result<Vec<u8>, FdtError> {
         flash(&mut fdt)?;
     }
     if cfg.pcie {
-        pcie(&mut fdt, cfg.gic)?;
+        pcie(&mut fdt, cfg.gic, cfg.flash)?;
     }
 
     fdt.end_node(root)?;
@@ -282,10 +282,13 @@ fn flash(fdt: &mut FdtWriter) -> FdtWriterResult<()> {
 }
 
 /// PCI address space codes of a `ranges` entry's first cell.
+const PCI_SPACE_IO: u32 = 0x0100_0000;
 const PCI_SPACE_MEM32: u32 = 0x0200_0000;
 const PCI_SPACE_MEM64_PREFETCH: u32 = 0x4300_0000;
 
-fn pcie(fdt: &mut FdtWriter, gic: GicKind) -> FdtWriterResult<()> {
+/// The host bridge; `io` adds QEMU `virt`'s I/O window, which edk2 refuses to do without
+/// ("IO space empty") and a kernel booted directly does not need.
+fn pcie(fdt: &mut FdtWriter, gic: GicKind, io: bool) -> FdtWriterResult<()> {
     let node = fdt.begin_node(&format!("pcie@{PCIE_ECAM_START:x}"))?;
     fdt.property_string("compatible", "pci-host-ecam-generic")?;
     fdt.property_string("device_type", "pci")?;
@@ -298,25 +301,35 @@ fn pcie(fdt: &mut FdtWriter, gic: GicKind) -> FdtWriterResult<()> {
     fdt.property_null("dma-coherent")?;
     let hi = |a: u64| (a >> 32) as u32;
     let lo = |a: u64| a as u32;
-    fdt.property_array_u32(
-        "ranges",
-        &[
-            PCI_SPACE_MEM32,
-            hi(PCIE_MMIO32_START),
-            lo(PCIE_MMIO32_START),
-            hi(PCIE_MMIO32_START),
-            lo(PCIE_MMIO32_START),
-            hi(PCIE_MMIO32_SIZE),
-            lo(PCIE_MMIO32_SIZE),
-            PCI_SPACE_MEM64_PREFETCH,
-            hi(PCIE_MMIO64_START),
-            lo(PCIE_MMIO64_START),
-            hi(PCIE_MMIO64_START),
-            lo(PCIE_MMIO64_START),
-            hi(PCIE_MMIO64_SIZE),
-            lo(PCIE_MMIO64_SIZE),
-        ],
-    )?;
+    let mut ranges = Vec::new();
+    if io {
+        ranges.extend_from_slice(&[
+            PCI_SPACE_IO,
+            0,
+            0,
+            hi(PCIE_IO_START),
+            lo(PCIE_IO_START),
+            hi(PCIE_IO_SIZE),
+            lo(PCIE_IO_SIZE),
+        ]);
+    }
+    ranges.extend_from_slice(&[
+        PCI_SPACE_MEM32,
+        hi(PCIE_MMIO32_START),
+        lo(PCIE_MMIO32_START),
+        hi(PCIE_MMIO32_START),
+        lo(PCIE_MMIO32_START),
+        hi(PCIE_MMIO32_SIZE),
+        lo(PCIE_MMIO32_SIZE),
+        PCI_SPACE_MEM64_PREFETCH,
+        hi(PCIE_MMIO64_START),
+        lo(PCIE_MMIO64_START),
+        hi(PCIE_MMIO64_START),
+        lo(PCIE_MMIO64_START),
+        hi(PCIE_MMIO64_SIZE),
+        lo(PCIE_MMIO64_SIZE),
+    ]);
+    fdt.property_array_u32("ranges", &ranges)?;
     if let GicKind::V3 { its: true } = gic {
         // Requester ID n is ITS device ID n.
         fdt.property_array_u32("msi-map", &[0, PHANDLE_ITS, 0, 0x1_0000])?;
@@ -520,6 +533,16 @@ mod tests {
         assert_eq!(
             flash.property("bank-width").and_then(|p| p.as_usize()),
             Some(4)
+        );
+        // With firmware, the host bridge has an I/O window first.
+        let pci = fdt
+            .find_compatible(&["pci-host-ecam-generic"])
+            .expect("pcie");
+        let ranges = u32_cells(pci.property("ranges").expect("ranges").value);
+        assert_eq!(ranges.len(), 21);
+        assert_eq!(
+            &ranges[..7],
+            &[0x0100_0000, 0, 0, 0, 0x3eff_0000, 0, 0x1_0000]
         );
     }
 }

@@ -71,6 +71,10 @@ pub const RTC_SIZE: u64 = 0x1000;
 pub const PCIE_MMIO32_START: u64 = 0x1000_0000;
 /// Size of the PCIe 32-bit MMIO window.
 pub const PCIE_MMIO32_SIZE: u64 = 0x2eff_0000;
+/// PCIe I/O window (described to UEFI firmware only: edk2's FdtPciHostBridgeLib requires one).
+pub const PCIE_IO_START: u64 = 0x3eff_0000;
+/// Size of the PCIe I/O window.
+pub const PCIE_IO_SIZE: u64 = 0x1_0000;
 /// PCIe ECAM window.
 pub const PCIE_ECAM_START: u64 = 0x3f00_0000;
 /// Size of the PCIe ECAM window.
