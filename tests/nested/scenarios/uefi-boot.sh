@@ -17,6 +17,10 @@ VAR=/sys/firmware/efi/efivars/BulkheadTest-$GUID
 UEFI_TIMEOUT=${UEFI_TIMEOUT:-300}
 rm -f "$VARS"
 
+# The image checker accepts the test disk (docs/image-check.md).
+"$BULKHEAD" image check "$DISK" | quote "|"
+"$BULKHEAD" image check "$DISK" >/dev/null || fail "bulkhead image check refuses $DISK"
+
 uefi_vm() { # uefi_vm ID: a 2-vCPU UEFI VM with the test disk and the vars file
 	vm_start "$1" --firmware "$FIRMWARE" --firmware-vars "$VARS" --cpus boot=2 \
 		--disk "path=$DISK,readonly=on"
