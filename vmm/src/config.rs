@@ -32,7 +32,7 @@ pub struct Args {
     /// The UEFI variable store (flash bank 1) kept in this file, so variables survive the VM;
     /// created from AAVMF_VARS.fd beside the firmware when missing. Without it variables live
     /// in memory for the VMM's life.
-    #[arg(long, value_name = "PATH", requires = "firmware")]
+    #[arg(long, value_name = "PATH")]
     pub firmware_vars: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed) handed to the kernel.
     #[arg(long, value_name = "PATH")]
@@ -1045,6 +1045,12 @@ impl TryFrom<Args> for VmConfig {
         let vcpus = parse_cpus(&args.cpus)?;
         let (ram_size, ram_backing) = parse_memory(&args.memory)?;
         check_cmdline(&args.cmdline)?;
+        if args.firmware_vars.is_some() && args.firmware.is_none() {
+            return Err(ConfigError::Option {
+                flag: "firmware-vars",
+                reason: "needs --firmware".into(),
+            });
+        }
         let boot = match (&args.firmware, &args.kernel) {
             (Some(firmware), _) => firmware_boot(firmware, args.firmware_vars.as_ref())?,
             (None, Some(kernel)) => kernel_boot(&args, kernel, ram_size)?,
@@ -1466,6 +1472,32 @@ mod tests {
             "bulkhead", "--kernel", "k", "--net", "tap=a", "--net", "fd=3:4",
         ]);
         assert_eq!(args.net, ["tap=a", "fd=3:4"]);
+    }
+
+    #[test]
+    fn test_firmware_flags() {
+        // --firmware replaces --kernel, and excludes it and what only a kernel uses.
+        assert!(Args::try_parse_from(["bulkhead", "--firmware", "f"]).is_ok());
+        assert!(Args::try_parse_from(["bulkhead"]).is_err());
+        for extra in [["--kernel", "k"], ["--initramfs", "i"], ["--cmdline", "c"]] {
+            let mut argv = vec!["bulkhead", "--firmware", "f"];
+            argv.extend(extra);
+            assert!(Args::try_parse_from(argv).is_err(), "{extra:?}");
+        }
+        let args = Args::parse_from(["bulkhead", "--kernel", "k", "--firmware-vars", "v"]);
+        assert!(matches!(
+            VmConfig::try_from(args),
+            Err(ConfigError::Option {
+                flag: "firmware-vars",
+                ..
+            })
+        ));
+        // A missing firmware file is bad input.
+        let args = Args::parse_from(["bulkhead", "--firmware", "/nonexistent/QEMU_EFI.fd"]);
+        assert!(matches!(
+            VmConfig::try_from(args),
+            Err(ConfigError::Firmware(_))
+        ));
     }
 
     #[test]

@@ -298,8 +298,9 @@ pub struct FlashBank {
     start: u64,
     slot: u32,
     writable: bool,
-    memory: BankMemory,
+    /// Before `memory`: the VM that maps the memory is dropped before it is unmapped.
     inner: Mutex<Inner>,
+    memory: BankMemory,
 }
 
 struct Inner {
@@ -320,7 +321,6 @@ impl FlashBank {
             start,
             slot,
             writable,
-            memory,
             inner: Mutex::new(Inner {
                 mode: Mode::ReadArray,
                 status: SR_READY,
@@ -328,6 +328,7 @@ impl FlashBank {
                 mapped: false,
                 ignored_writes: 0,
             }),
+            memory,
         }
     }
 
