@@ -41,7 +41,7 @@ uefi_vm() { # uefi_vm ID DISK: a 2-vCPU UEFI VM with DISK and the vars file
 uefi_vm vm1 "$SDBOOT_DISK"
 [ -s "$VARS" ] || fail "no vars file $VARS"
 say "firmware: $(tr -d '\r' <"$SCN_DIR/vm1/out" | grep -m 1 -E 'UEFI firmware|EDK II|Firmware' || echo '?')"
-say "vm1 boot loader: $(tr -d '\r' <"$SCN_DIR/vm1/out" | grep -m 1 -iE 'systemd-boot|EFI stub' || echo '?')"
+say "vm1 boot: $(tr -d '\r' <"$SCN_DIR/vm1/out" | grep -m 1 -E 'BdsDxe: starting' || echo '?')"
 vm_send vm1 "printf '\\007\\000\\000\\000bulkhead-42' >$VAR"
 vm_send_until vm1 "echo SET=\$(tail -c +5 $VAR)" '^SET=bulkhead-42' 30
 vm_send vm1 'poweroff -f'
