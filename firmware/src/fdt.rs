@@ -50,6 +50,8 @@ pub struct FdtConfig<'a> {
     pub pcie: bool,
     /// Entropy handed to the guest (`/chosen/rng-seed` and `kaslr-seed`).
     pub rng_seed: [u8; 64],
+    /// Whether the two CFI flash banks (UEFI code and variables, `--firmware`) are described.
+    pub flash: bool,
 }
 
 /// Errors building the FDT.
@@ -81,8 +83,12 @@ pub fn create_fdt(cfg: &FdtConfig) -> Result<Vec<u8>, FdtError> {
     timer(&mut fdt, cfg.gic, cfg.mpidrs.len() as u32)?;
     apb_clock(&mut fdt)?;
     pl011(&mut fdt)?;
+    pl031(&mut fdt)?;
+    if cfg.flash {
+        flash(&mut fdt)?;
+    }
     if cfg.pcie {
-        pcie(&mut fdt, cfg.gic)?;
+        pcie(&mut fdt, cfg.gic, cfg.flash)?;
     }
 
     fdt.end_node(root)?;
@@ -241,11 +247,48 @@ fn pl011(fdt: &mut FdtWriter) -> FdtWriterResult<()> {
     fdt.end_node(node)
 }
 
+fn pl031(fdt: &mut FdtWriter) -> FdtWriterResult<()> {
+    let node = fdt.begin_node(&format!("pl031@{RTC_START:x}"))?;
+    fdt.property_string_list(
+        "compatible",
+        vec!["arm,pl031".into(), "arm,primecell".into()],
+    )?;
+    fdt.property_array_u64("reg", &[RTC_START, RTC_SIZE])?;
+    fdt.property_array_u32(
+        "interrupts",
+        &[GIC_FDT_IRQ_TYPE_SPI, RTC_SPI, IRQ_TYPE_LEVEL_HIGH],
+    )?;
+    fdt.property_u32("clocks", PHANDLE_APB_PCLK)?;
+    fdt.property_string("clock-names", "apb_pclk")?;
+    fdt.end_node(node)
+}
+
+/// QEMU `virt`'s flash node: one `cfi-flash` with both banks, which edk2's NorFlashQemuLib
+/// looks for (it takes the bank that does not hold its own code for the variables).
+fn flash(fdt: &mut FdtWriter) -> FdtWriterResult<()> {
+    let node = fdt.begin_node(&format!("flash@{FLASH_START:x}"))?;
+    fdt.property_string("compatible", "cfi-flash")?;
+    fdt.property_array_u64(
+        "reg",
+        &[
+            FLASH_CODE_START,
+            FLASH_BANK_SIZE,
+            FLASH_VARS_START,
+            FLASH_BANK_SIZE,
+        ],
+    )?;
+    fdt.property_u32("bank-width", FLASH_BANK_WIDTH)?;
+    fdt.end_node(node)
+}
+
 /// PCI address space codes of a `ranges` entry's first cell.
+const PCI_SPACE_IO: u32 = 0x0100_0000;
 const PCI_SPACE_MEM32: u32 = 0x0200_0000;
 const PCI_SPACE_MEM64_PREFETCH: u32 = 0x4300_0000;
 
-fn pcie(fdt: &mut FdtWriter, gic: GicKind) -> FdtWriterResult<()> {
+/// The host bridge; `io` adds QEMU `virt`'s I/O window, which edk2 refuses to do without
+/// ("IO space empty") and a kernel booted directly does not need.
+fn pcie(fdt: &mut FdtWriter, gic: GicKind, io: bool) -> FdtWriterResult<()> {
     let node = fdt.begin_node(&format!("pcie@{PCIE_ECAM_START:x}"))?;
     fdt.property_string("compatible", "pci-host-ecam-generic")?;
     fdt.property_string("device_type", "pci")?;
@@ -258,25 +301,35 @@ fn pcie(fdt: &mut FdtWriter, gic: GicKind) -> FdtWriterResult<()> {
     fdt.property_null("dma-coherent")?;
     let hi = |a: u64| (a >> 32) as u32;
     let lo = |a: u64| a as u32;
-    fdt.property_array_u32(
-        "ranges",
-        &[
-            PCI_SPACE_MEM32,
-            hi(PCIE_MMIO32_START),
-            lo(PCIE_MMIO32_START),
-            hi(PCIE_MMIO32_START),
-            lo(PCIE_MMIO32_START),
-            hi(PCIE_MMIO32_SIZE),
-            lo(PCIE_MMIO32_SIZE),
-            PCI_SPACE_MEM64_PREFETCH,
-            hi(PCIE_MMIO64_START),
-            lo(PCIE_MMIO64_START),
-            hi(PCIE_MMIO64_START),
-            lo(PCIE_MMIO64_START),
-            hi(PCIE_MMIO64_SIZE),
-            lo(PCIE_MMIO64_SIZE),
-        ],
-    )?;
+    let mut ranges = Vec::new();
+    if io {
+        ranges.extend_from_slice(&[
+            PCI_SPACE_IO,
+            0,
+            0,
+            hi(PCIE_IO_START),
+            lo(PCIE_IO_START),
+            hi(PCIE_IO_SIZE),
+            lo(PCIE_IO_SIZE),
+        ]);
+    }
+    ranges.extend_from_slice(&[
+        PCI_SPACE_MEM32,
+        hi(PCIE_MMIO32_START),
+        lo(PCIE_MMIO32_START),
+        hi(PCIE_MMIO32_START),
+        lo(PCIE_MMIO32_START),
+        hi(PCIE_MMIO32_SIZE),
+        lo(PCIE_MMIO32_SIZE),
+        PCI_SPACE_MEM64_PREFETCH,
+        hi(PCIE_MMIO64_START),
+        lo(PCIE_MMIO64_START),
+        hi(PCIE_MMIO64_START),
+        lo(PCIE_MMIO64_START),
+        hi(PCIE_MMIO64_SIZE),
+        lo(PCIE_MMIO64_SIZE),
+    ]);
+    fdt.property_array_u32("ranges", &ranges)?;
     if let GicKind::V3 { its: true } = gic {
         // Requester ID n is ITS device ID n.
         fdt.property_array_u32("msi-map", &[0, PHANDLE_ITS, 0, 0x1_0000])?;
@@ -298,6 +351,7 @@ mod tests {
             gic,
             pcie: true,
             rng_seed: [7; 64],
+            flash: false,
         }
     }
 
@@ -443,5 +497,52 @@ mod tests {
         let c = fdt.find_node("/chosen").expect("chosen");
         assert!(c.property("linux,initrd-start").is_none());
         assert!(fdt.find_compatible(&["arm,gic-v3-its"]).is_none());
+    }
+
+    #[test]
+    fn test_fdt_pl031_always_flash_only_with_firmware() {
+        let mpidrs = [0x8000_0000];
+        let mut cfg = config(&mpidrs, GicKind::V3 { its: true });
+        let blob = create_fdt(&cfg).expect("fdt");
+        let fdt = Fdt::new(&blob).expect("parses back");
+        let rtc = fdt.find_compatible(&["arm,pl031"]).expect("pl031");
+        assert_eq!(
+            rtc.reg()
+                .expect("reg")
+                .next()
+                .map(|r| r.starting_address as u64),
+            Some(RTC_START)
+        );
+        let irqs = u32_cells(rtc.property("interrupts").expect("interrupts").value);
+        assert_eq!(irqs, vec![0, RTC_SPI, 4]);
+        assert!(fdt.find_compatible(&["cfi-flash"]).is_none());
+
+        cfg.flash = true;
+        let blob = create_fdt(&cfg).expect("fdt");
+        let fdt = Fdt::new(&blob).expect("parses back");
+        let flash = fdt.find_compatible(&["cfi-flash"]).expect("flash");
+        let regs: Vec<_> = flash
+            .reg()
+            .expect("reg")
+            .map(|r| (r.starting_address as u64, r.size))
+            .collect();
+        assert_eq!(
+            regs,
+            vec![(0, Some(0x400_0000)), (0x400_0000, Some(0x400_0000))]
+        );
+        assert_eq!(
+            flash.property("bank-width").and_then(|p| p.as_usize()),
+            Some(4)
+        );
+        // With firmware, the host bridge has an I/O window first.
+        let pci = fdt
+            .find_compatible(&["pci-host-ecam-generic"])
+            .expect("pcie");
+        let ranges = u32_cells(pci.property("ranges").expect("ranges").value);
+        assert_eq!(ranges.len(), 21);
+        assert_eq!(
+            &ranges[..7],
+            &[0x0100_0000, 0, 0, 0, 0x3eff_0000, 0, 0x1_0000]
+        );
     }
 }

@@ -21,6 +21,8 @@ use crate::layout::{FDT_MAX_SIZE, KERNEL_ALIGN, PAGE_SIZE, RAM_START};
 pub const HEADER_SIZE: usize = 64;
 /// `ARM\x64`, little endian, at byte 56.
 pub const MAGIC: u32 = 0x644d_5241;
+/// The magic number of a 32-bit arm zImage, at byte 0x24 (Documentation/arch/arm/booting.rst).
+const ZIMAGE_MAGIC: u32 = 0x016f_2818;
 /// `text_offset` that kernels older than 3.17 (which have `image_size` 0) assume.
 const LEGACY_TEXT_OFFSET: u64 = 0x8_0000;
 
@@ -33,6 +35,9 @@ pub enum ImageError {
     /// The magic number is not `ARM\x64`.
     #[error("not an arm64 Image: no \"ARM\\x64\" magic at byte 56 (found {0:#010x})")]
     BadMagic(u32),
+    /// The kernel is a 32-bit arm zImage.
+    #[error("a 32-bit arm zImage: 32-bit guests are not supported yet (an arm64 Image is needed)")]
+    Arm32ZImage,
     /// The kernel was built big-endian.
     #[error("big-endian arm64 kernels are not supported")]
     BigEndian,
@@ -113,6 +118,12 @@ impl Arm64Image {
             u64::from_le_bytes(b)
         };
         let magic = u32::from_le_bytes([header[56], header[57], header[58], header[59]]);
+        if magic != MAGIC
+            && u32::from_le_bytes([header[0x24], header[0x25], header[0x26], header[0x27]])
+                == ZIMAGE_MAGIC
+        {
+            return Err(ImageError::Arm32ZImage);
+        }
         if magic != MAGIC {
             return Err(ImageError::BadMagic(magic));
         }
@@ -272,6 +283,15 @@ mod tests {
             Arm64Image::parse(&h, 1 << 20),
             Err(ImageError::BadMagic(_))
         ));
+    }
+
+    #[test]
+    fn test_image_parse_zimage_is_named() {
+        let mut h = vec![0u8; HEADER_SIZE];
+        h[0x24..0x28].copy_from_slice(&ZIMAGE_MAGIC.to_le_bytes());
+        let e = Arm64Image::parse(&h, 5 << 20).expect_err("not arm64");
+        assert!(matches!(e, ImageError::Arm32ZImage));
+        assert!(e.to_string().contains("32-bit"));
     }
 
     #[test]

@@ -5,13 +5,14 @@
 //!
 //! | range                          | what                                        |
 //! |--------------------------------|---------------------------------------------|
-//! | `0x0000_0000..0x0800_0000`     | flash window (UEFI code and vars, later)    |
+//! | `0x0000_0000..0x0400_0000`     | flash bank 0: UEFI code (`--firmware`)      |
+//! | `0x0400_0000..0x0800_0000`     | flash bank 1: UEFI variables                |
 //! | `0x0800_0000..0x0801_0000`     | GIC distributor                             |
 //! | `0x0801_0000..0x0802_0000`     | GICv2 CPU interface (GICv2 fallback only)   |
 //! | `0x0808_0000..0x080a_0000`     | GICv3 ITS                                   |
 //! | `0x080a_0000..0x0900_0000`     | GICv3 redistributors, 128 KiB per vCPU      |
 //! | `0x0900_0000..0x0900_1000`     | PL011 UART                                  |
-//! | `0x0901_0000..0x0901_1000`     | PL031 RTC (reserved)                        |
+//! | `0x0901_0000..0x0901_1000`     | PL031 RTC                                   |
 //! | `0x1000_0000..0x3eff_0000`     | PCIe 32-bit MMIO window (reserved)          |
 //! | `0x3eff_0000..0x3f00_0000`     | PCIe I/O window (reserved)                  |
 //! | `0x3f00_0000..0x4000_0000`     | PCIe ECAM, buses 0-15 (reserved)            |
@@ -22,10 +23,20 @@
 //! architecture: 9 GIC maintenance, 10 hypervisor timer, 11 virtual timer, 13 secure physical
 //! timer, 14 non-secure physical timer.
 
-/// Flash window, where UEFI firmware will be mapped.
+/// Flash window: two CFI flash banks, as on QEMU `virt`.
 pub const FLASH_START: u64 = 0;
 /// Size of the flash window.
 pub const FLASH_SIZE: u64 = 0x0800_0000;
+/// Size of one flash bank (QEMU `virt`: 64 MiB each).
+pub const FLASH_BANK_SIZE: u64 = FLASH_SIZE / 2;
+/// Flash bank 0: the firmware's code, executed in place.
+pub const FLASH_CODE_START: u64 = FLASH_START;
+/// Flash bank 1: the firmware's variable store.
+pub const FLASH_VARS_START: u64 = FLASH_START + FLASH_BANK_SIZE;
+/// Erase block size of the flash banks (QEMU `virt`'s, which edk2's NorFlashQemuLib assumes).
+pub const FLASH_SECTOR_SIZE: u64 = 256 << 10;
+/// Bytes the flash answers per access: two 16-bit devices side by side (QEMU `virt`).
+pub const FLASH_BANK_WIDTH: u32 = 4;
 
 /// GIC distributor (v2 and v3).
 pub const GIC_DIST_START: u64 = 0x0800_0000;
@@ -51,10 +62,19 @@ pub const UART_START: u64 = 0x0900_0000;
 /// Size of the PL011 register window.
 pub const UART_SIZE: u64 = 0x1000;
 
+/// PL031 real-time clock.
+pub const RTC_START: u64 = 0x0901_0000;
+/// Size of the PL031 register window.
+pub const RTC_SIZE: u64 = 0x1000;
+
 /// PCIe 32-bit MMIO window.
 pub const PCIE_MMIO32_START: u64 = 0x1000_0000;
 /// Size of the PCIe 32-bit MMIO window.
 pub const PCIE_MMIO32_SIZE: u64 = 0x2eff_0000;
+/// PCIe I/O window (described to UEFI firmware only: edk2's FdtPciHostBridgeLib requires one).
+pub const PCIE_IO_START: u64 = 0x3eff_0000;
+/// Size of the PCIe I/O window.
+pub const PCIE_IO_SIZE: u64 = 0x1_0000;
 /// PCIe ECAM window.
 pub const PCIE_ECAM_START: u64 = 0x3f00_0000;
 /// Size of the PCIe ECAM window.
@@ -81,6 +101,8 @@ pub const MAX_VCPUS_GICV2: u32 = 8;
 pub const SPI_BASE: u32 = 32;
 /// SPI (number relative to the first SPI) of the PL011.
 pub const UART_SPI: u32 = 1;
+/// SPI (number relative to the first SPI) of the PL031.
+pub const RTC_SPI: u32 = 2;
 
 /// PPI of the GICv3 maintenance interrupt.
 pub const PPI_GIC_MAINTENANCE: u32 = 9;

@@ -86,7 +86,8 @@ pkg_installed() {
 
 ensure_host_deps() {
 	local missing=() p
-	for p in qemu-system-arm cpio gzip device-tree-compiler coreutils; do
+	# mtools, gdisk, dosfstools, grub-common: the UEFI scenarios' GPT disks (build_uefi_disk).
+	for p in qemu-system-arm cpio gzip device-tree-compiler coreutils mtools gdisk dosfstools grub-common; do
 		pkg_installed "$p" || missing+=("$p")
 	done
 	if ! dpkg --print-foreign-architectures | grep -qx arm64; then
@@ -165,6 +166,17 @@ fetch_assets() {
 	download_pkg busybox-static:arm64 "$CACHE/busybox-static-arm64"
 	BUSYBOX=$CACHE/busybox-static-arm64/bin/busybox
 	[ -f "$BUSYBOX" ] || die "no bin/busybox in busybox-static:arm64"
+
+	# UEFI (scenarios/uefi-*.sh): Debian's edk2 ArmVirtQemu build and systemd-boot.
+	download_pkg qemu-efi-aarch64 "$CACHE/qemu-efi-aarch64"
+	UEFI_FIRMWARE=$CACHE/qemu-efi-aarch64/usr/share/qemu-efi-aarch64/QEMU_EFI.fd
+	[ -f "$UEFI_FIRMWARE" ] || die "no QEMU_EFI.fd in qemu-efi-aarch64"
+	download_pkg systemd-boot-efi:arm64 "$CACHE/systemd-boot-efi-arm64"
+	SYSTEMD_BOOT=$CACHE/systemd-boot-efi-arm64/usr/lib/systemd/boot/efi/systemd-bootaa64.efi
+	[ -f "$SYSTEMD_BOOT" ] || die "no systemd-bootaa64.efi in systemd-boot-efi:arm64"
+	download_pkg grub-efi-arm64-bin:arm64 "$CACHE/grub-efi-arm64-bin"
+	GRUB_MODULES=$CACHE/grub-efi-arm64-bin/usr/lib/grub/arm64-efi
+	[ -f "$GRUB_MODULES/linux.mod" ] || die "no arm64-efi modules in grub-efi-arm64-bin:arm64"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +226,7 @@ pack() {
 
 # virtio_mmio: for the peers' devices in the boot benchmark (Firecracker has only virtio-mmio).
 GUEST_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio virtio_blk failover net_failover virtio_net"
+GUEST_EXTRA_MODULES="efivarfs"
 # Modules L1's init loads, in this order: tun, for the taps --net opens.
 L1_MODULES="tun"
 
@@ -230,6 +243,12 @@ pack_guest() {
 		install -m 0644 "$f" "$d/lib/modules/"
 	done
 	echo "$GUEST_MODULES" >"$d/lib/modules/order"
+	# Packed but not loaded at boot: efivarfs, for the UEFI variable scenario.
+	for m in $GUEST_EXTRA_MODULES; do
+		f=$(find "$KMODS/kernel" -name "$m.ko" | head -n 1)
+		[ -n "$f" ] || die "module $m.ko not in $KMODS"
+		install -m 0644 "$f" "$d/lib/modules/"
+	done
 	# Programs the scenarios run inside the guest: the bins of tests/guest-tools, when built.
 	local src b
 	for src in "$ROOT"/tests/guest-tools/src/bin/*.rs; do
@@ -243,6 +262,49 @@ pack_guest() {
 	done
 	GUEST_INITRAMFS=$WORK/guest-initramfs.cpio.gz
 	pack "$d" "$GUEST_INITRAMFS" gzip
+}
+
+# build_uefi_disk LOADER OUT: a GPT disk (sgdisk) whose EFI System Partition (FAT32, mkfs.fat
+# and mtools) holds LOADER as \EFI\BOOT\BOOTAA64.EFI and the guest kernel and initramfs: what
+# the firmware boots with no boot entries configured. LOADER: systemd-boot (with a loader
+# entry) or grub (grub-mkstandalone with an embedded grub.cfg). Built by public tools, never
+# by Bulkhead.
+build_uefi_disk() {
+	local loader=$1 out=$2 esp=$WORK/esp.img esp_mib files=$WORK/esp-files
+	# FAT32 needs 65525 clusters at least: 512-byte clusters and 40 MiB or more.
+	esp_mib=$((($(stat -c %s "$KERNEL") + $(stat -c %s "$GUEST_INITRAMFS")) / 1048576 + 8))
+	[ "$esp_mib" -ge 40 ] || esp_mib=40
+	rm -rf "$esp" "$out" "$files"
+	mkdir -p "$files"
+	mkfs.fat -F 32 -s 1 -n ESP -C "$esp" $((esp_mib * 1024)) >/dev/null
+	mmd -i "$esp" ::/EFI ::/EFI/BOOT
+	case $loader in
+	systemd-boot)
+		printf 'default guest.conf\ntimeout 0\n' >"$files/loader.conf"
+		printf 'title Bulkhead test guest\nlinux /vmlinuz\ninitrd /initrd.gz\noptions console=ttyAMA0 quiet\n' \
+			>"$files/guest.conf"
+		mmd -i "$esp" ::/loader ::/loader/entries
+		mcopy -i "$esp" "$SYSTEMD_BOOT" ::/EFI/BOOT/BOOTAA64.EFI
+		mcopy -i "$esp" "$files/loader.conf" ::/loader/loader.conf
+		mcopy -i "$esp" "$files/guest.conf" ::/loader/entries/guest.conf
+		;;
+	grub)
+		printf 'set timeout=0\nsearch --no-floppy --file --set=root /vmlinuz\nlinux /vmlinuz console=ttyAMA0 quiet\ninitrd /initrd.gz\nboot\n' \
+			>"$files/grub.cfg"
+		grub-mkstandalone -O arm64-efi -d "$GRUB_MODULES" -o "$files/BOOTAA64.EFI" \
+			--modules="part_gpt fat search_fs_file linux normal" --locales= --fonts= --themes= \
+			"boot/grub/grub.cfg=$files/grub.cfg" || die "grub-mkstandalone failed"
+		mcopy -i "$esp" "$files/BOOTAA64.EFI" ::/EFI/BOOT/BOOTAA64.EFI
+		;;
+	*) die "build_uefi_disk: unknown loader $loader" ;;
+	esac
+	mcopy -i "$esp" "$KERNEL" ::/vmlinuz
+	mcopy -i "$esp" "$GUEST_INITRAMFS" ::/initrd.gz
+	# 1 MiB before the ESP (protective MBR, GPT header and entries), 1 MiB after (backup GPT).
+	truncate -s $(((esp_mib + 2) * 1048576)) "$out"
+	sgdisk -n 1:2048:+"${esp_mib}M" -t 1:EF00 -c 1:ESP "$out" >/dev/null 2>&1 || die "sgdisk failed on $out"
+	dd if="$esp" of="$out" bs=1M seek=1 conv=notrunc status=none
+	rm -rf "$esp" "$files"
 }
 
 # suite_scenarios NAME: the scenario names of a suite, one per line.
@@ -298,6 +360,13 @@ pack_l1() {
 				log "no $PEERS_DIR/$peer: the boot benchmark runs without it"
 			fi
 		done
+	fi
+	# The UEFI scenarios' firmware and disk, only where they run (~45 MB).
+	if echo "$SCENARIOS" | grep -q '^uefi'; then
+		mkdir -p "$d/guest/uefi"
+		install -m 0644 "$UEFI_FIRMWARE" "$d/guest/uefi/QEMU_EFI.fd"
+		build_uefi_disk systemd-boot "$d/guest/uefi/systemd-boot.img"
+		build_uefi_disk grub "$d/guest/uefi/grub.img"
 	fi
 	install -m 0644 "$NESTED_DIR/lib.sh" "$d/harness/lib.sh"
 	for s in "$NESTED_DIR"/scenarios/*.sh; do install -m 0755 "$s" "$d/harness/scenarios/"; done

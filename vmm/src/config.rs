@@ -22,8 +22,18 @@ const CMDLINE_MAX: usize = 2048;
 #[command(name = "bulkhead", version, about)]
 pub struct Args {
     /// Guest kernel: an arm64 `Image`.
+    #[arg(long, value_name = "PATH", required_unless_present = "firmware")]
+    pub kernel: Option<PathBuf>,
+    /// UEFI firmware instead of a kernel: an edk2 ArmVirtQemu build (Debian's
+    /// qemu-efi-aarch64: AAVMF_CODE.fd or QEMU_EFI.fd), executed in place from flash bank 0;
+    /// it boots the disks' `\EFI\BOOT\BOOTAA64.EFI` (docs/uefi.md).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initramfs", "cmdline"])]
+    pub firmware: Option<PathBuf>,
+    /// The UEFI variable store (flash bank 1) kept in this file, so variables survive the VM;
+    /// created from AAVMF_VARS.fd beside the firmware when missing. Without it variables live
+    /// in memory for the VMM's life.
     #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    pub firmware_vars: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed) handed to the kernel.
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
@@ -131,6 +141,9 @@ pub enum ConfigError {
     /// The kernel command line is not acceptable.
     #[error("--cmdline: {0}")]
     Cmdline(String),
+    /// The firmware or its variable store is not usable.
+    #[error(transparent)]
+    Firmware(#[from] crate::legacy::cfi_flash::FlashError),
 }
 
 /// Where the guest console goes.
@@ -698,6 +711,83 @@ fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigError> {
     })
 }
 
+/// What the boot vCPU starts in.
+#[derive(Debug)]
+pub enum BootConfig {
+    /// A Linux kernel loaded into RAM (`--kernel`).
+    Kernel {
+        /// The kernel file and what its header says.
+        kernel: (File, Arm64Image),
+        /// The initramfs file, if any.
+        initramfs: Option<File>,
+        /// Where everything goes in RAM.
+        layout: BootLayout,
+    },
+    /// UEFI firmware executed in place from flash (`--firmware`).
+    Firmware {
+        /// The firmware file, mapped into flash bank 0.
+        code: File,
+        /// What backs flash bank 1.
+        vars: crate::legacy::cfi_flash::VarsStore,
+    },
+}
+
+/// `--firmware` and `--firmware-vars`, checked and opened (the vars file created if missing).
+fn firmware_boot(
+    firmware: &std::path::Path,
+    vars: Option<&PathBuf>,
+) -> Result<BootConfig, ConfigError> {
+    use crate::legacy::cfi_flash::{check_firmware, open_vars, vars_template, VarsStore};
+    let code = check_firmware(firmware)?;
+    let vars = match vars {
+        Some(path) => VarsStore::File(open_vars(path, vars_template(firmware).as_deref())?),
+        None => VarsStore::Memory,
+    };
+    Ok(BootConfig::Firmware { code, vars })
+}
+
+/// `--kernel` and `--initramfs`, checked and opened, and where they go in RAM.
+fn kernel_boot(
+    args: &Args,
+    kernel_path: &PathBuf,
+    ram_size: u64,
+) -> Result<BootConfig, ConfigError> {
+    let mut kernel = open("kernel", kernel_path)?;
+    let image = Arm64Image::from_file(&mut kernel).map_err(|source| ConfigError::Kernel {
+        path: kernel_path.clone(),
+        source,
+    })?;
+    let initramfs = args
+        .initramfs
+        .as_ref()
+        .map(|p| open("initramfs", p))
+        .transpose()?;
+    let initramfs_size = initramfs
+        .as_ref()
+        .zip(args.initramfs.as_ref())
+        .map(|(f, p)| {
+            f.metadata()
+                .map(|m| m.len())
+                .map_err(|source| ConfigError::Open {
+                    what: "initramfs",
+                    path: p.clone(),
+                    source,
+                })
+        })
+        .transpose()?;
+    let layout = BootLayout::new(ram_size, &image, initramfs_size).map_err(|source| {
+        ConfigError::Layout {
+            ram_mib: ram_size >> 20,
+            source,
+        }
+    })?;
+    Ok(BootConfig::Kernel {
+        kernel: (kernel, image),
+        initramfs,
+        layout,
+    })
+}
+
 /// A checked VM configuration, with its boot files open.
 #[derive(Debug)]
 pub struct VmConfig {
@@ -709,12 +799,8 @@ pub struct VmConfig {
     pub ram_backing: RamBacking,
     /// Kernel command line.
     pub cmdline: String,
-    /// The kernel file and what its header says.
-    pub kernel: (File, Arm64Image),
-    /// The initramfs file, if any.
-    pub initramfs: Option<File>,
-    /// Where everything goes in RAM.
-    pub layout: BootLayout,
+    /// What the guest boots: a kernel, or UEFI firmware.
+    pub boot: BootConfig,
     /// Guest console.
     pub serial: SerialConfig,
     /// Disks, in slot order.
@@ -975,35 +1061,23 @@ impl TryFrom<Args> for VmConfig {
         let vcpus = parse_cpus(&args.cpus)?;
         let (ram_size, ram_backing) = parse_memory(&args.memory)?;
         check_cmdline(&args.cmdline)?;
-        let mut kernel = open("kernel", &args.kernel)?;
-        let image = Arm64Image::from_file(&mut kernel).map_err(|source| ConfigError::Kernel {
-            path: args.kernel.clone(),
-            source,
-        })?;
-        let initramfs = args
-            .initramfs
-            .as_ref()
-            .map(|p| open("initramfs", p))
-            .transpose()?;
-        let initramfs_size = initramfs
-            .as_ref()
-            .zip(args.initramfs.as_ref())
-            .map(|(f, p)| {
-                f.metadata()
-                    .map(|m| m.len())
-                    .map_err(|source| ConfigError::Open {
-                        what: "initramfs",
-                        path: p.clone(),
-                        source,
-                    })
-            })
-            .transpose()?;
-        let layout = BootLayout::new(ram_size, &image, initramfs_size).map_err(|source| {
-            ConfigError::Layout {
-                ram_mib: ram_size >> 20,
-                source,
+        if args.firmware_vars.is_some() && args.firmware.is_none() {
+            return Err(ConfigError::Option {
+                flag: "firmware-vars",
+                reason: "needs --firmware".into(),
+            });
+        }
+        let boot = match (&args.firmware, &args.kernel) {
+            (Some(firmware), _) => firmware_boot(firmware, args.firmware_vars.as_ref())?,
+            (None, Some(kernel)) => kernel_boot(&args, kernel, ram_size)?,
+            // clap requires one of them.
+            (None, None) => {
+                return Err(ConfigError::Option {
+                    flag: "kernel",
+                    reason: "--kernel or --firmware is required".into(),
+                })
             }
-        })?;
+        };
         if !(1..=31).contains(&args.pci_slots) {
             return Err(ConfigError::Option {
                 flag: "pci-slots",
@@ -1077,9 +1151,7 @@ impl TryFrom<Args> for VmConfig {
             ram_size,
             ram_backing,
             cmdline: args.cmdline,
-            kernel: (kernel, image),
-            initramfs,
-            layout,
+            boot,
             serial,
             disks,
             nets,
@@ -1426,6 +1498,32 @@ mod tests {
             "bulkhead", "--kernel", "k", "--net", "tap=a", "--net", "fd=3:4",
         ]);
         assert_eq!(args.net, ["tap=a", "fd=3:4"]);
+    }
+
+    #[test]
+    fn test_firmware_flags() {
+        // --firmware replaces --kernel, and excludes it and what only a kernel uses.
+        assert!(Args::try_parse_from(["bulkhead", "--firmware", "f"]).is_ok());
+        assert!(Args::try_parse_from(["bulkhead"]).is_err());
+        for extra in [["--kernel", "k"], ["--initramfs", "i"], ["--cmdline", "c"]] {
+            let mut argv = vec!["bulkhead", "--firmware", "f"];
+            argv.extend(extra);
+            assert!(Args::try_parse_from(argv).is_err(), "{extra:?}");
+        }
+        let args = Args::parse_from(["bulkhead", "--kernel", "k", "--firmware-vars", "v"]);
+        assert!(matches!(
+            VmConfig::try_from(args),
+            Err(ConfigError::Option {
+                flag: "firmware-vars",
+                ..
+            })
+        ));
+        // A missing firmware file is bad input.
+        let args = Args::parse_from(["bulkhead", "--firmware", "/nonexistent/QEMU_EFI.fd"]);
+        assert!(matches!(
+            VmConfig::try_from(args),
+            Err(ConfigError::Firmware(_))
+        ));
     }
 
     #[test]

@@ -69,6 +69,10 @@ fn run(
 }
 
 fn main() -> ExitCode {
+    // `bulkhead image check IMG`: the image checker (docs/image-check.md), no VM.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "image") {
+        return bulkhead::image_cmd::main(std::env::args_os().skip(1));
+    }
     let args = Args::parse();
     init_logging(args.verbose);
     let cgroup_parent = args.cgroup_parent.clone();

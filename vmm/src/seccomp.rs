@@ -194,6 +194,9 @@ fn vcpu_rules(r: &mut Rules) {
         KVM_IRQFD,
         KVM_SET_GSI_ROUTING,
         KVM_SIGNAL_MSI,
+        // The UEFI variable flash (legacy::cfi_flash::FlashBank::sync_slot) removes its
+        // read-only memory slot when a command leaves read-array mode and restores it after.
+        KVM_SET_USER_MEMORY_REGION,
     ]);
     // PL011 output to stdout or the --serial file (write), queue notifies without an
     // ioeventfd (eventfd write), logs.

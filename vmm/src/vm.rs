@@ -12,21 +12,24 @@ use std::time::Duration;
 use bulkhead_firmware::fdt::{create_fdt, FdtConfig, FdtError};
 use bulkhead_firmware::image::LoadError;
 use bulkhead_firmware::layout::{
-    PCIE_ECAM_SIZE, PCIE_ECAM_START, RAM_START, UART_SIZE, UART_SPI, UART_START,
+    FLASH_CODE_START, PCIE_ECAM_SIZE, PCIE_ECAM_START, RAM_START, RTC_SIZE, RTC_START, UART_SIZE,
+    UART_SPI, UART_START,
 };
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
 use log::{debug, error, info, warn};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::{self, ArchError};
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{BootConfig, SerialConfig, VmConfig};
 use crate::control::{ReplySender, Request, RequestError};
 use crate::device::spawner::Spawner;
 use crate::device::{DeviceEnv, DeviceError, Devices};
 use crate::irq::VmInterrupts;
+use crate::legacy::cfi_flash::{Flash, FlashError};
 use crate::legacy::pl011::{IrqLine, Pl011, SharedPl011};
+use crate::legacy::pl031::Pl031;
 use crate::mmio::{MmioBus, MmioDevice};
 use crate::pci::host::{PciError, PcieHost};
 use crate::vcpu::{self, Event, VcpuStop, VcpuThread};
@@ -94,6 +97,12 @@ pub enum VmError {
     /// A seccomp filter could not be set up or installed.
     #[error("confining the VMM's threads")]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// The UEFI flash needs read-only memory slots.
+    #[error("this host's KVM has no read-only memory slots (KVM_CAP_READONLY_MEM), which the UEFI flash needs")]
+    NoReadonlyMem,
+    /// The UEFI flash banks could not be set up.
+    #[error(transparent)]
+    Flash(#[from] FlashError),
 }
 
 /// How a VM ended without error.
@@ -194,6 +203,8 @@ pub struct Vm {
     events: (Sender<Event>, Receiver<Event>),
     /// /dev/urandom, for each boot's rng-seed.
     urandom: Option<File>,
+    /// The UEFI firmware's flash banks (`--firmware`).
+    flash: Option<Flash>,
 }
 
 impl Vm {
@@ -226,6 +237,19 @@ impl Vm {
         let serial = Arc::new(SharedPl011::new(Pl011::new(out, Box::new(Unwired))));
         let bus = Arc::new(MmioBus::default());
         bus.insert(UART_START..UART_START + UART_SIZE, serial.clone())?;
+        bus.insert(RTC_START..RTC_START + RTC_SIZE, Arc::new(Pl031::default()))?;
+        let flash = match &config.boot {
+            BootConfig::Firmware { code, vars } => {
+                if !kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem) {
+                    return Err(VmError::NoReadonlyMem);
+                }
+                let flash = Flash::new(code, vars)?;
+                bus.insert(flash.code.range(), flash.code.clone())?;
+                bus.insert(flash.vars.range(), flash.vars.clone())?;
+                Some(flash)
+            }
+            BootConfig::Kernel { .. } => None,
+        };
         let pcie = Arc::new(PcieHost::new(config.pci_slots)?);
         bus.insert(
             PCIE_ECAM_START..PCIE_ECAM_START + PCIE_ECAM_SIZE,
@@ -249,6 +273,7 @@ impl Vm {
             .ok();
         Ok(Self {
             urandom,
+            flash,
             kvm,
             config,
             memory,
@@ -287,6 +312,9 @@ impl Vm {
         // SAFETY: the region is this VM's guest memory mapping, which lives in `self.memory`
         // for as long as any KVM VM created from it.
         unsafe { vm.set_user_memory_region(region) }.map_err(VmError::SetMemoryRegion)?;
+        if let Some(flash) = &self.flash {
+            flash.reset(&vm)?;
+        }
 
         let vcpus = (0..u64::from(self.config.vcpus))
             .map(|i| vm.create_vcpu(i).map_err(|e| VmError::CreateVcpu(i, e)))
@@ -303,29 +331,41 @@ impl Vm {
             crate::milestone::log("VM created");
         }
 
-        let layout = self.config.layout;
-        let fdt = create_fdt(&FdtConfig {
+        let fdt_config = |initramfs, flash| FdtConfig {
             mpidrs: &machine.mpidrs,
             ram_size: self.config.ram_size,
             cmdline: &self.config.cmdline,
-            initramfs: layout.initramfs,
+            initramfs,
             gic: machine.gic,
             pcie: true,
             rng_seed: random_seed(self.urandom.as_ref()),
-        })?;
-        let (kernel, image) = &mut self.config.kernel;
-        layout.load(
-            &self.memory,
-            kernel,
-            image,
-            self.config.initramfs.as_mut(),
-            &fdt,
-        )?;
-        arch::set_boot_regs(&vcpus[0], layout.kernel_addr, layout.fdt_addr)?;
+            flash,
+        };
+        match &mut self.config.boot {
+            BootConfig::Kernel {
+                kernel: (kernel, image),
+                initramfs,
+                layout,
+            } => {
+                let fdt = create_fdt(&fdt_config(layout.initramfs, false))?;
+                layout.load(&self.memory, kernel, image, initramfs.as_mut(), &fdt)?;
+                arch::set_boot_regs(&vcpus[0], layout.kernel_addr, layout.fdt_addr)?;
+                debug!("boot layout: {layout:x?}, FDT {} bytes", fdt.len());
+            }
+            BootConfig::Firmware { .. } => {
+                // ArmVirtQemu looks for the device tree at the start of RAM (QEMU puts it
+                // there) and starts executing at the start of flash bank 0.
+                let fdt = create_fdt(&fdt_config(None, true))?;
+                self.memory
+                    .write_slice(&fdt, GuestAddress(RAM_START))
+                    .map_err(|e| LoadError::Fdt(RAM_START, e))?;
+                arch::set_boot_regs(&vcpus[0], FLASH_CODE_START, RAM_START)?;
+                debug!("firmware boot, FDT {} bytes at {RAM_START:#x}", fdt.len());
+            }
+        }
         if first {
             crate::milestone::log("guest loaded");
         }
-        debug!("boot layout: {layout:x?}, FDT {} bytes", fdt.len());
 
         self.serial.lock().reset(Box::new(KvmIrqLine {
             vm: vm.clone(),

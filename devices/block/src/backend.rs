@@ -183,7 +183,13 @@ impl BlockBackend {
         Limits {
             capacity_sectors: self.inner.disk.capacity_sectors(),
             seg_max: self.inner.seg_max,
-            size_max: SIZE_MAX,
+            // A driver that did not negotiate VIRTIO_BLK_F_SIZE_MAX may send a segment of any
+            // length (virtio 1.2, 5.2.6.1): edk2's VirtioBlkDxe reads a whole kernel in one.
+            size_max: if acked & (1 << VIRTIO_BLK_F_SIZE_MAX) != 0 {
+                SIZE_MAX
+            } else {
+                u32::MAX
+            },
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_discard_seg: MAX_DISCARD_SEG,
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
@@ -558,6 +564,9 @@ mod tests {
         let (_tmp, b) = backend(false);
         assert_ne!(b.features() & (1 << VIRTIO_BLK_F_SIZE_MAX), 0);
         assert_ne!(b.features() & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
+        // Enforced once negotiated; without it (edk2) a segment may be of any length.
+        assert_eq!(b.limits().size_max, u32::MAX);
+        b.acked_features(b.features());
         let limits = b.limits();
         assert_eq!(limits.size_max, SIZE_MAX);
         assert_eq!(limits.seg_max, 126);

@@ -1,3 +1,5 @@
 //! Small devices emulated in the VMM itself.
 
+pub mod cfi_flash;
 pub mod pl011;
+pub mod pl031;
