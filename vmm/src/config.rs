@@ -50,9 +50,12 @@ pub struct Args {
     /// `memory_max=SIZE` and `pids_max=N` override its process's limits (docs/jail-resources.md).
     /// Rate limits (Firecracker's token buckets, one per device): `bw_size`, `bw_one_time_burst`,
     /// `bw_refill_time`, `ops_size`, `ops_one_time_burst`, `ops_refill_time` (docs/disks.md).
+    /// A device process that dies is restarted (`restart=on-failure`, the default, with
+    /// `restart_max=N` (10) and `restart_backoff_ms=MS` (10, doubled each time); a seccomp
+    /// kill only with `restart_on_violation=on`), or not (`restart=never`) (docs/restart.md).
     #[arg(
         long,
-        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS]"
+        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on]"
     )]
     pub disk: Vec<String>,
     /// A network interface, repeatable, served by a `bulkhead-net` process on a tap:
@@ -64,7 +67,7 @@ pub struct Args {
     /// (docs/net.md).
     #[arg(
         long,
-        value_name = "tap=NAME|fd=N[:M...]|socket=PATH[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,num_queues=N][,queue_size=N][,id=ID]"
+        value_name = "tap=NAME|fd=N[:M...]|socket=PATH[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,num_queues=N][,queue_size=N][,id=ID][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on]"
     )]
     pub net: Vec<String>,
     /// Run device processes as this host uid (and gid; default: the uid's number). Only for a
@@ -187,6 +190,9 @@ pub struct DiskConfig {
     pub memory_max: Option<u64>,
     /// `pids_max=`: the device process's task limit.
     pub pids_max: Option<u64>,
+    /// `restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=`
+    /// (docs/restart.md).
+    pub restart: crate::device::restart::RestartPolicy,
 }
 
 fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
@@ -214,9 +220,14 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
             "ops_size",
             "ops_one_time_burst",
             "ops_refill_time",
+            "restart",
+            "restart_max",
+            "restart_backoff_ms",
+            "restart_on_violation",
         ],
     )?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+    let restart = crate::device::restart::RestartPolicy::parse(get).map_err(bad)?;
     let readonly = match get("readonly") {
         None | Some("off") => false,
         Some("on") => true,
@@ -319,6 +330,14 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
         (Some(_), Some(_)) => return Err(bad("give path= or socket=, not both".into())),
         _ => return Err(bad("path=IMG or socket=PATH is required".into())),
     };
+    if restart != crate::device::restart::RestartPolicy::default()
+        && matches!(backend, DiskBackend::Socket(_))
+    {
+        return Err(bad(
+            "the restart options are for a device process the VMM starts (path=), not socket="
+                .into(),
+        ));
+    }
     Ok(DiskConfig {
         backend,
         num_queues,
@@ -326,6 +345,7 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
         id,
         memory_max,
         pids_max,
+        restart,
     })
 }
 
@@ -420,6 +440,9 @@ pub struct NetConfig {
     pub rx_limit: RateLimit,
     /// Transmit (guest-sent) limits.
     pub tx_limit: RateLimit,
+    /// `restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=`
+    /// (docs/restart.md).
+    pub restart: crate::device::restart::RestartPolicy,
 }
 
 impl NetConfig {
@@ -515,6 +538,7 @@ fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigError> {
         .collect();
     known.extend(RATE_LIMIT_OPTIONS);
     known.extend(prefixed.iter().map(String::as_str));
+    known.extend(crate::device::restart::OPTIONS);
     let opts = parse_options("net", value, &known)?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
 
@@ -670,6 +694,15 @@ fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigError> {
         NetBackend::Fds { fds, .. } => 2 * fds.len() as u16,
         _ => num_queues.unwrap_or(2),
     };
+    let restart = crate::device::restart::RestartPolicy::parse(get).map_err(bad)?;
+    if restart != crate::device::restart::RestartPolicy::default()
+        && matches!(backend, NetBackend::Socket(_))
+    {
+        return Err(bad(
+            "the restart options are for a device process the VMM starts (tap= or fd=), not socket="
+                .into(),
+        ));
+    }
     Ok(NetConfig {
         backend,
         mac,
@@ -679,6 +712,7 @@ fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigError> {
         id,
         rx_limit,
         tx_limit,
+        restart,
     })
 }
 
