@@ -227,6 +227,7 @@ impl BlockBackend {
             .get(queue)
             .ok_or(BackendError::NoSuchQueue(queue))?;
         let mut worker = worker.lock().unwrap_or_else(|p| p.into_inner());
+        worker.inflight = crate::inflight::Tracker::for_queue(queue);
         let limits = self.limits();
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
 
@@ -334,6 +335,9 @@ impl VhostUserBackend for BlockBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            // Tracked by the queue workers (crate::inflight); the runtime withdraws it when
+            // the VMM handed no region.
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {

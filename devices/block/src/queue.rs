@@ -116,6 +116,8 @@ pub struct QueueWorker {
     in_flight: Vec<u64>,
     /// The device's rate limiter, shared with its other queues.
     limiter: Option<Arc<Mutex<RateLimiter>>>,
+    /// In-flight tracking (crate::inflight), set per event by the backend.
+    pub inflight: crate::inflight::Tracker,
 }
 
 /// The outcome of one request, before it is published.
@@ -174,6 +176,7 @@ impl QueueWorker {
             broken: None,
             in_flight: Vec::new(),
             limiter: None,
+            inflight: crate::inflight::Tracker::default(),
         }
     }
 
@@ -333,6 +336,7 @@ impl QueueWorker {
                 };
                 match self.admit(mem, request, &mut budget) {
                     Admission::Taken(completion, new_ops) => {
+                        self.inflight.taken(head);
                         owners.extend(std::iter::repeat_n(completions.len(), new_ops.len()));
                         ops.extend(new_ops);
                         completions.push(completion);
@@ -371,6 +375,7 @@ impl QueueWorker {
                 guest_warn!(self.log, "chain head {} is not a descriptor index", c.head);
                 continue;
             }
+            self.inflight.before_used(c.head);
             if let Err(e) = queue.add_used(mem, c.head, len) {
                 self.mark_broken(QueueError::AddUsed(e));
                 return Batch {
@@ -379,6 +384,7 @@ impl QueueWorker {
                     throttled: None,
                 };
             }
+            self.inflight.after_used(c.head, queue.next_used());
         }
         match queue.needs_notification(mem) {
             Ok(notify) => Batch {

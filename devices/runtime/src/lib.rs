@@ -20,6 +20,7 @@
 
 pub mod args;
 pub mod control;
+pub mod inflight;
 pub mod loglimit;
 pub mod rate;
 pub mod seccomp;
@@ -245,10 +246,17 @@ pub fn start_backend<C: Device>(config: C) -> Result<(), Error> {
     for fd in &device_fds {
         startup::check_open(*fd).map_err(|source| Error::AdoptDeviceFd { fd: *fd, source })?;
     }
+    if let Some(fd) = runtime.inflight_fd {
+        startup::check_open(fd).map_err(|source| Error::AdoptDeviceFd { fd, source })?;
+    }
     let mut keep = runtime.fds();
     keep.extend_from_slice(&device_fds);
     startup::close_other_fds(&keep).map_err(Error::CloseDescriptors)?;
 
+    if let Some(fd) = runtime.inflight_fd {
+        // The region GET_INFLIGHT_FD lays out: the VMM creates it (a device's jail cannot).
+        inflight::adopt(fd);
+    }
     let opened = config.open().map_err(Error::Open)?;
     let stream = match (stream, &runtime.socket) {
         (Some(stream), _) => stream,

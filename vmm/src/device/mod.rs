@@ -712,10 +712,16 @@ impl Devices {
         specs: &[DeviceSpec],
         env: &DeviceEnv<'_>,
     ) -> Result<(Devices, Vec<(usize, VirtioPci)>), DeviceError> {
-        let files = specs
+        let mut files = specs
             .iter()
             .map(open_files)
             .collect::<Result<Vec<_>, _>>()?;
+        let mut specs = specs.to_vec();
+        for (spec, files) in specs.iter_mut().zip(files.iter_mut()) {
+            restart::add_inflight_region(spec, files)
+                .map_err(|e| DeviceError::Descriptors(spec.id.clone(), e))?;
+        }
+        let specs = &specs[..];
         let monitor = Monitor::new(env.spawner.take_events())
             .map_err(|e| DeviceError::Descriptors("device monitor".into(), e))?;
         let mut devices = Devices {

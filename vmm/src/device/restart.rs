@@ -175,6 +175,41 @@ pub struct RestartInfo {
     pub last_cause: Option<String>,
 }
 
+/// Bytes of the inflight region of `num_queues` queues of `queue_size` entries: the
+/// split-ring layout of the vhost-user specification, each queue's part (a 16-byte header and
+/// 16 bytes per descriptor) aligned to 64 bytes (as `bulkhead_device_runtime::inflight`, which
+/// the VMM does not link).
+pub fn inflight_region_size(num_queues: u16, queue_size: u16) -> u64 {
+    u64::from(num_queues) * (16 + 16 * u64::from(queue_size)).div_ceil(64) * 64
+}
+
+/// For a restartable block device: a memfd for its inflight region (VHOST_USER_GET_INFLIGHT_FD
+/// lays it out; a device's jail cannot create one, so the VMM does), handed to the process as
+/// its next descriptor with `--inflight-fd N`, and kept with its other files for the next
+/// process. Called before the VMM's filter (memfd_create); devices added later have none and
+/// do not offer inflight tracking.
+pub fn add_inflight_region(spec: &mut DeviceSpec, files: &mut Vec<File>) -> std::io::Result<()> {
+    use super::{Backend, DeviceKind, FIRST_KIND_FD};
+    if spec.kind != DeviceKind::Block || spec.policy.restart.mode != RestartMode::OnFailure {
+        return Ok(());
+    }
+    let Backend::Spawn { args, .. } = &mut spec.backend else {
+        return Ok(());
+    };
+    // SAFETY: memfd_create with a static name; the result is checked and owned below.
+    let fd = unsafe { libc::memfd_create(c"bulkhead-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor owned by nobody else.
+    let file = File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    file.set_len(inflight_region_size(spec.queues, spec.queue_size))?;
+    let number = FIRST_KIND_FD + files.len() as i32;
+    args.extend(["--inflight-fd".to_string(), number.to_string()]);
+    files.push(file);
+    Ok(())
+}
+
 /// How a process ended, in words, for the restart log line.
 pub fn cause(exit: Exit) -> String {
     match exit {

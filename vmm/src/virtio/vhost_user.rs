@@ -17,7 +17,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, Level};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
@@ -46,6 +48,7 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// Work for a device's worker thread, in the order the transport asked for it.
@@ -288,6 +291,10 @@ struct Connection {
     /// A duplicate of the backend channel's device end (`SET_BACKEND_REQ_FD`), handed again to
     /// a new process; the channel's VMM end and thread live on.
     backend_req_tx: Option<OwnedFd>,
+    /// The inflight region the backend gave (GET_INFLIGHT_FD) for this activation: handed
+    /// again to a restarted process (SET_INFLIGHT_FD) so it resubmits what its predecessor had
+    /// in flight; a new one is asked for at the next activation after a reset.
+    inflight: Option<(VhostUserInflight, std::fs::File)>,
 }
 
 impl VhostUserDevice {
@@ -330,6 +337,7 @@ impl VhostUserDevice {
             session: None,
             config_writes: Vec::new(),
             backend_req_tx: None,
+            inflight: None,
         };
         let (offered, acked) = conn.negotiate(num_queues)?;
         conn.offered = offered;
@@ -591,6 +599,7 @@ impl Connection {
             Job::Deactivate => {
                 self.session = None;
                 self.config_writes.clear();
+                self.inflight = None;
                 if self.shared.down() {
                     // The next process starts from its reset state anyway.
                     self.active = false;
@@ -780,6 +789,7 @@ impl Connection {
             })
             .collect::<Result<Vec<_>, VhostUserError>>()?;
         self.call("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
+        self.set_inflight(rings, replay)?;
         let protocol = self.protocol.is_some();
         for (q, ring) in rings.iter().enumerate().take(self.num_queues) {
             let Some(ring) = ring else { continue };
@@ -828,6 +838,44 @@ impl Connection {
             if protocol {
                 self.call("SET_VRING_ENABLE", |f| f.set_vring_enable(q, true))?;
             }
+        }
+        Ok(())
+    }
+
+    /// In-flight tracking, when the backend offers it: a new region at a fresh activation
+    /// (GET_INFLIGHT_FD, then SET_INFLIGHT_FD), the kept one at a replay, before the rings.
+    fn set_inflight(
+        &mut self,
+        rings: &[Option<RingConfig>],
+        replay: bool,
+    ) -> Result<(), VhostUserError> {
+        if !self
+            .protocol
+            .is_some_and(|p| p.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD))
+        {
+            return Ok(());
+        }
+        if !replay || self.inflight.is_none() {
+            let queue_size = rings.iter().flatten().map(|r| r.size).max().unwrap_or(0);
+            if queue_size == 0 {
+                return Ok(());
+            }
+            let ask = VhostUserInflight::new(0, 0, self.num_queues as u16, queue_size);
+            let (info, file) = self.call("GET_INFLIGHT_FD", |f| f.get_inflight_fd(&ask))?;
+            if info.num_queues != ask.num_queues || info.queue_size != ask.queue_size {
+                return Err(VhostUserError::Backend(format!(
+                    "answered GET_INFLIGHT_FD for {} queue(s) of {} with {} of {}",
+                    ask.num_queues, ask.queue_size, info.num_queues, info.queue_size
+                )));
+            }
+            self.inflight = Some((info, file));
+        }
+        if let Some((info, file)) = self.inflight.take() {
+            let r = self.call("SET_INFLIGHT_FD", |f| {
+                f.set_inflight_fd(&info, file.as_raw_fd())
+            });
+            self.inflight = Some((info, file));
+            r?;
         }
         Ok(())
     }
