@@ -833,3 +833,30 @@ fn test_inflight_region_tracked_then_resubmitted_by_next_process() {
     let status = wait_exit(&mut second, Duration::from_secs(10));
     assert!(status.success(), "exit status {status}");
 }
+
+/// Fault injection through the control channel (docs/restart.md): `fault crash` answers, then
+/// the process dies of SIGABRT; `fault seccomp` makes a call the device's filter forbids, which
+/// kills it with SIGSYS before any reply; an unknown fault is refused.
+#[test]
+fn test_control_fault_crash_and_seccomp_kill_the_process() {
+    use std::os::unix::process::ExitStatusExt;
+    let img = image();
+    for (fault, signal) in [("crash", libc::SIGABRT), ("seccomp", libc::SIGSYS)] {
+        let (control, control_theirs) = seqpacket_pair();
+        let fd = control_theirs.as_raw_fd();
+        // SAFETY: clearing FD_CLOEXEC on our own descriptor so the child inherits it.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+        let (mut child, stream) =
+            spawn_on_socketpair(img.as_path(), &["--control-fd", &fd.to_string()]);
+        drop(control_theirs);
+        assert_eq!(ask(&control, b"ping"), "ok pong");
+        assert!(ask(&control, b"fault melt").starts_with("err unknown fault"));
+        let request = format!("fault {fault}");
+        // SAFETY: write from a valid slice on an open descriptor.
+        let n = unsafe { libc::write(control.as_raw_fd(), request.as_ptr().cast(), request.len()) };
+        assert_eq!(n, request.len() as isize);
+        let status = wait_exit(&mut child, Duration::from_secs(10));
+        assert_eq!(status.signal(), Some(signal), "fault {fault}: {status}");
+        drop(stream);
+    }
+}

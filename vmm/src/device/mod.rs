@@ -839,6 +839,7 @@ impl Devices {
                         died_at: None,
                         last_cause: None,
                         retired: false,
+                        control: None,
                     },
                 );
             }
@@ -857,6 +858,23 @@ impl Devices {
             .watch_queue_errors(watch)
             .map_err(|e| fail(io(e)))?;
         Ok(transport)
+    }
+
+    /// Sends `request` on device `id`'s control channel (its current process's, after a
+    /// restart) and returns the payload of the `ok` reply; `fault crash` and `fault seccomp`
+    /// inject those faults (docs/restart.md). `None`: no such device process.
+    pub fn control_request(
+        &self,
+        id: &str,
+        request: &str,
+    ) -> Option<Result<String, control::ControlError>> {
+        if let Some(c) = self.monitor.current_control(id) {
+            return Some(c.request(request));
+        }
+        self.processes
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.control.request(request))
     }
 
     /// Restarts per restartable device, with the last cause (for `vm.info`, `vm.counters`).

@@ -272,6 +272,15 @@ impl Monitor {
         }
     }
 
+    /// The control channel of device `id`'s current process, if it was restarted.
+    pub fn current_control(&self, id: &str) -> Option<Arc<super::control::ControlChannel>> {
+        let st = self.state.lock().expect("not poisoned");
+        st.respawns
+            .iter()
+            .find(|r| r.spec.id == id)
+            .and_then(|r| r.control.clone())
+    }
+
     /// No more restarts (the VM is shutting down): the files kept for them are closed.
     pub fn forget_respawns(&self) {
         let mut st = self.state.lock().expect("not poisoned");
@@ -375,7 +384,9 @@ impl Monitor {
         if let Err(e) = self.watch_locked(st, &id, pid, started.log, started.pidfd, Some(d)) {
             error!("{id}: watching restarted process {pid}: {e}");
         }
-        drop(started.control);
+        if let Some(r) = st.respawns.get_mut(d) {
+            r.control = Some(Arc::new(started.control));
+        }
         if let Err(e) = handle.reconnect(started.stream, died_at) {
             error!("{id}: handing over restarted process {pid}: {e}");
             if let Some(r) = st.respawns.get(d) {

@@ -274,6 +274,9 @@ pub struct Respawn {
     pub last_cause: Option<String>,
     /// No more restarts (the VM is shutting down).
     pub retired: bool,
+    /// The control channel of the current process, once restarted (the first process's is in
+    /// `Devices::processes`).
+    pub control: Option<Arc<super::control::ControlChannel>>,
 }
 
 impl std::fmt::Debug for Respawn {
@@ -340,8 +343,9 @@ mod tests {
 
     /// The real block device process, unjailed (a debug build cannot run in the jail's empty
     /// root): SIGKILLed, it is restarted at once with the same image (the VMM's duplicate,
-    /// which keeps the lock), the transport never fails; with restart_max=1 the second kill
-    /// fails the device for good. Skipped without a built `bulkhead-block`.
+    /// which keeps the lock), the transport never fails, the new process answers on its
+    /// control channel; with restart_max=1 the second death (`fault crash` through the control
+    /// channel) fails the device for good. Skipped without a built `bulkhead-block`.
     #[test]
     fn test_restart_block_process_sigkill_restarted_then_limit() {
         let Some(dir) = std::env::current_exe()
@@ -424,11 +428,22 @@ mod tests {
         assert!(info.last_cause.unwrap_or_default().contains("signal 9"));
         std::thread::sleep(Duration::from_millis(200));
         assert!(!failure.is_failed(), "the device failed on a restart");
-        // The limit: the second death is not restarted; the device fails for good.
-        // SAFETY: as above.
-        unsafe { libc::kill(info.pid as i32, libc::SIGKILL) };
+        // The new process's control channel is the VMM's now.
+        let pong = devices.control_request("disk0", "ping").expect("device");
+        assert_eq!(pong.expect("ping"), "pong");
+        // The limit: the second death (a crash injected through the control channel) is not
+        // restarted; the device fails for good.
+        let crash = devices
+            .control_request("disk0", "fault crash")
+            .expect("device");
+        assert_eq!(crash.expect("fault crash"), "crashing");
         wait_until("the device failed", || failure.is_failed());
         assert_eq!(devices.restarts()[0].restarts, 1);
+        assert!(devices.restarts()[0]
+            .last_cause
+            .clone()
+            .unwrap_or_default()
+            .contains("signal 6"));
         drop(transports);
         devices.shutdown(Duration::from_secs(3));
         let _ = std::fs::remove_file(&image);
