@@ -338,6 +338,9 @@ pub fn rules(thread: ThreadKind) -> Rules {
                 ],
             );
             allow_kill_device(&mut r);
+            // Monitor::run_due: the liveness probe pings each restartable device's control
+            // channel (ControlChannel::request: send is sendto, the reply recvfrom, above).
+            r.allow("sendto");
         }
         ThreadKind::BackendReq => {
             // FrontendReqHandler::handle_request: requests (recvmsg, with any fds) and

@@ -462,7 +462,7 @@ pub struct DeviceProcess {
     /// Its pid.
     pub pid: u32,
     /// Its control channel.
-    pub control: ControlChannel,
+    pub control: Arc<ControlChannel>,
 }
 
 /// The VM's devices: their processes, and the thread watching them.
@@ -753,6 +753,7 @@ impl Devices {
         let id = &spec.id;
         let io = |e| DeviceError::Descriptors(id.clone(), e);
         let mut spawned_pid = None;
+        let mut first_control = None;
         // A device that may be restarted: the VMM keeps duplicates of its files (the image
         // and its lock, the tap queues) to hand the next process; it never reads or writes
         // them.
@@ -778,10 +779,12 @@ impl Devices {
                     kill_pidfd(&pidfd_copy);
                     return Err(io(e));
                 }
+                let control = Arc::new(started.control);
+                first_control = Some(control.clone());
                 self.processes.push(DeviceProcess {
                     id: id.clone(),
                     pid: started.pid,
-                    control: started.control,
+                    control,
                 });
                 spawned_pid = Some(started.pid);
                 (started.stream, Some(pidfd_copy))
@@ -839,7 +842,8 @@ impl Devices {
                         died_at: None,
                         last_cause: None,
                         retired: false,
-                        control: None,
+                        missed_pings: 0,
+                        control: first_control,
                     },
                 );
             }

@@ -152,6 +152,8 @@ struct State {
     respawns: Vec<Respawn>,
     /// Restarts waiting for their backoff: (when, index in `respawns`).
     due: Vec<(Instant, usize)>,
+    /// When the liveness probe of restartable devices runs next.
+    next_probe: Option<Instant>,
     /// The spawner's events socket hung up: no more exit reports will come.
     spawner_gone: bool,
 }
@@ -395,11 +397,15 @@ impl Monitor {
         }
     }
 
-    /// The epoll timeout until the next restart is due (-1: none).
+    /// The epoll timeout until the next restart or liveness probe is due (-1: none).
     fn next_due_ms(&self) -> i32 {
-        let st = self.state.lock().expect("not poisoned");
+        let mut st = self.state.lock().expect("not poisoned");
         let now = Instant::now();
-        st.due.iter().map(|(at, _)| *at).min().map_or(-1, |at| {
+        if !st.respawns.is_empty() && st.next_probe.is_none() {
+            st.next_probe = Some(now + LIVENESS_PERIOD);
+        }
+        let next = st.due.iter().map(|(at, _)| *at).chain(st.next_probe).min();
+        next.map_or(-1, |at| {
             let ms = at
                 .saturating_duration_since(now)
                 .as_nanos()
@@ -416,6 +422,36 @@ impl Monitor {
         st.due = later;
         for (_, d) in ready {
             self.restart_now(&mut st, d);
+        }
+        if st.next_probe.is_some_and(|at| at <= now) {
+            st.next_probe = Some(now + LIVENESS_PERIOD);
+            let probes: Vec<_> = st
+                .respawns
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| !r.retired && r.handle.wanted() && !r.handle.is_down())
+                .filter_map(|(d, r)| Some((d, r.spec.id.clone(), r.control.clone()?)))
+                .collect();
+            drop(st);
+            let answers: Vec<(usize, bool)> = probes
+                .into_iter()
+                .map(|(d, id, control)| (d, probe(&id, &control)))
+                .collect();
+            let mut st = self.state.lock().expect("not poisoned");
+            for (d, answered) in answers {
+                let Some(r) = st.respawns.get_mut(d) else {
+                    continue;
+                };
+                r.missed_pings = if answered { 0 } else { r.missed_pings + 1 };
+                if r.missed_pings >= LIVENESS_MISSES && !r.handle.is_down() {
+                    r.missed_pings = 0;
+                    r.handle.unresponsive(&format!(
+                        "it did not answer its control channel {LIVENESS_MISSES} times in a row \
+                         ({} s each: stopped or hung)",
+                        super::control::DEFAULT_DEADLINE.as_secs()
+                    ));
+                }
+            }
         }
     }
 
@@ -674,6 +710,36 @@ impl Monitor {
         if !out.is_empty() {
             let _ = std::io::stderr().lock().write_all(out);
         }
+    }
+}
+
+/// How often the monitor pings each restartable device's control channel.
+pub const LIVENESS_PERIOD: Duration = Duration::from_secs(1);
+
+/// Missed pings in a row after which a device process is declared hung.
+pub const LIVENESS_MISSES: u32 = 2;
+
+/// The liveness probe of one device: whether its process answered `ping` on its control
+/// channel within the channel's deadline. A process that misses [`LIVENESS_MISSES`] in a row
+/// (stopped, or hung) is killed, then restarted under its policy. A closed channel counts as
+/// an answer: the process ended, which its pidfd says.
+fn probe(id: &str, control: &super::control::ControlChannel) -> bool {
+    use super::control::ControlError;
+    match control.request("ping") {
+        Err(ControlError::Send(e) | ControlError::Receive(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            warn!("{id}: its device process did not answer a liveness ping");
+            false
+        }
+        Err(e) => {
+            debug!("{id}: liveness probe: {e}");
+            true
+        }
+        Ok(_) => true,
     }
 }
 

@@ -274,8 +274,10 @@ pub struct Respawn {
     pub last_cause: Option<String>,
     /// No more restarts (the VM is shutting down).
     pub retired: bool,
-    /// The control channel of the current process, once restarted (the first process's is in
-    /// `Devices::processes`).
+    /// Liveness pings missed in a row.
+    pub missed_pings: u32,
+    /// The control channel of the current process (the first one's is also in
+    /// `Devices::processes`); the monitor's liveness probe pings it.
     pub control: Option<Arc<super::control::ControlChannel>>,
 }
 
@@ -344,7 +346,8 @@ mod tests {
     /// The real block device process, unjailed (a debug build cannot run in the jail's empty
     /// root): SIGKILLed, it is restarted at once with the same image (the VMM's duplicate,
     /// which keeps the lock), the transport never fails, the new process answers on its
-    /// control channel; with restart_max=1 the second death (`fault crash` through the control
+    /// control channel; stopped (SIGSTOP), the liveness probe has it killed and restarted;
+    /// with restart_max=2 the third death (`fault crash` through the control
     /// channel) fails the device for good. Skipped without a built `bulkhead-block`.
     #[test]
     fn test_restart_block_process_sigkill_restarted_then_limit() {
@@ -383,7 +386,7 @@ mod tests {
         };
         let mut policy = DeviceKind::Block.policy(1, false);
         policy.restart = RestartPolicy {
-            max: 1,
+            max: 2,
             backoff: Duration::ZERO,
             ..RestartPolicy::default()
         };
@@ -431,6 +434,20 @@ mod tests {
         // The new process's control channel is the VMM's now.
         let pong = devices.control_request("disk0", "ping").expect("device");
         assert_eq!(pong.expect("ping"), "pong");
+        // A stopped process answers nothing: the liveness probe kills it, it is restarted.
+        let stopped = Instant::now();
+        // SAFETY: kill(2) by pid.
+        unsafe { libc::kill(info.pid as i32, libc::SIGSTOP) };
+        wait_until("the stopped process replaced", || {
+            devices.restarts()[0].restarts == 2
+        });
+        let info = devices.restarts()[0].clone();
+        wait_until("the third process", || comm(info.pid) == "bulkhead-block");
+        println!(
+            "a stopped process was replaced {:?} after SIGSTOP",
+            stopped.elapsed()
+        );
+        assert!(!failure.is_failed());
         // The limit: the second death (a crash injected through the control channel) is not
         // restarted; the device fails for good.
         let crash = devices
@@ -438,7 +455,7 @@ mod tests {
             .expect("device");
         assert_eq!(crash.expect("fault crash"), "crashing");
         wait_until("the device failed", || failure.is_failed());
-        assert_eq!(devices.restarts()[0].restarts, 1);
+        assert_eq!(devices.restarts()[0].restarts, 2);
         assert!(devices.restarts()[0]
             .last_cause
             .clone()

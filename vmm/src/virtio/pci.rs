@@ -339,6 +339,17 @@ impl RestartHandle {
         t.backend.reconnect(stream, died_at)
     }
 
+    /// Whether the device is down (its process ended, a restart may come).
+    pub fn is_down(&self) -> bool {
+        self.shared.down()
+    }
+
+    /// The process does not answer (the liveness probe): killed for a restart, as a process
+    /// that misses a vhost-user deadline.
+    pub fn unresponsive(&self, reason: &str) {
+        self.shared.process_failed(reason);
+    }
+
     /// No more restarts: DEVICE_NEEDS_RESET and a configuration interrupt, for good.
     pub fn give_up(&self, reason: &str) {
         self.shared.give_up(reason);
