@@ -4,8 +4,9 @@
 # again while the guest writes 16 MiB of random data with O_DIRECT and reads it back; the
 # write completes, the guest logs no I/O error, the data read back and the host image hold
 # exactly what was written, and the VMM logs each restart with its cause and how long the
-# device was away. restart=never leaves its device failed (not restarted); restart_max=1 is
-# honoured (a second death is not restarted).
+# device was away. A stopped (SIGSTOP) device process is found by the liveness probe, killed and
+# restarted. restart=never leaves its device failed (not restarted); restart_max=1 is honoured
+# (a second death is not restarted).
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
@@ -83,6 +84,22 @@ say "$n restart(s) logged for $kills kill(s)"
 [ "$n" -ge "$kills" ] || fail "the VMM logged $n restarts for $kills kills"
 sed -n 's/.*session replayed in \([0-9]*\) ms.*, \([0-9]*\) ms after its process ended.*/replay \1 ms, device away \2 ms (process death to session replayed, VMM side)/p' "$SCN_DIR/vm/err" | quote "recovery:"
 [ "$(dev_of "$img/a")" != "$pid0" ] || fail "disk a is still served by its first process"
+
+# A stopped (hung) device answers nothing: the liveness probe has it killed and restarted,
+# and the disk works again.
+ps=$(dev_of "$img/a")
+say "kill -STOP bulkhead-block of disk a (pid $ps)"
+kill -STOP "$ps"
+t0=$(now)
+end=$(($(now_s) + 30))
+until [ -n "$(dev_of "$img/a")" ] && [ "$(dev_of "$img/a")" != "$ps" ]; do
+	[ "$(now_s)" -lt "$end" ] || fail "the stopped device process was not replaced within 30 s"
+	sleep 0.2
+done
+say "the stopped device process was replaced $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s after SIGSTOP"
+grep -E 'liveness|does not answer|did not answer' "$SCN_DIR/vm/err" | tail -n 3 | quote "!"
+got2=$(run "echo 3 >/proc/sys/vm/drop_caches; echo S-\$(dd if=/dev/$a bs=64k count=256 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)" '^S-[0-9a-f]{64}$' 120)
+[ "$got2" = "$want" ] || fail "after the hung device's restart the disk reads other data"
 
 # restart=never: the device fails for good, no new process.
 pb=$(dev_of "$img/b")
