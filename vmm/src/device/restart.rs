@@ -475,6 +475,84 @@ mod tests {
         RestartPolicy::parse(|k| pairs.iter().find(|(key, _)| *key == k).map(|(_, v)| *v))
     }
 
+    /// The real net device process on a real tap, unjailed: SIGKILLed, it is restarted with
+    /// the VMM's duplicates of its tap queues (the tap survives, with its MTU), and answers on
+    /// its new control channel. Skipped without a built `bulkhead-net` or CAP_NET_ADMIN.
+    #[test]
+    fn test_restart_net_process_sigkill_restarted_on_same_tap() {
+        use crate::config::{NetBackend, NetConfig};
+        let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
+        else {
+            return;
+        };
+        if !dir.join("bulkhead-net").exists() {
+            eprintln!("skipped: no {}", dir.join("bulkhead-net").display());
+            return;
+        }
+        let name = format!("bhrs{}", std::process::id() % 100_000);
+        if let Err(e) = crate::tap::open_queues(&name, 1) {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        std::env::set_var("PATH", &dir);
+        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
+        let file = std::fs::File::from(crate::virtio::fake_backend::memfd(1 << 20));
+        let memory = GuestMemoryMmap::from_ranges_with_files([(
+            vm_memory::GuestAddress(0x8000_0000),
+            1 << 20,
+            Some(vm_memory::FileOffset::new(file, 0)),
+        )])
+        .expect("memory");
+        let bus = Arc::new(MmioBus::default());
+        let env = DeviceEnv {
+            memory: &memory,
+            bus: &bus,
+            spawner: &spawner,
+            cgroup: None,
+            device_ids: None,
+            ram_size: 1 << 20,
+        };
+        let net = NetConfig {
+            backend: NetBackend::Tap {
+                name: name.clone(),
+                addr: None,
+            },
+            mac: [0x52, 0x54, 0, 1, 2, 4],
+            mtu: Some(1400),
+            num_queues: 2,
+            queue_size: 256,
+            id: None,
+            rx_limit: vec![],
+            tx_limit: vec![],
+            restart: RestartPolicy {
+                backoff: Duration::ZERO,
+                ..RestartPolicy::default()
+            },
+        };
+        let spec = super::super::net_spec(&net, 0, 0, false);
+        let (devices, transports) =
+            Devices::start(std::slice::from_ref(&spec), &env).expect("start");
+        let failure = transports[0].1.failure_handle();
+        let first = devices.processes[0].pid;
+        // SAFETY: kill(2) by pid.
+        unsafe { libc::kill(first as i32, libc::SIGKILL) };
+        wait_until("a restart", || devices.restarts()[0].restarts == 1);
+        let info = devices.restarts()[0].clone();
+        wait_until("the new process", || comm(info.pid) == "bulkhead-net");
+        let stats = devices.control_request("net0", "stats").expect("device");
+        assert!(stats.expect("stats").contains("rx_packets="));
+        let tap = std::fs::read_to_string(format!("/proc/{}/fdinfo/5", info.pid)).expect("fd 5");
+        assert!(tap.contains(&format!("iff:\t{name}")), "{tap}");
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu")).expect("mtu");
+        assert_eq!(mtu.trim(), "1400", "the tap and its host side survived");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!failure.is_failed());
+        drop(transports);
+        devices.shutdown(Duration::from_secs(3));
+    }
+
     #[test]
     fn test_restart_policy_parse_defaults_and_options() {
         assert_eq!(parse("").expect("default"), RestartPolicy::default());
