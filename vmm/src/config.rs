@@ -53,9 +53,11 @@ pub struct Args {
     /// A device process that dies is restarted (`restart=on-failure`, the default, with
     /// `restart_max=N` (10) and `restart_backoff_ms=MS` (10, doubled each time); a seccomp
     /// kill only with `restart_on_violation=on`), or not (`restart=never`) (docs/restart.md).
+    /// `fault=crash_after=N`: each of its processes aborts as it takes its Nth request (fault
+    /// injection, for testing a guest with a flaky disk).
     #[arg(
         long,
-        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on]"
+        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on][,fault=crash_after=N]"
     )]
     pub disk: Vec<String>,
     /// A network interface, repeatable, served by a `bulkhead-net` process on a tap:
@@ -193,6 +195,9 @@ pub struct DiskConfig {
     /// `restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=`
     /// (docs/restart.md).
     pub restart: crate::device::restart::RestartPolicy,
+    /// `fault=crash_after=N`: a fault armed in each of its processes from the start
+    /// (docs/restart.md).
+    pub fault: Option<String>,
 }
 
 fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
@@ -224,10 +229,26 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
             "restart_max",
             "restart_backoff_ms",
             "restart_on_violation",
+            "fault",
         ],
     )?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
     let restart = crate::device::restart::RestartPolicy::parse(get).map_err(bad)?;
+    let fault = match get("fault") {
+        None => None,
+        Some(f) => {
+            let ok = f
+                .strip_prefix("crash_after=")
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n >= 1);
+            if !ok {
+                return Err(bad(format!(
+                    "fault={f:?}: expected crash_after=N (N requests, 1 or more)"
+                )));
+            }
+            Some(f.to_string())
+        }
+    };
     let readonly = match get("readonly") {
         None | Some("off") => false,
         Some("on") => true,
@@ -330,7 +351,7 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
         (Some(_), Some(_)) => return Err(bad("give path= or socket=, not both".into())),
         _ => return Err(bad("path=IMG or socket=PATH is required".into())),
     };
-    if restart != crate::device::restart::RestartPolicy::default()
+    if (restart != crate::device::restart::RestartPolicy::default() || fault.is_some())
         && matches!(backend, DiskBackend::Socket(_))
     {
         return Err(bad(
@@ -346,6 +367,7 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
         memory_max,
         pids_max,
         restart,
+        fault,
     })
 }
 
@@ -1236,6 +1258,38 @@ mod tests {
             assert!(parse_disk(&bad).is_err(), "{bad} should be refused");
         }
         std::fs::remove_file(&img).expect("cleanup");
+    }
+
+    #[test]
+    fn test_parse_disk_restart_and_fault_options() {
+        let img =
+            std::env::temp_dir().join(format!("bulkhead-disk-restart-{}", std::process::id()));
+        std::fs::write(&img, [0u8; 512]).expect("image");
+        let p = img.to_str().expect("utf-8");
+        let d = parse_disk(&format!(
+            "path={p},restart_max=3,restart_backoff_ms=0,fault=crash_after=100"
+        ))
+        .expect("valid");
+        assert_eq!(d.restart.max, 3);
+        assert_eq!(d.restart.backoff, std::time::Duration::ZERO);
+        assert_eq!(d.fault.as_deref(), Some("crash_after=100"));
+        assert_eq!(
+            parse_disk(&format!("path={p},restart=never"))
+                .expect("valid")
+                .restart
+                .mode,
+            crate::device::restart::RestartMode::Never
+        );
+        for bad in [
+            format!("path={p},fault=crash"),
+            format!("path={p},fault=crash_after=0"),
+            format!("path={p},restart=sometimes"),
+            "socket=/run/b.sock,restart=never".to_string(),
+            "socket=/run/b.sock,fault=crash_after=1".to_string(),
+        ] {
+            assert!(parse_disk(&bad).is_err(), "{bad} accepted");
+        }
+        let _ = std::fs::remove_file(&img);
     }
 
     #[test]

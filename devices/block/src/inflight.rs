@@ -19,11 +19,13 @@ impl Tracker {
         Tracker(inflight::queue(queue))
     }
 
-    /// `head` was taken from the available ring and joins the batch.
+    /// `head` was taken from the available ring and joins the batch (an armed
+    /// `crash_after` fault counts it, bulkhead_device_runtime::fault).
     pub fn taken(&self, head: u16) {
         if let Some(q) = &self.0 {
             q.taken(head);
         }
+        bulkhead_device_runtime::fault::request_taken();
     }
 
     /// `head` is about to go into the used ring.

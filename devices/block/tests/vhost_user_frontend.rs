@@ -860,3 +860,155 @@ fn test_control_fault_crash_and_seccomp_kill_the_process() {
         drop(stream);
     }
 }
+
+/// `--fault crash_after=2` (what `--disk ...,fault=crash_after=2` hands the device): the process
+/// aborts as it takes its second request, with both taken and none completed (the inflight
+/// region says so); its successor, given the region and the used index, resubmits them in the
+/// order they were taken and completes the third; every write reaches the image, none is
+/// completed twice.
+#[test]
+fn test_fault_crash_after_with_requests_in_flight_nothing_lost() {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::process::ExitStatusExt;
+    use vhost::vhost_user::message::VhostUserInflight;
+    let img = image();
+    let (mem, memfd) = memfd_memory();
+    let region = inflight_memfd();
+    let spawn = |extra: &[&str]| {
+        let fd = region.as_raw_fd();
+        // SAFETY: clearing FD_CLOEXEC on our own descriptor so the child inherits it.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+        let fd = fd.to_string();
+        let mut args = vec!["--queue-size", "16", "--inflight-fd", fd.as_str()];
+        args.extend_from_slice(extra);
+        spawn_on_socketpair(img.as_path(), &args)
+    };
+    let (mut first, stream) = spawn(&["--fault", "crash_after=2"]);
+    let mut frontend = Frontend::from_stream(stream, 1);
+    frontend.set_owner().expect("owner");
+    let features = frontend.get_features().expect("features");
+    frontend.set_features(features).expect("set features");
+    frontend
+        .set_protocol_features(
+            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        )
+        .expect("protocol");
+    let (info, file) = frontend
+        .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QSIZE))
+        .expect("get_inflight_fd");
+    let table = DescriptorTable::new(&mem, GuestAddress(0x1_0000), QSIZE);
+    let avail = AvailRing::new(&mem, GuestAddress(0x1_1000), QSIZE);
+    let used_ring = UsedRing::new(&mem, GuestAddress(0x1_2000), QSIZE);
+    let (hdr, data, status) = (0x10_0000u64, 0x20_0000u64, 0x30_0000u64);
+    for (i, sector) in [7u64, 8, 9].iter().enumerate() {
+        let head = 3 * i as u16;
+        let o = 0x100 * i as u64;
+        header(&mem, hdr + o, VIRTIO_BLK_T_OUT, *sector);
+        mem.write_slice(
+            &[0x70 + i as u8; 512],
+            GuestAddress(data + 0x1000 * i as u64),
+        )
+        .expect("payload");
+        table
+            .store(head, desc(hdr + o, 16, VRING_DESC_F_NEXT, head + 1))
+            .expect("d");
+        table
+            .store(
+                head + 1,
+                desc(data + 0x1000 * i as u64, 512, VRING_DESC_F_NEXT, head + 2),
+            )
+            .expect("d");
+        table
+            .store(head + 2, desc(status + i as u64, 1, VRING_DESC_F_WRITE, 0))
+            .expect("d");
+        avail.ring().ref_at(i).expect("slot").store(head);
+    }
+    avail.idx().store(3);
+    // Rings started with the requests already there: the device takes them at once.
+    let (_kick, _call) = start_queue_again(&mut frontend, &mem, &memfd, &info, &file, 0);
+    let status1 = wait_exit(&mut first, Duration::from_secs(10));
+    assert_eq!(status1.signal(), Some(libc::SIGABRT), "{status1}");
+    assert_eq!(used_ring.idx().load(), 0, "nothing completed");
+    let mut r = vec![0u8; inflight_size() as usize];
+    region.read_exact_at(&mut r, 0).expect("region");
+    let d = |h: usize| 16 + 16 * h;
+    let in_flight: Vec<usize> = (0..usize::from(QSIZE)).filter(|h| r[d(*h)] == 1).collect();
+    assert_eq!(
+        in_flight,
+        vec![0, 3],
+        "the two requests taken were in flight"
+    );
+    drop(frontend);
+    let (mut second, stream) = spawn(&[]);
+    let mut frontend = Frontend::from_stream(stream, 1);
+    let _ring = start_queue(&mut frontend, &mem, &memfd, Some((&info, &file)), 0);
+    wait_used(&used_ring, 3);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(used_ring.idx().load(), 3, "nothing completed twice");
+    let ids: Vec<u32> = (0..3)
+        .map(|i| used_ring.ring().ref_at(i).expect("used").load().id())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![0, 3, 6],
+        "resubmitted in the order taken, then the third"
+    );
+    let on_disk = std::fs::read(img.as_path()).expect("image");
+    for (i, sector) in [7usize, 8, 9].iter().enumerate() {
+        assert!(
+            on_disk[sector * 512..(sector + 1) * 512]
+                .iter()
+                .all(|&b| b == 0x70 + i as u8),
+            "sector {sector}"
+        );
+    }
+    drop(frontend);
+    let status2 = wait_exit(&mut second, Duration::from_secs(10));
+    assert!(status2.success(), "exit status {status2}");
+}
+
+/// As [`start_queue`] on a frontend whose owner, features and protocol features are set.
+fn start_queue_again(
+    frontend: &mut Frontend,
+    mem: &GuestMemoryMmap,
+    memfd: &File,
+    info: &vhost::vhost_user::message::VhostUserInflight,
+    file: &File,
+    base: u16,
+) -> (EventFd, EventFd) {
+    let host_base = mem.get_host_address(GuestAddress(0)).expect("host addr") as u64;
+    frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: host_base,
+            mmap_offset: 0,
+            mmap_handle: memfd.as_raw_fd(),
+        }])
+        .expect("set_mem_table");
+    frontend
+        .set_inflight_fd(info, file.as_raw_fd())
+        .expect("set_inflight_fd");
+    let call = EventFd::new(EFD_NONBLOCK).expect("call");
+    let kick = EventFd::new(EFD_NONBLOCK).expect("kick");
+    frontend.set_vring_num(0, QSIZE).expect("vring num");
+    frontend
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: host_base + 0x1_0000,
+                used_ring_addr: host_base + 0x1_2000,
+                avail_ring_addr: host_base + 0x1_1000,
+                log_addr: None,
+            },
+        )
+        .expect("vring addr");
+    frontend.set_vring_base(0, base).expect("vring base");
+    frontend.set_vring_call(0, &call).expect("vring call");
+    frontend.set_vring_kick(0, &kick).expect("vring kick");
+    frontend.set_vring_enable(0, true).expect("vring enable");
+    (kick, call)
+}

@@ -27,6 +27,10 @@ pub struct RuntimeArgs {
     /// offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD.
     #[arg(long, value_name = "N")]
     pub inflight_fd: Option<i32>,
+    /// A fault armed from the start (fault injection, docs/restart.md): `crash_after=N`, the
+    /// process aborts when it takes its Nth request (devices that count requests: block).
+    #[arg(long, value_name = "FAULT")]
+    pub fault: Option<String>,
     /// Apply landlock (no path reachable) before serving. `on` fails on a kernel without
     /// landlock; `off` is for debugging only and is logged loudly.
     #[arg(long, value_enum, default_value_t = Switch::On)]
@@ -55,6 +59,7 @@ pub struct RuntimeConfig {
     pub socket: SocketSource,
     pub control_fd: Option<RawFd>,
     pub inflight_fd: Option<RawFd>,
+    pub fault: Option<String>,
     pub seccomp: bool,
     pub landlock: bool,
 }
@@ -125,6 +130,7 @@ impl TryFrom<RuntimeArgs> for RuntimeConfig {
             socket,
             control_fd,
             inflight_fd,
+            fault: args.fault,
             seccomp: args.seccomp == Switch::On,
             landlock: args.landlock == Switch::On,
         };

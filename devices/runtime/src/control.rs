@@ -2,10 +2,9 @@
 //! vhost-user socket. One request per message, UTF-8 text of at most [`MAX_MESSAGE`] bytes,
 //! `COMMAND [ARGS]`; one reply per request, `ok [PAYLOAD]` or `err REASON`.
 //!
-//! The runtime answers `ping`, `stats` and `fault FAULT` (fault injection for any device kind,
-//! docs/restart.md: `fault crash`, the process aborts after its reply; `fault seccomp`, it
-//! makes a call every device filter forbids, so its filter kills it); every other command goes
-//! to the device's [`ControlHandler`]. The channel is served by its own thread, which ends when the VMM hangs
+//! The runtime answers `ping`, `stats` and `fault FAULT` (fault injection, crate::fault:
+//! `crash`, `seccomp`, `crash_after=N`); every other command goes to the device's
+//! [`ControlHandler`]. The channel is served by its own thread, which ends when the VMM hangs
 //! up; the device keeps serving its frontend.
 
 use std::io;
@@ -44,7 +43,7 @@ pub fn reply(handler: &dyn ControlHandler, request: &[u8]) -> String {
         "" => Err("empty request".to_string()),
         "ping" => Ok("pong".to_string()),
         "stats" => Ok(handler.stats()),
-        "fault" => inject(args),
+        "fault" => crate::fault::inject(args),
         _ => handler
             .command(name, args)
             .unwrap_or_else(|| Err("unknown command".to_string())),
@@ -53,32 +52,6 @@ pub fn reply(handler: &dyn ControlHandler, request: &[u8]) -> String {
         Ok(payload) if payload.is_empty() => "ok".into(),
         Ok(payload) => format!("ok {payload}"),
         Err(reason) => format!("err {reason}"),
-    }
-}
-
-/// What `fault crash` leaves to do once its reply is out.
-static CRASH_AFTER_REPLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// `fault FAULT`: the faults the runtime injects for any device kind.
-fn inject(fault: &str) -> Result<String, String> {
-    match fault.trim() {
-        "crash" => {
-            warn!("fault injected: crash (the process aborts now)");
-            CRASH_AFTER_REPLY.store(true, std::sync::atomic::Ordering::Release);
-            Ok("crashing".into())
-        }
-        "seccomp" => {
-            warn!("fault injected: seccomp (a call the device's filter forbids: socket(AF_INET))");
-            // SAFETY: socket(2) with integer arguments; a returned descriptor is closed.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-            if fd >= 0 {
-                // SAFETY: closing the descriptor just created.
-                unsafe { libc::close(fd) };
-            }
-            // Only reached without a filter.
-            Err("the seccomp filter is off (--seccomp off): the forbidden call was allowed".into())
-        }
-        other => Err(format!("unknown fault {other:?} (crash, seccomp)")),
     }
 }
 
@@ -122,10 +95,8 @@ pub fn serve_control(socket: OwnedFd, handler: Arc<dyn ControlHandler>) {
         // ignore SIGPIPE, so a vanished peer gives EPIPE.
         let written =
             unsafe { libc::write(socket.as_raw_fd(), answer.as_ptr().cast(), answer.len()) };
-        if CRASH_AFTER_REPLY.load(std::sync::atomic::Ordering::Acquire) {
-            // `fault crash`: SIGABRT, as a crash of the device would be (the VMM restarts it).
-            std::process::abort();
-        }
+        // `fault crash`: SIGABRT, as a crash of the device would be (the VMM restarts it).
+        crate::fault::after_reply();
         if written < 0 {
             warn!(
                 "control channel: cannot reply: {}",

@@ -347,6 +347,9 @@ fn block_args(disk: &DiskConfig) -> Vec<String> {
         args.push(format!("--{}", option.replace('_', "-")));
         args.push(value.to_string());
     }
+    if let Some(fault) = &disk.fault {
+        args.extend(["--fault".to_string(), fault.clone()]);
+    }
     args
 }
 
@@ -1159,12 +1162,13 @@ mod tests {
             memory_max: None,
             pids_max: None,
             restart: RestartPolicy::default(),
+            fault: Some("crash_after=7".into()),
         };
         assert_eq!(
             block_args(&disk).join(" "),
             "--path /img --image-fd 5 --num-queues 2 --queue-size 128 --direct \
              --bw-size 1048576 --bw-refill-time 100 --ops-size 10 --ops-one-time-burst 5 \
-             --ops-refill-time 1000"
+             --ops-refill-time 1000 --fault crash_after=7"
         );
     }
 
