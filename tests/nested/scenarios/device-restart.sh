@@ -5,20 +5,22 @@
 # write completes, the guest logs no I/O error, the data read back and the host image hold
 # exactly what was written, and the VMM logs each restart with its cause and how long the
 # device was away. A stopped (SIGSTOP) device process is found by the liveness probe, killed and
-# restarted. restart=never leaves its device failed (not restarted); restart_max=1 is honoured
+# restarted. A flaky disk (fault=crash_after=100) loses nothing across its processes' crashes
+# with requests in flight (the inflight region, docs/restart.md). restart=never leaves its device failed (not restarted); restart_max=1 is honoured
 # (a second death is not restarted).
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
 img=$SCN_DIR/img
 mkdir -p "$img"
-for d in a b c; do dd if=/dev/zero of="$img/$d" bs=1M count=24 2>/dev/null; done
+for d in a b c d; do dd if=/dev/zero of="$img/$d" bs=1M count=24 2>/dev/null; done
 
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
 	--memory size=768M \
 	--disk "path=$img/a,serial=ra,num_queues=2,restart_backoff_ms=0,restart_max=50" \
 	--disk "path=$img/b,serial=rb,restart=never" \
-	--disk "path=$img/c,serial=rc,restart_max=1"
+	--disk "path=$img/c,serial=rc,restart_max=1" \
+	--disk "path=$img/d,serial=rd,fault=crash_after=100,restart_max=50,restart_backoff_ms=0"
 vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
 say "guest ready $(elapsed vm) s after start"
 disk_of() { tr -d '\r' <"$SCN_DIR/vm/out" | sed -n "s/^GUEST-DISK \(vd.\) [0-9]* ro=0 serial=$1 .*/\1/p"; }
@@ -100,6 +102,25 @@ say "the stopped device process was replaced $(awk -v a="$t0" -v b="$(now)" 'BEG
 grep -E 'liveness|does not answer|did not answer' "$SCN_DIR/vm/err" | tail -n 3 | quote "!"
 got2=$(run "echo 3 >/proc/sys/vm/drop_caches; echo S-\$(dd if=/dev/$a bs=64k count=256 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)" '^S-[0-9a-f]{64}$' 120)
 [ "$got2" = "$want" ] || fail "after the hung device's restart the disk reads other data"
+
+# A flaky disk (fault=crash_after=100): each of its processes aborts as it takes its 100th
+# request, with requests in flight; the guest writes and reads back 16 MiB with O_DIRECT (256
+# requests each way), with no error and the same data, on the host image too.
+fd=$(disk_of rd)
+[ -n "$fd" ] || fail "disk rd not seen by the guest"
+rc=$(run "dd if=/tmp/r of=/dev/$fd bs=64k oflag=direct 2>/dev/null; echo FW-\$?" '^FW-[0-9]+$' 240)
+[ "$rc" = 0 ] || fail "the guest's write to the flaky disk failed"
+got3=$(run "echo FR-\$(dd if=/dev/$fd bs=64k count=256 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)" '^FR-[0-9a-f]{64}$' 240)
+host3=$(head -c 16777216 "$img/d" | sha256sum | cut -c1-64)
+crashes=$(grep -c 'disk3: .*crash_after reached' "$SCN_DIR/vm/err" || true)
+say "flaky disk: $crashes crash(es) with requests in flight; read back $got3, host image $host3"
+grep -E 'disk3: .*(resubmitted|session replayed)' "$SCN_DIR/vm/err" | head -n 4 | quote "!"
+[ "$got3" = "$want" ] || fail "the flaky disk read back other data than was written"
+[ "$host3" = "$want" ] || fail "the flaky disk's image does not hold what was written"
+[ "$crashes" -ge 2 ] || fail "expected at least 2 injected crashes of the flaky disk's process, saw $crashes"
+vm_send_until vm 'dmesg | grep -ciE "I/O error|blk_update_request|critical medium" | sed "s/^/IOERR2-/"' '^IOERR2-[0-9]+' 30
+ioerr=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^IOERR2-//p' | tail -n 1)
+[ "$ioerr" = 0 ] || fail "the guest logged I/O errors on the flaky disk"
 
 # restart=never: the device fails for good, no new process.
 pb=$(dev_of "$img/b")
