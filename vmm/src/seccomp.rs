@@ -282,7 +282,13 @@ fn main_rules(r: &mut Rules, kick_signal: u64) {
     // FrontendReqHandler::new makes the backend channel (socketpair AF_UNIX); the
     // configuration and queue eventfds (eventfd2).
     r.allow("sendmsg").allow("recvmsg");
-    r.allow_arg("fcntl", 1, &[libc::F_DUPFD_CLOEXEC as u64]);
+    // musl's fcntl(F_DUPFD_CLOEXEC) follows with F_SETFD FD_CLOEXEC (VhostUserDevice::handshake
+    // also keeps a duplicate of the backend channel's device end, for a restart).
+    r.allow_arg(
+        "fcntl",
+        1,
+        &[libc::F_DUPFD_CLOEXEC as u64, libc::F_SETFD as u64],
+    );
     r.allow_arg("socketpair", 0, &[libc::AF_UNIX as u64]);
     r.allow("eventfd2");
 }
@@ -335,6 +341,11 @@ pub fn rules(thread: ThreadKind) -> Rules {
                     libc::F_DUPFD_CLOEXEC as u64,
                     libc::F_GETFL as u64,
                     libc::F_SETFL as u64,
+                    // musl's fcntl(F_DUPFD_CLOEXEC) sets FD_CLOEXEC again (F_SETFD); std's
+                    // OwnedFd drop checks the descriptor is open (F_GETFD) where debug
+                    // assertions are on.
+                    libc::F_SETFD as u64,
+                    libc::F_GETFD as u64,
                 ],
             );
             allow_kill_device(&mut r);

@@ -335,7 +335,7 @@ impl Monitor {
             }
             Decision::GiveUp(reason) => {
                 error!(
-                    "{id}: DEVICE PROCESS NOT RESTARTED: {reason}; the device fails                      (DEVICE_NEEDS_RESET), the VM goes on without it"
+                    "{id}: DEVICE PROCESS NOT RESTARTED: {reason}; the device fails (DEVICE_NEEDS_RESET), the VM goes on without it"
                 );
                 r.handle
                     .give_up(&format!("its process ended by {why} and is not restarted"));
