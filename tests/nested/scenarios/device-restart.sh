@@ -49,15 +49,16 @@ pid0=$(dev_of "$img/a")
 t_kill=
 while [ "$kills" -lt 3 ]; do
 	sleep 0.7
-	[ "$(vm_count vm '^DDW-')" -ge 1 ] && break
+	[ "$(vm_count vm '(^|# )DDW-[0-9]+$')" -ge 1 ] && break
 	p=$(dev_of "$img/a")
 	[ -n "$p" ] || continue
 	say "kill -KILL bulkhead-block of disk a (pid $p) during the write"
 	kill -KILL "$p"
 	kills=$((kills + 1))
 done
-vm_wait_for vm '^DDW-[0-9]+' 240
-rc=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^DDW-//p' | tail -n 1)
+# The background job's line may follow the shell's prompt ("/ # DDW-0").
+vm_wait_for vm '(^|# )DDW-[0-9]+$' 240
+rc=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^\(.*# \)\{0,1\}DDW-\([0-9][0-9]*\)$/\2/p' | tail -n 1)
 say "guest dd with O_DIRECT ended with status $rc after $kills kill(s) of its device process"
 [ "$kills" -ge 1 ] || fail "the write ended before any kill: nothing tested"
 [ "$rc" = 0 ] || fail "the guest's O_DIRECT write failed across the restarts"

@@ -664,7 +664,8 @@ impl Connection {
                 let away = died_at.map_or(String::new(), |d| {
                     format!(", {} ms after its process ended", d.elapsed().as_millis())
                 });
-                info!(
+                // A warning, as the death it follows: the operator sees both at the default level.
+                log::warn!(
                     "{name}: device process restarted: session replayed in {} ms ({queues} queue(s) resumed){away}",
                     start.elapsed().as_millis()
                 );
