@@ -61,9 +61,14 @@ pub struct Args {
     /// Rate limits (Firecracker's token buckets, one per device): `bw_size`, `bw_one_time_burst`,
     /// `bw_refill_time`, `ops_size`, `ops_one_time_burst`, `ops_refill_time` (docs/disks.md).
     /// `poll_us=N`: its queue workers poll their rings N microseconds before sleeping (off).
+    /// A device process that dies is restarted (`restart=on-failure`, the default, with
+    /// `restart_max=N` (10) and `restart_backoff_ms=MS` (10, doubled each time); a seccomp
+    /// kill only with `restart_on_violation=on`), or not (`restart=never`) (docs/restart.md).
+    /// `fault=crash_after=N`: each of its processes aborts as it takes its Nth request (fault
+    /// injection, for testing a guest with a flaky disk).
     #[arg(
         long,
-        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS][,poll_us=N]"
+        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS][,poll_us=N][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on][,fault=crash_after=N]"
     )]
     pub disk: Vec<String>,
     /// A network interface, repeatable, served by a `bulkhead-net` process on a tap:
@@ -75,7 +80,7 @@ pub struct Args {
     /// (docs/net.md).
     #[arg(
         long,
-        value_name = "tap=NAME|fd=N[:M...]|socket=PATH[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,num_queues=N][,queue_size=N][,id=ID]"
+        value_name = "tap=NAME|fd=N[:M...]|socket=PATH[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,num_queues=N][,queue_size=N][,id=ID][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on]"
     )]
     pub net: Vec<String>,
     /// Run device processes as this host uid (and gid; default: the uid's number). Only for a
@@ -206,6 +211,12 @@ pub struct DiskConfig {
     pub memory_max: Option<u64>,
     /// `pids_max=`: the device process's task limit.
     pub pids_max: Option<u64>,
+    /// `restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=`
+    /// (docs/restart.md).
+    pub restart: crate::device::restart::RestartPolicy,
+    /// `fault=crash_after=N`: a fault armed in each of its processes from the start
+    /// (docs/restart.md).
+    pub fault: Option<String>,
 }
 
 fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
@@ -234,6 +245,11 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
             "ops_one_time_burst",
             "ops_refill_time",
             "poll_us",
+            "restart",
+            "restart_max",
+            "restart_backoff_ms",
+            "restart_on_violation",
+            "fault",
         ],
     )?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
@@ -244,6 +260,22 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
             .ok()
             .filter(|n| *n <= MAX_DISK_POLL_US)
             .ok_or_else(|| bad(format!("poll_us={v:?}: expected 0 to {MAX_DISK_POLL_US}")))?,
+    };
+    let restart = crate::device::restart::RestartPolicy::parse(get).map_err(bad)?;
+    let fault = match get("fault") {
+        None => None,
+        Some(f) => {
+            let ok = f
+                .strip_prefix("crash_after=")
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n >= 1);
+            if !ok {
+                return Err(bad(format!(
+                    "fault={f:?}: expected crash_after=N (N requests, 1 or more)"
+                )));
+            }
+            Some(f.to_string())
+        }
     };
     let readonly = match get("readonly") {
         None | Some("off") => false,
@@ -348,6 +380,14 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
         (Some(_), Some(_)) => return Err(bad("give path= or socket=, not both".into())),
         _ => return Err(bad("path=IMG or socket=PATH is required".into())),
     };
+    if (restart != crate::device::restart::RestartPolicy::default() || fault.is_some())
+        && matches!(backend, DiskBackend::Socket(_))
+    {
+        return Err(bad(
+            "the restart options are for a device process the VMM starts (path=), not socket="
+                .into(),
+        ));
+    }
     Ok(DiskConfig {
         backend,
         num_queues,
@@ -355,6 +395,8 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
         id,
         memory_max,
         pids_max,
+        restart,
+        fault,
     })
 }
 
@@ -449,6 +491,9 @@ pub struct NetConfig {
     pub rx_limit: RateLimit,
     /// Transmit (guest-sent) limits.
     pub tx_limit: RateLimit,
+    /// `restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=`
+    /// (docs/restart.md).
+    pub restart: crate::device::restart::RestartPolicy,
 }
 
 impl NetConfig {
@@ -544,6 +589,7 @@ fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigError> {
         .collect();
     known.extend(RATE_LIMIT_OPTIONS);
     known.extend(prefixed.iter().map(String::as_str));
+    known.extend(crate::device::restart::OPTIONS);
     let opts = parse_options("net", value, &known)?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
 
@@ -699,6 +745,15 @@ fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigError> {
         NetBackend::Fds { fds, .. } => 2 * fds.len() as u16,
         _ => num_queues.unwrap_or(2),
     };
+    let restart = crate::device::restart::RestartPolicy::parse(get).map_err(bad)?;
+    if restart != crate::device::restart::RestartPolicy::default()
+        && matches!(backend, NetBackend::Socket(_))
+    {
+        return Err(bad(
+            "the restart options are for a device process the VMM starts (tap= or fd=), not socket="
+                .into(),
+        ));
+    }
     Ok(NetConfig {
         backend,
         mac,
@@ -708,6 +763,7 @@ fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigError> {
         id,
         rx_limit,
         tx_limit,
+        restart,
     })
 }
 
@@ -1300,6 +1356,38 @@ mod tests {
             assert!(parse_disk(&bad).is_err(), "{bad} should be refused");
         }
         std::fs::remove_file(&img).expect("cleanup");
+    }
+
+    #[test]
+    fn test_parse_disk_restart_and_fault_options() {
+        let img =
+            std::env::temp_dir().join(format!("bulkhead-disk-restart-{}", std::process::id()));
+        std::fs::write(&img, [0u8; 512]).expect("image");
+        let p = img.to_str().expect("utf-8");
+        let d = parse_disk(&format!(
+            "path={p},restart_max=3,restart_backoff_ms=0,fault=crash_after=100"
+        ))
+        .expect("valid");
+        assert_eq!(d.restart.max, 3);
+        assert_eq!(d.restart.backoff, std::time::Duration::ZERO);
+        assert_eq!(d.fault.as_deref(), Some("crash_after=100"));
+        assert_eq!(
+            parse_disk(&format!("path={p},restart=never"))
+                .expect("valid")
+                .restart
+                .mode,
+            crate::device::restart::RestartMode::Never
+        );
+        for bad in [
+            format!("path={p},fault=crash"),
+            format!("path={p},fault=crash_after=0"),
+            format!("path={p},restart=sometimes"),
+            "socket=/run/b.sock,restart=never".to_string(),
+            "socket=/run/b.sock,fault=crash_after=1".to_string(),
+        ] {
+            assert!(parse_disk(&bad).is_err(), "{bad} accepted");
+        }
+        let _ = std::fs::remove_file(&img);
     }
 
     #[test]

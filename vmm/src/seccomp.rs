@@ -181,6 +181,12 @@ fn allow_fail_device(r: &mut Rules) {
     r.allow_arg("shutdown", 1, &[libc::SHUT_RDWR as u64]);
 }
 
+/// `pidfd_send_signal(pidfd, SIGKILL)`: a restartable device's process that missed a deadline
+/// or broke the protocol is killed, then restarted (device::restart).
+fn allow_kill_device(r: &mut Rules) {
+    r.allow_arg("pidfd_send_signal", 1, &[libc::SIGKILL as u64]);
+}
+
 /// The vCPU thread: KVM_RUN and the devices its MMIO exits reach.
 fn vcpu_rules(r: &mut Rules) {
     r.allow_ioctls(&[
@@ -275,7 +281,13 @@ fn main_rules(r: &mut Rules, kick_signal: u64) {
     // FrontendReqHandler::new makes the backend channel (socketpair AF_UNIX); the
     // configuration and queue eventfds (eventfd2).
     r.allow("sendmsg").allow("recvmsg");
-    r.allow_arg("fcntl", 1, &[libc::F_DUPFD_CLOEXEC as u64]);
+    // musl's fcntl(F_DUPFD_CLOEXEC) follows with F_SETFD FD_CLOEXEC (VhostUserDevice::handshake
+    // also keeps a duplicate of the backend channel's device end, for a restart).
+    r.allow_arg(
+        "fcntl",
+        1,
+        &[libc::F_DUPFD_CLOEXEC as u64, libc::F_SETFD as u64],
+    );
     r.allow_arg("socketpair", 0, &[libc::AF_UNIX as u64]);
     r.allow("eventfd2");
 }
@@ -311,6 +323,34 @@ pub fn rules(thread: ThreadKind) -> Rules {
                 .allow("epoll_ctl")
                 .allow("read")
                 .allow("recvfrom");
+            // device::restart: starting a dead device's process again (Monitor::restart_now ->
+            // spawn_program): its vhost-user and control socket pairs (socketpair AF_UNIX),
+            // its log pipe (pipe2), the spawn request with its descriptors and the reply with
+            // the pidfd (sendmsg, recvmsg), the control channel's deadline (setsockopt
+            // SOL_SOCKET: SO_RCVTIMEO, SO_SNDTIMEO), duplicates of the kept files and the pidfd
+            // (fcntl F_DUPFD_CLOEXEC), the new log pipe made non-blocking (fcntl F_GETFL,
+            // F_SETFL), and SIGKILL of a new process that cannot be handed over.
+            r.allow_arg("socketpair", 0, &[libc::AF_UNIX as u64]);
+            r.allow("pipe2").allow("sendmsg").allow("recvmsg");
+            r.allow_arg("setsockopt", 1, &[libc::SOL_SOCKET as u64]);
+            r.allow_arg(
+                "fcntl",
+                1,
+                &[
+                    libc::F_DUPFD_CLOEXEC as u64,
+                    libc::F_GETFL as u64,
+                    libc::F_SETFL as u64,
+                    // musl's fcntl(F_DUPFD_CLOEXEC) sets FD_CLOEXEC again (F_SETFD); std's
+                    // OwnedFd drop checks the descriptor is open (F_GETFD) where debug
+                    // assertions are on.
+                    libc::F_SETFD as u64,
+                    libc::F_GETFD as u64,
+                ],
+            );
+            allow_kill_device(&mut r);
+            // Monitor::run_due: the liveness probe pings each restartable device's control
+            // channel (ControlChannel::request: send is sendto, the reply recvfrom, above).
+            r.allow("sendto");
         }
         ThreadKind::BackendReq => {
             // FrontendReqHandler::handle_request: requests (recvmsg, with any fds) and
@@ -325,6 +365,9 @@ pub fn rules(thread: ThreadKind) -> Rules {
             r.allow("sendmsg").allow("recvmsg").allow("close");
             // A request past its deadline fails the device (FailureHandle::fail).
             allow_fail_device(&mut r);
+            // ... or, for a restartable device, kills its process for a restart
+            // (DeviceShared::process_failed -> restart::CurrentProcess::kill).
+            allow_kill_device(&mut r);
             // Configuration interrupts (eventfd write, in the common rules).
         }
     }

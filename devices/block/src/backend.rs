@@ -253,6 +253,7 @@ impl BlockBackend {
         loop {
             let polling = {
                 let mut worker = worker.lock().unwrap_or_else(|p| p.into_inner());
+                worker.inflight = crate::inflight::Tracker::for_queue(queue);
                 let mut state = vring.get_mut();
                 if !state.get_queue().ready() {
                     return Ok(());
@@ -424,6 +425,9 @@ impl VhostUserBackend for BlockBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            // Tracked by the queue workers (crate::inflight); the runtime withdraws it when
+            // the VMM handed no region.
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {

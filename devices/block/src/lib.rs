@@ -13,6 +13,7 @@ pub mod args;
 pub mod backend;
 pub mod disk;
 pub mod engine;
+pub mod inflight;
 pub mod jail;
 pub mod queue;
 pub mod request;

@@ -119,6 +119,8 @@ pub struct QueueWorker {
     /// A batch's completions, disk operations and their owners: kept between batches (empty)
     /// so that a batch allocates none of them again.
     scratch: Option<Scratch>,
+    /// In-flight tracking (crate::inflight), set per event by the backend.
+    pub inflight: crate::inflight::Tracker,
 }
 
 #[derive(Default)]
@@ -190,6 +192,7 @@ impl QueueWorker {
             in_flight: Vec::new(),
             limiter: None,
             scratch: None,
+            inflight: crate::inflight::Tracker::default(),
         }
     }
 
@@ -368,6 +371,7 @@ impl QueueWorker {
                 };
                 match self.admit(mem, request, &mut budget) {
                     Admission::Taken(completion, new_ops) => {
+                        self.inflight.taken(head);
                         owners.extend(std::iter::repeat_n(completions.len(), new_ops.len()));
                         ops.extend(new_ops);
                         completions.push(completion);
@@ -406,6 +410,7 @@ impl QueueWorker {
                 guest_warn!(self.log, "chain head {} is not a descriptor index", c.head);
                 continue;
             }
+            self.inflight.before_used(c.head);
             if let Err(e) = queue.add_used(mem, c.head, len) {
                 self.mark_broken(QueueError::AddUsed(e));
                 return Batch {
@@ -414,6 +419,7 @@ impl QueueWorker {
                     throttled: None,
                 };
             }
+            self.inflight.after_used(c.head, queue.next_used());
         }
         match queue.needs_notification(mem) {
             Ok(notify) => Batch {

@@ -617,3 +617,398 @@ fn test_rate_limited_queue_resumes_without_kick_in_order() {
     let status = wait_exit(&mut child, Duration::from_secs(10));
     assert!(status.success(), "exit status {status}");
 }
+
+/// Bytes of the inflight region of the test's one queue (the runtime's layout).
+fn inflight_size() -> u64 {
+    bulkhead_device_runtime::inflight::region_size(1, QSIZE)
+}
+
+/// A memfd for the inflight region, as the VMM creates it.
+fn inflight_memfd() -> File {
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"inflight".as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: fd is a fresh descriptor we own.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(inflight_size()).expect("size");
+    file
+}
+
+/// Sets up queue 0 of `frontend` (16 entries at 0x1_0000/0x1_1000/0x1_2000) with `base`, the
+/// inflight region first if given; returns the kick and call eventfds.
+fn start_queue(
+    frontend: &mut Frontend,
+    mem: &GuestMemoryMmap,
+    memfd: &File,
+    inflight: Option<(&vhost::vhost_user::message::VhostUserInflight, &File)>,
+    base: u16,
+) -> (EventFd, EventFd) {
+    frontend.set_owner().expect("set_owner");
+    let features = frontend.get_features().expect("get_features");
+    frontend.set_features(features).expect("set_features");
+    let protocol = frontend.get_protocol_features().expect("protocol");
+    assert!(
+        protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+        "INFLIGHT_SHMFD not offered with --inflight-fd"
+    );
+    frontend
+        .set_protocol_features(
+            VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        )
+        .expect("set protocol");
+    let host_base = mem.get_host_address(GuestAddress(0)).expect("host addr") as u64;
+    frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: host_base,
+            mmap_offset: 0,
+            mmap_handle: memfd.as_raw_fd(),
+        }])
+        .expect("set_mem_table");
+    if let Some((info, file)) = inflight {
+        frontend
+            .set_inflight_fd(info, file.as_raw_fd())
+            .expect("set_inflight_fd");
+    }
+    let call = EventFd::new(EFD_NONBLOCK).expect("call");
+    let kick = EventFd::new(EFD_NONBLOCK).expect("kick");
+    frontend.set_vring_num(0, QSIZE).expect("vring num");
+    frontend
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: host_base + 0x1_0000,
+                used_ring_addr: host_base + 0x1_2000,
+                avail_ring_addr: host_base + 0x1_1000,
+                log_addr: None,
+            },
+        )
+        .expect("vring addr");
+    frontend.set_vring_base(0, base).expect("vring base");
+    frontend.set_vring_call(0, &call).expect("vring call");
+    frontend.set_vring_kick(0, &kick).expect("vring kick");
+    frontend.set_vring_enable(0, true).expect("vring enable");
+    (kick, call)
+}
+
+fn wait_used(used_ring: &UsedRing<'_, GuestMemoryMmap>, n: u16) {
+    let start = Instant::now();
+    while used_ring.idx().load() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "used index {} < {n}",
+            used_ring.idx().load()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// In-flight tracking end to end: the device offers INFLIGHT_SHMFD only when handed a region
+/// (`--inflight-fd`), lays it out on GET_INFLIGHT_FD, tracks what it takes and completes
+/// (nothing left in flight, the region's used index follows the ring's); then a process that
+/// died with a request taken and not completed (its region entry in flight) is replaced: the
+/// new process, given the same region with SET_INFLIGHT_FD and the used index as base,
+/// resubmits that request without a kick, once, and the data reaches the image.
+#[test]
+fn test_inflight_region_tracked_then_resubmitted_by_next_process() {
+    use vhost::vhost_user::message::VhostUserInflight;
+    let img = image();
+    let (mem, memfd) = memfd_memory();
+    let region = inflight_memfd();
+    let spawn = || {
+        let fd = region.as_raw_fd();
+        // SAFETY: clearing FD_CLOEXEC on our own descriptor so the child inherits it.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+        spawn_on_socketpair(
+            img.as_path(),
+            &[
+                "--queue-size",
+                &QSIZE.to_string(),
+                "--inflight-fd",
+                &fd.to_string(),
+            ],
+        )
+    };
+    let (mut first, stream) = spawn();
+    let mut frontend = Frontend::from_stream(stream, 1);
+    // The first activation: a new region from the device.
+    frontend.set_owner().expect("owner");
+    let features = frontend.get_features().expect("features");
+    frontend.set_features(features).expect("set features");
+    frontend
+        .set_protocol_features(
+            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        )
+        .expect("protocol");
+    let (info, file) = frontend
+        .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QSIZE))
+        .expect("get_inflight_fd");
+    assert_eq!(
+        (info.mmap_size, info.num_queues, info.queue_size),
+        (inflight_size(), 1, QSIZE)
+    );
+    drop(frontend);
+    let _ = wait_exit(&mut first, Duration::from_secs(10));
+    let (mut first, stream) = spawn();
+    let mut frontend = Frontend::from_stream(stream, 1);
+    let table = DescriptorTable::new(&mem, GuestAddress(0x1_0000), QSIZE);
+    let avail = AvailRing::new(&mem, GuestAddress(0x1_1000), QSIZE);
+    let used_ring = UsedRing::new(&mem, GuestAddress(0x1_2000), QSIZE);
+    let (kick, _call) = start_queue(&mut frontend, &mem, &memfd, Some((&info, &file)), 0);
+    // Two writes (heads 0 and 3): completed, nothing left in flight.
+    let (hdr, data, status) = (0x10_0000u64, 0x20_0000u64, 0x30_0000u64);
+    let next = VRING_DESC_F_NEXT;
+    let write = VRING_DESC_F_WRITE;
+    for (i, (head, sector, byte)) in [(0u16, 1u64, 0x11u8), (3, 2, 0x22), (6, 3, 0x33)]
+        .iter()
+        .enumerate()
+    {
+        let o = 0x100 * i as u64;
+        header(&mem, hdr + o, VIRTIO_BLK_T_OUT, *sector);
+        mem.write_slice(&[*byte; 512], GuestAddress(data + 0x1000 * i as u64))
+            .expect("payload");
+        table
+            .store(*head, desc(hdr + o, 16, next, head + 1))
+            .expect("d");
+        table
+            .store(
+                head + 1,
+                desc(data + 0x1000 * i as u64, 512, next, head + 2),
+            )
+            .expect("d");
+        table
+            .store(head + 2, desc(status + i as u64, 1, write, 0))
+            .expect("d");
+    }
+    avail.ring().ref_at(0).expect("slot").store(0);
+    avail.ring().ref_at(1).expect("slot").store(3);
+    avail.idx().store(2);
+    kick.write(1).expect("kick");
+    wait_used(&used_ring, 2);
+    // The region: queue 0's header (version 1, 16 descriptors, used index 2), nothing in
+    // flight, heads 0 and 3 have counters 1 and 2.
+    let mut r = vec![0u8; inflight_size() as usize];
+    use std::os::unix::fs::FileExt;
+    region.read_exact_at(&mut r, 0).expect("region");
+    assert_eq!(u16::from_le_bytes([r[8], r[9]]), 1, "version");
+    assert_eq!(u16::from_le_bytes([r[10], r[11]]), QSIZE, "desc_num");
+    assert_eq!(u16::from_le_bytes([r[14], r[15]]), 2, "used_idx");
+    let d = |h: usize| 16 + 16 * h;
+    assert!(
+        (0..usize::from(QSIZE)).all(|h| r[d(h)] == 0),
+        "left in flight"
+    );
+    let counter = |h: usize| u64::from_le_bytes(r[d(h) + 8..d(h) + 16].try_into().expect("8"));
+    assert_eq!((counter(0), counter(3)), (1, 2));
+    // The process "dies" having taken head 6 (avail slot 2) and not completed it.
+    avail.ring().ref_at(2).expect("slot").store(6);
+    avail.idx().store(3);
+    region.write_all_at(&[1], d(6) as u64).expect("inflight");
+    region
+        .write_all_at(&3u64.to_le_bytes(), d(6) as u64 + 8)
+        .expect("counter");
+    first.kill().expect("kill");
+    let _ = first.wait();
+    drop(frontend);
+    // Its successor gets the same region and the used index as base, and no kick.
+    let (mut second, stream) = spawn();
+    let mut frontend = Frontend::from_stream(stream, 1);
+    let _ring = start_queue(&mut frontend, &mem, &memfd, Some((&info, &file)), 2);
+    wait_used(&used_ring, 3);
+    let e = used_ring.ring().ref_at(2).expect("used").load();
+    assert_eq!(e.id(), 6, "the request in flight was resubmitted");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(used_ring.idx().load(), 3, "nothing done twice");
+    let on_disk = std::fs::read(img.as_path()).expect("image");
+    assert!(on_disk[3 * 512..4 * 512].iter().all(|&b| b == 0x33));
+    region.read_exact_at(&mut r, 0).expect("region");
+    assert_eq!(r[d(6)], 0, "completed: no longer in flight");
+    drop(frontend);
+    let status = wait_exit(&mut second, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+}
+
+/// Fault injection through the control channel (docs/restart.md): `fault crash` answers, then
+/// the process dies of SIGABRT; `fault seccomp` makes a call the device's filter forbids, which
+/// kills it with SIGSYS before any reply; an unknown fault is refused.
+#[test]
+fn test_control_fault_crash_and_seccomp_kill_the_process() {
+    use std::os::unix::process::ExitStatusExt;
+    let img = image();
+    for (fault, signal) in [("crash", libc::SIGABRT), ("seccomp", libc::SIGSYS)] {
+        let (control, control_theirs) = seqpacket_pair();
+        let fd = control_theirs.as_raw_fd();
+        // SAFETY: clearing FD_CLOEXEC on our own descriptor so the child inherits it.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+        let (mut child, stream) =
+            spawn_on_socketpair(img.as_path(), &["--control-fd", &fd.to_string()]);
+        drop(control_theirs);
+        assert_eq!(ask(&control, b"ping"), "ok pong");
+        assert!(ask(&control, b"fault melt").starts_with("err unknown fault"));
+        let request = format!("fault {fault}");
+        // SAFETY: write from a valid slice on an open descriptor.
+        let n = unsafe { libc::write(control.as_raw_fd(), request.as_ptr().cast(), request.len()) };
+        assert_eq!(n, request.len() as isize);
+        let status = wait_exit(&mut child, Duration::from_secs(10));
+        assert_eq!(status.signal(), Some(signal), "fault {fault}: {status}");
+        drop(stream);
+    }
+}
+
+/// `--fault crash_after=2` (what `--disk ...,fault=crash_after=2` hands the device): the process
+/// aborts as it takes its second request, with both taken and none completed (the inflight
+/// region says so); its successor, given the region and the used index, resubmits them in the
+/// order they were taken and completes the third; every write reaches the image, none is
+/// completed twice.
+#[test]
+fn test_fault_crash_after_with_requests_in_flight_nothing_lost() {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::process::ExitStatusExt;
+    use vhost::vhost_user::message::VhostUserInflight;
+    let img = image();
+    let (mem, memfd) = memfd_memory();
+    let region = inflight_memfd();
+    let spawn = |extra: &[&str]| {
+        let fd = region.as_raw_fd();
+        // SAFETY: clearing FD_CLOEXEC on our own descriptor so the child inherits it.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+        let fd = fd.to_string();
+        let mut args = vec!["--queue-size", "16", "--inflight-fd", fd.as_str()];
+        args.extend_from_slice(extra);
+        spawn_on_socketpair(img.as_path(), &args)
+    };
+    let (mut first, stream) = spawn(&["--fault", "crash_after=2"]);
+    let mut frontend = Frontend::from_stream(stream, 1);
+    frontend.set_owner().expect("owner");
+    let features = frontend.get_features().expect("features");
+    frontend.set_features(features).expect("set features");
+    frontend
+        .set_protocol_features(
+            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        )
+        .expect("protocol");
+    let (info, file) = frontend
+        .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QSIZE))
+        .expect("get_inflight_fd");
+    let table = DescriptorTable::new(&mem, GuestAddress(0x1_0000), QSIZE);
+    let avail = AvailRing::new(&mem, GuestAddress(0x1_1000), QSIZE);
+    let used_ring = UsedRing::new(&mem, GuestAddress(0x1_2000), QSIZE);
+    let (hdr, data, status) = (0x10_0000u64, 0x20_0000u64, 0x30_0000u64);
+    for (i, sector) in [7u64, 8, 9].iter().enumerate() {
+        let head = 3 * i as u16;
+        let o = 0x100 * i as u64;
+        header(&mem, hdr + o, VIRTIO_BLK_T_OUT, *sector);
+        mem.write_slice(
+            &[0x70 + i as u8; 512],
+            GuestAddress(data + 0x1000 * i as u64),
+        )
+        .expect("payload");
+        table
+            .store(head, desc(hdr + o, 16, VRING_DESC_F_NEXT, head + 1))
+            .expect("d");
+        table
+            .store(
+                head + 1,
+                desc(data + 0x1000 * i as u64, 512, VRING_DESC_F_NEXT, head + 2),
+            )
+            .expect("d");
+        table
+            .store(head + 2, desc(status + i as u64, 1, VRING_DESC_F_WRITE, 0))
+            .expect("d");
+        avail.ring().ref_at(i).expect("slot").store(head);
+    }
+    avail.idx().store(3);
+    // Rings started with the requests already there: the device takes them at once.
+    let (_kick, _call) = start_queue_again(&mut frontend, &mem, &memfd, &info, &file, 0);
+    let status1 = wait_exit(&mut first, Duration::from_secs(10));
+    assert_eq!(status1.signal(), Some(libc::SIGABRT), "{status1}");
+    assert_eq!(used_ring.idx().load(), 0, "nothing completed");
+    let mut r = vec![0u8; inflight_size() as usize];
+    region.read_exact_at(&mut r, 0).expect("region");
+    let d = |h: usize| 16 + 16 * h;
+    let in_flight: Vec<usize> = (0..usize::from(QSIZE)).filter(|h| r[d(*h)] == 1).collect();
+    assert_eq!(
+        in_flight,
+        vec![0, 3],
+        "the two requests taken were in flight"
+    );
+    drop(frontend);
+    let (mut second, stream) = spawn(&[]);
+    let mut frontend = Frontend::from_stream(stream, 1);
+    let _ring = start_queue(&mut frontend, &mem, &memfd, Some((&info, &file)), 0);
+    wait_used(&used_ring, 3);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(used_ring.idx().load(), 3, "nothing completed twice");
+    let ids: Vec<u32> = (0..3)
+        .map(|i| used_ring.ring().ref_at(i).expect("used").load().id())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![0, 3, 6],
+        "resubmitted in the order taken, then the third"
+    );
+    let on_disk = std::fs::read(img.as_path()).expect("image");
+    for (i, sector) in [7usize, 8, 9].iter().enumerate() {
+        assert!(
+            on_disk[sector * 512..(sector + 1) * 512]
+                .iter()
+                .all(|&b| b == 0x70 + i as u8),
+            "sector {sector}"
+        );
+    }
+    drop(frontend);
+    let status2 = wait_exit(&mut second, Duration::from_secs(10));
+    assert!(status2.success(), "exit status {status2}");
+}
+
+/// As [`start_queue`] on a frontend whose owner, features and protocol features are set.
+fn start_queue_again(
+    frontend: &mut Frontend,
+    mem: &GuestMemoryMmap,
+    memfd: &File,
+    info: &vhost::vhost_user::message::VhostUserInflight,
+    file: &File,
+    base: u16,
+) -> (EventFd, EventFd) {
+    let host_base = mem.get_host_address(GuestAddress(0)).expect("host addr") as u64;
+    frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: host_base,
+            mmap_offset: 0,
+            mmap_handle: memfd.as_raw_fd(),
+        }])
+        .expect("set_mem_table");
+    frontend
+        .set_inflight_fd(info, file.as_raw_fd())
+        .expect("set_inflight_fd");
+    let call = EventFd::new(EFD_NONBLOCK).expect("call");
+    let kick = EventFd::new(EFD_NONBLOCK).expect("kick");
+    frontend.set_vring_num(0, QSIZE).expect("vring num");
+    frontend
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: host_base + 0x1_0000,
+                used_ring_addr: host_base + 0x1_2000,
+                avail_ring_addr: host_base + 0x1_1000,
+                log_addr: None,
+            },
+        )
+        .expect("vring addr");
+    frontend.set_vring_base(0, base).expect("vring base");
+    frontend.set_vring_call(0, &call).expect("vring call");
+    frontend.set_vring_kick(0, &kick).expect("vring kick");
+    frontend.set_vring_enable(0, true).expect("vring enable");
+    (kick, call)
+}

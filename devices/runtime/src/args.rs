@@ -22,6 +22,15 @@ pub struct RuntimeArgs {
     /// logged loudly.
     #[arg(long, value_enum, default_value_t = Switch::On)]
     pub seccomp: Switch,
+    /// A memfd (from the VMM) for in-flight I/O tracking: VHOST_USER_GET_INFLIGHT_FD lays its
+    /// region out here (a device's jail cannot create one). Without it, the device does not
+    /// offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD.
+    #[arg(long, value_name = "N")]
+    pub inflight_fd: Option<i32>,
+    /// A fault armed from the start (fault injection, docs/restart.md): `crash_after=N`, the
+    /// process aborts when it takes its Nth request (devices that count requests: block).
+    #[arg(long, value_name = "FAULT")]
+    pub fault: Option<String>,
     /// Apply landlock (no path reachable) before serving. `on` fails on a kernel without
     /// landlock; `off` is for debugging only and is logged loudly.
     #[arg(long, value_enum, default_value_t = Switch::On)]
@@ -49,6 +58,8 @@ pub enum SocketSource {
 pub struct RuntimeConfig {
     pub socket: SocketSource,
     pub control_fd: Option<RawFd>,
+    pub inflight_fd: Option<RawFd>,
+    pub fault: Option<String>,
     pub seccomp: bool,
     pub landlock: bool,
 }
@@ -80,6 +91,7 @@ impl RuntimeConfig {
             fds.push(fd);
         }
         fds.extend(self.control_fd);
+        fds.extend(self.inflight_fd);
         fds
     }
 
@@ -110,9 +122,15 @@ impl TryFrom<RuntimeArgs> for RuntimeConfig {
             .control_fd
             .map(|fd| check_fd("control-fd", fd))
             .transpose()?;
+        let inflight_fd = args
+            .inflight_fd
+            .map(|fd| check_fd("inflight-fd", fd))
+            .transpose()?;
         let config = RuntimeConfig {
             socket,
             control_fd,
+            inflight_fd,
+            fault: args.fault,
             seccomp: args.seccomp == Switch::On,
             landlock: args.landlock == Switch::On,
         };

@@ -2,7 +2,8 @@
 //! vhost-user socket. One request per message, UTF-8 text of at most [`MAX_MESSAGE`] bytes,
 //! `COMMAND [ARGS]`; one reply per request, `ok [PAYLOAD]` or `err REASON`.
 //!
-//! The runtime answers `ping` and `stats`; every other command goes to the device's
+//! The runtime answers `ping`, `stats` and `fault FAULT` (fault injection, crate::fault:
+//! `crash`, `seccomp`, `crash_after=N`); every other command goes to the device's
 //! [`ControlHandler`]. The channel is served by its own thread, which ends when the VMM hangs
 //! up; the device keeps serving its frontend.
 
@@ -42,6 +43,7 @@ pub fn reply(handler: &dyn ControlHandler, request: &[u8]) -> String {
         "" => Err("empty request".to_string()),
         "ping" => Ok("pong".to_string()),
         "stats" => Ok(handler.stats()),
+        "fault" => crate::fault::inject(args),
         _ => handler
             .command(name, args)
             .unwrap_or_else(|| Err("unknown command".to_string())),
@@ -93,6 +95,8 @@ pub fn serve_control(socket: OwnedFd, handler: Arc<dyn ControlHandler>) {
         // ignore SIGPIPE, so a vanished peer gives EPIPE.
         let written =
             unsafe { libc::write(socket.as_raw_fd(), answer.as_ptr().cast(), answer.len()) };
+        // `fault crash`: SIGABRT, as a crash of the device would be (the VMM restarts it).
+        crate::fault::after_reply();
         if written < 0 {
             warn!(
                 "control channel: cannot reply: {}",
@@ -133,6 +137,7 @@ mod tests {
         assert_eq!(reply(&Fake, b"echo"), "ok");
         assert_eq!(reply(&Fake, b"fail"), "err as asked");
         assert_eq!(reply(&Fake, b"balloon 5"), "err unknown command");
+        assert!(reply(&Fake, b"fault melt").starts_with("err unknown fault"));
         assert_eq!(reply(&Fake, b""), "err empty request");
         assert_eq!(reply(&Fake, b"\xff\xfe"), "err not UTF-8");
         assert_eq!(

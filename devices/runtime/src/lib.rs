@@ -20,6 +20,8 @@
 
 pub mod args;
 pub mod control;
+pub mod fault;
+pub mod inflight;
 pub mod loglimit;
 pub mod rate;
 pub mod seccomp;
@@ -158,6 +160,8 @@ pub enum Error {
     SpawnControl(#[source] io::Error),
     #[error("cannot serve the frontend")]
     Serve(#[source] ServeError),
+    #[error("{0}")]
+    Fault(String),
 }
 
 impl Error {
@@ -170,7 +174,8 @@ impl Error {
             | Error::AdoptControlFd { .. }
             | Error::AdoptDeviceFd { .. }
             | Error::BindSocket { .. }
-            | Error::SocketPathInUse { .. } => true,
+            | Error::SocketPathInUse { .. }
+            | Error::Fault(_) => true,
             Error::Open(e) => e.bad_input,
             _ => false,
         }
@@ -245,10 +250,21 @@ pub fn start_backend<C: Device>(config: C) -> Result<(), Error> {
     for fd in &device_fds {
         startup::check_open(*fd).map_err(|source| Error::AdoptDeviceFd { fd: *fd, source })?;
     }
+    if let Some(fd) = runtime.inflight_fd {
+        startup::check_open(fd).map_err(|source| Error::AdoptDeviceFd { fd, source })?;
+    }
     let mut keep = runtime.fds();
     keep.extend_from_slice(&device_fds);
     startup::close_other_fds(&keep).map_err(Error::CloseDescriptors)?;
 
+    fault::set_kind(C::KIND);
+    if let Some(f) = &runtime.fault {
+        fault::arm_at_start(f).map_err(Error::Fault)?;
+    }
+    if let Some(fd) = runtime.inflight_fd {
+        // The region GET_INFLIGHT_FD lays out: the VMM creates it (a device's jail cannot).
+        inflight::adopt(fd);
+    }
     let opened = config.open().map_err(Error::Open)?;
     let stream = match (stream, &runtime.socket) {
         (Some(stream), _) => stream,

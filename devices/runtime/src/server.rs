@@ -347,7 +347,83 @@ where
         };
         if needs_start {
             vring.set_queue_ready(true);
+            self.recover_inflight(index);
             self.update_vring_registration(index)?;
+        }
+        Ok(())
+    }
+
+    /// A vring starts: what the inflight region says the previous process had taken and not
+    /// completed is resubmitted, in the order it took it. The requests are read again from
+    /// the available ring from the base the frontend set (the used index after a crash): a
+    /// device that completes in the order it takes (bulkhead-block does, batch by batch) has
+    /// exactly those in flight, which is checked here and logged; where the region disagrees
+    /// (a device that completed out of order, or a region a compromised process scribbled
+    /// on), the guest's ring wins and the disagreement is logged.
+    fn recover_inflight(&self, index: usize) {
+        let Some(tracker) = crate::inflight::queue(index) else {
+            return;
+        };
+        let Ok(vring) = self.vring(index) else {
+            return;
+        };
+        let Ok(used) = vring.queue_used_idx() else {
+            return;
+        };
+        let recovery = tracker.recover(used);
+        if recovery.heads.is_empty() && recovery.batch_fixed == 0 {
+            return;
+        }
+        let (avail, size, next_avail) = {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            (q.avail_ring(), q.size(), q.next_avail())
+        };
+        let mem = self.atomic_mem.memory();
+        let ring: Vec<u16> = (0..recovery.heads.len())
+            .map_while(|k| {
+                let pos = next_avail.wrapping_add(k as u16) % size.max(1);
+                let addr = avail.checked_add(4 + 2 * u64::from(pos))?;
+                vm_memory::Bytes::read_obj::<u16>(&*mem, GuestAddress(addr))
+                    .ok()
+                    .map(u16::from_le)
+            })
+            .collect();
+        if ring == recovery.heads {
+            info!(
+                "queue {index}: {} request(s) the previous process had in flight are resubmitted in the order it took them (from ring position {next_avail}); {} completion(s) of its last batch were already in the used ring",
+                recovery.heads.len(),
+                recovery.batch_fixed
+            );
+        } else {
+            warn!(
+                "queue {index}: the inflight region lists heads {:?} in flight, the available ring holds {ring:?} from position {next_avail}: resuming from the ring",
+                recovery.heads
+            );
+        }
+    }
+
+    /// Refuses inflight requests the device cannot serve: no region handed in, more queues
+    /// than it has, queues larger than its maximum.
+    fn check_inflight(&self, inflight: &VhostUserInflight) -> VhostUserResult<()> {
+        if !crate::inflight::available()
+            || self.backend.protocol_features() & VhostUserProtocolFeatures::INFLIGHT_SHMFD
+                != VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        {
+            return Err(VhostUserError::InvalidOperation(
+                "inflight tracking needs a device that tracks and a region from the VMM",
+            ));
+        }
+        if inflight.num_queues == 0
+            || usize::from(inflight.num_queues) > self.vrings.len()
+            || inflight.queue_size == 0
+            || usize::from(inflight.queue_size) > self.max_queue_size
+        {
+            error!(
+                "inflight request refused: {} queue(s) of {}",
+                inflight.num_queues, inflight.queue_size
+            );
+            return Err(VhostUserError::InvalidParam);
         }
         Ok(())
     }
@@ -739,7 +815,12 @@ where
     }
 
     fn get_protocol_features(&mut self) -> VhostUserResult<VhostUserProtocolFeatures> {
-        Ok(self.backend.protocol_features())
+        let mut features = self.backend.protocol_features();
+        if !crate::inflight::available() {
+            // Inflight tracking needs the region the VMM hands in (--inflight-fd).
+            features.remove(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        }
+        Ok(features)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VhostUserResult<()> {
@@ -789,23 +870,39 @@ where
         Err(VhostUserError::InvalidOperation("no shared objects"))
     }
 
+    // vhost-user-backend answers both "not supported"; this runtime implements them
+    // (crate::inflight), for devices that track what they take (the backend offers
+    // INFLIGHT_SHMFD) and were handed a region by the VMM.
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VhostUserResult<(VhostUserInflight, File)> {
-        Err(VhostUserError::InvalidOperation(
-            "inflight tracking not supported",
+        self.check_inflight(inflight)?;
+        let (size, file) = crate::inflight::get(inflight.num_queues, inflight.queue_size)
+            .map_err(VhostUserError::ReqHandlerError)?;
+        info!(
+            "inflight region: {} queue(s) of {}, {size} bytes",
+            inflight.num_queues, inflight.queue_size
+        );
+        Ok((
+            VhostUserInflight::new(size, 0, inflight.num_queues, inflight.queue_size),
+            file,
         ))
     }
 
-    fn set_inflight_fd(
-        &mut self,
-        _inflight: &VhostUserInflight,
-        _file: File,
-    ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation(
-            "inflight tracking not supported",
-        ))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostUserResult<()> {
+        self.check_inflight(inflight)?;
+        crate::inflight::set(
+            &file,
+            inflight.mmap_offset,
+            inflight.mmap_size,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(|e| {
+            error!("inflight region refused: {e}");
+            VhostUserError::InvalidParam
+        })
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {

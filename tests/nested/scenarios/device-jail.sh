@@ -2,7 +2,8 @@
 # timeout: 200
 # Every device process of a running VM is jailed: seccomp filter on (mode 2), no_new_privs,
 # no capabilities, its own user, mount, pid and net namespaces, an empty root, and no
-# descriptors but the ones it was handed (log pipe, socket, control socket, image, /dev/null) and the anonymous
+# descriptors but the ones it was handed (log pipe, socket, control socket, image, inflight
+# memfd, /dev/null) and the anonymous
 # ones the vhost-user protocol gives it (guest RAM memfd, eventfds) or it makes (epoll,
 # io_uring).
 . "${HARNESS_DIR:-/harness}/lib.sh"
@@ -59,6 +60,7 @@ for fd in "/proc/$dev/fd/"*; do
 	0:/dev/null | 1:/dev/null | 2:pipe:\[*\] | 3:socket:\[*\] | 4:socket:\[*\] | 5:"$SCN_DIR/d.img") ;;
 	*:anon_inode:\[eventfd\] | *:anon_inode:\[eventpoll\] | *:anon_inode:\[io_uring\]) ;;
 	*:/memfd:bulkhead-guest-ram* | *:"/bulkhead-guest-ram (deleted)") ;; # guest RAM: memfd, or the private tmpfs's file (docs/memory.md)
+	6:/memfd:bulkhead-inflight*) ;; # the inflight region the VMM hands in (--inflight-fd, docs/restart.md)
 	*) bad="$bad $n($t)" ;;
 	esac
 done

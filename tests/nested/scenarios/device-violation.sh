@@ -36,6 +36,13 @@ echo "$line" | grep -qE 'bad: device process [0-9]+ was killed by signal 31 \(se
 pid=$(echo "$line" | sed -n 's/.*device process \([0-9]*\) was killed.*/\1/p')
 dmesg | grep 'type=1326' | grep -q " pid=$pid " || fail "no audit record of pid $pid in the kernel log"
 say "the VMM named the syscall from the kernel's audit record of pid $pid"
+# A seccomp kill is what a compromised device does: not restarted by default (docs/restart.md).
+sleep 1
+grep -E 'bad: DEVICE PROCESS NOT RESTARTED' "$SCN_DIR/vm/err" | quote "!"
+grep -q 'bad: DEVICE PROCESS NOT RESTARTED: its seccomp filter killed it' "$SCN_DIR/vm/err" ||
+	fail "the VMM did not refuse to restart a device its seccomp filter killed"
+[ "$(grep -c 'started in place of the one that died' "$SCN_DIR/vm/err")" = 0 ] ||
+	fail "a device killed by its seccomp filter was restarted"
 vm_exited vm && fail "the VMM exited when its device was killed"
 kill -TERM "$(vm_pid vm)"
 vm_wait_exit vm 30

@@ -2,7 +2,7 @@
 //! connected `SOCK_SEQPACKET` unix socket, one request per message (`COMMAND [ARGS]`, UTF-8, at
 //! most 4096 bytes), one reply per request (`ok [PAYLOAD]` or `err REASON`).
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
@@ -38,6 +38,9 @@ pub enum ControlError {
 #[derive(Debug)]
 pub struct ControlChannel {
     socket: UnixDatagram,
+    /// One request at a time: replies come in order, so two requesters (the API, the device
+    /// monitor's liveness probe) must not interleave.
+    turn: std::sync::Mutex<()>,
 }
 
 impl ControlChannel {
@@ -48,7 +51,10 @@ impl ControlChannel {
         let socket = UnixDatagram::from(socket);
         socket.set_read_timeout(Some(deadline))?;
         socket.set_write_timeout(Some(deadline))?;
-        Ok(Self { socket })
+        Ok(Self {
+            socket,
+            turn: std::sync::Mutex::new(()),
+        })
     }
 
     /// Sends `request` and returns the payload of its `ok` reply.
@@ -56,6 +62,20 @@ impl ControlChannel {
         if request.len() > MAX_MESSAGE {
             return Err(ControlError::TooLong(request.len()));
         }
+        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        // A reply that came after its request's deadline is still queued: dropped here, so
+        // that it is not taken for this request's.
+        let mut stale = [0u8; 64];
+        // SAFETY: a non-blocking recv into a local buffer, on our socket.
+        while unsafe {
+            libc::recv(
+                self.socket.as_raw_fd(),
+                stale.as_mut_ptr().cast(),
+                stale.len(),
+                libc::MSG_DONTWAIT,
+            )
+        } > 0
+        {}
         self.socket
             .send(request.as_bytes())
             .map_err(ControlError::Send)?;

@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod control;
 pub mod lock;
 pub mod monitor;
+pub mod restart;
 pub mod spawner;
 
 use std::fs::File;
@@ -28,6 +29,7 @@ use crate::virtio::vhost_user::{VhostUserDevice, VhostUserError};
 use control::ControlChannel;
 use lock::LockError;
 use monitor::Monitor;
+use restart::{Respawn, RestartMode, RestartPolicy};
 use spawner::{CgroupRequest, SpawnRequest, Spawner, SpawnerError};
 
 /// Descriptor numbers of the device-process contract.
@@ -129,6 +131,7 @@ impl DeviceKind {
                 jail: sandbox,
                 seccomp: sandbox,
                 landlock: sandbox,
+                restart: RestartPolicy::default(),
             },
             // Descriptors: 64 + 8 per queue (its tap queue, kick, call and error eventfds, an
             // epoll per worker, guest memory regions); tasks: 64 + 2 per queue pair (a worker
@@ -144,6 +147,7 @@ impl DeviceKind {
                     jail: sandbox,
                     seccomp: sandbox,
                     landlock: sandbox,
+                    restart: RestartPolicy::default(),
                 }
             }
         }
@@ -169,6 +173,9 @@ pub struct JailPolicy {
     pub seccomp: bool,
     /// The device applies landlock (`--landlock on|off`).
     pub landlock: bool,
+    /// Whether, how often and how soon its process is started again when it dies
+    /// (`restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=`).
+    pub restart: RestartPolicy,
 }
 
 /// A file the VMM opens (and locks) for a device; handed over from descriptor 5 on.
@@ -309,6 +316,8 @@ fn net_spec(net: &NetConfig, index: usize, slot: usize, sandbox: bool) -> Device
         // one, has no control queue).
         NetBackend::Socket(path) => (Backend::Socket(path.clone()), 2 * pairs),
     };
+    let mut policy = DeviceKind::Net.policy(queues, sandbox);
+    policy.restart = net.restart;
     DeviceSpec {
         id: net.id.clone().unwrap_or_else(|| format!("net{index}")),
         kind: DeviceKind::Net,
@@ -316,7 +325,7 @@ fn net_spec(net: &NetConfig, index: usize, slot: usize, sandbox: bool) -> Device
         queues,
         queue_size: net.queue_size,
         backend,
-        policy: DeviceKind::Net.policy(queues, sandbox),
+        policy,
     }
 }
 
@@ -359,6 +368,9 @@ fn block_args(disk: &DiskConfig) -> Vec<String> {
     if *poll_us > 0 {
         args.extend(["--poll-us".to_string(), poll_us.to_string()]);
     }
+    if let Some(fault) = &disk.fault {
+        args.extend(["--fault".to_string(), fault.clone()]);
+    }
     args
 }
 
@@ -376,6 +388,7 @@ fn disk_specs(config: &VmConfig) -> Vec<DeviceSpec> {
             if let Some(p) = disk.pids_max {
                 policy.pids_max = p;
             }
+            policy.restart = disk.restart;
             let backend = match &disk.backend {
                 DiskBackend::Process { path, readonly, .. } => {
                     let args = block_args(disk);
@@ -473,7 +486,7 @@ pub struct DeviceProcess {
     /// Its pid.
     pub pid: u32,
     /// Its control channel.
-    pub control: ControlChannel,
+    pub control: Arc<ControlChannel>,
 }
 
 /// The VM's devices: their processes, and the thread watching them.
@@ -623,6 +636,17 @@ pub fn spawn_process(
     files: Vec<File>,
     env: &SpawnEnv<'_>,
 ) -> Result<StartedProcess, DeviceError> {
+    spawn_program(spec, &program(spec.kind), files, env)
+}
+
+/// [`spawn_process`] with the program already resolved (a restart: the device monitor's
+/// filter reads no directory).
+pub(crate) fn spawn_program(
+    spec: &DeviceSpec,
+    program: &Path,
+    files: Vec<File>,
+    env: &SpawnEnv<'_>,
+) -> Result<StartedProcess, DeviceError> {
     let id = &spec.id;
     let io = |e| DeviceError::Descriptors(id.clone(), e);
     let (Backend::Spawn { args, .. } | Backend::SpawnOnTap { args, .. }) = &spec.backend else {
@@ -631,7 +655,7 @@ pub fn spawn_process(
     let (ours, theirs) = UnixStream::pair().map_err(io)?;
     let (control_ours, control_theirs) = control::seqpacket_pair().map_err(io)?;
     let (log_read, log_write) = pipe().map_err(io)?;
-    let program = program(spec.kind);
+    let program = program.to_path_buf();
     let mut argv = vec![
         spec.kind.program_name(),
         "--socket-fd".to_string(),
@@ -712,10 +736,16 @@ impl Devices {
         specs: &[DeviceSpec],
         env: &DeviceEnv<'_>,
     ) -> Result<(Devices, Vec<(usize, VirtioPci)>), DeviceError> {
-        let files = specs
+        let mut files = specs
             .iter()
             .map(open_files)
             .collect::<Result<Vec<_>, _>>()?;
+        let mut specs = specs.to_vec();
+        for (spec, files) in specs.iter_mut().zip(files.iter_mut()) {
+            restart::add_inflight_region(spec, files)
+                .map_err(|e| DeviceError::Descriptors(spec.id.clone(), e))?;
+        }
+        let specs = &specs[..];
         let monitor = Monitor::new(env.spawner.take_events())
             .map_err(|e| DeviceError::Descriptors("device monitor".into(), e))?;
         let mut devices = Devices {
@@ -747,6 +777,21 @@ impl Devices {
         let id = &spec.id;
         let io = |e| DeviceError::Descriptors(id.clone(), e);
         let mut spawned_pid = None;
+        let mut first_control = None;
+        // A device that may be restarted: the VMM keeps duplicates of its files (the image
+        // and its lock, the tap queues) to hand the next process; it never reads or writes
+        // them.
+        let restartable = spec.policy.restart.mode == RestartMode::OnFailure
+            && !matches!(spec.backend, Backend::Socket(_));
+        let kept = if restartable {
+            files
+                .iter()
+                .map(|f| f.try_clone())
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(io)?
+        } else {
+            Vec::new()
+        };
         let (stream, pidfd) = match &spec.backend {
             Backend::Spawn { .. } | Backend::SpawnOnTap { .. } => {
                 let started = spawn_process(spec, files, &env.spawn_env())?;
@@ -758,10 +803,12 @@ impl Devices {
                     kill_pidfd(&pidfd_copy);
                     return Err(io(e));
                 }
+                let control = Arc::new(started.control);
+                first_control = Some(control.clone());
                 self.processes.push(DeviceProcess {
                     id: id.clone(),
                     pid: started.pid,
-                    control: started.control,
+                    control,
                 });
                 spawned_pid = Some(started.pid);
                 (started.stream, Some(pidfd_copy))
@@ -795,12 +842,45 @@ impl Devices {
             env.bus.clone(),
         )
         .map_err(|e| fail(DeviceError::Transport(id.clone(), e)))?;
-        if let Some(pid) = spawned_pid {
-            // The process's end marks the device failed at once: its socket is shut down, the
-            // guest sees DEVICE_NEEDS_RESET and a configuration interrupt.
-            let failure = transport.failure_handle();
-            self.monitor
-                .on_end(pid, Box::new(move |reason| failure.fail(reason)));
+        match (spawned_pid, &pidfd) {
+            (Some(pid), Some(pidfd)) if restartable => {
+                // The process's end marks the device down at once; the monitor restarts it
+                // under its policy (device::restart).
+                let current = restart::CurrentProcess::default();
+                current.set(pidfd.try_clone().map_err(|e| fail(io(e)))?);
+                let handle = transport.restart_handle();
+                let killer = current.clone();
+                handle.set_kill_hook(Arc::new(move || killer.kill()));
+                self.monitor.restartable(
+                    pid,
+                    Respawn {
+                        spec: spec.clone(),
+                        program: program(spec.kind),
+                        files: kept,
+                        spawner: env.spawner.clone(),
+                        cgroup: env.cgroup.map(Path::to_path_buf),
+                        device_ids: env.device_ids,
+                        ram_size: env.ram_size,
+                        handle,
+                        current,
+                        pid,
+                        restarts: 0,
+                        died_at: None,
+                        last_cause: None,
+                        retired: false,
+                        missed_pings: 0,
+                        control: first_control,
+                    },
+                );
+            }
+            (Some(pid), _) => {
+                // The process's end marks the device failed at once: its socket is shut down,
+                // the guest sees DEVICE_NEEDS_RESET and a configuration interrupt.
+                let failure = transport.failure_handle();
+                self.monitor
+                    .on_end(pid, Box::new(move |reason| failure.fail(reason)));
+            }
+            _ => {}
         }
         // A queue the guest broke reaches the guest as DEVICE_NEEDS_RESET (monitor.rs).
         let watch = transport.queue_error_watch().map_err(|e| fail(io(e)))?;
@@ -810,11 +890,35 @@ impl Devices {
         Ok(transport)
     }
 
+    /// Sends `request` on device `id`'s control channel (its current process's, after a
+    /// restart) and returns the payload of the `ok` reply; `fault crash` and `fault seccomp`
+    /// inject those faults (docs/restart.md). `None`: no such device process.
+    pub fn control_request(
+        &self,
+        id: &str,
+        request: &str,
+    ) -> Option<Result<String, control::ControlError>> {
+        if let Some(c) = self.monitor.current_control(id) {
+            return Some(c.request(request));
+        }
+        self.processes
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.control.request(request))
+    }
+
+    /// Restarts per restartable device, with the last cause (for `vm.info`, `vm.counters`).
+    pub fn restarts(&self) -> Vec<restart::RestartInfo> {
+        self.monitor.restarts()
+    }
+
     /// After the transports were dropped (the devices saw their sockets close): waits up to
     /// `grace` for the device processes to exit, then hangs up the spawner, which SIGKILLs
     /// the rest (a stopped process too), reaps them (removing their cgroup leaves) and ends;
     /// waits up to [`SPAWNER_EXIT_WAIT`] for that. Bounded: never waits on a device.
     pub fn shutdown(&self, grace: Duration) {
+        // No restart from here on; the files kept for one are closed.
+        self.monitor.forget_respawns();
         if !self.monitor.wait_all_reaped(grace) {
             warn!(
                 "a device process did not exit within {} s of disconnect; killing it",
@@ -961,6 +1065,7 @@ mod tests {
             id: None,
             rx_limit: vec![],
             tx_limit: vec![],
+            restart: RestartPolicy::default(),
         };
         let spec = net_spec(&net, 0, 0, false);
         let (devices, transports) =
@@ -981,7 +1086,11 @@ mod tests {
             .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
             .filter(|l| l == Path::new("/dev/net/tun"))
             .count();
-        assert_eq!(ours, 0, "the VMM kept a tap queue");
+        // One duplicate per queue, kept to hand a restarted process (restart=on-failure).
+        assert_eq!(
+            ours, 2,
+            "the VMM keeps exactly the tap queues, for a restart"
+        );
         let mtu = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu")).expect("mtu");
         assert_eq!(mtu.trim(), "1400");
         let stats = devices.processes[0]
@@ -1035,6 +1144,7 @@ mod tests {
             id: None,
             rx_limit: vec![],
             tx_limit: vec![("bw_size", 10 << 20), ("bw_refill_time", 1000)],
+            restart: RestartPolicy::default(),
         };
         let spec = net_spec(&net, 1, 3, true);
         assert_eq!(spec.id, "net1");
@@ -1098,12 +1208,14 @@ mod tests {
             id: None,
             memory_max: None,
             pids_max: None,
+            restart: RestartPolicy::default(),
+            fault: Some("crash_after=7".into()),
         };
         assert_eq!(
             block_args(&disk).join(" "),
             "--path /img --image-fd 5 --num-queues 2 --queue-size 128 --direct \
              --bw-size 1048576 --bw-refill-time 100 --ops-size 10 --ops-one-time-burst 5 \
-             --ops-refill-time 1000 --poll-us 50"
+             --ops-refill-time 1000 --poll-us 50 --fault crash_after=7"
         );
     }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
+use super::restart::{cause, Decision, Respawn};
 use super::spawner::Exit;
 
 /// Longest log line passed on, in bytes; longer lines are cut (and the rest passed on as
@@ -71,9 +72,15 @@ pub fn sanitize(line: &[u8]) -> String {
         .collect()
 }
 
-/// How a device process ended, as the VMM logs it.
-fn describe(id: &str, exit: Exit, seccomp: Option<String>) {
-    let line = description(id, exit, seccomp);
+/// How a device process ended, as the VMM logs it; a restartable device's line does not say
+/// the VM goes on without it (the restart decision follows).
+fn describe(id: &str, exit: Exit, seccomp: Option<String>, restartable: bool) {
+    let mut line = description(id, exit, seccomp);
+    if restartable {
+        if let Some(cut) = line.find("; the VM goes on without it") {
+            line.truncate(cut);
+        }
+    }
     match exit {
         Exit::Signal(..) => error!("{line}"),
         Exit::Code(_, 0) => info!("{line}"),
@@ -111,6 +118,8 @@ struct Entry {
     reaped: bool,
     /// Called once when the process ends (the transport marks the device failed).
     on_end: Option<OnEnd>,
+    /// The restartable device (index in `State::respawns`) this process serves.
+    device: Option<usize>,
 }
 
 /// What to do when a device process ends; gets a reason for logs.
@@ -139,6 +148,12 @@ struct QueueError {
 struct State {
     entries: Vec<Entry>,
     queue_errors: Vec<QueueError>,
+    /// Devices whose process is started again when it dies.
+    respawns: Vec<Respawn>,
+    /// Restarts waiting for their backoff: (when, index in `respawns`).
+    due: Vec<(Instant, usize)>,
+    /// When the liveness probe of restartable devices runs next.
+    next_probe: Option<Instant>,
     /// The spawner's events socket hung up: no more exit reports will come.
     spawner_gone: bool,
 }
@@ -210,12 +225,24 @@ impl Monitor {
 
     /// Watches device `id`: its log pipe's read end and its pidfd.
     pub fn watch(&self, id: &str, pid: u32, log: OwnedFd, pidfd: OwnedFd) -> std::io::Result<()> {
+        let mut st = self.state.lock().expect("not poisoned");
+        self.watch_locked(&mut st, id, pid, log, pidfd, None)
+    }
+
+    fn watch_locked(
+        &self,
+        st: &mut State,
+        id: &str,
+        pid: u32,
+        log: OwnedFd,
+        pidfd: OwnedFd,
+        device: Option<usize>,
+    ) -> std::io::Result<()> {
         // SAFETY: fcntl on a descriptor we own.
         unsafe {
             let fl = libc::fcntl(log.as_raw_fd(), libc::F_GETFL);
             libc::fcntl(log.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
         }
-        let mut st = self.state.lock().expect("not poisoned");
         let index = st.entries.len();
         self.add(log.as_raw_fd(), token(index, false))?;
         self.add(pidfd.as_raw_fd(), token(index, true))?;
@@ -229,8 +256,203 @@ impl Monitor {
             ended: false,
             reaped: false,
             on_end: None,
+            device,
         });
         Ok(())
+    }
+
+    /// Restarts process `pid`'s device under its policy whenever it dies (device::restart).
+    pub fn restartable(&self, pid: u32, respawn: Respawn) {
+        let mut st = self.state.lock().expect("not poisoned");
+        let index = st.respawns.len();
+        st.respawns.push(respawn);
+        if let Some(e) = st.entries.iter_mut().find(|e| e.pid == pid) {
+            e.device = Some(index);
+            if e.ended {
+                st.respawns[index].handle.lost();
+            }
+        }
+    }
+
+    /// The control channel of device `id`'s current process, if it was restarted.
+    pub fn current_control(&self, id: &str) -> Option<Arc<super::control::ControlChannel>> {
+        let st = self.state.lock().expect("not poisoned");
+        st.respawns
+            .iter()
+            .find(|r| r.spec.id == id)
+            .and_then(|r| r.control.clone())
+    }
+
+    /// No more restarts (the VM is shutting down): the files kept for them are closed.
+    pub fn forget_respawns(&self) {
+        let mut st = self.state.lock().expect("not poisoned");
+        st.due.clear();
+        for r in &mut st.respawns {
+            r.files.clear();
+            r.retired = true;
+        }
+    }
+
+    /// Restarts made and the last cause, per restartable device.
+    pub fn restarts(&self) -> Vec<super::restart::RestartInfo> {
+        let st = self.state.lock().expect("not poisoned");
+        st.respawns
+            .iter()
+            .map(|r| super::restart::RestartInfo {
+                id: r.spec.id.clone(),
+                pid: r.pid,
+                restarts: r.restarts,
+                last_cause: r.last_cause.clone(),
+            })
+            .collect()
+    }
+
+    /// Process `exit` of restartable device `d` was reported: restart it after its backoff,
+    /// or give up.
+    fn decide(&self, st: &mut State, d: usize, exit: Exit) {
+        let Some(r) = st.respawns.get_mut(d) else {
+            return;
+        };
+        if r.retired || !r.handle.wanted() {
+            // Shut down, unplugged, or failed for good: its end was expected, and the files
+            // kept for a restart are closed.
+            r.files.clear();
+            return;
+        }
+        let id = r.spec.id.clone();
+        let why = cause(exit);
+        r.last_cause = Some(why.clone());
+        let policy = r.spec.policy.restart;
+        match policy.decide(r.restarts, exit) {
+            Decision::Restart(wait) => {
+                warn!(
+                    "{id}: restarting its device process (restart {} of {}) in {} ms; it ended by {why}",
+                    r.restarts + 1,
+                    policy.max,
+                    wait.as_millis()
+                );
+                st.due.push((Instant::now() + wait, d));
+            }
+            Decision::GiveUp(reason) => {
+                error!(
+                    "{id}: DEVICE PROCESS NOT RESTARTED: {reason}; the device fails (DEVICE_NEEDS_RESET), the VM goes on without it"
+                );
+                r.handle
+                    .give_up(&format!("its process ended by {why} and is not restarted"));
+            }
+        }
+    }
+
+    /// Starts the process of restartable device `d` again and hands its connection to the
+    /// device's worker, which replays the session.
+    fn restart_now(&self, st: &mut State, d: usize) {
+        let Some(r) = st.respawns.get_mut(d) else {
+            return;
+        };
+        if r.retired || !r.handle.wanted() {
+            return;
+        }
+        r.restarts += 1;
+        let id = r.spec.id.clone();
+        let started = match r.spawn() {
+            Ok(s) => s,
+            Err(e) => {
+                error!("{id}: restarting its device process: {}", chain(&e));
+                let policy = r.spec.policy.restart;
+                if r.restarts < policy.max {
+                    let wait = policy.backoff_for(r.restarts);
+                    st.due.push((Instant::now() + wait, d));
+                } else {
+                    r.handle
+                        .give_up("its process could not be started again (restart_max reached)");
+                }
+                return;
+            }
+        };
+        let died_at = r.died_at;
+        let pidfd_copy = match started.pidfd.try_clone() {
+            Ok(p) => p,
+            Err(e) => {
+                error!("{id}: restarted process {}: {e}", started.pid);
+                super::kill_pidfd(&started.pidfd);
+                return;
+            }
+        };
+        r.current.set(pidfd_copy);
+        r.pid = started.pid;
+        let handle = r.handle.clone();
+        let pid = started.pid;
+        info!("{id}: device process {pid} started in place of the one that died");
+        if let Err(e) = self.watch_locked(st, &id, pid, started.log, started.pidfd, Some(d)) {
+            error!("{id}: watching restarted process {pid}: {e}");
+        }
+        if let Some(r) = st.respawns.get_mut(d) {
+            r.control = Some(Arc::new(started.control));
+        }
+        if let Err(e) = handle.reconnect(started.stream, died_at) {
+            error!("{id}: handing over restarted process {pid}: {e}");
+            if let Some(r) = st.respawns.get(d) {
+                r.current.kill();
+            }
+        }
+    }
+
+    /// The epoll timeout until the next restart or liveness probe is due (-1: none).
+    fn next_due_ms(&self) -> i32 {
+        let mut st = self.state.lock().expect("not poisoned");
+        let now = Instant::now();
+        if !st.respawns.is_empty() && st.next_probe.is_none() {
+            st.next_probe = Some(now + LIVENESS_PERIOD);
+        }
+        let next = st.due.iter().map(|(at, _)| *at).chain(st.next_probe).min();
+        next.map_or(-1, |at| {
+            let ms = at
+                .saturating_duration_since(now)
+                .as_nanos()
+                .div_ceil(1_000_000);
+            i32::try_from(ms).unwrap_or(i32::MAX)
+        })
+    }
+
+    /// Runs the restarts that are due.
+    fn run_due(&self) {
+        let mut st = self.state.lock().expect("not poisoned");
+        let now = Instant::now();
+        let (ready, later): (Vec<_>, Vec<_>) = st.due.drain(..).partition(|(at, _)| *at <= now);
+        st.due = later;
+        for (_, d) in ready {
+            self.restart_now(&mut st, d);
+        }
+        if st.next_probe.is_some_and(|at| at <= now) {
+            st.next_probe = Some(now + LIVENESS_PERIOD);
+            let probes: Vec<_> = st
+                .respawns
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| !r.retired && r.handle.wanted() && !r.handle.is_down())
+                .filter_map(|(d, r)| Some((d, r.spec.id.clone(), r.control.clone()?)))
+                .collect();
+            drop(st);
+            let answers: Vec<(usize, bool)> = probes
+                .into_iter()
+                .map(|(d, id, control)| (d, probe(&id, &control)))
+                .collect();
+            let mut st = self.state.lock().expect("not poisoned");
+            for (d, answered) in answers {
+                let Some(r) = st.respawns.get_mut(d) else {
+                    continue;
+                };
+                r.missed_pings = if answered { 0 } else { r.missed_pings + 1 };
+                if r.missed_pings >= LIVENESS_MISSES && !r.handle.is_down() {
+                    r.missed_pings = 0;
+                    r.handle.unresponsive(&format!(
+                        "it did not answer its control channel {LIVENESS_MISSES} times in a row \
+                         ({} s each: stopped or hung)",
+                        super::control::DEFAULT_DEADLINE.as_secs()
+                    ));
+                }
+            }
+        }
     }
 
     /// Watches a device's queue error eventfds: a signalled one sets DEVICE_NEEDS_RESET.
@@ -345,7 +567,7 @@ impl Monitor {
                     self.epoll.as_raw_fd(),
                     events.as_mut_ptr(),
                     events.len() as i32,
-                    -1,
+                    self.next_due_ms(),
                     std::ptr::null(),
                 )
             };
@@ -359,6 +581,7 @@ impl Monitor {
                 );
                 return;
             }
+            self.run_due();
             for ev in &events[..n as usize] {
                 let tok = ev.u64;
                 if tok == TOKEN_EVENTS {
@@ -388,6 +611,21 @@ impl Monitor {
             }
             st.spawner_gone = true;
             self.remove(fd);
+            // No exit report will come: devices waiting for one are not restarted.
+            let waiting: Vec<usize> = st
+                .entries
+                .iter()
+                .filter(|e| e.ended && !e.reaped)
+                .filter_map(|e| e.device)
+                .collect();
+            for d in waiting {
+                if let Some(r) = st.respawns.get(d) {
+                    if r.handle.wanted() {
+                        r.handle
+                            .give_up("its process ended and the device spawner is gone");
+                    }
+                }
+            }
             return;
         }
         if n < 0 {
@@ -397,9 +635,19 @@ impl Monitor {
             warn!("device monitor: unreadable spawner report");
             return;
         };
+        let mut restart = None;
         if let Some(e) = st.entries.iter_mut().find(|e| e.pid == exit.pid()) {
             e.reaped = true;
-            describe(&e.id, exit, Exit::seccomp_detail(&buf[..n as usize]));
+            describe(
+                &e.id,
+                exit,
+                Exit::seccomp_detail(&buf[..n as usize]),
+                e.device.is_some(),
+            );
+            restart = e.device;
+        }
+        if let Some(d) = restart {
+            self.decide(&mut st, d, exit);
         }
     }
 
@@ -420,6 +668,14 @@ impl Monitor {
             debug!("{}: device process {} ended", e.id, e.pid);
             if let Some(f) = e.on_end.take() {
                 f(&format!("device process {} ended", e.pid));
+            }
+            if let Some(d) = e.device {
+                if let Some(r) = st.respawns.get_mut(d) {
+                    // Down at once: no request goes to the dead socket; the restart decision
+                    // waits for the spawner's report of how it ended.
+                    r.died_at = Some(Instant::now());
+                    r.handle.lost();
+                }
             }
         }
     }
@@ -455,6 +711,47 @@ impl Monitor {
             let _ = std::io::stderr().lock().write_all(out);
         }
     }
+}
+
+/// How often the monitor pings each restartable device's control channel.
+pub const LIVENESS_PERIOD: Duration = Duration::from_secs(1);
+
+/// Missed pings in a row after which a device process is declared hung.
+pub const LIVENESS_MISSES: u32 = 2;
+
+/// The liveness probe of one device: whether its process answered `ping` on its control
+/// channel within the channel's deadline. A process that misses [`LIVENESS_MISSES`] in a row
+/// (stopped, or hung) is killed, then restarted under its policy. A closed channel counts as
+/// an answer: the process ended, which its pidfd says.
+fn probe(id: &str, control: &super::control::ControlChannel) -> bool {
+    use super::control::ControlError;
+    match control.request("ping") {
+        Err(ControlError::Send(e) | ControlError::Receive(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            warn!("{id}: its device process did not answer a liveness ping");
+            false
+        }
+        Err(e) => {
+            debug!("{id}: liveness probe: {e}");
+            true
+        }
+        Ok(_) => true,
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
 }
 
 /// Splits what device `e` wrote into lines (cut at [`MAX_LINE`] bytes) and formats them.
@@ -531,6 +828,7 @@ mod tests {
             ended: false,
             reaped: false,
             on_end: None,
+            device: None,
         }
     }
 

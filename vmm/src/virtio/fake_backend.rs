@@ -14,6 +14,8 @@ use vhost::vhost_user::Frontend;
 pub const GET_FEATURES: u32 = 1;
 pub const SET_FEATURES: u32 = 2;
 pub const SET_MEM_TABLE: u32 = 5;
+pub const SET_VRING_BASE: u32 = 10;
+pub const SET_VRING_KICK: u32 = 12;
 pub const GET_VRING_BASE: u32 = 11;
 pub const GET_PROTOCOL_FEATURES: u32 = 15;
 pub const GET_QUEUE_NUM: u32 = 17;
@@ -78,6 +80,16 @@ pub struct Fake {
 impl Fake {
     /// Starts a fake that answers each message with `script`.
     pub fn start(script: impl FnMut(&Msg) -> Action + Send + 'static) -> Self {
+        let (mut fake, ours) = Self::start_on_stream(script);
+        fake.frontend = Some(Frontend::from_stream(ours, 8));
+        fake
+    }
+
+    /// As [`Fake::start`], returning the VMM's end of the stream instead of a `Frontend` (a
+    /// restarted process's connection).
+    pub fn start_on_stream(
+        script: impl FnMut(&Msg) -> Action + Send + 'static,
+    ) -> (Self, UnixStream) {
         let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
@@ -105,10 +117,13 @@ impl Fake {
             }
             let _ = theirs.flush();
         });
-        Self {
-            frontend: Some(Frontend::from_stream(ours, 8)),
-            seen,
-        }
+        (
+            Self {
+                frontend: None,
+                seen,
+            },
+            ours,
+        )
     }
 
     /// The codes of the messages seen so far.
@@ -118,6 +133,17 @@ impl Fake {
             .expect("log")
             .iter()
             .map(|m| m.code)
+            .collect()
+    }
+
+    /// The messages with `code` seen so far.
+    pub fn messages(&self, code: u32) -> Vec<Msg> {
+        self.seen
+            .lock()
+            .expect("log")
+            .iter()
+            .filter(|m| m.code == code)
+            .cloned()
             .collect()
     }
 

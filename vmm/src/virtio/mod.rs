@@ -6,7 +6,7 @@
 //! per-device worker thread, and every vhost-user request has a deadline
 //! ([`vhost_user::REQUEST_TIMEOUT`]) after which the device is failed (see [`FailureHandle`]).
 
-mod fake_backend;
+pub(crate) mod fake_backend;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod pci;
@@ -15,6 +15,8 @@ pub mod vhost_user;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+
+pub use pci::RestartHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -39,8 +41,15 @@ pub(crate) struct DeviceShared {
     /// Signalled on a configuration change or a failure; bound to the configuration vector.
     pub(crate) config_irq: Arc<EventFd>,
     /// A duplicate of the vhost-user socket, for shutting it down from any thread without
-    /// taking the frontend's lock (which a stuck request holds).
-    socket: Option<OwnedFd>,
+    /// taking the frontend's lock (which a stuck request holds); replaced at each restart.
+    socket: Mutex<Option<OwnedFd>>,
+    /// The device process ended (or was killed for missing a deadline) and a restart may
+    /// come: no request is sent, the guest's jobs are only recorded (see device::restart).
+    down: AtomicBool,
+    /// Set for a device that may be restarted: kills its current process. A device process
+    /// that breaks the protocol or misses a deadline is then killed and restarted instead of
+    /// failing the device.
+    kill_hook: Mutex<Option<KillHook>>,
     /// A duplicate of the VMM's end of the backend-request channel (`SET_BACKEND_REQ_FD`),
     /// shut down with the device: its thread reads it, and the frontend-request handler keeps
     /// the other end open itself, so the device's end alone never ends that read.
@@ -64,7 +73,9 @@ impl DeviceShared {
             config: Mutex::new(Vec::new()),
             generation: AtomicU8::new(0),
             config_irq,
-            socket,
+            socket: Mutex::new(socket),
+            down: AtomicBool::new(false),
+            kill_hook: Mutex::new(None),
             backend_req: Mutex::new(None),
             queue_errors: Vec::new(),
             log_limit: RateLimiter::per_device(),
@@ -73,6 +84,76 @@ impl DeviceShared {
 
     pub(crate) fn failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
+    }
+
+    /// Whether the device process is gone and a restart may come.
+    pub(crate) fn down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+
+    /// Shuts the current vhost-user socket down: every request in flight or to come fails.
+    fn shut_socket(&self) {
+        if let Some(s) = &*self.socket.lock().unwrap_or_else(|e| e.into_inner()) {
+            // SAFETY: shutdown(2) on a descriptor this struct owns; no memory is passed.
+            unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+
+    /// The device process misbehaved (missed a deadline, broke the protocol, its socket
+    /// broke): a restartable device is marked down and its process killed (the monitor then
+    /// restarts it, or gives up); any other device fails.
+    pub(crate) fn process_failed(&self, reason: &str) {
+        let hook = self
+            .kill_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match hook {
+            Some(kill) if !self.disconnected.load(Ordering::Acquire) && !self.failed() => {
+                if !self.down.swap(true, Ordering::AcqRel) {
+                    log::warn!(
+                        "{}: device process lost: {reason}; killing it for a restart",
+                        self.name
+                    );
+                    self.shut_socket();
+                }
+                kill();
+            }
+            _ => self.fail(reason),
+        }
+    }
+
+    /// The device process ended and the monitor may restart it: no request is sent until
+    /// [`Self::replace_socket`].
+    pub(crate) fn lost(&self) {
+        if !self.down.swap(true, Ordering::AcqRel) {
+            self.shut_socket();
+        }
+    }
+
+    /// A new device process is connected on `socket` (a duplicate of the worker's stream).
+    pub(crate) fn replace_socket(&self, socket: OwnedFd) {
+        *self.socket.lock().unwrap_or_else(|e| e.into_inner()) = Some(socket);
+        self.down.store(false, Ordering::Release);
+        if self.failed() || self.disconnected.load(Ordering::Acquire) {
+            self.shut_socket();
+        }
+    }
+
+    /// Makes the device restartable: `hook` kills its current process.
+    pub(crate) fn set_kill_hook(&self, hook: KillHook) {
+        *self.kill_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Whether the VMM let go of the device (its end is expected, never restarted).
+    pub(crate) fn is_disconnected(&self) -> bool {
+        self.disconnected.load(Ordering::Acquire)
+    }
+
+    /// No more restarts: the device fails for good.
+    pub(crate) fn give_up(&self, reason: &str) {
+        *self.kill_hook.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.fail(reason);
     }
 
     pub(crate) fn needs_reset(&self) -> bool {
@@ -94,19 +175,17 @@ impl DeviceShared {
     /// Declares the device failed: its socket is shut down (every request in flight or to
     /// come fails at once), the guest sees DEVICE_NEEDS_RESET and a configuration interrupt.
     pub(crate) fn fail(&self, reason: &str) {
+        // NEEDS_RESET and the interrupt first: whoever sees the device failed sees them too.
+        self.set_needs_reset();
         if !self.failed.swap(true, Ordering::AcqRel) {
             if self.disconnected.load(Ordering::Acquire) {
                 log::debug!("{}: after disconnect: {reason}", self.name);
             } else {
                 log::error!("{}: device failed: {reason}", self.name);
             }
-            if let Some(s) = &self.socket {
-                // SAFETY: shutdown(2) on a descriptor this struct owns; no memory is passed.
-                unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
-            }
+            self.shut_socket();
             self.shut_backend_req();
         }
-        self.set_needs_reset();
     }
 
     /// Hands over the backend-request channel's socket; shut down at once if the device has
@@ -130,10 +209,7 @@ impl DeviceShared {
     /// frontend leave, finishes, reports what it served and exits. Its end is not a failure.
     pub(crate) fn disconnect(&self) {
         self.disconnected.store(true, Ordering::Release);
-        if let Some(s) = &self.socket {
-            // SAFETY: shutdown(2) on a descriptor this struct owns; no memory is passed.
-            unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
-        }
+        self.shut_socket();
         self.shut_backend_req();
     }
 
@@ -187,6 +263,9 @@ impl DeviceShared {
         }
     }
 }
+
+/// Kills a restartable device's current process (see [`DeviceShared::process_failed`]).
+pub type KillHook = Arc<dyn Fn() + Send + Sync>;
 
 /// Fails one device from anywhere (the device manager, when its process dies): the socket is
 /// shut down, the guest sees DEVICE_NEEDS_RESET and a configuration interrupt, and the device

@@ -275,10 +275,84 @@ impl VirtioPci {
         lock(&self.inner).backend.failure_handle()
     }
 
+    /// The handle the device monitor restarts this device's process through.
+    pub fn restart_handle(&self) -> RestartHandle {
+        RestartHandle {
+            transport: Arc::downgrade(&self.inner),
+            shared: lock(&self.inner).backend.shared.clone(),
+        }
+    }
+
     /// What the device monitor watches for the queues the backend stopped because the driver
     /// broke them (the backend's VHOST_USER_SET_VRING_ERR eventfds).
     pub fn queue_error_watch(&self) -> std::io::Result<super::QueueErrorWatch> {
         lock(&self.inner).backend.queue_error_watch()
+    }
+}
+
+/// The device monitor's side of a restartable device: it marks the device down when its
+/// process ends, hands it a new process's connection, or gives up. Holds the transport weakly:
+/// a device unplugged or shut down is never restarted.
+#[derive(Clone)]
+pub struct RestartHandle {
+    transport: Weak<Mutex<Transport>>,
+    shared: Arc<super::DeviceShared>,
+}
+
+impl std::fmt::Debug for RestartHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestartHandle")
+            .field("device", &self.shared.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RestartHandle {
+    /// Makes the device restartable: a process that misses a deadline or breaks the protocol
+    /// is killed with `kill` (and then restarted) instead of failing the device.
+    pub fn set_kill_hook(&self, kill: super::KillHook) {
+        self.shared.set_kill_hook(kill);
+    }
+
+    /// The process ended: the device is down until a new one is connected or the monitor
+    /// gives up. Nothing the guest sees changes.
+    pub fn lost(&self) {
+        self.shared.lost();
+    }
+
+    /// Whether a restart makes sense: the transport is there, the VMM did not let go of the
+    /// device, and it has not failed for good.
+    pub fn wanted(&self) -> bool {
+        self.transport.strong_count() > 0 && !self.shared.is_disconnected() && !self.shared.failed()
+    }
+
+    /// Hands the connected stream of a new process to the device's worker thread.
+    pub fn reconnect(
+        &self,
+        stream: std::os::unix::net::UnixStream,
+        died_at: Option<std::time::Instant>,
+    ) -> Result<(), super::vhost_user::VhostUserError> {
+        let Some(t) = self.transport.upgrade() else {
+            return Err(super::vhost_user::VhostUserError::Failed);
+        };
+        let t = lock(&t);
+        t.backend.reconnect(stream, died_at)
+    }
+
+    /// Whether the device is down (its process ended, a restart may come).
+    pub fn is_down(&self) -> bool {
+        self.shared.down()
+    }
+
+    /// The process does not answer (the liveness probe): killed for a restart, as a process
+    /// that misses a vhost-user deadline.
+    pub fn unresponsive(&self, reason: &str) {
+        self.shared.process_failed(reason);
+    }
+
+    /// No more restarts: DEVICE_NEEDS_RESET and a configuration interrupt, for good.
+    pub fn give_up(&self, reason: &str) {
+        self.shared.give_up(reason);
     }
 }
 
@@ -1004,6 +1078,128 @@ mod tests {
         );
         assert_eq!(b, CONFIG);
         assert_ne!(pending, 0, "the reset is still pending");
+    }
+
+    /// Queue 0 of 16 entries at 0x1000/0x3000/0x4000, enabled, then DRIVER_OK.
+    fn bring_up_with_ring(p: &VirtioPci) {
+        write8(p, 0x14, 1);
+        write8(p, 0x14, 3);
+        lock(&p.inner).bar_write(0x08, &1u32.to_le_bytes());
+        lock(&p.inner).bar_write(0x0c, &1u32.to_le_bytes());
+        write8(p, 0x14, 0xb);
+        lock(&p.inner).bar_write(0x18, &16u16.to_le_bytes());
+        lock(&p.inner).bar_write(0x20, &0x1000u64.to_le_bytes());
+        lock(&p.inner).bar_write(0x28, &0x3000u64.to_le_bytes());
+        lock(&p.inner).bar_write(0x30, &0x4000u64.to_le_bytes());
+        lock(&p.inner).bar_write(0x1c, &1u16.to_le_bytes());
+        write8(p, 0x14, 0xf);
+    }
+
+    /// A restart: the device is marked down (no request goes out, the guest sees nothing),
+    /// then a new process's connection is handed over and the worker replays the session:
+    /// handshake, features, memory table, ring size, addresses, the base taken from the used
+    /// index in guest memory, the kick; the guest still sees no DEVICE_NEEDS_RESET.
+    #[test]
+    fn test_virtio_pci_restart_replays_session_with_base_from_used_index() {
+        use vm_memory::Bytes;
+        let (p, fake) = honest_device();
+        bring_up_with_ring(&p);
+        assert!(fake.wait_for(SET_VRING_KICK), "{:?}", fake.codes());
+        let first = fake.messages(SET_VRING_BASE);
+        assert_eq!(
+            first[0].body[4..8],
+            0u32.to_le_bytes(),
+            "a fresh ring starts at 0"
+        );
+        // The old process completed 5 requests (used index 5 in guest memory), then died.
+        lock(&p.inner)
+            .memory
+            .write_obj(5u16, GuestAddress(0x4000 + 2))
+            .expect("used idx");
+        let handle = p.restart_handle();
+        handle.set_kill_hook(Arc::new(|| {}));
+        handle.lost();
+        assert!(handle.wanted());
+        let before = fake.codes().len();
+        // A configuration write while it is down is kept for the new process.
+        lock(&p.inner).bar_write(DEVICE_CFG_OFFSET + 1, &[0x77]);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            fake.codes().len(),
+            before,
+            "a request went to a dead process"
+        );
+        let (fake2, stream) = Fake::start_on_stream(|m| honest(&CONFIG, 1, m));
+        handle
+            .reconnect(stream, Some(Instant::now()))
+            .expect("reconnect");
+        assert!(fake2.wait_for(SET_VRING_KICK), "{:?}", fake2.codes());
+        let base = fake2.messages(SET_VRING_BASE);
+        assert_eq!(base.len(), 1);
+        assert_eq!(
+            base[0].body[..8],
+            [0, 0, 0, 0, 5, 0, 0, 0],
+            "base = used index"
+        );
+        let codes = fake2.codes();
+        for code in [GET_FEATURES, SET_FEATURES, SET_MEM_TABLE] {
+            assert!(codes.contains(&code), "{code} not replayed: {codes:?}");
+        }
+        let set_config = 25;
+        let w = fake2.messages(set_config);
+        assert!(
+            w.iter()
+                .any(|m| m.body[0..4] == 1u32.to_le_bytes() && m.body.ends_with(&[0x77])),
+            "configuration write not replayed: {codes:?}"
+        );
+        assert_eq!(
+            status(&p) & STATUS_NEEDS_RESET,
+            0,
+            "the guest saw the restart"
+        );
+        assert!(!p.failure_handle().is_failed());
+        println!("restart replayed: {codes:?}");
+    }
+
+    /// A restartable device whose process misses a deadline is killed (for a restart), not
+    /// failed; once the monitor gives up, it fails for good.
+    #[test]
+    fn test_virtio_pci_restartable_deadline_kills_then_give_up_fails() {
+        let mut n = 0;
+        let (p, _fake) = device(move |m| {
+            if m.code == GET_CONFIG {
+                n += 1;
+                if n > 1 {
+                    return Action::Nothing;
+                }
+            }
+            honest(&CONFIG, 1, m)
+        });
+        let kills = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let k = kills.clone();
+        let handle = p.restart_handle();
+        handle.set_kill_hook(Arc::new(move || {
+            k.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        lock(&p.inner).backend.submit(Job::RefreshConfig);
+        let start = Instant::now();
+        while kills.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && start.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            kills.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "not killed"
+        );
+        assert!(!p.failure_handle().is_failed());
+        write8(&p, 0x14, 1);
+        assert_eq!(status(&p) & STATUS_NEEDS_RESET, 0);
+        handle.give_up("test");
+        assert!(p.failure_handle().is_failed());
+        assert!(!handle.wanted());
+        assert_ne!(status(&p) & STATUS_NEEDS_RESET, 0);
     }
 
     #[test]

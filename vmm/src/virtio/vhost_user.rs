@@ -17,13 +17,15 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, Level};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceShared, FailureHandle, QueueErrorWatch};
@@ -46,6 +48,7 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// Work for a device's worker thread, in the order the transport asked for it.
@@ -65,7 +68,28 @@ pub(crate) enum Job {
     WriteConfig { offset: u32, data: Vec<u8> },
     /// The backend said its configuration changed.
     RefreshConfig,
+    /// A new process of the device is connected on `frontend` (the old one died): replay the
+    /// session. `socket` is a duplicate of the stream for shutting it down; `died_at` when the
+    /// old process was seen to end.
+    Reconnect {
+        frontend: Frontend,
+        socket: OwnedFd,
+        died_at: Option<Instant>,
+    },
 }
+
+/// What the driver set up, as the VMM keeps it to replay it to a new device process.
+#[derive(Clone)]
+struct Session {
+    memory: GuestMemoryMmap,
+    features: u64,
+    rings: Vec<Option<RingConfig>>,
+    kicks: Vec<Arc<EventFd>>,
+    calls: Vec<Arc<EventFd>>,
+}
+
+/// Most configuration-space writes kept for replay (the last write of each offset).
+const MAX_CONFIG_WRITES: usize = 64;
 
 /// The backend's requests (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG): the worker re-reads the
 /// configuration, then the generation moves on and the configuration interrupt fires.
@@ -178,7 +202,8 @@ impl Watchdog {
                             let now = Instant::now();
                             if now >= deadline {
                                 g.armed = None;
-                                shared.fail(&format!(
+                                // A restartable device's process is killed (then restarted).
+                                shared.process_failed(&format!(
                                     "vhost-user {what} missed its deadline ({} ms)",
                                     timeout.as_millis()
                                 ));
@@ -256,6 +281,20 @@ struct Connection {
     config_size: u32,
     /// Whether the data path is (perhaps partly) set up.
     active: bool,
+    /// Features the backend offered at the handshake (with vhost-user's own bit): a new
+    /// process must offer the same.
+    offered: u64,
+    /// The driver's set-up, kept while the device is active, replayed after a restart.
+    session: Option<Session>,
+    /// The driver's configuration writes since the last reset, replayed after a restart.
+    config_writes: Vec<(u32, Vec<u8>)>,
+    /// A duplicate of the backend channel's device end (`SET_BACKEND_REQ_FD`), handed again to
+    /// a new process; the channel's VMM end and thread live on.
+    backend_req_tx: Option<OwnedFd>,
+    /// The inflight region the backend gave (GET_INFLIGHT_FD) for this activation: handed
+    /// again to a restarted process (SET_INFLIGHT_FD) so it resubmits what its predecessor had
+    /// in flight; a new one is asked for at the next activation after a reset.
+    inflight: Option<(VhostUserInflight, std::fs::File)>,
 }
 
 impl VhostUserDevice {
@@ -294,33 +333,14 @@ impl VhostUserDevice {
             shared: shared.clone(),
             config_size: CONFIG_CACHE_SIZE,
             active: false,
+            offered: 0,
+            session: None,
+            config_writes: Vec::new(),
+            backend_req_tx: None,
+            inflight: None,
         };
-        conn.call("SET_OWNER", |f| f.set_owner())?;
-        let offered = conn.call("GET_FEATURES", |f| f.get_features())?;
-        if offered & F_PROTOCOL_FEATURES != 0 {
-            let theirs = conn.call("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
-            let acked = theirs & wanted_protocol_features();
-            conn.call("SET_PROTOCOL_FEATURES", |f| f.set_protocol_features(acked))?;
-            conn.protocol = Some(acked);
-        }
-        let acked = conn
-            .protocol
-            .unwrap_or_else(VhostUserProtocolFeatures::empty);
-        if !acked.contains(VhostUserProtocolFeatures::CONFIG) {
-            return Err(VhostUserError::Backend(
-                "does not offer its configuration space (VHOST_USER_PROTOCOL_F_CONFIG)".into(),
-            ));
-        }
-        if acked.contains(VhostUserProtocolFeatures::MQ) {
-            let max = conn.call("GET_QUEUE_NUM", |f| f.get_queue_num())?;
-            if max < num_queues as u64 {
-                return Err(VhostUserError::Backend(format!(
-                    "has {max} queues, {num_queues} are needed"
-                )));
-            }
-        } else {
-            conn.num_queues = 1;
-        }
+        let (offered, acked) = conn.negotiate(num_queues)?;
+        conn.offered = offered;
         let queues = conn.num_queues;
         let (jobs, inbox) = channel();
         // The first read of the configuration space: the guest reads only the cache.
@@ -333,6 +353,17 @@ impl VhostUserDevice {
             handler.set_reply_ack_flag(acked.contains(VhostUserProtocolFeatures::REPLY_ACK));
             let tx = handler.get_tx_raw_fd();
             conn.call("SET_BACKEND_REQ_FD", |f| f.set_backend_request_fd(&tx))?;
+            // Kept to hand the same channel to a restarted process.
+            // SAFETY: fcntl(F_DUPFD_CLOEXEC) on the handler's open socket; checked below.
+            let tx_dup = unsafe { libc::fcntl(tx, libc::F_DUPFD_CLOEXEC, 0) };
+            if tx_dup < 0 {
+                return Err(VhostUserError::Resource(
+                    "backend request socket",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            // SAFETY: a fresh descriptor owned by nobody else.
+            conn.backend_req_tx = Some(unsafe { OwnedFd::from_raw_fd(tx_dup) });
             // The handler keeps `tx` open too, so the device's end closing (its process
             // died, or it is stopped) never ends the thread's read: the device's failure or
             // teardown shuts this duplicate down instead.
@@ -383,6 +414,22 @@ impl VhostUserDevice {
         }
     }
 
+    /// Hands a new process's connection to the worker thread, which replays the session.
+    pub(crate) fn reconnect(
+        &self,
+        stream: std::os::unix::net::UnixStream,
+        died_at: Option<Instant>,
+    ) -> Result<(), VhostUserError> {
+        let frontend = Frontend::from_stream(stream, self.num_queues as u64);
+        let socket = dup_socket(&frontend)?;
+        self.submit(Job::Reconnect {
+            frontend,
+            socket,
+            died_at,
+        });
+        Ok(())
+    }
+
     /// A handle that fails this device from anywhere.
     pub fn failure_handle(&self) -> FailureHandle {
         FailureHandle(self.shared.clone())
@@ -408,20 +455,58 @@ impl VhostUserDevice {
 }
 
 impl Connection {
+    /// SET_OWNER, features, protocol features, queue count: the start of every session (the
+    /// first, and each replay). Returns the features offered and the protocol features acked.
+    fn negotiate(
+        &mut self,
+        num_queues: usize,
+    ) -> Result<(u64, VhostUserProtocolFeatures), VhostUserError> {
+        self.call("SET_OWNER", |f| f.set_owner())?;
+        let offered = self.call("GET_FEATURES", |f| f.get_features())?;
+        if offered & F_PROTOCOL_FEATURES != 0 {
+            let theirs = self.call("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
+            let acked = theirs & wanted_protocol_features();
+            self.call("SET_PROTOCOL_FEATURES", |f| f.set_protocol_features(acked))?;
+            self.protocol = Some(acked);
+        } else {
+            self.protocol = None;
+        }
+        let acked = self
+            .protocol
+            .unwrap_or_else(VhostUserProtocolFeatures::empty);
+        if !acked.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(VhostUserError::Backend(
+                "does not offer its configuration space (VHOST_USER_PROTOCOL_F_CONFIG)".into(),
+            ));
+        }
+        if acked.contains(VhostUserProtocolFeatures::MQ) {
+            let max = self.call("GET_QUEUE_NUM", |f| f.get_queue_num())?;
+            if max < num_queues as u64 {
+                return Err(VhostUserError::Backend(format!(
+                    "has {max} queues, {num_queues} are needed"
+                )));
+            }
+            self.num_queues = num_queues;
+        } else {
+            self.num_queues = 1;
+        }
+        Ok((offered, acked))
+    }
+
     /// Sends one request under its deadline.
     fn call<T>(
         &mut self,
         what: &'static str,
         f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
     ) -> Result<T, VhostUserError> {
-        if self.shared.failed() {
+        if self.shared.failed() || self.shared.down() {
             return Err(VhostUserError::Failed);
         }
         self.watchdog
             .set(Some((Instant::now() + self.watchdog.timeout, what)));
         let r = f(&mut self.frontend);
         self.watchdog.set(None);
-        if self.shared.failed() {
+        if self.shared.failed() || self.shared.down() {
             // The deadline passed (or the device was failed) while the request ran.
             return Err(VhostUserError::Failed);
         }
@@ -442,6 +527,31 @@ impl Connection {
         match job {
             Job::Activate { .. } | Job::WriteConfig { .. } | Job::RefreshConfig
                 if self.shared.failed() => {}
+            Job::Reconnect {
+                frontend,
+                socket,
+                died_at,
+            } => self.reconnect(frontend, socket, died_at),
+            Job::Activate {
+                memory,
+                features,
+                rings,
+                kicks,
+                calls,
+            } if self.shared.down() => {
+                // Replayed to the next process.
+                self.session = Some(Session {
+                    memory,
+                    features,
+                    rings,
+                    kicks,
+                    calls,
+                });
+            }
+            Job::WriteConfig { offset, data } if self.shared.down() => {
+                self.record_config_write(offset, data);
+            }
+            Job::RefreshConfig if self.shared.down() => {}
             Job::Activate {
                 memory,
                 features,
@@ -449,6 +559,13 @@ impl Connection {
                 kicks,
                 calls,
             } => {
+                self.session = Some(Session {
+                    memory: memory.clone(),
+                    features,
+                    rings: rings.clone(),
+                    kicks: kicks.clone(),
+                    calls: calls.clone(),
+                });
                 if self.active {
                     // Activation is idempotent: a second one starts from a clean backend.
                     if let Err(e) = self.teardown() {
@@ -456,12 +573,14 @@ impl Connection {
                     }
                 }
                 self.active = true;
-                match self.activate(&memory, features, &rings, &kicks, &calls) {
+                match self.activate(&memory, features, &rings, &kicks, &calls, false) {
                     Ok(()) => info!(
                         "{name}: activated, {} of {} queues, features {features:#x}",
                         rings.iter().flatten().count(),
                         rings.len()
                     ),
+                    // The process died meanwhile: the activation is replayed to the next one.
+                    Err(_) if self.shared.down() => {}
                     Err(e) => {
                         crate::log_limited!(
                             self.shared.log_limit,
@@ -478,7 +597,13 @@ impl Connection {
                 }
             }
             Job::Deactivate => {
-                if self.active && !self.shared.failed() {
+                self.session = None;
+                self.config_writes.clear();
+                self.inflight = None;
+                if self.shared.down() {
+                    // The next process starts from its reset state anyway.
+                    self.active = false;
+                } else if self.active && !self.shared.failed() {
                     if let Err(e) = self.teardown() {
                         self.failed_on(&e);
                     }
@@ -486,6 +611,7 @@ impl Connection {
                 self.shared.reset_done();
             }
             Job::WriteConfig { offset, data } => {
+                self.record_config_write(offset, data.clone());
                 let r = self.call("SET_CONFIG", |f| {
                     f.set_config(offset, VhostUserConfigFlags::WRITABLE, &data)
                 });
@@ -503,8 +629,101 @@ impl Connection {
     }
 
     fn failed_on(&mut self, e: &VhostUserError) {
+        if self.shared.down() {
+            // The process is gone; what failed is replayed to the next one.
+            return;
+        }
         self.active = false;
-        self.shared.fail(&error_chain(e));
+        self.shared.process_failed(&error_chain(e));
+    }
+
+    fn record_config_write(&mut self, offset: u32, data: Vec<u8>) {
+        self.config_writes
+            .retain(|(o, d)| *o != offset || d.len() != data.len());
+        if self.config_writes.len() >= MAX_CONFIG_WRITES {
+            self.config_writes.remove(0);
+        }
+        self.config_writes.push((offset, data));
+    }
+
+    /// A new process of the device is connected: the session is replayed from the VMM's state
+    /// (features, protocol features, configuration writes, then, if the driver had started
+    /// the device, the memory table and every ring with its size, addresses, base and the
+    /// same kick, call and error eventfds). Any error kills the new process too (and the
+    /// monitor decides again).
+    fn reconnect(&mut self, frontend: Frontend, socket: OwnedFd, died_at: Option<Instant>) {
+        let name = self.shared.name.clone();
+        if self.shared.failed() || self.shared.is_disconnected() {
+            return;
+        }
+        self.frontend = frontend;
+        self.shared.replace_socket(socket);
+        let start = Instant::now();
+        match self.replay() {
+            Ok(queues) => {
+                let away = died_at.map_or(String::new(), |d| {
+                    format!(", {} ms after its process ended", d.elapsed().as_millis())
+                });
+                // A warning, as the death it follows: the operator sees both at the default level.
+                log::warn!(
+                    "{name}: device process restarted: session replayed in {} ms ({queues} queue(s) resumed){away}",
+                    start.elapsed().as_millis()
+                );
+            }
+            Err(e) => {
+                crate::log_limited!(
+                    self.shared.log_limit,
+                    Level::Error,
+                    "{name}: replaying the session to the restarted process: {}",
+                    error_chain(&e)
+                );
+                self.active = false;
+                self.shared.process_failed(&error_chain(&e));
+            }
+        }
+    }
+
+    /// Replays the session; returns how many queues were resumed.
+    fn replay(&mut self) -> Result<usize, VhostUserError> {
+        let (offered, _) = self.negotiate(self.num_queues.max(1))?;
+        if offered != self.offered {
+            return Err(VhostUserError::Backend(format!(
+                "offers features {offered:#x} after its restart, {:#x} before",
+                self.offered
+            )));
+        }
+        let config = self.read_config(self.config_size)?;
+        self.shared.set_config(config, false);
+        if let Some(tx) = self.backend_req_tx.take() {
+            let r = self.call("SET_BACKEND_REQ_FD", |f| f.set_backend_request_fd(&tx));
+            self.backend_req_tx = Some(tx);
+            r?;
+        }
+        for (offset, data) in self.config_writes.clone() {
+            let r = self.call("SET_CONFIG", |f| {
+                f.set_config(offset, VhostUserConfigFlags::WRITABLE, &data)
+            });
+            match r {
+                Err(e) if !is_refusal(&e) => return Err(e),
+                _ => {}
+            }
+        }
+        let Some(s) = self.session.clone() else {
+            self.active = false;
+            return Ok(0);
+        };
+        self.active = true;
+        self.activate(&s.memory, s.features, &s.rings, &s.kicks, &s.calls, true)?;
+        // Completions the old process published without signalling them: one interrupt per
+        // queue (a spurious one is harmless).
+        for (q, ring) in s.rings.iter().enumerate() {
+            if ring.is_some() {
+                if let Some(call) = s.calls.get(q) {
+                    let _ = call.write(1);
+                }
+            }
+        }
+        Ok(s.rings.iter().flatten().count())
     }
 
     fn read_config(&mut self, size: u32) -> Result<Vec<u8>, VhostUserError> {
@@ -546,6 +765,7 @@ impl Connection {
         rings: &[Option<RingConfig>],
         kicks: &[Arc<EventFd>],
         calls: &[Arc<EventFd>],
+        replay: bool,
     ) -> Result<(), VhostUserError> {
         let f = features
             | if self.protocol.is_some() {
@@ -570,6 +790,7 @@ impl Connection {
             })
             .collect::<Result<Vec<_>, VhostUserError>>()?;
         self.call("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
+        self.set_inflight(rings, replay)?;
         let protocol = self.protocol.is_some();
         for (q, ring) in rings.iter().enumerate().take(self.num_queues) {
             let Some(ring) = ring else { continue };
@@ -594,9 +815,19 @@ impl Connection {
                 avail_ring_addr: host(ring.driver, 6 + 2 * n)?,
                 log_addr: None,
             };
+            // A fresh ring starts at 0. After a crash GET_VRING_BASE cannot be asked: the base
+            // is the used index in guest memory (as the vhost-user specification and QEMU
+            // do), so what was taken and not completed is taken again.
+            let base = if replay {
+                memory
+                    .read_obj::<u16>(GuestAddress(ring.device.wrapping_add(2)))
+                    .map_err(|_| VhostUserError::RingAddress(q, ring.device, 4))?
+            } else {
+                0
+            };
             self.call("SET_VRING_NUM", |f| f.set_vring_num(q, ring.size))?;
             self.call("SET_VRING_ADDR", |f| f.set_vring_addr(q, &config))?;
-            self.call("SET_VRING_BASE", |f| f.set_vring_base(q, 0))?;
+            self.call("SET_VRING_BASE", |f| f.set_vring_base(q, base))?;
             self.call("SET_VRING_KICK", |f| f.set_vring_kick(q, kick))?;
             self.call("SET_VRING_CALL", |f| f.set_vring_call(q, call))?;
             // The backend signals it when the driver broke the queue (the device monitor
@@ -608,6 +839,44 @@ impl Connection {
             if protocol {
                 self.call("SET_VRING_ENABLE", |f| f.set_vring_enable(q, true))?;
             }
+        }
+        Ok(())
+    }
+
+    /// In-flight tracking, when the backend offers it: a new region at a fresh activation
+    /// (GET_INFLIGHT_FD, then SET_INFLIGHT_FD), the kept one at a replay, before the rings.
+    fn set_inflight(
+        &mut self,
+        rings: &[Option<RingConfig>],
+        replay: bool,
+    ) -> Result<(), VhostUserError> {
+        if !self
+            .protocol
+            .is_some_and(|p| p.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD))
+        {
+            return Ok(());
+        }
+        if !replay || self.inflight.is_none() {
+            let queue_size = rings.iter().flatten().map(|r| r.size).max().unwrap_or(0);
+            if queue_size == 0 {
+                return Ok(());
+            }
+            let ask = VhostUserInflight::new(0, 0, self.num_queues as u16, queue_size);
+            let (info, file) = self.call("GET_INFLIGHT_FD", |f| f.get_inflight_fd(&ask))?;
+            if info.num_queues != ask.num_queues || info.queue_size != ask.queue_size {
+                return Err(VhostUserError::Backend(format!(
+                    "answered GET_INFLIGHT_FD for {} queue(s) of {} with {} of {}",
+                    ask.num_queues, ask.queue_size, info.num_queues, info.queue_size
+                )));
+            }
+            self.inflight = Some((info, file));
+        }
+        if let Some((info, file)) = self.inflight.take() {
+            let r = self.call("SET_INFLIGHT_FD", |f| {
+                f.set_inflight_fd(&info, file.as_raw_fd())
+            });
+            self.inflight = Some((info, file));
+            r?;
         }
         Ok(())
     }
@@ -897,7 +1166,7 @@ mod tests {
         assert!(h.is_failed());
         assert!(dev.shared.needs_reset());
         // The socket is shut down: the VMM's next request fails at once.
-        let r = dev.shared.socket.as_ref().map(|s| {
+        let r = dev.shared.socket.lock().expect("lock").as_ref().map(|s| {
             // SAFETY: send(2) of a valid buffer on our descriptor.
             unsafe { libc::send(s.as_raw_fd(), [0u8].as_ptr().cast(), 1, libc::MSG_NOSIGNAL) }
         });

@@ -1,0 +1,158 @@
+#!/bin/sh
+# timeout: 400
+# A device process that dies comes back (docs/restart.md): bulkhead-block is SIGKILLed again and
+# again while the guest writes 16 MiB of random data with O_DIRECT and reads it back; the
+# write completes, the guest logs no I/O error, the data read back and the host image hold
+# exactly what was written, and the VMM logs each restart with its cause and how long the
+# device was away. A stopped (SIGSTOP) device process is found by the liveness probe, killed and
+# restarted. A flaky disk (fault=crash_after=100) loses nothing across its processes' crashes
+# with requests in flight (the inflight region, docs/restart.md). restart=never leaves its device failed (not restarted); restart_max=1 is honoured
+# (a second death is not restarted).
+# shellcheck disable=SC2016 # the commands typed into the guest expand there
+. "${HARNESS_DIR:-/harness}/lib.sh"
+
+img=$SCN_DIR/img
+mkdir -p "$img"
+for d in a b c d; do dd if=/dev/zero of="$img/$d" bs=1M count=24 2>/dev/null; done
+
+vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
+	--memory size=768M \
+	--disk "path=$img/a,serial=ra,num_queues=2,restart_backoff_ms=0,restart_max=50" \
+	--disk "path=$img/b,serial=rb,restart=never" \
+	--disk "path=$img/c,serial=rc,restart_max=1" \
+	--disk "path=$img/d,serial=rd,fault=crash_after=100,restart_max=50,restart_backoff_ms=0"
+vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
+say "guest ready $(elapsed vm) s after start"
+disk_of() { tr -d '\r' <"$SCN_DIR/vm/out" | sed -n "s/^GUEST-DISK \(vd.\) [0-9]* ro=0 serial=$1 .*/\1/p"; }
+a=$(disk_of ra)
+[ -n "$a" ] || fail "disk ra not seen by the guest"
+# dev_of IMAGE: the pid of the bulkhead-block process serving IMAGE (its --path).
+dev_of() {
+	for p in /proc/[0-9]*; do
+		[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-block ] || continue
+		tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q -- "--path $1 " && echo "${p#/proc/}" && return
+	done
+}
+run() { # run COMMAND ERE TIMEOUT: type COMMAND, wait for a line matching ERE, print its value.
+	vm_send vm "$1" >&2
+	vm_wait_for vm "$2" "$3"
+	tr -d '\r' <"$SCN_DIR/vm/out" | grep -E "$2" | tail -n 1 | sed 's/^[A-Z]*-//'
+}
+sleep 1
+vm_send_until vm 'echo UP-$((40+2))' '^UP-42' 30
+
+want=$(run 'head -c 16777216 /dev/urandom >/tmp/r && echo W-$(sha256sum /tmp/r | cut -c1-64)' '^W-[0-9a-f]{64}$' 60)
+# The write runs in the background; the host kills the device process under it.
+vm_send vm "(dd if=/tmp/r of=/dev/$a bs=64k oflag=direct 2>/tmp/dd.err; echo DDW-\$?; cat /tmp/dd.err) &"
+kills=0
+pid0=$(dev_of "$img/a")
+t_kill=
+while [ "$kills" -lt 3 ]; do
+	sleep 0.7
+	[ "$(vm_count vm '(^|# )DDW-[0-9]+$')" -ge 1 ] && break
+	p=$(dev_of "$img/a")
+	[ -n "$p" ] || continue
+	say "kill -KILL bulkhead-block of disk a (pid $p) during the write"
+	kill -KILL "$p"
+	kills=$((kills + 1))
+done
+# The background job's line may follow the shell's prompt ("/ # DDW-0").
+vm_wait_for vm '(^|# )DDW-[0-9]+$' 240
+rc=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^\(.*# \)\{0,1\}DDW-\([0-9][0-9]*\)$/\2/p' | tail -n 1)
+say "guest dd with O_DIRECT ended with status $rc after $kills kill(s) of its device process"
+[ "$kills" -ge 1 ] || fail "the write ended before any kill: nothing tested"
+[ "$rc" = 0 ] || fail "the guest's O_DIRECT write failed across the restarts"
+# And one more kill under a direct read.
+vm_send vm "echo R-\$(dd if=/dev/$a bs=64k count=256 iflag=direct 2>/tmp/dd.err | sha256sum | cut -c1-64); cat /tmp/dd.err"
+sleep 0.5
+p=$(dev_of "$img/a")
+if [ -n "$p" ] && [ "$(vm_count vm '^R-')" = 0 ]; then
+	say "kill -KILL bulkhead-block of disk a (pid $p) during the read"
+	kill -KILL "$p"
+	kills=$((kills + 1))
+fi
+vm_wait_for vm '^R-[0-9a-f]{64}$' 120
+got=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^R-//p' | tail -n 1)
+host=$(head -c 16777216 "$img/a" | sha256sum | cut -c1-64)
+say "written $want, read back $got, host image $host"
+[ "$want" = "$got" ] || fail "the guest read back other data than it wrote"
+[ "$want" = "$host" ] || fail "the host image does not hold what the guest wrote"
+vm_send_until vm 'dmesg | grep -ciE "I/O error|blk_update_request|critical medium" | sed "s/^/IOERR-/"' '^IOERR-[0-9]+' 30
+ioerr=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^IOERR-//p' | tail -n 1)
+say "guest kernel I/O errors: $ioerr"
+[ "$ioerr" = 0 ] || fail "the guest logged I/O errors"
+grep -E 'restarting its device process|device process restarted|started in place' "$SCN_DIR/vm/err" | quote "!"
+n=$(grep -c 'device process restarted: session replayed' "$SCN_DIR/vm/err")
+say "$n restart(s) logged for $kills kill(s)"
+[ "$n" -ge "$kills" ] || fail "the VMM logged $n restarts for $kills kills"
+sed -n 's/.*session replayed in \([0-9]*\) ms.*, \([0-9]*\) ms after its process ended.*/replay \1 ms, device away \2 ms (process death to session replayed, VMM side)/p' "$SCN_DIR/vm/err" | quote "recovery:"
+[ "$(dev_of "$img/a")" != "$pid0" ] || fail "disk a is still served by its first process"
+
+# A stopped (hung) device answers nothing: the liveness probe has it killed and restarted,
+# and the disk works again.
+ps=$(dev_of "$img/a")
+say "kill -STOP bulkhead-block of disk a (pid $ps)"
+kill -STOP "$ps"
+t0=$(now)
+end=$(($(now_s) + 30))
+until [ -n "$(dev_of "$img/a")" ] && [ "$(dev_of "$img/a")" != "$ps" ]; do
+	[ "$(now_s)" -lt "$end" ] || fail "the stopped device process was not replaced within 30 s"
+	sleep 0.2
+done
+say "the stopped device process was replaced $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s after SIGSTOP"
+grep -E 'liveness|does not answer|did not answer' "$SCN_DIR/vm/err" | tail -n 3 | quote "!"
+got2=$(run "echo 3 >/proc/sys/vm/drop_caches; echo S-\$(dd if=/dev/$a bs=64k count=256 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)" '^S-[0-9a-f]{64}$' 120)
+[ "$got2" = "$want" ] || fail "after the hung device's restart the disk reads other data"
+
+# A flaky disk (fault=crash_after=100): each of its processes aborts as it takes its 100th
+# request, with requests in flight; the guest writes and reads back 16 MiB with O_DIRECT (256
+# requests each way), with no error and the same data, on the host image too.
+fd=$(disk_of rd)
+[ -n "$fd" ] || fail "disk rd not seen by the guest"
+rc=$(run "dd if=/tmp/r of=/dev/$fd bs=64k oflag=direct 2>/dev/null; echo FW-\$?" '^FW-[0-9]+$' 240)
+[ "$rc" = 0 ] || fail "the guest's write to the flaky disk failed"
+got3=$(run "echo FR-\$(dd if=/dev/$fd bs=64k count=256 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)" '^FR-[0-9a-f]{64}$' 240)
+host3=$(head -c 16777216 "$img/d" | sha256sum | cut -c1-64)
+crashes=$(grep -c 'disk3: .*crash_after reached' "$SCN_DIR/vm/err" || true)
+say "flaky disk: $crashes crash(es) with requests in flight; read back $got3, host image $host3"
+grep -E 'disk3: .*(resubmitted|session replayed)' "$SCN_DIR/vm/err" | head -n 4 | quote "!"
+[ "$got3" = "$want" ] || fail "the flaky disk read back other data than was written"
+[ "$host3" = "$want" ] || fail "the flaky disk's image does not hold what was written"
+[ "$crashes" -ge 2 ] || fail "expected at least 2 injected crashes of the flaky disk's process, saw $crashes"
+vm_send_until vm 'dmesg | grep -ciE "I/O error|blk_update_request|critical medium" | sed "s/^/IOERR2-/"' '^IOERR2-[0-9]+' 30
+ioerr=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^IOERR2-//p' | tail -n 1)
+[ "$ioerr" = 0 ] || fail "the guest logged I/O errors on the flaky disk"
+
+# restart=never: the device fails for good, no new process.
+pb=$(dev_of "$img/b")
+say "kill -KILL bulkhead-block of disk b (restart=never, pid $pb)"
+kill -KILL "$pb"
+sleep 2
+grep -E 'disk1: .*(NOT RESTARTED|killed by signal)' "$SCN_DIR/vm/err" | quote "!"
+grep -q 'disk1: DEVICE PROCESS NOT RESTARTED: restart=never' "$SCN_DIR/vm/err" ||
+	fail "no 'not restarted' for the restart=never disk"
+[ -z "$(dev_of "$img/b")" ] || fail "the restart=never disk got a new process"
+
+# restart_max=1: the first death is restarted, the second is not.
+pc=$(dev_of "$img/c")
+kill -KILL "$pc"
+end=$(($(now_s) + 20))
+until [ -n "$(dev_of "$img/c")" ] && [ "$(dev_of "$img/c")" != "$pc" ]; do
+	[ "$(now_s)" -lt "$end" ] || fail "disk c (restart_max=1) was not restarted"
+	sleep 0.2
+done
+pc2=$(dev_of "$img/c")
+say "disk c restarted as pid $pc2; kill it again"
+sleep 1
+kill -KILL "$pc2"
+sleep 2
+grep -q 'disk2: DEVICE PROCESS NOT RESTARTED: it was restarted 1 time(s) already (restart_max=1)' "$SCN_DIR/vm/err" ||
+	fail "restart_max=1 not honoured"
+[ -z "$(dev_of "$img/c")" ] || fail "disk c got a second restart"
+grep -E 'disk2: .*(NOT RESTARTED|restarting)' "$SCN_DIR/vm/err" | quote "!"
+
+vm_send_until vm 'echo alive-$((20+22))' '^alive-42' 60
+say "the guest still answers"
+kill -TERM "$(vm_pid vm)"
+vm_wait_exit vm 30
+exit 0
