@@ -787,6 +787,13 @@ impl Devices {
         Ok(transport)
     }
 
+    /// The process serving device `id`, and whether it has ended (`None`: the VMM started
+    /// no process for it, an external vhost-user backend serves it). For `vm.info`.
+    pub fn process_state(&self, id: &str) -> Option<(u32, bool)> {
+        let p = self.processes.iter().rev().find(|p| p.id == id)?;
+        Some((p.pid, self.monitor.process_ended(p.pid).unwrap_or(true)))
+    }
+
     /// After the transports were dropped (the devices saw their sockets close): waits up to
     /// `grace` for the device processes to exit, then hangs up the spawner, which SIGKILLs
     /// the rest (a stopped process too), reaps them (removing their cgroup leaves) and ends;
