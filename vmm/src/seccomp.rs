@@ -356,6 +356,8 @@ fn api_rules(r: &mut Rules) {
             ],
         );
     }
+    // api::linger ends the writing side after an error answer (shutdown(SHUT_WR)).
+    r.allow_arg("shutdown", 1, &[libc::SHUT_WR as u64]);
     // The bounded wait for the VM's answer (mpsc recv_timeout: futex with a timeout, in the
     // common rules, and clock_gettime); a pause after a failed accept (nanosleep).
     r.allow("nanosleep").allow("clock_nanosleep");
@@ -545,6 +547,28 @@ mod tests {
                 "main filter lacks vCPU syscall {s}"
             );
         }
+    }
+
+    #[test]
+    fn test_seccomp_api_filter_serves_sockets_only() {
+        let r = rules(ThreadKind::Api);
+        for s in [
+            "socket", "connect", "bind", "openat", "clone", "clone3", "execve", "sendmsg",
+            "recvmsg", "unlinkat", "fcntl", "mount",
+        ] {
+            assert!(!r.allowed.contains_key(s), "api filter allows {s}");
+        }
+        let sol = libc::SOL_SOCKET as u64;
+        let rcv = libc::SO_RCVTIMEO as u64;
+        assert_eq!(
+            r.verdict("setsockopt", &[3, sol, rcv, 0, 16, 0]),
+            Some(true)
+        );
+        assert_eq!(
+            r.verdict("setsockopt", &[3, sol, libc::SO_RCVBUF as u64, 0, 4, 0]),
+            Some(false)
+        );
+        assert_eq!(r.verdict("setsockopt", &[3, 6, rcv, 0, 16, 0]), Some(false));
     }
 
     #[test]

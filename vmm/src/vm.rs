@@ -520,7 +520,7 @@ impl Vm {
                         serial,
                         ..
                     } => {
-                        v["path"] = json!(path);
+                        v["path"] = json!(path.display().to_string());
                         v["readonly"] = json!(readonly);
                         v["direct"] = json!(direct);
                         v["serial"] = json!(serial);
@@ -528,7 +528,7 @@ impl Vm {
                     }
                     crate::config::DiskBackend::Socket(p) => {
                         v["vhost_user"] = json!(true);
-                        v["vhost_socket"] = json!(p);
+                        v["vhost_socket"] = json!(p.display().to_string());
                     }
                 }
                 v
@@ -559,7 +559,9 @@ impl Vm {
                         v["tap"] = json!(name);
                         v["fds"] = json!(fds);
                     }
-                    crate::config::NetBackend::Socket(p) => v["vhost_socket"] = json!(p),
+                    crate::config::NetBackend::Socket(p) => {
+                        v["vhost_socket"] = json!(p.display().to_string())
+                    }
                 }
                 v
             })

@@ -211,7 +211,9 @@ pub fn serve(mut conn: UnixStream, events: &Sender<Event>) {
                     "API: bad request: {}",
                     response.body.as_deref().unwrap_or("")
                 );
-                let _ = std::io::Write::write_all(&mut conn, &http::encode(&response, true));
+                if std::io::Write::write_all(&mut conn, &http::encode(&response, true)).is_ok() {
+                    linger(&mut conn);
+                }
                 return;
             }
         };
@@ -229,6 +231,39 @@ pub fn serve(mut conn: UnixStream, events: &Sender<Event>) {
         }
     }
 }
+
+/// After an error answer to a request not read in full: ends the writing side and discards
+/// what the client still sends (at most [`LINGER_BYTES`], [`LINGER_TIME`]) before closing, so
+/// the client reads the answer instead of a reset (closing a Unix socket with unread data
+/// makes the peer's next read fail with ECONNRESET).
+fn linger(conn: &mut UnixStream) {
+    if conn.shutdown(std::net::Shutdown::Write).is_err() {
+        return;
+    }
+    let end = Instant::now() + LINGER_TIME;
+    let mut left = LINGER_BYTES;
+    let mut chunk = [0u8; 4096];
+    while left > 0 {
+        let Some(t) = end
+            .checked_duration_since(Instant::now())
+            .filter(|t| !t.is_zero())
+        else {
+            return;
+        };
+        if conn.set_read_timeout(Some(t)).is_err() {
+            return;
+        }
+        match std::io::Read::read(conn, &mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
+/// What [`linger`] discards at most.
+const LINGER_BYTES: usize = 1 << 20;
+/// How long [`linger`] waits at most.
+const LINGER_TIME: Duration = Duration::from_secs(1);
 
 /// Answers one request, asking the VM when it must.
 pub fn handle(method: &str, path: &str, body: &[u8], events: &Sender<Event>) -> HttpResponse {
@@ -381,6 +416,19 @@ mod tests {
             &mut c,
             b"PUT /api/v1/vm.add-disk HTTP/1.1\r\nContent-Length: 10000000\r\n\r\n",
         );
+        assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+        // ... also when the client sent the body with the head: it reads the answer, not a
+        // reset.
+        let mut c = UnixStream::connect(&path).expect("connect");
+        let mut big =
+            b"PUT /api/v1/vm.add-disk HTTP/1.1\r\nContent-Length: 100000\r\n\r\n".to_vec();
+        big.resize(big.len() + 100_000, b' ');
+        c.write_all(&big).expect("write");
+        c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut all = Vec::new();
+        c.read_to_end(&mut all)
+            .expect("the answer, then EOF (no ECONNRESET)");
+        let r = String::from_utf8_lossy(&all);
         assert!(r.starts_with("HTTP/1.1 413"), "{r}");
 
         // A VM that does not answer: 504 after the bound, from another connection.
