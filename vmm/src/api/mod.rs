@@ -300,6 +300,67 @@ pub fn wait_answered(timeout: Duration) {
     }
 }
 
+/// A connection over bytes in memory, for the fuzz target: reads `input`, keeps what is
+/// written; its timeouts are no-ops.
+struct MemoryConnection<'a> {
+    input: &'a [u8],
+}
+
+impl std::io::Read for MemoryConnection<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        // Small reads, so that requests arrive in pieces.
+        let n = out.len().min(self.input.len()).min(61);
+        out[..n].copy_from_slice(&self.input[..n]);
+        self.input = &self.input[n..];
+        Ok(n)
+    }
+}
+
+impl std::io::Write for MemoryConnection<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl http::Connection for MemoryConnection<'_> {
+    fn set_timeout(&mut self, _: Duration) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The fuzz target `api_requests` (vmm/fuzz): the first byte picks what the rest is. Even: a
+/// byte stream on a connection, read as requests (framing, limits) and each routed. Odd: a
+/// JSON body for the endpoint the byte names (add-disk, add-net, remove-device). Nothing may
+/// panic; every answer must be a valid status.
+pub fn fuzz_requests(data: &[u8]) {
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let check = |a: Action| match a {
+        Action::Respond(r) => assert!((200..600).contains(&r.status)),
+        Action::Control { timeout, .. } => assert!(timeout <= routes::PLUG_TIMEOUT),
+    };
+    if selector % 2 == 1 {
+        let endpoint =
+            ["vm.add-disk", "vm.add-net", "vm.remove-device"][usize::from(selector / 2) % 3];
+        check(routes::route(
+            "PUT",
+            &format!("{}{endpoint}", routes::ROOT),
+            rest,
+        ));
+        return;
+    }
+    let mut conn = MemoryConnection { input: rest };
+    let mut buf = Vec::new();
+    while let Ok(req) = http::read_request(&mut conn, &mut buf) {
+        assert!(req.body.len() <= http::MAX_BODY);
+        check(routes::route(&req.method, &req.path, &req.body));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,6 +506,18 @@ mod tests {
         let r = exchange(&mut c, b"GET /api/v1/vm.info HTTP/1.1\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 503"), "{r}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn test_api_fuzz_entry_on_its_seeds() {
+        let seeds =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/api_requests");
+        let mut n = 0;
+        for e in std::fs::read_dir(seeds).expect("seed corpus") {
+            fuzz_requests(&std::fs::read(e.expect("entry").path()).expect("seed"));
+            n += 1;
+        }
+        assert!(n >= 4, "{n} seeds");
     }
 
     #[test]
