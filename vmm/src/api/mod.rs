@@ -508,6 +508,88 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A worker's whole path under the real `api` filter, in a forked child (a syscall outside
+    /// the filter kills it with SIGSYS): accept, a client that connects and leaves (as a
+    /// second VMM probing the socket does), then a kept-alive connection with a ping, a bad
+    /// request, a request the VM does not answer (504 after the bound), and an oversized body
+    /// (413 and the lingering close).
+    #[test]
+    fn test_api_worker_under_its_seccomp_filter() {
+        use bulkhead_sandbox::seccomp::{apply_thread, enforcement, Enforcement};
+        let prog = crate::seccomp::compile(
+            crate::seccomp::ThreadKind::Api,
+            crate::seccomp::native_arch(),
+        )
+        .expect("compile");
+        if enforcement(&prog) != Enforcement::Enforced {
+            println!("seccomp filters are not enforced here; skipped");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("bulkhead-api-test3-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("api.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        // Everything the client sends is queued before the filter; the child then serves it.
+        let probe = UnixStream::connect(&path).expect("connect");
+        drop(probe);
+        let mut client = UnixStream::connect(&path).expect("connect");
+        let mut req = b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\nGET /api/v1/nope HTTP/1.1\r\n\r\n\
+            GET /api/v1/vm.info HTTP/1.1\r\n\r\n\
+            PUT /api/v1/vm.add-disk HTTP/1.1\r\nContent-Length: 100000\r\n\r\n"
+            .to_vec();
+        req.resize(req.len() + 100_000, b' ');
+        let (events, _rx) = channel::<Event>();
+        // SAFETY: the child only serves sockets it already has and exits with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let code = match apply_thread(&prog) {
+                Err(_) => 125,
+                Ok(()) => {
+                    for _ in 0..2 {
+                        match listener.accept() {
+                            Ok((conn, _)) => serve(conn, &events),
+                            Err(_) => {
+                                // SAFETY: _exit ends the child at once.
+                                unsafe { libc::_exit(3) }
+                            }
+                        }
+                    }
+                    0
+                }
+            };
+            // SAFETY: as above.
+            unsafe { libc::_exit(code) }
+        }
+        drop(listener);
+        // Written from here: the child reads as it serves.
+        let writer = {
+            let mut c = client.try_clone().expect("clone");
+            std::thread::spawn(move || {
+                let _ = c.write_all(&req);
+                let _ = c.shutdown(std::net::Shutdown::Write);
+            })
+        };
+        let mut all = Vec::new();
+        let _ = client.read_to_end(&mut all);
+        let _ = writer.join();
+        let mut status = 0;
+        // SAFETY: waits for the child just forked.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let text = String::from_utf8_lossy(&all);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the worker died under its filter: status {status:#x} (signal {}); it answered: {text}",
+            libc::WTERMSIG(status)
+        );
+        let codes: Vec<&str> = text
+            .match_indices("HTTP/1.1 ")
+            .map(|(i, _)| &text[i + 9..i + 12])
+            .collect();
+        assert_eq!(codes, ["200", "404", "504", "413"], "{text}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn test_api_fuzz_entry_on_its_seeds() {
         let seeds =
