@@ -51,6 +51,7 @@ FUZZ_TARGETS=(
     devices/runtime/fuzz:vhost_user_messages:30
     vmm/fuzz:virtio_pci_transport:30
     vmm/fuzz:vhost_user_replies:30
+    vmm/fuzz:api_requests:30
 )
 log "fuzzing (cargo-fuzz, nightly): ${FUZZ_TARGETS[*]}"
 if ! rustup toolchain list | grep -q '^nightly'; then

@@ -1,11 +1,14 @@
 //! Bulkhead's VMM core: vCPUs, the interrupt controller, the PL011 console and the VM
 //! lifecycle. Devices beyond the console run in their own processes.
 
+pub mod api;
 pub mod arch;
 pub mod config;
 pub mod control;
 pub mod device;
 pub mod image_cmd;
+// The plug/unplug methods until the hot-plug branch brings vmm/src/hotplug.rs.
+mod hotplug_stub;
 pub mod irq;
 pub mod legacy;
 pub mod memory;

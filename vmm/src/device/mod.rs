@@ -912,6 +912,20 @@ impl Devices {
         self.monitor.restarts()
     }
 
+    /// The process serving device `id`, and whether it has ended (`None`: the VMM started
+    /// no process for it, an external vhost-user backend serves it). For `vm.info`.
+    /// After a restart this is the current process (the restart table's pid).
+    pub fn process_state(&self, id: &str) -> Option<(u32, bool)> {
+        let p = self.processes.iter().rev().find(|p| p.id == id)?;
+        let pid = self
+            .monitor
+            .restarts()
+            .into_iter()
+            .find(|r| r.id == id)
+            .map_or(p.pid, |r| r.pid);
+        Some((pid, self.monitor.process_ended(pid).unwrap_or(true)))
+    }
+
     /// After the transports were dropped (the devices saw their sockets close): waits up to
     /// `grace` for the device processes to exit, then hangs up the spawner, which SIGKILLs
     /// the rest (a stopped process too), reaps them (removing their cgroup leaves) and ends;
