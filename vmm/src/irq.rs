@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_msi,
-    kvm_irq_routing_msi__bindgen_ty_1, KvmIrqRouting, KVM_IRQ_ROUTING_MSI, KVM_MSI_VALID_DEVID,
+    kvm_irq_routing_msi__bindgen_ty_1, kvm_msi, KvmIrqRouting, KVM_IRQ_ROUTING_MSI,
+    KVM_MSI_VALID_DEVID,
 };
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
@@ -26,6 +27,9 @@ pub enum IrqError {
     /// The routing table could not be built.
     #[error("building the KVM routing table")]
     BuildRouting,
+    /// KVM_SIGNAL_MSI failed.
+    #[error("sending an MSI")]
+    SignalMsi(#[source] kvm_ioctls::Error),
     /// KVM_IRQFD failed.
     #[error("{} irqfd for GSI {gsi}", if *assign { "assigning" } else { "releasing" })]
     Irqfd {
@@ -182,6 +186,22 @@ impl VmInterrupts {
             .map_err(IrqError::SetRouting)
     }
 
+    /// Sends one MSI now (KVM_SIGNAL_MSI), as a root port does for its hot-plug events.
+    pub fn signal_msi(&self, msg: MsiMessage) -> Result<(), IrqError> {
+        let msi = kvm_msi {
+            address_lo: msg.address as u32,
+            address_hi: (msg.address >> 32) as u32,
+            data: msg.data,
+            flags: KVM_MSI_VALID_DEVID,
+            devid: msg.devid,
+            ..Default::default()
+        };
+        self.vm
+            .signal_msi(msi)
+            .map(drop)
+            .map_err(IrqError::SignalMsi)
+    }
+
     /// Lets `fd` raise `gsi`; a signal already pending on `fd` is delivered now.
     pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), IrqError> {
         self.vm
@@ -202,6 +222,12 @@ impl VmInterrupts {
                 assign: false,
                 source,
             })
+    }
+}
+
+impl crate::pci::root_port::MsiSignal for VmInterrupts {
+    fn signal_msi(&self, msg: MsiMessage) -> Result<(), IrqError> {
+        VmInterrupts::signal_msi(self, msg)
     }
 }
 
