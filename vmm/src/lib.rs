@@ -5,6 +5,7 @@ pub mod arch;
 pub mod config;
 pub mod control;
 pub mod device;
+pub mod hotplug;
 pub mod irq;
 pub mod legacy;
 pub mod memory;

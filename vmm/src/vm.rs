@@ -184,16 +184,18 @@ impl Running {
 /// A VM and everything it owns across reboots.
 pub struct Vm {
     kvm: Kvm,
-    config: VmConfig,
-    memory: GuestMemoryMmap,
+    pub(crate) config: VmConfig,
+    pub(crate) memory: GuestMemoryMmap,
     serial: Arc<SharedPl011>,
-    bus: Arc<MmioBus>,
-    pcie: Arc<PcieHost>,
+    pub(crate) bus: Arc<MmioBus>,
+    pub(crate) pcie: Arc<PcieHost>,
     /// The device processes and the thread watching them.
-    devices: Devices,
+    pub(crate) devices: Devices,
     events: (Sender<Event>, Receiver<Event>),
     /// /dev/urandom, for each boot's rng-seed.
     urandom: Option<File>,
+    /// Which device is in which slot, and what hot-plug needs (hotplug.rs).
+    pub(crate) hotplug: crate::hotplug::Hotplug,
 }
 
 impl Vm {
@@ -247,7 +249,25 @@ impl Vm {
         let urandom = File::open("/dev/urandom")
             .map_err(|e| warn!("cannot open /dev/urandom: {e}"))
             .ok();
+        let events = channel();
+        let power_off = events.0.clone();
+        pcie.set_power_off_notify(Box::new(move |slot| {
+            drop(
+                power_off.send(Event::Hotplug(crate::hotplug::HotplugEvent::PoweredOff(
+                    slot,
+                ))),
+            );
+        }));
+        let hotplug = crate::hotplug::Hotplug::new(
+            config.pci_slots,
+            &specs,
+            spawner.clone(),
+            cgroup.map(std::path::Path::to_path_buf),
+            config.sandbox,
+            events.0.clone(),
+        );
         Ok(Self {
+            hotplug,
             urandom,
             kvm,
             config,
@@ -256,7 +276,7 @@ impl Vm {
             bus,
             pcie,
             devices,
-            events: channel(),
+            events,
         })
     }
 
@@ -297,6 +317,8 @@ impl Vm {
         {
             return Err(VmError::NoMsiController);
         }
+        self.hotplug
+            .set_msi_capable(machine.gic != bulkhead_firmware::fdt::GicKind::V2);
         let irq = Arc::new(VmInterrupts::new(vm.clone()));
         self.pcie.reset(&irq);
         if first {
@@ -416,6 +438,7 @@ impl Vm {
                             break event;
                         }
                     }
+                    Event::Hotplug(event) => self.hotplug_event(event),
                     event => break event,
                 }
             };
@@ -437,13 +460,16 @@ impl Vm {
                     ..
                 } => return Err(VmError::Vcpu(reason)),
                 Event::Signal(sig) => return Ok(Outcome::Signal(sig)),
-                Event::Control(..) => unreachable!("control requests are answered above"),
+                Event::Control(..) | Event::Hotplug(..) => {
+                    unreachable!("control requests and hot-plug events are handled above")
+                }
             }
             // Drop what other vCPUs reported while they were being stopped (a second
             // SYSTEM_RESET from another CPU, say); a signal still counts.
             while let Ok(late) = self.events.1.try_recv() {
                 match late {
                     Event::Signal(sig) => return Ok(Outcome::Signal(sig)),
+                    Event::Hotplug(event) => self.hotplug_event(event),
                     Event::Control(request, reply) => {
                         debug!("control request {request:?} arrived during a reset");
                         drop(reply.send(Err(RequestError::new(
@@ -463,10 +489,14 @@ impl Vm {
     /// boot when the request asks for one (shutdown, reboot).
     fn control(&mut self, request: Request, reply: ReplySender) -> Option<Event> {
         debug!("control request: {request:?}");
-        drop(reply.send(Err(RequestError::new(
-            501,
-            "this request is not available in this build",
-        ))));
+        match request {
+            Request::Plug(plug) => self.plug(plug, reply),
+            Request::Unplug { id } => self.unplug(id, reply),
+            _ => drop(reply.send(Err(RequestError::new(
+                501,
+                "this request is not available in this build",
+            )))),
+        }
         None
     }
 }
