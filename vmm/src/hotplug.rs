@@ -65,8 +65,6 @@ pub struct Hotplug {
     spawner: Arc<Spawner>,
     cgroup: Option<PathBuf>,
     sandbox: bool,
-    /// Whether the running VM's interrupt controller takes MSIs (a GICv3 ITS).
-    msi: bool,
     events: std::sync::mpsc::Sender<Event>,
 }
 
@@ -104,14 +102,8 @@ impl Hotplug {
             spawner,
             cgroup,
             sandbox,
-            msi: true,
             events,
         }
-    }
-
-    /// Whether the booted VM's interrupt controller takes MSIs.
-    pub fn set_msi_capable(&mut self, msi: bool) {
-        self.msi = msi;
     }
 
     /// The slot of device `id`.
@@ -141,7 +133,7 @@ impl Hotplug {
 
 impl Vm {
     /// `vm.add-disk`, `vm.add-net`: starts the device and plugs it into a free slot; answers
-    /// `Plugged { id, bdf }`, or 409 (no free slot, a duplicate id, no MSIs on this host),
+    /// `Plugged { id, bdf }`, or 409 (no free slot, a duplicate id),
     /// 400 (the configuration cannot be used: image missing or locked, bad tap), 500.
     pub(crate) fn plug(&mut self, request: PlugRequest, reply: ReplySender) {
         let result = self.try_plug(request);
@@ -152,12 +144,6 @@ impl Vm {
     }
 
     fn try_plug(&mut self, request: PlugRequest) -> Result<Reply, RequestError> {
-        if !self.hotplug.msi {
-            return Err(RequestError::new(
-                409,
-                "this host's interrupt controller (GICv2) gives PCI devices no MSIs",
-            ));
-        }
         let hp = &self.hotplug;
         let (requested, prefix) = match &request {
             PlugRequest::Disk(d) => (d.id.clone(), "disk"),

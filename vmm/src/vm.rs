@@ -12,7 +12,8 @@ use std::time::Duration;
 use bulkhead_firmware::fdt::{create_fdt, FdtConfig, FdtError};
 use bulkhead_firmware::image::LoadError;
 use bulkhead_firmware::layout::{
-    PCIE_ECAM_SIZE, PCIE_ECAM_START, RAM_START, UART_SIZE, UART_SPI, UART_START,
+    GIC_V2M_SIZE, GIC_V2M_START, PCIE_ECAM_SIZE, PCIE_ECAM_START, RAM_START, UART_SIZE, UART_SPI,
+    UART_START,
 };
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
@@ -85,9 +86,6 @@ pub enum VmError {
     /// A device's transport could not be created.
     #[error(transparent)]
     VirtioPci(#[from] VirtioPciError),
-    /// PCI devices need MSIs, which only the GICv3 ITS provides here.
-    #[error("this host's KVM offers only a GICv2, which has no ITS for the MSIs PCI devices need; run without --disk and --net")]
-    NoMsiController,
     /// A vCPU stopped with an error.
     #[error("{0}")]
     Vcpu(String),
@@ -228,6 +226,11 @@ impl Vm {
         let serial = Arc::new(SharedPl011::new(Pl011::new(out, Box::new(Unwired))));
         let bus = Arc::new(MmioBus::default());
         bus.insert(UART_START..UART_START + UART_SIZE, serial.clone())?;
+        // The GICv2m frame's registers (read by a GICv2 guest; unused on a GICv3).
+        bus.insert(
+            GIC_V2M_START..GIC_V2M_START + GIC_V2M_SIZE,
+            Arc::new(crate::pci::gicv2m::Gicv2mFrame),
+        )?;
         let pcie = Arc::new(PcieHost::new(config.pci_slots)?);
         bus.insert(
             PCIE_ECAM_START..PCIE_ECAM_START + PCIE_ECAM_SIZE,
@@ -312,14 +315,12 @@ impl Vm {
             .map(|i| vm.create_vcpu(i).map_err(|e| VmError::CreateVcpu(i, e)))
             .collect::<Result<Vec<_>, _>>()?;
         let machine = arch::create_machine(&vm, &vcpus)?;
-        if machine.gic == bulkhead_firmware::fdt::GicKind::V2
-            && !(self.config.disks.is_empty() && self.config.nets.is_empty())
-        {
-            return Err(VmError::NoMsiController);
-        }
-        self.hotplug
-            .set_msi_capable(machine.gic != bulkhead_firmware::fdt::GicKind::V2);
-        let irq = Arc::new(VmInterrupts::new(vm.clone()));
+        // A GICv2 has no ITS: PCI MSIs go through the GICv2m frame, routed to its SPIs.
+        let irq = match machine.gic {
+            bulkhead_firmware::fdt::GicKind::V2 => VmInterrupts::new(vm.clone()).with_gicv2m(),
+            _ => VmInterrupts::new(vm.clone()),
+        };
+        let irq = Arc::new(irq);
         self.pcie.reset(&irq);
         if first {
             crate::milestone::log("VM created");
