@@ -298,9 +298,13 @@ fn hotplug_rules(r: &mut Rules) {
         &[
             libc::F_OFD_SETLK as u64,
             libc::F_OFD_GETLK as u64,
-            // Monitor::watch makes the new device's log pipe non-blocking.
+            // Monitor::watch makes the new device's log pipe non-blocking; tap::dup_queues
+            // does the same to the tap queues handed in and checks and marks them
+            // close-on-exec.
             libc::F_GETFL as u64,
             libc::F_SETFL as u64,
+            libc::F_GETFD as u64,
+            libc::F_SETFD as u64,
         ],
     );
     // tap::open_queues, tap::dup_queues (fd=): the tap queues, their vnet header size and
