@@ -50,6 +50,7 @@ pub enum SeccompError {
 /// Syscall numbers on x86_64 and aarch64 (Linux 6.12 tables; `None`: the architecture has
 /// no such syscall, and a rule naming it is left out of that architecture's filter).
 pub const SYSCALLS: &[(&str, Option<i64>, Option<i64>)] = &[
+    ("accept4", Some(288), Some(242)),
     ("access", Some(21), None),
     ("arch_prctl", Some(158), None),
     ("brk", Some(12), Some(214)),
@@ -962,6 +963,7 @@ mod tests {
 
     fn native_numbers() -> Vec<(&'static str, i64)> {
         let mut v: Vec<(&'static str, i64)> = vec![
+            ("accept4", libc::SYS_accept4),
             ("brk", libc::SYS_brk),
             ("clock_gettime", libc::SYS_clock_gettime),
             ("clock_nanosleep", libc::SYS_clock_nanosleep),

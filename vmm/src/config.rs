@@ -82,6 +82,11 @@ pub struct Args {
     /// or `off` to debug a filter (insecure; a loud warning is printed).
     #[arg(long, value_name = "on|off", default_value = "on")]
     pub sandbox: String,
+    /// The REST API (docs/api.md): a Unix socket the VMM creates with mode 0600 (`PATH` or
+    /// `path=PATH`), or a listening Unix stream socket it inherits (`fd=N`), as Cloud
+    /// Hypervisor's `--api-socket`.
+    #[arg(long, value_name = "PATH|path=PATH|fd=N")]
+    pub api_socket: Option<String>,
     /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides it.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -189,7 +194,26 @@ pub struct DiskConfig {
     pub pids_max: Option<u64>,
 }
 
+/// `--disk`: the options, then a check that the image opens as its process will need it.
 fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
+    let disk = parse_disk_options(value)?;
+    if let DiskBackend::Process { path, readonly, .. } = &disk.backend {
+        File::options()
+            .read(true)
+            .write(!readonly)
+            .open(path)
+            .map_err(|source| ConfigError::Open {
+                what: "disk image",
+                path: path.clone(),
+                source,
+            })?;
+    }
+    Ok(disk)
+}
+
+/// `--disk`'s options, checked without touching any file (the API's `vm.add-disk` parses
+/// them in a thread that may open nothing).
+pub(crate) fn parse_disk_options(value: &str) -> Result<DiskConfig, ConfigError> {
     let bad = |reason: String| ConfigError::Option {
         flag: "disk",
         reason,
@@ -288,25 +312,13 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
         }
     }
     let backend = match (get("path"), get("socket")) {
-        (Some(path), None) if !path.is_empty() => {
-            // Check now that the image can be opened as the device process will need it.
-            File::options()
-                .read(true)
-                .write(!readonly)
-                .open(path)
-                .map_err(|source| ConfigError::Open {
-                    what: "disk image",
-                    path: path.into(),
-                    source,
-                })?;
-            DiskBackend::Process {
-                path: path.into(),
-                readonly,
-                serial,
-                direct,
-                rate_limit,
-            }
-        }
+        (Some(path), None) if !path.is_empty() => DiskBackend::Process {
+            path: path.into(),
+            readonly,
+            serial,
+            direct,
+            rate_limit,
+        },
         (None, Some(socket)) if !socket.is_empty() => {
             if readonly || serial.is_some() || direct || !rate_limit.is_empty() {
                 return Err(bad(
@@ -469,7 +481,7 @@ pub fn default_mac(id: &str) -> [u8; 6] {
 }
 
 /// Whether `id` is a usable device id: 1 to 32 letters, digits, `-` or `_`, not `vmm`.
-fn valid_device_id(id: &str) -> bool {
+pub(crate) fn valid_device_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 32
         && id
@@ -492,7 +504,7 @@ fn check_device_slots(disks: usize, nets: usize, slots: usize) -> Result<(), Con
 }
 
 /// `--net`; `index` names it when `id=` is not given (`net0`, `net1`...).
-fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigError> {
+pub(crate) fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigError> {
     let bad = |reason: String| ConfigError::Option {
         flag: "net",
         reason,
@@ -682,6 +694,46 @@ fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigError> {
     })
 }
 
+/// Where the REST API listens (`--api-socket`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiSocket {
+    /// A socket the VMM creates at this path.
+    Path(PathBuf),
+    /// A listening socket the VMM inherited at this descriptor.
+    Fd(std::os::fd::RawFd),
+}
+
+/// `--api-socket PATH|path=PATH|fd=N` (Cloud Hypervisor's forms).
+pub fn parse_api_socket(value: &str) -> Result<ApiSocket, ConfigError> {
+    let bad = |reason: String| ConfigError::Option {
+        flag: "api-socket",
+        reason,
+    };
+    if let Some(fd) = value.strip_prefix("fd=") {
+        return fd
+            .parse::<std::os::fd::RawFd>()
+            .ok()
+            .filter(|n| *n >= 3)
+            .map(ApiSocket::Fd)
+            .ok_or_else(|| {
+                bad(format!(
+                    "fd={fd:?}: expected a descriptor number, 3 or more"
+                ))
+            });
+    }
+    let path = value.strip_prefix("path=").unwrap_or(value);
+    if path.is_empty() {
+        return Err(bad("expected PATH, path=PATH or fd=N".into()));
+    }
+    // sun_path holds 108 bytes, the terminating NUL included.
+    if path.len() > 107 {
+        return Err(bad(format!(
+            "{path:?}: a Unix socket path is at most 107 bytes"
+        )));
+    }
+    Ok(ApiSocket::Path(path.into()))
+}
+
 /// A checked VM configuration, with its boot files open.
 #[derive(Debug)]
 pub struct VmConfig {
@@ -713,6 +765,8 @@ pub struct VmConfig {
     pub device_ids: Option<(u32, u32)>,
     /// `--cgroup-parent`.
     pub cgroup_parent: Option<PathBuf>,
+    /// `--api-socket`.
+    pub api_socket: Option<ApiSocket>,
 }
 
 /// `--device-uid UID[:GID]`: only a root VMM may run devices as another uid.
@@ -1035,6 +1089,11 @@ impl TryFrom<Args> for VmConfig {
             .as_deref()
             .map(parse_device_uid)
             .transpose()?;
+        let api_socket = args
+            .api_socket
+            .as_deref()
+            .map(parse_api_socket)
+            .transpose()?;
         let mut ids = Vec::new();
         for (i, d) in disks.iter().enumerate() {
             let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
@@ -1071,6 +1130,7 @@ impl TryFrom<Args> for VmConfig {
             sandbox,
             device_ids,
             cgroup_parent: args.cgroup_parent,
+            api_socket,
         })
     }
 }

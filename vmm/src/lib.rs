@@ -1,6 +1,7 @@
 //! Bulkhead's VMM core: vCPUs, the interrupt controller, the PL011 console and the VM
 //! lifecycle. Devices beyond the console run in their own processes.
 
+pub mod api;
 pub mod arch;
 pub mod config;
 pub mod control;

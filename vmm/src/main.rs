@@ -46,12 +46,16 @@ fn run(
     config: VmConfig,
     spawner: &std::sync::Arc<Spawner>,
     cgroup: Option<&std::path::Path>,
+    api: Option<bulkhead::api::Listener>,
 ) -> Result<Outcome, bulkhead::vm::VmError> {
     let interactive = matches!(config.serial, SerialConfig::Tty);
     // Before Vm::new starts device watcher and backend-req threads: they must block these too.
     block_termination_signals()?;
     let vm = Vm::new(config, spawner, cgroup)?;
     forward_signals(vm.event_sender())?;
+    if let Some(listener) = api {
+        bulkhead::api::start(listener, vm.event_sender())?;
+    }
     vcpu::register_kick_handler().map_err(bulkhead::vm::VmError::Signals)?;
     if interactive {
         match terminal::enter_raw_mode() {
@@ -103,7 +107,23 @@ fn main() -> ExitCode {
         report("setting up the seccomp filters", &e);
         return ExitCode::from(EXIT_VM_FAILED);
     }
-    let result = run(config, &spawner, cgroup.as_deref());
+    // The API socket, while this process still has one thread (its mode is set through the
+    // umask); a path in use or a bad descriptor is bad input.
+    let api = match config
+        .api_socket
+        .as_ref()
+        .map(bulkhead::api::Listener::open)
+    {
+        None => None,
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            report("invalid configuration", &e);
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let result = run(config, &spawner, cgroup.as_deref(), api);
+    // The answer to an API shutdown reaches its client before the VMM exits.
+    bulkhead::api::wait_answered(std::time::Duration::from_secs(1));
     terminal::restore();
     // Hangs up the spawner, which kills any device process still running.
     drop(spawner);

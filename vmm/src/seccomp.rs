@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use bulkhead_sandbox::seccomp::{self, BpfProgram, Rules, TargetArch};
+use bulkhead_sandbox::seccomp::{self, BpfProgram, Cond, Rules, TargetArch};
 
 /// The VMM's thread types, each with its own filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -35,11 +35,13 @@ pub enum ThreadKind {
     /// `<device>-vhost`: a device's worker, the only thread that sends it vhost-user requests
     /// after the handshake.
     VhostWorker,
+    /// `apiN`: serves the REST API's connections (vmm/src/api).
+    Api,
 }
 
 impl ThreadKind {
     /// Every thread type.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Signals,
@@ -47,6 +49,7 @@ impl ThreadKind {
         ThreadKind::DeviceWatcher,
         ThreadKind::BackendReq,
         ThreadKind::VhostWorker,
+        ThreadKind::Api,
     ];
 
     /// Name for messages.
@@ -59,6 +62,7 @@ impl ThreadKind {
             ThreadKind::DeviceWatcher => "device watcher",
             ThreadKind::BackendReq => "backend-req",
             ThreadKind::VhostWorker => "vhost worker",
+            ThreadKind::Api => "api",
         }
     }
 }
@@ -382,8 +386,34 @@ pub fn rules(thread: ThreadKind) -> Rules {
             allow_fail_device(&mut r);
             // Configuration interrupts (eventfd write, in the common rules).
         }
+        ThreadKind::Api => api_rules(&mut r),
     }
     r
+}
+
+/// An API worker (api::worker, api::serve): accepts a connection, reads requests and writes
+/// answers; the VM's main loop does the work. It opens, creates and maps nothing.
+fn api_rules(r: &mut Rules) {
+    // UnixListener::accept is accept4(SOCK_CLOEXEC).
+    r.allow("accept4");
+    // http::read_request reads the connection (read); answers are written (write, in the
+    // common rules); the connection is closed when served (close).
+    r.allow("read").allow("close");
+    // The per-request read deadline and the write timeout (UnixStream::set_read_timeout,
+    // set_write_timeout): setsockopt(SOL_SOCKET, SO_RCVTIMEO / SO_SNDTIMEO) only.
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        r.allow_when(
+            "setsockopt",
+            vec![
+                Cond::eq(1, libc::SOL_SOCKET as u64),
+                Cond::eq(2, opt as u64),
+            ],
+        );
+    }
+    // The bounded wait for the VM's answer (mpsc recv_timeout: futex with a timeout, in the
+    // common rules, and clock_gettime); a pause after a failed accept (nanosleep).
+    r.allow("nanosleep").allow("clock_nanosleep");
+    // vmm.ping reports the VMM's pid (getpid, in the common rules).
 }
 
 /// Signal numbers the filters allow sending (they differ between C libraries).

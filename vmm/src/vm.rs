@@ -23,7 +23,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::arch::{self, ArchError};
 use crate::config::{SerialConfig, VmConfig};
-use crate::control::{ReplySender, Request, RequestError};
+use crate::control::{Reply, ReplySender, Request, RequestError};
 use crate::device::spawner::Spawner;
 use crate::device::{DeviceEnv, DeviceError, Devices};
 use crate::irq::VmInterrupts;
@@ -89,6 +89,9 @@ pub enum VmError {
     /// A vCPU stopped with an error.
     #[error("{0}")]
     Vcpu(String),
+    /// The API server could not be started.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     /// A seccomp filter could not be set up or installed.
     #[error("confining the VMM's threads")]
     Seccomp(#[from] crate::seccomp::SeccompError),
@@ -491,14 +494,138 @@ impl Vm {
     fn control(&mut self, request: Request, reply: ReplySender) -> Option<Event> {
         debug!("control request: {request:?}");
         match request {
-            Request::Plug(plug) => self.plug(plug, reply),
-            Request::Unplug { id } => self.unplug(id, reply),
-            _ => drop(reply.send(Err(RequestError::new(
-                501,
-                "this request is not available in this build",
-            )))),
+            Request::Info => {
+                drop(reply.send(Ok(Reply::Info(self.info().to_string()))));
+                None
+            }
+            Request::Shutdown => {
+                info!("shutdown asked through the API");
+                drop(reply.send(Ok(Reply::Done)));
+                // As SIGTERM: stop the vCPUs, disconnect the devices, exit 0.
+                Some(Event::Signal(libc::SIGTERM))
+            }
+            Request::Reboot => {
+                info!("reboot asked through the API");
+                drop(reply.send(Ok(Reply::Done)));
+                // As a guest PSCI SYSTEM_RESET.
+                Some(Event::Vcpu {
+                    index: 0,
+                    stop: VcpuStop::Reset,
+                })
+            }
+            Request::Plug(plug) => {
+                self.plug(plug, reply);
+                None
+            }
+            Request::Unplug { id } => {
+                self.unplug(id, reply);
+                None
+            }
         }
-        None
+    }
+
+    /// `vm.info`: the configuration (Cloud Hypervisor's field names where the concept is the
+    /// same), the state, and every device with its slot, PCI address, process and state.
+    fn info(&self) -> serde_json::Value {
+        use serde_json::json;
+        let c = &self.config;
+        let disks: Vec<_> = c
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let mut v = json!({
+                    "id": d.id.clone().unwrap_or_else(|| format!("disk{i}")),
+                    "num_queues": d.num_queues,
+                    "queue_size": d.queue_size,
+                });
+                match &d.backend {
+                    crate::config::DiskBackend::Process {
+                        path,
+                        readonly,
+                        direct,
+                        serial,
+                        ..
+                    } => {
+                        v["path"] = json!(path);
+                        v["readonly"] = json!(readonly);
+                        v["direct"] = json!(direct);
+                        v["serial"] = json!(serial);
+                        v["vhost_user"] = json!(false);
+                    }
+                    crate::config::DiskBackend::Socket(p) => {
+                        v["vhost_user"] = json!(true);
+                        v["vhost_socket"] = json!(p);
+                    }
+                }
+                v
+            })
+            .collect();
+        let nets: Vec<_> = c
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let mut v = json!({
+                    "id": n.id.clone().unwrap_or_else(|| format!("net{i}")),
+                    "mac": crate::config::format_mac(&n.mac),
+                    "mtu": n.mtu,
+                    "num_queues": n.num_queues,
+                    "queue_size": n.queue_size,
+                    "vhost_user": matches!(n.backend, crate::config::NetBackend::Socket(_)),
+                });
+                match &n.backend {
+                    crate::config::NetBackend::Tap { name, addr } => {
+                        v["tap"] = json!(name);
+                        if let Some((ip, mask)) = addr {
+                            v["ip"] = json!(ip.to_string());
+                            v["mask"] = json!(mask.to_string());
+                        }
+                    }
+                    crate::config::NetBackend::Fds { fds, name } => {
+                        v["tap"] = json!(name);
+                        v["fds"] = json!(fds);
+                    }
+                    crate::config::NetBackend::Socket(p) => v["vhost_socket"] = json!(p),
+                }
+                v
+            })
+            .collect();
+        let devices: Vec<_> = crate::device::specs(c)
+            .iter()
+            .map(|spec| {
+                let bdf = self
+                    .pcie
+                    .device_bus(spec.slot)
+                    .map(|bus| format!("0000:{bus:02x}:00.0"));
+                let (pid, state) = match self.devices.process_state(&spec.id) {
+                    Some((pid, false)) => (Some(pid), "running"),
+                    Some((pid, true)) => (Some(pid), "ended"),
+                    None => (None, "external"),
+                };
+                json!({
+                    "id": spec.id,
+                    "kind": spec.kind.name(),
+                    "slot": spec.slot,
+                    "bdf": bdf,
+                    "pid": pid,
+                    "state": state,
+                })
+            })
+            .collect();
+        json!({
+            "config": {
+                "cpus": { "boot_vcpus": c.vcpus, "max_vcpus": c.vcpus },
+                "memory": { "size": c.ram_size },
+                "payload": { "cmdline": c.cmdline },
+                "disks": disks,
+                "net": nets,
+                "pci_slots": c.pci_slots,
+            },
+            "state": "Running",
+            "memory_actual_size": c.ram_size,
+            "devices": devices,
+        })
     }
 }
 

@@ -824,9 +824,11 @@ impl Devices {
         Some((process.pid, self.monitor.clone()))
     }
 
-    /// The pid of device `id`'s process, if the VMM started one.
-    pub fn pid(&self, id: &str) -> Option<u32> {
-        self.processes.iter().find(|p| p.id == id).map(|p| p.pid)
+    /// The process serving device `id`, and whether it has ended (`None`: the VMM started
+    /// no process for it, an external vhost-user backend serves it). For `vm.info`.
+    pub fn process_state(&self, id: &str) -> Option<(u32, bool)> {
+        let p = self.processes.iter().rev().find(|p| p.id == id)?;
+        Some((p.pid, self.monitor.process_ended(p.pid).unwrap_or(true)))
     }
 
     /// After the transports were dropped (the devices saw their sockets close): waits up to

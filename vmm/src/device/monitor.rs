@@ -372,6 +372,16 @@ impl Monitor {
         true
     }
 
+    /// Whether the watched process `pid` has ended (`None`: not watched). For `vm.info`.
+    pub fn process_ended(&self, pid: u32) -> Option<bool> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.entries
+            .iter()
+            .rev()
+            .find(|e| e.pid == pid)
+            .map(|e| e.ended || e.reaped)
+    }
+
     fn run(&self) {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
         let mut stderr_buf = Vec::new();

@@ -140,6 +140,15 @@ impl PcieHost {
             .collect()
     }
 
+    /// The bus number the guest gave the device in `slot` (its root port's secondary bus),
+    /// if the slot holds a device and the guest enumerated it. For `vm.info`.
+    pub fn device_bus(&self, slot: usize) -> Option<u8> {
+        let t = self.lock();
+        let p = t.ports.get(slot)?;
+        p.device.as_ref()?;
+        p.secondary_bus()
+    }
+
     /// Back to power-on state for a new VM: bus numbers unassigned, devices reset, no
     /// unplug under way.
     pub fn reset(&self, vm: &Arc<VmInterrupts>) {
