@@ -48,6 +48,19 @@ pub enum HotplugEvent {
     },
 }
 
+/// A device in a slot, as `vm.info` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluggedDevice {
+    /// Its id.
+    pub id: String,
+    /// Its kind.
+    pub kind: DeviceKind,
+    /// Its slot (root port `00:<slot + 1>.0`).
+    pub slot: usize,
+    /// An unplug of it is under way.
+    pub removing: bool,
+}
+
 /// A device in a slot.
 #[derive(Debug)]
 struct Occupant {
@@ -121,12 +134,19 @@ impl Hotplug {
             .expect("fewer devices than names")
     }
 
-    /// The ids of the devices and their slots, in slot order (for `vm.info`).
-    pub fn devices(&self) -> Vec<(String, usize)> {
+    /// The devices in the slots, in slot order (for `vm.info`).
+    pub fn devices(&self) -> Vec<PluggedDevice> {
         self.slots
             .iter()
             .enumerate()
-            .filter_map(|(slot, o)| o.as_ref().map(|o| (o.id.clone(), slot)))
+            .filter_map(|(slot, o)| {
+                o.as_ref().map(|o| PluggedDevice {
+                    id: o.id.clone(),
+                    kind: o.kind,
+                    slot,
+                    removing: o.unplug.is_some(),
+                })
+            })
             .collect()
     }
 }
@@ -305,8 +325,8 @@ impl Vm {
         }
     }
 
-    /// The devices and their slots (for `vm.info`).
-    pub fn plugged_devices(&self) -> Vec<(String, usize)> {
+    /// The devices in the slots (for `vm.info`).
+    pub fn plugged_devices(&self) -> Vec<PluggedDevice> {
         self.hotplug.devices()
     }
 }
@@ -358,10 +378,8 @@ mod tests {
         assert_eq!(hp.slot_of("disk1"), None);
         assert_eq!(hp.free_name("disk"), "disk1");
         assert_eq!(hp.free_name("net"), "net0");
-        assert_eq!(
-            hp.devices(),
-            [("disk0".to_string(), 0), ("data".to_string(), 2)]
-        );
+        let listed: Vec<_> = hp.devices().into_iter().map(|d| (d.id, d.slot)).collect();
+        assert_eq!(listed, [("disk0".to_string(), 0), ("data".to_string(), 2)]);
     }
 
     #[test]

@@ -591,8 +591,10 @@ impl Vm {
                 v
             })
             .collect();
-        let devices: Vec<_> = crate::device::specs(c)
-            .iter()
+        // The devices in the slots now: cold-plugged, hot-plugged, less the removed ones.
+        let devices: Vec<_> = self
+            .plugged_devices()
+            .into_iter()
             .map(|spec| {
                 let bdf = self
                     .pcie
@@ -610,6 +612,7 @@ impl Vm {
                     "bdf": bdf,
                     "pid": pid,
                     "state": state,
+                    "removing": spec.removing,
                 })
             })
             .collect();
