@@ -312,6 +312,42 @@ mod tests {
     }
 
     #[test]
+    fn test_pcie_host_power_off_reported_only_for_a_requested_unplug() {
+        let h = PcieHost::new(2).expect("host");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        h.set_power_off_notify(Box::new(move |slot| {
+            record.lock().expect("lock").push(slot)
+        }));
+        h.plug(0, Box::new(Dummy(ConfigSpace::new())))
+            .expect("plug");
+        h.plug(1, Box::new(Dummy(ConfigSpace::new())))
+            .expect("plug");
+        // Slot Control of the root ports 00:01.0 and 00:02.0 (PCIe capability at 0x40).
+        let sltctl = |dev| ecam(0, dev, 0, 0x40 + 0x18);
+        let power_off = (1u16 << 10).to_le_bytes();
+        let power_on = 0u16.to_le_bytes();
+        // pciehp powering off a slot nobody asked to unplug: nothing happens.
+        h.write(sltctl(1), &power_off);
+        assert!(seen.lock().expect("lock").is_empty());
+        assert!(!h.powered(0));
+        h.write(sltctl(1), &power_on);
+        assert!(h.request_unplug(1));
+        h.write(sltctl(2), &(3u16 << 8).to_le_bytes()); // indicators only
+        h.write(sltctl(2), &power_off);
+        h.write(sltctl(2), &power_off); // already off: no second report
+        assert_eq!(*seen.lock().expect("lock"), [1]);
+        assert!(h.remove(1).is_some());
+        assert!(h.remove(1).is_none());
+        assert!(!h.request_unplug(1), "an empty slot has nothing to unplug");
+        assert_eq!(h.free_slot(), Some(1));
+        // The slot's power coming back and going again is no report: no unplug asked.
+        h.write(sltctl(2), &power_on);
+        h.write(sltctl(2), &power_off);
+        assert_eq!(*seen.lock().expect("lock"), [1]);
+    }
+
+    #[test]
     fn test_pcie_host_slot_count_bounds() {
         assert!(PcieHost::new(0).is_err());
         assert!(PcieHost::new(32).is_err());
