@@ -296,6 +296,9 @@ fn hotplug_rules(r: &mut Rules) {
     // is opened by path; the image's open file description lock (F_OFD_SETLK, F_OFD_GETLK to
     // say who holds it).
     r.allow("openat");
+    // device::program finds the device program beside the running bulkhead
+    // (std::env::current_exe reads the /proc/self/exe link).
+    r.allow("readlinkat");
     r.allow_arg(
         "fcntl",
         1,
