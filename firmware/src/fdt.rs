@@ -13,6 +13,8 @@ const PHANDLE_GIC: u32 = 1;
 const PHANDLE_ITS: u32 = 2;
 /// Phandle of the PL011's APB clock.
 const PHANDLE_APB_PCLK: u32 = 3;
+/// Phandle of the GICv2m MSI frame.
+const PHANDLE_V2M: u32 = 4;
 
 /// `#interrupt-cells` values: interrupt types.
 const GIC_FDT_IRQ_TYPE_SPI: u32 = 0;
@@ -29,7 +31,7 @@ pub enum GicKind {
         /// Whether an ITS is described.
         its: bool,
     },
-    /// GICv2 (CPU interface, no MSI controller yet).
+    /// GICv2 (CPU interface, a GICv2m MSI frame).
     V2,
 }
 
@@ -194,6 +196,16 @@ fn gic(fdt: &mut FdtWriter, kind: GicKind, ncpus: u64) -> FdtWriterResult<()> {
                 "reg",
                 &[GIC_DIST_START, GIC_DIST_SIZE, GIC_CPU_START, GIC_CPU_SIZE],
             )?;
+            // A GICv2 has no ITS: PCI devices' MSIs go through a GICv2m frame, which turns
+            // them into SPIs (the VMM routes them to those SPIs directly).
+            let v2m = fdt.begin_node(&format!("v2m@{GIC_V2M_START:x}"))?;
+            fdt.property_string("compatible", "arm,gic-v2m-frame")?;
+            fdt.property_null("msi-controller")?;
+            fdt.property_array_u64("reg", &[GIC_V2M_START, GIC_V2M_SIZE])?;
+            fdt.property_u32("arm,msi-base-spi", SPI_BASE + GIC_V2M_SPI_FIRST)?;
+            fdt.property_u32("arm,msi-num-spis", GIC_V2M_SPI_COUNT)?;
+            fdt.property_phandle(PHANDLE_V2M)?;
+            fdt.end_node(v2m)?;
         }
     }
     fdt.end_node(node)
@@ -330,9 +342,13 @@ fn pcie(fdt: &mut FdtWriter, gic: GicKind, io: bool) -> FdtWriterResult<()> {
         lo(PCIE_MMIO64_SIZE),
     ]);
     fdt.property_array_u32("ranges", &ranges)?;
-    if let GicKind::V3 { its: true } = gic {
+    match gic {
         // Requester ID n is ITS device ID n.
-        fdt.property_array_u32("msi-map", &[0, PHANDLE_ITS, 0, 0x1_0000])?;
+        GicKind::V3 { its: true } => {
+            fdt.property_array_u32("msi-map", &[0, PHANDLE_ITS, 0, 0x1_0000])?
+        }
+        GicKind::V2 => fdt.property_u32("msi-parent", PHANDLE_V2M)?,
+        GicKind::V3 { its: false } => {}
     }
     fdt.end_node(node)
 }
@@ -485,6 +501,35 @@ mod tests {
         let timer = fdt.find_compatible(&["arm,armv8-timer"]).expect("timer");
         let irqs = u32_cells(timer.property("interrupts").expect("interrupts").value);
         assert_eq!(irqs[2], 8 | (0b11 << 8));
+    }
+
+    #[test]
+    fn test_fdt_gicv2_has_a_v2m_frame_for_pci_msis() {
+        let mpidrs = [0x8000_0000];
+        let mut cfg = config(&mpidrs, GicKind::V2);
+        cfg.pcie = true;
+        let blob = create_fdt(&cfg).expect("fdt");
+        let fdt = Fdt::new(&blob).expect("parses back");
+        let v2m = fdt
+            .find_compatible(&["arm,gic-v2m-frame"])
+            .expect("v2m frame");
+        assert!(v2m.property("msi-controller").is_some());
+        let regs: Vec<_> = v2m.reg().expect("reg").collect();
+        assert_eq!(regs[0].starting_address as u64, GIC_V2M_START);
+        let base = u32_cells(v2m.property("arm,msi-base-spi").expect("base").value);
+        let count = u32_cells(v2m.property("arm,msi-num-spis").expect("count").value);
+        assert_eq!(base, [SPI_BASE + GIC_V2M_SPI_FIRST]);
+        assert_eq!(count, [GIC_V2M_SPI_COUNT]);
+        let phandle = v2m
+            .property("phandle")
+            .and_then(|p| p.as_usize())
+            .expect("phandle");
+        let pci = fdt
+            .find_compatible(&["pci-host-ecam-generic"])
+            .expect("pci");
+        let parent = u32_cells(pci.property("msi-parent").expect("msi-parent").value);
+        assert_eq!(parent, [phandle as u32]);
+        assert!(pci.property("msi-map").is_none());
     }
 
     #[test]

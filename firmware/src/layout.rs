@@ -50,6 +50,17 @@ pub const GIC_CPU_SIZE: u64 = 0x2000;
 pub const GIC_ITS_START: u64 = 0x0808_0000;
 /// Size of the ITS region (control and translation frames).
 pub const GIC_ITS_SIZE: u64 = 0x2_0000;
+/// GICv2m MSI frame: a GICv2 guest's MSI controller (QEMU virt's address). An MSI is a
+/// write of an SPI's interrupt ID to its MSI_SETSPI_NS register.
+pub const GIC_V2M_START: u64 = 0x0802_0000;
+/// Size of the GICv2m frame.
+pub const GIC_V2M_SIZE: u64 = 0x1000;
+/// Offset of MSI_SETSPI_NS in the GICv2m frame: the MSI doorbell.
+pub const GIC_V2M_SETSPI_NS: u64 = 0x040;
+/// First SPI (relative to the first SPI) the GICv2m frame hands out as MSIs.
+pub const GIC_V2M_SPI_FIRST: u32 = 32;
+/// Number of SPIs the GICv2m frame hands out.
+pub const GIC_V2M_SPI_COUNT: u32 = 64;
 /// GICv3 redistributors, one after the other.
 pub const GIC_REDIST_START: u64 = 0x080a_0000;
 /// Size of the whole redistributor window.

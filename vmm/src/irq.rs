@@ -1,12 +1,17 @@
-//! Message-signalled interrupts: KVM GSI routes to the GICv3 ITS, and irqfds that let a device
-//! process's eventfd raise them without passing through the VMM.
+//! Message-signalled interrupts: KVM GSI routes to the GICv3 ITS (or, on a GICv2, to the SPI
+//! a GICv2m frame would raise), and irqfds that let a device process's eventfd raise them
+//! without passing through the VMM.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
+use bulkhead_firmware::layout::{
+    GIC_V2M_SETSPI_NS, GIC_V2M_SPI_COUNT, GIC_V2M_SPI_FIRST, GIC_V2M_START, SPI_BASE,
+};
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_msi,
-    kvm_irq_routing_msi__bindgen_ty_1, KvmIrqRouting, KVM_IRQ_ROUTING_MSI, KVM_MSI_VALID_DEVID,
+    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
+    kvm_irq_routing_msi, kvm_irq_routing_msi__bindgen_ty_1, kvm_msi, KvmIrqRouting,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MSI_VALID_DEVID,
 };
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
@@ -26,6 +31,9 @@ pub enum IrqError {
     /// The routing table could not be built.
     #[error("building the KVM routing table")]
     BuildRouting,
+    /// KVM_SIGNAL_MSI failed.
+    #[error("sending an MSI")]
+    SignalMsi(#[source] kvm_ioctls::Error),
     /// KVM_IRQFD failed.
     #[error("{} irqfd for GSI {gsi}", if *assign { "assigning" } else { "releasing" })]
     Irqfd {
@@ -104,21 +112,40 @@ impl GsiAllocator {
     }
 }
 
+/// The SPI (relative to the first SPI) a GICv2m MSI raises: `msg` must be a write to the
+/// frame's doorbell of an interrupt ID the frame hands out; anything else raises nothing.
+pub fn gicv2m_spi(msg: &MsiMessage) -> Option<u32> {
+    let first = SPI_BASE + GIC_V2M_SPI_FIRST;
+    (msg.address == GIC_V2M_START + GIC_V2M_SETSPI_NS
+        && (first..first + GIC_V2M_SPI_COUNT).contains(&msg.data))
+    .then(|| msg.data - SPI_BASE)
+}
+
 /// One VM's MSI routes.
 pub struct VmInterrupts {
     vm: Arc<VmFd>,
     routes: Mutex<BTreeMap<u32, MsiMessage>>,
     gsis: Mutex<GsiAllocator>,
+    /// A GICv2 VM: MSIs are GICv2m writes, routed to their SPIs (KVM's GICv2 takes no MSI).
+    gicv2m: bool,
 }
 
 impl VmInterrupts {
-    /// No routes yet.
+    /// No routes yet; MSIs go to the GICv3 ITS.
     pub fn new(vm: Arc<VmFd>) -> Self {
         Self {
             vm,
             routes: Mutex::new(BTreeMap::new()),
             gsis: Mutex::new(GsiAllocator::new(MAX_GSIS)),
+            gicv2m: false,
         }
+    }
+
+    /// For a GICv2 VM: MSIs are writes to the GICv2m frame, each raising an SPI; routes
+    /// become KVM irqchip routes to those SPIs and [`VmInterrupts::signal_msi`] pulses the SPI.
+    pub fn with_gicv2m(mut self) -> Self {
+        self.gicv2m = true;
+        self
     }
 
     /// The KVM VM.
@@ -159,27 +186,76 @@ impl VmInterrupts {
         if !changed {
             return Ok(());
         }
-        let entries: Vec<kvm_irq_routing_entry> = routes
-            .iter()
-            .map(|(&gsi, m)| kvm_irq_routing_entry {
-                gsi,
-                type_: KVM_IRQ_ROUTING_MSI,
-                flags: KVM_MSI_VALID_DEVID,
-                pad: 0,
-                u: kvm_irq_routing_entry__bindgen_ty_1 {
-                    msi: kvm_irq_routing_msi {
-                        address_lo: m.address as u32,
-                        address_hi: (m.address >> 32) as u32,
-                        data: m.data,
-                        __bindgen_anon_1: kvm_irq_routing_msi__bindgen_ty_1 { devid: m.devid },
+        let entries: Vec<kvm_irq_routing_entry> = if self.gicv2m {
+            // A message that is no GICv2m SPI gets no route: its irqfd raises nothing.
+            routes
+                .iter()
+                .filter_map(|(&gsi, m)| {
+                    Some(kvm_irq_routing_entry {
+                        gsi,
+                        type_: KVM_IRQ_ROUTING_IRQCHIP,
+                        flags: 0,
+                        pad: 0,
+                        u: kvm_irq_routing_entry__bindgen_ty_1 {
+                            irqchip: kvm_irq_routing_irqchip {
+                                irqchip: 0,
+                                pin: gicv2m_spi(m)?,
+                            },
+                        },
+                    })
+                })
+                .collect()
+        } else {
+            routes
+                .iter()
+                .map(|(&gsi, m)| kvm_irq_routing_entry {
+                    gsi,
+                    type_: KVM_IRQ_ROUTING_MSI,
+                    flags: KVM_MSI_VALID_DEVID,
+                    pad: 0,
+                    u: kvm_irq_routing_entry__bindgen_ty_1 {
+                        msi: kvm_irq_routing_msi {
+                            address_lo: m.address as u32,
+                            address_hi: (m.address >> 32) as u32,
+                            data: m.data,
+                            __bindgen_anon_1: kvm_irq_routing_msi__bindgen_ty_1 { devid: m.devid },
+                        },
                     },
-                },
-            })
-            .collect();
+                })
+                .collect()
+        };
         let table = KvmIrqRouting::from_entries(&entries).map_err(|_| IrqError::BuildRouting)?;
         self.vm
             .set_gsi_routing(&table)
             .map_err(IrqError::SetRouting)
+    }
+
+    /// Sends one MSI now (KVM_SIGNAL_MSI), as a root port does for its hot-plug events.
+    pub fn signal_msi(&self, msg: MsiMessage) -> Result<(), IrqError> {
+        if self.gicv2m {
+            // An edge on the SPI the GICv2m frame would raise (its SPIs are edge-triggered).
+            let Some(spi) = gicv2m_spi(&msg) else {
+                return Ok(());
+            };
+            let line = crate::arch::spi_irq_line(spi);
+            return self
+                .vm
+                .set_irq_line(line, true)
+                .and_then(|()| self.vm.set_irq_line(line, false))
+                .map_err(IrqError::SignalMsi);
+        }
+        let msi = kvm_msi {
+            address_lo: msg.address as u32,
+            address_hi: (msg.address >> 32) as u32,
+            data: msg.data,
+            flags: KVM_MSI_VALID_DEVID,
+            devid: msg.devid,
+            ..Default::default()
+        };
+        self.vm
+            .signal_msi(msi)
+            .map(drop)
+            .map_err(IrqError::SignalMsi)
     }
 
     /// Lets `fd` raise `gsi`; a signal already pending on `fd` is delivered now.
@@ -205,9 +281,46 @@ impl VmInterrupts {
     }
 }
 
+impl crate::pci::root_port::MsiSignal for VmInterrupts {
+    fn signal_msi(&self, msg: MsiMessage) -> Result<(), IrqError> {
+        VmInterrupts::signal_msi(self, msg)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_gicv2m_spi_only_for_the_frame_doorbell_and_its_spis() {
+        let msg = |address, data| MsiMessage {
+            address,
+            data,
+            devid: 0x100,
+        };
+        let doorbell = GIC_V2M_START + GIC_V2M_SETSPI_NS;
+        let first = SPI_BASE + GIC_V2M_SPI_FIRST;
+        assert_eq!(gicv2m_spi(&msg(doorbell, first)), Some(GIC_V2M_SPI_FIRST));
+        let last = first + GIC_V2M_SPI_COUNT - 1;
+        assert_eq!(gicv2m_spi(&msg(doorbell, last)), Some(last - SPI_BASE));
+        assert_eq!(
+            gicv2m_spi(&msg(doorbell, last + 1)),
+            None,
+            "past the frame's SPIs"
+        );
+        assert_eq!(
+            gicv2m_spi(&msg(doorbell, SPI_BASE + 1)),
+            None,
+            "the UART's SPI"
+        );
+        assert_eq!(gicv2m_spi(&msg(doorbell, 0)), None);
+        assert_eq!(
+            gicv2m_spi(&msg(GIC_V2M_START, first)),
+            None,
+            "not the doorbell"
+        );
+        assert_eq!(gicv2m_spi(&msg(0x0809_0040, first)), None, "the ITS");
+    }
 
     #[test]
     fn test_gsi_allocator_freed_gsis_are_reused() {

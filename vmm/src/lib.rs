@@ -6,9 +6,8 @@ pub mod arch;
 pub mod config;
 pub mod control;
 pub mod device;
+pub mod hotplug;
 pub mod image_cmd;
-// The plug/unplug methods until the hot-plug branch brings vmm/src/hotplug.rs.
-mod hotplug_stub;
 pub mod irq;
 pub mod legacy;
 pub mod memory;

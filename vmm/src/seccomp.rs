@@ -294,6 +294,63 @@ fn main_rules(r: &mut Rules, kick_signal: u64) {
     );
     r.allow_arg("socketpair", 0, &[libc::AF_UNIX as u64]);
     r.allow("eventfd2");
+    hotplug_rules(r);
+}
+
+/// What the main thread needs to hot-plug a device (`Vm::plug`, hotplug.rs) and end a
+/// removed one's process: the rest of the device start path (`Devices::add`) that `Vm::new`
+/// runs before the filter is installed.
+// The TUN and SIOC request numbers are c_ulong on glibc and c_int on musl.
+#[allow(clippy::unnecessary_cast)]
+fn hotplug_rules(r: &mut Rules) {
+    // device::open_files: the disk image (lock::open_locked) or /dev/net/tun (tap::open_queues)
+    // is opened by path; the image's open file description lock (F_OFD_SETLK, F_OFD_GETLK to
+    // say who holds it).
+    r.allow("openat");
+    // device::program finds the device program beside the running bulkhead
+    // (std::env::current_exe reads the /proc/self/exe link).
+    r.allow("readlinkat");
+    r.allow_arg(
+        "fcntl",
+        1,
+        &[
+            libc::F_OFD_SETLK as u64,
+            libc::F_OFD_GETLK as u64,
+            // Monitor::watch makes the new device's log pipe non-blocking; tap::dup_queues
+            // does the same to the tap queues handed in and checks and marks them
+            // close-on-exec.
+            libc::F_GETFL as u64,
+            libc::F_SETFL as u64,
+            libc::F_GETFD as u64,
+            libc::F_SETFD as u64,
+        ],
+    );
+    // tap::open_queues, tap::dup_queues (fd=): the tap queues, their vnet header size and
+    // the check of queues handed in.
+    r.allow_ioctls(&[
+        libc::TUNSETIFF as u64,
+        libc::TUNSETVNETHDRSZ as u64,
+        libc::TUNGETIFF as u64,
+    ]);
+    // tap::configure_host: the host side's address, netmask, MTU and up flag, through an
+    // AF_INET datagram socket.
+    r.allow_arg("socket", 0, &[libc::AF_INET as u64]);
+    r.allow_ioctls(&[
+        libc::SIOCSIFADDR as u64,
+        libc::SIOCSIFNETMASK as u64,
+        libc::SIOCSIFMTU as u64,
+        libc::SIOCGIFFLAGS as u64,
+        libc::SIOCSIFFLAGS as u64,
+    ]);
+    // spawn_process: the device's log pipe (pipe2); ControlChannel::new sets its control
+    // socket's deadlines (setsockopt SO_RCVTIMEO, SO_SNDTIMEO).
+    r.allow("pipe2");
+    r.allow_arg("setsockopt", 1, &[libc::SOL_SOCKET as u64]);
+    // Monitor::watch adds the new process's log pipe and pidfd to the monitor's epoll.
+    r.allow("epoll_ctl");
+    // device::end_process (the unplug-end thread) and a failed start kill a device process
+    // that did not exit: pidfd_send_signal, SIGKILL only.
+    r.allow_arg("pidfd_send_signal", 1, &[libc::SIGKILL as u64]);
 }
 
 /// The rules of one thread type.
@@ -599,10 +656,23 @@ mod tests {
             assert!(!r.allowed.contains_key(s), "vCPU filter allows {s}");
         }
         let main = rules(ThreadKind::Main);
-        for s in [
-            "socket", "execve", "execveat", "unshare", "setns", "kill", "wait4",
-        ] {
+        for s in ["execve", "execveat", "unshare", "setns", "kill", "wait4"] {
             assert!(!main.allowed.contains_key(s), "main filter allows {s}");
+        }
+        // Sockets: AF_INET datagram only, for a hot-plugged NIC's tap host side
+        // (tap::configure_host); no AF_UNIX, AF_NETLINK or AF_PACKET socket.
+        for (family, allowed) in [
+            (libc::AF_INET, true),
+            (libc::AF_UNIX, false),
+            (libc::AF_NETLINK, false),
+            (libc::AF_PACKET, false),
+        ] {
+            let ok = main.verdict(
+                "socket",
+                &[family as u64, libc::SOCK_DGRAM as u64, 0, 0, 0, 0],
+            );
+            let ok = ok == Some(true);
+            assert_eq!(ok, allowed, "socket family {family}");
         }
         // The main filter covers every vCPU syscall, since vCPU threads inherit it.
         for s in r.allowed.keys() {

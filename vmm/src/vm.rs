@@ -12,8 +12,8 @@ use std::time::Duration;
 use bulkhead_firmware::fdt::{create_fdt, FdtConfig, FdtError};
 use bulkhead_firmware::image::LoadError;
 use bulkhead_firmware::layout::{
-    FLASH_CODE_START, PCIE_ECAM_SIZE, PCIE_ECAM_START, RAM_START, RTC_SIZE, RTC_START, UART_SIZE,
-    UART_SPI, UART_START,
+    FLASH_CODE_START, GIC_V2M_SIZE, GIC_V2M_START, PCIE_ECAM_SIZE, PCIE_ECAM_START, RAM_START,
+    RTC_SIZE, RTC_START, UART_SIZE, UART_SPI, UART_START,
 };
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
@@ -88,9 +88,6 @@ pub enum VmError {
     /// A device's transport could not be created.
     #[error(transparent)]
     VirtioPci(#[from] VirtioPciError),
-    /// PCI devices need MSIs, which only the GICv3 ITS provides here.
-    #[error("this host's KVM offers only a GICv2, which has no ITS for the MSIs PCI devices need; run without --disk and --net")]
-    NoMsiController,
     /// A vCPU stopped with an error.
     #[error("{0}")]
     Vcpu(String),
@@ -196,18 +193,20 @@ impl Running {
 /// A VM and everything it owns across reboots.
 pub struct Vm {
     kvm: Kvm,
-    config: VmConfig,
-    memory: GuestMemoryMmap,
+    pub(crate) config: VmConfig,
+    pub(crate) memory: GuestMemoryMmap,
     serial: Arc<SharedPl011>,
-    bus: Arc<MmioBus>,
-    pcie: Arc<PcieHost>,
+    pub(crate) bus: Arc<MmioBus>,
+    pub(crate) pcie: Arc<PcieHost>,
     /// The device processes and the thread watching them.
-    devices: Devices,
+    pub(crate) devices: Devices,
     events: (Sender<Event>, Receiver<Event>),
     /// /dev/urandom, for each boot's rng-seed.
     urandom: Option<File>,
     /// The UEFI firmware's flash banks (`--firmware`).
     flash: Option<Flash>,
+    /// Which device is in which slot, and what hot-plug needs (hotplug.rs).
+    pub(crate) hotplug: crate::hotplug::Hotplug,
 }
 
 impl Vm {
@@ -253,6 +252,11 @@ impl Vm {
             }
             BootConfig::Kernel { .. } => None,
         };
+        // The GICv2m frame's registers (read by a GICv2 guest; unused on a GICv3).
+        bus.insert(
+            GIC_V2M_START..GIC_V2M_START + GIC_V2M_SIZE,
+            Arc::new(crate::pci::gicv2m::Gicv2mFrame),
+        )?;
         let pcie = Arc::new(PcieHost::new(config.pci_slots)?);
         bus.insert(
             PCIE_ECAM_START..PCIE_ECAM_START + PCIE_ECAM_SIZE,
@@ -274,7 +278,25 @@ impl Vm {
         let urandom = File::open("/dev/urandom")
             .map_err(|e| warn!("cannot open /dev/urandom: {e}"))
             .ok();
+        let events = channel();
+        let power_off = events.0.clone();
+        pcie.set_power_off_notify(Box::new(move |slot| {
+            drop(
+                power_off.send(Event::Hotplug(crate::hotplug::HotplugEvent::PoweredOff(
+                    slot,
+                ))),
+            );
+        }));
+        let hotplug = crate::hotplug::Hotplug::new(
+            config.pci_slots,
+            &specs,
+            spawner.clone(),
+            cgroup.map(std::path::Path::to_path_buf),
+            config.sandbox,
+            events.0.clone(),
+        );
         Ok(Self {
+            hotplug,
             urandom,
             flash,
             kvm,
@@ -284,7 +306,7 @@ impl Vm {
             bus,
             pcie,
             devices,
-            events: channel(),
+            events,
         })
     }
 
@@ -323,12 +345,12 @@ impl Vm {
             .map(|i| vm.create_vcpu(i).map_err(|e| VmError::CreateVcpu(i, e)))
             .collect::<Result<Vec<_>, _>>()?;
         let machine = arch::create_machine(&vm, &vcpus)?;
-        if machine.gic == bulkhead_firmware::fdt::GicKind::V2
-            && !(self.config.disks.is_empty() && self.config.nets.is_empty())
-        {
-            return Err(VmError::NoMsiController);
-        }
-        let irq = Arc::new(VmInterrupts::new(vm.clone()));
+        // A GICv2 has no ITS: PCI MSIs go through the GICv2m frame, routed to its SPIs.
+        let irq = match machine.gic {
+            bulkhead_firmware::fdt::GicKind::V2 => VmInterrupts::new(vm.clone()).with_gicv2m(),
+            _ => VmInterrupts::new(vm.clone()),
+        };
+        let irq = Arc::new(irq);
         self.pcie.reset(&irq);
         if first {
             crate::milestone::log("VM created");
@@ -459,6 +481,7 @@ impl Vm {
                             break event;
                         }
                     }
+                    Event::Hotplug(event) => self.hotplug_event(event),
                     event => break event,
                 }
             };
@@ -480,13 +503,16 @@ impl Vm {
                     ..
                 } => return Err(VmError::Vcpu(reason)),
                 Event::Signal(sig) => return Ok(Outcome::Signal(sig)),
-                Event::Control(..) => unreachable!("control requests are answered above"),
+                Event::Control(..) | Event::Hotplug(..) => {
+                    unreachable!("control requests and hot-plug events are handled above")
+                }
             }
             // Drop what other vCPUs reported while they were being stopped (a second
             // SYSTEM_RESET from another CPU, say); a signal still counts.
             while let Ok(late) = self.events.1.try_recv() {
                 match late {
                     Event::Signal(sig) => return Ok(Outcome::Signal(sig)),
+                    Event::Hotplug(event) => self.hotplug_event(event),
                     Event::Control(request, reply) => {
                         debug!("control request {request:?} arrived during a reset");
                         drop(reply.send(Err(RequestError::new(
@@ -606,8 +632,10 @@ impl Vm {
                 v
             })
             .collect();
-        let devices: Vec<_> = crate::device::specs(c)
-            .iter()
+        // The devices in the slots now: cold-plugged, hot-plugged, less the removed ones.
+        let devices: Vec<_> = self
+            .plugged_devices()
+            .into_iter()
             .map(|spec| {
                 let bdf = self
                     .pcie
@@ -625,6 +653,7 @@ impl Vm {
                     "bdf": bdf,
                     "pid": pid,
                     "state": state,
+                    "removing": spec.removing,
                 })
             })
             .collect();

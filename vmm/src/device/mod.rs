@@ -289,7 +289,7 @@ fn net_args(net: &NetConfig) -> Vec<String> {
 }
 
 /// The spec of network interface `net`, the `index`th, in `slot`.
-fn net_spec(net: &NetConfig, index: usize, slot: usize, sandbox: bool) -> DeviceSpec {
+pub fn net_spec(net: &NetConfig, index: usize, slot: usize, sandbox: bool) -> DeviceSpec {
     let pairs = net.queue_pairs();
     let (backend, queues) = match &net.backend {
         NetBackend::Tap { name, addr } => (
@@ -380,39 +380,42 @@ fn disk_specs(config: &VmConfig) -> Vec<DeviceSpec> {
         .disks
         .iter()
         .enumerate()
-        .map(|(index, disk)| {
-            let mut policy = DeviceKind::Block.policy(disk.num_queues, config.sandbox);
-            if let Some(m) = disk.memory_max {
-                policy.memory_max = m;
-            }
-            if let Some(p) = disk.pids_max {
-                policy.pids_max = p;
-            }
-            policy.restart = disk.restart;
-            let backend = match &disk.backend {
-                DiskBackend::Process { path, readonly, .. } => {
-                    let args = block_args(disk);
-                    Backend::Spawn {
-                        files: vec![DeviceFile {
-                            path: path.clone(),
-                            readonly: *readonly,
-                        }],
-                        args,
-                    }
-                }
-                DiskBackend::Socket(path) => Backend::Socket(path.clone()),
-            };
-            DeviceSpec {
-                id: disk.id.clone().unwrap_or_else(|| format!("disk{index}")),
-                kind: DeviceKind::Block,
-                slot: index,
-                queues: disk.num_queues,
-                queue_size: disk.queue_size,
-                backend,
-                policy,
-            }
-        })
+        .map(|(index, disk)| disk_spec(disk, index, index, config.sandbox))
         .collect()
+}
+
+/// The spec of disk `disk`, the `index`th (named `disk<index>` without `id=`), in `slot`.
+pub fn disk_spec(disk: &DiskConfig, index: usize, slot: usize, sandbox: bool) -> DeviceSpec {
+    let mut policy = DeviceKind::Block.policy(disk.num_queues, sandbox);
+    if let Some(m) = disk.memory_max {
+        policy.memory_max = m;
+    }
+    if let Some(p) = disk.pids_max {
+        policy.pids_max = p;
+    }
+    policy.restart = disk.restart;
+    let backend = match &disk.backend {
+        DiskBackend::Process { path, readonly, .. } => {
+            let args = block_args(disk);
+            Backend::Spawn {
+                files: vec![DeviceFile {
+                    path: path.clone(),
+                    readonly: *readonly,
+                }],
+                args,
+            }
+        }
+        DiskBackend::Socket(path) => Backend::Socket(path.clone()),
+    };
+    DeviceSpec {
+        id: disk.id.clone().unwrap_or_else(|| format!("disk{index}")),
+        kind: DeviceKind::Block,
+        slot,
+        queues: disk.num_queues,
+        queue_size: disk.queue_size,
+        backend,
+        policy,
+    }
 }
 
 /// Errors setting up devices.
@@ -534,6 +537,19 @@ pub fn program(kind: DeviceKind) -> PathBuf {
                 .find(|p| p.exists())
         })
         .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Waits up to `grace` for a removed device's process `pid` to exit after its disconnect,
+/// then kills it; returns when it has ended (the spawner reaps it and removes its cgroup
+/// leaf), or after a further bounded wait. True if it exited by itself.
+pub fn end_process(monitor: &Monitor, pid: u32, grace: Duration) -> bool {
+    if monitor.wait_ended(pid, grace) {
+        return true;
+    }
+    warn!("device process {pid} did not exit within {grace:?} of its removal; killing it");
+    monitor.kill(pid);
+    monitor.wait_ended(pid, SPAWNER_EXIT_WAIT);
+    false
 }
 
 /// SIGKILL through a pidfd.
@@ -910,6 +926,27 @@ impl Devices {
     /// Restarts per restartable device, with the last cause (for `vm.info`, `vm.counters`).
     pub fn restarts(&self) -> Vec<restart::RestartInfo> {
         self.monitor.restarts()
+    }
+
+    /// Starts one more device while the VM runs (hot-plug): opens and locks its files (or
+    /// its tap), spawns and jails its process (or connects to its socket), handshakes and
+    /// puts a virtio-pci function in front of it, as [`Devices::start`] does for each device.
+    pub fn add(
+        &mut self,
+        spec: &DeviceSpec,
+        env: &DeviceEnv<'_>,
+    ) -> Result<VirtioPci, DeviceError> {
+        let files = open_files(spec)?;
+        self.start_one(spec, files, env)
+    }
+
+    /// Forgets device `id` after its function was removed (its transport dropped, so its
+    /// process saw the connection close and is exiting). Returns the process's pid and the
+    /// monitor that watches it (see [`end_process`]); `None` for a device with no process.
+    pub fn remove(&mut self, id: &str) -> Option<(u32, Arc<Monitor>)> {
+        let index = self.processes.iter().position(|p| p.id == id)?;
+        let process = self.processes.remove(index);
+        Some((process.pid, self.monitor.clone()))
     }
 
     /// The process serving device `id`, and whether it has ended (`None`: the VMM started

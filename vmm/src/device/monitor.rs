@@ -536,6 +536,43 @@ impl Monitor {
         }
     }
 
+    /// Waits until process `pid` ended and was reaped (or the spawner is gone), or
+    /// `timeout`; true if it was (an unknown pid counts as ended). For a hot-unplugged device.
+    pub fn wait_ended(&self, pid: u32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock().expect("not poisoned");
+        loop {
+            let gone = st.spawner_gone;
+            match st.entries.iter().find(|e| e.pid == pid) {
+                Some(e) if !(gone || e.reaped || e.ended) => {}
+                _ => return true,
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .expect("not poisoned")
+                .0;
+        }
+    }
+
+    /// SIGKILLs process `pid` through its pidfd unless it already ended (a hot-unplugged
+    /// device that did not exit on its disconnect).
+    pub fn kill(&self, pid: u32) {
+        let st = self.state.lock().expect("not poisoned");
+        if let Some(fd) = st
+            .entries
+            .iter()
+            .find(|e| e.pid == pid && !e.ended)
+            .and_then(|e| e.pidfd.as_ref())
+        {
+            super::kill_pidfd(fd);
+        }
+    }
+
     /// Waits until the spawner closed its report socket (it ended), or `timeout`.
     pub fn wait_spawner_gone(&self, timeout: Duration) -> bool {
         if self.events.is_none() {

@@ -1,7 +1,7 @@
 //! The PCIe host bridge: ECAM configuration access for bus 0 (the host bridge function and
 //! the root ports) and for the one device behind each root port.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use log::debug;
 
@@ -30,11 +30,19 @@ pub enum PciError {
 struct Topology {
     host_bridge: ConfigSpace,
     ports: Vec<RootPort>,
+    /// Slots whose attention button was pressed for an unplug: their power-off is reported.
+    unplugging: Vec<bool>,
+    /// The running VM's interrupts (a hot-plugged function is wired to them).
+    irq: Option<Arc<VmInterrupts>>,
 }
+
+/// What to call when the guest powers off a slot being unplugged (with the slot).
+pub type PowerOffNotify = Box<dyn Fn(usize) + Send>;
 
 /// The host bridge and everything below it.
 pub struct PcieHost {
     inner: Mutex<Topology>,
+    on_power_off: Mutex<Option<PowerOffNotify>>,
 }
 
 /// Bus, device, function and register of an ECAM offset.
@@ -88,7 +96,10 @@ impl PcieHost {
             inner: Mutex::new(Topology {
                 host_bridge,
                 ports: (0..slots).map(|s| RootPort::new(s as u8)).collect(),
+                unplugging: vec![false; slots],
+                irq: None,
             }),
+            on_power_off: Mutex::new(None),
         })
     }
 
@@ -138,12 +149,69 @@ impl PcieHost {
         p.secondary_bus()
     }
 
-    /// Back to power-on state for a new VM: bus numbers unassigned, devices reset.
-    pub fn reset(&self, vm: &std::sync::Arc<VmInterrupts>) {
+    /// Back to power-on state for a new VM: bus numbers unassigned, devices reset, no
+    /// unplug under way.
+    pub fn reset(&self, vm: &Arc<VmInterrupts>) {
         let mut t = self.lock();
         for (slot, p) in t.ports.iter_mut().enumerate() {
             p.reset(slot as u8, vm);
         }
+        t.unplugging.fill(false);
+        t.irq = Some(vm.clone());
+    }
+
+    /// Sets what is called (outside the host's lock, on the vCPU thread that made the
+    /// write) when the guest powers off a slot whose unplug was requested.
+    pub fn set_power_off_notify(&self, notify: PowerOffNotify) {
+        *self.on_power_off.lock().unwrap_or_else(|e| e.into_inner()) = Some(notify);
+    }
+
+    /// Plugs `device` into empty slot `slot` of the running guest, wired to its interrupts,
+    /// and announces it (presence and link up, both changes reported).
+    pub fn hot_plug(&self, slot: usize, mut device: Box<dyn PciDevice>) -> Result<(), PciError> {
+        let mut t = self.lock();
+        let n = t.ports.len();
+        if t.ports.get(slot).is_none_or(|p| p.device.is_some()) {
+            return Err(PciError::NoFreeSlot(n));
+        }
+        if let Some(irq) = t.irq.clone() {
+            device.reset(&irq);
+        }
+        t.ports[slot].hot_plug(device);
+        Ok(())
+    }
+
+    /// Presses slot `slot`'s attention button to ask the guest to release its device; the
+    /// guest powering the slot off is then reported. False if the slot is empty.
+    pub fn request_unplug(&self, slot: usize) -> bool {
+        let mut t = self.lock();
+        if t.ports.get(slot).is_none_or(|p| p.device.is_none()) {
+            return false;
+        }
+        t.unplugging[slot] = true;
+        t.ports[slot].press_button();
+        true
+    }
+
+    /// Takes the device out of slot `slot` (presence and link down, reported to the guest).
+    pub fn remove(&self, slot: usize) -> Option<Box<dyn PciDevice>> {
+        let mut t = self.lock();
+        if let Some(u) = t.unplugging.get_mut(slot) {
+            *u = false;
+        }
+        t.ports.get_mut(slot).and_then(RootPort::remove)
+    }
+
+    /// Whether slot `slot`'s power is on.
+    pub fn powered(&self, slot: usize) -> bool {
+        self.lock().ports.get(slot).is_some_and(RootPort::powered)
+    }
+
+    /// The guest's address of the function in slot `slot`: `0000:BB:00.0` with the secondary
+    /// bus the guest gave the slot's root port (`None` while it has not numbered it).
+    pub fn bdf(&self, slot: usize) -> Option<String> {
+        let bus = self.lock().ports.get(slot)?.secondary_bus()?;
+        Some(format!("0000:{bus:02x}:00.0"))
     }
 }
 
@@ -169,7 +237,20 @@ impl MmioDevice for PcieHost {
         let mut t = self.lock();
         match t.target(bus, dev, func) {
             Target::HostBridge => t.host_bridge.write(reg, data),
-            Target::Port(i) => t.ports[i].config_write(reg, data),
+            Target::Port(i) => {
+                let w = t.ports[i].config_write(reg, data);
+                if w.powered_off && t.unplugging[i] {
+                    drop(t);
+                    if let Some(notify) = self
+                        .on_power_off
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                    {
+                        notify(i);
+                    }
+                }
+            }
             Target::Device(i) => {
                 if let Some(d) = t.ports[i].device.as_mut() {
                     d.config_write(bus, reg, data)
@@ -228,6 +309,42 @@ mod tests {
         assert_eq!(read32(&h, ecam(2, 1, 0, 0)), 0xffff_ffff);
         assert_eq!(read32(&h, ecam(3, 0, 0, 0)), 0xffff_ffff);
         assert_eq!(h.free_slot(), Some(0));
+    }
+
+    #[test]
+    fn test_pcie_host_power_off_reported_only_for_a_requested_unplug() {
+        let h = PcieHost::new(2).expect("host");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        h.set_power_off_notify(Box::new(move |slot| {
+            record.lock().expect("lock").push(slot)
+        }));
+        h.plug(0, Box::new(Dummy(ConfigSpace::new())))
+            .expect("plug");
+        h.plug(1, Box::new(Dummy(ConfigSpace::new())))
+            .expect("plug");
+        // Slot Control of the root ports 00:01.0 and 00:02.0 (PCIe capability at 0x40).
+        let sltctl = |dev| ecam(0, dev, 0, 0x40 + 0x18);
+        let power_off = (1u16 << 10).to_le_bytes();
+        let power_on = 0u16.to_le_bytes();
+        // pciehp powering off a slot nobody asked to unplug: nothing happens.
+        h.write(sltctl(1), &power_off);
+        assert!(seen.lock().expect("lock").is_empty());
+        assert!(!h.powered(0));
+        h.write(sltctl(1), &power_on);
+        assert!(h.request_unplug(1));
+        h.write(sltctl(2), &(3u16 << 8).to_le_bytes()); // indicators only
+        h.write(sltctl(2), &power_off);
+        h.write(sltctl(2), &power_off); // already off: no second report
+        assert_eq!(*seen.lock().expect("lock"), [1]);
+        assert!(h.remove(1).is_some());
+        assert!(h.remove(1).is_none());
+        assert!(!h.request_unplug(1), "an empty slot has nothing to unplug");
+        assert_eq!(h.free_slot(), Some(1));
+        // The slot's power coming back and going again is no report: no unplug asked.
+        h.write(sltctl(2), &power_on);
+        h.write(sltctl(2), &power_off);
+        assert_eq!(*seen.lock().expect("lock"), [1]);
     }
 
     #[test]

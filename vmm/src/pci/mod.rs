@@ -1,8 +1,9 @@
 //! PCI Express: an ECAM host bridge on bus 0 with a row of root ports, each a slot that holds
 //! at most one device (bus N, device 0, function 0 behind it). Devices get MSI-X through the
-//! GICv3 ITS (`msix`).
+//! GICv3 ITS (`msix`), or on a GICv2 through a GICv2m frame (`gicv2m`).
 
 pub mod config;
+pub mod gicv2m;
 pub mod host;
 pub mod msix;
 pub mod root_port;

@@ -1,8 +1,17 @@
 //! A PCIe root port: a type 1 (bridge) header whose secondary bus is one slot, with a PCI
-//! Express capability describing a hot-plug capable slot.
+//! Express capability describing a hot-plug capable slot, and the slot's hot-plug controller
+//! as Linux's pciehp drives it: presence detect and Data Link Layer Link Active (both change
+//! bits set together on a plug), attention button, power controller and indicators, no
+//! command completed (advertised: commands complete at once), write-1-to-clear change bits,
+//! and an MSI sent when an enabled event becomes pending while hot-plug interrupts are on.
+
+use std::sync::Arc;
+
+use log::warn;
 
 use super::config::*;
 use super::PciDevice;
+use crate::irq::{IrqError, MsiMessage};
 
 /// PCI vendor ID used for the host bridge and root ports (Red Hat, as QEMU's generic PCIe
 /// host bridge and root port use; guests have drivers for the class, not the ID).
@@ -61,14 +70,61 @@ const SLTCAP_HOTPLUG: u32 =
     (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 18);
 /// Slot control bits a guest may write: all of 0..=12.
 const SLTCTL_WRITABLE: u16 = 0x1fff;
+/// Slot control: attention button pressed enable.
+pub const SLTCTL_ABPE: u16 = 1 << 0;
+/// Slot control: power fault detected enable.
+const SLTCTL_PFDE: u16 = 1 << 1;
+/// Slot control: MRL sensor changed enable.
+const SLTCTL_MRLSCE: u16 = 1 << 2;
+/// Slot control: presence detect changed enable.
+pub const SLTCTL_PDCE: u16 = 1 << 3;
+/// Slot control: command completed interrupt enable.
+const SLTCTL_CCIE: u16 = 1 << 4;
+/// Slot control: hot-plug interrupt enable.
+pub const SLTCTL_HPIE: u16 = 1 << 5;
+/// Slot control: power controller control (1: power off).
+pub const SLTCTL_PCC: u16 = 1 << 10;
+/// Slot control: data link layer state changed enable.
+pub const SLTCTL_DLLSCE: u16 = 1 << 12;
 /// Slot status: write-1-to-clear change bits.
 const SLTSTA_W1C: u16 = 0x1f | (1 << 8);
-const SLTSTA_PRESENCE: u16 = 1 << 6;
+/// Slot status: attention button pressed.
+pub const SLTSTA_ABP: u16 = 1 << 0;
+const SLTSTA_PFD: u16 = 1 << 1;
+const SLTSTA_MRLSC: u16 = 1 << 2;
+/// Slot status: presence detect changed.
+pub const SLTSTA_PDC: u16 = 1 << 3;
+const SLTSTA_CC: u16 = 1 << 4;
+/// Slot status: presence detect state.
+pub const SLTSTA_PRESENCE: u16 = 1 << 6;
+/// Slot status: data link layer state changed.
+pub const SLTSTA_DLLSC: u16 = 1 << 8;
+
+/// Where a root port's MSIs go: KVM_SIGNAL_MSI on the VM (`VmInterrupts`), a recorder in tests.
+pub trait MsiSignal: Send + Sync {
+    /// Sends one message.
+    fn signal_msi(&self, msg: MsiMessage) -> Result<(), IrqError>;
+}
+
+/// What a guest write to a root port's configuration space did to its slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotWrite {
+    /// The guest turned the slot's power off (power controller control went 0 to 1).
+    pub powered_off: bool,
+}
 
 /// One root port and the slot behind it.
 pub struct RootPort {
     config: ConfigSpace,
     pcie_cap: usize,
+    msi_cap: usize,
+    /// PCI device number on bus 0 (slot + 1): the port's requester ID is `00:dev.0`.
+    device_number: u8,
+    /// Whether the hot-plug interrupt condition is asserted (an enabled event is pending);
+    /// an MSI goes out only when it goes from deasserted to asserted (PCIe 6.7.3.4).
+    asserted: bool,
+    /// Where the MSI goes (none before the first boot).
+    msi: Option<Arc<dyn MsiSignal>>,
     /// What is plugged into the slot.
     pub device: Option<Box<dyn PciDevice>>,
 }
@@ -119,17 +175,124 @@ impl RootPort {
         Self {
             config: c,
             pcie_cap: cap,
+            msi_cap,
+            device_number: slot + 1,
+            asserted: false,
+            msi: None,
             device: None,
         }
     }
 
-    /// Plugs `device` into the slot: presence detected, link up.
+    /// Plugs `device` into the slot before the guest runs (cold plug): presence detected,
+    /// link up, no change reported.
     pub fn plug(&mut self, device: Box<dyn PciDevice>) {
         self.device = Some(device);
         self.config
             .set_bits_u16(self.pcie_cap + PCIE_SLTSTA, SLTSTA_PRESENCE, true);
         self.config
             .set_bits_u16(self.pcie_cap + PCIE_LNKSTA, LNKSTA_DLLLA, true);
+    }
+
+    /// Plugs `device` into the running guest's slot: presence and link come up together, and
+    /// both change bits are reported at once, so pciehp powers the slot on and enumerates it
+    /// without waiting on the attention button.
+    pub fn hot_plug(&mut self, device: Box<dyn PciDevice>) {
+        self.plug(device);
+        self.set_status(SLTSTA_PDC | SLTSTA_DLLSC);
+    }
+
+    /// Presses the attention button: the guest's request to release the device.
+    pub fn press_button(&mut self) {
+        self.set_status(SLTSTA_ABP);
+    }
+
+    /// Takes the device out of the slot: presence and link go down and both changes are
+    /// reported (to a guest that powered the slot off, pciehp ignores them; to one that did
+    /// not, this is a surprise removal).
+    pub fn remove(&mut self) -> Option<Box<dyn PciDevice>> {
+        let device = self.device.take();
+        self.config
+            .set_bits_u16(self.pcie_cap + PCIE_SLTSTA, SLTSTA_PRESENCE, false);
+        self.config
+            .set_bits_u16(self.pcie_cap + PCIE_LNKSTA, LNKSTA_DLLLA, false);
+        self.set_status(SLTSTA_PDC | SLTSTA_DLLSC);
+        device
+    }
+
+    /// Whether the slot's power is on (power controller control 0).
+    pub fn powered(&self) -> bool {
+        self.slot_control() & SLTCTL_PCC == 0
+    }
+
+    fn slot_control(&self) -> u16 {
+        self.config.u16(self.pcie_cap + PCIE_SLTCTL)
+    }
+
+    fn slot_status(&self) -> u16 {
+        self.config.u16(self.pcie_cap + PCIE_SLTSTA)
+    }
+
+    /// Sets change bits of the slot status and raises the interrupt if that asserts it.
+    fn set_status(&mut self, bits: u16) {
+        self.config
+            .set_bits_u16(self.pcie_cap + PCIE_SLTSTA, bits, true);
+        self.update_interrupt();
+    }
+
+    /// Whether an event the guest enabled is pending with hot-plug interrupts on.
+    fn interrupt_condition(&self) -> bool {
+        let ctl = self.slot_control();
+        if ctl & SLTCTL_HPIE == 0 {
+            return false;
+        }
+        let enabled = [
+            (SLTCTL_ABPE, SLTSTA_ABP),
+            (SLTCTL_PFDE, SLTSTA_PFD),
+            (SLTCTL_MRLSCE, SLTSTA_MRLSC),
+            (SLTCTL_PDCE, SLTSTA_PDC),
+            (SLTCTL_CCIE, SLTSTA_CC),
+            (SLTCTL_DLLSCE, SLTSTA_DLLSC),
+        ]
+        .iter()
+        .filter(|(enable, _)| ctl & enable != 0)
+        .fold(0, |acc, (_, event)| acc | event);
+        self.slot_status() & enabled != 0
+    }
+
+    /// Re-evaluates the interrupt condition; sends the MSI on its rising edge.
+    fn update_interrupt(&mut self) {
+        let now = self.interrupt_condition();
+        if now && !self.asserted {
+            self.send_msi();
+        }
+        self.asserted = now;
+    }
+
+    /// The MSI the guest programmed, if it enabled MSI.
+    pub fn msi_message(&self) -> Option<MsiMessage> {
+        let c = self.msi_cap;
+        if self.config.u16(c + MSI_CONTROL) & 1 == 0 {
+            return None;
+        }
+        let address = u64::from(self.config.u32(c + MSI_ADDRESS_LO))
+            | (u64::from(self.config.u32(c + MSI_ADDRESS_HI)) << 32);
+        Some(MsiMessage {
+            address,
+            data: u32::from(self.config.u16(c + MSI_DATA)),
+            devid: super::requester_id(0, self.device_number),
+        })
+    }
+
+    fn send_msi(&self) {
+        let (Some(msg), Some(sink)) = (self.msi_message(), self.msi.as_ref()) else {
+            return;
+        };
+        if let Err(e) = sink.signal_msi(msg) {
+            warn!(
+                "root port 00:{:02x}.0: hot-plug MSI: {e}",
+                self.device_number
+            );
+        }
     }
 
     /// The bus number the guest gave the slot, if any.
@@ -144,19 +307,41 @@ impl RootPort {
         self.config.read(offset, data);
     }
 
-    /// Guest write to the port's own configuration space.
-    pub fn config_write(&mut self, offset: usize, data: &[u8]) {
+    /// Guest write to the port's own configuration space. Slot control and status writes
+    /// take effect at once (no command completed wait is advertised); clearing change bits
+    /// or enabling events re-evaluates the interrupt.
+    pub fn config_write(&mut self, offset: usize, data: &[u8]) -> SlotWrite {
+        let was_powered = self.powered();
         self.config.write(offset, data);
+        let end = offset + data.len();
+        let slot_regs = self.pcie_cap + PCIE_SLTCTL..self.pcie_cap + PCIE_SLTSTA + 2;
+        let msi_control = self.msi_cap + MSI_CONTROL;
+        if offset < slot_regs.end && slot_regs.start < end
+            || offset < msi_control + 2 && msi_control < end
+        {
+            self.update_interrupt();
+        }
+        SlotWrite {
+            powered_off: was_powered && !self.powered(),
+        }
     }
 
-    /// Back to power-on state (bus numbers and windows unassigned); a plugged device stays.
-    pub fn reset(&mut self, slot: u8, vm: &std::sync::Arc<crate::irq::VmInterrupts>) {
+    /// Back to power-on state (bus numbers and windows unassigned) wired to a new VM's MSIs;
+    /// a plugged device stays.
+    pub fn reset(&mut self, slot: u8, vm: &Arc<crate::irq::VmInterrupts>) {
         let device = self.device.take();
         *self = Self::new(slot);
+        self.msi = Some(vm.clone());
         if let Some(mut d) = device {
             d.reset(vm);
             self.plug(d);
         }
+    }
+
+    /// Wires the port's MSIs to `sink` (tests).
+    #[cfg(test)]
+    fn set_msi_signal(&mut self, sink: Arc<dyn MsiSignal>) {
+        self.msi = Some(sink);
     }
 }
 
@@ -216,5 +401,164 @@ mod tests {
         // 64-bit prefetchable window flag survives writes.
         rp.config_write(PREF_MEMORY_BASE, &0u32.to_le_bytes());
         assert_eq!(rp.config.u32(PREF_MEMORY_BASE) & 0xf, 1);
+    }
+
+    /// Records the MSIs a port sends.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<MsiMessage>>);
+    impl MsiSignal for Recorder {
+        fn signal_msi(&self, msg: MsiMessage) -> Result<(), IrqError> {
+            self.0.lock().expect("lock").push(msg);
+            Ok(())
+        }
+    }
+
+    struct Nothing;
+    impl PciDevice for Nothing {
+        fn config_read(&mut self, _bus: u8, _offset: usize, data: &mut [u8]) {
+            data.fill(0)
+        }
+        fn config_write(&mut self, _bus: u8, _offset: usize, _data: &[u8]) {}
+        fn reset(&mut self, _vm: &Arc<crate::irq::VmInterrupts>) {}
+        fn name(&self) -> String {
+            "nothing".into()
+        }
+    }
+
+    /// A port on slot 2 (device 00:03.0) whose MSI the guest programmed and enabled.
+    fn port_with_msi() -> (RootPort, Arc<Recorder>) {
+        let mut rp = RootPort::new(2);
+        let rec = Arc::new(Recorder::default());
+        rp.set_msi_signal(rec.clone());
+        let msi = rp.msi_cap;
+        rp.config_write(msi + MSI_ADDRESS_LO, &0x0809_0040u32.to_le_bytes());
+        rp.config_write(msi + MSI_DATA, &0x0007u16.to_le_bytes());
+        rp.config_write(msi + MSI_CONTROL, &1u16.to_le_bytes());
+        (rp, rec)
+    }
+
+    fn sent(rec: &Recorder) -> usize {
+        rec.0.lock().expect("lock").len()
+    }
+
+    fn write_ctl(rp: &mut RootPort, v: u16) -> SlotWrite {
+        let off = rp.pcie_cap + PCIE_SLTCTL;
+        rp.config_write(off, &v.to_le_bytes())
+    }
+
+    fn clear_sta(rp: &mut RootPort, v: u16) {
+        let off = rp.pcie_cap + PCIE_SLTSTA;
+        rp.config_write(off, &v.to_le_bytes());
+    }
+
+    const PCIEHP_ENABLES: u16 = SLTCTL_ABPE | SLTCTL_PDCE | SLTCTL_HPIE | SLTCTL_DLLSCE;
+
+    #[test]
+    fn test_root_port_slot_advertises_what_pciehp_needs() {
+        let rp = RootPort::new(0);
+        let sltcap = rp.config.u32(rp.pcie_cap + PCIE_SLTCAP);
+        // Attention button, power controller, attention and power indicators, surprise,
+        // hot-plug capable, no command completed.
+        for bit in [0, 1, 3, 4, 5, 6, 18] {
+            assert_ne!(sltcap & (1 << bit), 0, "slot capability bit {bit}");
+        }
+        let lnkcap = rp.config.u32(rp.pcie_cap + PCIE_LNKCAP);
+        assert_ne!(lnkcap & (1 << 20), 0, "DLLLARC: Linux does not sleep 1.1 s");
+        assert!(rp.powered(), "slots power up on");
+    }
+
+    #[test]
+    fn test_root_port_hot_plug_raises_presence_and_link_with_one_msi() {
+        let (mut rp, rec) = port_with_msi();
+        write_ctl(&mut rp, PCIEHP_ENABLES);
+        assert_eq!(sent(&rec), 0, "nothing pending");
+        rp.hot_plug(Box::new(Nothing));
+        let sta = rp.slot_status();
+        assert_eq!(
+            sta & (SLTSTA_PRESENCE | SLTSTA_PDC | SLTSTA_DLLSC),
+            SLTSTA_PRESENCE | SLTSTA_PDC | SLTSTA_DLLSC
+        );
+        assert_ne!(rp.config.u16(rp.pcie_cap + PCIE_LNKSTA) & LNKSTA_DLLLA, 0);
+        assert_eq!(sent(&rec), 1, "both changes, one MSI");
+        let msg = rec.0.lock().expect("lock")[0];
+        assert_eq!(
+            msg,
+            MsiMessage {
+                address: 0x0809_0040,
+                data: 7,
+                devid: 0x18, // 00:03.0
+            }
+        );
+        // Write-1-to-clear: clearing one change bit leaves the other pending, no new MSI
+        // (all event bits must be zero before the port sends another).
+        clear_sta(&mut rp, SLTSTA_PDC);
+        assert_eq!(rp.slot_status() & (SLTSTA_PDC | SLTSTA_DLLSC), SLTSTA_DLLSC);
+        // Writing 0 to a change bit or to presence changes nothing.
+        clear_sta(&mut rp, 0);
+        assert_ne!(rp.slot_status() & SLTSTA_DLLSC, 0);
+        assert_ne!(
+            rp.slot_status() & SLTSTA_PRESENCE,
+            0,
+            "presence is read-only"
+        );
+        clear_sta(&mut rp, SLTSTA_DLLSC | SLTSTA_PRESENCE);
+        assert_eq!(rp.slot_status(), SLTSTA_PRESENCE);
+        assert_eq!(sent(&rec), 1);
+        // A new event after all bits cleared interrupts again.
+        rp.press_button();
+        assert_eq!(sent(&rec), 2);
+    }
+
+    #[test]
+    fn test_root_port_events_interrupt_only_while_enabled() {
+        let (mut rp, rec) = port_with_msi();
+        // Hot-plug interrupts off: the status bits are set, no MSI.
+        write_ctl(&mut rp, SLTCTL_PDCE | SLTCTL_DLLSCE);
+        rp.hot_plug(Box::new(Nothing));
+        assert_eq!(sent(&rec), 0);
+        // Enabling HPIE with an enabled event pending asserts the condition: one MSI.
+        write_ctl(&mut rp, SLTCTL_PDCE | SLTCTL_DLLSCE | SLTCTL_HPIE);
+        assert_eq!(sent(&rec), 1);
+        clear_sta(&mut rp, SLTSTA_PDC | SLTSTA_DLLSC);
+        // The button's event is not enabled: no MSI for it.
+        rp.press_button();
+        assert_eq!(sent(&rec), 1);
+        assert_ne!(rp.slot_status() & SLTSTA_ABP, 0);
+        clear_sta(&mut rp, SLTSTA_ABP);
+        // MSI disabled: nothing is sent even with everything enabled.
+        let msi = rp.msi_cap;
+        rp.config_write(msi + MSI_CONTROL, &0u16.to_le_bytes());
+        write_ctl(&mut rp, PCIEHP_ENABLES);
+        rp.press_button();
+        assert_eq!(sent(&rec), 1);
+    }
+
+    #[test]
+    fn test_root_port_power_off_is_reported_once_and_removal_clears_presence() {
+        let (mut rp, rec) = port_with_msi();
+        rp.plug(Box::new(Nothing));
+        write_ctl(&mut rp, PCIEHP_ENABLES);
+        assert_eq!(sent(&rec), 0, "a cold-plugged device reports no change");
+        rp.press_button();
+        assert_eq!(sent(&rec), 1);
+        clear_sta(&mut rp, SLTSTA_ABP);
+        // pciehp blinks the power indicator (power stays on), then powers the slot off.
+        let blink = PCIEHP_ENABLES | (2 << 8);
+        assert_eq!(write_ctl(&mut rp, blink), SlotWrite::default());
+        let off = PCIEHP_ENABLES | (3 << 8) | SLTCTL_PCC;
+        assert!(write_ctl(&mut rp, off).powered_off);
+        assert!(!rp.powered());
+        assert!(!write_ctl(&mut rp, off).powered_off, "already off");
+        assert!(rp.remove().is_some());
+        assert_eq!(rp.slot_status() & SLTSTA_PRESENCE, 0);
+        assert_eq!(rp.config.u16(rp.pcie_cap + PCIE_LNKSTA) & LNKSTA_DLLLA, 0);
+        assert_eq!(
+            rp.slot_status() & (SLTSTA_PDC | SLTSTA_DLLSC),
+            SLTSTA_PDC | SLTSTA_DLLSC
+        );
+        assert_eq!(sent(&rec), 2);
+        // Power back on (pciehp does before enumerating a new card).
+        assert!(!write_ctl(&mut rp, PCIEHP_ENABLES).powered_off);
+        assert!(rp.powered());
     }
 }

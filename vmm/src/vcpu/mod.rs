@@ -35,6 +35,8 @@ pub enum Event {
     Signal(i32),
     /// A request from outside the VM (the API), with where to answer it.
     Control(crate::control::Request, crate::control::ReplySender),
+    /// A hot-unplug under way moved on (the guest powered the slot off, or its bound ran out).
+    Hotplug(crate::hotplug::HotplugEvent),
 }
 
 /// What a vCPU thread needs.

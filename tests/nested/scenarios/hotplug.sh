@@ -1,0 +1,135 @@
+#!/bin/sh
+# timeout: 300
+# Native PCIe hot-plug into a running Debian guest booted with a device tree (no ACPI, no
+# rescan): its pciehp driver binds every root port; a disk is plugged and the guest sees it
+# at once (time from the request to the block device in the guest printed), a checksummed
+# write/read goes through it; it is unplugged (attention button, pciehp powers the slot off:
+# orderly) and its process is gone, its slot free, the data in the image. A NIC is plugged,
+# the guest pings the host side of its tap, and it is unplugged. A cold-plugged disk is
+# removed too. The VMM's descriptors, threads and device processes are back where they were.
+# shellcheck disable=SC2016 # the commands typed into the guest expand there
+. "${HARNESS_DIR:-/harness}/lib.sh"
+
+img=$SCN_DIR/img
+mkdir -p "$img"
+dd if=/dev/zero of="$img/cold" bs=1M count=16 2>/dev/null
+dd if=/dev/zero of="$img/hot" bs=1M count=32 2>/dev/null
+api=$SCN_DIR/api.sock
+# hp VERB ARGS: one bulkhead-ctl request (add-disk OPTIONS, add-net OPTIONS, remove-device ID);
+# prints "OK <its JSON answer on one line>" or "ERR <status> <message>".
+hp() {
+	if out=$(bulkhead-ctl --api-socket "$api" "$@" 2>"$SCN_DIR/ctl.err"); then
+		echo "OK $(echo "$out" | tr -d ' \n')"
+	else
+		echo "ERR $(sed -n 's/^bulkhead-ctl: [^:]*: \([0-9]*\): /\1 /p' "$SCN_DIR/ctl.err")$(grep -v '^bulkhead-ctl: [^:]*: [0-9]*: ' "$SCN_DIR/ctl.err")"
+	fi
+}
+
+vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
+	--cpus boot=2 --memory size=1G -v --pci-slots 4 --api-socket "$api" \
+	--disk "path=$img/cold,id=cold"
+vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
+say "guest ready $(elapsed vm) s after start"
+vmm=$(vm_pid vm)
+sleep 1
+run() { # run COMMAND ERE TIMEOUT: type COMMAND, wait for a line matching ERE, print its value.
+	vm_send vm "$1" >&2
+	vm_wait_for vm "$2" "$3"
+	tr -d '\r' <"$SCN_DIR/vm/out" | grep -E "$2" | tail -n 1 | sed 's/^[A-Z0-9]*-//'
+}
+slots=$(run 'echo PH-$(dmesg | grep -c "pciehp.*Slot #")' '^PH-[0-9]+$' 30)
+say "pciehp bound $slots slots"
+[ "$slots" = 4 ] || fail "pciehp bound $slots of the 4 root ports"
+fds0=$(ls "/proc/$vmm/fd" | wc -l)
+thr0=$(ls "/proc/$vmm/task" | wc -l)
+blocks() { n=0; for p in /proc/[0-9]*; do [ "$(cat "$p/comm" 2>/dev/null)" = "$1" ] && n=$((n + 1)); done; echo $n; }
+procs0=$(blocks bulkhead-block)
+say "before: VMM $fds0 descriptors, $thr0 threads; $procs0 bulkhead-block process(es)"
+
+# Plug a disk: the guest waits for its block device; time from the request to it.
+vm_send vm 'while [ ! -e /sys/block/vdb ]; do usleep 20000; done; echo HOTDISK-$(cat /sys/block/vdb/size)' >&2
+t0=$(now)
+answer=$(hp add-disk "path=$img/hot,id=hot0")
+say "plug: $answer"
+case $answer in OK*\"bdf\"*) ;; *) fail "plugging a disk failed: $answer" ;; esac
+vm_wait_for vm '^HOTDISK-[0-9]+' 30
+t1=$(now)
+say "hot-plugged disk usable in the guest $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s after the request"
+[ "$(run 'echo SZ-$(cat /sys/block/vdb/size)' '^SZ-[0-9]+$' 10)" = 65536 ] || fail "the hot-plugged disk has the wrong size"
+run 'dmesg | grep -E "pciehp|virtio_blk" | tail -n 6 | sed "s/^/DMESG /"; echo DM-done' '^DM-done' 10 >/dev/null
+tr -d '\r' <"$SCN_DIR/vm/out" | grep '^DMESG' | tail -n 6 | quote "guest"
+[ "$(blocks bulkhead-block)" = $((procs0 + 1)) ] || fail "no new bulkhead-block process"
+dup=$(hp add-disk "path=$img/hot,id=hot0")
+say "same id again: $dup"
+case $dup in "ERR 409"*) ;; *) fail "a duplicate id was not refused with 409: $dup" ;; esac
+
+want=$(run 'head -c 8388608 /dev/urandom >/tmp/r && echo W-$(sha256sum /tmp/r | cut -c1-64)' '^W-[0-9a-f]{64}$' 60)
+[ "$(run 'dd if=/tmp/r of=/dev/vdb bs=1M conv=fsync 2>/dev/null; echo WROTE-$?' '^WROTE-[0-9]+$' 60)" = 0 ] || fail "writing to the hot-plugged disk failed"
+got=$(run 'echo 3 >/proc/sys/vm/drop_caches; echo R-$(head -c 8388608 /dev/vdb | sha256sum | cut -c1-64)' '^R-[0-9a-f]{64}$' 60)
+say "written $want, read back $got"
+[ "$want" = "$got" ] || fail "read back a different checksum from the hot-plugged disk"
+
+# Unplug it: attention button, pciehp's 5 s window, power off.
+t0=$(now)
+answer=$(hp remove-device hot0)
+t1=$(now)
+say "unplug: $answer after $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s"
+case $answer in *\"removal\":\"orderly\"*) ;; *) fail "the unplug was not orderly: $answer" ;; esac
+[ "$(run 'echo GONE-$(ls /sys/block | grep -c vdb)' '^GONE-[0-9]+$' 10)" = 0 ] || fail "the guest still has vdb"
+[ "$(blocks bulkhead-block)" = "$procs0" ] || fail "the unplugged disk's process is still there"
+host=$(head -c 8388608 "$img/hot" | sha256sum | cut -c1-64)
+[ "$host" = "$want" ] || fail "the image does not hold what the guest wrote"
+say "image after unplug: $host"
+again=$(hp remove-device hot0)
+case $again in "ERR 404"*) ;; *) fail "removing twice was not refused with 404: $again" ;; esac
+
+# The slot is free again: the same disk goes back in, and out.
+vm_send vm 'while [ ! -e /sys/block/vdb ]; do usleep 20000; done; echo HOTAGAIN-1' >&2
+answer=$(hp add-disk "path=$img/hot,id=hot0")
+case $answer in OK*\"bdf\"*) ;; *) fail "plugging the disk again failed: $answer" ;; esac
+vm_wait_for vm '^HOTAGAIN-1' 30
+again=$(run 'echo 3 >/proc/sys/vm/drop_caches; echo RA-$(head -c 8388608 /dev/vdb | sha256sum | cut -c1-64)' '^RA-[0-9a-f]{64}$' 60)
+[ "$again" = "$want" ] || fail "the disk plugged again reads differently"
+answer=$(hp remove-device hot0)
+case $answer in *\"removal\":\"orderly\"*) ;; *) fail "the second unplug was not orderly: $answer" ;; esac
+say "plugged again, read back the same, unplugged"
+
+# Plug a NIC on a tap the VMM creates; the guest pings the host side; unplug it.
+[ -c /dev/net/tun ] || fail "no /dev/net/tun in L1 (tun.ko not loaded?)"
+vm_send vm 'while [ ! -e /sys/class/net/eth0 ]; do usleep 20000; done; echo HOTNET-$(cat /sys/class/net/eth0/address)' >&2
+t0=$(now)
+answer=$(hp add-net "tap=bhhp0,mac=52:54:00:00:09:01,ip=192.168.248.1,mask=255.255.255.0,id=hpnet")
+say "plug: $answer"
+case $answer in OK*\"bdf\"*) ;; *) fail "plugging a NIC failed: $answer" ;; esac
+vm_wait_for vm '^HOTNET-' 30
+t1=$(now)
+say "hot-plugged NIC present in the guest $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s after the request"
+r=$(run 'ip addr add 192.168.248.2/24 dev eth0 && ip link set eth0 up && ping -c 2 -W 5 192.168.248.1 >/dev/null 2>&1; echo HPING-$?' '^HPING-[0-9]+$' 60)
+[ "$r" = 0 ] || fail "the guest cannot ping the host side of the hot-plugged NIC"
+say "the guest pings 192.168.248.1 through the hot-plugged NIC"
+answer=$(hp remove-device hpnet)
+say "unplug: $answer"
+case $answer in *\"removal\":\"orderly\"*) ;; *) fail "the NIC unplug was not orderly: $answer" ;; esac
+[ "$(run 'echo NOETH-$(ls /sys/class/net | grep -c eth0)' '^NOETH-[0-9]+$' 10)" = 0 ] || fail "the guest still has eth0"
+[ "$(blocks bulkhead-net)" = 0 ] || fail "the unplugged NIC's process is still there"
+sleep 0.5
+[ -e /sys/class/net/bhhp0 ] && fail "the tap outlived its device"
+
+# A cold-plugged disk is removable too.
+answer=$(hp remove-device cold)
+say "unplug of the cold-plugged disk: $answer"
+case $answer in *\"removal\":\"orderly\"*) ;; *) fail "the cold-plugged disk was not removed in order: $answer" ;; esac
+[ "$(run 'echo NOVDA-$(ls /sys/block | grep -c vd)' '^NOVDA-[0-9]+$' 10)" = 0 ] || fail "the guest still has a virtio disk"
+
+sleep 1
+fds1=$(ls "/proc/$vmm/fd" | wc -l)
+thr1=$(ls "/proc/$vmm/task" | wc -l)
+say "after: VMM $fds1 descriptors, $thr1 threads; $(blocks bulkhead-block) bulkhead-block process(es)"
+[ "$(blocks bulkhead-block)" = $((procs0 - 1)) ] || fail "device processes left behind"
+[ "$thr1" -le "$thr0" ] || fail "the VMM has more threads than before ($thr0 -> $thr1)"
+
+vm_send vm 'poweroff -f'
+vm_wait_exit vm 60
+vm_no_panic vm
+[ "$VM_STATUS" = 0 ] || fail "bulkhead exited with status $VM_STATUS"
+exit 0
