@@ -65,6 +65,13 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ("main", "recvmsg", AFTER_FILTER),
     ("main", "sendmsg", AFTER_FILTER),
     ("main", "socketpair", AFTER_FILTER),
+    ("main", "openat", HOTPLUG),
+    ("main", "readlinkat", HOTPLUG),
+    ("main", "pipe2", HOTPLUG),
+    ("main", "epoll_ctl", HOTPLUG),
+    ("main", "pidfd_send_signal", HOTPLUG),
+    ("main", "setsockopt", HOTPLUG),
+    ("main", "socket", HOTPLUG),
     ("main", "getrusage", MILESTONES),
     ("main", "sched_getaffinity", GLIBC_THREADS),
     ("main", "set_robust_list", GLIBC_THREADS),
@@ -133,6 +140,9 @@ const GLIBC_THREADS: &str = "glibc's thread start and exit (robust futex list, r
      pthread_getattr_np's affinity); musl (this build) does not make these calls";
 const AFTER_FILTER: &str = "a device connected after the main thread's filter (device restart and \
      hot-plug, issues 11 and 9): this run connects every device before it";
+const HOTPLUG: &str = "hot-plug (vm.add-disk, vm.add-net, vm.remove-device: Vm::plug opens the \
+     image or tap, spawns and connects the device, ends its process after an unplug) on the \
+     main thread after its filter; this run plugs nothing (nested hotplug scenario, not traced)";
 const MILESTONES: &str = "milestone::log, only at debug level (-vv): the start-up milestones";
 const NO_BACKEND_REQ: &str = "the thread starts only for a backend that offers \
      VHOST_USER_PROTOCOL_F_BACKEND_REQ; neither block nor net does yet";
