@@ -87,6 +87,9 @@ pub fn spawner_rules() -> Rules {
     r.allow("chdir");
     // statvfs of a bind-mount source (jail.rs), for its mount flags.
     r.allow("statfs");
+    // bulkhead-block's start-up (DiskImage::open, before its own filter): fstatfs tells
+    // whether the image is in memory (tmpfs, ramfs, hugetlbfs), served inline, not by io_uring.
+    r.allow("fstatfs");
     // uid_map/gid_map/setgroups of the user namespace (openat + write above); a host uid
     // for --device-uid (setgroups, setgid, setuid), then the namespace's ids (setres*).
     r.allow("setgroups").allow("setgid").allow("setuid");
