@@ -174,16 +174,6 @@ impl Vm {
                  device yet); give NICs with --net at start",
             ));
         }
-        if self.hotplug.sandbox {
-            // In L1 the VMM still dies of SIGSYS on the plug path under its main-thread filter
-            // (the rule it lacks is not found yet): until then a plug under the filters is
-            // refused rather than fatal (docs/hotplug.md, Limits).
-            return Err(RequestError::new(
-                501,
-                "hot-plug under the VMM's seccomp filters is not finished in this build; \
-                 run with --sandbox off to hot-plug",
-            ));
-        }
         let hp = &self.hotplug;
         let (requested, prefix) = match &request {
             PlugRequest::Disk(d) => (d.id.clone(), "disk"),

@@ -308,8 +308,11 @@ fn hotplug_rules(r: &mut Rules) {
     // say who holds it).
     r.allow("openat");
     // device::program finds the device program beside the running bulkhead
-    // (std::env::current_exe reads the /proc/self/exe link).
+    // (std::env::current_exe reads the /proc/self/exe link) and checks it is there
+    // (Path::exists: a stat, which is newfstatat on aarch64 and with musl; std on glibc asks
+    // statx first). Seen in L1: without these the first plug died of SIGSYS (syscall 79).
     r.allow("readlinkat");
+    r.allow("newfstatat").allow("statx");
     r.allow_arg(
         "fcntl",
         1,
@@ -410,8 +413,8 @@ pub fn rules(thread: ThreadKind) -> Rules {
             );
             allow_kill_device(&mut r);
             // Monitor::run_due: the liveness probe pings each restartable device's control
-            // channel (ControlChannel::request: send is sendto, the reply recvfrom, above).
-            r.allow("sendto");
+            // channel (ControlChannel::request: std's UnixDatagram::send is a write, in the
+            // common rules; the reply is recvfrom, above).
         }
         ThreadKind::BackendReq => {
             // FrontendReqHandler::handle_request: requests (recvmsg, with any fds) and

@@ -5,9 +5,7 @@
 # at once (time from the request to the block device in the guest printed), a checksummed
 # write/read goes through it; it is unplugged (attention button, pciehp powers the slot off:
 # orderly) and its process is gone, its slot free, the data in the image. A NIC plug is
-# refused (501, not finished) and leaves nothing. A cold-plugged disk is removed too. The
-# VMM's descriptors, threads and device processes are back where they were. The VM runs with
-# --sandbox off: a plug under the VMM's filters is refused in this build (docs/hotplug.md).
+# refused (501, not finished) and leaves nothing. A cold-plugged disk is removed too. The VMM's descriptors, threads and device processes are back where they were.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
@@ -27,7 +25,7 @@ hp() {
 }
 
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
-	--cpus boot=2 --memory size=1G -v --pci-slots 4 --api-socket "$api" --sandbox off \
+	--cpus boot=2 --memory size=1G -v --pci-slots 4 --api-socket "$api" \
 	--disk "path=$img/cold,id=cold"
 vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
 say "guest ready $(elapsed vm) s after start"

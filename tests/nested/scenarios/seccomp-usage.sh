@@ -7,7 +7,8 @@
 # answer an allowed call with SECCOMP_RET_LOG, an audit record in the kernel log, instead of a
 # silent allow; everything else keeps its kill or errno). Filters that stack on one thread are traced in
 # different runs, so that every record comes from one filter: run 1 the VMM's thread filters
-# and the device processes' filters, run 2 the VMM main thread's filter and the spawner's.
+# (the API thread's among them) and the device processes' filters, run 2 the VMM main
+# thread's filter (with a disk hot-plugged and unplugged through the API) and the spawner's.
 # bulkhead-seccomp-usage records the kernel log (and any sign of a lost record) and then
 # prints every rule of every filter with the run that used it; it fails on a rule no run used
 # unless its exception table gives the reason (docs/jail-seccomp.md, "Rule usage trace").
@@ -45,7 +46,8 @@ traced_run() {
 	vm_start "$id" --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
 		--cpus boot=2 --memory size=512M -v \
 		--disk "path=$img/d$n,id=d0" --disk "path=$img/r$n,readonly=on,id=r0" \
-		--net "tap=bt$n,ip=192.168.25$n.1,mask=255.255.255.0,id=n0"
+		--net "tap=bt$n,ip=192.168.25$n.1,mask=255.255.255.0,id=n0" \
+		--api-socket "$SCN_DIR/api-$n.sock"
 	unset BULKHEAD_SECCOMP_TRACE
 	vm_wait_for "$id" '^GUEST-READY' "$BOOT_TIMEOUT"
 	say "run $n ($fam): guest ready $(elapsed "$id") s after start"
@@ -68,6 +70,21 @@ traced_run() {
 	rc=$(trun "dd if=/dev/zero of=/dev/$dr bs=4096 count=1 conv=fsync 2>/dev/null; head -c 4194304 /dev/$dr >/dev/null; echo RO$n-\$?" "^RO$n-[0-9]+\$" 30)
 	rc=$(trun "ping -c 3 -W 2 192.168.25$n.1 >/dev/null; echo PI$n-\$?" "^PI$n-[0-9]+\$" 30)
 	[ "$rc" = 0 ] || fail "run $n: the guest could not ping L1 over the tap ($rc)"
+	# The API thread: a few requests on one connection each (accept, read, answer, close).
+	for c in ping info counters; do
+		/bin/bulkhead-ctl --api-socket "$SCN_DIR/api-$n.sock" "$c" >/dev/null ||
+			fail "run $n: bulkhead-ctl $c failed"
+	done
+	if [ "$n" = 2 ]; then
+		# The main thread's hot-plug path under its filter: a disk plugged and unplugged.
+		dd if=/dev/zero of="$img/h$n" bs=1M count=8 2>/dev/null
+		/bin/bulkhead-ctl --api-socket "$SCN_DIR/api-$n.sock" add-disk "path=$img/h$n,id=h0" >"$SCN_DIR/plug-$n" 2>&1 ||
+			fail "run $n: hot-plugging a disk failed: $(cat "$SCN_DIR/plug-$n")"
+		sleep 3
+		/bin/bulkhead-ctl --api-socket "$SCN_DIR/api-$n.sock" remove-device h0 >"$SCN_DIR/unplug-$n" 2>&1 ||
+			fail "run $n: unplugging the disk failed: $(cat "$SCN_DIR/unplug-$n")"
+		say "run $n: disk plugged and unplugged: $(tr -d ' \n' <"$SCN_DIR/unplug-$n")"
+	fi
 	bdf=$(tr -d '\r' <"$SCN_DIR/$id/out" | sed -n "s/^GUEST-DISK $dw .* pci=//p" | head -n 1)
 	trun "echo $bdf >/sys/bus/pci/drivers/virtio-pci/unbind; echo $bdf >/sys/bus/pci/drivers/virtio-pci/bind; sleep 1; echo UB$n-\$(ls /sys/bus/pci/devices/$bdf/virtio*/block)" "^UB$n-vd" 60 >/dev/null
 	vm_send "$id" 'reboot -f'

@@ -72,6 +72,7 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ("main", "pidfd_send_signal", HOTPLUG),
     ("main", "setsockopt", HOTPLUG),
     ("main", "socket", HOTPLUG),
+    ("main", "statx", "std on glibc asks statx first for a path's metadata (device::program's Path::exists); on musl (this build) std uses newfstatat"),
     ("main", "getrusage", MILESTONES),
     ("main", "sched_getaffinity", GLIBC_THREADS),
     ("main", "set_robust_list", GLIBC_THREADS),
@@ -79,6 +80,12 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ("vCPU", "getrusage", MILESTONES),
     ("vCPU", "shutdown", "error path: KVM refused an MSI-X route, irqfd or ioeventfd, so the device fails"),
     ("vhost worker", "shutdown", "error path: a vhost-user request past its deadline fails the device (nested device-sigstop, not traced)"),
+    ("vhost worker", "pidfd_send_signal", "error path: a restartable device's vhost-user request past its deadline kills its process for a restart (nested device-sigstop, not traced)"),
+    ("device watcher", "pidfd_send_signal", "error path: a restartable device that missed its liveness pings is killed for a restart (nested device-sigstop, not traced)"),
+    ("api", "nanosleep", ACCEPT_FAILED),
+    ("api", "clock_nanosleep", ACCEPT_FAILED),
+    ("api", "shutdown", "error path: an error answer to a request not read in full (api::linger; nested api, not traced)"),
+    ("api", "fcntl", "std's debug builds check a descriptor is open before closing it (F_GETFD); this build is a release build"),
     ("backend-req", "close", NO_BACKEND_REQ),
     ("backend-req", "recvmsg", NO_BACKEND_REQ),
     ("backend-req", "sendmsg", NO_BACKEND_REQ),
@@ -99,6 +106,7 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ("bulkhead-block", "pwritev", SYNC_ENGINE),
     ("bulkhead-block", "fdatasync", SYNC_ENGINE),
     ("bulkhead-block", "fallocate", SYNC_ENGINE),
+    ("bulkhead-block", "io_uring_enter", IN_MEMORY),
     ("bulkhead-block", "sched_yield", "engine::run_uring yields while its submission queue is full: load"),
     // ---- The spawner, and every device process for life.
     ("bulkhead-spawn", "pidfd_send_signal", "the VMM hung up while devices still run (it was killed): the spawner kills them"),
@@ -125,7 +133,14 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ("bulkhead-spawn", "pwritev", IN_A_DEVICE),
     ("bulkhead-spawn", "fdatasync", IN_A_DEVICE),
     ("bulkhead-spawn", "fallocate", IN_A_DEVICE),
+    ("bulkhead-spawn", "io_uring_enter", IN_A_DEVICE),
 ];
+
+const ACCEPT_FAILED: &str = "error path: api::worker pauses 100 ms after a failed accept (EMFILE)";
+const IN_MEMORY: &str = "the images of this run are files in L1's memory file systems, whose reads \
+     and writes are done inline (DiskImage::memory_backed), not through io_uring; unit test \
+     test_seccomp_block_matrix_real_kernel makes every allowed call, io_uring_enter included, \
+     under this filter";
 
 const ALLOCATOR: &str =
     "the allocator: glibc grows its main arena with brk and gives memory back with \
@@ -140,9 +155,10 @@ const GLIBC_THREADS: &str = "glibc's thread start and exit (robust futex list, r
      pthread_getattr_np's affinity); musl (this build) does not make these calls";
 const AFTER_FILTER: &str = "a device connected after the main thread's filter (device restart and \
      hot-plug, issues 11 and 9): this run connects every device before it";
-const HOTPLUG: &str = "hot-plug (vm.add-disk, vm.add-net, vm.remove-device: Vm::plug opens the \
-     image or tap, spawns and connects the device, ends its process after an unplug) on the \
-     main thread after its filter; this run plugs nothing (nested hotplug scenario, not traced)";
+const HOTPLUG: &str = "hot-plug on the main thread after its filter (Vm::plug): run 2 plugs and \
+     unplugs a disk; a NIC's plug (vm.add-net: /dev/net/tun, the tap's host side through an \
+     AF_INET socket) is refused in this build, and an unplugged device that does not exit is \
+     killed (pidfd_send_signal)";
 const MILESTONES: &str = "milestone::log, only at debug level (-vv): the start-up milestones";
 const NO_BACKEND_REQ: &str = "the thread starts only for a backend that offers \
      VHOST_USER_PROTOCOL_F_BACKEND_REQ; neither block nor net does yet";
@@ -446,6 +462,11 @@ fn thread_kind(thread: &str) -> Option<ThreadKind> {
         Some(ThreadKind::BackendReq)
     } else if thread.ends_with("-vhost") || thread.contains("-deadline") {
         Some(ThreadKind::VhostWorker)
+    } else if thread
+        .strip_prefix("api")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    {
+        Some(ThreadKind::Api)
     } else {
         None
     }
@@ -747,6 +768,8 @@ mod tests {
         assert_eq!(thread_kind("d0-vhost"), Some(ThreadKind::VhostWorker));
         assert_eq!(thread_kind("d0-deadline"), Some(ThreadKind::VhostWorker));
         assert_eq!(thread_kind("devices"), Some(ThreadKind::DeviceWatcher));
+        assert_eq!(thread_kind("api0"), Some(ThreadKind::Api));
+        assert_eq!(thread_kind("api"), None);
         assert_eq!(thread_kind("queue0"), None);
     }
 
