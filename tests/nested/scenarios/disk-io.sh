@@ -1,7 +1,7 @@
 #!/bin/sh
 # timeout: 420
 # Three disks served by bulkhead-block processes behind PCIe root ports: the guest sees each
-# in its own slot; 64 MiB of random data written to one reads back with the same checksum and
+# in its own slot; 16 MiB of random data written to one reads back with the same checksum and
 # is on the host image afterwards; a read-only disk refuses writes; discard reaches the image;
 # unbinding and rebinding the driver keeps I/O working; the VMM itself does no block I/O.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
@@ -61,16 +61,16 @@ vmm=$(vm_pid vm)
 io_of() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/io"; }
 vmm_r0=$(io_of "$vmm" rchar)
 vmm_w0=$(io_of "$vmm" wchar)
-want=$(run 'head -c 67108864 /dev/urandom >/tmp/r && echo W-$(sha256sum /tmp/r | cut -c1-64)' '^W-[0-9a-f]{64}$' 120)
+want=$(run 'head -c 16777216 /dev/urandom >/tmp/r && echo W-$(sha256sum /tmp/r | cut -c1-64)' '^W-[0-9a-f]{64}$' 120)
 [ "$(run "dd if=/tmp/r of=/dev/$d0 bs=1M conv=fsync 2>/dev/null; echo WROTE-\$?" '^WROTE-[0-9]+$' 180)" = 0 ] ||
-	fail "writing 64 MiB to $d0 failed"
-got=$(run "echo 3 >/proc/sys/vm/drop_caches; echo R-\$(head -c 67108864 /dev/$d0 | sha256sum | cut -c1-64)" '^R-[0-9a-f]{64}$' 120)
+	fail "writing 16 MiB to $d0 failed"
+got=$(run "echo 3 >/proc/sys/vm/drop_caches; echo R-\$(head -c 16777216 /dev/$d0 | sha256sum | cut -c1-64)" '^R-[0-9a-f]{64}$' 120)
 say "written $want, read back $got"
 [ "$want" = "$got" ] || fail "read back a different checksum"
 
 vmm_dr=$(($(io_of "$vmm" rchar) - vmm_r0))
 vmm_dw=$(($(io_of "$vmm" wchar) - vmm_w0))
-say "VMM (pid $vmm) during the 64 MiB write and read: rchar +$vmm_dr, wchar +$vmm_dw bytes"
+say "VMM (pid $vmm) during the 16 MiB write and read: rchar +$vmm_dr, wchar +$vmm_dw bytes"
 [ "$vmm_dr" -lt 1048576 ] && [ "$vmm_dw" -lt 1048576 ] || fail "the VMM moved data during guest I/O: it is on the data path"
 # The VMM holds no image open but to hand it to a restarted device process (restart=, the
 # default): one duplicate per restartable disk, none for the restart=never one; each device
@@ -100,7 +100,7 @@ rc=$(run "blkdiscard -o 0 -l 4194304 /dev/$d1; echo DISC-\$?" '^DISC-[0-9]+$' 30
 bdf=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n "s/^GUEST-DISK $d0 .* pci=//p" | head -n 1)
 d0b=$(run "echo $bdf >/sys/bus/pci/drivers/virtio-pci/unbind; echo $bdf >/sys/bus/pci/drivers/virtio-pci/bind; sleep 1; echo UB-\$(ls /sys/bus/pci/devices/$bdf/virtio*/block)" '^UB-vd[a-z]+$' 60)
 say "after unbind and bind of $bdf: $d0b"
-again=$(run "rmmod virtio_blk && insmod /lib/modules/virtio_blk.ko && sleep 1 && echo 3 >/proc/sys/vm/drop_caches; echo RB-\$(head -c 67108864 /dev/\$(ls /sys/bus/pci/devices/$bdf/virtio*/block) | sha256sum | cut -c1-64)" '^RB-[0-9a-f]{64}$' 120)
+again=$(run "rmmod virtio_blk && insmod /lib/modules/virtio_blk.ko && sleep 1 && echo 3 >/proc/sys/vm/drop_caches; echo RB-\$(head -c 16777216 /dev/\$(ls /sys/bus/pci/devices/$bdf/virtio*/block) | sha256sum | cut -c1-64)" '^RB-[0-9a-f]{64}$' 120)
 say "after rebinding $bdf and reloading virtio_blk: $again"
 [ "$again" = "$want" ] || fail "reading after the rebind gave a different checksum"
 
@@ -112,7 +112,7 @@ n=$(tr -d '\r' <"$SCN_DIR/vm/out" | grep -cE '^GUEST-DISK vd')
 say "after the reboot the guest lists $((n - 3)) disks"
 [ "$n" = 6 ] || fail "after the reboot the guest does not see its 3 disks again"
 sleep 1
-after=$(run "echo AR-\$(head -c 67108864 /dev/\$(ls /sys/bus/pci/devices/$bdf/virtio*/block) | sha256sum | cut -c1-64)" '^AR-[0-9a-f]{64}$' 120)
+after=$(run "echo AR-\$(head -c 16777216 /dev/\$(ls /sys/bus/pci/devices/$bdf/virtio*/block) | sha256sum | cut -c1-64)" '^AR-[0-9a-f]{64}$' 120)
 say "after the reboot: $after"
 [ "$after" = "$want" ] || fail "reading after the reboot gave a different checksum"
 
@@ -129,11 +129,11 @@ flushes=$(stat_of d0 flushes)
 written=$(stat_of d0 write_bytes)
 discards=$(stat_of d1 discards)
 [ "${flushes:-0}" -ge 1 ] || fail "no flush reached d0's device process (flushes=$flushes)"
-[ "${written:-0}" -ge 67108864 ] || fail "d0's device process wrote $written bytes, expected at least 64 MiB"
+[ "${written:-0}" -ge 16777216 ] || fail "d0's device process wrote $written bytes, expected at least 16 MiB"
 [ "${discards:-0}" -ge 1 ] || fail "no discard reached d1's device process (discards=$discards)"
 [ "$(stat_of ro writes)" = 0 ] || fail "the read-only disk's process saw writes"
 
-host=$(head -c 67108864 "$img/d0" | sha256sum | cut -c1-64)
+host=$(head -c 16777216 "$img/d0" | sha256sum | cut -c1-64)
 say "host image d0: $host"
 [ "$host" = "$want" ] || fail "the host image does not hold the guest's data"
 [ "$(sha256sum "$img/ro" | cut -c1-64)" = "$ro_sum" ] || fail "the read-only image changed"

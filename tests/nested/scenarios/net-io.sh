@@ -2,7 +2,7 @@
 # timeout: 420
 # A network interface served by a bulkhead-net process on a tap the VMM creates: the guest
 # sees the MAC and MTU given; the host side of the tap has the address, MTU and up flag the
-# VMM set; guest and L1 ping each other; 64 MiB cross TCP (busybox nc) each way with the same
+# VMM set; guest and L1 ping each other; 16 MiB cross TCP (busybox nc) each way with the same
 # checksum at both ends; with num_queues=4 both queue pairs carry traffic (per-queue
 # interrupts in the guest's /proc/interrupts); the negotiated feature bits include MRG_RXBUF,
 # EVENT_IDX and the TSO bits. From outside, the device process is bulkhead-net, jailed, in
@@ -16,7 +16,7 @@ HOST=192.168.249.1
 GUEST=192.168.249.2
 MAC=52:54:00:12:34:56
 MTU=9000
-SIZE=67108864
+SIZE=16777216
 
 [ -c /dev/net/tun ] || fail "no /dev/net/tun in L1 (tun.ko not loaded?)"
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
@@ -133,7 +133,7 @@ ping -c 3 -W 5 "$GUEST" >"$SCN_DIR/ping" 2>&1 || { quote "L1" <"$SCN_DIR/ping"; 
 tail -n 2 "$SCN_DIR/ping" | quote "L1"
 say "guest and L1 ping each other"
 
-# 64 MiB guest -> L1, sent from guest CPU 1 (queue pair 1).
+# 16 MiB guest -> L1, sent from guest CPU 1 (queue pair 1).
 mkfifo "$SCN_DIR/hold"
 timeout 300 nc -l -p 5001 <>"$SCN_DIR/hold" >"$SCN_DIR/from-guest" &
 ncpid=$!
@@ -149,7 +149,7 @@ say "guest -> L1: $bytes bytes in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%
 [ "$got" = "$want" ] || fail "L1 received different data from the guest ($bytes bytes)"
 rm -f "$SCN_DIR/from-guest"
 
-# 64 MiB L1 -> guest.
+# 16 MiB L1 -> guest.
 head -c "$SIZE" /dev/urandom >"$SCN_DIR/to-guest"
 want=$(sha256sum "$SCN_DIR/to-guest" | cut -c1-64)
 vm_send vm 'mkfifo /tmp/h; (nc -l -p 5002 <>/tmp/h | sha256sum | cut -c1-64 | sed s/^/RSUM-/) &'
