@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '\n=== %s\n' "$*"; }
+# Each step's header says how far into the run it starts (CI's budget is 45 minutes).
+log() { printf '\n=== %s (at %d:%02d)\n' "$*" $((SECONDS / 60)) $((SECONDS % 60)); }
 
 need_pkgs=()
 for p in qemu-system-arm qemu-user-static cpio device-tree-compiler; do

@@ -119,14 +119,8 @@ fn bucket(
     one_time_burst: u64,
     refill_time_ms: u64,
 ) -> Result<BucketConfig, ConfigError> {
-    if (size == 0) != (refill_time_ms == 0) {
-        return Err(ConfigError::Bucket { direction, bucket });
-    }
-    Ok(BucketConfig {
-        size,
-        one_time_burst,
-        refill_time_ms,
-    })
+    BucketConfig::new(size, one_time_burst, refill_time_ms)
+        .ok_or(ConfigError::Bucket { direction, bucket })
 }
 
 impl TryFrom<Args> for Config {

@@ -187,6 +187,16 @@ pub struct BucketConfig {
 }
 
 impl BucketConfig {
+    /// A bucket from a device's command line: `None` when only one of `size` and
+    /// `refill_time_ms` is zero (they go together: both non-zero is a limit, both zero none).
+    pub fn new(size: u64, one_time_burst: u64, refill_time_ms: u64) -> Option<BucketConfig> {
+        ((size == 0) == (refill_time_ms == 0)).then_some(BucketConfig {
+            size,
+            one_time_burst,
+            refill_time_ms,
+        })
+    }
+
     /// Whether the settings describe a limit (size and refill time both non-zero).
     pub fn is_limit(&self) -> bool {
         self.size != 0 && self.refill_time_ms != 0
@@ -266,6 +276,15 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn test_bucket_config_size_and_refill_go_together() {
+        assert_eq!(BucketConfig::new(0, 0, 0), Some(BucketConfig::default()));
+        assert!(BucketConfig::new(0, 5, 0).is_some_and(|b| !b.is_limit()));
+        assert!(BucketConfig::new(4096, 0, 100).is_some_and(|b| b.is_limit()));
+        assert_eq!(BucketConfig::new(4096, 0, 0), None);
+        assert_eq!(BucketConfig::new(0, 0, 100), None);
+    }
 
     #[test]
     fn test_token_bucket_zero_is_unlimited() {
