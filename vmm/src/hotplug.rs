@@ -164,16 +164,6 @@ impl Vm {
     }
 
     fn try_plug(&mut self, request: PlugRequest) -> Result<Reply, RequestError> {
-        if let PlugRequest::Net(_) = request {
-            // The nested test plugged a NIC on the VMM's side (process started, function in
-            // its slot) but the guest showed no interface within 30 s; until that is found, a
-            // NIC hot-plug is refused rather than half done (docs/hotplug.md, Limits).
-            return Err(RequestError::new(
-                501,
-                "NIC hot-plug is not finished in this build (the guest does not see the \
-                 device yet); give NICs with --net at start",
-            ));
-        }
         let hp = &self.hotplug;
         let (requested, prefix) = match &request {
             PlugRequest::Disk(d) => (d.id.clone(), "disk"),
