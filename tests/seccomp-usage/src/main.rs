@@ -137,7 +137,8 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
 ];
 
 const ACCEPT_FAILED: &str = "error path: api::worker pauses 100 ms after a failed accept (EMFILE)";
-const IN_MEMORY: &str = "the images of this run are files in L1's memory file systems, whose reads \
+const IN_MEMORY: &str =
+    "the images of this run are files in L1's memory file systems, whose reads \
      and writes are done inline (DiskImage::memory_backed), not through io_uring; unit test \
      test_seccomp_block_matrix_real_kernel makes every allowed call, io_uring_enter included, \
      under this filter";
