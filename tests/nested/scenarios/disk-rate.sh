@@ -2,8 +2,9 @@
 # timeout: 300
 # A disk's rate limit (Firecracker's token bucket, Cloud Hypervisor's option names): with
 # bw_size=1048576,bw_refill_time=100 (10 MiB/s, the bucket full at start) a 32 MiB O_DIRECT
-# read in the guest takes 3.1 s, checked within 20% of 3.2 s; the same read of a disk without
-# a limit is shown for comparison; the device process counts throttled requests.
+# read in the guest takes 3.1 s, checked within 20% of 3.2 s (the upper bound plus the same
+# read's time on a disk without a limit, the path's own cost); the device process counts
+# throttled requests.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
@@ -39,7 +40,11 @@ t_lim=$(timed_read "$lim" TL)
 say "32 MiB O_DIRECT read: $t_free s without a limit, $t_lim s at 10 MiB/s (expected 3.1 s, 3.2 s +-20%)"
 [ "$t_free" != dd-failed ] && [ "$t_lim" != dd-failed ] || fail "dd iflag=direct failed in the guest"
 awk -v t="$t_free" 'BEGIN { exit !(t < 2.5) }' || fail "the disk without a limit is too slow here ($t_free s) for the check to mean anything"
-awk -v t="$t_lim" 'BEGIN { exit !(t >= 2.56 && t <= 3.84) }' || fail "the limited read took $t_lim s, not 3.2 s +-20%"
+# The limit must hold (never faster than 3.2 s -20%); above, 3.2 s +20% plus what the path
+# itself took for the same read without a limit (the emulated L1's own cost, which the
+# machine's load moves), so that a slow host is not taken for an over-throttling device.
+awk -v t="$t_lim" -v f="$t_free" 'BEGIN { exit !(t >= 2.56 && t <= 3.84 + f) }' ||
+	fail "the limited read took $t_lim s, not within 3.2 s -20% .. +20% plus the unlimited read's $t_free s"
 
 vm_send vm 'poweroff -f'
 vm_wait_exit vm 60
