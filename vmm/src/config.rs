@@ -208,13 +208,10 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
             "id",
             "memory_max",
             "pids_max",
-            "bw_size",
-            "bw_one_time_burst",
-            "bw_refill_time",
-            "ops_size",
-            "ops_one_time_burst",
-            "ops_refill_time",
-        ],
+        ]
+        .into_iter()
+        .chain(RATE_LIMIT_OPTIONS)
+        .collect::<Vec<_>>(),
     )?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
     let readonly = match get("readonly") {
