@@ -262,19 +262,16 @@ pub(crate) fn parse_disk_options(value: &str) -> Result<DiskConfig, ConfigError>
             "id",
             "memory_max",
             "pids_max",
-            "bw_size",
-            "bw_one_time_burst",
-            "bw_refill_time",
-            "ops_size",
-            "ops_one_time_burst",
-            "ops_refill_time",
             "poll_us",
             "restart",
             "restart_max",
             "restart_backoff_ms",
             "restart_on_violation",
             "fault",
-        ],
+        ]
+        .into_iter()
+        .chain(RATE_LIMIT_OPTIONS)
+        .collect::<Vec<_>>(),
     )?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
     let poll_us = match get("poll_us") {
