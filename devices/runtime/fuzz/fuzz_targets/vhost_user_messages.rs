@@ -35,6 +35,7 @@ fuzz_target!(|data: &[u8]| {
         queue_size: 16,
         serial: Serial::default(),
         rate_limit: Default::default(),
+        poll: Default::default(),
     });
     let (ours, theirs) = UnixStream::pair().expect("socketpair");
     let mut rest = data;
