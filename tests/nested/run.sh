@@ -31,8 +31,8 @@ OUT=$ROOT/tests/out
 TARGET_TRIPLE=aarch64-unknown-linux-musl
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN_DIR=$TARGET_DIR/$TARGET_TRIPLE/release
-# A bulkhead with the test-only seccomp-trigger feature (scenarios/vcpu-seccomp.sh), built in a
-# target directory of its own so it never replaces the real one.
+# A bulkhead with the test-only seccomp-trigger feature (scenarios/vcpu-seccomp.sh), copied
+# aside before the real one is built over it (build_project).
 TRIGGER_TARGET_DIR=$TARGET_DIR/seccomp-trigger
 TRIGGER_BIN=$TRIGGER_TARGET_DIR/$TARGET_TRIPLE/release/bulkhead
 # Peers' static arm64 binaries for the boot benchmark (see ../shared/anchors/README.md).
@@ -184,15 +184,20 @@ fetch_assets() {
 
 build_project() {
 	if [ "$build" -eq 1 ]; then
+		# The seccomp-trigger bulkhead first, in the same target directory and with the same
+		# dependency features as the real build (so the dependencies are built once), put
+		# aside; then the real one, which rebuilds only bulkhead and what links it.
+		log "cargo build --release --target $TARGET_TRIPLE --workspace --bins --features bulkhead/seccomp-trigger"
+		(cd "$ROOT" && CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld \
+			cargo build --quiet --release --target "$TARGET_TRIPLE" --workspace --bins \
+			--features bulkhead/seccomp-trigger) ||
+			die "cross-build of the seccomp-trigger bulkhead failed"
+		mkdir -p "$(dirname "$TRIGGER_BIN")"
+		cp "$BIN_DIR/bulkhead" "$TRIGGER_BIN"
 		log "cargo build --release --target $TARGET_TRIPLE --workspace --bins"
 		(cd "$ROOT" && CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld \
 			cargo build --quiet --release --target "$TARGET_TRIPLE" --workspace --bins) ||
 			die "cross-build failed"
-		log "cargo build --release --target $TARGET_TRIPLE -p bulkhead --features seccomp-trigger --target-dir $TRIGGER_TARGET_DIR"
-		(cd "$ROOT" && CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld \
-			cargo build --quiet --release --target "$TARGET_TRIPLE" -p bulkhead \
-			--features seccomp-trigger --target-dir "$TRIGGER_TARGET_DIR") ||
-			die "cross-build of the seccomp-trigger bulkhead failed"
 	fi
 	[ -x "$BIN_DIR/bulkhead" ] || die "$BIN_DIR/bulkhead missing"
 }
