@@ -1284,6 +1284,158 @@ mod tests {
         devices.shutdown(Duration::from_secs(3));
     }
 
+    /// A driver's whole inflate against the real balloon process (unjailed, under its seccomp
+    /// filter unless seccomp is not enforced here): the guest RAM is
+    /// a memfd, as the VMM's is; the transport is brought up through BAR 0 as a driver does
+    /// (VERSION_1, the inflate queue), activation sends the memory table; an inflate of 1 MiB
+    /// (256 page frames) is answered and its pages leave the memfd; a request naming a page
+    /// outside guest RAM is answered and releases nothing. Skipped without a built
+    /// `bulkhead-balloon`.
+    #[test]
+    fn test_devices_balloon_inflate_punches_guest_ram_end_to_end() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        use vm_memory::{Bytes, FileOffset, GuestAddress};
+        let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
+        else {
+            return;
+        };
+        if !dir.join("bulkhead-balloon").exists() {
+            eprintln!("skipped: no {}", dir.join("bulkhead-balloon").display());
+            return;
+        }
+        // SAFETY (not unsafe in edition 2021): only this test reads PATH for programs.
+        std::env::set_var("PATH", &dir);
+        const BASE: u64 = 0x8000_0000;
+        const SIZE: u64 = 16 << 20;
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"bulkhead-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let file = Arc::new(unsafe { File::from_raw_fd(fd) });
+        file.set_len(SIZE).expect("size");
+        file.write_all_at(&vec![0x5a; SIZE as usize], 0)
+            .expect("touch");
+        let allocated = || file.metadata().expect("metadata").blocks() * 512;
+        let memory = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(BASE),
+            SIZE as usize,
+            Some(FileOffset::from_arc(file.clone(), 0)),
+        )])
+        .expect("memory");
+        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
+        let bus = Arc::new(MmioBus::default());
+        let env = DeviceEnv {
+            memory: &memory,
+            bus: &bus,
+            spawner: &spawner,
+            cgroup: None,
+            device_ids: None,
+            ram_size: SIZE,
+        };
+        let config = BalloonConfig {
+            size: 0,
+            deflate_on_oom: false,
+            free_page_reporting: false,
+            stats_polling_interval_s: 0,
+        };
+        let mut spec = balloon_spec(&config, 0, false);
+        // Its own seccomp filter on (the jail needs a static build): the memory table (fstat)
+        // and the hole punch (fallocate) must pass it.
+        spec.policy.seccomp = true;
+        let (devices, transports) =
+            Devices::start(std::slice::from_ref(&spec), &env).expect("start");
+        let (_, p) = transports.first().expect("transport");
+        let w8 = |off: u64, v: u8| p.bar_write_for_fuzzing(off, &[v]);
+        let w16 = |off: u64, v: u16| p.bar_write_for_fuzzing(off, &v.to_le_bytes());
+        let w32 = |off: u64, v: u32| p.bar_write_for_fuzzing(off, &v.to_le_bytes());
+        let w64 = |off: u64, v: u64| p.bar_write_for_fuzzing(off, &v.to_le_bytes());
+        // Rings at BASE, BASE + 4K, BASE + 8K; page frame numbers at BASE + 12K.
+        let (desc, avail, used, pfns) = (BASE, BASE + 0x1000, BASE + 0x2000, BASE + 0x3000);
+        w8(0x14, 1);
+        w8(0x14, 3);
+        w32(0x08, 0);
+        w32(0x0c, 0);
+        w32(0x08, 1);
+        w32(0x0c, 1);
+        w8(0x14, 0xb);
+        w16(0x16, 0);
+        w16(0x18, 16);
+        w64(0x20, desc);
+        w64(0x28, avail);
+        w64(0x30, used);
+        w16(0x1c, 1);
+        memory
+            .write_slice(&[0u8; 0x3000], GuestAddress(BASE))
+            .expect("rings");
+        w8(0x14, 0xf);
+        // One chain of 256 page frames: 8 MiB..9 MiB of guest RAM.
+        let first = ((BASE + (8 << 20)) >> 12) as u32;
+        let frames: Vec<u8> = (first..first + 256).flat_map(u32::to_le_bytes).collect();
+        memory
+            .write_slice(&frames, GuestAddress(pfns))
+            .expect("pfns");
+        let mut d = Vec::new();
+        d.extend_from_slice(&pfns.to_le_bytes());
+        d.extend_from_slice(&1024u32.to_le_bytes());
+        d.extend_from_slice(&[0; 4]);
+        // A second chain: a page frame just past guest RAM.
+        let outside = ((BASE + SIZE) >> 12) as u32;
+        memory
+            .write_slice(&outside.to_le_bytes(), GuestAddress(pfns + 0x1000))
+            .expect("pfn");
+        d.extend_from_slice(&(pfns + 0x1000).to_le_bytes());
+        d.extend_from_slice(&4u32.to_le_bytes());
+        d.extend_from_slice(&[0; 4]);
+        memory.write_slice(&d, GuestAddress(desc)).expect("desc");
+        let before = allocated();
+        let used_idx = || {
+            memory
+                .read_obj::<u16>(GuestAddress(used + 2))
+                .expect("used")
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for (n, head) in [(1u16, 0u16), (2, 1)] {
+            memory
+                .write_obj(head, GuestAddress(avail + 4 + 2 * u64::from(n - 1)))
+                .expect("ring");
+            memory.write_obj(n, GuestAddress(avail + 2)).expect("idx");
+            // The inflate queue's notify slot (no ioeventfd here: the transport kicks).
+            w16(0x3000, 0);
+            while used_idx() != n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "chain {n} not answered"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if n == 1 {
+                assert_eq!(before - allocated(), 1 << 20, "1 MiB left the memfd");
+            }
+        }
+        assert_eq!(
+            before - allocated(),
+            1 << 20,
+            "the bad request released nothing"
+        );
+        let mut b = [0u8; 4];
+        memory
+            .read_slice(&mut b, GuestAddress(BASE + (8 << 20)))
+            .expect("read");
+        assert_eq!(b, [0; 4], "an inflated page reads as zeros");
+        let stats = devices
+            .control_request(BALLOON_ID, "stats")
+            .expect("device")
+            .expect("stats");
+        assert!(
+            stats.contains("inflated_pages=256") && stats.contains("bad_requests=1"),
+            "{stats}"
+        );
+        drop(transports);
+        devices.shutdown(Duration::from_secs(3));
+    }
+
     /// The whole path against the real net device process on a real two-pair tap the VMM
     /// creates (unjailed, as the block test): spawn with the tap queues at 5 and 6, handshake
     /// (2 pairs + the control queue), transport, comm; the VMM keeps no tap queue. Skipped
