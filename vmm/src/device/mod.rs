@@ -1028,6 +1028,9 @@ impl Devices {
             Some(Err(control::ControlError::Refused(reason))) => Err(BalloonError::Refused(reason)),
             Some(Err(e)) => Err(BalloonError::Control(e)),
             Some(Ok(_)) => {
+                // A restarted balloon starts from this target, not from `size=`.
+                self.monitor
+                    .set_respawn_option(BALLOON_ID, "--size", &bytes.to_string());
                 if !refresh.refresh() {
                     warn!(
                         "{BALLOON_ID}: its transport is gone; the guest is not told the new target"
@@ -1266,6 +1269,15 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        let respawn = devices
+            .monitor
+            .respawn_args(BALLOON_ID)
+            .expect("restartable");
+        assert_eq!(
+            respawn.get(..2),
+            Some(&["--size".to_string(), (64u64 << 20).to_string()][..]),
+            "a restarted balloon keeps the target"
+        );
         let stats = devices.balloon_statistics().expect("statistics");
         assert_eq!(
             &stats[..4],
