@@ -70,11 +70,18 @@ impl RamRegion {
     }
 }
 
+/// The most bitmap words [`Partial`] holds (8 MiB): a guest that inflates one balloon page of
+/// every host page cannot make the device grow past its memory budget; beyond it, partly
+/// inflated host pages are not remembered (and so not released).
+pub const MAX_PARTIAL_WORDS: usize = 1 << 20;
+
 /// Inflated balloon pages of host pages not yet wholly inflated: (region, host page index in
 /// the file) -> a bitmap of its balloon pages.
 #[derive(Debug, Default)]
 pub struct Partial {
     pages: HashMap<(usize, u64), Vec<u64>>,
+    /// Bitmap words held, at most [`MAX_PARTIAL_WORDS`].
+    words: usize,
 }
 
 impl Partial {
@@ -89,6 +96,19 @@ impl Partial {
 
     pub fn clear(&mut self) {
         self.pages.clear();
+        self.words = 0;
+    }
+
+    /// Forgets the host pages `forget` selects.
+    fn forget(&mut self, mut forget: impl FnMut(&(usize, u64)) -> bool) {
+        let words = &mut self.words;
+        self.pages.retain(|key, map| {
+            let drop = forget(key);
+            if drop {
+                *words -= map.len();
+            }
+            !drop
+        });
     }
 }
 
@@ -212,8 +232,7 @@ impl GuestRam {
             if track {
                 let (a, b) = (first_whole / page, last_whole / page);
                 self.partial
-                    .pages
-                    .retain(|(r, p), _| *r != index || *p < a || *p >= b);
+                    .forget(|(r, p)| *r == index && *p >= a && *p < b);
             }
         }
         if track && page > BALLOON_PAGE {
@@ -231,8 +250,14 @@ impl GuestRam {
                 }
                 let host = a / page;
                 let bits = (page / BALLOON_PAGE) as usize;
-                let map = self
-                    .partial
+                let partial = &mut self.partial;
+                if !partial.pages.contains_key(&(index, host)) {
+                    if partial.words + bits.div_ceil(64) > MAX_PARTIAL_WORDS {
+                        continue;
+                    }
+                    partial.words += bits.div_ceil(64);
+                }
+                let map = partial
                     .pages
                     .entry((index, host))
                     .or_insert_with(|| vec![0; bits.div_ceil(64)]);
@@ -247,7 +272,9 @@ impl GuestRam {
                 let full =
                     (0..bits).all(|i| map.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0));
                 if full {
-                    self.partial.pages.remove(&(index, host));
+                    if let Some(map) = self.partial.pages.remove(&(index, host)) {
+                        self.partial.words -= map.len();
+                    }
                     punch(host * page, page)?;
                 }
             }
@@ -267,8 +294,7 @@ impl GuestRam {
         let start = region.file_offset(gpa);
         let (a, b) = (start / page, (start + len).div_ceil(page));
         self.partial
-            .pages
-            .retain(|(r, p), _| *r != index || *p < a || *p >= b);
+            .forget(|(r, p)| *r == index && *p >= a && *p < b);
         Ok(())
     }
 }
@@ -370,6 +396,20 @@ mod tests {
             1 << 20,
             "a deflated page was not released"
         );
+    }
+
+    #[test]
+    fn test_partial_bounded_then_untracked() {
+        // 2 MiB host pages (8 words each): one balloon page in each of two host pages.
+        let (mut ram, _file) = ram(64 << 20, 2 << 20);
+        ram.partial.words = MAX_PARTIAL_WORDS - 8;
+        ram.release(BASE, 0x1000, true).expect("first");
+        assert_eq!(ram.partial.len(), 1);
+        ram.release(BASE + (2 << 20), 0x1000, true).expect("second");
+        assert_eq!(ram.partial.len(), 1, "past the bound: not remembered");
+        assert_eq!(ram.partial.words, MAX_PARTIAL_WORDS);
+        ram.deflate(BASE, 0x1000).expect("deflate");
+        assert_eq!(ram.partial.words, MAX_PARTIAL_WORDS - 8);
     }
 
     #[test]
