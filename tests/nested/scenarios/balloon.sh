@@ -6,7 +6,7 @@
 # frees the zeros); inflating to 512 MiB through the API drops L1's Shmem and the VMM's
 # RssShmem by at least 450 MiB within 10 s; the balloon process is jailed (from /proc);
 # deflating to 0 gives the memory back (the guest writes 768 MiB again); with the balloon at
-# 768 MiB a guest that needs 400 MiB gets it by deflate-on-OOM, with no OOM kill; the
+# 704 MiB a guest that needs 400 MiB gets it by deflate-on-OOM, with no OOM kill; the
 # checksummed file is intact throughout. VM B (1 GiB, free_page_reporting): a guest that
 # writes and frees 512 MiB returns at least 400 MiB to the host with no inflate.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
@@ -141,16 +141,17 @@ rc=$(grun a 'dd if=/dev/zero of=/t/a bs=1M count=768 2>/dev/null; echo TB-$?; rm
 say "deflated: the guest wrote 768 MiB again; L1 Shmem now $(($(shmem_kb) / MIB_KB)) MiB"
 checksum "after deflating"
 
-# deflate_on_oom: with 768 MiB in the balloon, a guest that needs 400 MiB takes it back.
-"$CTL" --api-socket "$sock" resize --balloon 768M || fail "resize --balloon 768M failed"
-wait_until 60 "actual_mib reaching 768" is "$sock" actual_mib 768
+# deflate_on_oom: with 704 MiB in the balloon (about 150 MiB left free), a guest that needs
+# 400 MiB takes the rest back from the balloon.
+"$CTL" --api-socket "$sock" resize --balloon 704M || fail "resize --balloon 704M failed"
+wait_until 60 "actual_mib reaching 704" is "$sock" actual_mib 704
 rc=$(grun a 'dd if=/dev/zero of=/t/b bs=1M count=400 2>/dev/null; echo TC-$?' TC 400)
 actual=$(bstat "$sock" actual_mib)
 kills=$(grun a 'echo OOM-$(dmesg | grep -c "Killed process")' OOM 30)
-say "with the balloon at 768 MiB the guest wrote 400 MiB: status $rc, balloon now $actual MiB, OOM kills $kills"
+say "with the balloon at 704 MiB the guest wrote 400 MiB: status $rc, balloon now $actual MiB, OOM kills $kills"
 [ "$rc" = 0 ] || fail "the guest could not get 400 MiB back from the balloon ($rc)"
 [ "$kills" = 0 ] || fail "the guest OOM-killed $kills processes although the balloon could deflate"
-[ "$actual" -lt 768 ] || fail "the balloon did not deflate on OOM (actual $actual MiB)"
+[ "$actual" -lt 704 ] || fail "the balloon did not deflate on OOM (actual $actual MiB)"
 grun a 'rm /t/b; echo RB-$?' RB 60 >/dev/null
 checksum "after deflate-on-OOM"
 "$CTL" --api-socket "$sock" resize --balloon 0 || fail "resize --balloon 0 failed"
