@@ -13,8 +13,9 @@
 
 #![no_main]
 
+use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bulkhead_balloon::queue::{process_pages, take_stats, Counters, GuestStats, Role};
 use bulkhead_balloon::ram::{GuestRam, Partial, RamRegion};
@@ -39,18 +40,26 @@ fn take<const N: usize>(data: &mut &[u8]) -> [u8; N] {
     out
 }
 
+static GUEST: OnceLock<(Arc<File>, GuestMemoryMmap)> = OnceLock::new();
+
 fuzz_target!(|input: &[u8]| {
     let mut data = input;
     let [options, avail_idx] = take::<2>(&mut data);
-    let file = Arc::new(bulkhead_device_runtime::testing::memfd(MEM_SIZE + TAIL));
-    file.write_all_at(&vec![0xa5; TAIL as usize], MEM_SIZE)
-        .expect("tail");
-    let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
-        GuestAddress(0),
-        MEM_SIZE as usize,
-        Some(FileOffset::from_arc(file.clone(), 0)),
-    )])
-    .expect("guest memory");
+    // One memfd and mapping for every run, cleaned at the start of each.
+    let (file, mem) = GUEST.get_or_init(|| {
+        let file = Arc::new(bulkhead_device_runtime::testing::memfd(MEM_SIZE + TAIL));
+        file.write_all_at(&vec![0xa5; TAIL as usize], MEM_SIZE)
+            .expect("tail");
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+            GuestAddress(0),
+            MEM_SIZE as usize,
+            Some(FileOffset::from_arc(file.clone(), 0)),
+        )])
+        .expect("guest memory");
+        (file, mem)
+    });
+    // A clean guest for this run: every byte of guest RAM zero (the tail is never punched).
+    bulkhead_balloon::ram::punch_hole(file, 0, MEM_SIZE).expect("clean guest");
     let mut ram = GuestRam {
         regions: vec![RamRegion {
             gpa: 0,
