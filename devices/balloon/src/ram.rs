@@ -6,10 +6,11 @@
 //! and the next guest access finds a fresh zero page.
 //!
 //! Only whole host pages are released: a host page is the file's block size (`st_blksize`:
-//! the huge page size on hugetlbfs) and at least the host's base page (4 KiB or 64 KiB). A
-//! balloon page is 4 KiB (VIRTIO_BALLOON_PFN_SHIFT); inflated balloon pages that cover only part
-//! of a host page are remembered ([`Partial`]) until the rest of that host page is inflated
-//! too, and forgotten when the guest deflates one of them, as Cloud Hypervisor does.
+//! the huge page size on hugetlbfs and on a tmpfs mounted `huge=within_size`) and at least the
+//! host's base page (4 KiB or 64 KiB). A balloon page is 4 KiB (VIRTIO_BALLOON_PFN_SHIFT);
+//! inflated balloon pages that cover only part of a host page are remembered ([`Partial`])
+//! until the rest of that host page is inflated too, and forgotten when the guest deflates one
+//! of them, as Cloud Hypervisor does.
 //! Reported free pages (FREE_PAGE_REPORTING) are never remembered: the guest may reuse them as
 //! soon as the report is answered.
 
