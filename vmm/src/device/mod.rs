@@ -1296,55 +1296,43 @@ mod tests {
         devices.shutdown(Duration::from_secs(3));
     }
 
-    /// A driver's whole inflate against the real balloon process (unjailed, under its seccomp
-    /// filter unless seccomp is not enforced here): the guest RAM is
-    /// a memfd, as the VMM's is; the transport is brought up through BAR 0 as a driver does
-    /// (VERSION_1, the inflate queue), activation sends the memory table; an inflate of 1 MiB
-    /// (256 page frames) is answered and its pages leave the memfd; a request naming a page
-    /// outside guest RAM is answered and releases nothing. Skipped without a built
-    /// `bulkhead-balloon`.
-    #[test]
-    fn test_devices_balloon_inflate_punches_guest_ram_end_to_end() {
-        use std::os::unix::fs::{FileExt, MetadataExt};
-        use vm_memory::{Bytes, FileOffset, GuestAddress};
-        let Some(dir) = std::env::current_exe()
+    /// Where a built `bulkhead-balloon` is (and PATH set to find it), or None (skipped).
+    fn balloon_program() -> Option<PathBuf> {
+        let dir = std::env::current_exe()
             .ok()
-            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
-        else {
-            return;
-        };
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))?;
         if !dir.join("bulkhead-balloon").exists() {
             eprintln!("skipped: no {}", dir.join("bulkhead-balloon").display());
-            return;
+            return None;
         }
-        // SAFETY (not unsafe in edition 2021): only this test reads PATH for programs.
+        // SAFETY (not unsafe in edition 2021): only these tests read PATH for programs.
         std::env::set_var("PATH", &dir);
-        const BASE: u64 = 0x8000_0000;
-        const SIZE: u64 = 16 << 20;
-        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"bulkhead-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: a fresh descriptor owned by nobody else.
-        let file = Arc::new(unsafe { File::from_raw_fd(fd) });
-        file.set_len(SIZE).expect("size");
-        file.write_all_at(&vec![0x5a; SIZE as usize], 0)
-            .expect("touch");
+        Some(dir)
+    }
+
+    /// A driver's whole inflate against the real balloon process (unjailed, under its seccomp
+    /// filter unless seccomp is not enforced here), on guest RAM `memory` (one region, every
+    /// page touched, its file `file`): the transport is brought up through BAR 0 as a driver
+    /// does (VERSION_1, the inflate queue), activation sends the memory table; an inflate of
+    /// 2 MiB (512 page frames, 2 MiB-aligned: a whole huge page too) is answered and its pages
+    /// leave the file; a request naming a page outside guest RAM is answered and releases
+    /// nothing.
+    fn balloon_inflate_end_to_end(memory: &GuestMemoryMmap, file: &File) {
+        use std::os::unix::fs::MetadataExt;
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+        let region = memory.iter().next().expect("one region");
+        let base = region.start_addr().0;
+        let size = region.len();
         let allocated = || file.metadata().expect("metadata").blocks() * 512;
-        let memory = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(BASE),
-            SIZE as usize,
-            Some(FileOffset::from_arc(file.clone(), 0)),
-        )])
-        .expect("memory");
         let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
         let bus = Arc::new(MmioBus::default());
         let env = DeviceEnv {
-            memory: &memory,
+            memory,
             bus: &bus,
             spawner: &spawner,
             cgroup: None,
             device_ids: None,
-            ram_size: SIZE,
+            ram_size: size,
         };
         let config = BalloonConfig {
             size: 0,
@@ -1363,8 +1351,8 @@ mod tests {
         let w16 = |off: u64, v: u16| p.bar_write_for_fuzzing(off, &v.to_le_bytes());
         let w32 = |off: u64, v: u32| p.bar_write_for_fuzzing(off, &v.to_le_bytes());
         let w64 = |off: u64, v: u64| p.bar_write_for_fuzzing(off, &v.to_le_bytes());
-        // Rings at BASE, BASE + 4K, BASE + 8K; page frame numbers at BASE + 12K.
-        let (desc, avail, used, pfns) = (BASE, BASE + 0x1000, BASE + 0x2000, BASE + 0x3000);
+        // Rings at base, base + 4K, base + 8K; page frame numbers at base + 12K.
+        let (desc, avail, used, pfns) = (base, base + 0x1000, base + 0x2000, base + 0x3000);
         w8(0x14, 1);
         w8(0x14, 3);
         w32(0x08, 0);
@@ -1379,21 +1367,21 @@ mod tests {
         w64(0x30, used);
         w16(0x1c, 1);
         memory
-            .write_slice(&[0u8; 0x3000], GuestAddress(BASE))
+            .write_slice(&[0u8; 0x3000], GuestAddress(base))
             .expect("rings");
         w8(0x14, 0xf);
-        // One chain of 256 page frames: 8 MiB..9 MiB of guest RAM.
-        let first = ((BASE + (8 << 20)) >> 12) as u32;
-        let frames: Vec<u8> = (first..first + 256).flat_map(u32::to_le_bytes).collect();
+        // One chain of 512 page frames: 8 MiB..10 MiB of guest RAM.
+        let first = ((base + (8 << 20)) >> 12) as u32;
+        let frames: Vec<u8> = (first..first + 512).flat_map(u32::to_le_bytes).collect();
         memory
             .write_slice(&frames, GuestAddress(pfns))
             .expect("pfns");
         let mut d = Vec::new();
         d.extend_from_slice(&pfns.to_le_bytes());
-        d.extend_from_slice(&1024u32.to_le_bytes());
+        d.extend_from_slice(&2048u32.to_le_bytes());
         d.extend_from_slice(&[0; 4]);
         // A second chain: a page frame just past guest RAM.
-        let outside = ((BASE + SIZE) >> 12) as u32;
+        let outside = ((base + size) >> 12) as u32;
         memory
             .write_slice(&outside.to_le_bytes(), GuestAddress(pfns + 0x1000))
             .expect("pfn");
@@ -1423,17 +1411,17 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(10));
             }
             if n == 1 {
-                assert_eq!(before - allocated(), 1 << 20, "1 MiB left the memfd");
+                assert_eq!(before - allocated(), 2 << 20, "2 MiB left the file");
             }
         }
         assert_eq!(
             before - allocated(),
-            1 << 20,
+            2 << 20,
             "the bad request released nothing"
         );
         let mut b = [0u8; 4];
         memory
-            .read_slice(&mut b, GuestAddress(BASE + (8 << 20)))
+            .read_slice(&mut b, GuestAddress(base + (8 << 20)))
             .expect("read");
         assert_eq!(b, [0; 4], "an inflated page reads as zeros");
         let stats = devices
@@ -1441,11 +1429,72 @@ mod tests {
             .expect("device")
             .expect("stats");
         assert!(
-            stats.contains("inflated_pages=256") && stats.contains("bad_requests=1"),
+            stats.contains("inflated_pages=512") && stats.contains("bad_requests=1"),
             "{stats}"
         );
+        println!("balloon: {stats}");
         drop(transports);
         devices.shutdown(Duration::from_secs(3));
+    }
+
+    /// [`balloon_inflate_end_to_end`] on a plain memfd (`thp=off`). Skipped without a built
+    /// `bulkhead-balloon`.
+    #[test]
+    fn test_devices_balloon_inflate_punches_guest_ram_end_to_end() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::{FileOffset, GuestAddress};
+        if balloon_program().is_none() {
+            return;
+        }
+        const SIZE: u64 = 16 << 20;
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"bulkhead-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let file = Arc::new(unsafe { File::from_raw_fd(fd) });
+        file.set_len(SIZE).expect("size");
+        file.write_all_at(&vec![0x5a; SIZE as usize], 0)
+            .expect("touch");
+        let memory = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0x8000_0000),
+            SIZE as usize,
+            Some(FileOffset::from_arc(file.clone(), 0)),
+        )])
+        .expect("memory");
+        balloon_inflate_end_to_end(&memory, &file);
+    }
+
+    /// [`balloon_inflate_end_to_end`] on the VMM's own default guest RAM where the host allows
+    /// it: a file on a private tmpfs mounted `huge=within_size` (memory::create, thp=tmpfs),
+    /// whose block size is the 2 MiB huge page, so the device releases whole huge pages.
+    /// Skipped without a built `bulkhead-balloon` or where that tmpfs cannot be made.
+    #[test]
+    fn test_devices_balloon_inflate_on_huge_tmpfs_releases_a_huge_page() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+        if balloon_program().is_none() {
+            return;
+        }
+        let ram = match crate::memory::create(
+            16 << 20,
+            crate::memory::RamBacking::Only(crate::memory::Mechanism::Tmpfs),
+        ) {
+            Ok(ram) => ram,
+            Err(e) => {
+                eprintln!("skipped: no huge tmpfs here ({e})");
+                return;
+            }
+        };
+        let region = ram.memory.iter().next().expect("region");
+        let file = region
+            .file_offset()
+            .expect("a file")
+            .file()
+            .try_clone()
+            .expect("file");
+        ram.memory
+            .write_slice(&vec![0x5a; 16 << 20], GuestAddress(region.start_addr().0))
+            .expect("touch");
+        balloon_inflate_end_to_end(&ram.memory, &file);
     }
 
     /// The whole path against the real net device process on a real two-pair tap the VMM
