@@ -234,6 +234,8 @@ GUEST_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev vi
 GUEST_EXTRA_MODULES="efivarfs"
 # Modules L1's init loads, in this order: tun, for the taps --net opens.
 L1_MODULES="tun"
+# The balloon (scenarios/balloon.sh): loaded last, after virtio.
+GUEST_MODULES="$GUEST_MODULES virtio_balloon"
 
 pack_guest() {
 	local d=$WORK/guest-root

@@ -83,6 +83,17 @@ pub struct Args {
         value_name = "tap=NAME|fd=N[:M...]|socket=PATH[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,num_queues=N][,queue_size=N][,id=ID][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on]"
     )]
     pub net: Vec<String>,
+    /// A memory balloon, served by a `bulkhead-balloon` process: `size=SIZE` is the first
+    /// target (how much of guest RAM the guest gives back; changed at run time with the API's
+    /// `vm.resize`), `deflate_on_oom=on` lets the guest take pages back before an OOM kill,
+    /// `free_page_reporting=on` releases the free pages the guest reports,
+    /// `stats_polling_interval_s=N` asks for the guest's memory statistics every N seconds
+    /// (`vm.balloon-statistics`; 0, the default: none) (docs/balloon.md).
+    #[arg(
+        long,
+        value_name = "size=SIZE[,deflate_on_oom=on][,free_page_reporting=on][,stats_polling_interval_s=N]"
+    )]
+    pub balloon: Option<String>,
     /// Run device processes as this host uid (and gid; default: the uid's number). Only for a
     /// VMM running as root.
     #[arg(long, value_name = "UID[:GID]")]
@@ -480,6 +491,83 @@ pub enum NetBackend {
 /// Token-bucket limits of one direction: (option without prefix, value), in
 /// [`RATE_LIMIT_OPTIONS`] order, only those given.
 pub type RateLimit = Vec<(&'static str, u64)>;
+
+/// `--balloon`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// The first target, in bytes: what the guest gives back.
+    pub size: u64,
+    /// VIRTIO_BALLOON_F_DEFLATE_ON_OOM.
+    pub deflate_on_oom: bool,
+    /// VIRTIO_BALLOON_F_REPORTING.
+    pub free_page_reporting: bool,
+    /// VIRTIO_BALLOON_F_STATS_VQ when not zero: seconds between statistics requests.
+    pub stats_polling_interval_s: u32,
+}
+
+/// The longest statistics polling interval (a day), as `bulkhead-balloon` accepts it.
+pub const BALLOON_MAX_STATS_INTERVAL_S: u32 = 86_400;
+
+/// `--balloon size=SIZE[,deflate_on_oom=on|off][,free_page_reporting=on|off]
+/// [,stats_polling_interval_s=N]` for a guest of `ram_size` bytes.
+pub(crate) fn parse_balloon(value: &str, ram_size: u64) -> Result<BalloonConfig, ConfigError> {
+    let bad = |reason: String| ConfigError::Option {
+        flag: "balloon",
+        reason,
+    };
+    let opts = parse_options(
+        "balloon",
+        value,
+        &[
+            "size",
+            "deflate_on_oom",
+            "free_page_reporting",
+            "stats_polling_interval_s",
+        ],
+    )?;
+    let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+    let text =
+        get("size").ok_or_else(|| bad("size=SIZE is required (0 to start deflated)".into()))?;
+    let size = parse_size(text).ok_or_else(|| {
+        bad(format!(
+            "size={text:?} is not a size (examples: 0, 512M, 1G)"
+        ))
+    })?;
+    if size % 4096 != 0 {
+        return Err(bad(format!(
+            "size={text} is not a multiple of 4K (the balloon's page)"
+        )));
+    }
+    if size > ram_size {
+        return Err(bad(format!(
+            "size={text} is larger than guest RAM ({}M)",
+            ram_size >> 20
+        )));
+    }
+    let switch = |k: &str| match get(k) {
+        None | Some("off") => Ok(false),
+        Some("on") => Ok(true),
+        Some(v) => Err(bad(format!("{k}={v:?}: expected on or off"))),
+    };
+    let stats_polling_interval_s = match get("stats_polling_interval_s") {
+        None => 0,
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= BALLOON_MAX_STATS_INTERVAL_S)
+            .ok_or_else(|| {
+                bad(format!(
+                    "stats_polling_interval_s={v:?}: expected seconds, 0 to {BALLOON_MAX_STATS_INTERVAL_S}"
+                ))
+            })?,
+    };
+    Ok(BalloonConfig {
+        size,
+        deflate_on_oom: switch("deflate_on_oom")?,
+        free_page_reporting: switch("free_page_reporting")?,
+        stats_polling_interval_s,
+    })
+}
 
 /// One `--net`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -912,6 +1000,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Network interfaces, in slot order after the disks.
     pub nets: Vec<NetConfig>,
+    /// The memory balloon (`--balloon`), in the slot after the network interfaces.
+    pub balloon: Option<BalloonConfig>,
     /// Number of PCIe root ports.
     pub pci_slots: usize,
     /// Confine the VMM's threads with seccomp filters (`--sandbox on`, the default).
@@ -1213,6 +1303,21 @@ impl TryFrom<Args> for VmConfig {
             .map(|(i, n)| parse_net(n, i))
             .collect::<Result<Vec<_>, _>>()?;
         check_device_slots(disks.len(), nets.len(), args.pci_slots)?;
+        let balloon = args
+            .balloon
+            .as_deref()
+            .map(|b| parse_balloon(b, ram_size))
+            .transpose()?;
+        if balloon.is_some() && disks.len() + nets.len() + 1 > args.pci_slots {
+            return Err(ConfigError::Option {
+                flag: "balloon",
+                reason: format!(
+                    "no PCIe slot left for the balloon after {} disks and {} network interfaces (raise --pci-slots)",
+                    disks.len(),
+                    nets.len()
+                ),
+            });
+        }
         let mut net_fds: Vec<std::os::fd::RawFd> = Vec::new();
         for n in &nets {
             if let NetBackend::Fds { fds, .. } = &n.backend {
@@ -1267,6 +1372,7 @@ impl TryFrom<Args> for VmConfig {
             serial,
             disks,
             nets,
+            balloon,
             pci_slots: args.pci_slots,
             sandbox,
             device_ids,
@@ -1288,6 +1394,54 @@ mod tests {
         assert!(parse_sandbox("").is_err());
         let args = Args::try_parse_from(["bulkhead", "--kernel", "k"]).expect("parses");
         assert_eq!(args.sandbox, "on");
+    }
+
+    #[test]
+    fn test_parse_balloon_options_and_bad_input() {
+        let b = parse_balloon("size=512M", 1 << 30).expect("valid");
+        assert_eq!(
+            b,
+            BalloonConfig {
+                size: 512 << 20,
+                deflate_on_oom: false,
+                free_page_reporting: false,
+                stats_polling_interval_s: 0,
+            }
+        );
+        let b = parse_balloon(
+            "size=0,deflate_on_oom=on,free_page_reporting=on,stats_polling_interval_s=5",
+            1 << 30,
+        )
+        .expect("valid");
+        assert!(b.deflate_on_oom && b.free_page_reporting);
+        assert_eq!((b.size, b.stats_polling_interval_s), (0, 5));
+        for (value, want) in [
+            ("deflate_on_oom=on", "size=SIZE is required"),
+            ("size=2G", "larger than guest RAM"),
+            ("size=100", "multiple of 4K"),
+            ("size=lots", "not a size"),
+            ("size=0,deflate_on_oom=yes", "expected on or off"),
+            ("size=0,stats_polling_interval_s=-1", "expected seconds"),
+            ("size=0,stats_polling_interval_s=86401", "expected seconds"),
+            ("size=0,free_page_hinting=on", "unknown option"),
+        ] {
+            let e = parse_balloon(value, 1 << 30).expect_err(value).to_string();
+            assert!(e.contains(want), "{value}: {e}");
+            assert!(e.starts_with("--balloon: "), "{e}");
+        }
+        let args = Args::try_parse_from([
+            "bulkhead",
+            "--kernel",
+            "k",
+            "--balloon",
+            "size=64M",
+            "--pci-slots",
+            "1",
+            "--net",
+            "tap=a",
+        ])
+        .expect("parses");
+        assert_eq!(args.balloon.as_deref(), Some("size=64M"));
     }
 
     #[test]

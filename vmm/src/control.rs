@@ -29,6 +29,14 @@ pub enum Request {
     /// `vm.add-disk`, `vm.add-net`: spawn and jail the device process, connect it, place it in
     /// a free root port and announce it to the guest.
     Plug(PlugRequest),
+    /// `vm.resize` with `desired_balloon`: the balloon's new target, in bytes.
+    ResizeBalloon {
+        /// Bytes the guest should give back.
+        desired_balloon: u64,
+    },
+    /// `vm.balloon-statistics`: the balloon's target and actual size and the guest's memory
+    /// statistics (Firecracker's fields).
+    BalloonStatistics,
     /// `vm.remove-device`: ask the guest to release the device (attention button), remove it
     /// when the guest powers the slot off, or by surprise after the documented bound.
     Unplug {

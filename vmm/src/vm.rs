@@ -527,6 +527,23 @@ impl Vm {
     }
 }
 
+/// A balloon request's failure as the API answers it: what the caller asked for (400), or a
+/// device that does not answer (500).
+fn balloon_error(e: crate::device::BalloonError) -> RequestError {
+    use crate::device::BalloonError;
+    let status = match e {
+        BalloonError::NoBalloon | BalloonError::Refused(_) => 400,
+        BalloonError::Control(_) => 500,
+    };
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    RequestError::new(status, message)
+}
+
 impl Vm {
     /// Answers one control request while the guest runs; returns the event that ends this
     /// boot when the request asks for one (shutdown, reboot).
@@ -560,7 +577,53 @@ impl Vm {
                 self.unplug(id, reply);
                 None
             }
+            Request::ResizeBalloon { desired_balloon } => {
+                drop(reply.send(self.resize_balloon(desired_balloon)));
+                None
+            }
+            Request::BalloonStatistics => {
+                drop(reply.send(self.balloon_statistics()));
+                None
+            }
         }
+    }
+
+    /// `vm.resize` `desired_balloon`: the device takes the target, the guest is told.
+    fn resize_balloon(&self, bytes: u64) -> Result<Reply, RequestError> {
+        if self.config.balloon.is_none() {
+            return Err(RequestError::new(
+                400,
+                "the VM has no balloon (start it with --balloon size=0)",
+            ));
+        }
+        if bytes > self.config.ram_size {
+            return Err(RequestError::new(
+                400,
+                format!(
+                    "desired_balloon {bytes} is larger than guest RAM ({} bytes)",
+                    self.config.ram_size
+                ),
+            ));
+        }
+        self.devices
+            .balloon_resize(bytes)
+            .map(|()| {
+                info!("balloon target set to {} MiB through the API", bytes >> 20);
+                Reply::Done
+            })
+            .map_err(balloon_error)
+    }
+
+    /// `vm.balloon-statistics`, in Firecracker's field names (`target_pages`, `actual_pages`,
+    /// `target_mib`, `actual_mib`, then each figure the guest reported: `free_memory`,
+    /// `total_memory`, `available_memory`, `disk_caches`, `swap_in`...).
+    fn balloon_statistics(&self) -> Result<Reply, RequestError> {
+        let pairs = self.devices.balloon_statistics().map_err(balloon_error)?;
+        let mut doc = serde_json::Map::new();
+        for (k, v) in pairs {
+            doc.insert(k, serde_json::Value::from(v));
+        }
+        Ok(Reply::Info(serde_json::Value::Object(doc).to_string()))
     }
 
     /// `vm.info`: the configuration (Cloud Hypervisor's field names where the concept is the
@@ -657,6 +720,21 @@ impl Vm {
                 })
             })
             .collect();
+        // Cloud Hypervisor's fields; the guest's RAM less what its balloon holds.
+        let balloon = c.balloon.as_ref().map(|b| {
+            json!({
+                "size": b.size,
+                "deflate_on_oom": b.deflate_on_oom,
+                "free_page_reporting": b.free_page_reporting,
+                "stats_polling_interval_s": b.stats_polling_interval_s,
+            })
+        });
+        let ballooned = c
+            .balloon
+            .as_ref()
+            .and_then(|_| self.devices.balloon_statistics().ok())
+            .and_then(|s| s.into_iter().find(|(k, _)| k == "actual_pages"))
+            .map_or(0, |(_, pages)| pages.saturating_mul(4096));
         json!({
             "config": {
                 "cpus": { "boot_vcpus": c.vcpus, "max_vcpus": c.vcpus },
@@ -664,10 +742,11 @@ impl Vm {
                 "payload": { "cmdline": c.cmdline },
                 "disks": disks,
                 "net": nets,
+                "balloon": balloon,
                 "pci_slots": c.pci_slots,
             },
             "state": "Running",
-            "memory_actual_size": c.ram_size,
+            "memory_actual_size": c.ram_size.saturating_sub(ballooned),
             "devices": devices,
         })
     }

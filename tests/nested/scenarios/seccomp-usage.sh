@@ -1,7 +1,7 @@
 #!/bin/sh
 # timeout: 600
-# No seccomp rule goes unused: two VMs, each with a writable disk, a read-only disk and a
-# network interface, run the disk and net data paths (write, flush, read, discard, a refused
+# No seccomp rule goes unused: two VMs, each with a writable disk, a read-only disk, a
+# network interface and a balloon, run the disk and net data paths (write, flush, read, discard, a refused
 # write, ping, a device reset by unbinding the driver, a guest reboot, a killed device process,
 # poweroff) with the test-only rule usage trace on (BULKHEAD_SECCOMP_TRACE: the traced filters
 # answer an allowed call with SECCOMP_RET_LOG, an audit record in the kernel log, instead of a
@@ -47,6 +47,7 @@ traced_run() {
 		--cpus boot=2 --memory size=512M -v \
 		--disk "path=$img/d$n,id=d0" --disk "path=$img/r$n,readonly=on,id=r0" \
 		--net "tap=bt$n,ip=192.168.25$n.1,mask=255.255.255.0,id=n0" \
+		--balloon size=0,free_page_reporting=on,stats_polling_interval_s=1 \
 		--api-socket "$SCN_DIR/api-$n.sock"
 	unset BULKHEAD_SECCOMP_TRACE
 	vm_wait_for "$id" '^GUEST-READY' "$BOOT_TIMEOUT"
@@ -75,6 +76,15 @@ traced_run() {
 		/bin/bulkhead-ctl --api-socket "$SCN_DIR/api-$n.sock" "$c" >/dev/null ||
 			fail "run $n: bulkhead-ctl $c failed"
 	done
+	# The balloon (free page reporting released what the guest freed since boot): the API's
+	# balloon requests go through the main thread to the device's control channel, and an
+	# inflate punches holes.
+	/bin/bulkhead-ctl --api-socket "$SCN_DIR/api-$n.sock" resize --balloon 64M ||
+		fail "run $n: bulkhead-ctl resize --balloon failed"
+	sleep 3
+	/bin/bulkhead-ctl --api-socket "$SCN_DIR/api-$n.sock" balloon-statistics | grep -E '"(target|actual)_mib"' | quote "@"
+	/bin/bulkhead-ctl --api-socket "$SCN_DIR/api-$n.sock" resize --balloon 0 ||
+		fail "run $n: bulkhead-ctl resize --balloon 0 failed"
 	if [ "$n" = 2 ]; then
 		# The main thread's hot-plug path under its filter: a disk plugged and unplugged.
 		dd if=/dev/zero of="$img/h$n" bs=1M count=8 2>/dev/null

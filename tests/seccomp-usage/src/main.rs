@@ -45,8 +45,8 @@ const TYPE_SECCOMP: &str = "type=1326";
 /// Rules a normal run of the trace scenario cannot reach, with the reason; the check prints
 /// them and does not fail on them. (filter, syscall, reason). Filters: `vmm-common` (the rules
 /// every VMM thread kind has), the VMM thread kinds' names (their own rules), `runtime` (the
-/// rules every device gets from the runtime), `bulkhead-block` and `bulkhead-net` (their own
-/// rules), `bulkhead-spawn`.
+/// rules every device gets from the runtime), `bulkhead-block`, `bulkhead-net` and
+/// `bulkhead-balloon` (their own rules), `bulkhead-spawn`.
 const EXCEPTIONS: &[(&str, &str, &str)] = &[
     // ---- Every VMM thread (common_rules).
     ("vmm-common", "brk", ALLOCATOR),
@@ -518,6 +518,10 @@ fn check(runs: &[Run]) -> Result<bool> {
         minus(&bulkhead_net::seccomp::rules(), &runtime),
     );
     add(
+        "bulkhead-balloon",
+        minus(&bulkhead_balloon::seccomp::rules(), &runtime),
+    );
+    add(
         "bulkhead-spawn",
         bulkhead_sandbox::spawner_filter::spawner_rules(),
     );
@@ -591,6 +595,11 @@ fn check(runs: &[Run]) -> Result<bool> {
                     p @ ("bulkhead-block" | "bulkhead-net") => {
                         (vec![RUNTIME, p], format!("run {} {p}", run.number))
                     }
+                    // The comm is 15 bytes at most.
+                    "bulkhead-balloo" => (
+                        vec![RUNTIME, "bulkhead-balloon"],
+                        format!("run {} bulkhead-balloon", run.number),
+                    ),
                     _ => (vec![], String::new()),
                 }
             } else {

@@ -64,6 +64,16 @@ enum Command {
     PowerButton,
     /// Per-device counters (vm.counters).
     Counters,
+    /// Set the balloon's target (vm.resize with desired_balloon), as ch-remote's `resize
+    /// --balloon`.
+    Resize {
+        /// How much of guest RAM the guest gives back: 512M, 1G, ... or bytes.
+        #[arg(long, value_name = "SIZE")]
+        balloon: String,
+    },
+    /// The balloon's target and actual size and the guest's memory statistics
+    /// (vm.balloon-statistics, Firecracker's fields).
+    BalloonStatistics,
     /// Send a request as given, to test the API: METHOD ENDPOINT [BODY]; ENDPOINT is under
     /// /api/v1/ unless it starts with '/'; BODY is sent as it is (no check that it is JSON).
     Raw {
@@ -237,6 +247,12 @@ fn endpoint(command: &Command) -> Result<(&'static str, &'static str, Option<Val
         Command::Resume => ("PUT", "vm.resume", None),
         Command::PowerButton => ("PUT", "vm.power-button", None),
         Command::Counters => ("GET", "vm.counters", None),
+        Command::Resize { balloon } => (
+            "PUT",
+            "vm.resize",
+            Some(json!({ "desired_balloon": size("--balloon", balloon)? })),
+        ),
+        Command::BalloonStatistics => ("GET", "vm.balloon-statistics", None),
         Command::Raw { .. } => return Err(Usage("raw has no fixed endpoint".into())),
     })
 }
@@ -393,6 +409,36 @@ mod tests {
             "/api/v1/vmm.shutdown"
         );
         assert_eq!(request(&Command::Info).expect("v").0, "GET");
+        let r = request(&Command::Resize {
+            balloon: "512M".into(),
+        })
+        .expect("valid");
+        assert_eq!(
+            (r.0.as_str(), r.1.as_str(), r.2.as_deref()),
+            (
+                "PUT",
+                "/api/v1/vm.resize",
+                Some(r#"{"desired_balloon":536870912}"#)
+            )
+        );
+        assert!(request(&Command::Resize {
+            balloon: "lots".into()
+        })
+        .is_err());
+        assert_eq!(
+            request(&Command::BalloonStatistics).expect("v"),
+            ("GET".into(), "/api/v1/vm.balloon-statistics".into(), None)
+        );
+        let cli = Cli::try_parse_from([
+            "bulkhead-ctl",
+            "--api-socket",
+            "/s",
+            "resize",
+            "--balloon",
+            "1G",
+        ])
+        .expect("parses");
+        assert!(matches!(cli.command, Command::Resize { .. }));
         let raw = Command::Raw {
             method: "PATCH".into(),
             endpoint: "/x".into(),

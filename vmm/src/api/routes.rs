@@ -38,7 +38,7 @@ pub enum Action {
 
 /// Endpoints Cloud Hypervisor has that Bulkhead does not serve (yet): answered 501 with a
 /// message saying so, rather than 404 as for a name nobody knows.
-const NOT_IMPLEMENTED: [&str; 18] = [
+const NOT_IMPLEMENTED: [&str; 16] = [
     "vmm.info",
     "vm.create",
     "vm.boot",
@@ -47,9 +47,7 @@ const NOT_IMPLEMENTED: [&str; 18] = [
     "vm.resume",
     "vm.power-button",
     "vm.counters",
-    "vm.resize",
     "vm.resize-zone",
-    "vm.balloon-statistics",
     "vm.add-device",
     "vm.add-fs",
     "vm.add-pmem",
@@ -123,6 +121,29 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Action, HttpResp
             }
             control(Request::Unplug { id }, UNPLUG_TIMEOUT)
         }
+        "vm.resize" => {
+            expect_method(method, "PUT", endpoint)?;
+            let resize = json::<Resize>(body)?;
+            if resize.desired_vcpus.is_some() || resize.desired_ram.is_some() {
+                return Err(HttpResponse::error(
+                    501,
+                    "vm.resize: only desired_balloon is implemented by Bulkhead (no vCPU or RAM hot-plug)",
+                ));
+            }
+            let desired_balloon = resize
+                .desired_balloon
+                .ok_or_else(|| bad("vm.resize needs desired_balloon (bytes)"))?;
+            if desired_balloon % 4096 != 0 {
+                return Err(bad(format!(
+                    "desired_balloon {desired_balloon} is not a multiple of 4096 (the balloon's page)"
+                )));
+            }
+            control(Request::ResizeBalloon { desired_balloon }, REPLY_TIMEOUT)
+        }
+        "vm.balloon-statistics" => {
+            expect_method(method, "GET", endpoint)?;
+            control(Request::BalloonStatistics, REPLY_TIMEOUT)
+        }
         e if NOT_IMPLEMENTED.contains(&e) => Err(HttpResponse::error(
             501,
             format!("{e} is not implemented by Bulkhead (docs/api.md lists what is)"),
@@ -173,6 +194,17 @@ fn json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpResponse> {
         return Err(bad("this endpoint needs a JSON body"));
     }
     serde_json::from_slice(body).map_err(|e| bad(format!("bad JSON body: {e}")))
+}
+
+/// Cloud Hypervisor's `VmResizeData`: only `desired_balloon` is served.
+#[derive(Deserialize)]
+struct Resize {
+    #[serde(default)]
+    desired_vcpus: Option<u64>,
+    #[serde(default)]
+    desired_ram: Option<u64>,
+    #[serde(default)]
+    desired_balloon: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -520,6 +552,42 @@ mod tests {
         assert_eq!(status(route("GET", "/api/v2/vm.info", b"")), 404);
         assert_eq!(status(route("PUT", "/api/v1/vm.pause", b"")), 501);
         assert_eq!(status(route("PUT", "/api/v1/vm.create", b"{}")), 501);
+    }
+
+    #[test]
+    fn test_routes_balloon_resize_and_statistics() {
+        match request(route(
+            "PUT",
+            "/api/v1/vm.resize",
+            br#"{"desired_balloon":536870912}"#,
+        )) {
+            Request::ResizeBalloon { desired_balloon } => assert_eq!(desired_balloon, 512 << 20),
+            r => panic!("{r:?}"),
+        }
+        assert!(matches!(
+            request(route("GET", "/api/v1/vm.balloon-statistics", b"")),
+            Request::BalloonStatistics
+        ));
+        for (body, want) in [
+            (&br#"{"desired_balloon":100}"#[..], 400),
+            (br#"{"desired_balloon":-1}"#, 400),
+            (br#"{}"#, 400),
+            (b"", 400),
+            (br#"{"desired_vcpus":2}"#, 501),
+            (br#"{"desired_ram":1073741824,"desired_balloon":0}"#, 501),
+        ] {
+            assert_eq!(
+                status(route("PUT", "/api/v1/vm.resize", body)),
+                want,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert_eq!(status(route("GET", "/api/v1/vm.resize", b"")), 400);
+        assert_eq!(
+            status(route("PUT", "/api/v1/vm.balloon-statistics", b"")),
+            400
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::time::Duration;
 use log::{info, warn};
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::{DiskBackend, DiskConfig, NetBackend, NetConfig, VmConfig};
+use crate::config::{BalloonConfig, DiskBackend, DiskConfig, NetBackend, NetConfig, VmConfig};
 use crate::mmio::MmioBus;
 use crate::tap::TapError;
 use crate::virtio::pci::{VirtioPci, VirtioPciError};
@@ -78,17 +78,21 @@ pub enum DeviceKind {
     Block,
     /// virtio-net, served by `bulkhead-net` on a tap.
     Net,
+    /// virtio-balloon, served by `bulkhead-balloon` on the guest-RAM files of the memory
+    /// table.
+    Balloon,
 }
 
 impl DeviceKind {
     /// Every kind.
-    pub const ALL: [DeviceKind; 2] = [DeviceKind::Block, DeviceKind::Net];
+    pub const ALL: [DeviceKind; 3] = [DeviceKind::Block, DeviceKind::Net, DeviceKind::Balloon];
 
     /// Its short name: the program is `bulkhead-<name>`.
     pub fn name(self) -> &'static str {
         match self {
             DeviceKind::Block => "block",
             DeviceKind::Net => "net",
+            DeviceKind::Balloon => "balloon",
         }
     }
 
@@ -102,6 +106,7 @@ impl DeviceKind {
         match self {
             DeviceKind::Block => 2,
             DeviceKind::Net => 1,
+            DeviceKind::Balloon => 5,
         }
     }
 
@@ -112,6 +117,8 @@ impl DeviceKind {
             DeviceKind::Block => 0x01_80_00,
             // Network controller, Ethernet.
             DeviceKind::Net => 0x02_00_00,
+            // Memory controller, other.
+            DeviceKind::Balloon => 0x05_80_00,
         }
     }
 
@@ -150,6 +157,20 @@ impl DeviceKind {
                     restart: RestartPolicy::default(),
                 }
             }
+            // Descriptors: 64 + 8 per queue (kick, call and error eventfds, guest memory
+            // regions, the stats timer's epoll and eventfd); tasks: 64 (the runtime's threads
+            // and the stats timer).
+            DeviceKind::Balloon => JailPolicy {
+                nofile: 64 + 8 * q,
+                nproc: 64,
+                memory_max: DEFAULT_MEMORY_MAX,
+                pids_max: 64,
+                oom_score_adj: DEVICE_OOM_SCORE_ADJ,
+                jail: sandbox,
+                seccomp: sandbox,
+                landlock: sandbox,
+                restart: RestartPolicy::default(),
+            },
         }
     }
 }
@@ -246,8 +267,8 @@ pub struct DeviceSpec {
     pub policy: JailPolicy,
 }
 
-/// The devices a configuration asks for: the disks, then the network interfaces, each in
-/// the next slot.
+/// The devices a configuration asks for: the disks, then the network interfaces, then the
+/// balloon, each in the next slot.
 pub fn specs(config: &VmConfig) -> Vec<DeviceSpec> {
     let mut specs = disk_specs(config);
     let first = specs.len();
@@ -258,7 +279,61 @@ pub fn specs(config: &VmConfig) -> Vec<DeviceSpec> {
             .enumerate()
             .map(|(i, net)| net_spec(net, i, first + i, config.sandbox)),
     );
+    if let Some(balloon) = &config.balloon {
+        let slot = specs.len();
+        specs.push(balloon_spec(balloon, slot, config.sandbox));
+    }
     specs
+}
+
+/// The balloon's device id (one per VM, as in Cloud Hypervisor).
+pub const BALLOON_ID: &str = "balloon0";
+
+/// The queues of the balloon: inflate and deflate, then stats and reporting when asked for
+/// (bulkhead-balloon's `BalloonParams::num_queues`).
+pub fn balloon_queues(balloon: &BalloonConfig) -> u16 {
+    2 + u16::from(balloon.stats_polling_interval_s > 0) + u16::from(balloon.free_page_reporting)
+}
+
+/// The `bulkhead-balloon` options of `balloon`.
+fn balloon_args(balloon: &BalloonConfig) -> Vec<String> {
+    let mut args = vec![
+        "--size".to_string(),
+        balloon.size.to_string(),
+        "--stats-polling-interval-s".to_string(),
+        balloon.stats_polling_interval_s.to_string(),
+        "--queue-size".to_string(),
+        BALLOON_QUEUE_SIZE.to_string(),
+    ];
+    if balloon.deflate_on_oom {
+        args.push("--deflate-on-oom".into());
+    }
+    if balloon.free_page_reporting {
+        args.push("--free-page-reporting".into());
+    }
+    args
+}
+
+/// The balloon's queue size (Linux's balloon driver sends at most 256 page frames per
+/// request and 32 runs per report).
+pub const BALLOON_QUEUE_SIZE: u16 = 128;
+
+/// The spec of the balloon, in `slot`. It is handed no file: guest RAM reaches it in the
+/// vhost-user memory table.
+pub fn balloon_spec(balloon: &BalloonConfig, slot: usize, sandbox: bool) -> DeviceSpec {
+    let queues = balloon_queues(balloon);
+    DeviceSpec {
+        id: BALLOON_ID.to_string(),
+        kind: DeviceKind::Balloon,
+        slot,
+        queues,
+        queue_size: BALLOON_QUEUE_SIZE,
+        backend: Backend::Spawn {
+            files: Vec::new(),
+            args: balloon_args(balloon),
+        },
+        policy: DeviceKind::Balloon.policy(queues, sandbox),
+    }
 }
 
 /// The `bulkhead-net` options of interface `net` (its tap queues at 5, 6, ...).
@@ -499,6 +574,22 @@ pub struct Devices {
     pub processes: Vec<DeviceProcess>,
     monitor: Arc<Monitor>,
     spawner: Arc<Spawner>,
+    /// The balloon's configuration re-read (its target changes on its control channel).
+    balloon: Option<crate::virtio::vhost_user::ConfigRefresh>,
+}
+
+/// Why a balloon request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BalloonError {
+    /// The VM has no `--balloon`.
+    #[error("the VM has no balloon (start it with --balloon size=0)")]
+    NoBalloon,
+    /// The device refused the request (its reason says what to change).
+    #[error("the balloon refused: {0}")]
+    Refused(String),
+    /// The device's control channel failed.
+    #[error("the balloon device did not answer")]
+    Control(#[source] control::ControlError),
 }
 
 /// A pipe, close-on-exec: (read, write).
@@ -768,6 +859,7 @@ impl Devices {
             processes: Vec::new(),
             monitor,
             spawner: env.spawner.clone(),
+            balloon: None,
         };
         let mut transports = Vec::with_capacity(specs.len());
         for (spec, files) in specs.iter().zip(files) {
@@ -858,6 +950,9 @@ impl Devices {
             env.bus.clone(),
         )
         .map_err(|e| fail(DeviceError::Transport(id.clone(), e)))?;
+        if spec.kind == DeviceKind::Balloon {
+            self.balloon = Some(transport.config_refresh());
+        }
         match (spawned_pid, &pidfd) {
             (Some(pid), Some(pidfd)) if restartable => {
                 // The process's end marks the device down at once; the monitor restarts it
@@ -921,6 +1016,51 @@ impl Devices {
             .iter()
             .find(|p| p.id == id)
             .map(|p| p.control.request(request))
+    }
+
+    /// `vm.resize` `desired_balloon`: the balloon's new target, in bytes. The device takes it
+    /// on its control channel (`resize BYTES`); then the transport re-reads the configuration
+    /// space and raises the configuration interrupt, and the guest inflates or deflates.
+    pub fn balloon_resize(&self, bytes: u64) -> Result<(), BalloonError> {
+        let refresh = self.balloon.as_ref().ok_or(BalloonError::NoBalloon)?;
+        match self.control_request(BALLOON_ID, &format!("resize {bytes}")) {
+            None => Err(BalloonError::NoBalloon),
+            Some(Err(control::ControlError::Refused(reason))) => Err(BalloonError::Refused(reason)),
+            Some(Err(e)) => Err(BalloonError::Control(e)),
+            Some(Ok(_)) => {
+                // A restarted balloon starts from this target, not from `size=`.
+                self.monitor
+                    .set_respawn_option(BALLOON_ID, "--size", &bytes.to_string());
+                if !refresh.refresh() {
+                    warn!(
+                        "{BALLOON_ID}: its transport is gone; the guest is not told the new target"
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `vm.balloon-statistics`: the balloon's `statistics` reply, as (name, value) pairs.
+    pub fn balloon_statistics(&self) -> Result<Vec<(String, u64)>, BalloonError> {
+        if self.balloon.is_none() {
+            return Err(BalloonError::NoBalloon);
+        }
+        let line = match self.control_request(BALLOON_ID, "statistics") {
+            None => return Err(BalloonError::NoBalloon),
+            Some(Err(control::ControlError::Refused(reason))) => {
+                return Err(BalloonError::Refused(reason))
+            }
+            Some(Err(e)) => return Err(BalloonError::Control(e)),
+            Some(Ok(line)) => line,
+        };
+        Ok(line
+            .split_whitespace()
+            .filter_map(|pair| {
+                let (k, v) = pair.split_once('=')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect())
     }
 
     /// Restarts per restartable device, with the last cause (for `vm.info`, `vm.counters`).
@@ -1067,6 +1207,294 @@ mod tests {
                     != "bulkhead-block"
         );
         let _ = std::fs::remove_file(&image);
+    }
+
+    /// The whole path against the real balloon process (unjailed, as the block test): spawn
+    /// with no file, handshake (inflate, deflate, stats, reporting), transport; the API's
+    /// resize goes to the device on its control channel and reaches the guest's view of the
+    /// configuration space (`num_pages` at BAR 0 + 0x2000) through the refresh; statistics
+    /// come back in Firecracker's names; a target beyond u32 pages is clamped by the device,
+    /// garbage refused. Skipped without a built `bulkhead-balloon`.
+    #[test]
+    fn test_devices_start_balloon_resize_reaches_config_space() {
+        let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
+        else {
+            return;
+        };
+        if !dir.join("bulkhead-balloon").exists() {
+            eprintln!("skipped: no {}", dir.join("bulkhead-balloon").display());
+            return;
+        }
+        // SAFETY (not unsafe in edition 2021): only this test reads PATH for programs.
+        std::env::set_var("PATH", &dir);
+        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
+                .expect("memory");
+        let bus = Arc::new(MmioBus::default());
+        let env = DeviceEnv {
+            memory: &memory,
+            bus: &bus,
+            spawner: &spawner,
+            cgroup: None,
+            device_ids: None,
+            ram_size: 1 << 20,
+        };
+        let config = BalloonConfig {
+            size: 1 << 20,
+            deflate_on_oom: true,
+            free_page_reporting: true,
+            stats_polling_interval_s: 1,
+        };
+        let mut spec = balloon_spec(&config, 0, false);
+        spec.policy = DeviceKind::Balloon.policy(spec.queues, false);
+        let (devices, transports) =
+            Devices::start(std::slice::from_ref(&spec), &env).expect("start");
+        let (_, transport) = transports.first().expect("transport");
+        let num_pages = || {
+            let mut b = [0u8; 4];
+            transport.bar_read_for_fuzzing(0x2000, &mut b);
+            u32::from_le_bytes(b)
+        };
+        assert_eq!(num_pages(), 256, "size=1M at start");
+        devices.balloon_resize(64 << 20).expect("resize");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while num_pages() != 16384 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "num_pages {}",
+                num_pages()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let respawn = devices
+            .monitor
+            .respawn_args(BALLOON_ID)
+            .expect("restartable");
+        assert_eq!(
+            respawn.get(..2),
+            Some(&["--size".to_string(), (64u64 << 20).to_string()][..]),
+            "a restarted balloon keeps the target"
+        );
+        let stats = devices.balloon_statistics().expect("statistics");
+        assert_eq!(
+            &stats[..4],
+            &[
+                ("target_pages".to_string(), 16384),
+                ("actual_pages".to_string(), 0),
+                ("target_mib".to_string(), 64),
+                ("actual_mib".to_string(), 0),
+            ]
+        );
+        let pid = devices.processes[0].pid;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        // The comm is 15 bytes at most.
+        assert_eq!(comm.trim(), "bulkhead-balloo");
+        drop(transports);
+        devices.shutdown(Duration::from_secs(3));
+    }
+
+    /// Where a built `bulkhead-balloon` is (and PATH set to find it), or None (skipped).
+    fn balloon_program() -> Option<PathBuf> {
+        let dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))?;
+        if !dir.join("bulkhead-balloon").exists() {
+            eprintln!("skipped: no {}", dir.join("bulkhead-balloon").display());
+            return None;
+        }
+        // SAFETY (not unsafe in edition 2021): only these tests read PATH for programs.
+        std::env::set_var("PATH", &dir);
+        Some(dir)
+    }
+
+    /// A driver's whole inflate against the real balloon process (unjailed, under its seccomp
+    /// filter unless seccomp is not enforced here), on guest RAM `memory` (one region, every
+    /// page touched, its file `file`): the transport is brought up through BAR 0 as a driver
+    /// does (VERSION_1, the inflate queue), activation sends the memory table; an inflate of
+    /// 2 MiB (512 page frames, 2 MiB-aligned: a whole huge page too) is answered and its pages
+    /// leave the file; a request naming a page outside guest RAM is answered and releases
+    /// nothing.
+    fn balloon_inflate_end_to_end(memory: &GuestMemoryMmap, file: &File) {
+        use std::os::unix::fs::MetadataExt;
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+        let region = memory.iter().next().expect("one region");
+        let base = region.start_addr().0;
+        let size = region.len();
+        let allocated = || file.metadata().expect("metadata").blocks() * 512;
+        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
+        let bus = Arc::new(MmioBus::default());
+        let env = DeviceEnv {
+            memory,
+            bus: &bus,
+            spawner: &spawner,
+            cgroup: None,
+            device_ids: None,
+            ram_size: size,
+        };
+        let config = BalloonConfig {
+            size: 0,
+            deflate_on_oom: false,
+            free_page_reporting: false,
+            stats_polling_interval_s: 0,
+        };
+        let mut spec = balloon_spec(&config, 0, false);
+        // Its own seccomp filter on (the jail needs a static build): the memory table (fstat)
+        // and the hole punch (fallocate) must pass it.
+        spec.policy.seccomp = true;
+        let (devices, transports) =
+            Devices::start(std::slice::from_ref(&spec), &env).expect("start");
+        let (_, p) = transports.first().expect("transport");
+        let w8 = |off: u64, v: u8| p.bar_write_for_fuzzing(off, &[v]);
+        let w16 = |off: u64, v: u16| p.bar_write_for_fuzzing(off, &v.to_le_bytes());
+        let w32 = |off: u64, v: u32| p.bar_write_for_fuzzing(off, &v.to_le_bytes());
+        let w64 = |off: u64, v: u64| p.bar_write_for_fuzzing(off, &v.to_le_bytes());
+        // Rings at base, base + 4K, base + 8K; page frame numbers at base + 12K.
+        let (desc, avail, used, pfns) = (base, base + 0x1000, base + 0x2000, base + 0x3000);
+        w8(0x14, 1);
+        w8(0x14, 3);
+        w32(0x08, 0);
+        w32(0x0c, 0);
+        w32(0x08, 1);
+        w32(0x0c, 1);
+        w8(0x14, 0xb);
+        w16(0x16, 0);
+        w16(0x18, 16);
+        w64(0x20, desc);
+        w64(0x28, avail);
+        w64(0x30, used);
+        w16(0x1c, 1);
+        memory
+            .write_slice(&[0u8; 0x3000], GuestAddress(base))
+            .expect("rings");
+        w8(0x14, 0xf);
+        // One chain of 512 page frames: 8 MiB..10 MiB of guest RAM.
+        let first = ((base + (8 << 20)) >> 12) as u32;
+        let frames: Vec<u8> = (first..first + 512).flat_map(u32::to_le_bytes).collect();
+        memory
+            .write_slice(&frames, GuestAddress(pfns))
+            .expect("pfns");
+        let mut d = Vec::new();
+        d.extend_from_slice(&pfns.to_le_bytes());
+        d.extend_from_slice(&2048u32.to_le_bytes());
+        d.extend_from_slice(&[0; 4]);
+        // A second chain: a page frame just past guest RAM.
+        let outside = ((base + size) >> 12) as u32;
+        memory
+            .write_slice(&outside.to_le_bytes(), GuestAddress(pfns + 0x1000))
+            .expect("pfn");
+        d.extend_from_slice(&(pfns + 0x1000).to_le_bytes());
+        d.extend_from_slice(&4u32.to_le_bytes());
+        d.extend_from_slice(&[0; 4]);
+        memory.write_slice(&d, GuestAddress(desc)).expect("desc");
+        let before = allocated();
+        let used_idx = || {
+            memory
+                .read_obj::<u16>(GuestAddress(used + 2))
+                .expect("used")
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for (n, head) in [(1u16, 0u16), (2, 1)] {
+            memory
+                .write_obj(head, GuestAddress(avail + 4 + 2 * u64::from(n - 1)))
+                .expect("ring");
+            memory.write_obj(n, GuestAddress(avail + 2)).expect("idx");
+            // The inflate queue's notify slot (no ioeventfd here: the transport kicks).
+            w16(0x3000, 0);
+            while used_idx() != n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "chain {n} not answered"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if n == 1 {
+                assert_eq!(before - allocated(), 2 << 20, "2 MiB left the file");
+            }
+        }
+        assert_eq!(
+            before - allocated(),
+            2 << 20,
+            "the bad request released nothing"
+        );
+        let mut b = [0u8; 4];
+        memory
+            .read_slice(&mut b, GuestAddress(base + (8 << 20)))
+            .expect("read");
+        assert_eq!(b, [0; 4], "an inflated page reads as zeros");
+        let stats = devices
+            .control_request(BALLOON_ID, "stats")
+            .expect("device")
+            .expect("stats");
+        assert!(
+            stats.contains("inflated_pages=512") && stats.contains("bad_requests=1"),
+            "{stats}"
+        );
+        println!("balloon: {stats}");
+        drop(transports);
+        devices.shutdown(Duration::from_secs(3));
+    }
+
+    /// [`balloon_inflate_end_to_end`] on a plain memfd (`thp=off`). Skipped without a built
+    /// `bulkhead-balloon`.
+    #[test]
+    fn test_devices_balloon_inflate_punches_guest_ram_end_to_end() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::{FileOffset, GuestAddress};
+        if balloon_program().is_none() {
+            return;
+        }
+        const SIZE: u64 = 16 << 20;
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"bulkhead-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let file = Arc::new(unsafe { File::from_raw_fd(fd) });
+        file.set_len(SIZE).expect("size");
+        file.write_all_at(&vec![0x5a; SIZE as usize], 0)
+            .expect("touch");
+        let memory = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0x8000_0000),
+            SIZE as usize,
+            Some(FileOffset::from_arc(file.clone(), 0)),
+        )])
+        .expect("memory");
+        balloon_inflate_end_to_end(&memory, &file);
+    }
+
+    /// [`balloon_inflate_end_to_end`] on the VMM's own default guest RAM where the host allows
+    /// it: a file on a private tmpfs mounted `huge=within_size` (memory::create, thp=tmpfs),
+    /// whose block size is the 2 MiB huge page, so the device releases whole huge pages.
+    /// Skipped without a built `bulkhead-balloon` or where that tmpfs cannot be made.
+    #[test]
+    fn test_devices_balloon_inflate_on_huge_tmpfs_releases_a_huge_page() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+        if balloon_program().is_none() {
+            return;
+        }
+        let ram = match crate::memory::create(
+            16 << 20,
+            crate::memory::RamBacking::Only(crate::memory::Mechanism::Tmpfs),
+        ) {
+            Ok(ram) => ram,
+            Err(e) => {
+                eprintln!("skipped: no huge tmpfs here ({e})");
+                return;
+            }
+        };
+        let region = ram.memory.iter().next().expect("region");
+        let file = region
+            .file_offset()
+            .expect("a file")
+            .file()
+            .try_clone()
+            .expect("file");
+        ram.memory
+            .write_slice(&vec![0x5a; 16 << 20], GuestAddress(region.start_addr().0))
+            .expect("touch");
+        balloon_inflate_end_to_end(&ram.memory, &file);
     }
 
     /// The whole path against the real net device process on a real two-pair tap the VMM
@@ -1279,5 +1707,47 @@ mod tests {
         let off = DeviceKind::Block.policy(1, false);
         assert!(!off.jail && !off.seccomp && !off.landlock);
         assert_eq!(DeviceKind::Block.program_name(), "bulkhead-block");
+    }
+
+    #[test]
+    fn test_balloon_spec_args_queues_slot_and_no_files() {
+        let b = BalloonConfig {
+            size: 256 << 20,
+            deflate_on_oom: true,
+            free_page_reporting: true,
+            stats_polling_interval_s: 2,
+        };
+        let spec = balloon_spec(&b, 3, true);
+        assert_eq!(spec.id, "balloon0");
+        assert_eq!(
+            (spec.kind, spec.slot, spec.queues),
+            (DeviceKind::Balloon, 3, 4)
+        );
+        assert_eq!(DeviceKind::Balloon.virtio_type(), 5);
+        assert_eq!(DeviceKind::Balloon.program_name(), "bulkhead-balloon");
+        let Backend::Spawn { files, args } = &spec.backend else {
+            panic!("{:?}", spec.backend);
+        };
+        assert!(files.is_empty(), "guest RAM comes in the memory table");
+        assert_eq!(
+            args.join(" "),
+            "--size 268435456 --stats-polling-interval-s 2 --queue-size 128 --deflate-on-oom --free-page-reporting"
+        );
+        let plain = BalloonConfig {
+            size: 0,
+            deflate_on_oom: false,
+            free_page_reporting: false,
+            stats_polling_interval_s: 0,
+        };
+        assert_eq!(balloon_queues(&plain), 2);
+        let with_reporting = BalloonConfig {
+            free_page_reporting: true,
+            ..plain
+        };
+        assert_eq!(balloon_queues(&with_reporting), 3);
+        assert!(spawner_policy(true)
+            .programs
+            .iter()
+            .any(|p| p.ends_with("bulkhead-balloon")));
     }
 }

@@ -283,6 +283,33 @@ impl Monitor {
             .and_then(|r| r.control.clone())
     }
 
+    /// Sets option `option` of device `id`'s next process (if it is restartable) to `value`:
+    /// the balloon's `--size` follows `vm.resize`, so a restarted balloon keeps the target.
+    pub fn set_respawn_option(&self, id: &str, option: &str, value: &str) {
+        let mut st = self.state.lock().expect("not poisoned");
+        let Some(r) = st.respawns.iter_mut().find(|r| r.spec.id == id) else {
+            return;
+        };
+        if let super::Backend::Spawn { args, .. } = &mut r.spec.backend {
+            match args.iter().position(|a| a == option) {
+                Some(i) if i + 1 < args.len() => args[i + 1] = value.to_string(),
+                _ => args.extend([option.to_string(), value.to_string()]),
+            }
+        }
+    }
+
+    /// The options device `id`'s next process would get (restartable devices only).
+    pub fn respawn_args(&self, id: &str) -> Option<Vec<String>> {
+        let st = self.state.lock().expect("not poisoned");
+        st.respawns
+            .iter()
+            .find(|r| r.spec.id == id)
+            .and_then(|r| match &r.spec.backend {
+                super::Backend::Spawn { args, .. } => Some(args.clone()),
+                _ => None,
+            })
+    }
+
     /// No more restarts (the VM is shutting down): the files kept for them are closed.
     pub fn forget_respawns(&self) {
         let mut st = self.state.lock().expect("not poisoned");

@@ -275,6 +275,12 @@ impl VirtioPci {
         lock(&self.inner).backend.failure_handle()
     }
 
+    /// The handle that re-reads the device's configuration and raises the configuration
+    /// interrupt (the balloon's new target).
+    pub fn config_refresh(&self) -> super::vhost_user::ConfigRefresh {
+        lock(&self.inner).backend.config_refresh()
+    }
+
     /// The handle the device monitor restarts this device's process through.
     pub fn restart_handle(&self) -> RestartHandle {
         RestartHandle {

@@ -105,6 +105,26 @@ impl VhostUserFrontendReqHandler for ConfigChange {
     }
 }
 
+/// Tells a device's worker that the backend's configuration changed because the VMM changed
+/// it (the balloon's target, set on the device's control channel): the worker re-reads the
+/// configuration, then the generation moves on and the configuration interrupt fires, as for
+/// a backend's VHOST_USER_BACKEND_CONFIG_CHANGE_MSG. Never waits.
+#[derive(Clone)]
+pub struct ConfigRefresh(Sender<Job>);
+
+impl ConfigRefresh {
+    /// Queues the re-read; false if the device's worker is gone.
+    pub fn refresh(&self) -> bool {
+        self.0.send(Job::RefreshConfig).is_ok()
+    }
+}
+
+impl std::fmt::Debug for ConfigRefresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigRefresh")
+    }
+}
+
 /// Errors talking to a device process.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
@@ -405,6 +425,11 @@ impl VhostUserDevice {
             shared,
             jobs,
         })
+    }
+
+    /// The handle that makes the worker re-read the configuration and announce it.
+    pub fn config_refresh(&self) -> ConfigRefresh {
+        ConfigRefresh(self.jobs.clone())
     }
 
     /// Queues `job` for the worker; never waits. A worker that is gone fails the device.
