@@ -664,12 +664,30 @@ impl Vm {
                 "payload": { "cmdline": c.cmdline },
                 "disks": disks,
                 "net": nets,
+                "console": console_info(&c.console),
                 "pci_slots": c.pci_slots,
             },
             "state": "Running",
             "memory_actual_size": c.ram_size,
             "devices": devices,
         })
+    }
+}
+
+/// `vm.info`'s `config.console` (Cloud Hypervisor's fields: `mode`, and `file` for a file or
+/// the pty's path, `socket` for a socket).
+fn console_info(console: &crate::config::ConsoleConfig) -> serde_json::Value {
+    use crate::config::ConsoleConfig;
+    use serde_json::json;
+    match console {
+        ConsoleConfig::Off => json!({ "mode": "Off" }),
+        ConsoleConfig::Tty => json!({ "mode": "Tty" }),
+        ConsoleConfig::Pty => json!({
+            "mode": "Pty",
+            "file": crate::console::pty_path().map(|p| p.display().to_string()),
+        }),
+        ConsoleConfig::File(p) => json!({ "mode": "File", "file": p.display().to_string() }),
+        ConsoleConfig::Socket(p) => json!({ "mode": "Socket", "socket": p.display().to_string() }),
     }
 }
 

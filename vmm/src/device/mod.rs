@@ -21,7 +21,8 @@ use std::time::Duration;
 use log::{info, warn};
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::{DiskBackend, DiskConfig, NetBackend, NetConfig, VmConfig};
+use crate::config::{ConsoleConfig, DiskBackend, DiskConfig, NetBackend, NetConfig, VmConfig};
+use crate::console::{ConsoleError, ConsoleHost};
 use crate::mmio::MmioBus;
 use crate::tap::TapError;
 use crate::virtio::pci::{VirtioPci, VirtioPciError};
@@ -78,17 +79,20 @@ pub enum DeviceKind {
     Block,
     /// virtio-net, served by `bulkhead-net` on a tap.
     Net,
+    /// virtio-console, served by `bulkhead-console` on a host end the VMM opened.
+    Console,
 }
 
 impl DeviceKind {
     /// Every kind.
-    pub const ALL: [DeviceKind; 2] = [DeviceKind::Block, DeviceKind::Net];
+    pub const ALL: [DeviceKind; 3] = [DeviceKind::Block, DeviceKind::Net, DeviceKind::Console];
 
     /// Its short name: the program is `bulkhead-<name>`.
     pub fn name(self) -> &'static str {
         match self {
             DeviceKind::Block => "block",
             DeviceKind::Net => "net",
+            DeviceKind::Console => "console",
         }
     }
 
@@ -102,6 +106,7 @@ impl DeviceKind {
         match self {
             DeviceKind::Block => 2,
             DeviceKind::Net => 1,
+            DeviceKind::Console => 3,
         }
     }
 
@@ -112,6 +117,8 @@ impl DeviceKind {
             DeviceKind::Block => 0x01_80_00,
             // Network controller, Ethernet.
             DeviceKind::Net => 0x02_00_00,
+            // Simple communication controller, other.
+            DeviceKind::Console => 0x07_80_00,
         }
     }
 
@@ -150,6 +157,20 @@ impl DeviceKind {
                     restart: RestartPolicy::default(),
                 }
             }
+            // Descriptors: 64 (two queues' kick, call and error eventfds, its worker's epoll and
+            // eventfds, guest memory regions, its host end and one socket client); tasks: 64
+            // (the runtime's threads and the console worker). As devices/console/src/jail.rs.
+            DeviceKind::Console => JailPolicy {
+                nofile: 64,
+                nproc: 64,
+                memory_max: DEFAULT_MEMORY_MAX,
+                pids_max: 64,
+                oom_score_adj: DEVICE_OOM_SCORE_ADJ,
+                jail: sandbox,
+                seccomp: sandbox,
+                landlock: sandbox,
+                restart: RestartPolicy::default(),
+            },
         }
     }
 }
@@ -223,6 +244,14 @@ pub enum Backend {
         /// Its kind-specific options (the common ones are added here).
         args: Vec<String>,
     },
+    /// A program the VMM starts (through the spawner) and jails, handed the console's host
+    /// end.
+    SpawnOnConsole {
+        /// The host end it gets, at descriptors 5, 6.
+        host: ConsoleHost,
+        /// Its kind-specific options (the common ones are added here).
+        args: Vec<String>,
+    },
     /// A vhost-user backend someone else started, listening at this path.
     Socket(PathBuf),
 }
@@ -246,8 +275,8 @@ pub struct DeviceSpec {
     pub policy: JailPolicy,
 }
 
-/// The devices a configuration asks for: the disks, then the network interfaces, each in
-/// the next slot.
+/// The devices a configuration asks for: the disks, then the network interfaces, then the
+/// console, each in the next slot.
 pub fn specs(config: &VmConfig) -> Vec<DeviceSpec> {
     let mut specs = disk_specs(config);
     let first = specs.len();
@@ -258,7 +287,46 @@ pub fn specs(config: &VmConfig) -> Vec<DeviceSpec> {
             .enumerate()
             .map(|(i, net)| net_spec(net, i, first + i, config.sandbox)),
     );
+    let slot = specs.len();
+    specs.extend(console_spec(&config.console, slot, config.sandbox));
     specs
+}
+
+/// Queue size of the console's two queues.
+pub const CONSOLE_QUEUE_SIZE: u16 = 256;
+
+/// The spec of the virtio console, `console`, in `slot` (none for `--console off`).
+pub fn console_spec(console: &ConsoleConfig, slot: usize, sandbox: bool) -> Option<DeviceSpec> {
+    let host = match console {
+        ConsoleConfig::Off => return None,
+        ConsoleConfig::Tty => ConsoleHost::Tty,
+        ConsoleConfig::Pty => ConsoleHost::Pty,
+        ConsoleConfig::File(p) => ConsoleHost::File(p.clone()),
+        ConsoleConfig::Socket(p) => ConsoleHost::Socket(p.clone()),
+    };
+    let mut args = host.args(FIRST_KIND_FD);
+    // The console's size follows the VMM's terminal with `tty`; 80x24 until resized otherwise.
+    let (cols, rows) = match host {
+        ConsoleHost::Tty => crate::console::terminal_size().unwrap_or((80, 24)),
+        _ => (80, 24),
+    };
+    args.extend([
+        "--cols".to_string(),
+        cols.to_string(),
+        "--rows".to_string(),
+        rows.to_string(),
+        "--queue-size".to_string(),
+        CONSOLE_QUEUE_SIZE.to_string(),
+    ]);
+    Some(DeviceSpec {
+        id: "console".into(),
+        kind: DeviceKind::Console,
+        slot,
+        queues: 2,
+        queue_size: CONSOLE_QUEUE_SIZE,
+        backend: Backend::SpawnOnConsole { host, args },
+        policy: DeviceKind::Console.policy(2, sandbox),
+    })
 }
 
 /// The `bulkhead-net` options of interface `net` (its tap queues at 5, 6, ...).
@@ -450,6 +518,9 @@ pub enum DeviceError {
     /// A tap could not be opened, checked or configured.
     #[error("{0}")]
     Tap(String, #[source] TapError),
+    /// The console's host end could not be opened.
+    #[error("{0}")]
+    Console(String, #[source] ConsoleError),
 }
 
 impl DeviceError {
@@ -461,6 +532,7 @@ impl DeviceError {
                 source: LockError::InUse(_) | LockError::Open(_),
                 ..
             } | DeviceError::Tap(..)
+                | DeviceError::Console(..)
         )
     }
 }
@@ -608,6 +680,10 @@ pub struct StartedProcess {
 /// tap's host side (none for a socket backend).
 pub fn open_files(spec: &DeviceSpec) -> Result<Vec<File>, DeviceError> {
     let mut files = Vec::new();
+    if let Backend::SpawnOnConsole { host, .. } = &spec.backend {
+        return crate::console::open(host, &spec.id)
+            .map_err(|e| DeviceError::Console(spec.id.clone(), e));
+    }
     if let Backend::SpawnOnTap { tap, .. } = &spec.backend {
         let tap_error = |e| DeviceError::Tap(spec.id.clone(), e);
         return match tap {
@@ -665,7 +741,10 @@ pub(crate) fn spawn_program(
 ) -> Result<StartedProcess, DeviceError> {
     let id = &spec.id;
     let io = |e| DeviceError::Descriptors(id.clone(), e);
-    let (Backend::Spawn { args, .. } | Backend::SpawnOnTap { args, .. }) = &spec.backend else {
+    let (Backend::Spawn { args, .. }
+    | Backend::SpawnOnTap { args, .. }
+    | Backend::SpawnOnConsole { args, .. }) = &spec.backend
+    else {
         return Err(io(std::io::ErrorKind::InvalidInput.into()));
     };
     let (ours, theirs) = UnixStream::pair().map_err(io)?;
@@ -809,7 +888,7 @@ impl Devices {
             Vec::new()
         };
         let (stream, pidfd) = match &spec.backend {
-            Backend::Spawn { .. } | Backend::SpawnOnTap { .. } => {
+            Backend::Spawn { .. } | Backend::SpawnOnTap { .. } | Backend::SpawnOnConsole { .. } => {
                 let started = spawn_process(spec, files, &env.spawn_env())?;
                 let pidfd_copy = started.pidfd.try_clone().map_err(io)?;
                 if let Err(e) = self
@@ -1235,6 +1314,92 @@ mod tests {
         assert_eq!((spec.id.as_str(), spec.queues), ("ext", 4));
         assert_eq!(spec.backend, Backend::Socket("/run/n.sock".into()));
         assert!(!spec.policy.jail);
+    }
+
+    #[test]
+    fn test_console_spec_args_slot_and_policy() {
+        assert!(console_spec(&ConsoleConfig::Off, 0, true).is_none());
+        let spec =
+            console_spec(&ConsoleConfig::Socket("/run/c.sock".into()), 3, true).expect("spec");
+        assert_eq!(
+            (spec.id.as_str(), spec.slot, spec.queues),
+            ("console", 3, 2)
+        );
+        assert_eq!(spec.kind.program_name(), "bulkhead-console");
+        assert_eq!(
+            (spec.kind.virtio_type(), spec.kind.pci_class()),
+            (3, 0x07_80_00)
+        );
+        let Backend::SpawnOnConsole { host, args } = &spec.backend else {
+            panic!("{:?}", spec.backend);
+        };
+        assert_eq!(*host, ConsoleHost::Socket("/run/c.sock".into()));
+        assert_eq!(
+            args.join(" "),
+            "--listen-fd 5 --cols 80 --rows 24 --queue-size 256"
+        );
+        assert_eq!((spec.policy.nofile, spec.policy.pids_max), (64, 64));
+        assert!(spec.policy.jail && spec.policy.seccomp && spec.policy.landlock);
+        let pty = console_spec(&ConsoleConfig::Pty, 0, false).expect("spec");
+        let Backend::SpawnOnConsole { args, .. } = &pty.backend else {
+            panic!("{:?}", pty.backend);
+        };
+        assert!(args.join(" ").starts_with("--pty-fd 5 --pty-slave-fd 6 "));
+        assert!(!pty.policy.jail);
+    }
+
+    /// The whole path against the real console device process (unjailed, as the block test)
+    /// on a socket the VMM binds: spawn with the listening socket at 5, handshake (two
+    /// queues), transport, comm, and a resize on its control channel. Skipped without a built
+    /// `bulkhead-console`.
+    #[test]
+    fn test_devices_start_console_on_socket() {
+        let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
+        else {
+            return;
+        };
+        if !dir.join("bulkhead-console").exists() {
+            eprintln!("skipped: no {}", dir.join("bulkhead-console").display());
+            return;
+        }
+        std::env::set_var("PATH", &dir);
+        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
+                .expect("memory");
+        let bus = Arc::new(MmioBus::default());
+        let env = DeviceEnv {
+            memory: &memory,
+            bus: &bus,
+            spawner: &spawner,
+            cgroup: None,
+            device_ids: None,
+            ram_size: 1 << 20,
+        };
+        let path = std::env::temp_dir().join(format!("bh-console-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let spec = console_spec(&ConsoleConfig::Socket(path.clone()), 0, false).expect("spec");
+        let (devices, transports) =
+            Devices::start(std::slice::from_ref(&spec), &env).expect("start");
+        assert_eq!(transports.len(), 1);
+        let pid = devices.processes[0].pid;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        // comm holds 15 bytes.
+        assert_eq!(comm.trim(), "bulkhead-consol");
+        assert!(
+            std::os::unix::net::UnixStream::connect(&path).is_ok(),
+            "the device listens on the VMM's socket"
+        );
+        let reply = devices.processes[0]
+            .control
+            .request("resize 120 40")
+            .expect("resize");
+        assert_eq!(reply, "cols=120 rows=40");
+        drop(transports);
+        devices.shutdown(Duration::from_secs(3));
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
