@@ -295,6 +295,10 @@ fn main_rules(r: &mut Rules, kick_signal: u64) {
     r.allow_arg("socketpair", 0, &[libc::AF_UNIX as u64]);
     r.allow("eventfd2");
     hotplug_rules(r);
+    // vm.resize-console and SIGWINCH with --console tty (Devices::resize_console): the
+    // console's control channel (ControlChannel::request: its stale-reply drain is recv with
+    // MSG_DONTWAIT, i.e. recvfrom; the request and reply are write and read).
+    r.allow_arg("recvfrom", 3, &[libc::MSG_DONTWAIT as u64]);
 }
 
 /// What the main thread needs to hot-plug a device (`Vm::plug`, hotplug.rs) and end a

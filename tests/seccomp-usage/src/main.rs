@@ -60,6 +60,7 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ("vmm-common", "sched_yield", "std's locks spin, then yield, under contention: timing"),
     ("vmm-common", "writev", "std's Stderr passes a vectored write on as writev; this build's logger writes each line with write"),
     // ---- The main thread (vCPU threads inherit its filter).
+    ("main", "recvfrom", "vm.resize-console / SIGWINCH with --console tty: the trace scenario starts no console"),
     ("main", "eventfd2", AFTER_FILTER),
     ("main", "fcntl", AFTER_FILTER),
     ("main", "recvmsg", AFTER_FILTER),

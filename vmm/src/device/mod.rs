@@ -571,6 +571,8 @@ pub struct Devices {
     pub processes: Vec<DeviceProcess>,
     monitor: Arc<Monitor>,
     spawner: Arc<Spawner>,
+    /// The virtio console's configuration refresh, for a resize.
+    console: Option<crate::virtio::vhost_user::ConfigRefresh>,
 }
 
 /// A pipe, close-on-exec: (read, write).
@@ -847,6 +849,7 @@ impl Devices {
             processes: Vec::new(),
             monitor,
             spawner: env.spawner.clone(),
+            console: None,
         };
         let mut transports = Vec::with_capacity(specs.len());
         for (spec, files) in specs.iter().zip(files) {
@@ -977,6 +980,9 @@ impl Devices {
             }
             _ => {}
         }
+        if spec.kind == DeviceKind::Console {
+            self.console = Some(transport.config_refresh_handle());
+        }
         // A queue the guest broke reaches the guest as DEVICE_NEEDS_RESET (monitor.rs).
         let watch = transport.queue_error_watch().map_err(|e| fail(io(e)))?;
         self.monitor
@@ -1000,6 +1006,25 @@ impl Devices {
             .iter()
             .find(|p| p.id == id)
             .map(|p| p.control.request(request))
+    }
+
+    /// Sets the virtio console's size (VIRTIO_CONSOLE_F_SIZE): the console's process takes it
+    /// on its control channel, then the transport re-reads the configuration space and raises
+    /// the configuration interrupt, and the guest resizes `hvc0`. `Err`: no console, or why
+    /// the process refused.
+    pub fn resize_console(&self, cols: u16, rows: u16) -> Result<(), String> {
+        let Some(refresh) = &self.console else {
+            return Err("this VM has no virtio console (--console)".into());
+        };
+        match self.control_request("console", &format!("resize {cols} {rows}")) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("the console's process: {e}")),
+            None => return Err("the console has no process".into()),
+        }
+        if !refresh.refresh() {
+            return Err("the console's transport is gone".into());
+        }
+        Ok(())
     }
 
     /// Restarts per restartable device, with the last cause (for `vm.info`, `vm.counters`).

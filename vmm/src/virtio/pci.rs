@@ -275,6 +275,12 @@ impl VirtioPci {
         lock(&self.inner).backend.failure_handle()
     }
 
+    /// A handle that re-reads the backend's configuration space and raises the
+    /// configuration interrupt (the console's size changed).
+    pub fn config_refresh_handle(&self) -> super::vhost_user::ConfigRefresh {
+        lock(&self.inner).backend.config_refresh_handle()
+    }
+
     /// The handle the device monitor restarts this device's process through.
     pub fn restart_handle(&self) -> RestartHandle {
         RestartHandle {

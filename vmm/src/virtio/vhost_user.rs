@@ -105,6 +105,26 @@ impl VhostUserFrontendReqHandler for ConfigChange {
     }
 }
 
+/// Re-reads a device's configuration space and tells the guest it changed
+/// ([`VhostUserDevice::config_refresh_handle`]).
+pub struct ConfigRefresh {
+    jobs: Mutex<Sender<Job>>,
+}
+
+impl ConfigRefresh {
+    /// Queues the refresh for the device's worker; never waits. False if the device is gone.
+    pub fn refresh(&self) -> bool {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.send(Job::RefreshConfig).is_ok()
+    }
+}
+
+impl std::fmt::Debug for ConfigRefresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigRefresh")
+    }
+}
+
 /// Errors talking to a device process.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
@@ -433,6 +453,15 @@ impl VhostUserDevice {
     /// A handle that fails this device from anywhere.
     pub fn failure_handle(&self) -> FailureHandle {
         FailureHandle(self.shared.clone())
+    }
+
+    /// A handle that makes the worker re-read the backend's configuration space and raise the
+    /// configuration interrupt, as on VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (the VMM changed the
+    /// device's configuration over its control channel: the console's size).
+    pub fn config_refresh_handle(&self) -> ConfigRefresh {
+        ConfigRefresh {
+            jobs: Mutex::new(self.jobs.clone()),
+        }
     }
 
     /// Duplicates of the queues' error eventfds, for the device monitor to watch.
