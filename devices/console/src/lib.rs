@@ -191,30 +191,24 @@ fn is_listener(fd: RawFd) -> Result<bool, Error> {
 
 impl Config {
     /// The host end, from the descriptors (checked: a listening socket, a character device
-    /// for a pty, no directory or block device for the rest). Pty masters and sockets are made
-    /// non-blocking (the VMM opened them, and they are this process's alone); the standard
-    /// streams and files stay as they are (they may be shared with the VMM's terminal).
+    /// for a pty, no directory or block device for the rest). Pty masters, sockets, and
+    /// outputs and inputs that are terminals or pipes (which the VMM opened or reopened for the
+    /// process, so their file status flags are its own) are made non-blocking; files and
+    /// duplicated sockets stay as they are.
     pub fn host_end(&self) -> Result<HostEnd, Error> {
+        const ANY: &str = "a file, pipe, terminal or socket";
+        let stream = |fd: RawFd, what: &'static str| -> Result<OwnedFd, Error> {
+            let owned = take(fd, what, is_stream, ANY)?;
+            if matches!(file_type(fd)?, libc::S_IFCHR | libc::S_IFIFO) {
+                set_nonblocking(&owned);
+            }
+            Ok(owned)
+        };
         Ok(match self.host {
-            HostFds::Output(fd) => HostEnd::Output(take(
-                fd,
-                "output",
-                is_stream,
-                "a file, pipe, terminal or socket",
-            )?),
+            HostFds::Output(fd) => HostEnd::Output(stream(fd, "output")?),
             HostFds::Streams { input, output } => HostEnd::Streams {
-                input: take(
-                    input,
-                    "input",
-                    is_stream,
-                    "a file, pipe, terminal or socket",
-                )?,
-                output: take(
-                    output,
-                    "output",
-                    is_stream,
-                    "a file, pipe, terminal or socket",
-                )?,
+                input: stream(input, "input")?,
+                output: stream(output, "output")?,
             },
             HostFds::Pty { master, slave } => {
                 let master = take(master, "pty master", is_char_device, "a character device")?;
