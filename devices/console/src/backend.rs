@@ -580,6 +580,11 @@ impl Worker {
                 want.insert(l.as_raw_fd(), EventSet::IN);
             }
         }
+        // A descriptor with nothing to wait for is not watched at all: epoll reports a hang-up
+        // whatever the events asked for, and one that cannot be acted on (the input buffer
+        // full, nothing to write) would wake the worker in a loop. It is seen once there is
+        // room or output again.
+        want.retain(|_, events| !events.is_empty());
         want
     }
 

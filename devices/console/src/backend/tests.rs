@@ -333,3 +333,60 @@ fn test_worker_broken_tx_queue_stops_it() {
     backend.reset_device();
     backend.stop_worker();
 }
+
+/// The tids of this process's `console-io` threads.
+fn console_io_tids() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("tasks")
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "console-io")
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// User + system clock ticks of thread `tid`.
+fn cpu_ticks(tid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+#[test]
+fn test_worker_hang_up_with_input_buffer_full_does_not_spin() {
+    let guest = Guest::new();
+    let (l, path) = listener();
+    let before_tids = console_io_tids();
+    let backend = start(&guest, HostEnd::Listener(l.into()));
+    std::thread::sleep(Duration::from_millis(50));
+    let tid = console_io_tids()
+        .into_iter()
+        .find(|t| !before_tids.contains(t))
+        .expect("this backend's console-io thread");
+    let mut c = UnixStream::connect(&path).expect("connect");
+    // More than the input buffer, with no receive buffers in the guest.
+    c.write_all(&vec![b'x'; INPUT_BUFFER + 4096])
+        .expect("write");
+    std::thread::sleep(Duration::from_millis(100));
+    drop(c);
+    std::thread::sleep(Duration::from_millis(100));
+    // The worker thread sleeps: its CPU time does not grow.
+    let before = cpu_ticks(&tid);
+    std::thread::sleep(Duration::from_millis(500));
+    let spent = cpu_ticks(&tid) - before;
+    assert!(spent < 3, "the worker spun: {spent} ticks in 0.5 s");
+    backend.stop_worker();
+    let _ = std::fs::remove_file(&path);
+}
