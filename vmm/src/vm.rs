@@ -798,3 +798,28 @@ pub fn forward_stdin(serial: Arc<SharedPl011>) -> Result<(), VmError> {
         .map(|_| ())
         .map_err(|e| VmError::SpawnThread("serial-in".into(), e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConsoleConfig;
+
+    #[test]
+    fn test_console_info_in_ch_fields() {
+        assert_eq!(
+            console_info(&ConsoleConfig::Off).to_string(),
+            r#"{"mode":"Off"}"#
+        );
+        assert_eq!(
+            console_info(&ConsoleConfig::Socket("/run/c.sock".into())).to_string(),
+            r#"{"mode":"Socket","socket":"/run/c.sock"}"#
+        );
+        assert_eq!(
+            console_info(&ConsoleConfig::File("/var/log/c".into())).to_string(),
+            r#"{"file":"/var/log/c","mode":"File"}"#
+        );
+        let pty = console_info(&ConsoleConfig::Pty);
+        assert_eq!(pty["mode"], "Pty");
+        assert!(pty.get("file").is_some(), "{pty}");
+    }
+}
