@@ -1342,6 +1342,19 @@ mod tests {
     }
 
     #[test]
+    fn test_resize_console_without_console_is_an_error() {
+        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
+        let devices = Devices {
+            processes: Vec::new(),
+            monitor: Monitor::new(spawner.take_events()).expect("monitor"),
+            spawner,
+            console: None,
+        };
+        let e = devices.resize_console(80, 24).expect_err("no console");
+        assert!(e.contains("no virtio console"), "{e}");
+    }
+
+    #[test]
     fn test_console_spec_args_slot_and_policy() {
         assert!(console_spec(&ConsoleConfig::Off, 0, true).is_none());
         let spec =
@@ -1417,11 +1430,28 @@ mod tests {
             std::os::unix::net::UnixStream::connect(&path).is_ok(),
             "the device listens on the VMM's socket"
         );
-        let reply = devices.processes[0]
+        // The configuration space the guest reads (BAR 0 at 0x2000): 80x24, then the resize.
+        let cfg = |t: &VirtioPci| {
+            let mut b = [0u8; 4];
+            t.bar_read_for_fuzzing(0x2000, &mut b);
+            b
+        };
+        assert_eq!(cfg(&transports[0].1), [80, 0, 24, 0]);
+        devices.resize_console(120, 40).expect("resize");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while cfg(&transports[0].1) != [120, 0, 40, 0] {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the transport did not re-read the configuration: {:?}",
+                cfg(&transports[0].1)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stats = devices.processes[0]
             .control
-            .request("resize 120 40")
-            .expect("resize");
-        assert_eq!(reply, "cols=120 rows=40");
+            .request("stats")
+            .expect("stats");
+        assert!(stats.contains("resizes=1 "), "{stats}");
         drop(transports);
         devices.shutdown(Duration::from_secs(3));
         let _ = std::fs::remove_file(&path);
