@@ -49,6 +49,7 @@ rc=0
 FUZZ_TARGETS=(
     devices/block/fuzz:request_parser:30
     devices/net/fuzz:descriptor_handling:20
+    devices/console/fuzz:queue_handling:15
     devices/balloon/fuzz:queues:15
     devices/runtime/fuzz:vhost_user_messages:20
     vmm/fuzz:virtio_pci_transport:20

@@ -13,7 +13,8 @@
 //! code path.
 //!
 //! What it keeps out of the spawner and of every process it starts: making sockets
-//! (`socket`, `connect`, `bind`, `listen`, `accept`), `ptrace` and `process_vm_*`, `bpf`,
+//! (`socket`, `connect`, `bind`, `listen`, and `accept` but on a socket a process was handed
+//! already listening: `accept4`, for bulkhead-console), `ptrace` and `process_vm_*`, `bpf`,
 //! `perf_event_open`, `kexec_*`, kernel modules, keyrings, `userfaultfd`, `mknod`,
 //! `open_by_handle_at`, `setns`, `chroot`, the new mount API (`fsopen`, `move_mount`, ...),
 //! `reboot`, `swapon`, clock setting, `syslog`, `personality`, and every syscall not listed.
@@ -130,6 +131,10 @@ pub fn spawner_rules() -> Rules {
     r.allow("ioctl");
     // Adopting the sockets: getsockopt(SO_TYPE) (startup::adopt_unix_socket).
     r.allow("getsockopt");
+    // bulkhead-console with `--console socket=PATH`: clients of the listening socket the VMM
+    // bound and handed in (its Worker::accept_client). With socket, bind and listen out, it
+    // takes connections only on a socket the VMM made.
+    r.allow("accept4");
     // Landlock (startup::apply_landlock), then the device's own filter (seccomp, after
     // PR_SET_NO_NEW_PRIVS).
     r.allow("landlock_create_ruleset")

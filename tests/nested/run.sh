@@ -230,12 +230,11 @@ pack() {
 }
 
 # virtio_mmio: for the peers' devices in the boot benchmark (Firecracker has only virtio-mmio).
-GUEST_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio virtio_blk failover net_failover virtio_net"
+# virtio_console (scenarios/console-virtio.sh) and virtio_balloon (scenarios/balloon.sh) last.
+GUEST_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio virtio_blk failover net_failover virtio_net virtio_console virtio_balloon"
 GUEST_EXTRA_MODULES="efivarfs"
 # Modules L1's init loads, in this order: tun, for the taps --net opens.
 L1_MODULES="tun"
-# The balloon (scenarios/balloon.sh): loaded last, after virtio.
-GUEST_MODULES="$GUEST_MODULES virtio_balloon"
 
 pack_guest() {
 	local d=$WORK/guest-root

@@ -54,6 +54,17 @@ pub struct Args {
     /// Guest console (the PL011): `tty` (this process's stdin and stdout), `file=PATH`, or `off`.
     #[arg(long, value_name = "tty|file=PATH|off", default_value = "tty")]
     pub serial: String,
+    /// A virtio console (`hvc0` in the guest), served by a `bulkhead-console` process on a
+    /// host end the VMM opens: `off` (none), `tty` (this process's terminal; needs `--serial`
+    /// other than `tty`), `pty` (a new pty, its path printed and in `vm.info`),
+    /// `file=PATH` (output appended), `socket=PATH` (a Unix socket the VMM listens on, one
+    /// client at a time) (docs/console.md).
+    #[arg(
+        long,
+        value_name = "off|tty|pty|file=PATH|socket=PATH",
+        default_value = "off"
+    )]
+    pub console: String,
     /// A disk, repeatable: `path=IMG[,readonly=on][,serial=S][,num_queues=N]` is served by a
     /// `bulkhead-block` process the VMM starts; `socket=PATH[,num_queues=N]` connects to a
     /// vhost-user-blk backend already listening at PATH. `id=NAME` names it (default diskN);
@@ -176,6 +187,63 @@ pub enum SerialConfig {
     File(File),
     /// Output discarded; no input. The PL011 is still there.
     Off,
+}
+
+/// `--console`: where the virtio console's host end is (Cloud Hypervisor's names).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleConfig {
+    /// No virtio console (the default; the PL011 is always there).
+    Off,
+    /// The VMM's own terminal (stdin and stdout).
+    Tty,
+    /// A new pty.
+    Pty,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// A Unix socket the VMM binds and listens on; the device accepts one client at a time.
+    Socket(PathBuf),
+}
+
+/// `--console off|tty|pty|file=PATH|socket=PATH`; `serial` is the PL011's setting (`tty` for
+/// both is refused: one terminal cannot feed two consoles).
+pub(crate) fn parse_console(
+    value: &str,
+    serial: &SerialConfig,
+) -> Result<ConsoleConfig, ConfigError> {
+    let bad = |reason: String| ConfigError::Option {
+        flag: "console",
+        reason,
+    };
+    let console = match value {
+        "off" => ConsoleConfig::Off,
+        "tty" => ConsoleConfig::Tty,
+        "pty" => ConsoleConfig::Pty,
+        _ => match value.split_once('=') {
+            Some(("file", path)) if !path.is_empty() => ConsoleConfig::File(path.into()),
+            Some(("socket", path)) if !path.is_empty() => {
+                // sun_path holds 108 bytes, the terminating NUL included.
+                if path.len() > 107 {
+                    return Err(bad(format!(
+                        "socket={path:?}: a Unix socket path is at most 107 bytes"
+                    )));
+                }
+                ConsoleConfig::Socket(path.into())
+            }
+            _ => {
+                return Err(bad(format!(
+                    "expected off, tty, pty, file=PATH or socket=PATH, got {value:?}"
+                )))
+            }
+        },
+    };
+    if console == ConsoleConfig::Tty && matches!(serial, SerialConfig::Tty) {
+        return Err(bad(
+            "tty: the terminal is already the serial console's (--serial tty, the default); \
+             give --serial off or --serial file=PATH, or another --console"
+                .into(),
+        ));
+    }
+    Ok(console)
 }
 
 /// Most queues a disk may have.
@@ -996,6 +1064,8 @@ pub struct VmConfig {
     pub boot: BootConfig,
     /// Guest console.
     pub serial: SerialConfig,
+    /// The virtio console (`--console`).
+    pub console: ConsoleConfig,
     /// Disks, in slot order.
     pub disks: Vec<DiskConfig>,
     /// Network interfaces, in slot order after the disks.
@@ -1331,6 +1401,18 @@ impl TryFrom<Args> for VmConfig {
             }
         }
         let serial = parse_serial(&args.serial)?;
+        let console = parse_console(&args.console, &serial)?;
+        if console != ConsoleConfig::Off && disks.len() + nets.len() >= args.pci_slots {
+            return Err(ConfigError::Option {
+                flag: "console",
+                reason: format!(
+                    "{} disks, {} network interfaces and the console but {} PCIe slots, one per device (raise --pci-slots)",
+                    disks.len(),
+                    nets.len(),
+                    args.pci_slots
+                ),
+            });
+        }
         let sandbox = parse_sandbox(&args.sandbox)?;
         let device_ids = args
             .device_uid
@@ -1370,6 +1452,7 @@ impl TryFrom<Args> for VmConfig {
             cmdline: args.cmdline,
             boot,
             serial,
+            console,
             disks,
             nets,
             balloon,
@@ -1500,6 +1583,32 @@ mod tests {
         assert!(parse_memory("size=65M").is_err());
         assert!(parse_memory("size=1024G").is_err());
         assert!(parse_memory("sz=1G").is_err());
+    }
+
+    #[test]
+    fn test_parse_console_forms_and_tty_conflict() {
+        let off = SerialConfig::Off;
+        assert_eq!(parse_console("off", &off).expect("off"), ConsoleConfig::Off);
+        assert_eq!(parse_console("tty", &off).expect("tty"), ConsoleConfig::Tty);
+        assert_eq!(parse_console("pty", &off).expect("pty"), ConsoleConfig::Pty);
+        assert_eq!(
+            parse_console("file=/tmp/c.log", &off).expect("file"),
+            ConsoleConfig::File("/tmp/c.log".into())
+        );
+        assert_eq!(
+            parse_console("socket=/run/c.sock", &SerialConfig::Tty).expect("socket"),
+            ConsoleConfig::Socket("/run/c.sock".into())
+        );
+        for bad in ["", "file=", "socket=", "serial", "pty=1", "tty,", "on"] {
+            assert!(parse_console(bad, &off).is_err(), "{bad:?}");
+        }
+        assert!(parse_console(&format!("socket=/{}", "a".repeat(107)), &off).is_err());
+        let Err(e) = parse_console("tty", &SerialConfig::Tty) else {
+            panic!("tty twice accepted");
+        };
+        assert!(e.to_string().contains("--serial off"), "{e}");
+        let args = Args::try_parse_from(["bulkhead", "--kernel", "k"]).expect("parses");
+        assert_eq!(args.console, "off");
     }
 
     #[test]

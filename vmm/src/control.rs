@@ -43,6 +43,12 @@ pub enum Request {
         /// The device's id.
         id: String,
     },
+    /// `vm.resize-console`: the virtio console's size (`None`: the VMM's terminal's, on
+    /// SIGWINCH with `--console tty`).
+    ResizeConsole {
+        /// Columns and rows.
+        size: Option<(u16, u16)>,
+    },
 }
 
 /// How an unplug ended.

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod arch;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod device;
 pub mod hotplug;

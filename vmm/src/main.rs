@@ -49,6 +49,8 @@ fn run(
     api: Option<bulkhead::api::Listener>,
 ) -> Result<Outcome, bulkhead::vm::VmError> {
     let interactive = matches!(config.serial, SerialConfig::Tty);
+    // `--console tty`: the terminal is the virtio console's (never both: config.rs).
+    let console_tty = config.console == bulkhead::config::ConsoleConfig::Tty;
     // Before Vm::new starts device watcher and backend-req threads: they must block these too.
     block_termination_signals()?;
     let vm = Vm::new(config, spawner, cgroup)?;
@@ -57,12 +59,14 @@ fn run(
         bulkhead::api::start(listener, vm.event_sender())?;
     }
     vcpu::register_kick_handler().map_err(bulkhead::vm::VmError::Signals)?;
-    if interactive {
+    if interactive || console_tty {
         match terminal::enter_raw_mode() {
             Ok(true) => info!("stdin is a terminal: raw mode until the VM ends"),
             Ok(false) => {}
             Err(e) => warn!("cannot put the terminal in raw mode: {e}"),
         }
+    }
+    if interactive {
         forward_stdin(vm.serial())?;
     }
     // The device processes are started and every helper thread runs under its own filter:

@@ -294,10 +294,12 @@ fn main_rules(r: &mut Rules, kick_signal: u64) {
     );
     r.allow_arg("socketpair", 0, &[libc::AF_UNIX as u64]);
     r.allow("eventfd2");
-    // The API's balloon requests (Vm::resize_balloon, Vm::balloon_statistics ->
-    // ControlChannel::request on the balloon's control channel): std's UnixDatagram::send is a
-    // write (common rules), the stale-reply drain a recv with MSG_DONTWAIT and the reply a
-    // recv, both recvfrom.
+    // A device's control channel from the main thread (ControlChannel::request): the API's
+    // balloon requests (Vm::resize_balloon, Vm::balloon_statistics -> Devices::balloon_resize,
+    // Devices::balloon_statistics) and vm.resize-console and SIGWINCH with --console tty
+    // (Devices::resize_console). std's UnixDatagram::send is a write (common rules); the
+    // stale-reply drain is a recv with MSG_DONTWAIT and the reply a recv with flags 0, both
+    // recvfrom on aarch64.
     r.allow_arg("recvfrom", 3, &[0, libc::MSG_DONTWAIT as u64]);
     hotplug_rules(r);
 }

@@ -585,6 +585,31 @@ impl Vm {
                 drop(reply.send(self.balloon_statistics()));
                 None
             }
+            Request::ResizeConsole { size } => {
+                let from_terminal = size.is_none();
+                let size = size.or_else(|| {
+                    (self.config.console == crate::config::ConsoleConfig::Tty)
+                        .then(crate::console::terminal_size)
+                        .flatten()
+                });
+                let result = match size {
+                    // SIGWINCH without a console on the terminal: nothing to follow.
+                    None if from_terminal => Ok(Reply::Done),
+                    None => Err(RequestError::new(400, "no size")),
+                    Some((cols, rows)) => match self.devices.resize_console(cols, rows) {
+                        Ok(()) => {
+                            info!("console resized to {cols}x{rows}");
+                            Ok(Reply::Done)
+                        }
+                        Err(e) => Err(RequestError::new(409, e)),
+                    },
+                };
+                if let Err(e) = &result {
+                    debug!("console resize: {}", e.message);
+                }
+                drop(reply.send(result));
+                None
+            }
         }
     }
 
@@ -742,6 +767,7 @@ impl Vm {
                 "payload": { "cmdline": c.cmdline },
                 "disks": disks,
                 "net": nets,
+                "console": console_info(&c.console),
                 "balloon": balloon,
                 "pci_slots": c.pci_slots,
             },
@@ -752,12 +778,32 @@ impl Vm {
     }
 }
 
+/// `vm.info`'s `config.console` (Cloud Hypervisor's fields: `mode`, and `file` for a file or
+/// the pty's path, `socket` for a socket).
+fn console_info(console: &crate::config::ConsoleConfig) -> serde_json::Value {
+    use crate::config::ConsoleConfig;
+    use serde_json::json;
+    match console {
+        ConsoleConfig::Off => json!({ "mode": "Off" }),
+        ConsoleConfig::Tty => json!({ "mode": "Tty" }),
+        ConsoleConfig::Pty => json!({
+            "mode": "Pty",
+            "file": crate::console::pty_path().map(|p| p.display().to_string()),
+        }),
+        ConsoleConfig::File(p) => json!({ "mode": "File", "file": p.display().to_string() }),
+        ConsoleConfig::Socket(p) => json!({ "mode": "Socket", "socket": p.display().to_string() }),
+    }
+}
+
 /// Blocks termination signals (SIGTERM, SIGINT, SIGHUP) in the calling thread, and so in every
 /// thread it starts afterwards; returns their set. Call before starting any thread (device
 /// watchers included): a thread that does not block them would take the process down with
 /// their default action. Child processes get an empty mask from `Command`.
+///
+/// SIGWINCH is in the set too: [`forward_signals`] turns it into a resize of the virtio console
+/// when that is on the terminal (`--console tty`), and it ends nothing.
 pub fn block_termination_signals() -> Result<libc::sigset_t, VmError> {
-    let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGWINCH];
     let set = vmm_sys_util::signal::create_sigset(&signals).map_err(VmError::Signals)?;
     // SAFETY: `set` is a valid sigset; the old mask is not needed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -781,6 +827,16 @@ pub fn forward_signals(events: Sender<Event>) -> Result<(), VmError> {
                 let mut sig = 0;
                 // SAFETY: `set` and `sig` are valid; sigwait only writes `sig`.
                 if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    if sig == libc::SIGWINCH {
+                        // The terminal changed size: the console follows it (its answer is
+                        // not waited for).
+                        let (reply, _) = std::sync::mpsc::channel();
+                        let resize = Request::ResizeConsole { size: None };
+                        if events.send(Event::Control(resize, reply)).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     info!("received signal {sig}, shutting down");
                     if events.send(Event::Signal(sig)).is_err() {
                         return;
@@ -820,4 +876,29 @@ pub fn forward_stdin(serial: Arc<SharedPl011>) -> Result<(), VmError> {
         })
         .map(|_| ())
         .map_err(|e| VmError::SpawnThread("serial-in".into(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConsoleConfig;
+
+    #[test]
+    fn test_console_info_in_ch_fields() {
+        assert_eq!(
+            console_info(&ConsoleConfig::Off).to_string(),
+            r#"{"mode":"Off"}"#
+        );
+        assert_eq!(
+            console_info(&ConsoleConfig::Socket("/run/c.sock".into())).to_string(),
+            r#"{"mode":"Socket","socket":"/run/c.sock"}"#
+        );
+        assert_eq!(
+            console_info(&ConsoleConfig::File("/var/log/c".into())).to_string(),
+            r#"{"file":"/var/log/c","mode":"File"}"#
+        );
+        let pty = console_info(&ConsoleConfig::Pty);
+        assert_eq!(pty["mode"], "Pty");
+        assert!(pty.get("file").is_some(), "{pty}");
+    }
 }

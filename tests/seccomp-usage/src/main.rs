@@ -113,6 +113,7 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ("bulkhead-spawn", "setgroups", DEVICE_UID),
     ("bulkhead-spawn", "setgid", DEVICE_UID),
     ("bulkhead-spawn", "setuid", DEVICE_UID),
+    ("bulkhead-spawn", "accept4", "bulkhead-console's socket clients (--console socket=): the trace scenario starts no console"),
     ("bulkhead-spawn", "getrlimit", "close_from's fallback, on kernels without close_range (before 5.9)"),
     ("bulkhead-spawn", "statfs", "statvfs of a bind mount's source (Jail::bind): no device kind of this build binds a path"),
     ("bulkhead-spawn", "landlock_add_rule", "a landlock ruleset that allows a path: no device kind of this build opens one"),

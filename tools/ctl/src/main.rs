@@ -50,6 +50,13 @@ enum Command {
         /// The device's id (vm.info lists them).
         id: String,
     },
+    /// Set the virtio console's size (vm.resize-console); the guest's hvc0 follows.
+    ResizeConsole {
+        /// Columns.
+        cols: u16,
+        /// Rows.
+        rows: u16,
+    },
     /// Reset the guest in place (vm.reboot).
     Reboot,
     /// Stop the guest; the VMM exits (vm.shutdown).
@@ -240,6 +247,11 @@ fn endpoint(command: &Command) -> Result<(&'static str, &'static str, Option<Val
         Command::AddDisk { options } => ("PUT", "vm.add-disk", Some(disk_body(options)?)),
         Command::AddNet { options } => ("PUT", "vm.add-net", Some(net_body(options)?)),
         Command::RemoveDevice { id } => ("PUT", "vm.remove-device", Some(json!({ "id": id }))),
+        Command::ResizeConsole { cols, rows } => (
+            "PUT",
+            "vm.resize-console",
+            Some(json!({ "cols": cols, "rows": rows })),
+        ),
         Command::Reboot => ("PUT", "vm.reboot", None),
         Command::Shutdown => ("PUT", "vm.shutdown", None),
         Command::ShutdownVmm => ("PUT", "vmm.shutdown", None),

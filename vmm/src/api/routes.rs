@@ -144,6 +144,16 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Action, HttpResp
             expect_method(method, "GET", endpoint)?;
             control(Request::BalloonStatistics, REPLY_TIMEOUT)
         }
+        "vm.resize-console" => {
+            expect_method(method, "PUT", endpoint)?;
+            let ResizeConsole { cols, rows } = json::<ResizeConsole>(body)?;
+            control(
+                Request::ResizeConsole {
+                    size: Some((cols, rows)),
+                },
+                REPLY_TIMEOUT,
+            )
+        }
         e if NOT_IMPLEMENTED.contains(&e) => Err(HttpResponse::error(
             501,
             format!("{e} is not implemented by Bulkhead (docs/api.md lists what is)"),
@@ -210,6 +220,14 @@ struct Resize {
 #[derive(Deserialize)]
 struct RemoveDevice {
     id: String,
+}
+
+/// `vm.resize-console`'s body: the virtio console's columns and rows.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeConsole {
+    cols: u16,
+    rows: u16,
 }
 
 /// One token bucket (Cloud Hypervisor's `TokenBucketConfig`; refill time in ms).
@@ -633,6 +651,29 @@ mod tests {
             let got = status(route("PUT", &format!("{ROOT}{path}"), body));
             assert_eq!(got, 400, "{path} {}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn test_routes_resize_console() {
+        match request(route(
+            "PUT",
+            "/api/v1/vm.resize-console",
+            br#"{"cols": 132, "rows": 43}"#,
+        )) {
+            Request::ResizeConsole { size } => assert_eq!(size, Some((132, 43))),
+            r => panic!("{r:?}"),
+        }
+        for body in [
+            &b""[..],
+            br#"{"cols": 80}"#,
+            br#"{"cols": 80, "rows": -1}"#,
+            br#"{"cols": 70000, "rows": 24}"#,
+            br#"{"cols": 80, "rows": 24, "x": 1}"#,
+        ] {
+            let got = status(route("PUT", "/api/v1/vm.resize-console", body));
+            assert_eq!(got, 400, "{}", String::from_utf8_lossy(body));
+        }
+        assert_eq!(status(route("GET", "/api/v1/vm.resize-console", b"")), 400);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod monitor;
 pub mod restart;
 pub mod spawner;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -21,7 +22,10 @@ use std::time::Duration;
 use log::{info, warn};
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::{BalloonConfig, DiskBackend, DiskConfig, NetBackend, NetConfig, VmConfig};
+use crate::config::{
+    BalloonConfig, ConsoleConfig, DiskBackend, DiskConfig, NetBackend, NetConfig, VmConfig,
+};
+use crate::console::{ConsoleError, ConsoleHost};
 use crate::mmio::MmioBus;
 use crate::tap::TapError;
 use crate::virtio::pci::{VirtioPci, VirtioPciError};
@@ -78,6 +82,8 @@ pub enum DeviceKind {
     Block,
     /// virtio-net, served by `bulkhead-net` on a tap.
     Net,
+    /// virtio-console, served by `bulkhead-console` on a host end the VMM opened.
+    Console,
     /// virtio-balloon, served by `bulkhead-balloon` on the guest-RAM files of the memory
     /// table.
     Balloon,
@@ -85,13 +91,19 @@ pub enum DeviceKind {
 
 impl DeviceKind {
     /// Every kind.
-    pub const ALL: [DeviceKind; 3] = [DeviceKind::Block, DeviceKind::Net, DeviceKind::Balloon];
+    pub const ALL: [DeviceKind; 4] = [
+        DeviceKind::Block,
+        DeviceKind::Net,
+        DeviceKind::Console,
+        DeviceKind::Balloon,
+    ];
 
     /// Its short name: the program is `bulkhead-<name>`.
     pub fn name(self) -> &'static str {
         match self {
             DeviceKind::Block => "block",
             DeviceKind::Net => "net",
+            DeviceKind::Console => "console",
             DeviceKind::Balloon => "balloon",
         }
     }
@@ -106,6 +118,7 @@ impl DeviceKind {
         match self {
             DeviceKind::Block => 2,
             DeviceKind::Net => 1,
+            DeviceKind::Console => 3,
             DeviceKind::Balloon => 5,
         }
     }
@@ -117,6 +130,8 @@ impl DeviceKind {
             DeviceKind::Block => 0x01_80_00,
             // Network controller, Ethernet.
             DeviceKind::Net => 0x02_00_00,
+            // Simple communication controller, other.
+            DeviceKind::Console => 0x07_80_00,
             // Memory controller, other.
             DeviceKind::Balloon => 0x05_80_00,
         }
@@ -157,6 +172,20 @@ impl DeviceKind {
                     restart: RestartPolicy::default(),
                 }
             }
+            // Descriptors: 64 (two queues' kick, call and error eventfds, its worker's epoll and
+            // eventfds, guest memory regions, its host end and one socket client); tasks: 64
+            // (the runtime's threads and the console worker). As devices/console/src/jail.rs.
+            DeviceKind::Console => JailPolicy {
+                nofile: 64,
+                nproc: 64,
+                memory_max: DEFAULT_MEMORY_MAX,
+                pids_max: 64,
+                oom_score_adj: DEVICE_OOM_SCORE_ADJ,
+                jail: sandbox,
+                seccomp: sandbox,
+                landlock: sandbox,
+                restart: RestartPolicy::default(),
+            },
             // Descriptors: 64 + 8 per queue (kick, call and error eventfds, guest memory
             // regions, the stats timer's epoll and eventfd); tasks: 64 (the runtime's threads
             // and the stats timer).
@@ -244,6 +273,14 @@ pub enum Backend {
         /// Its kind-specific options (the common ones are added here).
         args: Vec<String>,
     },
+    /// A program the VMM starts (through the spawner) and jails, handed the console's host
+    /// end.
+    SpawnOnConsole {
+        /// The host end it gets, at descriptors 5, 6.
+        host: ConsoleHost,
+        /// Its kind-specific options (the common ones are added here).
+        args: Vec<String>,
+    },
     /// A vhost-user backend someone else started, listening at this path.
     Socket(PathBuf),
 }
@@ -268,7 +305,7 @@ pub struct DeviceSpec {
 }
 
 /// The devices a configuration asks for: the disks, then the network interfaces, then the
-/// balloon, each in the next slot.
+/// console, then the balloon, each in the next slot.
 pub fn specs(config: &VmConfig) -> Vec<DeviceSpec> {
     let mut specs = disk_specs(config);
     let first = specs.len();
@@ -279,6 +316,8 @@ pub fn specs(config: &VmConfig) -> Vec<DeviceSpec> {
             .enumerate()
             .map(|(i, net)| net_spec(net, i, first + i, config.sandbox)),
     );
+    let slot = specs.len();
+    specs.extend(console_spec(&config.console, slot, config.sandbox));
     if let Some(balloon) = &config.balloon {
         let slot = specs.len();
         specs.push(balloon_spec(balloon, slot, config.sandbox));
@@ -334,6 +373,46 @@ pub fn balloon_spec(balloon: &BalloonConfig, slot: usize, sandbox: bool) -> Devi
         },
         policy: DeviceKind::Balloon.policy(queues, sandbox),
     }
+}
+
+/// The virtio console's device id (one per VM).
+pub const CONSOLE_ID: &str = "console";
+
+/// Queue size of the console's two queues.
+pub const CONSOLE_QUEUE_SIZE: u16 = 256;
+
+/// The spec of the virtio console, `console`, in `slot` (none for `--console off`).
+pub fn console_spec(console: &ConsoleConfig, slot: usize, sandbox: bool) -> Option<DeviceSpec> {
+    let host = match console {
+        ConsoleConfig::Off => return None,
+        ConsoleConfig::Tty => ConsoleHost::Tty,
+        ConsoleConfig::Pty => ConsoleHost::Pty,
+        ConsoleConfig::File(p) => ConsoleHost::File(p.clone()),
+        ConsoleConfig::Socket(p) => ConsoleHost::Socket(p.clone()),
+    };
+    let mut args = host.args(FIRST_KIND_FD);
+    // The console's size follows the VMM's terminal with `tty`; 80x24 until resized otherwise.
+    let (cols, rows) = match host {
+        ConsoleHost::Tty => crate::console::terminal_size().unwrap_or((80, 24)),
+        _ => (80, 24),
+    };
+    args.extend([
+        "--cols".to_string(),
+        cols.to_string(),
+        "--rows".to_string(),
+        rows.to_string(),
+        "--queue-size".to_string(),
+        CONSOLE_QUEUE_SIZE.to_string(),
+    ]);
+    Some(DeviceSpec {
+        id: CONSOLE_ID.into(),
+        kind: DeviceKind::Console,
+        slot,
+        queues: 2,
+        queue_size: CONSOLE_QUEUE_SIZE,
+        backend: Backend::SpawnOnConsole { host, args },
+        policy: DeviceKind::Console.policy(2, sandbox),
+    })
 }
 
 /// The `bulkhead-net` options of interface `net` (its tap queues at 5, 6, ...).
@@ -525,6 +604,9 @@ pub enum DeviceError {
     /// A tap could not be opened, checked or configured.
     #[error("{0}")]
     Tap(String, #[source] TapError),
+    /// The console's host end could not be opened.
+    #[error("{0}")]
+    Console(String, #[source] ConsoleError),
 }
 
 impl DeviceError {
@@ -536,6 +618,7 @@ impl DeviceError {
                 source: LockError::InUse(_) | LockError::Open(_),
                 ..
             } | DeviceError::Tap(..)
+                | DeviceError::Console(..)
         )
     }
 }
@@ -574,8 +657,11 @@ pub struct Devices {
     pub processes: Vec<DeviceProcess>,
     monitor: Arc<Monitor>,
     spawner: Arc<Spawner>,
-    /// The balloon's configuration re-read (its target changes on its control channel).
-    balloon: Option<crate::virtio::vhost_user::ConfigRefresh>,
+    /// The configuration re-read of each device whose configuration the VMM changes on its
+    /// control channel (the console's size, the balloon's target), by device id: after the
+    /// device took the change, the transport re-reads the configuration space and raises the
+    /// configuration interrupt. One mechanism for both (`ConfigRefresh`).
+    config_refresh: HashMap<String, crate::virtio::vhost_user::ConfigRefresh>,
 }
 
 /// Why a balloon request failed.
@@ -699,6 +785,10 @@ pub struct StartedProcess {
 /// tap's host side (none for a socket backend).
 pub fn open_files(spec: &DeviceSpec) -> Result<Vec<File>, DeviceError> {
     let mut files = Vec::new();
+    if let Backend::SpawnOnConsole { host, .. } = &spec.backend {
+        return crate::console::open(host, &spec.id)
+            .map_err(|e| DeviceError::Console(spec.id.clone(), e));
+    }
     if let Backend::SpawnOnTap { tap, .. } = &spec.backend {
         let tap_error = |e| DeviceError::Tap(spec.id.clone(), e);
         return match tap {
@@ -756,7 +846,10 @@ pub(crate) fn spawn_program(
 ) -> Result<StartedProcess, DeviceError> {
     let id = &spec.id;
     let io = |e| DeviceError::Descriptors(id.clone(), e);
-    let (Backend::Spawn { args, .. } | Backend::SpawnOnTap { args, .. }) = &spec.backend else {
+    let (Backend::Spawn { args, .. }
+    | Backend::SpawnOnTap { args, .. }
+    | Backend::SpawnOnConsole { args, .. }) = &spec.backend
+    else {
         return Err(io(std::io::ErrorKind::InvalidInput.into()));
     };
     let (ours, theirs) = UnixStream::pair().map_err(io)?;
@@ -859,7 +952,7 @@ impl Devices {
             processes: Vec::new(),
             monitor,
             spawner: env.spawner.clone(),
-            balloon: None,
+            config_refresh: HashMap::new(),
         };
         let mut transports = Vec::with_capacity(specs.len());
         for (spec, files) in specs.iter().zip(files) {
@@ -901,7 +994,7 @@ impl Devices {
             Vec::new()
         };
         let (stream, pidfd) = match &spec.backend {
-            Backend::Spawn { .. } | Backend::SpawnOnTap { .. } => {
+            Backend::Spawn { .. } | Backend::SpawnOnTap { .. } | Backend::SpawnOnConsole { .. } => {
                 let started = spawn_process(spec, files, &env.spawn_env())?;
                 let pidfd_copy = started.pidfd.try_clone().map_err(io)?;
                 if let Err(e) = self
@@ -950,8 +1043,9 @@ impl Devices {
             env.bus.clone(),
         )
         .map_err(|e| fail(DeviceError::Transport(id.clone(), e)))?;
-        if spec.kind == DeviceKind::Balloon {
-            self.balloon = Some(transport.config_refresh());
+        if matches!(spec.kind, DeviceKind::Console | DeviceKind::Balloon) {
+            self.config_refresh
+                .insert(spec.id.clone(), transport.config_refresh());
         }
         match (spawned_pid, &pidfd) {
             (Some(pid), Some(pidfd)) if restartable => {
@@ -1022,7 +1116,10 @@ impl Devices {
     /// on its control channel (`resize BYTES`); then the transport re-reads the configuration
     /// space and raises the configuration interrupt, and the guest inflates or deflates.
     pub fn balloon_resize(&self, bytes: u64) -> Result<(), BalloonError> {
-        let refresh = self.balloon.as_ref().ok_or(BalloonError::NoBalloon)?;
+        let refresh = self
+            .config_refresh
+            .get(BALLOON_ID)
+            .ok_or(BalloonError::NoBalloon)?;
         match self.control_request(BALLOON_ID, &format!("resize {bytes}")) {
             None => Err(BalloonError::NoBalloon),
             Some(Err(control::ControlError::Refused(reason))) => Err(BalloonError::Refused(reason)),
@@ -1043,7 +1140,7 @@ impl Devices {
 
     /// `vm.balloon-statistics`: the balloon's `statistics` reply, as (name, value) pairs.
     pub fn balloon_statistics(&self) -> Result<Vec<(String, u64)>, BalloonError> {
-        if self.balloon.is_none() {
+        if !self.config_refresh.contains_key(BALLOON_ID) {
             return Err(BalloonError::NoBalloon);
         }
         let line = match self.control_request(BALLOON_ID, "statistics") {
@@ -1061,6 +1158,25 @@ impl Devices {
                 Some((k.to_string(), v.parse().ok()?))
             })
             .collect())
+    }
+
+    /// Sets the virtio console's size (VIRTIO_CONSOLE_F_SIZE): the console's process takes it
+    /// on its control channel, then the transport re-reads the configuration space and raises
+    /// the configuration interrupt, and the guest resizes `hvc0`. `Err`: no console, or why
+    /// the process refused.
+    pub fn resize_console(&self, cols: u16, rows: u16) -> Result<(), String> {
+        let Some(refresh) = self.config_refresh.get(CONSOLE_ID) else {
+            return Err("this VM has no virtio console (--console)".into());
+        };
+        match self.control_request(CONSOLE_ID, &format!("resize {cols} {rows}")) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("the console's process: {e}")),
+            None => return Err("the console has no process".into()),
+        }
+        if !refresh.refresh() {
+            return Err("the console's transport is gone".into());
+        }
+        Ok(())
     }
 
     /// Restarts per restartable device, with the last cause (for `vm.info`, `vm.counters`).
@@ -1663,6 +1779,122 @@ mod tests {
         assert_eq!((spec.id.as_str(), spec.queues), ("ext", 4));
         assert_eq!(spec.backend, Backend::Socket("/run/n.sock".into()));
         assert!(!spec.policy.jail);
+    }
+
+    #[test]
+    fn test_resize_console_without_console_is_an_error() {
+        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
+        let devices = Devices {
+            processes: Vec::new(),
+            monitor: Monitor::new(spawner.take_events()).expect("monitor"),
+            spawner,
+            config_refresh: HashMap::new(),
+        };
+        let e = devices.resize_console(80, 24).expect_err("no console");
+        assert!(e.contains("no virtio console"), "{e}");
+    }
+
+    #[test]
+    fn test_console_spec_args_slot_and_policy() {
+        assert!(console_spec(&ConsoleConfig::Off, 0, true).is_none());
+        let spec =
+            console_spec(&ConsoleConfig::Socket("/run/c.sock".into()), 3, true).expect("spec");
+        assert_eq!(
+            (spec.id.as_str(), spec.slot, spec.queues),
+            ("console", 3, 2)
+        );
+        assert_eq!(spec.kind.program_name(), "bulkhead-console");
+        assert_eq!(
+            (spec.kind.virtio_type(), spec.kind.pci_class()),
+            (3, 0x07_80_00)
+        );
+        let Backend::SpawnOnConsole { host, args } = &spec.backend else {
+            panic!("{:?}", spec.backend);
+        };
+        assert_eq!(*host, ConsoleHost::Socket("/run/c.sock".into()));
+        assert_eq!(
+            args.join(" "),
+            "--listen-fd 5 --cols 80 --rows 24 --queue-size 256"
+        );
+        assert_eq!((spec.policy.nofile, spec.policy.pids_max), (64, 64));
+        assert!(spec.policy.jail && spec.policy.seccomp && spec.policy.landlock);
+        let pty = console_spec(&ConsoleConfig::Pty, 0, false).expect("spec");
+        let Backend::SpawnOnConsole { args, .. } = &pty.backend else {
+            panic!("{:?}", pty.backend);
+        };
+        assert!(args.join(" ").starts_with("--pty-fd 5 --pty-slave-fd 6 "));
+        assert!(!pty.policy.jail);
+    }
+
+    /// The whole path against the real console device process (unjailed, as the block test)
+    /// on a socket the VMM binds: spawn with the listening socket at 5, handshake (two
+    /// queues), transport, comm, and a resize on its control channel. Skipped without a built
+    /// `bulkhead-console`.
+    #[test]
+    fn test_devices_start_console_on_socket() {
+        let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
+        else {
+            return;
+        };
+        if !dir.join("bulkhead-console").exists() {
+            eprintln!("skipped: no {}", dir.join("bulkhead-console").display());
+            return;
+        }
+        std::env::set_var("PATH", &dir);
+        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
+                .expect("memory");
+        let bus = Arc::new(MmioBus::default());
+        let env = DeviceEnv {
+            memory: &memory,
+            bus: &bus,
+            spawner: &spawner,
+            cgroup: None,
+            device_ids: None,
+            ram_size: 1 << 20,
+        };
+        let path = std::env::temp_dir().join(format!("bh-console-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let spec = console_spec(&ConsoleConfig::Socket(path.clone()), 0, false).expect("spec");
+        let (devices, transports) =
+            Devices::start(std::slice::from_ref(&spec), &env).expect("start");
+        assert_eq!(transports.len(), 1);
+        let pid = devices.processes[0].pid;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        // comm holds 15 bytes.
+        assert_eq!(comm.trim(), "bulkhead-consol");
+        assert!(
+            std::os::unix::net::UnixStream::connect(&path).is_ok(),
+            "the device listens on the VMM's socket"
+        );
+        // The configuration space the guest reads (BAR 0 at 0x2000): 80x24, then the resize.
+        let cfg = |t: &VirtioPci| {
+            let mut b = [0u8; 4];
+            t.bar_read_for_fuzzing(0x2000, &mut b);
+            b
+        };
+        assert_eq!(cfg(&transports[0].1), [80, 0, 24, 0]);
+        devices.resize_console(120, 40).expect("resize");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while cfg(&transports[0].1) != [120, 0, 40, 0] {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the transport did not re-read the configuration: {:?}",
+                cfg(&transports[0].1)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stats = devices.processes[0]
+            .control
+            .request("stats")
+            .expect("stats");
+        assert!(stats.contains("resizes=1 "), "{stats}");
+        drop(transports);
+        devices.shutdown(Duration::from_secs(3));
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -276,7 +276,8 @@ impl VirtioPci {
     }
 
     /// The handle that re-reads the device's configuration and raises the configuration
-    /// interrupt (the balloon's new target).
+    /// interrupt, after the VMM changed the configuration over the device's control channel
+    /// (the balloon's target, the console's size).
     pub fn config_refresh(&self) -> super::vhost_user::ConfigRefresh {
         lock(&self.inner).backend.config_refresh()
     }

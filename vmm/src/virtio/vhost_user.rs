@@ -106,9 +106,11 @@ impl VhostUserFrontendReqHandler for ConfigChange {
 }
 
 /// Tells a device's worker that the backend's configuration changed because the VMM changed
-/// it (the balloon's target, set on the device's control channel): the worker re-reads the
-/// configuration, then the generation moves on and the configuration interrupt fires, as for
-/// a backend's VHOST_USER_BACKEND_CONFIG_CHANGE_MSG. Never waits.
+/// it over the device's control channel (the balloon's target, the console's size): the
+/// worker re-reads the configuration, then the generation moves on and the configuration
+/// interrupt fires, as for a backend's VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (the vhost crate's
+/// backend has no sender for that message, so the VMM triggers the re-read itself). One
+/// mechanism for every device ([`VhostUserDevice::config_refresh`]). Never waits.
 #[derive(Clone)]
 pub struct ConfigRefresh(Sender<Job>);
 
@@ -427,7 +429,8 @@ impl VhostUserDevice {
         })
     }
 
-    /// The handle that makes the worker re-read the configuration and announce it.
+    /// The handle that makes the worker re-read the configuration and announce it, as on
+    /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (the balloon's target, the console's size).
     pub fn config_refresh(&self) -> ConfigRefresh {
         ConfigRefresh(self.jobs.clone())
     }
