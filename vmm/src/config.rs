@@ -717,13 +717,38 @@ pub(crate) fn valid_device_id(id: &str) -> bool {
         && id != "vmm"
 }
 
-/// One PCIe slot per device: disks and network interfaces together fit in `slots`.
-fn check_device_slots(disks: usize, nets: usize, slots: usize) -> Result<(), ConfigError> {
+/// One PCIe slot per device: the disks, the network interfaces, the console (if any) and the
+/// balloon (if any) together fit in `slots`, in that order (device::specs); the error names
+/// the option of the first device left without a slot.
+fn check_device_slots(
+    disks: usize,
+    nets: usize,
+    console: bool,
+    balloon: bool,
+    slots: usize,
+) -> Result<(), ConfigError> {
     if disks + nets > slots {
         return Err(ConfigError::Option {
             flag: "net",
             reason: format!(
                 "{disks} disks and {nets} network interfaces but {slots} PCIe slots, one per device (raise --pci-slots)"
+            ),
+        });
+    }
+    if console && disks + nets >= slots {
+        return Err(ConfigError::Option {
+            flag: "console",
+            reason: format!(
+                "{disks} disks, {nets} network interfaces and the console but {slots} PCIe slots, one per device (raise --pci-slots)"
+            ),
+        });
+    }
+    if balloon && disks + nets + usize::from(console) >= slots {
+        let console = if console { " and the console" } else { "" };
+        return Err(ConfigError::Option {
+            flag: "balloon",
+            reason: format!(
+                "no PCIe slot left for the balloon after {disks} disks, {nets} network interfaces{console} (raise --pci-slots)"
             ),
         });
     }
@@ -1372,22 +1397,11 @@ impl TryFrom<Args> for VmConfig {
             .enumerate()
             .map(|(i, n)| parse_net(n, i))
             .collect::<Result<Vec<_>, _>>()?;
-        check_device_slots(disks.len(), nets.len(), args.pci_slots)?;
         let balloon = args
             .balloon
             .as_deref()
             .map(|b| parse_balloon(b, ram_size))
             .transpose()?;
-        if balloon.is_some() && disks.len() + nets.len() + 1 > args.pci_slots {
-            return Err(ConfigError::Option {
-                flag: "balloon",
-                reason: format!(
-                    "no PCIe slot left for the balloon after {} disks and {} network interfaces (raise --pci-slots)",
-                    disks.len(),
-                    nets.len()
-                ),
-            });
-        }
         let mut net_fds: Vec<std::os::fd::RawFd> = Vec::new();
         for n in &nets {
             if let NetBackend::Fds { fds, .. } = &n.backend {
@@ -1402,17 +1416,13 @@ impl TryFrom<Args> for VmConfig {
         }
         let serial = parse_serial(&args.serial)?;
         let console = parse_console(&args.console, &serial)?;
-        if console != ConsoleConfig::Off && disks.len() + nets.len() >= args.pci_slots {
-            return Err(ConfigError::Option {
-                flag: "console",
-                reason: format!(
-                    "{} disks, {} network interfaces and the console but {} PCIe slots, one per device (raise --pci-slots)",
-                    disks.len(),
-                    nets.len(),
-                    args.pci_slots
-                ),
-            });
-        }
+        check_device_slots(
+            disks.len(),
+            nets.len(),
+            console != ConsoleConfig::Off,
+            balloon.is_some(),
+            args.pci_slots,
+        )?;
         let sandbox = parse_sandbox(&args.sandbox)?;
         let device_ids = args
             .device_uid
@@ -1895,11 +1905,24 @@ mod tests {
 
     #[test]
     fn test_device_slots_one_per_device() {
-        assert!(check_device_slots(2, 1, 3).is_ok());
-        let e = check_device_slots(1, 2, 2).expect_err("3 devices, 2 slots");
+        assert!(check_device_slots(2, 1, false, false, 3).is_ok());
+        let e = check_device_slots(1, 2, false, false, 2).expect_err("3 devices, 2 slots");
         assert!(
             e.to_string()
                 .contains("1 disks and 2 network interfaces but 2 PCIe slots"),
+            "{e}"
+        );
+        // The console and the balloon take a slot each, after the disks and interfaces.
+        assert!(check_device_slots(1, 1, true, true, 4).is_ok());
+        let e = check_device_slots(1, 1, true, false, 2).expect_err("no slot for the console");
+        assert!(e.to_string().starts_with("--console: "), "{e}");
+        let e = check_device_slots(1, 1, false, true, 2).expect_err("no slot for the balloon");
+        assert!(e.to_string().starts_with("--balloon: "), "{e}");
+        let e = check_device_slots(1, 1, true, true, 3).expect_err("the console took the last");
+        assert!(
+            e.to_string().contains(
+                "no PCIe slot left for the balloon after 1 disks, 1 network interfaces and the console"
+            ),
             "{e}"
         );
         let args = Args::parse_from([
