@@ -717,6 +717,42 @@ pub(crate) fn valid_device_id(id: &str) -> bool {
         && id != "vmm"
 }
 
+/// Every device id is used once: the disks' and network interfaces' (`id=`, or `diskN` and
+/// `netN`), and the fixed ids of the console and the balloon when there is one
+/// (`device::CONSOLE_ID`, `device::BALLOON_ID`), which a disk or interface may not take.
+fn check_device_ids(
+    disks: &[DiskConfig],
+    nets: &[NetConfig],
+    console: bool,
+    balloon: bool,
+) -> Result<(), ConfigError> {
+    let mut ids: Vec<String> = Vec::new();
+    if console {
+        ids.push(crate::device::CONSOLE_ID.to_string());
+    }
+    if balloon {
+        ids.push(crate::device::BALLOON_ID.to_string());
+    }
+    let disk_ids = disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| ("disk", d.id.clone().unwrap_or_else(|| format!("disk{i}"))));
+    let net_ids = nets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| ("net", n.id.clone().unwrap_or_else(|| format!("net{i}"))));
+    for (flag, id) in disk_ids.chain(net_ids) {
+        if ids.contains(&id) {
+            return Err(ConfigError::Option {
+                flag,
+                reason: format!("id={id:?} is used twice (the console is \"console\", the balloon \"balloon0\")"),
+            });
+        }
+        ids.push(id);
+    }
+    Ok(())
+}
+
 /// One PCIe slot per device: the disks, the network interfaces, the console (if any) and the
 /// balloon (if any) together fit in `slots`, in that order (device::specs); the error names
 /// the option of the first device left without a slot.
@@ -1434,27 +1470,12 @@ impl TryFrom<Args> for VmConfig {
             .as_deref()
             .map(parse_api_socket)
             .transpose()?;
-        let mut ids = Vec::new();
-        for (i, d) in disks.iter().enumerate() {
-            let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
-            if ids.contains(&id) {
-                return Err(ConfigError::Option {
-                    flag: "disk",
-                    reason: format!("id={id:?} is used twice"),
-                });
-            }
-            ids.push(id);
-        }
-        for (i, n) in nets.iter().enumerate() {
-            let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
-            if ids.contains(&id) {
-                return Err(ConfigError::Option {
-                    flag: "net",
-                    reason: format!("id={id:?} is used twice"),
-                });
-            }
-            ids.push(id);
-        }
+        check_device_ids(
+            &disks,
+            &nets,
+            console != ConsoleConfig::Off,
+            balloon.is_some(),
+        )?;
         Ok(Self {
             vcpus,
             ram_size,
@@ -1913,6 +1934,17 @@ mod tests {
             "{e}"
         );
         // The console and the balloon take a slot each, after the disks and interfaces.
+        let disk = parse_disk("socket=/run/a.sock,id=console").expect("valid");
+        assert!(check_device_ids(std::slice::from_ref(&disk), &[], false, true).is_ok());
+        let e = check_device_ids(&[disk], &[], true, false).expect_err("the console's id");
+        assert!(
+            e.to_string()
+                .starts_with("--disk: id=\"console\" is used twice"),
+            "{e}"
+        );
+        let net = parse_net("tap=t0,id=balloon0", 0).expect("valid");
+        let e = check_device_ids(&[], &[net], true, true).expect_err("the balloon's id");
+        assert!(e.to_string().starts_with("--net: id=\"balloon0\""), "{e}");
         assert!(check_device_slots(1, 1, true, true, 4).is_ok());
         let e = check_device_slots(1, 1, true, false, 2).expect_err("no slot for the console");
         assert!(e.to_string().starts_with("--console: "), "{e}");
