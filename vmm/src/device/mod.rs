@@ -1898,6 +1898,83 @@ mod tests {
     }
 
     #[test]
+    fn test_devices_console_and_balloon_each_refresh_their_own_config_space() {
+        let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
+        else {
+            return;
+        };
+        for program in ["bulkhead-console", "bulkhead-balloon"] {
+            if !dir.join(program).exists() {
+                eprintln!("skipped: no {}", dir.join(program).display());
+                return;
+            }
+        }
+        // SAFETY (not unsafe in edition 2021): the tests that set PATH set the same directory.
+        std::env::set_var("PATH", &dir);
+        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
+                .expect("memory");
+        let bus = Arc::new(MmioBus::default());
+        let env = DeviceEnv {
+            memory: &memory,
+            bus: &bus,
+            spawner: &spawner,
+            cgroup: None,
+            device_ids: None,
+            ram_size: 1 << 20,
+        };
+        let path = std::env::temp_dir().join(format!("bh-both-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let balloon = BalloonConfig {
+            size: 0,
+            deflate_on_oom: false,
+            free_page_reporting: false,
+            stats_polling_interval_s: 0,
+        };
+        // As specs() places them: the console, then the balloon.
+        let specs = [
+            console_spec(&ConsoleConfig::Socket(path.clone()), 0, false).expect("spec"),
+            balloon_spec(&balloon, 1, false),
+        ];
+        let (devices, transports) = Devices::start(&specs, &env).expect("start");
+        assert_eq!(transports.len(), 2);
+        let cfg = |t: &VirtioPci| {
+            let mut b = [0u8; 4];
+            t.bar_read_for_fuzzing(0x2000, &mut b);
+            b
+        };
+        let (console, balloon) = (&transports[0].1, &transports[1].1);
+        assert_eq!(cfg(console), [80, 0, 24, 0]);
+        assert_eq!(cfg(balloon), [0; 4], "num_pages 0");
+        let wait_for = |t: &VirtioPci, want: [u8; 4]| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while cfg(t) != want {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the transport did not re-read the configuration: {:?}, not {want:?}",
+                    cfg(t)
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        devices.balloon_resize(1 << 20).expect("balloon resize");
+        wait_for(balloon, 256u32.to_le_bytes());
+        devices.resize_console(132, 43).expect("console resize");
+        wait_for(console, [132, 0, 43, 0]);
+        assert_eq!(
+            cfg(balloon),
+            256u32.to_le_bytes(),
+            "the balloon's is unchanged"
+        );
+        drop(transports);
+        devices.shutdown(Duration::from_secs(3));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
     fn test_block_args_pass_rate_limits() {
         let disk = DiskConfig {
             backend: DiskBackend::Process {
