@@ -157,9 +157,9 @@ const GLIBC_THREADS: &str = "glibc's thread start and exit (robust futex list, r
 const AFTER_FILTER: &str = "a device connected after the main thread's filter (device restart and \
      hot-plug, issues 11 and 9): this run connects every device before it";
 const HOTPLUG: &str = "hot-plug on the main thread after its filter (Vm::plug): run 2 plugs and \
-     unplugs a disk; a NIC's plug (vm.add-net: /dev/net/tun, the tap's host side through an \
-     AF_INET socket) is refused in this build, and an unplugged device that does not exit is \
-     killed (pidfd_send_signal)";
+     unplugs a disk, not a NIC (a NIC's plug opens /dev/net/tun and sets the tap's host side \
+     through an AF_INET socket: nested hotplug, not traced), and an unplugged device that does \
+     not exit is killed (pidfd_send_signal)";
 const MILESTONES: &str = "milestone::log, only at debug level (-vv): the start-up milestones";
 const NO_BACKEND_REQ: &str = "the thread starts only for a backend that offers \
      VHOST_USER_PROTOCOL_F_BACKEND_REQ; neither block nor net does yet";
