@@ -557,6 +557,10 @@ fn test_real_tap_frames_both_ways_under_the_jail() {
     // the frontend hears of it on the vring's error eventfd (VHOST_USER_SET_VRING_ERR).
     let err = EventFd::new(EFD_NONBLOCK).expect("eventfd");
     frontend.set_vring_err(1, &err).expect("set_vring_err");
+    // SET_VRING_ERR has no reply: a request that has one, answered after it on the same
+    // socket, makes sure the device holds the eventfd before the kick reaches its worker
+    // (otherwise the queue can be stopped with no eventfd to signal yet, on a busy host).
+    frontend.get_features().expect("get_features");
     tx.avail.idx().store(2 + QSIZE + 100);
     tx.kick.write(1).expect("kick");
     let start = Instant::now();
