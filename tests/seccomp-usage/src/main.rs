@@ -60,17 +60,7 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ("vmm-common", "sched_yield", "std's locks spin, then yield, under contention: timing"),
     ("vmm-common", "writev", "std's Stderr passes a vectored write on as writev; this build's logger writes each line with write"),
     // ---- The main thread (vCPU threads inherit its filter).
-    ("main", "eventfd2", AFTER_FILTER),
-    ("main", "fcntl", AFTER_FILTER),
-    ("main", "recvmsg", AFTER_FILTER),
-    ("main", "sendmsg", AFTER_FILTER),
-    ("main", "socketpair", AFTER_FILTER),
-    ("main", "openat", HOTPLUG),
-    ("main", "readlinkat", HOTPLUG),
-    ("main", "pipe2", HOTPLUG),
-    ("main", "epoll_ctl", HOTPLUG),
     ("main", "pidfd_send_signal", HOTPLUG),
-    ("main", "setsockopt", HOTPLUG),
     ("main", "socket", HOTPLUG),
     ("main", "statx", "std on glibc asks statx first for a path's metadata (device::program's Path::exists); on musl (this build) std uses newfstatat"),
     ("main", "getrusage", MILESTONES),
@@ -154,8 +144,6 @@ const MUSL_ABORT: &str =
      with tkill); unit test panic_under_filter_ends: SIGABRT, not SIGSYS";
 const GLIBC_THREADS: &str = "glibc's thread start and exit (robust futex list, rseq, \
      pthread_getattr_np's affinity); musl (this build) does not make these calls";
-const AFTER_FILTER: &str = "a device connected after the main thread's filter (device restart and \
-     hot-plug, issues 11 and 9): this run connects every device before it";
 const HOTPLUG: &str = "hot-plug on the main thread after its filter (Vm::plug): run 2 plugs and \
      unplugs a disk, not a NIC (a NIC's plug opens /dev/net/tun and sets the tap's host side \
      through an AF_INET socket: nested hotplug, not traced), and an unplugged device that does \
