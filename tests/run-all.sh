@@ -47,14 +47,14 @@ rc=0
 # still winding down when libFuzzer checks, or at exit, which LeakSanitizer reports as leaks
 # (libFuzzer's -detect_leaks covers the per-input check, ASAN_OPTIONS the one at exit).
 FUZZ_TARGETS=(
-    devices/block/fuzz:request_parser:30
-    devices/net/fuzz:descriptor_handling:20
-    devices/console/fuzz:queue_handling:15
-    devices/balloon/fuzz:queues:15
-    devices/runtime/fuzz:vhost_user_messages:20
-    vmm/fuzz:virtio_pci_transport:20
-    vmm/fuzz:vhost_user_replies:20
-    vmm/fuzz:api_requests:20
+    devices/block/fuzz:request_parser:15
+    devices/net/fuzz:descriptor_handling:10
+    devices/console/fuzz:queue_handling:10
+    devices/balloon/fuzz:queues:10
+    devices/runtime/fuzz:vhost_user_messages:10
+    vmm/fuzz:virtio_pci_transport:10
+    vmm/fuzz:vhost_user_replies:10
+    vmm/fuzz:api_requests:10
 )
 log "fuzzing (cargo-fuzz, nightly): ${FUZZ_TARGETS[*]}"
 if ! rustup toolchain list | grep -q '^nightly'; then

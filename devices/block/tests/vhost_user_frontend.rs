@@ -601,10 +601,13 @@ fn test_rate_limited_queue_resumes_without_kick_in_order() {
         .map(|i| used_ring.ring().ref_at(i).expect("used").load().id())
         .collect();
     assert_eq!(heads, [0, 3, 6, 9], "ring order kept");
-    assert!(done_at[0] < Duration::from_millis(80), "{done_at:?}");
+    // The first is served from the full bucket, before any refill (a busy 2-CPU host took
+    // 136 ms to serve it); the other three wait for three refills: never sooner than that
+    // (the limit holds), and not stalled (loose: the host's load moves it).
+    assert!(done_at[0] < Duration::from_millis(250), "{done_at:?}");
     let total = done_at[3];
     assert!(
-        total >= Duration::from_millis(270) && total <= Duration::from_millis(600),
+        total >= Duration::from_millis(270) && total <= Duration::from_millis(1000),
         "3 refills of 100 ms took {total:?} ({done_at:?})"
     );
     for i in 0..4u64 {

@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 200
+# timeout: 450
 # Every device process of a running VM is jailed: seccomp filter on (mode 2), no_new_privs,
 # no capabilities, its own user, mount, pid and net namespaces, an empty root, and no
 # descriptors but the ones it was handed (log pipe, socket, control socket, image, inflight

