@@ -31,6 +31,11 @@ use crate::vm::Vm;
 /// slow (nested) guest.
 pub const UNPLUG_BOUND: Duration = Duration::from_secs(10);
 
+/// How long a plug into a slot settling from a power-off waits for the guest to turn the
+/// slot's power indicator off before it is announced anyway: Linux does it 1 s after the
+/// power-off; margin for a slow (nested) guest.
+pub const SETTLE_BOUND: Duration = Duration::from_secs(5);
+
 /// How long a removed device's process gets to exit on its disconnect before it is killed.
 pub const REMOVE_GRACE: Duration = Duration::from_secs(2);
 
@@ -46,6 +51,8 @@ pub enum HotplugEvent {
         /// Which unplug request (a later one in the same slot has another).
         token: u64,
     },
+    /// A plug into settling slot `.0` waited [`SETTLE_BOUND`].
+    Settled(usize),
 }
 
 /// A device in a slot, as `vm.info` shows it.
@@ -198,9 +205,29 @@ impl Vm {
             let status = if e.is_bad_input() { 400 } else { 500 };
             RequestError::new(status, error_chain(&e))
         })?;
-        if let Err(e) = self.pcie.hot_plug(slot, Box::new(transport)) {
-            self.end_device(&id, None);
-            return Err(RequestError::new(409, e.to_string()));
+        let held = match self.pcie.hot_plug(slot, Box::new(transport)) {
+            Ok(held) => held,
+            Err(e) => {
+                self.end_device(&id, None);
+                return Err(RequestError::new(409, e.to_string()));
+            }
+        };
+        if held {
+            info!(
+                "{id}: slot {} was powered off just now: announced once the guest is done with it",
+                slot + 1
+            );
+            let events = self.hotplug.events.clone();
+            let timer = std::thread::Builder::new()
+                .name("settle-timer".into())
+                .spawn(move || {
+                    std::thread::sleep(SETTLE_BOUND);
+                    drop(events.send(Event::Hotplug(HotplugEvent::Settled(slot))));
+                });
+            if let Err(e) = timer {
+                warn!("{id}: no settle timer ({e}); announcing it now");
+                self.pcie.release(slot);
+            }
         }
         self.hotplug.slots[slot] = Some(Occupant {
             id: id.clone(),
@@ -258,11 +285,15 @@ impl Vm {
         }
     }
 
-    /// A power-off or deadline of an unplug under way.
+    /// A power-off or deadline of an unplug under way, or the end of a held plug's wait.
     pub(crate) fn hotplug_event(&mut self, event: HotplugEvent) {
         let (slot, outcome, token) = match event {
             HotplugEvent::PoweredOff(slot) => (slot, UnplugOutcome::Orderly, None),
             HotplugEvent::Deadline { slot, token } => (slot, UnplugOutcome::Surprise, Some(token)),
+            HotplugEvent::Settled(slot) => {
+                self.pcie.release(slot);
+                return;
+            }
         };
         let pending = self
             .hotplug

@@ -113,8 +113,16 @@ impl PcieHost {
     }
 
     /// The PCI device number of the first empty slot's root port on bus 0, if any.
+    /// A slot settling from a power-off is taken only when no other is free (a plug into it
+    /// is announced late, see [`RootPort::hot_plug`]).
     pub fn free_slot(&self) -> Option<usize> {
-        self.lock().ports.iter().position(|p| p.device.is_none())
+        let t = self.lock();
+        let free = |settling: bool| {
+            t.ports
+                .iter()
+                .position(|p| p.device.is_none() && p.settling() == settling)
+        };
+        free(false).or_else(|| free(true))
     }
 
     /// Plugs `device` into slot `slot`.
@@ -167,8 +175,9 @@ impl PcieHost {
     }
 
     /// Plugs `device` into empty slot `slot` of the running guest, wired to its interrupts,
-    /// and announces it (presence and link up, both changes reported).
-    pub fn hot_plug(&self, slot: usize, mut device: Box<dyn PciDevice>) -> Result<(), PciError> {
+    /// and announces it (presence and link up, both changes reported); `Ok(true)`: the slot is
+    /// settling from a power-off and the announcement is held (see [`RootPort::hot_plug`]).
+    pub fn hot_plug(&self, slot: usize, mut device: Box<dyn PciDevice>) -> Result<bool, PciError> {
         let mut t = self.lock();
         let n = t.ports.len();
         if t.ports.get(slot).is_none_or(|p| p.device.is_some()) {
@@ -177,8 +186,14 @@ impl PcieHost {
         if let Some(irq) = t.irq.clone() {
             device.reset(&irq);
         }
-        t.ports[slot].hot_plug(device);
-        Ok(())
+        Ok(t.ports[slot].hot_plug(device))
+    }
+
+    /// Reports slot `slot`'s held plug, if it has one (see [`RootPort::hot_plug`]).
+    pub fn release(&self, slot: usize) {
+        if let Some(p) = self.lock().ports.get_mut(slot) {
+            p.release();
+        }
     }
 
     /// Presses slot `slot`'s attention button to ask the guest to release its device; the
@@ -264,6 +279,7 @@ impl MmioDevice for PcieHost {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::root_port::{SLTSTA_DLLSC, SLTSTA_PDC};
 
     fn ecam(bus: u8, dev: u8, func: u8, reg: u64) -> u64 {
         (u64::from(bus) << 20) | (u64::from(dev) << 15) | (u64::from(func) << 12) | reg
@@ -345,6 +361,43 @@ mod tests {
         h.write(sltctl(2), &power_on);
         h.write(sltctl(2), &power_off);
         assert_eq!(*seen.lock().expect("lock"), [1]);
+    }
+
+    #[test]
+    fn test_pcie_host_plug_avoids_then_waits_out_a_settling_slot() {
+        let h = PcieHost::new(3).expect("host");
+        h.plug(0, Box::new(Dummy(ConfigSpace::new())))
+            .expect("plug");
+        let sltctl = |dev| ecam(0, dev, 0, 0x40 + 0x18);
+        let sltsta = |dev| ecam(0, dev, 0, 0x40 + 0x1a);
+        let changes = |dev| {
+            let mut d = [0u8; 2];
+            h.read(sltsta(dev), &mut d);
+            u16::from_le_bytes(d) & (SLTSTA_PDC | SLTSTA_DLLSC)
+        };
+        // pciehp powers slot 0 off (power indicator blinking) and is in its 1 s wait.
+        assert!(h.request_unplug(0));
+        h.write(sltctl(1), &((1u16 << 10) | (2 << 8)).to_le_bytes());
+        assert!(h.remove(0).is_some());
+        h.write(sltsta(1), &0xffffu16.to_le_bytes());
+        // Another free slot is taken first, and announced at once.
+        assert_eq!(h.free_slot(), Some(1));
+        assert!(!h
+            .hot_plug(1, Box::new(Dummy(ConfigSpace::new())))
+            .expect("plug"));
+        assert_ne!(changes(2), 0);
+        // With only the settling slot left, the plug goes there, held.
+        assert_eq!(h.free_slot(), Some(2));
+        h.plug(2, Box::new(Dummy(ConfigSpace::new())))
+            .expect("plug");
+        assert_eq!(h.free_slot(), Some(0));
+        assert!(h
+            .hot_plug(0, Box::new(Dummy(ConfigSpace::new())))
+            .expect("plug"));
+        assert_eq!(changes(1), 0);
+        // pciehp turns the power indicator off: the plug is announced.
+        h.write(sltctl(1), &((1u16 << 10) | (3 << 8)).to_le_bytes());
+        assert_eq!(changes(1), SLTSTA_PDC | SLTSTA_DLLSC);
     }
 
     #[test]

@@ -82,6 +82,10 @@ pub const SLTCTL_PDCE: u16 = 1 << 3;
 const SLTCTL_CCIE: u16 = 1 << 4;
 /// Slot control: hot-plug interrupt enable.
 pub const SLTCTL_HPIE: u16 = 1 << 5;
+/// Slot control: power indicator control (bits 9:8; 11b: off).
+const SLTCTL_PIC: u16 = 0b11 << 8;
+/// Slot control: power indicator off.
+pub const SLTCTL_PIC_OFF: u16 = 0b11 << 8;
 /// Slot control: power controller control (1: power off).
 pub const SLTCTL_PCC: u16 = 1 << 10;
 /// Slot control: data link layer state changed enable.
@@ -127,6 +131,15 @@ pub struct RootPort {
     msi: Option<Arc<dyn MsiSignal>>,
     /// What is plugged into the slot.
     pub device: Option<Box<dyn PciDevice>>,
+    /// The guest powered the slot off and has not turned its power indicator off yet. Linux's
+    /// pciehp sleeps 1 s after powering a slot off and then drops every presence and link
+    /// change reported meanwhile (`remove_board`: "ignore link or presence changes caused by
+    /// power off"); only then does it turn the indicator off. A device plugged in that window
+    /// and announced at once would never be seen.
+    settling: bool,
+    /// A device was hot-plugged while the slot was settling: its presence and link are up,
+    /// their change report waits for the end of settling ([`Self::release`]).
+    held: bool,
 }
 
 impl RootPort {
@@ -180,6 +193,8 @@ impl RootPort {
             asserted: false,
             msi: None,
             device: None,
+            settling: false,
+            held: false,
         }
     }
 
@@ -195,10 +210,31 @@ impl RootPort {
 
     /// Plugs `device` into the running guest's slot: presence and link come up together, and
     /// both change bits are reported at once, so pciehp powers the slot on and enumerates it
-    /// without waiting on the attention button.
-    pub fn hot_plug(&mut self, device: Box<dyn PciDevice>) {
+    /// without waiting on the attention button. Into a slot still settling from a power-off
+    /// the report is held until the guest turns the power indicator off or powers the slot
+    /// on, or [`Self::release`] is called; returns whether it was held.
+    pub fn hot_plug(&mut self, device: Box<dyn PciDevice>) -> bool {
         self.plug(device);
-        self.set_status(SLTSTA_PDC | SLTSTA_DLLSC);
+        if self.settling {
+            self.held = true;
+        } else {
+            self.set_status(SLTSTA_PDC | SLTSTA_DLLSC);
+        }
+        self.held
+    }
+
+    /// Ends settling (the guest did not turn the power indicator off in time, or did) and
+    /// reports a held plug.
+    pub fn release(&mut self) {
+        self.settling = false;
+        if std::mem::take(&mut self.held) && self.device.is_some() {
+            self.set_status(SLTSTA_PDC | SLTSTA_DLLSC);
+        }
+    }
+
+    /// Whether the slot is settling from a power-off (a plug into it would be held).
+    pub fn settling(&self) -> bool {
+        self.settling
     }
 
     /// Presses the attention button: the guest's request to release the device.
@@ -210,6 +246,7 @@ impl RootPort {
     /// reported (to a guest that powered the slot off, pciehp ignores them; to one that did
     /// not, this is a surprise removal).
     pub fn remove(&mut self) -> Option<Box<dyn PciDevice>> {
+        self.held = false;
         let device = self.device.take();
         self.config
             .set_bits_u16(self.pcie_cap + PCIE_SLTSTA, SLTSTA_PRESENCE, false);
@@ -321,9 +358,14 @@ impl RootPort {
         {
             self.update_interrupt();
         }
-        SlotWrite {
-            powered_off: was_powered && !self.powered(),
+        let powered_off = was_powered && !self.powered();
+        let indicator_off = self.slot_control() & SLTCTL_PIC == SLTCTL_PIC_OFF;
+        if powered_off {
+            self.settling = !indicator_off;
+        } else if self.settling && (indicator_off || self.powered()) {
+            self.release();
         }
+        SlotWrite { powered_off }
     }
 
     /// Back to power-on state (bus numbers and windows unassigned) wired to a new VM's MSIs;
@@ -560,5 +602,79 @@ mod tests {
         // Power back on (pciehp does before enumerating a new card).
         assert!(!write_ctl(&mut rp, PCIEHP_ENABLES).powered_off);
         assert!(rp.powered());
+    }
+
+    /// Linux's pciehp after an unplug: power off (indicator blinking), 1 s during which it
+    /// drops presence and link changes, then power indicator off.
+    fn unplug_like_pciehp(rp: &mut RootPort) {
+        rp.press_button();
+        clear_sta(rp, SLTSTA_ABP);
+        let blink = PCIEHP_ENABLES | (2 << 8);
+        write_ctl(rp, blink);
+        assert!(write_ctl(rp, blink | SLTCTL_PCC).powered_off);
+        assert!(rp.remove().is_some());
+        clear_sta(rp, SLTSTA_PDC | SLTSTA_DLLSC);
+        assert!(rp.settling());
+    }
+
+    #[test]
+    fn test_root_port_plug_into_settling_slot_held_until_indicator_off() {
+        let (mut rp, rec) = port_with_msi();
+        rp.plug(Box::new(Nothing));
+        write_ctl(&mut rp, PCIEHP_ENABLES);
+        unplug_like_pciehp(&mut rp);
+        let before = sent(&rec);
+        // Plugged during pciehp's 1 s: presence and link up, no change reported yet.
+        assert!(rp.hot_plug(Box::new(Nothing)), "held");
+        assert_ne!(rp.slot_status() & SLTSTA_PRESENCE, 0);
+        assert_eq!(rp.slot_status() & (SLTSTA_PDC | SLTSTA_DLLSC), 0);
+        assert_eq!(sent(&rec), before);
+        // The guest turns the power indicator off: it is done, the plug is reported.
+        write_ctl(&mut rp, PCIEHP_ENABLES | SLTCTL_PIC_OFF | SLTCTL_PCC);
+        assert!(!rp.settling());
+        assert_eq!(
+            rp.slot_status() & (SLTSTA_PDC | SLTSTA_DLLSC),
+            SLTSTA_PDC | SLTSTA_DLLSC
+        );
+        assert_eq!(sent(&rec), before + 1);
+        // Later writes report nothing more.
+        clear_sta(&mut rp, SLTSTA_PDC | SLTSTA_DLLSC);
+        write_ctl(&mut rp, PCIEHP_ENABLES | SLTCTL_PIC_OFF | SLTCTL_PCC);
+        assert_eq!(sent(&rec), before + 1);
+    }
+
+    #[test]
+    fn test_root_port_held_plug_released_by_bound_or_power_on_once() {
+        let (mut rp, rec) = port_with_msi();
+        rp.plug(Box::new(Nothing));
+        write_ctl(&mut rp, PCIEHP_ENABLES);
+        unplug_like_pciehp(&mut rp);
+        let before = sent(&rec);
+        assert!(rp.hot_plug(Box::new(Nothing)));
+        // A guest that never turns the indicator off: the bound releases the report.
+        rp.release();
+        assert_eq!(sent(&rec), before + 1);
+        rp.release();
+        assert_eq!(sent(&rec), before + 1, "reported once");
+        // A plug into a slot that is not settling is reported at once; a power-on ends
+        // settling too.
+        clear_sta(&mut rp, SLTSTA_PDC | SLTSTA_DLLSC);
+        write_ctl(&mut rp, PCIEHP_ENABLES);
+        assert!(rp.powered());
+        assert!(rp.remove().is_some());
+        clear_sta(&mut rp, SLTSTA_PDC | SLTSTA_DLLSC);
+        assert!(!rp.hot_plug(Box::new(Nothing)));
+        assert_eq!(sent(&rec), before + 3);
+        // Unplugged while held: nothing is reported for the device that went.
+        clear_sta(&mut rp, SLTSTA_PDC | SLTSTA_DLLSC);
+        let blink = PCIEHP_ENABLES | (2 << 8);
+        assert!(write_ctl(&mut rp, blink | SLTCTL_PCC).powered_off);
+        assert!(rp.remove().is_some());
+        clear_sta(&mut rp, SLTSTA_PDC | SLTSTA_DLLSC);
+        assert!(rp.hot_plug(Box::new(Nothing)));
+        assert!(rp.remove().is_some());
+        clear_sta(&mut rp, SLTSTA_PDC | SLTSTA_DLLSC);
+        rp.release();
+        assert_eq!(rp.slot_status() & (SLTSTA_PDC | SLTSTA_DLLSC), 0);
     }
 }
