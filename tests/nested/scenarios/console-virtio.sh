@@ -49,7 +49,9 @@ hvc=$(run vmf 'echo HVC-$(ls /dev/hvc0 2>&1)' '^HVC-' 20)
 [ "$hvc" = /dev/hvc0 ] || fail "the guest has no /dev/hvc0: $hvc"
 want=$(run vmf 'head -c 1048576 /dev/urandom >/tmp/s && echo W-$(sha256sum /tmp/s | cut -c1-64)' '^W-[0-9a-f]{64}$' 60)
 t0=$(now)
-vm_send vmf 'stty -F /dev/hvc0 raw -echo && cat /tmp/s >/dev/hvc0 && echo FDONE-$?'
+# One open of hvc0 for both: hvc resets the termios at the last close (TTY_DRIVER_RESET_TERMIOS),
+# so a stty in a process of its own would leave cat with ONLCR (every \n sent as \r\n).
+vm_send vmf 'sh -c "stty raw -echo && cat /tmp/s" 0<>/dev/hvc0 1>&0; echo FDONE-$?'
 vm_wait_for vmf '^FDONE-' 300
 # The device writes as it takes: give the last buffer a moment.
 n=0
