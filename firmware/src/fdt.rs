@@ -475,7 +475,7 @@ mod tests {
         assert_eq!(reg.size, Some(PCIE_ECAM_SIZE as usize));
         assert_eq!(
             u32_cells(pci.property("bus-range").expect("bus-range").value),
-            vec![0, 15]
+            vec![0, 31]
         );
         let msi_map = u32_cells(pci.property("msi-map").expect("msi-map").value);
         let its_phandle = its
@@ -587,7 +587,7 @@ mod tests {
         assert_eq!(ranges.len(), 21);
         assert_eq!(
             &ranges[..7],
-            &[0x0100_0000, 0, 0, 0, 0x3eff_0000, 0, 0x1_0000]
+            &[0x0100_0000, 0, 0, 0, 0x3dff_0000, 0, 0x1_0000]
         );
     }
 }

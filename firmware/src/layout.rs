@@ -13,9 +13,9 @@
 //! | `0x080a_0000..0x0900_0000`     | GICv3 redistributors, 128 KiB per vCPU      |
 //! | `0x0900_0000..0x0900_1000`     | PL011 UART                                  |
 //! | `0x0901_0000..0x0901_1000`     | PL031 RTC                                   |
-//! | `0x1000_0000..0x3eff_0000`     | PCIe 32-bit MMIO window (reserved)          |
-//! | `0x3eff_0000..0x3f00_0000`     | PCIe I/O window (reserved)                  |
-//! | `0x3f00_0000..0x4000_0000`     | PCIe ECAM, buses 0-15 (reserved)            |
+//! | `0x1000_0000..0x3dff_0000`     | PCIe 32-bit MMIO window (reserved)          |
+//! | `0x3dff_0000..0x3e00_0000`     | PCIe I/O window (reserved)                  |
+//! | `0x3e00_0000..0x4000_0000`     | PCIe ECAM, buses 0-31 (reserved)            |
 //! | `0x4000_0000..`                | RAM, up to 255 GiB                           |
 //! | `0x80_0000_0000..0x100_0000_0000` | PCIe 64-bit MMIO window (reserved)       |
 //!
@@ -81,15 +81,25 @@ pub const RTC_SIZE: u64 = 0x1000;
 /// PCIe 32-bit MMIO window.
 pub const PCIE_MMIO32_START: u64 = 0x1000_0000;
 /// Size of the PCIe 32-bit MMIO window.
-pub const PCIE_MMIO32_SIZE: u64 = 0x2eff_0000;
+pub const PCIE_MMIO32_SIZE: u64 = 0x2dff_0000;
 /// PCIe I/O window (described to UEFI firmware only: edk2's FdtPciHostBridgeLib requires one).
-pub const PCIE_IO_START: u64 = 0x3eff_0000;
+pub const PCIE_IO_START: u64 = 0x3dff_0000;
 /// Size of the PCIe I/O window.
 pub const PCIE_IO_SIZE: u64 = 0x1_0000;
-/// PCIe ECAM window.
-pub const PCIE_ECAM_START: u64 = 0x3f00_0000;
+/// PCIe ECAM window: 1 MiB per bus, 32 buses: bus 0 (host bridge and root ports) and one
+/// secondary bus for each of the most root ports `--pci-slots` allows ([`MAX_PCI_SLOTS`]).
+/// QEMU `virt`'s low ECAM has 16 buses at 0x3f00_0000; this one starts 16 MiB lower.
+pub const PCIE_ECAM_START: u64 = 0x3e00_0000;
 /// Size of the PCIe ECAM window.
-pub const PCIE_ECAM_SIZE: u64 = 0x0100_0000;
+pub const PCIE_ECAM_SIZE: u64 = 0x0200_0000;
+/// Most PCIe root ports (hot-plug slots): devices 1-31 on bus 0.
+pub const MAX_PCI_SLOTS: usize = 31;
+const _: () = assert!(
+    PCIE_ECAM_SIZE >> 20 > MAX_PCI_SLOTS as u64,
+    "a bus per slot"
+);
+const _: () = assert!(PCIE_IO_START + PCIE_IO_SIZE <= PCIE_ECAM_START);
+const _: () = assert!(PCIE_MMIO32_START + PCIE_MMIO32_SIZE <= PCIE_IO_START);
 
 /// Start of guest RAM.
 pub const RAM_START: u64 = 0x4000_0000;

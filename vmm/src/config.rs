@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use bulkhead_firmware::image::{Arm64Image, BootLayout, ImageError, LayoutError};
-use bulkhead_firmware::layout::{MAX_VCPUS_GICV3, RAM_MAX_SIZE, RAM_MIN_SIZE};
+use bulkhead_firmware::layout::{MAX_PCI_SLOTS, MAX_VCPUS_GICV3, RAM_MAX_SIZE, RAM_MIN_SIZE};
 use clap::Parser;
 
 use crate::memory::{self, Mechanism, RamBacking};
@@ -1406,10 +1406,10 @@ impl TryFrom<Args> for VmConfig {
                 })
             }
         };
-        if !(1..=31).contains(&args.pci_slots) {
+        if !(1..=MAX_PCI_SLOTS).contains(&args.pci_slots) {
             return Err(ConfigError::Option {
                 flag: "pci-slots",
-                reason: format!("{}: expected 1 to 31", args.pci_slots),
+                reason: format!("{}: expected 1 to {MAX_PCI_SLOTS}", args.pci_slots),
             });
         }
         let disks = args

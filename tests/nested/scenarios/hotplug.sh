@@ -134,6 +134,7 @@ thr1=$(ls "/proc/$vmm/task" | wc -l)
 say "after: VMM $fds1 descriptors, $thr1 threads; $(blocks bulkhead-block) bulkhead-block process(es)"
 [ "$(blocks bulkhead-block)" = $((procs0 - 1)) ] || fail "device processes left behind"
 [ "$thr1" -le "$thr0" ] || fail "the VMM has more threads than before ($thr0 -> $thr1)"
+[ "$fds1" -le "$fds0" ] || fail "the VMM has more descriptors than before ($fds0 -> $fds1): a removed device's left behind"
 
 vm_send vm 'poweroff -f'
 vm_wait_exit vm 60

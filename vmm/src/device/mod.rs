@@ -1090,7 +1090,7 @@ impl Devices {
         // A queue the guest broke reaches the guest as DEVICE_NEEDS_RESET (monitor.rs).
         let watch = transport.queue_error_watch().map_err(|e| fail(io(e)))?;
         self.monitor
-            .watch_queue_errors(watch)
+            .watch_queue_errors(id, watch)
             .map_err(|e| fail(io(e)))?;
         Ok(transport)
     }
@@ -1197,9 +1197,11 @@ impl Devices {
     }
 
     /// Forgets device `id` after its function was removed (its transport dropped, so its
-    /// process saw the connection close and is exiting). Returns the process's pid and the
+    /// process saw the connection close and is exiting): no restart of it, and the monitor
+    /// closes what it kept for it. Returns the process's pid and the
     /// monitor that watches it (see [`end_process`]); `None` for a device with no process.
     pub fn remove(&mut self, id: &str) -> Option<(u32, Arc<Monitor>)> {
+        self.monitor.forget_device(id);
         let index = self.processes.iter().position(|p| p.id == id)?;
         let process = self.processes.remove(index);
         Some((process.pid, self.monitor.clone()))

@@ -139,6 +139,8 @@ impl std::fmt::Debug for Entry {
 /// One queue's error eventfd and the device it belongs to.
 #[derive(Debug)]
 struct QueueError {
+    /// The device's id.
+    id: String,
     fd: OwnedFd,
     queue: usize,
     handle: crate::virtio::FailureHandle,
@@ -147,9 +149,11 @@ struct QueueError {
 #[derive(Debug, Default)]
 struct State {
     entries: Vec<Entry>,
-    queue_errors: Vec<QueueError>,
+    /// Indexed by token; `None` once its device was removed.
+    queue_errors: Vec<Option<QueueError>>,
     /// Devices whose process is started again when it dies.
-    respawns: Vec<Respawn>,
+    /// Indexed as `Entry::device`; `None` once its device was removed (indices stay).
+    respawns: Vec<Option<Box<Respawn>>>,
     /// Restarts waiting for their backoff: (when, index in `respawns`).
     due: Vec<(Instant, usize)>,
     /// When the liveness probe of restartable devices runs next.
@@ -265,13 +269,18 @@ impl Monitor {
     pub fn restartable(&self, pid: u32, respawn: Respawn) {
         let mut st = self.state.lock().expect("not poisoned");
         let index = st.respawns.len();
-        st.respawns.push(respawn);
-        if let Some(e) = st.entries.iter_mut().find(|e| e.pid == pid) {
-            e.device = Some(index);
-            if e.ended {
-                st.respawns[index].handle.lost();
-            }
+        let lost = st
+            .entries
+            .iter_mut()
+            .find(|e| e.pid == pid)
+            .is_some_and(|e| {
+                e.device = Some(index);
+                e.ended
+            });
+        if lost {
+            respawn.handle.lost();
         }
+        st.respawns.push(Some(Box::new(respawn)));
     }
 
     /// The control channel of device `id`'s current process, if it was restarted.
@@ -279,6 +288,7 @@ impl Monitor {
         let st = self.state.lock().expect("not poisoned");
         st.respawns
             .iter()
+            .flatten()
             .find(|r| r.spec.id == id)
             .and_then(|r| r.control.clone())
     }
@@ -314,7 +324,7 @@ impl Monitor {
     pub fn forget_respawns(&self) {
         let mut st = self.state.lock().expect("not poisoned");
         st.due.clear();
-        for r in &mut st.respawns {
+        for r in st.respawns.iter_mut().flatten() {
             r.files.clear();
             r.retired = true;
         }
@@ -325,6 +335,7 @@ impl Monitor {
         let st = self.state.lock().expect("not poisoned");
         st.respawns
             .iter()
+            .flatten()
             .map(|r| super::restart::RestartInfo {
                 id: r.spec.id.clone(),
                 pid: r.pid,
@@ -337,7 +348,7 @@ impl Monitor {
     /// Process `exit` of restartable device `d` was reported: restart it after its backoff,
     /// or give up.
     fn decide(&self, st: &mut State, d: usize, exit: Exit) {
-        let Some(r) = st.respawns.get_mut(d) else {
+        let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) else {
             return;
         };
         if r.retired || !r.handle.wanted() {
@@ -373,7 +384,7 @@ impl Monitor {
     /// Starts the process of restartable device `d` again and hands its connection to the
     /// device's worker, which replays the session.
     fn restart_now(&self, st: &mut State, d: usize) {
-        let Some(r) = st.respawns.get_mut(d) else {
+        let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) else {
             return;
         };
         if r.retired || !r.handle.wanted() {
@@ -413,12 +424,12 @@ impl Monitor {
         if let Err(e) = self.watch_locked(st, &id, pid, started.log, started.pidfd, Some(d)) {
             error!("{id}: watching restarted process {pid}: {e}");
         }
-        if let Some(r) = st.respawns.get_mut(d) {
+        if let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) {
             r.control = Some(Arc::new(started.control));
         }
         if let Err(e) = handle.reconnect(started.stream, died_at) {
             error!("{id}: handing over restarted process {pid}: {e}");
-            if let Some(r) = st.respawns.get(d) {
+            if let Some(r) = st.respawns.get(d).and_then(Option::as_ref) {
                 r.current.kill();
             }
         }
@@ -428,7 +439,7 @@ impl Monitor {
     fn next_due_ms(&self) -> i32 {
         let mut st = self.state.lock().expect("not poisoned");
         let now = Instant::now();
-        if !st.respawns.is_empty() && st.next_probe.is_none() {
+        if st.respawns.iter().any(Option::is_some) && st.next_probe.is_none() {
             st.next_probe = Some(now + LIVENESS_PERIOD);
         }
         let next = st.due.iter().map(|(at, _)| *at).chain(st.next_probe).min();
@@ -456,6 +467,7 @@ impl Monitor {
                 .respawns
                 .iter()
                 .enumerate()
+                .filter_map(|(d, r)| Some((d, r.as_ref()?)))
                 .filter(|(_, r)| !r.retired && r.handle.wanted() && !r.handle.is_down())
                 .filter_map(|(d, r)| Some((d, r.spec.id.clone(), r.control.clone()?)))
                 .collect();
@@ -466,7 +478,7 @@ impl Monitor {
                 .collect();
             let mut st = self.state.lock().expect("not poisoned");
             for (d, answered) in answers {
-                let Some(r) = st.respawns.get_mut(d) else {
+                let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) else {
                     continue;
                 };
                 r.missed_pings = if answered { 0 } else { r.missed_pings + 1 };
@@ -483,23 +495,64 @@ impl Monitor {
     }
 
     /// Watches a device's queue error eventfds: a signalled one sets DEVICE_NEEDS_RESET.
-    pub fn watch_queue_errors(&self, watch: crate::virtio::QueueErrorWatch) -> std::io::Result<()> {
+    pub fn watch_queue_errors(
+        &self,
+        id: &str,
+        watch: crate::virtio::QueueErrorWatch,
+    ) -> std::io::Result<()> {
         let mut st = self.state.lock().expect("not poisoned");
         for (queue, fd) in watch.fds.into_iter().enumerate() {
             let index = st.queue_errors.len() as u64;
             self.add(fd.as_raw_fd(), TOKEN_QUEUE_ERROR | index)?;
-            st.queue_errors.push(QueueError {
+            st.queue_errors.push(Some(QueueError {
+                id: id.to_string(),
                 fd,
                 queue,
                 handle: watch.handle.clone(),
-            });
+            }));
         }
         Ok(())
     }
 
+    /// Device `id` was removed (hot-unplug): it is not restarted, and what was kept for it
+    /// (the files and control channel kept for a restart, its process's pidfd, its queue error
+    /// eventfds) is closed, so plugging and unplugging devices does not pile up descriptors.
+    pub fn forget_device(&self, id: &str) {
+        let mut st = self.state.lock().expect("not poisoned");
+        let mut gone = Vec::new();
+        for (d, slot) in st.respawns.iter_mut().enumerate() {
+            if slot.as_ref().is_some_and(|r| r.spec.id == id) {
+                if let Some(r) = slot.take() {
+                    r.current.clear();
+                }
+                gone.push(d);
+            }
+        }
+        st.due.retain(|(_, d)| !gone.contains(d));
+        for e in &mut st.entries {
+            if e.device.is_some_and(|d| gone.contains(&d)) {
+                e.device = None;
+            }
+        }
+        for slot in &mut st.queue_errors {
+            if slot.as_ref().is_some_and(|q| q.id == id) {
+                if let Some(q) = slot.take() {
+                    self.remove(q.fd.as_raw_fd());
+                }
+            }
+        }
+    }
+
+    /// How many queue error eventfds are watched (tests).
+    #[cfg(test)]
+    pub fn queue_errors_watched(&self) -> usize {
+        let st = self.state.lock().expect("not poisoned");
+        st.queue_errors.iter().flatten().count()
+    }
+
     fn queue_error(&self, index: usize) {
         let st = self.state.lock().expect("not poisoned");
-        let Some(q) = st.queue_errors.get(index) else {
+        let Some(q) = st.queue_errors.get(index).and_then(Option::as_ref) else {
             return;
         };
         let mut count = [0u8; 8];
@@ -693,7 +746,7 @@ impl Monitor {
                 .filter_map(|e| e.device)
                 .collect();
             for d in waiting {
-                if let Some(r) = st.respawns.get(d) {
+                if let Some(r) = st.respawns.get(d).and_then(Option::as_ref) {
                     if r.handle.wanted() {
                         r.handle
                             .give_up("its process ended and the device spawner is gone");
@@ -744,7 +797,7 @@ impl Monitor {
                 f(&format!("device process {} ended", e.pid));
             }
             if let Some(d) = e.device {
-                if let Some(r) = st.respawns.get_mut(d) {
+                if let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) {
                     // Down at once: no request goes to the dead socket; the restart decision
                     // waits for the spawner's report of how it ended.
                     r.died_at = Some(Instant::now());

@@ -234,6 +234,11 @@ impl CurrentProcess {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(pidfd);
     }
 
+    /// Closes the pidfd (the device was removed).
+    pub fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// SIGKILLs the current process (a process already gone is no error).
     pub fn kill(&self) {
         if let Some(fd) = &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {

@@ -87,7 +87,7 @@ impl Topology {
 impl PcieHost {
     /// A host bridge with `slots` empty root ports (devices 1 to `slots` on bus 0).
     pub fn new(slots: usize) -> Result<Self, PciError> {
-        if !(1..=31).contains(&slots) {
+        if !(1..=bulkhead_firmware::layout::MAX_PCI_SLOTS).contains(&slots) {
             return Err(PciError::SlotCount(slots));
         }
         let mut host_bridge = ConfigSpace::new();

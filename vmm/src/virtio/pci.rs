@@ -969,7 +969,7 @@ mod tests {
         assert!(fake.wait_for(SET_VRING_ERR), "{:?}", fake.codes());
         let monitor = crate::device::monitor::Monitor::new(None).expect("monitor");
         monitor
-            .watch_queue_errors(p.queue_error_watch().expect("watch"))
+            .watch_queue_errors("disk0", p.queue_error_watch().expect("watch"))
             .expect("watch");
         monitor.start().expect("monitor thread");
         assert_eq!(status(&p) & STATUS_NEEDS_RESET, 0);
@@ -987,6 +987,38 @@ mod tests {
             "broken queue: DEVICE_NEEDS_RESET {:?} after the backend's error eventfd",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn test_virtio_pci_removed_device_queue_errors_forgotten() {
+        const SET_VRING_ERR: u32 = 14;
+        let (p, fake) = honest_device();
+        write8(&p, 0x14, 1);
+        write8(&p, 0x14, 3);
+        lock(&p.inner).bar_write(0x08, &1u32.to_le_bytes());
+        lock(&p.inner).bar_write(0x0c, &1u32.to_le_bytes());
+        write8(&p, 0x14, 0xb);
+        lock(&p.inner).bar_write(0x20, &0x1000u64.to_le_bytes());
+        lock(&p.inner).bar_write(0x28, &0x3000u64.to_le_bytes());
+        lock(&p.inner).bar_write(0x30, &0x4000u64.to_le_bytes());
+        lock(&p.inner).bar_write(0x1c, &1u16.to_le_bytes());
+        write8(&p, 0x14, 0xf);
+        assert!(fake.wait_for(SET_VRING_ERR), "{:?}", fake.codes());
+        let monitor = crate::device::monitor::Monitor::new(None).expect("monitor");
+        monitor
+            .watch_queue_errors("disk0", p.queue_error_watch().expect("watch"))
+            .expect("watch");
+        monitor.start().expect("monitor thread");
+        assert_eq!(monitor.queue_errors_watched(), 1);
+        monitor.forget_device("disk1");
+        assert_eq!(monitor.queue_errors_watched(), 1, "another device's stay");
+        monitor.forget_device("disk0");
+        assert_eq!(monitor.queue_errors_watched(), 0, "closed with its device");
+        lock(&p.inner).backend.shared.queue_errors[0]
+            .write(1)
+            .expect("signal");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(status(&p) & STATUS_NEEDS_RESET, 0, "no longer watched");
     }
 
     #[test]
