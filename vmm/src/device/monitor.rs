@@ -297,7 +297,7 @@ impl Monitor {
     /// the balloon's `--size` follows `vm.resize`, so a restarted balloon keeps the target.
     pub fn set_respawn_option(&self, id: &str, option: &str, value: &str) {
         let mut st = self.state.lock().expect("not poisoned");
-        let Some(r) = st.respawns.iter_mut().find(|r| r.spec.id == id) else {
+        let Some(r) = st.respawns.iter_mut().flatten().find(|r| r.spec.id == id) else {
             return;
         };
         if let super::Backend::Spawn { args, .. } = &mut r.spec.backend {
@@ -313,6 +313,7 @@ impl Monitor {
         let st = self.state.lock().expect("not poisoned");
         st.respawns
             .iter()
+            .flatten()
             .find(|r| r.spec.id == id)
             .and_then(|r| match &r.spec.backend {
                 super::Backend::Spawn { args, .. } => Some(args.clone()),
