@@ -75,11 +75,13 @@ pub struct Args {
     /// A device process that dies is restarted (`restart=on-failure`, the default, with
     /// `restart_max=N` (10) and `restart_backoff_ms=MS` (10, doubled each time); a seccomp
     /// kill only with `restart_on_violation=on`), or not (`restart=never`) (docs/restart.md).
-    /// `fault=crash_after=N`: each of its processes aborts as it takes its Nth request (fault
-    /// injection, for testing a guest with a flaky disk).
+    /// `fault=crash_after=N|eio=N|eio=FIRST-LAST|delay_ms=N`: a fault armed in each of its
+    /// processes from the start, for testing a guest with a flaky disk (it aborts as it takes
+    /// its Nth request; every Nth read or write, or those touching the sectors, fail; every
+    /// request waits N ms) (docs/fault-injection.md).
     #[arg(
         long,
-        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS][,poll_us=N][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on][,fault=crash_after=N]"
+        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS][,poll_us=N][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on][,fault=crash_after=N|eio=N|eio=A-B|delay_ms=N]"
     )]
     pub disk: Vec<String>,
     /// A network interface, repeatable, served by a `bulkhead-net` process on a tap:
@@ -298,8 +300,8 @@ pub struct DiskConfig {
     /// `restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=`
     /// (docs/restart.md).
     pub restart: crate::device::restart::RestartPolicy,
-    /// `fault=crash_after=N`: a fault armed in each of its processes from the start
-    /// (docs/restart.md).
+    /// `fault=`: a fault armed in each of its processes from the start
+    /// (docs/fault-injection.md).
     pub fault: Option<String>,
 }
 
@@ -365,15 +367,7 @@ pub(crate) fn parse_disk_options(value: &str) -> Result<DiskConfig, ConfigError>
     let fault = match get("fault") {
         None => None,
         Some(f) => {
-            let ok = f
-                .strip_prefix("crash_after=")
-                .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|n| n >= 1);
-            if !ok {
-                return Err(bad(format!(
-                    "fault={f:?}: expected crash_after=N (N requests, 1 or more)"
-                )));
-            }
+            check_fault(f, true).map_err(|e| bad(format!("fault={f:?}: {e}")))?;
             Some(f.to_string())
         }
     };
@@ -751,6 +745,44 @@ fn check_device_ids(
         ids.push(id);
     }
     Ok(())
+}
+
+/// Longest `delay_ms=` fault (the device refuses more too).
+pub const MAX_FAULT_DELAY_MS: u64 = 60_000;
+
+/// Checks a fault for a device process (docs/fault-injection.md): at start (`fault=` of
+/// `--disk`) `crash_after=N`, `eio=N`, `eio=A-B` or `delay_ms=N`; through the API also
+/// `crash`, `seccomp`, `hang`, `oom` and `clear`. The device process checks again (it trusts
+/// nobody); this gives the caller a clear error before anything is sent.
+pub fn check_fault(fault: &str, at_start: bool) -> Result<(), String> {
+    let number = |what: &str, n: &str, min: u64, max: u64| {
+        n.parse::<u64>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .map(|_| ())
+            .ok_or_else(|| format!("{what}={n:?}: expected a number from {min} to {max}"))
+    };
+    let expected = if at_start {
+        "crash_after=N, eio=N, eio=A-B (sectors) or delay_ms=N"
+    } else {
+        "crash, seccomp, hang, oom, clear, crash_after=N, eio=N, eio=A-B (sectors) or delay_ms=N"
+    };
+    match fault.split_once('=') {
+        Some(("crash_after", n)) => number("crash_after", n, 1, u64::MAX),
+        Some(("delay_ms", n)) => number("delay_ms", n, 1, MAX_FAULT_DELAY_MS),
+        Some(("eio", v)) => match v.split_once('-') {
+            None => number("eio", v, 1, u64::MAX),
+            Some((a, b)) => match (a.parse::<u64>(), b.parse::<u64>()) {
+                (Ok(a), Ok(b)) if a <= b => Ok(()),
+                (Ok(_), Ok(_)) => Err(format!("eio={v}: the first sector is after the last")),
+                _ => Err(format!("eio={v:?}: expected N or FIRST-LAST (sectors)")),
+            },
+        },
+        None if !at_start && ["crash", "seccomp", "hang", "oom", "clear"].contains(&fault) => {
+            Ok(())
+        }
+        _ => Err(format!("unknown fault {fault:?}: expected {expected}")),
+    }
 }
 
 /// One PCIe slot per device: the disks, the network interfaces, the console (if any) and the
@@ -1729,8 +1761,15 @@ mod tests {
                 .mode,
             crate::device::restart::RestartMode::Never
         );
+        for good in ["eio=100-199", "eio=7", "delay_ms=20"] {
+            let d = parse_disk(&format!("path={p},fault={good}")).expect("valid");
+            assert_eq!(d.fault.as_deref(), Some(good));
+        }
         for bad in [
             format!("path={p},fault=crash"),
+            format!("path={p},fault=hang"),
+            format!("path={p},fault=eio=9-3"),
+            format!("path={p},fault=delay_ms=0"),
             format!("path={p},fault=crash_after=0"),
             format!("path={p},restart=sometimes"),
             "socket=/run/b.sock,restart=never".to_string(),

@@ -43,6 +43,14 @@ pub enum Request {
         /// The device's id.
         id: String,
     },
+    /// `vm.inject-fault`: `fault FAULT` on device `id`'s control channel
+    /// (docs/fault-injection.md).
+    InjectFault {
+        /// The device's id.
+        id: String,
+        /// The fault, checked by [`crate::config::check_fault`].
+        fault: String,
+    },
     /// `vm.resize-console`: the virtio console's size (`None`: the VMM's terminal's, on
     /// SIGWINCH with `--console tty`).
     ResizeConsole {

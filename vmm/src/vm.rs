@@ -585,6 +585,10 @@ impl Vm {
                 drop(reply.send(self.balloon_statistics()));
                 None
             }
+            Request::InjectFault { id, fault } => {
+                self.inject_fault(id, fault, reply);
+                None
+            }
             Request::ResizeConsole { size } => {
                 let from_terminal = size.is_none();
                 let size = size.or_else(|| {
@@ -610,6 +614,43 @@ impl Vm {
                 drop(reply.send(result));
                 None
             }
+        }
+    }
+
+    /// `vm.inject-fault`: `fault FAULT` on device `id`'s control channel, sent from a thread:
+    /// a device that does not answer is bounded by the channel's deadline, and the main loop
+    /// never waits on it. 404 for an id with no device process (unknown, or served by an
+    /// external backend), 400 for a fault the device refuses, 409 if it does not answer.
+    fn inject_fault(&self, id: String, fault: String, reply: ReplySender) {
+        let Some(control) = self.devices.control_channel(&id) else {
+            drop(reply.send(Err(RequestError::new(
+                404,
+                format!("no device process {id} (an unknown id, or a device served by an external backend)"),
+            ))));
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("inject-fault".into())
+            .spawn(move || {
+                let answer = match control.request(&format!("fault {fault}")) {
+                    Ok(r) => {
+                        warn!("{id}: fault {fault} injected through the API: {r}");
+                        Ok(Reply::Info(
+                            serde_json::json!({ "id": id, "fault": fault, "reply": r }).to_string(),
+                        ))
+                    }
+                    Err(crate::device::control::ControlError::Refused(m)) => Err(
+                        RequestError::new(400, format!("{id} refused fault {fault}: {m}")),
+                    ),
+                    Err(e) => Err(RequestError::new(
+                        409,
+                        format!("{id} did not take fault {fault}: {e}"),
+                    )),
+                };
+                drop(reply.send(answer));
+            });
+        if let Err(e) = spawned {
+            warn!("vm.inject-fault: no thread for it ({e})");
         }
     }
 

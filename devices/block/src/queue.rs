@@ -488,6 +488,13 @@ impl QueueWorker {
                 completion.status = e.status();
                 Ok(Vec::new())
             }
+            // An injected fault (docs/fault-injection.md): delay_ms waits here, eio fails it.
+            Action::Read { sector, len, .. } | Action::Write { sector, len, .. }
+                if bulkhead_device_runtime::fault::request_fault(*sector, len.div_ceil(512)) =>
+            {
+                completion.status = STATUS_IOERR;
+                Ok(Vec::new())
+            }
             Action::Read { sector, data, len } => {
                 completion.written = u32::try_from(*len).unwrap_or(u32::MAX);
                 self.prepare_rw(mem, false, *sector, data, *len, budget)

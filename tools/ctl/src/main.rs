@@ -50,6 +50,14 @@ enum Command {
         /// The device's id (vm.info lists them).
         id: String,
     },
+    /// Inject a fault into a device's process (vm.inject-fault, docs/fault-injection.md).
+    InjectFault {
+        /// The device's id (vm.info lists them).
+        id: String,
+        /// crash, seccomp, hang, oom, clear, crash_after=N, eio=N, eio=FIRST-LAST (sectors),
+        /// delay_ms=N.
+        fault: String,
+    },
     /// Set the virtio console's size (vm.resize-console); the guest's hvc0 follows.
     ResizeConsole {
         /// Columns.
@@ -247,6 +255,11 @@ fn endpoint(command: &Command) -> Result<(&'static str, &'static str, Option<Val
         Command::AddDisk { options } => ("PUT", "vm.add-disk", Some(disk_body(options)?)),
         Command::AddNet { options } => ("PUT", "vm.add-net", Some(net_body(options)?)),
         Command::RemoveDevice { id } => ("PUT", "vm.remove-device", Some(json!({ "id": id }))),
+        Command::InjectFault { id, fault } => (
+            "PUT",
+            "vm.inject-fault",
+            Some(json!({ "id": id, "fault": fault })),
+        ),
         Command::ResizeConsole { cols, rows } => (
             "PUT",
             "vm.resize-console",

@@ -16,6 +16,8 @@ pub const ROOT: &str = "/api/v1/";
 
 /// How long the API waits for the VM to answer an info, shutdown or reboot request.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long it waits for a fault to be injected: the device's control deadline, and margin.
+pub const INJECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long it waits for a plug (spawn, jail, handshake, slot) to be answered.
 pub const PLUG_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long it waits for an unplug: the guest's 5 s attention-button window, the surprise
@@ -154,6 +156,15 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Action, HttpResp
                 REPLY_TIMEOUT,
             )
         }
+        "vm.inject-fault" => {
+            expect_method(method, "PUT", endpoint)?;
+            let InjectFault { id, fault } = json::<InjectFault>(body)?;
+            if !crate::config::valid_device_id(&id) {
+                return Err(bad(format!("id {id:?}: not a device id")));
+            }
+            crate::config::check_fault(&fault, false).map_err(bad)?;
+            control(Request::InjectFault { id, fault }, INJECT_TIMEOUT)
+        }
         e if NOT_IMPLEMENTED.contains(&e) => Err(HttpResponse::error(
             501,
             format!("{e} is not implemented by Bulkhead (docs/api.md lists what is)"),
@@ -220,6 +231,14 @@ struct Resize {
 #[derive(Deserialize)]
 struct RemoveDevice {
     id: String,
+}
+
+/// `vm.inject-fault`'s body (docs/fault-injection.md).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectFault {
+    id: String,
+    fault: String,
 }
 
 /// `vm.resize-console`'s body: the virtio console's columns and rows.
@@ -674,6 +693,42 @@ mod tests {
             assert_eq!(got, 400, "{}", String::from_utf8_lossy(body));
         }
         assert_eq!(status(route("GET", "/api/v1/vm.resize-console", b"")), 400);
+    }
+
+    #[test]
+    fn test_routes_inject_fault() {
+        for (body, want) in [
+            (
+                &br#"{"id": "disk0", "fault": "eio=100-199"}"#[..],
+                "eio=100-199",
+            ),
+            (br#"{"id": "disk0", "fault": "hang"}"#, "hang"),
+            (br#"{"id": "net0", "fault": "crash"}"#, "crash"),
+            (br#"{"id": "disk1", "fault": "delay_ms=20"}"#, "delay_ms=20"),
+        ] {
+            match request(route("PUT", "/api/v1/vm.inject-fault", body)) {
+                Request::InjectFault { id, fault } => {
+                    assert!(id.starts_with("disk") || id == "net0");
+                    assert_eq!(fault, want);
+                }
+                r => panic!("{r:?}"),
+            }
+        }
+        for body in [
+            &b""[..],
+            br#"{"id": "disk0"}"#,
+            br#"{"id": "disk0", "fault": "melt"}"#,
+            br#"{"id": "disk0", "fault": "eio=9-3"}"#,
+            br#"{"id": "disk0", "fault": "eio=0"}"#,
+            br#"{"id": "disk0", "fault": "delay_ms=60001"}"#,
+            br#"{"id": "disk0", "fault": "crash\nfault seccomp"}"#,
+            br#"{"id": "../x", "fault": "crash"}"#,
+            br#"{"id": "disk0", "fault": "crash", "x": 1}"#,
+        ] {
+            let got = status(route("PUT", "/api/v1/vm.inject-fault", body));
+            assert_eq!(got, 400, "{}", String::from_utf8_lossy(body));
+        }
+        assert_eq!(status(route("GET", "/api/v1/vm.inject-fault", b"")), 400);
     }
 
     #[test]

@@ -1103,13 +1103,18 @@ impl Devices {
         id: &str,
         request: &str,
     ) -> Option<Result<String, control::ControlError>> {
-        if let Some(c) = self.monitor.current_control(id) {
-            return Some(c.request(request));
-        }
-        self.processes
-            .iter()
-            .find(|p| p.id == id)
-            .map(|p| p.control.request(request))
+        self.control_channel(id).map(|c| c.request(request))
+    }
+
+    /// Device `id`'s control channel (its current process's, after a restart); `None`: no
+    /// such device process.
+    pub fn control_channel(&self, id: &str) -> Option<Arc<ControlChannel>> {
+        self.monitor.current_control(id).or_else(|| {
+            self.processes
+                .iter()
+                .find(|p| p.id == id)
+                .map(|p| p.control.clone())
+        })
     }
 
     /// `vm.resize` `desired_balloon`: the balloon's new target, in bytes. The device takes it

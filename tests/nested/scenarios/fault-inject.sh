@@ -1,0 +1,107 @@
+#!/bin/sh
+# timeout: 360
+# Fault injection through the API (docs/fault-injection.md), with bulkhead-ctl, into a Debian
+# guest's disk: a bad fault and an unknown id are refused (400, 404); eio=2048-4095 makes the
+# guest's direct reads of those sectors fail with EIO (the kernel logs I/O errors) while the
+# sectors on either side read, and after `clear` the range reads again; delay_ms=50 makes
+# 20 direct 4 KiB reads take at least 0.9 s more than before; `hang` stops the device, the
+# liveness probe has it killed and restarted, and a read issued during the hang completes.
+# shellcheck disable=SC2016 # the commands typed into the guest expand there
+. "${HARNESS_DIR:-/harness}/lib.sh"
+
+img=$SCN_DIR/data.img
+dd if=/dev/urandom of="$img" bs=1M count=8 2>/dev/null
+api=$SCN_DIR/api.sock
+vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
+	--memory size=512M -v --api-socket "$api" --disk "path=$img,id=data,serial=fi"
+vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
+say "guest ready $(elapsed vm) s after start"
+disk=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^GUEST-DISK \(vd.\) [0-9]* ro=0 serial=fi .*/\1/p')
+[ -n "$disk" ] || fail "the guest does not see the disk"
+run() { # run COMMAND ERE TIMEOUT: type COMMAND, wait for a line matching ERE, print its value.
+	vm_send vm "$1" >&2
+	vm_wait_for vm "$2" "$3"
+	tr -d '\r' <"$SCN_DIR/vm/out" | grep -E "$2" | tail -n 1 | sed 's/^[A-Z0-9]*-//'
+}
+inject() { # inject ID FAULT: "OK <reply JSON>" or "ERR <status> <message>"
+	if out=$(bulkhead-ctl --api-socket "$api" inject-fault "$1" "$2" 2>"$SCN_DIR/ctl.err"); then
+		echo "OK $(echo "$out" | tr -d '\n')"
+	else
+		echo "ERR $(sed -n 's/^bulkhead-ctl: [^:]*: \([0-9]*\): /\1 /p' "$SCN_DIR/ctl.err")$(grep -v '^bulkhead-ctl: [^:]*: [0-9]*: ' "$SCN_DIR/ctl.err")"
+	fi
+}
+dev_pid() {
+	for p in /proc/[0-9]*; do
+		[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-block ] && echo "${p#/proc/}" && return
+	done
+}
+# read4k BLOCK: a direct 4 KiB read of 4 KiB block BLOCK; prints dd's status.
+read4k() { run "dd if=/dev/$disk of=/dev/null bs=4096 count=1 skip=$1 iflag=direct 2>/dev/null; echo RD$2-\$?" "^RD$2-[0-9]+\$" 60; }
+sleep 1
+vm_send_until vm 'echo UP-$((40+2))' '^UP-42' 30
+
+# Refused: a fault nobody knows, an id nobody has.
+r=$(inject data melt)
+say "inject-fault data melt: $r"
+case $r in "ERR 400"*) ;; *) fail "an unknown fault was not refused with 400: $r" ;; esac
+r=$(inject nodisk crash)
+say "inject-fault nodisk crash: $r"
+case $r in "ERR 404"*) ;; *) fail "an unknown id was not refused with 404: $r" ;; esac
+
+# eio=2048-4095: 4 KiB blocks 256-511.
+[ "$(read4k 300 A)" = 0 ] || fail "a read before any fault failed"
+r=$(inject data eio=2048-4095)
+say "inject-fault data eio=2048-4095: $r"
+case $r in OK*armed*) ;; *) fail "the eio fault was not armed: $r" ;; esac
+in=$(read4k 300 B)
+first=$(read4k 256 C)
+below=$(read4k 255 D)
+above=$(read4k 512 E)
+errs=$(run 'echo IOE-$(dmesg | grep -c "I/O error")' '^IOE-[0-9]+$' 20)
+say "with eio=2048-4095: block 300 status $in, block 256 $first, block 255 $below, block 512 $above; $errs I/O errors in the guest's log"
+[ "$in" != 0 ] || fail "a read inside the range did not fail"
+[ "$first" != 0 ] || fail "a read of the range's first sectors did not fail"
+[ "$below" = 0 ] || fail "a read just below the range failed"
+[ "$above" = 0 ] || fail "a read just above the range failed"
+[ "$errs" -gt 0 ] || fail "the guest logged no I/O error"
+r=$(inject data clear)
+case $r in OK*cleared*) ;; *) fail "clear failed: $r" ;; esac
+[ "$(read4k 300 F)" = 0 ] || fail "after clear, a read in the range still fails"
+say "after clear the range reads again"
+
+# delay_ms=50: 20 direct reads, before and with it (guest clock, /proc/uptime).
+reads='a=$(cut -d" " -f1 /proc/uptime); for i in $(seq 20); do dd if=/dev/'$disk' of=/dev/null bs=4096 count=1 skip=$i iflag=direct 2>/dev/null; done; b=$(cut -d" " -f1 /proc/uptime); echo'
+base=$(run "$reads TA-\$a-\$b" '^TA-[0-9.]+-[0-9.]+$' 120)
+r=$(inject data delay_ms=50)
+case $r in OK*armed*) ;; *) fail "the delay fault was not armed: $r" ;; esac
+slow=$(run "$reads TB-\$a-\$b" '^TB-[0-9.]+-[0-9.]+$' 120)
+inject data clear >/dev/null
+t_base=$(echo "$base" | awk -F- '{ printf "%.2f", $2 - $1 }')
+t_slow=$(echo "$slow" | awk -F- '{ printf "%.2f", $2 - $1 }')
+say "20 direct 4 KiB reads: $t_base s before, $t_slow s with delay_ms=50"
+awk -v a="$t_base" -v b="$t_slow" 'BEGIN { exit !(b - a >= 0.9) }' || fail "delay_ms=50 added less than 0.9 s to 20 reads"
+
+# hang: the device stops answering; the liveness probe has it killed and restarted.
+want=$(run "echo H0-\$(dd if=/dev/$disk bs=64k count=16 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)" '^H0-[0-9a-f]{64}$' 60)
+pid=$(dev_pid)
+r=$(inject data hang)
+say "inject-fault data hang: $r"
+case $r in OK*hanging*) ;; *) fail "the hang fault was not taken: $r" ;; esac
+t0=$(now)
+vm_send vm "echo H1-\$(dd if=/dev/$disk bs=64k count=16 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)"
+end=$(($(now_s) + 40))
+until [ -n "$(dev_pid)" ] && [ "$(dev_pid)" != "$pid" ]; do
+	[ "$(now_s)" -lt "$end" ] || fail "the hung device process was not replaced within 40 s"
+	sleep 0.2
+done
+say "the hung device process $pid was replaced by $(dev_pid) $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s after the fault"
+vm_wait_for vm '^H1-[0-9a-f]{64}' 60
+got=$(tr -d '\r' <"$SCN_DIR/vm/out" | grep -E '^H1-[0-9a-f]{64}' | tail -n 1 | sed 's/^H1-//')
+[ "$got" = "$want" ] || fail "the read issued during the hang returned other data"
+grep -E 'fault .* injected through the API|unresponsive|did not answer|restarting' "$SCN_DIR/vm/err" | tail -n 5 | quote "!"
+
+vm_send vm 'poweroff -f'
+vm_wait_exit vm 60
+vm_no_panic vm
+[ "$VM_STATUS" = 0 ] || fail "bulkhead exited with status $VM_STATUS"
+exit 0
