@@ -5,7 +5,9 @@
 # guest's direct reads of those sectors fail with EIO (the kernel logs I/O errors) while the
 # sectors on either side read, and after `clear` the range reads again; delay_ms=50 makes
 # 20 direct 4 KiB reads take at least 0.9 s more than before; `hang` stops the device, the
-# liveness probe has it killed and restarted, and a read issued during the hang completes.
+# liveness probe has it killed and restarted, and a read issued during the hang completes;
+# `oom` makes the process allocate until its cgroup's memory.max (its 256 MiB budget plus the
+# 256 MiB of guest RAM) gets it OOM-killed, and it is restarted with the disk intact.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
@@ -13,7 +15,7 @@ img=$SCN_DIR/data.img
 dd if=/dev/urandom of="$img" bs=1M count=8 2>/dev/null
 api=$SCN_DIR/api.sock
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
-	--memory size=512M -v --api-socket "$api" --disk "path=$img,id=data,serial=fi"
+	--memory size=256M -v --api-socket "$api" --disk "path=$img,id=data,serial=fi"
 vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
 say "guest ready $(elapsed vm) s after start"
 disk=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^GUEST-DISK \(vd.\) [0-9]* ro=0 serial=fi .*/\1/p')
@@ -99,6 +101,23 @@ vm_wait_for vm '^H1-[0-9a-f]{64}' 60
 got=$(tr -d '\r' <"$SCN_DIR/vm/out" | grep -E '^H1-[0-9a-f]{64}' | tail -n 1 | sed 's/^H1-//')
 [ "$got" = "$want" ] || fail "the read issued during the hang returned other data"
 grep -E 'fault .* injected through the API|unresponsive|did not answer|restarting' "$SCN_DIR/vm/err" | tail -n 5 | quote "!"
+
+# oom: the process allocates until its cgroup's OOM killer ends it; it is restarted.
+pid=$(dev_pid)
+r=$(inject data oom)
+say "inject-fault data oom: $r"
+case $r in OK*allocating*) ;; *) fail "the oom fault was not taken: $r" ;; esac
+t0=$(now)
+end=$(($(now_s) + 90))
+until [ -n "$(dev_pid)" ] && [ "$(dev_pid)" != "$pid" ]; do
+	[ "$(now_s)" -lt "$end" ] || fail "the device process was not OOM-killed and replaced within 90 s"
+	sleep 0.2
+done
+say "the device process $pid was replaced by $(dev_pid) $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s after the oom fault"
+grep -E "process $pid (was killed|exited)" "$SCN_DIR/vm/err" | tail -n 1 | quote "!"
+grep -q "process $pid was killed by signal 9" "$SCN_DIR/vm/err" || fail "the oom fault did not end in a SIGKILL (OOM kill)"
+got=$(run "echo H2-\$(dd if=/dev/$disk bs=64k count=16 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)" '^H2-[0-9a-f]{64}$' 60)
+[ "$got" = "$want" ] || fail "after the OOM kill the disk reads other data"
 
 vm_send vm 'poweroff -f'
 vm_wait_exit vm 60
