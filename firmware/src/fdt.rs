@@ -486,7 +486,7 @@ mod tests {
         let ranges = u32_cells(pci.property("ranges").expect("ranges").value);
         assert_eq!(ranges.len(), 14);
         assert_eq!(ranges[0], 0x0200_0000);
-        assert_eq!((ranges[2], ranges[6]), (0x1000_0000, 0x2eff_0000));
+        assert_eq!((ranges[2], ranges[6]), (0x1000_0000, 0x2dff_0000));
     }
 
     #[test]
