@@ -93,7 +93,7 @@ pub struct Args {
     /// (docs/net.md).
     #[arg(
         long,
-        value_name = "tap=NAME|fd=N[:M...]|socket=PATH[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,num_queues=N][,queue_size=N][,id=ID][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on]"
+        value_name = "tap=NAME|fd=N[:M...]|socket=PATH[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,num_queues=N][,queue_size=N][,id=ID][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on][,fault=drop=N]"
     )]
     pub net: Vec<String>,
     /// A memory balloon, served by a `bulkhead-balloon` process: `size=SIZE` is the first
@@ -366,6 +366,9 @@ pub(crate) fn parse_disk_options(value: &str) -> Result<DiskConfig, ConfigError>
     let restart = crate::device::restart::RestartPolicy::parse(get).map_err(bad)?;
     let fault = match get("fault") {
         None => None,
+        Some(f) if f.starts_with("drop=") => {
+            return Err(bad(format!("fault={f:?}: drop=N is a NIC's fault")))
+        }
         Some(f) => {
             check_fault(f, true).map_err(|e| bad(format!("fault={f:?}: {e}")))?;
             Some(f.to_string())
@@ -653,6 +656,9 @@ pub struct NetConfig {
     /// `restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=`
     /// (docs/restart.md).
     pub restart: crate::device::restart::RestartPolicy,
+    /// `fault=drop=N`: a fault armed in each of its processes from the start
+    /// (docs/fault-injection.md).
+    pub fault: Option<String>,
 }
 
 impl NetConfig {
@@ -763,13 +769,14 @@ pub fn check_fault(fault: &str, at_start: bool) -> Result<(), String> {
             .ok_or_else(|| format!("{what}={n:?}: expected a number from {min} to {max}"))
     };
     let expected = if at_start {
-        "crash_after=N, eio=N, eio=A-B (sectors) or delay_ms=N"
+        "crash_after=N, eio=N, eio=A-B (sectors), delay_ms=N (disks) or drop=N (NICs)"
     } else {
-        "crash, seccomp, hang, oom, clear, crash_after=N, eio=N, eio=A-B (sectors) or delay_ms=N"
+        "crash, seccomp, hang, oom, clear, crash_after=N, eio=N, eio=A-B (sectors), delay_ms=N or drop=N"
     };
     match fault.split_once('=') {
         Some(("crash_after", n)) => number("crash_after", n, 1, u64::MAX),
         Some(("delay_ms", n)) => number("delay_ms", n, 1, MAX_FAULT_DELAY_MS),
+        Some(("drop", n)) => number("drop", n, 1, u64::MAX),
         Some(("eio", v)) => match v.split_once('-') {
             None => number("eio", v, 1, u64::MAX),
             Some((a, b)) => match (a.parse::<u64>(), b.parse::<u64>()) {
@@ -848,6 +855,7 @@ pub(crate) fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigEr
     known.extend(RATE_LIMIT_OPTIONS);
     known.extend(prefixed.iter().map(String::as_str));
     known.extend(crate::device::restart::OPTIONS);
+    known.push("fault");
     let opts = parse_options("net", value, &known)?;
     let get = |k: &str| opts.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
 
@@ -1012,6 +1020,19 @@ pub(crate) fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigEr
                 .into(),
         ));
     }
+    let fault = match get("fault") {
+        None => None,
+        Some(_) if matches!(backend, NetBackend::Socket(_)) => {
+            return Err(bad(
+                "fault= is for a device process the VMM starts (tap= or fd=), not socket=".into(),
+            ))
+        }
+        Some(f) if f.starts_with("drop=") => {
+            check_fault(f, true).map_err(|e| bad(format!("fault={f:?}: {e}")))?;
+            Some(f.to_string())
+        }
+        Some(f) => return Err(bad(format!("fault={f:?}: a NIC takes drop=N at start"))),
+    };
     Ok(NetConfig {
         backend,
         mac,
@@ -1022,6 +1043,7 @@ pub(crate) fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigEr
         rx_limit,
         tx_limit,
         restart,
+        fault,
     })
 }
 
@@ -1835,6 +1857,20 @@ mod tests {
             assert!(e.contains(says), "{bad}: {e}");
         }
         std::fs::remove_file(&img).expect("cleanup");
+    }
+
+    #[test]
+    fn test_parse_net_fault_drop_only() {
+        let n = parse_net("tap=t0,fault=drop=4", 0).expect("valid");
+        assert_eq!(n.fault.as_deref(), Some("drop=4"));
+        for bad in [
+            "tap=t0,fault=eio=3",
+            "tap=t0,fault=drop=0",
+            "tap=t0,fault=crash",
+            "socket=/run/n.sock,fault=drop=2",
+        ] {
+            assert!(parse_net(bad, 0).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

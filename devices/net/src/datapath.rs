@@ -553,6 +553,13 @@ pub fn process_tx(
                 return Ok(round);
             }
         }
+        // An injected fault (docs/fault-injection.md): the frame is lost, as on a wire.
+        if bulkhead_device_runtime::fault::frame_dropped() {
+            add(&stats.tx_dropped, 1);
+            q.add_used(mem, head, 0).map_err(QueueError::AddUsed)?;
+            round.used = true;
+            continue;
+        }
         let written = if direct {
             tap.writev(&iov)
         } else {

@@ -11,12 +11,14 @@
 //! - `eio=A-B`: every read or write touching sectors A to B (inclusive) fails (block);
 //! - `delay_ms=N`: every request waits N ms before it is served (block: the queue's requests
 //!   one after another, so a request's latency grows by N ms at queue depth 1);
-//! - `clear`: disarms crash_after, eio and delay_ms.
+//! - `drop=N`: every Nth frame the guest sends is dropped (net);
+//! - `clear`: disarms crash_after, eio, delay_ms and drop.
 //!
-//! At start, `--fault FAULT` arms `crash_after=N`, `eio=...` or `delay_ms=N` (the VMM's
-//! `--disk ...,fault=FAULT`); every process started in its place gets it again. Counting,
-//! failing and delaying requests needs the device's hooks ([`request_taken`],
-//! [`request_fault`]): bulkhead-block has them.
+//! At start, `--fault FAULT` arms `crash_after=N`, `eio=...`, `delay_ms=N` or `drop=N` (the
+//! VMM's `--disk ...,fault=FAULT`, `--net ...,fault=FAULT`); every process started in its
+//! place gets it again. Counting, failing and delaying requests needs the device's hooks
+//! ([`request_taken`], [`request_fault`]): bulkhead-block has them; dropping frames needs
+//! [`frame_dropped`]: bulkhead-net has it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -26,6 +28,8 @@ use log::{error, warn};
 
 /// Device kinds that call [`request_taken`] and [`request_fault`] for each request they take.
 const COUNTING_KINDS: [&str; 1] = ["block"];
+/// Device kinds that call [`frame_dropped`] for each frame the guest sends.
+const FRAME_KINDS: [&str; 1] = ["net"];
 
 /// Longest `delay_ms`: a minute per request is a hung device, for which there is `hang`.
 pub const MAX_DELAY_MS: u64 = 60_000;
@@ -54,14 +58,17 @@ static EIO_FIRST: AtomicU64 = AtomicU64::new(1);
 static EIO_LAST: AtomicU64 = AtomicU64::new(0);
 /// `delay_ms=N` (0: off).
 static DELAY_MS: AtomicU64 = AtomicU64::new(0);
+/// `drop=N`: every Nth frame is dropped (0: off); the count since it was armed.
+static DROP_EVERY: AtomicU64 = AtomicU64::new(0);
+static DROP_COUNT: AtomicU64 = AtomicU64::new(0);
 
 /// The device's kind, set once at start.
 pub fn set_kind(kind: &'static str) {
     let _ = KIND.set(kind);
 }
 
-fn counts_requests() -> bool {
-    KIND.get().is_some_and(|k| COUNTING_KINDS.contains(k))
+fn kind_in(kinds: &[&str]) -> bool {
+    KIND.get().is_some_and(|k| kinds.contains(k))
 }
 
 /// A fault that changes how requests are served.
@@ -71,6 +78,7 @@ enum RequestFault {
     EioEvery(u64),
     EioSectors(u64, u64),
     DelayMs(u64),
+    DropEvery(u64),
 }
 
 fn number(what: &str, n: &str, min: u64, max: u64) -> Result<u64, String> {
@@ -86,6 +94,7 @@ fn parse_request_fault(fault: &str) -> Option<Result<RequestFault, String>> {
     Some(match name {
         "crash_after" => number(name, value, 1, u64::MAX).map(RequestFault::CrashAfter),
         "delay_ms" => number(name, value, 1, MAX_DELAY_MS).map(RequestFault::DelayMs),
+        "drop" => number(name, value, 1, u64::MAX).map(RequestFault::DropEvery),
         "eio" => match value.split_once('-') {
             None => number(name, value, 1, u64::MAX).map(RequestFault::EioEvery),
             Some((a, b)) => {
@@ -105,9 +114,13 @@ fn parse_request_fault(fault: &str) -> Option<Result<RequestFault, String>> {
 }
 
 fn arm(fault: RequestFault) -> Result<String, String> {
-    if !counts_requests() {
+    let (kinds, what) = match fault {
+        RequestFault::DropEvery(_) => (&FRAME_KINDS[..], "frames"),
+        _ => (&COUNTING_KINDS[..], "requests"),
+    };
+    if !kind_in(kinds) {
         return Err(format!(
-            "{fault:?} acts on requests, which this device ({}) does not count",
+            "{fault:?} acts on {what}, which this device ({}) does not count",
             KIND.get().copied().unwrap_or("unknown")
         ));
     }
@@ -132,6 +145,11 @@ fn arm(fault: RequestFault) -> Result<String, String> {
             DELAY_MS.store(ms, Ordering::Release);
             format!("every request waits {ms} ms")
         }
+        RequestFault::DropEvery(n) => {
+            DROP_COUNT.store(0, Ordering::Release);
+            DROP_EVERY.store(n, Ordering::Release);
+            format!("every {n}th frame the guest sends is dropped")
+        }
     };
     warn!("fault armed: {armed}");
     Ok(format!("armed: {armed}"))
@@ -143,16 +161,17 @@ fn clear() -> String {
     EIO_FIRST.store(1, Ordering::Release);
     EIO_LAST.store(0, Ordering::Release);
     DELAY_MS.store(0, Ordering::Release);
+    DROP_EVERY.store(0, Ordering::Release);
     warn!("faults cleared");
     "cleared".into()
 }
 
-/// `--fault FAULT` at start: `crash_after=N`, `eio=N`, `eio=A-B`, `delay_ms=N`.
+/// `--fault FAULT` at start: `crash_after=N`, `eio=N`, `eio=A-B`, `delay_ms=N`, `drop=N`.
 pub fn arm_at_start(fault: &str) -> Result<(), String> {
     match parse_request_fault(fault) {
         Some(f) => arm(f?).map(|_| ()),
         None => Err(format!(
-            "--fault {fault:?}: only crash_after=N, eio=N, eio=A-B and delay_ms=N can be armed at start"
+            "--fault {fault:?}: only crash_after=N, eio=N, eio=A-B, delay_ms=N and drop=N can be armed at start"
         )),
     }
 }
@@ -193,7 +212,7 @@ pub fn inject(fault: &str) -> Result<String, String> {
             Err("the seccomp filter is off (--seccomp off): the forbidden call was allowed".into())
         }
         other => Err(format!(
-            "unknown fault {other:?} (crash, seccomp, hang, oom, crash_after=N, eio=N, eio=A-B, delay_ms=N, clear)"
+            "unknown fault {other:?} (crash, seccomp, hang, oom, crash_after=N, eio=N, eio=A-B, delay_ms=N, drop=N, clear)"
         )),
     }
 }
@@ -294,6 +313,12 @@ pub fn request_fault(sector: u64, sectors: u64) -> bool {
     every > 0 && (EIO_COUNT.fetch_add(1, Ordering::AcqRel) + 1).is_multiple_of(every)
 }
 
+/// The guest sent a frame (net): whether an armed `drop=N` drops it.
+pub fn frame_dropped() -> bool {
+    let every = DROP_EVERY.load(Ordering::Acquire);
+    every > 0 && (DROP_COUNT.fetch_add(1, Ordering::AcqRel) + 1).is_multiple_of(every)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,5 +378,15 @@ mod tests {
         let t = Instant::now();
         request_fault(0, 8);
         assert!(t.elapsed() < Duration::from_millis(30));
+        // drop=N is for net: refused by a block device.
+        assert!(inject("drop=2").expect_err("block").contains("frames"));
+        assert!(!frame_dropped());
+        // What drop=3 arms in a net device (whose kind this test process cannot take too).
+        DROP_COUNT.store(0, Ordering::Release);
+        DROP_EVERY.store(3, Ordering::Release);
+        let dropped: Vec<bool> = (0..6).map(|_| frame_dropped()).collect();
+        assert_eq!(dropped, [false, false, true, false, false, true]);
+        assert_eq!(inject("clear").as_deref(), Ok("cleared"));
+        assert!(!frame_dropped());
     }
 }

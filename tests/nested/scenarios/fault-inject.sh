@@ -7,7 +7,8 @@
 # 20 direct 4 KiB reads take at least 0.9 s more than before; `hang` stops the device, the
 # liveness probe has it killed and restarted, and a read issued during the hang completes;
 # `oom` makes the process allocate until its cgroup's memory.max (its 256 MiB budget plus the
-# 256 MiB of guest RAM) gets it OOM-killed, and it is restarted with the disk intact.
+# 256 MiB of guest RAM) gets it OOM-killed, and it is restarted with the disk intact; on a
+# NIC, drop=4 makes the guest's ping lose about a quarter of its requests (none before).
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
@@ -15,7 +16,8 @@ img=$SCN_DIR/data.img
 dd if=/dev/urandom of="$img" bs=1M count=8 2>/dev/null
 api=$SCN_DIR/api.sock
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
-	--memory size=256M -v --api-socket "$api" --disk "path=$img,id=data,serial=fi"
+	--memory size=256M -v --api-socket "$api" --disk "path=$img,id=data,serial=fi" \
+	--net "tap=bhfi0,ip=192.168.249.1,mask=255.255.255.0,id=nic"
 vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
 say "guest ready $(elapsed vm) s after start"
 disk=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^GUEST-DISK \(vd.\) [0-9]* ro=0 serial=fi .*/\1/p')
@@ -118,6 +120,20 @@ grep -E "process $pid (was killed|exited)" "$SCN_DIR/vm/err" | tail -n 1 | quote
 grep -q "process $pid was killed by signal 9" "$SCN_DIR/vm/err" || fail "the oom fault did not end in a SIGKILL (OOM kill)"
 got=$(run "echo H2-\$(dd if=/dev/$disk bs=64k count=16 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)" '^H2-[0-9a-f]{64}$' 60)
 [ "$got" = "$want" ] || fail "after the OOM kill the disk reads other data"
+
+# drop=4 on the NIC: every 4th frame the guest sends is lost.
+r=$(run 'ip addr add 192.168.249.2/24 dev eth0 && ip link set eth0 up && ping -c 2 -W 5 192.168.249.1 >/dev/null 2>&1; echo UPNET-$?' '^UPNET-[0-9]+$' 60)
+[ "$r" = 0 ] || fail "the guest cannot ping the host side of the NIC"
+loss0=$(run 'echo L0-$(ping -c 12 -W 2 192.168.249.1 2>&1 | sed -n "s/.* \([0-9]*\)% packet loss.*/\1/p")' '^L0-[0-9]+$' 90)
+r=$(inject nic drop=4)
+say "inject-fault nic drop=4: $r"
+case $r in OK*armed*) ;; *) fail "the drop fault was not armed: $r" ;; esac
+loss1=$(run 'echo L1-$(ping -c 12 -W 2 192.168.249.1 2>&1 | sed -n "s/.* \([0-9]*\)% packet loss.*/\1/p")' '^L1-[0-9]+$' 90)
+say "the guest's ping: ${loss0}% loss before, ${loss1}% with drop=4"
+[ "$loss0" = 0 ] || fail "the guest lost pings before any fault"
+[ "$loss1" -ge 8 ] && [ "$loss1" -le 50 ] || fail "drop=4 gave ${loss1}% loss, expected about 25%"
+r=$(inject nic eio=3)
+case $r in "ERR 400"*) ;; *) fail "eio on a NIC was not refused with 400: $r" ;; esac
 
 vm_send vm 'poweroff -f'
 vm_wait_exit vm 60

@@ -439,6 +439,9 @@ fn net_args(net: &NetConfig) -> Vec<String> {
             args.push(value.to_string());
         }
     }
+    if let Some(fault) = &net.fault {
+        args.extend(["--fault".to_string(), fault.clone()]);
+    }
     args
 }
 
@@ -1668,6 +1671,7 @@ mod tests {
             rx_limit: vec![],
             tx_limit: vec![],
             restart: RestartPolicy::default(),
+            fault: None,
         };
         let spec = net_spec(&net, 0, 0, false);
         let (devices, transports) =
@@ -1747,6 +1751,7 @@ mod tests {
             rx_limit: vec![],
             tx_limit: vec![("bw_size", 10 << 20), ("bw_refill_time", 1000)],
             restart: RestartPolicy::default(),
+            fault: Some("drop=4".into()),
         };
         let spec = net_spec(&net, 1, 3, true);
         assert_eq!(spec.id, "net1");
@@ -1772,7 +1777,7 @@ mod tests {
         assert_eq!(
             args.join(" "),
             "--tap-fd 5 --tap-fd 6 --mac 52:54:00:01:02:03 --queue-pairs 2 --queue-size 512 \
-             --mtu 9000 --tx-bw-size 10485760 --tx-bw-refill-time 1000"
+             --mtu 9000 --tx-bw-size 10485760 --tx-bw-refill-time 1000 --fault drop=4"
         );
         // Contract: nofile 64 + 8 per queue, pids 64 + 2 per pair.
         assert_eq!(spec.policy.nofile, 64 + 8 * 5);

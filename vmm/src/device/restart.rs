@@ -535,6 +535,7 @@ mod tests {
                 backoff: Duration::ZERO,
                 ..RestartPolicy::default()
             },
+            fault: None,
         };
         let spec = super::super::net_spec(&net, 0, 0, false);
         let (devices, transports) =
