@@ -255,6 +255,7 @@ impl MmioDevice for PcieHost {
             Target::Port(i) => {
                 let w = t.ports[i].config_write(reg, data);
                 if w.powered_off && t.unplugging[i] {
+                    t.ports[i].begin_settling();
                     drop(t);
                     if let Some(notify) = self
                         .on_power_off
@@ -398,6 +399,17 @@ mod tests {
         // pciehp turns the power indicator off: the plug is announced.
         h.write(sltctl(1), &((1u16 << 10) | (3 << 8)).to_le_bytes());
         assert_eq!(changes(1), SLTSTA_PDC | SLTSTA_DLLSC);
+    }
+
+    #[test]
+    fn test_pcie_host_empty_slot_powered_off_at_bind_plugs_at_once() {
+        let h = PcieHost::new(1).expect("host");
+        // pciehp binding an empty, powered slot powers it off (no unplug was asked).
+        h.write(ecam(0, 1, 0, 0x40 + 0x18), &(1u16 << 10).to_le_bytes());
+        assert!(!h.powered(0));
+        assert!(!h
+            .hot_plug(0, Box::new(Dummy(ConfigSpace::new())))
+            .expect("plug"));
     }
 
     #[test]

@@ -131,11 +131,14 @@ pub struct RootPort {
     msi: Option<Arc<dyn MsiSignal>>,
     /// What is plugged into the slot.
     pub device: Option<Box<dyn PciDevice>>,
-    /// The guest powered the slot off and has not turned its power indicator off yet. Linux's
+    /// The guest powered the slot off to release a device (an unplug the VMM asked for, see
+    /// [`Self::begin_settling`]) and has not turned its power indicator off yet. Linux's
     /// pciehp sleeps 1 s after powering a slot off and then drops every presence and link
     /// change reported meanwhile (`remove_board`: "ignore link or presence changes caused by
     /// power off"); only then does it turn the indicator off. A device plugged in that window
-    /// and announced at once would never be seen.
+    /// and announced at once would never be seen. The power-off pciehp makes of every empty
+    /// slot when it binds (`pcie_init`) has no such window, and no indicator write after it:
+    /// it starts no settling.
     settling: bool,
     /// A device was hot-plugged while the slot was settling: its presence and link are up,
     /// their change report waits for the end of settling ([`Self::release`]).
@@ -221,6 +224,13 @@ impl RootPort {
             self.set_status(SLTSTA_PDC | SLTSTA_DLLSC);
         }
         self.held
+    }
+
+    /// The guest just powered the slot off to release its device (the unplug the VMM asked
+    /// for): the slot settles until the guest turns the power indicator off (at once if it
+    /// already is) or powers the slot on again.
+    pub fn begin_settling(&mut self) {
+        self.settling = self.slot_control() & SLTCTL_PIC != SLTCTL_PIC_OFF && !self.powered();
     }
 
     /// Ends settling (the guest did not turn the power indicator off in time, or did) and
@@ -358,14 +368,13 @@ impl RootPort {
         {
             self.update_interrupt();
         }
-        let powered_off = was_powered && !self.powered();
         let indicator_off = self.slot_control() & SLTCTL_PIC == SLTCTL_PIC_OFF;
-        if powered_off {
-            self.settling = !indicator_off;
-        } else if self.settling && (indicator_off || self.powered()) {
+        if self.settling && (indicator_off || self.powered()) {
             self.release();
         }
-        SlotWrite { powered_off }
+        SlotWrite {
+            powered_off: was_powered && !self.powered(),
+        }
     }
 
     /// Back to power-on state (bus numbers and windows unassigned) wired to a new VM's MSIs;
@@ -612,9 +621,23 @@ mod tests {
         let blink = PCIEHP_ENABLES | (2 << 8);
         write_ctl(rp, blink);
         assert!(write_ctl(rp, blink | SLTCTL_PCC).powered_off);
+        // The host's part: the power-off of a slot whose unplug it asked for.
+        rp.begin_settling();
         assert!(rp.remove().is_some());
         clear_sta(rp, SLTSTA_PDC | SLTSTA_DLLSC);
         assert!(rp.settling());
+    }
+
+    #[test]
+    fn test_root_port_empty_slot_powered_off_at_bind_does_not_settle() {
+        let (mut rp, rec) = port_with_msi();
+        // pciehp's pcie_init: an empty slot that is powered is powered off, notifications
+        // off, no indicator write.
+        assert!(write_ctl(&mut rp, SLTCTL_PCC).powered_off);
+        write_ctl(&mut rp, PCIEHP_ENABLES | SLTCTL_PCC);
+        assert!(!rp.settling());
+        assert!(!rp.hot_plug(Box::new(Nothing)), "announced at once");
+        assert_eq!(sent(&rec), 1);
     }
 
     #[test]
@@ -669,6 +692,7 @@ mod tests {
         clear_sta(&mut rp, SLTSTA_PDC | SLTSTA_DLLSC);
         let blink = PCIEHP_ENABLES | (2 << 8);
         assert!(write_ctl(&mut rp, blink | SLTCTL_PCC).powered_off);
+        rp.begin_settling();
         assert!(rp.remove().is_some());
         clear_sta(&mut rp, SLTSTA_PDC | SLTSTA_DLLSC);
         assert!(rp.hot_plug(Box::new(Nothing)));
