@@ -361,6 +361,11 @@ fn hotplug_rules(r: &mut Rules) {
     // device::end_process (the unplug-end thread) and a failed start kill a device process
     // that did not exit: pidfd_send_signal, SIGKILL only.
     r.allow_arg("pidfd_send_signal", 1, &[libc::SIGKILL as u64]);
+    // A hot-plugged restartable disk's inflight region (restart::add_inflight_region): a
+    // memfd (MFD_CLOEXEC only: never sealed or executable) sized with ftruncate. ftruncate
+    // cannot be held to the memfd: the main thread already holds the images it could write.
+    r.allow_arg("memfd_create", 1, &[libc::MFD_CLOEXEC as u64]);
+    r.allow("ftruncate");
 }
 
 /// The rules of one thread type.

@@ -91,7 +91,24 @@ vm_send vm 'while [ ! -e /sys/block/vdb ]; do usleep 20000; done; echo HOTAGAIN-
 answer=$(hp add-disk "path=$img/hot,id=hot0")
 case $answer in OK*\"bdf\"*) ;; *) fail "plugging the disk again failed: $answer" ;; esac
 vm_wait_for vm '^HOTAGAIN-1' 30
-again=$(run 'echo 3 >/proc/sys/vm/drop_caches; echo RA-$(head -c 8388608 /dev/vdb | sha256sum | cut -c1-64)' '^RA-[0-9a-f]{64}$' 60)
+# A hot-plugged disk has its inflight region as a cold-plugged one does: its process is
+# SIGKILLed under a direct read, restarted, and the read completes with the same data.
+grep -q 'hot0: vhost-user backend connected.*INFLIGHT_SHMFD' "$SCN_DIR/vm/err" ||
+	fail "the hot-plugged disk's process offers no inflight tracking (no --inflight-fd)"
+hpid=
+for p in /proc/[0-9]*; do
+	[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-block ] || continue
+	tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q -- "--path $img/hot " && hpid=${p#/proc/}
+done
+[ -n "$hpid" ] || fail "no bulkhead-block process for the hot-plugged disk"
+vm_send vm 'echo RA-$(dd if=/dev/vdb bs=64k count=128 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)'
+sleep 1
+kill -KILL "$hpid"
+say "SIGKILL of the hot-plugged disk's process $hpid under a direct read"
+vm_wait_for vm '^RA-[0-9a-f]{64}' 120
+again=$(tr -d '\r' <"$SCN_DIR/vm/out" | grep -E '^RA-[0-9a-f]{64}' | tail -n 1 | sed 's/^RA-//')
+grep -q 'hot0: device process restarted: session replayed' "$SCN_DIR/vm/err" || fail "the hot-plugged disk was not restarted"
+grep 'hot0: device process restarted' "$SCN_DIR/vm/err" | tail -n 1 | quote "!"
 [ "$again" = "$want" ] || fail "the disk plugged again reads differently"
 answer=$(hp remove-device hot0)
 case $answer in *\"removal\":\"orderly\"*) ;; *) fail "the second unplug was not orderly: $answer" ;; esac

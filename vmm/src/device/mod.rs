@@ -1200,8 +1200,13 @@ impl Devices {
         spec: &DeviceSpec,
         env: &DeviceEnv<'_>,
     ) -> Result<VirtioPci, DeviceError> {
-        let files = open_files(spec)?;
-        self.start_one(spec, files, env)
+        let mut files = open_files(spec)?;
+        // A restartable disk gets its inflight region as at boot (the main thread's filter
+        // allows the memfd for it).
+        let mut spec = spec.clone();
+        restart::add_inflight_region(&mut spec, &mut files)
+            .map_err(|e| DeviceError::Descriptors(spec.id.clone(), e))?;
+        self.start_one(&spec, files, env)
     }
 
     /// Forgets device `id` after its function was removed (its transport dropped, so its
