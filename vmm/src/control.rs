@@ -43,6 +43,8 @@ pub enum Request {
         /// The device's id.
         id: String,
     },
+    /// `vm.counters`: per device, the counters its process reports and its restarts.
+    Counters,
     /// `vm.inject-fault`: `fault FAULT` on device `id`'s control channel
     /// (docs/fault-injection.md).
     InjectFault {

@@ -35,6 +35,10 @@ use crate::pci::host::{PciError, PcieHost};
 use crate::vcpu::{self, Event, VcpuStop, VcpuThread};
 use crate::virtio::pci::VirtioPciError;
 
+/// How long `vm.counters` waits for the device processes' answers (each has its control
+/// channel's 2 s deadline): within the API's 5 s.
+const COUNTERS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Errors creating or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -585,6 +589,10 @@ impl Vm {
                 drop(reply.send(self.balloon_statistics()));
                 None
             }
+            Request::Counters => {
+                self.counters(reply);
+                None
+            }
             Request::InjectFault { id, fault } => {
                 self.inject_fault(id, fault, reply);
                 None
@@ -614,6 +622,60 @@ impl Vm {
                 drop(reply.send(result));
                 None
             }
+        }
+    }
+
+    /// `vm.counters`: each device process's counters (its `stats` on the control channel:
+    /// `name=value` pairs) and its restarts, in Cloud Hypervisor's shape: `{"disk0": {"reads":
+    /// 12, ...}, ...}`. Asked from a thread per device, all answered or not within
+    /// [`COUNTERS_WAIT`]: a device that does not answer is left out (and logged), never waited
+    /// on by the main loop.
+    fn counters(&self, reply: ReplySender) {
+        let channels = self.devices.control_channels();
+        let restarts = self.devices.restarts();
+        let spawned = std::thread::Builder::new()
+            .name("counters".into())
+            .spawn(move || {
+                let (tx, rx) = channel();
+                let n = channels.len();
+                for (id, control) in channels {
+                    let tx = tx.clone();
+                    let asked = std::thread::Builder::new()
+                        .name("counters".into())
+                        .spawn(move || drop(tx.send((id, control.request("stats")))));
+                    if let Err(e) = asked {
+                        warn!("vm.counters: no thread to ask a device ({e})");
+                    }
+                }
+                drop(tx);
+                let deadline = std::time::Instant::now() + COUNTERS_WAIT;
+                let mut all = serde_json::Map::new();
+                for _ in 0..n {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    let Ok((id, answer)) = rx.recv_timeout(left) else {
+                        break;
+                    };
+                    let stats = match answer {
+                        Ok(line) => line,
+                        Err(e) => {
+                            warn!("vm.counters: {id} did not report its counters: {e}");
+                            continue;
+                        }
+                    };
+                    let mut counters: serde_json::Map<String, serde_json::Value> = stats
+                        .split_whitespace()
+                        .filter_map(|kv| kv.split_once('='))
+                        .filter_map(|(k, v)| Some((k.to_string(), v.parse::<u64>().ok()?.into())))
+                        .collect();
+                    if let Some(r) = restarts.iter().find(|r| r.id == id) {
+                        counters.insert("restarts".into(), r.restarts.into());
+                    }
+                    all.insert(id, counters.into());
+                }
+                drop(reply.send(Ok(Reply::Info(serde_json::Value::Object(all).to_string()))));
+            });
+        if let Err(e) = spawned {
+            warn!("vm.counters: no thread for it ({e})");
         }
     }
 

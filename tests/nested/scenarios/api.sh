@@ -2,7 +2,8 @@
 # timeout: 240
 # The REST API (docs/api.md) through bulkhead-ctl: the socket is mode 0600; a second VMM on the
 # same socket is refused (status 2); vmm.ping answers with the VMM's pid; vm.info lists the disk
-# with its id, kind, PCI address, process and state; bad requests (unknown endpoint, wrong
+# with its id, kind, PCI address, process and state; vm.counters has the disk's reads and
+# restarts; bad requests (unknown endpoint, wrong
 # method, bad JSON, missing or bad fields, an oversized body) each get a 4xx JSON error and the
 # guest keeps running; vm.reboot boots the guest again; vm.shutdown ends the VMM with status 0.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
@@ -59,6 +60,13 @@ pid=$(echo "$dev" | sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
 [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = bulkhead-block ] ||
 	fail "vm.info's pid '$pid' is not a bulkhead-block process"
 say "vm.info: disk 'data' at 0000:01:00.0, served by bulkhead-block pid $pid"
+
+# vm.counters: the disk's process reports its counters (the guest read its partition table).
+counters=$(ctl counters | tr -d ' \n') || fail "vm.counters failed"
+say "vm.counters: $counters"
+reads=$(echo "$counters" | sed -n 's/.*"data":{[^}]*"reads":\([0-9]*\).*/\1/p')
+[ -n "$reads" ] && [ "$reads" -gt 0 ] || fail "vm.counters has no reads for disk data: $counters"
+echo "$counters" | grep -q '"data":{[^}]*"restarts":0' || fail "vm.counters has no restarts for disk data: $counters"
 
 say "bad requests:"
 expect_status 404 raw GET vm.nothing

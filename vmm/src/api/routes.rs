@@ -40,7 +40,7 @@ pub enum Action {
 
 /// Endpoints Cloud Hypervisor has that Bulkhead does not serve (yet): answered 501 with a
 /// message saying so, rather than 404 as for a name nobody knows.
-const NOT_IMPLEMENTED: [&str; 16] = [
+const NOT_IMPLEMENTED: [&str; 15] = [
     "vmm.info",
     "vm.create",
     "vm.boot",
@@ -48,7 +48,6 @@ const NOT_IMPLEMENTED: [&str; 16] = [
     "vm.pause",
     "vm.resume",
     "vm.power-button",
-    "vm.counters",
     "vm.resize-zone",
     "vm.add-device",
     "vm.add-fs",
@@ -155,6 +154,10 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Action, HttpResp
                 },
                 REPLY_TIMEOUT,
             )
+        }
+        "vm.counters" => {
+            expect_method(method, "GET", endpoint)?;
+            control(Request::Counters, REPLY_TIMEOUT)
         }
         "vm.inject-fault" => {
             expect_method(method, "PUT", endpoint)?;
@@ -589,6 +592,11 @@ mod tests {
         assert_eq!(status(route("GET", "/api/v2/vm.info", b"")), 404);
         assert_eq!(status(route("PUT", "/api/v1/vm.pause", b"")), 501);
         assert_eq!(status(route("PUT", "/api/v1/vm.create", b"{}")), 501);
+        assert!(matches!(
+            request(route("GET", "/api/v1/vm.counters", b"")),
+            Request::Counters
+        ));
+        assert_eq!(status(route("PUT", "/api/v1/vm.counters", b"")), 400);
     }
 
     #[test]

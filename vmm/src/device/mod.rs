@@ -1187,6 +1187,22 @@ impl Devices {
         Ok(())
     }
 
+    /// Every device process's id and its current control channel, in start order.
+    pub fn control_channels(&self) -> Vec<(String, Arc<ControlChannel>)> {
+        let mut seen = Vec::<String>::new();
+        let mut out = Vec::new();
+        for p in &self.processes {
+            if seen.contains(&p.id) {
+                continue;
+            }
+            seen.push(p.id.clone());
+            if let Some(c) = self.control_channel(&p.id) {
+                out.push((p.id.clone(), c));
+            }
+        }
+        out
+    }
+
     /// Restarts per restartable device, with the last cause (for `vm.info`, `vm.counters`).
     pub fn restarts(&self) -> Vec<restart::RestartInfo> {
         self.monitor.restarts()
