@@ -43,6 +43,10 @@ pub enum Request {
         /// The device's id.
         id: String,
     },
+    /// `vm.pause`: every vCPU out of KVM_RUN and parked (the devices go on).
+    Pause,
+    /// `vm.resume`.
+    Resume,
     /// `vm.counters`: per device, the counters its process reports and its restarts.
     Counters,
     /// `vm.inject-fault`: `fault FAULT` on device `id`'s control channel

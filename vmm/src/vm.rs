@@ -169,12 +169,15 @@ struct Running {
     _machine: arch::Machine,
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    pause: Arc<vcpu::PauseGate>,
 }
 
 impl Running {
     /// Stops every vCPU thread and waits for them.
     fn stop(self) {
         self.stop.store(true, Ordering::Release);
+        // Paused threads wait on the gate, not in KVM_RUN: wake them to see the flag.
+        self.pause.wake();
         // A kick can land just before a thread enters KVM_RUN and be lost, so kick until
         // every thread has seen the flag.
         while self.threads.iter().any(|t| !t.is_finished()) {
@@ -192,7 +195,52 @@ impl Running {
         }
         debug!("vCPU threads stopped");
     }
+
+    /// `vm.pause`: every vCPU thread out of KVM_RUN and parked at the gate (kicked until it
+    /// is, as a kick can land just before KVM_RUN), within [`PAUSE_WAIT`].
+    fn pause(&self) -> Result<Reply, RequestError> {
+        if self.pause.is_closed() {
+            return Err(RequestError::new(409, "the VM is already paused"));
+        }
+        self.pause.close();
+        let deadline = std::time::Instant::now() + PAUSE_WAIT;
+        while !self
+            .pause
+            .wait_parked(self.threads.len(), Duration::from_millis(1))
+        {
+            if std::time::Instant::now() >= deadline {
+                self.pause.open();
+                return Err(RequestError::new(
+                    500,
+                    format!(
+                        "the vCPUs did not stop within {} ms",
+                        PAUSE_WAIT.as_millis()
+                    ),
+                ));
+            }
+            for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                if let Err(e) = t.kill(vcpu::kick_signal()) {
+                    debug!("kicking a vCPU thread: {e}");
+                }
+            }
+        }
+        info!("VM paused ({} vCPUs parked)", self.threads.len());
+        Ok(Reply::Done)
+    }
+
+    /// `vm.resume`.
+    fn resume(&self) -> Result<Reply, RequestError> {
+        if !self.pause.is_closed() {
+            return Err(RequestError::new(409, "the VM is not paused"));
+        }
+        self.pause.open();
+        info!("VM resumed");
+        Ok(Reply::Done)
+    }
 }
+
+/// How long `vm.pause` waits for every vCPU to leave KVM_RUN.
+const PAUSE_WAIT: Duration = Duration::from_secs(2);
 
 /// A VM and everything it owns across reboots.
 pub struct Vm {
@@ -211,6 +259,8 @@ pub struct Vm {
     flash: Option<Flash>,
     /// Which device is in which slot, and what hot-plug needs (hotplug.rs).
     pub(crate) hotplug: crate::hotplug::Hotplug,
+    /// The vCPUs are paused (`vm.pause`), for `vm.info`.
+    paused: bool,
 }
 
 impl Vm {
@@ -301,6 +351,7 @@ impl Vm {
         );
         Ok(Self {
             hotplug,
+            paused: false,
             urandom,
             flash,
             kvm,
@@ -402,6 +453,8 @@ impl Vm {
         }));
 
         let stop = Arc::new(AtomicBool::new(false));
+        // Every boot starts running (a reboot asked while paused resumes).
+        let pause = Arc::new(vcpu::PauseGate::default());
         let mut threads = Vec::with_capacity(vcpus.len());
         for (index, fd) in vcpus.into_iter().enumerate() {
             let thread = VcpuThread {
@@ -411,6 +464,7 @@ impl Vm {
                 stop: stop.clone(),
                 events: self.events.0.clone(),
                 log_first_run: first && index == 0,
+                pause: pause.clone(),
             };
             let name = format!("vcpu{index}");
             let spawned = std::thread::Builder::new()
@@ -426,6 +480,7 @@ impl Vm {
                         _machine: machine,
                         threads,
                         stop,
+                        pause,
                     }
                     .stop();
                     return Err(e);
@@ -438,6 +493,7 @@ impl Vm {
             _machine: machine,
             threads,
             stop,
+            pause,
         })
     }
 
@@ -480,6 +536,14 @@ impl Vm {
                     .recv()
                     .map_err(|_| VmError::Vcpu("event channel closed".into()))?
                 {
+                    Event::Control(Request::Pause, reply) => {
+                        drop(reply.send(running.pause()));
+                        self.paused = running.pause.is_closed();
+                    }
+                    Event::Control(Request::Resume, reply) => {
+                        drop(reply.send(running.resume()));
+                        self.paused = running.pause.is_closed();
+                    }
                     Event::Control(request, reply) => {
                         if let Some(event) = self.control(request, reply) {
                             break event;
@@ -490,6 +554,7 @@ impl Vm {
                 }
             };
             running.stop();
+            self.paused = false;
             match event {
                 Event::Vcpu {
                     stop: VcpuStop::PowerOff,
@@ -591,6 +656,11 @@ impl Vm {
             }
             Request::Counters => {
                 self.counters(reply);
+                None
+            }
+            // The run loop answers these (it holds the running vCPUs).
+            Request::Pause | Request::Resume => {
+                drop(reply.send(Err(RequestError::new(409, "the VM is not running"))));
                 None
             }
             Request::InjectFault { id, fault } => {
@@ -874,7 +944,7 @@ impl Vm {
                 "balloon": balloon,
                 "pci_slots": c.pci_slots,
             },
-            "state": "Running",
+            "state": if self.paused { "Paused" } else { "Running" },
             "memory_actual_size": c.ram_size.saturating_sub(ballooned),
             "devices": devices,
         })

@@ -3,7 +3,7 @@
 # The REST API (docs/api.md) through bulkhead-ctl: the socket is mode 0600; a second VMM on the
 # same socket is refused (status 2); vmm.ping answers with the VMM's pid; vm.info lists the disk
 # with its id, kind, PCI address, process and state; vm.counters has the disk's reads and
-# restarts; bad requests (unknown endpoint, wrong
+# restarts; vm.pause stops the guest (no answer, state Paused) and vm.resume lets it go on; bad requests (unknown endpoint, wrong
 # method, bad JSON, missing or bad fields, an oversized body) each get a 4xx JSON error and the
 # guest keeps running; vm.reboot boots the guest again; vm.shutdown ends the VMM with status 0.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
@@ -81,7 +81,7 @@ expect_status 400 raw PUT vm.add-net '{"tap": "t0", "fds": [3]}'
 expect_status 400 raw PUT vm.remove-device '{"name": "data"}'
 expect_status 400 raw PUT vm.remove-device '{"id": "no such id!"}'
 expect_status 413 raw PUT vm.add-disk "$(head -c 70000 /dev/zero | tr '\0' ' ')"
-expect_status 501 raw PUT vm.pause
+expect_status 501 raw PUT vm.power-button
 ctl add-disk 'colour=red' 2>"$SCN_DIR/ctl.err"
 rc=$?
 [ "$rc" = 2 ] || fail "bulkhead-ctl add-disk colour=red exited with $rc, expected 2 (usage)"
@@ -90,6 +90,23 @@ say "  bulkhead-ctl add-disk colour=red -> exit 2, nothing sent: $(cat "$SCN_DIR
 [ "$(ctl info | tr -d ' \n')" = "$flat" ] || fail "vm.info changed after the bad requests"
 vm_send_until vm 'echo still-$((6*7))' '^still-42' 30
 say "after the bad requests the guest still answers, vm.info unchanged"
+
+# vm.pause: the vCPUs stop (a line typed meanwhile gets no answer), vm.info says Paused, a
+# second pause is 409; vm.resume: the guest answers the line.
+ctl pause || fail "vm.pause failed"
+ctl info | tr -d ' \n' | grep -q '"state":"Paused"' || fail "vm.info does not say Paused"
+expect_status 409 pause
+vm_send vm 'echo P-$((6*7))'
+sleep 3
+if tr -d '\r' <"$SCN_DIR/vm/out" | grep -q '^P-42'; then
+	fail "the guest answered while paused"
+fi
+t0=$(now)
+ctl resume || fail "vm.resume failed"
+vm_wait_for vm '^P-42' 30
+say "vm.pause: no answer for 3 s, vm.info Paused; vm.resume: answered $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }') s later"
+ctl info | tr -d ' \n' | grep -q '"state":"Running"' || fail "vm.info does not say Running after vm.resume"
+expect_status 409 resume
 
 # boot_id N: the Nth boot's id. A reboot from outside lands at the shell prompt, so the second
 # GUEST-INIT line may start after "/ # ".

@@ -40,13 +40,11 @@ pub enum Action {
 
 /// Endpoints Cloud Hypervisor has that Bulkhead does not serve (yet): answered 501 with a
 /// message saying so, rather than 404 as for a name nobody knows.
-const NOT_IMPLEMENTED: [&str; 15] = [
+const NOT_IMPLEMENTED: [&str; 13] = [
     "vmm.info",
     "vm.create",
     "vm.boot",
     "vm.delete",
-    "vm.pause",
-    "vm.resume",
     "vm.power-button",
     "vm.resize-zone",
     "vm.add-device",
@@ -154,6 +152,14 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Action, HttpResp
                 },
                 REPLY_TIMEOUT,
             )
+        }
+        "vm.pause" => {
+            expect_method(method, "PUT", endpoint)?;
+            control(Request::Pause, REPLY_TIMEOUT)
+        }
+        "vm.resume" => {
+            expect_method(method, "PUT", endpoint)?;
+            control(Request::Resume, REPLY_TIMEOUT)
         }
         "vm.counters" => {
             expect_method(method, "GET", endpoint)?;
@@ -590,7 +596,16 @@ mod tests {
         assert_eq!(status(route("GET", "/api/v1/vm.nope", b"")), 404);
         assert_eq!(status(route("GET", "/vm.info", b"")), 404);
         assert_eq!(status(route("GET", "/api/v2/vm.info", b"")), 404);
-        assert_eq!(status(route("PUT", "/api/v1/vm.pause", b"")), 501);
+        assert_eq!(status(route("PUT", "/api/v1/vm.power-button", b"")), 501);
+        assert!(matches!(
+            request(route("PUT", "/api/v1/vm.pause", b"")),
+            Request::Pause
+        ));
+        assert!(matches!(
+            request(route("PUT", "/api/v1/vm.resume", b"")),
+            Request::Resume
+        ));
+        assert_eq!(status(route("GET", "/api/v1/vm.pause", b"")), 400);
         assert_eq!(status(route("PUT", "/api/v1/vm.create", b"{}")), 501);
         assert!(matches!(
             request(route("GET", "/api/v1/vm.counters", b"")),

@@ -2,7 +2,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -39,6 +40,73 @@ pub enum Event {
     Hotplug(crate::hotplug::HotplugEvent),
 }
 
+/// `vm.pause` / `vm.resume`: where paused vCPU threads wait (out of KVM_RUN, on a condition
+/// variable: a futex wait, which the vCPU filter allows).
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    paused: bool,
+    /// vCPU threads waiting at the gate.
+    parked: usize,
+}
+
+impl PauseGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the gate: each vCPU thread parks at its next loop (kick it out of KVM_RUN).
+    pub fn close(&self) {
+        self.lock().paused = true;
+    }
+
+    /// Opens the gate: parked vCPU threads run again.
+    pub fn open(&self) {
+        self.lock().paused = false;
+        self.changed.notify_all();
+    }
+
+    /// Wakes parked threads to look at their stop flag (the VM is stopping).
+    pub fn wake(&self) {
+        let _held = self.lock();
+        self.changed.notify_all();
+    }
+
+    /// Whether the gate is closed.
+    pub fn is_closed(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Waits up to `timeout` for `n` threads to be parked; whether they are.
+    pub fn wait_parked(&self, n: usize, timeout: Duration) -> bool {
+        let g = self.lock();
+        let (g, _) = self
+            .changed
+            .wait_timeout_while(g, timeout, |g| g.paused && g.parked < n)
+            .unwrap_or_else(|e| e.into_inner());
+        g.paused && g.parked >= n
+    }
+
+    /// A vCPU thread's check: parks while the gate is closed and `stop` is not set.
+    fn pass(&self, stop: &AtomicBool) {
+        let mut g = self.lock();
+        if !g.paused {
+            return;
+        }
+        g.parked += 1;
+        self.changed.notify_all();
+        while g.paused && !stop.load(Ordering::Acquire) {
+            g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.parked -= 1;
+    }
+}
+
 /// What a vCPU thread needs.
 pub struct VcpuThread {
     /// Index of the vCPU.
@@ -53,6 +121,8 @@ pub struct VcpuThread {
     pub events: Sender<Event>,
     /// Log the time of the first KVM_RUN (the boot vCPU of the first boot).
     pub log_first_run: bool,
+    /// Where it waits while the VM is paused.
+    pub pause: Arc<PauseGate>,
 }
 
 /// Signal sent to a vCPU thread to get it out of KVM_RUN; its handler does nothing.
@@ -87,6 +157,7 @@ impl VcpuThread {
     fn run_loop(&mut self) -> Option<VcpuStop> {
         let index = self.index;
         loop {
+            self.pause.pass(&self.stop);
             if self.stop.load(Ordering::Acquire) {
                 return None;
             }
@@ -137,5 +208,44 @@ impl VcpuThread {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_pause_gate_parks_until_open_or_stop() {
+        let gate = Arc::new(PauseGate::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        // Open: passes at once.
+        gate.pass(&stop);
+        gate.close();
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (g, s) = (gate.clone(), stop.clone());
+                std::thread::spawn(move || g.pass(&s))
+            })
+            .collect();
+        assert!(gate.wait_parked(2, Duration::from_secs(5)), "both parked");
+        assert!(threads.iter().all(|t| !t.is_finished()));
+        gate.open();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        // Closed again, a stop releases it.
+        gate.close();
+        let (g, s) = (gate.clone(), stop.clone());
+        let t = std::thread::spawn(move || g.pass(&s));
+        assert!(gate.wait_parked(1, Duration::from_secs(5)));
+        stop.store(true, Ordering::Release);
+        gate.wake();
+        t.join().expect("thread");
+        assert!(gate.is_closed(), "a stop does not open the gate");
+        assert!(
+            !gate.wait_parked(1, Duration::from_millis(10)),
+            "nobody parked now"
+        );
     }
 }
