@@ -43,7 +43,9 @@ vm_send_until vm 'echo UP-$((40+2))' '^UP-42' 30
 
 want=$(run 'head -c 16777216 /dev/urandom >/tmp/r && echo W-$(sha256sum /tmp/r | cut -c1-64)' '^W-[0-9a-f]{64}$' 60)
 # The write runs in the background; the host kills the device process under it.
-vm_send vm "(dd if=/tmp/r of=/dev/$a bs=64k oflag=direct 2>/tmp/dd.err; echo DDW-\$?; cat /tmp/dd.err) &"
+# 4 KiB requests (4096 of them): long enough for the kills on a fast host too (64 KiB ones
+# were done in under 0.7 s there).
+vm_send vm "(dd if=/tmp/r of=/dev/$a bs=4k oflag=direct 2>/tmp/dd.err; echo DDW-\$?; cat /tmp/dd.err) &"
 kills=0
 pid0=$(dev_of "$img/a")
 t_kill=
@@ -64,7 +66,7 @@ say "guest dd with O_DIRECT ended with status $rc after $kills kill(s) of its de
 [ "$kills" -ge 1 ] || fail "the write ended before any kill: nothing tested"
 [ "$rc" = 0 ] || fail "the guest's O_DIRECT write failed across the restarts"
 # And one more kill under a direct read.
-vm_send vm "echo R-\$(dd if=/dev/$a bs=64k count=256 iflag=direct 2>/tmp/dd.err | sha256sum | cut -c1-64); cat /tmp/dd.err"
+vm_send vm "echo R-\$(dd if=/dev/$a bs=4k count=4096 iflag=direct 2>/tmp/dd.err | sha256sum | cut -c1-64); cat /tmp/dd.err"
 sleep 0.5
 p=$(dev_of "$img/a")
 if [ -n "$p" ] && [ "$(vm_count vm '^R-')" = 0 ]; then

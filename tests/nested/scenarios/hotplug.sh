@@ -101,7 +101,7 @@ for p in /proc/[0-9]*; do
 	tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q -- "--path $img/hot " && hpid=${p#/proc/}
 done
 [ -n "$hpid" ] || fail "no bulkhead-block process for the hot-plugged disk"
-vm_send vm 'echo RA-$(dd if=/dev/vdb bs=64k count=128 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)'
+vm_send vm 'echo RA-$(dd if=/dev/vdb bs=4k count=2048 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)'
 sleep 1
 kill -KILL "$hpid"
 say "SIGKILL of the hot-plugged disk's process $hpid under a direct read"
