@@ -135,7 +135,8 @@ vm_send_until vmp 'echo UP-$((40+2))' '^UP-42' 30
 vm_send vmp 'setsid sh -c "exec sh -i </dev/hvc0 >/dev/hvc0 2>&1" & echo SHELL-STARTED'
 vm_wait_for vmp '^SHELL-STARTED' 20
 sleep 1
-printf 'echo PTY-$((6*7)) >/dev/ttyAMA0\n' >"$pty"
+# The answer goes to ttyAMA0, after its shell's prompt: a newline first puts it at a line's start.
+printf '{ echo; echo PTY-$((6*7)); } >/dev/ttyAMA0\n' >"$pty"
 vm_wait_for vmp '^PTY-42' 30
 say "pty $pty: printed, in vm.info, a line written to it ran in the guest"
 vm_send vmp 'poweroff -f'
