@@ -32,6 +32,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 log "unit tests, x86_64"
 # Strict: a test that needs root (a real tap, namespaces) fails instead of skipping.
+# The device programs first: the VMM's tests start them from beside the test binaries.
+cargo build --workspace --bins
 BULKHEAD_TEST_STRICT=1 cargo test --workspace
 
 log "unit tests, aarch64 (qemu-aarch64-static)"

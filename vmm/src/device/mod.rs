@@ -1274,6 +1274,25 @@ impl Devices {
 mod tests {
     use super::*;
 
+    /// The directory the workspace's programs were built in (this test binary's grandparent),
+    /// if `program` was built there; `None`, saying so, otherwise (the test is skipped), except
+    /// under `BULKHEAD_TEST_STRICT=1` (the test command, which builds them first): a failure.
+    pub(crate) fn built_programs(program: &str) -> Option<PathBuf> {
+        let dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))?;
+        if !dir.join(program).exists() {
+            assert!(
+                std::env::var_os("BULKHEAD_TEST_STRICT").is_none(),
+                "no {} (BULKHEAD_TEST_STRICT is set, so this fails)",
+                dir.join(program).display()
+            );
+            eprintln!("skipped: no {}", dir.join(program).display());
+            return None;
+        }
+        Some(dir)
+    }
+
     /// The whole path against the real block device process (unjailed: a debug build is
     /// dynamically linked and cannot run in the jail's empty root): spawn through the
     /// spawner, handshake, transport; then a second start on the same writable image is
@@ -1281,16 +1300,9 @@ mod tests {
     /// `bulkhead-block` in the target directory.
     #[test]
     fn test_devices_start_block_then_second_writer_refused() {
-        let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
-        else {
+        let Some(dir) = built_programs("bulkhead-block") else {
             return;
         };
-        if !dir.join("bulkhead-block").exists() {
-            eprintln!("skipped: no {}", dir.join("bulkhead-block").display());
-            return;
-        }
         // SAFETY (not unsafe in edition 2021): only this test reads PATH for programs.
         std::env::set_var("PATH", &dir);
         let image =
@@ -1364,16 +1376,9 @@ mod tests {
     /// garbage refused. Skipped without a built `bulkhead-balloon`.
     #[test]
     fn test_devices_start_balloon_resize_reaches_config_space() {
-        let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
-        else {
+        let Some(dir) = built_programs("bulkhead-balloon") else {
             return;
         };
-        if !dir.join("bulkhead-balloon").exists() {
-            eprintln!("skipped: no {}", dir.join("bulkhead-balloon").display());
-            return;
-        }
         // SAFETY (not unsafe in edition 2021): only this test reads PATH for programs.
         std::env::set_var("PATH", &dir);
         let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
@@ -1445,13 +1450,7 @@ mod tests {
 
     /// Where a built `bulkhead-balloon` is (and PATH set to find it), or None (skipped).
     fn balloon_program() -> Option<PathBuf> {
-        let dir = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))?;
-        if !dir.join("bulkhead-balloon").exists() {
-            eprintln!("skipped: no {}", dir.join("bulkhead-balloon").display());
-            return None;
-        }
+        let dir = built_programs("bulkhead-balloon")?;
         // SAFETY (not unsafe in edition 2021): only these tests read PATH for programs.
         std::env::set_var("PATH", &dir);
         Some(dir)
@@ -1650,16 +1649,9 @@ mod tests {
     /// without a built `bulkhead-net` or without CAP_NET_ADMIN.
     #[test]
     fn test_devices_start_net_on_tap() {
-        let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
-        else {
+        let Some(dir) = built_programs("bulkhead-net") else {
             return;
         };
-        if !dir.join("bulkhead-net").exists() {
-            eprintln!("skipped: no {}", dir.join("bulkhead-net").display());
-            return;
-        }
         let name = format!("bhdev{}", std::process::id() % 100_000);
         if let Err(e) = crate::tap::open_queues(&name, 1) {
             eprintln!("skipped: {e}");
@@ -1865,16 +1857,9 @@ mod tests {
     /// `bulkhead-console`.
     #[test]
     fn test_devices_start_console_on_socket() {
-        let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
-        else {
+        let Some(dir) = built_programs("bulkhead-console") else {
             return;
         };
-        if !dir.join("bulkhead-console").exists() {
-            eprintln!("skipped: no {}", dir.join("bulkhead-console").display());
-            return;
-        }
         std::env::set_var("PATH", &dir);
         let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
         let memory =
@@ -1932,18 +1917,12 @@ mod tests {
 
     #[test]
     fn test_devices_console_and_balloon_each_refresh_their_own_config_space() {
-        let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
-        else {
+        let (Some(dir), Some(_)) = (
+            built_programs("bulkhead-console"),
+            built_programs("bulkhead-balloon"),
+        ) else {
             return;
         };
-        for program in ["bulkhead-console", "bulkhead-balloon"] {
-            if !dir.join(program).exists() {
-                eprintln!("skipped: no {}", dir.join(program).display());
-                return;
-            }
-        }
         // SAFETY (not unsafe in edition 2021): the tests that set PATH set the same directory.
         std::env::set_var("PATH", &dir);
         let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));

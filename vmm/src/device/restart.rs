@@ -327,7 +327,6 @@ mod tests {
         spawner_policy, Backend, DeviceEnv, DeviceFile, DeviceKind, Devices, FIRST_KIND_FD,
     };
     use crate::mmio::MmioBus;
-    use std::path::Path;
     use vm_memory::GuestMemoryMmap;
 
     fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -356,16 +355,9 @@ mod tests {
     /// channel) fails the device for good. Skipped without a built `bulkhead-block`.
     #[test]
     fn test_restart_block_process_sigkill_restarted_then_limit() {
-        let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
-        else {
+        let Some(dir) = super::super::tests::built_programs("bulkhead-block") else {
             return;
         };
-        if !dir.join("bulkhead-block").exists() {
-            eprintln!("skipped: no {}", dir.join("bulkhead-block").display());
-            return;
-        }
         std::env::set_var("PATH", &dir);
         let image =
             std::env::temp_dir().join(format!("bulkhead-restart-{}.img", std::process::id()));
@@ -486,16 +478,9 @@ mod tests {
     #[test]
     fn test_restart_net_process_sigkill_restarted_on_same_tap() {
         use crate::config::{NetBackend, NetConfig};
-        let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
-        else {
+        let Some(dir) = super::super::tests::built_programs("bulkhead-net") else {
             return;
         };
-        if !dir.join("bulkhead-net").exists() {
-            eprintln!("skipped: no {}", dir.join("bulkhead-net").display());
-            return;
-        }
         let name = format!("bhrs{}", std::process::id() % 100_000);
         if let Err(e) = crate::tap::open_queues(&name, 1) {
             eprintln!("skipped: {e}");
