@@ -15,6 +15,8 @@ const PHANDLE_ITS: u32 = 2;
 const PHANDLE_APB_PCLK: u32 = 3;
 /// Phandle of the GICv2m MSI frame.
 const PHANDLE_V2M: u32 = 4;
+/// Phandle of the PL061 GPIO controller.
+const PHANDLE_GPIO: u32 = 5;
 
 /// `#interrupt-cells` values: interrupt types.
 const GIC_FDT_IRQ_TYPE_SPI: u32 = 0;
@@ -22,6 +24,10 @@ const GIC_FDT_IRQ_TYPE_PPI: u32 = 1;
 /// Trigger flags.
 const IRQ_TYPE_LEVEL_HIGH: u32 = 4;
 const IRQ_TYPE_LEVEL_LOW: u32 = 8;
+/// A `gpios` specifier's flags cell: active high.
+const GPIO_ACTIVE_HIGH: u32 = 0;
+/// Linux's KEY_POWER input event code.
+const KEY_POWER: u32 = 116;
 
 /// Which GIC the guest gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +92,7 @@ pub fn create_fdt(cfg: &FdtConfig) -> Result<Vec<u8>, FdtError> {
     apb_clock(&mut fdt)?;
     pl011(&mut fdt)?;
     pl031(&mut fdt)?;
+    pl061(&mut fdt)?;
     if cfg.flash {
         flash(&mut fdt)?;
     }
@@ -273,6 +280,36 @@ fn pl031(fdt: &mut FdtWriter) -> FdtWriterResult<()> {
     fdt.property_u32("clocks", PHANDLE_APB_PCLK)?;
     fdt.property_string("clock-names", "apb_pclk")?;
     fdt.end_node(node)
+}
+
+/// The PL061 GPIO controller and, as on QEMU `virt`, a `gpio-keys` node whose `poweroff` key
+/// is its line 3 (`vm.power-button`).
+fn pl061(fdt: &mut FdtWriter) -> FdtWriterResult<()> {
+    let node = fdt.begin_node(&format!("pl061@{GPIO_START:x}"))?;
+    fdt.property_string_list(
+        "compatible",
+        vec!["arm,pl061".into(), "arm,primecell".into()],
+    )?;
+    fdt.property_array_u64("reg", &[GPIO_START, GPIO_SIZE])?;
+    fdt.property_array_u32(
+        "interrupts",
+        &[GIC_FDT_IRQ_TYPE_SPI, GPIO_SPI, IRQ_TYPE_LEVEL_HIGH],
+    )?;
+    fdt.property_u32("#gpio-cells", 2)?;
+    fdt.property_null("gpio-controller")?;
+    fdt.property_u32("clocks", PHANDLE_APB_PCLK)?;
+    fdt.property_string("clock-names", "apb_pclk")?;
+    fdt.property_phandle(PHANDLE_GPIO)?;
+    fdt.end_node(node)?;
+
+    let keys = fdt.begin_node("gpio-keys")?;
+    fdt.property_string("compatible", "gpio-keys")?;
+    let key = fdt.begin_node("poweroff")?;
+    fdt.property_string("label", "GPIO Key Poweroff")?;
+    fdt.property_u32("linux,code", KEY_POWER)?;
+    fdt.property_array_u32("gpios", &[PHANDLE_GPIO, 3, GPIO_ACTIVE_HIGH])?;
+    fdt.end_node(key)?;
+    fdt.end_node(keys)
 }
 
 /// QEMU `virt`'s flash node: one `cfi-flash` with both banks, which edk2's NorFlashQemuLib
@@ -590,4 +627,33 @@ mod tests {
             &[0x0100_0000, 0, 0, 0, 0x3dff_0000, 0, 0x1_0000]
         );
     }
+
+    #[test]
+    fn test_fdt_pl061_and_gpio_keys_power_button_as_qemu_virt() {
+        let mpidrs = [0x8000_0000];
+        let blob = create_fdt(&config(&mpidrs, GicKind::V3 { its: true })).expect("fdt");
+        let fdt = Fdt::new(&blob).expect("parses back");
+        let gpio = fdt.find_compatible(&["arm,pl061"]).expect("pl061");
+        assert_eq!(gpio.name, "pl061@9030000");
+        let irqs = u32_cells(gpio.property("interrupts").expect("interrupts").value);
+        assert_eq!(irqs, vec![0, GPIO_SPI, 4]);
+        assert!(gpio.property("gpio-controller").is_some());
+        let cells = u32_cells(gpio.property("#gpio-cells").expect("cells").value);
+        assert_eq!(cells, [2]);
+        let phandle = gpio
+            .property("phandle")
+            .and_then(|p| p.as_usize())
+            .expect("phandle");
+        let key = fdt.find_node("/gpio-keys/poweroff").expect("poweroff key");
+        let gpios = u32_cells(key.property("gpios").expect("gpios").value);
+        assert_eq!(gpios, [phandle as u32, 3, 0]);
+        let code = u32_cells(key.property("linux,code").expect("code").value);
+        assert_eq!(code, [116]);
+        let keys = fdt.find_node("/gpio-keys").expect("gpio-keys");
+        assert_eq!(
+            keys.property("compatible").and_then(|p| p.as_str()),
+            Some("gpio-keys")
+        );
+    }
+
 }

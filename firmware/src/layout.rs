@@ -13,15 +13,16 @@
 //! | `0x080a_0000..0x0900_0000`     | GICv3 redistributors, 128 KiB per vCPU      |
 //! | `0x0900_0000..0x0900_1000`     | PL011 UART                                  |
 //! | `0x0901_0000..0x0901_1000`     | PL031 RTC                                   |
+//! | `0x0903_0000..0x0903_1000`     | PL061 GPIO (line 3: the power button)       |
 //! | `0x1000_0000..0x3dff_0000`     | PCIe 32-bit MMIO window (reserved)          |
 //! | `0x3dff_0000..0x3e00_0000`     | PCIe I/O window (reserved)                  |
 //! | `0x3e00_0000..0x4000_0000`     | PCIe ECAM, buses 0-31 (reserved)            |
 //! | `0x4000_0000..`                | RAM, up to 255 GiB                           |
 //! | `0x80_0000_0000..0x100_0000_0000` | PCIe 64-bit MMIO window (reserved)       |
 //!
-//! Interrupts: SPI 1 is the PL011, SPI 2 the PL031, SPIs 3-6 PCIe INTx. PPIs follow the
-//! architecture: 9 GIC maintenance, 10 hypervisor timer, 11 virtual timer, 13 secure physical
-//! timer, 14 non-secure physical timer.
+//! Interrupts: SPI 1 is the PL011, SPI 2 the PL031, SPIs 3-6 PCIe INTx, SPI 7 the PL061 (QEMU
+//! `virt`'s). PPIs follow the architecture: 9 GIC maintenance, 10 hypervisor timer, 11 virtual
+//! timer, 13 secure physical timer, 14 non-secure physical timer.
 
 /// Flash window: two CFI flash banks, as on QEMU `virt`.
 pub const FLASH_START: u64 = 0;
@@ -78,6 +79,11 @@ pub const RTC_START: u64 = 0x0901_0000;
 /// Size of the PL031 register window.
 pub const RTC_SIZE: u64 = 0x1000;
 
+/// PL061 GPIO controller (QEMU `virt`'s address); line 3 is the power button.
+pub const GPIO_START: u64 = 0x0903_0000;
+/// Size of the PL061 register window.
+pub const GPIO_SIZE: u64 = 0x1000;
+
 /// PCIe 32-bit MMIO window.
 pub const PCIE_MMIO32_START: u64 = 0x1000_0000;
 /// Size of the PCIe 32-bit MMIO window.
@@ -124,6 +130,8 @@ pub const SPI_BASE: u32 = 32;
 pub const UART_SPI: u32 = 1;
 /// SPI (number relative to the first SPI) of the PL031.
 pub const RTC_SPI: u32 = 2;
+/// SPI (number relative to the first SPI) of the PL061 (QEMU `virt`'s VIRT_GPIO).
+pub const GPIO_SPI: u32 = 7;
 
 /// PPI of the GICv3 maintenance interrupt.
 pub const PPI_GIC_MAINTENANCE: u32 = 9;

@@ -57,6 +57,8 @@ pub enum Request {
         /// The fault, checked by [`crate::config::check_fault`].
         fault: String,
     },
+    /// `vm.power-button`: pulse the PL061's power-button line (docs/power.md).
+    PowerButton,
     /// `vm.resize-console`: the virtio console's size (`None`: the VMM's terminal's, on
     /// SIGWINCH with `--console tty`).
     ResizeConsole {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use bulkhead_firmware::fdt::{create_fdt, FdtConfig, FdtError};
 use bulkhead_firmware::image::LoadError;
 use bulkhead_firmware::layout::{
-    FLASH_CODE_START, GIC_V2M_SIZE, GIC_V2M_START, PCIE_ECAM_SIZE, PCIE_ECAM_START, RAM_START,
-    RTC_SIZE, RTC_START, UART_SIZE, UART_SPI, UART_START,
+    FLASH_CODE_START, GIC_V2M_SIZE, GIC_V2M_START, GPIO_SIZE, GPIO_SPI, GPIO_START, PCIE_ECAM_SIZE,
+    PCIE_ECAM_START, RAM_START, RTC_SIZE, RTC_START, UART_SIZE, UART_SPI, UART_START,
 };
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
@@ -30,6 +30,7 @@ use crate::irq::VmInterrupts;
 use crate::legacy::cfi_flash::{Flash, FlashError};
 use crate::legacy::pl011::{IrqLine, Pl011, SharedPl011};
 use crate::legacy::pl031::Pl031;
+use crate::legacy::pl061::{Pl061, SharedPl061, POWER_BUTTON_LINE, POWER_BUTTON_PULSE};
 use crate::mmio::{MmioBus, MmioDevice};
 use crate::pci::host::{PciError, PcieHost};
 use crate::vcpu::{self, Event, VcpuStop, VcpuThread};
@@ -132,7 +133,7 @@ impl IrqLine for KvmIrqLine {
     }
 }
 
-/// The line of a UART before any VM exists; nothing can be listening.
+/// The line of a device (PL011, PL061) before any VM exists; nothing can be listening.
 struct Unwired;
 
 impl IrqLine for Unwired {
@@ -248,6 +249,8 @@ pub struct Vm {
     pub(crate) config: VmConfig,
     pub(crate) memory: GuestMemoryMmap,
     serial: Arc<SharedPl011>,
+    /// The PL061 GPIO controller; its line 3 is the power button (`vm.power-button`).
+    gpio: Arc<SharedPl061>,
     pub(crate) bus: Arc<MmioBus>,
     pub(crate) pcie: Arc<PcieHost>,
     /// The device processes and the thread watching them.
@@ -294,6 +297,8 @@ impl Vm {
         let bus = Arc::new(MmioBus::default());
         bus.insert(UART_START..UART_START + UART_SIZE, serial.clone())?;
         bus.insert(RTC_START..RTC_START + RTC_SIZE, Arc::new(Pl031::default()))?;
+        let gpio = Arc::new(SharedPl061::new(Pl061::new(Box::new(Unwired))));
+        bus.insert(GPIO_START..GPIO_START + GPIO_SIZE, gpio.clone())?;
         let flash = match &config.boot {
             BootConfig::Firmware { code, vars } => {
                 if !kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem) {
@@ -358,6 +363,7 @@ impl Vm {
             config,
             memory,
             serial,
+            gpio,
             bus,
             pcie,
             devices,
@@ -450,6 +456,10 @@ impl Vm {
         self.serial.lock().reset(Box::new(KvmIrqLine {
             vm: vm.clone(),
             line: arch::spi_irq_line(UART_SPI),
+        }));
+        self.gpio.lock().reset(Box::new(KvmIrqLine {
+            vm: vm.clone(),
+            line: arch::spi_irq_line(GPIO_SPI),
         }));
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -667,6 +677,11 @@ impl Vm {
                 self.inject_fault(id, fault, reply);
                 None
             }
+            Request::PowerButton => {
+                self.power_button();
+                drop(reply.send(Ok(Reply::Done)));
+                None
+            }
             Request::ResizeConsole { size } => {
                 let from_terminal = size.is_none();
                 let size = size.or_else(|| {
@@ -783,6 +798,25 @@ impl Vm {
             });
         if let Err(e) = spawned {
             warn!("vm.inject-fault: no thread for it ({e})");
+        }
+    }
+
+    /// `vm.power-button`: the PL061's line 3 goes high, and low again [`POWER_BUTTON_PULSE`]
+    /// later (from a thread: the main loop does not wait), as QEMU `virt`'s power button. A
+    /// guest with a gpio-keys driver sees KEY_POWER pressed and released (docs/power.md).
+    fn power_button(&self) {
+        info!("power button pressed through the API");
+        self.gpio.lock().set_input(POWER_BUTTON_LINE, true);
+        let gpio = self.gpio.clone();
+        let spawned = std::thread::Builder::new()
+            .name("power-button".into())
+            .spawn(move || {
+                std::thread::sleep(POWER_BUTTON_PULSE);
+                gpio.lock().set_input(POWER_BUTTON_LINE, false);
+            });
+        if let Err(e) = spawned {
+            warn!("vm.power-button: no thread to release the button ({e}); released at once");
+            self.gpio.lock().set_input(POWER_BUTTON_LINE, false);
         }
     }
 

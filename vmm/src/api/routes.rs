@@ -40,12 +40,11 @@ pub enum Action {
 
 /// Endpoints Cloud Hypervisor has that Bulkhead does not serve (yet): answered 501 with a
 /// message saying so, rather than 404 as for a name nobody knows.
-const NOT_IMPLEMENTED: [&str; 13] = [
+const NOT_IMPLEMENTED: [&str; 12] = [
     "vmm.info",
     "vm.create",
     "vm.boot",
     "vm.delete",
-    "vm.power-button",
     "vm.resize-zone",
     "vm.add-device",
     "vm.add-fs",
@@ -160,6 +159,10 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Action, HttpResp
         "vm.resume" => {
             expect_method(method, "PUT", endpoint)?;
             control(Request::Resume, REPLY_TIMEOUT)
+        }
+        "vm.power-button" => {
+            expect_method(method, "PUT", endpoint)?;
+            control(Request::PowerButton, REPLY_TIMEOUT)
         }
         "vm.counters" => {
             expect_method(method, "GET", endpoint)?;
@@ -596,7 +599,11 @@ mod tests {
         assert_eq!(status(route("GET", "/api/v1/vm.nope", b"")), 404);
         assert_eq!(status(route("GET", "/vm.info", b"")), 404);
         assert_eq!(status(route("GET", "/api/v2/vm.info", b"")), 404);
-        assert_eq!(status(route("PUT", "/api/v1/vm.power-button", b"")), 501);
+        assert!(matches!(
+            request(route("PUT", "/api/v1/vm.power-button", b"")),
+            Request::PowerButton
+        ));
+        assert_eq!(status(route("GET", "/api/v1/vm.power-button", b"")), 400);
         assert!(matches!(
             request(route("PUT", "/api/v1/vm.pause", b"")),
             Request::Pause

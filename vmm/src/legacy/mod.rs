@@ -3,3 +3,4 @@
 pub mod cfi_flash;
 pub mod pl011;
 pub mod pl031;
+pub mod pl061;
