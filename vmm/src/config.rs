@@ -18,11 +18,12 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyAMA0";
 const CMDLINE_MAX: usize = 2048;
 
 /// Bulkhead: a microVM monitor whose devices run as separate, jailed processes.
-#[derive(Debug, Parser)]
+#[derive(Clone, Debug, Parser)]
 #[command(name = "bulkhead", version, about)]
 pub struct Args {
-    /// Guest kernel: an arm64 `Image`.
-    #[arg(long, value_name = "PATH", required_unless_present = "firmware")]
+    /// Guest kernel: an arm64 `Image`. Without it and `--firmware`, the VMM waits on
+    /// `--api-socket` for `vm.create` and `vm.boot` (docs/api.md).
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["firmware", "api_socket"])]
     pub kernel: Option<PathBuf>,
     /// UEFI firmware instead of a kernel: an edk2 ArmVirtQemu build (Debian's
     /// qemu-efi-aarch64: AAVMF_CODE.fd or QEMU_EFI.fd), executed in place from flash bank 0;
@@ -308,6 +309,12 @@ pub struct DiskConfig {
 /// `--disk`: the options, then a check that the image opens as its process will need it.
 fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
     let disk = parse_disk_options(value)?;
+    check_disk_image(&disk)?;
+    Ok(disk)
+}
+
+/// The image of a disk served by a process opens as its process will need it.
+fn check_disk_image(disk: &DiskConfig) -> Result<(), ConfigError> {
     if let DiskBackend::Process { path, readonly, .. } = &disk.backend {
         File::options()
             .read(true)
@@ -319,7 +326,7 @@ fn parse_disk(value: &str) -> Result<DiskConfig, ConfigError> {
                 source,
             })?;
     }
-    Ok(disk)
+    Ok(())
 }
 
 /// `--disk`'s options, checked without touching any file (the API's `vm.add-disk` parses
@@ -1162,6 +1169,112 @@ pub fn parse_api_socket(value: &str) -> Result<ApiSocket, ConfigError> {
         )));
     }
     Ok(ApiSocket::Path(path.into()))
+}
+
+/// Whether the command line leaves the VM to `vm.create` (no `--kernel`, no `--firmware`).
+pub fn waits_for_create(args: &Args) -> bool {
+    args.kernel.is_none() && args.firmware.is_none()
+}
+
+/// What a VMM waiting for `vm.create` needs from its command line: `--sandbox` and
+/// `--api-socket` (required). The VM's own options (`--cpus`, `--memory`, `--cmdline`,
+/// `--serial`, `--console`, `--pci-slots`) are the defaults of `vm.create`'s body, checked
+/// here so a bad one is refused at once; its devices come in the body only.
+pub fn vmm_options(args: &Args) -> Result<(bool, ApiSocket), ConfigError> {
+    let api_socket = args
+        .api_socket
+        .as_deref()
+        .map(parse_api_socket)
+        .transpose()?;
+    let Some(api_socket) = api_socket else {
+        return Err(ConfigError::Option {
+            flag: "kernel",
+            reason: "--kernel, --firmware or --api-socket (to wait for vm.create) is required"
+                .into(),
+        });
+    };
+    for (given, flag) in [
+        (!args.disk.is_empty(), "disk"),
+        (!args.net.is_empty(), "net"),
+        (args.balloon.is_some(), "balloon"),
+        (args.initramfs.is_some(), "initramfs"),
+        (args.firmware_vars.is_some(), "firmware-vars"),
+    ] {
+        if given {
+            return Err(ConfigError::Option {
+                flag,
+                reason: "without --kernel or --firmware the VM comes from vm.create: give it in its body (docs/api.md)".into(),
+            });
+        }
+    }
+    parse_cpus(&args.cpus)?;
+    parse_memory(&args.memory)?;
+    check_cmdline(&args.cmdline)?;
+    if !(1..=MAX_PCI_SLOTS).contains(&args.pci_slots) {
+        return Err(ConfigError::Option {
+            flag: "pci-slots",
+            reason: format!("{}: expected 1 to {MAX_PCI_SLOTS}", args.pci_slots),
+        });
+    }
+    if let Some(d) = args.device_uid.as_deref() {
+        parse_device_uid(d)?;
+    }
+    Ok((parse_sandbox(&args.sandbox)?, api_socket))
+}
+
+impl VmConfig {
+    /// `vm.add-disk` before `vm.boot`: the disk joins the configuration, checked as a
+    /// `--disk` is (its image opens; a free slot, a unique id). Nothing changes on an error.
+    pub fn add_disk(&mut self, disk: DiskConfig) -> Result<(), ConfigError> {
+        check_disk_image(&disk)?;
+        self.disks.push(disk);
+        let checked = self.check_devices();
+        if checked.is_err() {
+            self.disks.pop();
+        }
+        checked
+    }
+
+    /// `vm.add-net` before `vm.boot`: the interface joins the configuration (a free slot, a
+    /// unique id); its tap is opened at boot. Nothing changes on an error.
+    pub fn add_net(&mut self, net: NetConfig) -> Result<(), ConfigError> {
+        self.nets.push(net);
+        let checked = self.check_devices();
+        if checked.is_err() {
+            self.nets.pop();
+        }
+        checked
+    }
+
+    /// `vm.remove-device` before `vm.boot`: the disk or interface named `id` leaves the
+    /// configuration; false when there is none.
+    pub fn remove_device(&mut self, id: &str) -> bool {
+        let named = |given: &Option<String>, prefix: &str, i: usize| {
+            given.clone().unwrap_or_else(|| format!("{prefix}{i}")) == id
+        };
+        if let Some(i) = (0..self.disks.len()).find(|&i| named(&self.disks[i].id, "disk", i)) {
+            self.disks.remove(i);
+            return true;
+        }
+        if let Some(i) = (0..self.nets.len()).find(|&i| named(&self.nets[i].id, "net", i)) {
+            self.nets.remove(i);
+            return true;
+        }
+        false
+    }
+
+    /// The devices fit the slots and their ids are unique.
+    fn check_devices(&self) -> Result<(), ConfigError> {
+        let console = self.console != ConsoleConfig::Off;
+        check_device_slots(
+            self.disks.len(),
+            self.nets.len(),
+            console,
+            self.balloon.is_some(),
+            self.pci_slots,
+        )?;
+        check_device_ids(&self.disks, &self.nets, console, self.balloon.is_some())
+    }
 }
 
 /// A checked VM configuration, with its boot files open.

@@ -20,6 +20,11 @@ pub enum PlugRequest {
 /// One request to the VM.
 #[derive(Debug)]
 pub enum Request {
+    /// `vm.create`: the VM a VMM started without `--kernel` waits for, in command-line form
+    /// (checked by the VMM as its command line is).
+    Create(Box<crate::api::vm_config::VmSpec>),
+    /// `vm.boot`: start the VM `vm.create` described.
+    Boot,
     /// `vm.info`: the VM's configuration, state and devices.
     Info,
     /// `vm.shutdown` / `vmm.shutdown`: stop the guest and exit as on SIGTERM.

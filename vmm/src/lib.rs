@@ -6,6 +6,7 @@ pub mod arch;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod create;
 pub mod device;
 pub mod hotplug;
 pub mod image_cmd;

@@ -270,9 +270,20 @@ impl Vm {
     /// Opens KVM and creates guest RAM and devices (their processes started through
     /// `spawner`, in cgroup leaves under `cgroup` if given); no vCPU runs yet.
     pub fn new(
+        config: VmConfig,
+        spawner: &Arc<Spawner>,
+        cgroup: Option<&std::path::Path>,
+    ) -> Result<Self, VmError> {
+        Self::with_events(config, spawner, cgroup, channel())
+    }
+
+    /// As [`Vm::new`], with the channel of its main loop made before (the API and signal
+    /// threads of a VMM that waited for `vm.create` already send on it).
+    pub fn with_events(
         mut config: VmConfig,
         spawner: &Arc<Spawner>,
         cgroup: Option<&std::path::Path>,
+        events: (Sender<Event>, Receiver<Event>),
     ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         arch::check_kvm(&kvm)?;
@@ -337,7 +348,6 @@ impl Vm {
         let urandom = File::open("/dev/urandom")
             .map_err(|e| warn!("cannot open /dev/urandom: {e}"))
             .ok();
-        let events = channel();
         let power_off = events.0.clone();
         pcie.set_power_off_notify(Box::new(move |slot| {
             drop(
@@ -677,6 +687,17 @@ impl Vm {
                 self.inject_fault(id, fault, reply);
                 None
             }
+            Request::Create(_) => {
+                drop(reply.send(Err(RequestError::new(
+                    409,
+                    "the VM is already created and booted (one VM per VMM)",
+                ))));
+                None
+            }
+            Request::Boot => {
+                drop(reply.send(Err(RequestError::new(409, "the VM is already booted"))));
+                None
+            }
             Request::PowerButton => {
                 self.power_button();
                 drop(reply.send(Ok(Reply::Done)));
@@ -863,70 +884,6 @@ impl Vm {
     fn info(&self) -> serde_json::Value {
         use serde_json::json;
         let c = &self.config;
-        let disks: Vec<_> = c
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let mut v = json!({
-                    "id": d.id.clone().unwrap_or_else(|| format!("disk{i}")),
-                    "num_queues": d.num_queues,
-                    "queue_size": d.queue_size,
-                });
-                match &d.backend {
-                    crate::config::DiskBackend::Process {
-                        path,
-                        readonly,
-                        direct,
-                        serial,
-                        ..
-                    } => {
-                        v["path"] = json!(path.display().to_string());
-                        v["readonly"] = json!(readonly);
-                        v["direct"] = json!(direct);
-                        v["serial"] = json!(serial);
-                        v["vhost_user"] = json!(false);
-                    }
-                    crate::config::DiskBackend::Socket(p) => {
-                        v["vhost_user"] = json!(true);
-                        v["vhost_socket"] = json!(p.display().to_string());
-                    }
-                }
-                v
-            })
-            .collect();
-        let nets: Vec<_> = c
-            .nets
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let mut v = json!({
-                    "id": n.id.clone().unwrap_or_else(|| format!("net{i}")),
-                    "mac": crate::config::format_mac(&n.mac),
-                    "mtu": n.mtu,
-                    "num_queues": n.num_queues,
-                    "queue_size": n.queue_size,
-                    "vhost_user": matches!(n.backend, crate::config::NetBackend::Socket(_)),
-                });
-                match &n.backend {
-                    crate::config::NetBackend::Tap { name, addr } => {
-                        v["tap"] = json!(name);
-                        if let Some((ip, mask)) = addr {
-                            v["ip"] = json!(ip.to_string());
-                            v["mask"] = json!(mask.to_string());
-                        }
-                    }
-                    crate::config::NetBackend::Fds { fds, name } => {
-                        v["tap"] = json!(name);
-                        v["fds"] = json!(fds);
-                    }
-                    crate::config::NetBackend::Socket(p) => {
-                        v["vhost_socket"] = json!(p.display().to_string())
-                    }
-                }
-                v
-            })
-            .collect();
         // The devices in the slots now: cold-plugged, hot-plugged, less the removed ones.
         let devices: Vec<_> = self
             .plugged_devices()
@@ -952,15 +909,7 @@ impl Vm {
                 })
             })
             .collect();
-        // Cloud Hypervisor's fields; the guest's RAM less what its balloon holds.
-        let balloon = c.balloon.as_ref().map(|b| {
-            json!({
-                "size": b.size,
-                "deflate_on_oom": b.deflate_on_oom,
-                "free_page_reporting": b.free_page_reporting,
-                "stats_polling_interval_s": b.stats_polling_interval_s,
-            })
-        });
+        // The guest's RAM less what its balloon holds.
         let ballooned = c
             .balloon
             .as_ref()
@@ -968,21 +917,101 @@ impl Vm {
             .and_then(|s| s.into_iter().find(|(k, _)| k == "actual_pages"))
             .map_or(0, |(_, pages)| pages.saturating_mul(4096));
         json!({
-            "config": {
-                "cpus": { "boot_vcpus": c.vcpus, "max_vcpus": c.vcpus },
-                "memory": { "size": c.ram_size },
-                "payload": { "cmdline": c.cmdline },
-                "disks": disks,
-                "net": nets,
-                "console": console_info(&c.console),
-                "balloon": balloon,
-                "pci_slots": c.pci_slots,
-            },
+            "config": config_json(c),
             "state": if self.paused { "Paused" } else { "Running" },
             "memory_actual_size": c.ram_size.saturating_sub(ballooned),
             "devices": devices,
         })
     }
+}
+
+/// `vm.info`'s `config`: the VM's configuration in Cloud Hypervisor's field names where the
+/// concept is the same (also before `vm.boot`, for a VM `vm.create` described).
+pub fn config_json(c: &VmConfig) -> serde_json::Value {
+    use serde_json::json;
+    let disks: Vec<_> = c
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let mut v = json!({
+                "id": d.id.clone().unwrap_or_else(|| format!("disk{i}")),
+                "num_queues": d.num_queues,
+                "queue_size": d.queue_size,
+            });
+            match &d.backend {
+                crate::config::DiskBackend::Process {
+                    path,
+                    readonly,
+                    direct,
+                    serial,
+                    ..
+                } => {
+                    v["path"] = json!(path.display().to_string());
+                    v["readonly"] = json!(readonly);
+                    v["direct"] = json!(direct);
+                    v["serial"] = json!(serial);
+                    v["vhost_user"] = json!(false);
+                }
+                crate::config::DiskBackend::Socket(p) => {
+                    v["vhost_user"] = json!(true);
+                    v["vhost_socket"] = json!(p.display().to_string());
+                }
+            }
+            v
+        })
+        .collect();
+    let nets: Vec<_> = c
+        .nets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let mut v = json!({
+                "id": n.id.clone().unwrap_or_else(|| format!("net{i}")),
+                "mac": crate::config::format_mac(&n.mac),
+                "mtu": n.mtu,
+                "num_queues": n.num_queues,
+                "queue_size": n.queue_size,
+                "vhost_user": matches!(n.backend, crate::config::NetBackend::Socket(_)),
+            });
+            match &n.backend {
+                crate::config::NetBackend::Tap { name, addr } => {
+                    v["tap"] = json!(name);
+                    if let Some((ip, mask)) = addr {
+                        v["ip"] = json!(ip.to_string());
+                        v["mask"] = json!(mask.to_string());
+                    }
+                }
+                crate::config::NetBackend::Fds { fds, name } => {
+                    v["tap"] = json!(name);
+                    v["fds"] = json!(fds);
+                }
+                crate::config::NetBackend::Socket(p) => {
+                    v["vhost_socket"] = json!(p.display().to_string())
+                }
+            }
+            v
+        })
+        .collect();
+    // Cloud Hypervisor's fields.
+    let balloon = c.balloon.as_ref().map(|b| {
+        json!({
+            "size": b.size,
+            "deflate_on_oom": b.deflate_on_oom,
+            "free_page_reporting": b.free_page_reporting,
+            "stats_polling_interval_s": b.stats_polling_interval_s,
+        })
+    });
+    json!({
+        "cpus": { "boot_vcpus": c.vcpus, "max_vcpus": c.vcpus },
+        "memory": { "size": c.ram_size },
+        "payload": { "cmdline": c.cmdline },
+        "disks": disks,
+        "net": nets,
+        "console": console_info(&c.console),
+        "balloon": balloon,
+        "pci_slots": c.pci_slots,
+    })
 }
 
 /// `vm.info`'s `config.console` (Cloud Hypervisor's fields: `mode`, and `file` for a file or

@@ -31,6 +31,14 @@ struct Cli {
 enum Command {
     /// Is the VMM there (vmm.ping).
     Ping,
+    /// Describe the VM to a VMM started without --kernel (vm.create), as ch-remote's
+    /// `create`: a file holding Cloud Hypervisor's VmConfig JSON ('-': standard input).
+    Create {
+        /// The VmConfig JSON file.
+        config_json_file: String,
+    },
+    /// Boot the VM vm.create described (vm.boot).
+    Boot,
     /// The VM's configuration, state and devices (vm.info).
     Info,
     /// Add a disk (vm.add-disk): the options of --disk.
@@ -224,8 +232,30 @@ fn net_body(options: &str) -> Result<Value, Usage> {
     Ok(Value::Object(b))
 }
 
+/// `create`'s body: the file's JSON, checked to be JSON (sent as it is).
+fn create_body(file: &str) -> Result<String, Usage> {
+    let text = if file == "-" {
+        let mut t = String::new();
+        std::io::stdin()
+            .read_to_string(&mut t)
+            .map_err(|e| Usage(format!("reading the VmConfig from standard input: {e}")))?;
+        t
+    } else {
+        std::fs::read_to_string(file).map_err(|e| Usage(format!("{file}: {e}")))?
+    };
+    serde_json::from_str::<Value>(&text).map_err(|e| Usage(format!("{file}: not JSON: {e}")))?;
+    Ok(text)
+}
+
 /// The method, path and body of a command.
 fn request(command: &Command) -> Result<(String, String, Option<String>), Usage> {
+    if let Command::Create { config_json_file } = command {
+        return Ok((
+            "PUT".into(),
+            "/api/v1/vm.create".into(),
+            Some(create_body(config_json_file)?),
+        ));
+    }
     if let Command::Raw {
         method,
         endpoint,
@@ -251,6 +281,7 @@ fn request(command: &Command) -> Result<(String, String, Option<String>), Usage>
 fn endpoint(command: &Command) -> Result<(&'static str, &'static str, Option<Value>), Usage> {
     Ok(match command {
         Command::Ping => ("GET", "vmm.ping", None),
+        Command::Boot => ("PUT", "vm.boot", None),
         Command::Info => ("GET", "vm.info", None),
         Command::AddDisk { options } => ("PUT", "vm.add-disk", Some(disk_body(options)?)),
         Command::AddNet { options } => ("PUT", "vm.add-net", Some(net_body(options)?)),
@@ -278,7 +309,9 @@ fn endpoint(command: &Command) -> Result<(&'static str, &'static str, Option<Val
             Some(json!({ "desired_balloon": size("--balloon", balloon)? })),
         ),
         Command::BalloonStatistics => ("GET", "vm.balloon-statistics", None),
-        Command::Raw { .. } => return Err(Usage("raw has no fixed endpoint".into())),
+        Command::Raw { .. } | Command::Create { .. } => {
+            return Err(Usage("raw and create are sent as given".into()))
+        }
     })
 }
 
@@ -473,5 +506,42 @@ mod tests {
             request(&raw).expect("raw"),
             ("PATCH".into(), "/x".into(), Some("{".into()))
         );
+    }
+
+    #[test]
+    fn test_ctl_create_sends_the_file_and_boot() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let good = dir.join("vm.json");
+        let config = r#"{"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 2}}"#;
+        std::fs::write(&good, config).expect("write");
+        let r = request(&Command::Create {
+            config_json_file: good.display().to_string(),
+        })
+        .expect("valid");
+        assert_eq!(
+            r,
+            (
+                "PUT".into(),
+                "/api/v1/vm.create".into(),
+                Some(config.into())
+            )
+        );
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, "{payload").expect("write");
+        for file in [bad, dir.join("missing.json")] {
+            assert!(request(&Command::Create {
+                config_json_file: file.display().to_string()
+            })
+            .is_err());
+        }
+        assert_eq!(
+            request(&Command::Boot).expect("v"),
+            ("PUT".into(), "/api/v1/vm.boot".into(), None)
+        );
+        let cli = Cli::try_parse_from(["bulkhead-ctl", "--api-socket", "/s", "create", "vm.json"])
+            .expect("parses");
+        assert!(matches!(cli.command, Command::Create { .. }));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod routes;
+pub mod vm_config;
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -333,8 +334,8 @@ impl http::Connection for MemoryConnection<'_> {
 
 /// The fuzz target `api_requests` (vmm/fuzz): the first byte picks what the rest is. Even: a
 /// byte stream on a connection, read as requests (framing, limits) and each routed. Odd: a
-/// JSON body for the endpoint the byte names (add-disk, add-net, remove-device). Nothing may
-/// panic; every answer must be a valid status.
+/// JSON body for the endpoint the byte names (add-disk, add-net, remove-device, create: 1, 3,
+/// 5, 7, then again). Nothing may panic; every answer must be a valid status.
 pub fn fuzz_requests(data: &[u8]) {
     let Some((&selector, rest)) = data.split_first() else {
         return;
@@ -344,8 +345,8 @@ pub fn fuzz_requests(data: &[u8]) {
         Action::Control { timeout, .. } => assert!(timeout <= routes::PLUG_TIMEOUT),
     };
     if selector % 2 == 1 {
-        let endpoint =
-            ["vm.add-disk", "vm.add-net", "vm.remove-device"][usize::from(selector / 2) % 3];
+        let endpoint = ["vm.add-disk", "vm.add-net", "vm.remove-device", "vm.create"]
+            [usize::from(selector / 2) % 4];
         check(routes::route(
             "PUT",
             &format!("{}{endpoint}", routes::ROOT),

@@ -20,6 +20,9 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const INJECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long it waits for a plug (spawn, jail, handshake, slot) to be answered.
 pub const PLUG_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long it waits for `vm.boot`: guest RAM, and every device process started and
+/// connected, as for plugs.
+pub const BOOT_TIMEOUT: Duration = PLUG_TIMEOUT;
 /// How long it waits for an unplug: the guest's 5 s attention-button window, the surprise
 /// removal after it, and margin.
 pub const UNPLUG_TIMEOUT: Duration = Duration::from_secs(15);
@@ -40,10 +43,8 @@ pub enum Action {
 
 /// Endpoints Cloud Hypervisor has that Bulkhead does not serve (yet): answered 501 with a
 /// message saying so, rather than 404 as for a name nobody knows.
-const NOT_IMPLEMENTED: [&str; 12] = [
+const NOT_IMPLEMENTED: [&str; 10] = [
     "vmm.info",
-    "vm.create",
-    "vm.boot",
     "vm.delete",
     "vm.resize-zone",
     "vm.add-device",
@@ -100,6 +101,15 @@ fn route_inner(method: &str, path: &str, body: &[u8]) -> Result<Action, HttpResp
         "vm.info" => {
             expect_method(method, "GET", endpoint)?;
             control(Request::Info, REPLY_TIMEOUT)
+        }
+        "vm.create" => {
+            expect_method(method, "PUT", endpoint)?;
+            let spec = super::vm_config::parse(body)?;
+            control(Request::Create(Box::new(spec)), REPLY_TIMEOUT)
+        }
+        "vm.boot" => {
+            expect_method(method, "PUT", endpoint)?;
+            control(Request::Boot, BOOT_TIMEOUT)
         }
         "vm.add-disk" => {
             expect_method(method, "PUT", endpoint)?;
@@ -613,7 +623,22 @@ mod tests {
             Request::Resume
         ));
         assert_eq!(status(route("GET", "/api/v1/vm.pause", b"")), 400);
-        assert_eq!(status(route("PUT", "/api/v1/vm.create", b"{}")), 501);
+        assert_eq!(status(route("PUT", "/api/v1/vm.create", b"{}")), 400);
+        assert_eq!(status(route("GET", "/api/v1/vm.create", b"")), 400);
+        match request(route(
+            "PUT",
+            "/api/v1/vm.create",
+            br#"{"payload": {"kernel": "/k"}}"#,
+        )) {
+            Request::Create(spec) => assert_eq!(spec.kernel, Some("/k".into())),
+            r => panic!("{r:?}"),
+        }
+        assert!(matches!(
+            request(route("PUT", "/api/v1/vm.boot", b"")),
+            Request::Boot
+        ));
+        assert_eq!(status(route("GET", "/api/v1/vm.boot", b"")), 400);
+        assert_eq!(status(route("PUT", "/api/v1/vm.delete", b"")), 501);
         assert!(matches!(
             request(route("GET", "/api/v1/vm.counters", b"")),
             Request::Counters
