@@ -3,9 +3,12 @@
 # The REST API (docs/api.md) through bulkhead-ctl: the socket is mode 0600; a second VMM on the
 # same socket is refused (status 2); vmm.ping answers with the VMM's pid; vm.info lists the disk
 # with its id, kind, PCI address, process and state; vm.counters has the disk's reads and
-# restarts; vm.pause stops the guest (no answer, state Paused) and vm.resume lets it go on; bad requests (unknown endpoint, wrong
-# method, bad JSON, missing or bad fields, an oversized body) each get a 4xx JSON error and the
-# guest keeps running; vm.reboot boots the guest again; vm.shutdown ends the VMM with status 0.
+# restarts; vm.pause stops the guest (no answer, state Paused) and vm.resume lets it go on; bad
+# requests (unknown endpoint, wrong method, bad JSON, missing or bad fields, an oversized body,
+# vm.create and vm.boot of a booted VM) each get a 4xx JSON error and the guest keeps running;
+# vm.power-button raises the PL061's interrupt in the guest (GPIO line 3 through sysfs, both
+# edges: its count in /proc/interrupts goes up; the cloud kernel has no gpio-keys driver);
+# vm.reboot boots the guest again; vm.shutdown ends the VMM with status 0.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
@@ -81,7 +84,9 @@ expect_status 400 raw PUT vm.add-net '{"tap": "t0", "fds": [3]}'
 expect_status 400 raw PUT vm.remove-device '{"name": "data"}'
 expect_status 400 raw PUT vm.remove-device '{"id": "no such id!"}'
 expect_status 413 raw PUT vm.add-disk "$(head -c 70000 /dev/zero | tr '\0' ' ')"
-expect_status 501 raw PUT vm.power-button
+expect_status 400 raw GET vm.power-button
+expect_status 409 raw PUT vm.create "{\"payload\": {\"kernel\": \"$GUEST_KERNEL\"}}"
+expect_status 409 boot
 ctl add-disk 'colour=red' 2>"$SCN_DIR/ctl.err"
 rc=$?
 [ "$rc" = 2 ] || fail "bulkhead-ctl add-disk colour=red exited with $rc, expected 2 (usage)"
@@ -107,6 +112,29 @@ vm_wait_for vm '^P-42' 30
 say "vm.pause: no answer for 3 s, vm.info Paused; vm.resume: answered $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }') s later"
 ctl info | tr -d ' \n' | grep -q '"state":"Running"' || fail "vm.info does not say Running after vm.resume"
 expect_status 409 resume
+
+# vm.power-button: the PL061's line 3 (the gpio-keys power key in the device tree) pulses.
+# The guest takes the line through sysfs with both edges enabled, which unmasks its interrupt
+# in the PL061; the count of that interrupt in /proc/interrupts goes up.
+vm_send vm 'for c in /sys/class/gpio/gpiochip*; do grep -q pl061 $c/label && b=$(cat $c/base); done; g=$((b + 3)); echo $g >/sys/class/gpio/export; echo both >/sys/class/gpio/gpio$g/edge; echo GPIO-$(cat /sys/class/gpio/gpio$g/edge)-$(cat /sys/class/gpio/gpio$g/value)'
+vm_wait_for vm '^GPIO-' 20
+gpio=$(tr -d '\r' <"$SCN_DIR/vm/out" | grep '^GPIO-' | tail -n 1)
+[ "$gpio" = GPIO-both-0 ] || fail "the guest could not take the PL061's line 3 with both edges: $gpio"
+# irqs TAG: the guest prints TAG-<the gpio interrupt's count, summed over CPUs>.
+irqs() {
+	vm_send vm "echo $1-\$(awk '/gpiolib/ { n = 0; for (i = 2; i <= NF && \$i ~ /^[0-9]+\$/; i++) n += \$i; print n }' /proc/interrupts)"
+	vm_wait_for vm "^$1-[0-9]+" 20
+	tr -d '\r' <"$SCN_DIR/vm/out" | grep -E "^$1-[0-9]+" | tail -n 1 | sed "s/^$1-//"
+}
+before=$(irqs IRQA)
+ctl power-button || fail "vm.power-button failed"
+sleep 0.5
+after=$(irqs IRQB)
+vm_send vm "grep gpiolib /proc/interrupts | sed 's/^/IRQLINE /'"
+vm_wait_for vm '^IRQLINE' 10
+tr -d '\r' <"$SCN_DIR/vm/out" | grep '^IRQLINE' | tail -n 1 | quote "guest"
+say "vm.power-button: the guest's PL061 line-3 interrupt count went from $before to $after (press and release)"
+[ "$after" -gt "$before" ] || fail "vm.power-button raised no PL061 interrupt in the guest ($before -> $after)"
 
 # boot_id N: the Nth boot's id. A reboot from outside lands at the shell prompt, so the second
 # GUEST-INIT line may start after "/ # ".
