@@ -122,7 +122,7 @@ gpio=$(tr -d '\r' <"$SCN_DIR/vm/out" | grep '^GPIO-' | tail -n 1)
 [ "$gpio" = GPIO-both-0 ] || fail "the guest could not take the PL061's line 3 with both edges: $gpio"
 # irqs TAG: the guest prints TAG-<the gpio interrupt's count, summed over CPUs>.
 irqs() {
-	vm_send vm "echo $1-\$(awk '/gpiolib/ { n = 0; for (i = 2; i <= NF && \$i ~ /^[0-9]+\$/; i++) n += \$i; print n }' /proc/interrupts)"
+	vm_send vm "echo $1-\$(awk '/gpiolib/ { n = 0; for (i = 2; i <= NF && \$i ~ /^[0-9]+\$/; i++) n += \$i; print n }' /proc/interrupts)" >&2
 	vm_wait_for vm "^$1-[0-9]+" 20
 	tr -d '\r' <"$SCN_DIR/vm/out" | grep -E "^$1-[0-9]+" | tail -n 1 | sed "s/^$1-//"
 }
