@@ -128,7 +128,8 @@ irqs() {
 }
 before=$(irqs IRQA)
 ctl power-button || fail "vm.power-button failed"
-sleep 0.5
+# The release comes 100 ms after the press.
+sleep 0.2
 after=$(irqs IRQB)
 vm_send vm "grep gpiolib /proc/interrupts | sed 's/^/IRQLINE /'"
 vm_wait_for vm '^IRQLINE' 10
