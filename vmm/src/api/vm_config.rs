@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use bulkhead_firmware::layout::MAX_PCI_SLOTS;
 use serde::Deserialize;
 
 use super::http::HttpResponse;
@@ -369,12 +370,22 @@ pub fn parse(body: &[u8]) -> Result<VmSpec, HttpResponse> {
     if let Some(c) = &b.console {
         spec.console = Some(console_option(c)?);
     }
-    for (i, d) in b.disks.unwrap_or_default().iter().enumerate() {
+    let (disks, nets) = (b.disks.unwrap_or_default(), b.net.unwrap_or_default());
+    // Each device needs a slot: more than the most slots there can be is refused before any
+    // is looked at (the main thread would open every image only to refuse them).
+    if disks.len() + nets.len() > MAX_PCI_SLOTS {
+        return Err(bad(format!(
+            "{} disks and {} network interfaces: at most {MAX_PCI_SLOTS} devices (one per PCIe slot)",
+            disks.len(),
+            nets.len()
+        )));
+    }
+    for (i, d) in disks.iter().enumerate() {
         let one = serde_json::to_vec(d).map_err(|e| bad(format!("disks[{i}]: {e}")))?;
         let opts = disk_options(&one).map_err(|r| prefixed(r, &format!("disks[{i}]")))?;
         spec.disks.push(opts);
     }
-    for (i, n) in b.net.unwrap_or_default().iter().enumerate() {
+    for (i, n) in nets.iter().enumerate() {
         let one = serde_json::to_vec(n).map_err(|e| bad(format!("net[{i}]: {e}")))?;
         let opts = net_options(&one).map_err(|r| prefixed(r, &format!("net[{i}]")))?;
         spec.nets.push(opts);
@@ -547,6 +558,11 @@ mod tests {
         ] {
             assert_eq!(status(body), 400, "{}", String::from_utf8_lossy(body));
         }
+        let many = format!(
+            r#"{{"payload": {{"kernel": "/k"}}, "disks": [{}]}}"#,
+            vec![r#"{"path": "/a"}"#; 32].join(",")
+        );
+        assert_eq!(status(many.as_bytes()), 400);
         // Where in a list the bad element is.
         let r = parse(br#"{"payload": {"kernel": "/k"}, "disks": [{"path": "/a"}, {"path": "/b", "iommu": true}]}"#)
             .expect_err("refused");
