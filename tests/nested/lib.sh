@@ -17,6 +17,10 @@ GUEST_DIR=${GUEST_DIR:-/guest}
 GUEST_KERNEL=$GUEST_DIR/Image
 GUEST_INITRAMFS=$GUEST_DIR/initramfs.cpio.gz
 GUEST_CMDLINE="console=ttyAMA0 quiet"
+# The 32-bit guest (scenarios/boot-arm32.sh): Debian's armhf LPAE zImage and an armhf initramfs
+# with the same /init; packed only when a scenario of the suite needs it.
+GUEST32_KERNEL=$GUEST_DIR/arm32/zImage
+GUEST32_INITRAMFS=$GUEST_DIR/arm32/initramfs.cpio.gz
 
 # Guest boot budget: a Debian kernel reaches /init after ~12 s of nested-KVM guest time.
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-120}

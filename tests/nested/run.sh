@@ -95,6 +95,12 @@ ensure_host_deps() {
 		as_root dpkg --add-architecture arm64
 		apt_update
 	fi
+	# armhf: the 32-bit guest's kernel and busybox (scenarios/boot-arm32.sh), only where it runs.
+	if wants_arm32 && ! dpkg --print-foreign-architectures | grep -qx armhf; then
+		log "dpkg --add-architecture armhf"
+		as_root dpkg --add-architecture armhf
+		apt_update
+	fi
 	if [ ${#missing[@]} -gt 0 ]; then
 		apt_update
 		log "apt-get install ${missing[*]}"
@@ -139,8 +145,51 @@ download_pkg() {
 	touch "$dest/.unpacked"
 }
 
+# wants_arm32: whether a scenario of this run boots the 32-bit guest.
+wants_arm32() {
+	echo "${SCENARIOS:-}" | grep -q 'arm32'
+}
+
+# resolve_kernel_pkg META ARCH: the versioned kernel package META depends on, downloaded and
+# unpacked; prints its directory (falls back to the newest cached one when offline).
+resolve_kernel_pkg() {
+	local meta=$1 arch=$2 flavour kpkg kdir
+	flavour=${meta#linux-image-}
+	kpkg=$(apt-cache depends "$meta:$arch" 2>/dev/null |
+		awk -v f="$flavour" '$1 == "Depends:" && $2 ~ ("^linux-image-.*-" f) { print $2; exit }')
+	if [ -n "$kpkg" ]; then
+		kpkg=${kpkg%:"$arch"}
+		kdir=$CACHE/$kpkg
+		download_pkg "$kpkg:$arch" "$kdir" >&2
+	else
+		kdir=$(find "$CACHE" -maxdepth 1 -name "linux-image-*-$flavour" | sort -V | tail -n 1)
+		[ -n "$kdir" ] || die "cannot resolve $meta:$arch (apt-cache depends)"
+		log "using cached $(basename "$kdir")" >&2
+	fi
+	echo "$kdir"
+}
+
+# The 32-bit guest: Debian's armhf LPAE kernel (a zImage) and armhf busybox.
+fetch_arm32_assets() {
+	local kdir
+	kdir=$(resolve_kernel_pkg linux-image-armmp-lpae armhf)
+	KERNEL32=$(find "$kdir/boot" -maxdepth 1 -name 'vmlinuz-*' 2>/dev/null | head -n 1)
+	[ -f "$KERNEL32" ] || die "no boot/vmlinuz-* in $kdir"
+	# A zImage has 0x016f2818 at offset 0x24.
+	[ "$(dd if="$KERNEL32" bs=1 skip=36 count=4 status=none | od -An -tx1 | tr -d ' \n')" = 18286f01 ] ||
+		die "$KERNEL32 is not a 32-bit arm zImage"
+	KMODS32=$(find "$kdir/lib/modules" -mindepth 1 -maxdepth 1 -type d | head -n 1)
+	[ -d "$KMODS32" ] || die "no lib/modules/<version> in $kdir"
+	download_pkg busybox-static:armhf "$CACHE/busybox-static-armhf"
+	BUSYBOX32=$CACHE/busybox-static-armhf/bin/busybox
+	[ -f "$BUSYBOX32" ] || die "no bin/busybox in busybox-static:armhf"
+}
+
 fetch_assets() {
 	mkdir -p "$CACHE"
+	if wants_arm32; then
+		fetch_arm32_assets
+	fi
 	local kpkg kdir
 	kpkg=$(apt-cache depends linux-image-cloud-arm64:arm64 2>/dev/null |
 		awk '$1 == "Depends:" && $2 ~ /^linux-image-.*-cloud-arm64/ { print $2; exit }')
@@ -205,11 +254,11 @@ build_project() {
 # ---------------------------------------------------------------------------------------------
 # 4./5. Initramfs images.
 
-# busybox_tree DIR: a root with busybox, the directories an init expects and /dev/console.
+# busybox_tree DIR [BUSYBOX]: a root with busybox (arm64's unless given), the directories an init expects and /dev/console.
 busybox_tree() {
 	local d=$1 a
 	mkdir -p "$d"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,etc,root}
-	install -m 0755 "$BUSYBOX" "$d/bin/busybox"
+	install -m 0755 "${2:-$BUSYBOX}" "$d/bin/busybox"
 	# The rest are made at boot by "busybox --install -s"; these are needed before that.
 	for a in sh mount mkdir cat echo ln; do ln -sf busybox "$d/bin/$a"; done
 	if [ "$(id -u)" -eq 0 ]; then
@@ -268,6 +317,25 @@ pack_guest() {
 	done
 	GUEST_INITRAMFS=$WORK/guest-initramfs.cpio.gz
 	pack "$d" "$GUEST_INITRAMFS" gzip
+}
+
+# The 32-bit guest's initramfs: armhf busybox, the same /init, the armhf kernel's virtio
+# modules (virtio and virtio_ring are built in there).
+GUEST32_MODULES="virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk"
+
+pack_guest32() {
+	local d=$WORK/guest32-root m f
+	busybox_tree "$d" "$BUSYBOX32"
+	install -m 0755 "$GUEST_DIR/init" "$d/init"
+	mkdir -p "$d/lib/modules"
+	for m in $GUEST32_MODULES; do
+		f=$(find "$KMODS32/kernel" -name "$m.ko" | head -n 1)
+		[ -n "$f" ] || die "module $m.ko not in $KMODS32"
+		install -m 0644 "$f" "$d/lib/modules/"
+	done
+	echo "$GUEST32_MODULES" >"$d/lib/modules/order"
+	GUEST32_INITRAMFS=$WORK/guest32-initramfs.cpio.gz
+	pack "$d" "$GUEST32_INITRAMFS" gzip
 }
 
 # build_uefi_disk LOADER OUT: a GPT disk (sgdisk) whose EFI System Partition (FAT32, mkfs.fat
@@ -366,6 +434,13 @@ pack_l1() {
 				log "no $PEERS_DIR/$peer: the boot benchmark runs without it"
 			fi
 		done
+	fi
+	# The 32-bit guest, only where it runs (~7 MB).
+	if wants_arm32; then
+		pack_guest32
+		mkdir -p "$d/guest/arm32"
+		cp "$KERNEL32" "$d/guest/arm32/zImage"
+		cp "$GUEST32_INITRAMFS" "$d/guest/arm32/initramfs.cpio.gz"
 	fi
 	# The UEFI scenarios' firmware and disk, only where they run (~45 MB).
 	if echo "$SCENARIOS" | grep -q '^uefi'; then

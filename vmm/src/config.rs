@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::path::PathBuf;
 
-use bulkhead_firmware::image::{Arm64Image, BootLayout, ImageError, LayoutError};
+use bulkhead_firmware::image::{BootLayout, GuestArch, ImageError, KernelImage, LayoutError};
 use bulkhead_firmware::layout::{MAX_PCI_SLOTS, MAX_VCPUS_GICV3, RAM_MAX_SIZE, RAM_MIN_SIZE};
 use clap::Parser;
 
@@ -41,8 +41,8 @@ pub struct Args {
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
-    /// vCPUs: `boot=N`.
-    #[arg(long, value_name = "boot=N", default_value = "boot=1")]
+    /// vCPUs: `boot=N`; `affinity=[V@[C,C-C],...]` pins vCPU V's thread to those host CPUs.
+    #[arg(long, value_name = "boot=N[,affinity=..]", default_value = "boot=1")]
     pub cpus: String,
     /// Guest RAM: `size=SIZE` (K, M or G suffix); `hugepages=on[,hugepage_size=SIZE]` for the
     /// host's hugetlbfs pool; `thp=off` for no transparent huge pages (docs/memory.md).
@@ -1060,7 +1060,7 @@ pub enum BootConfig {
     /// A Linux kernel loaded into RAM (`--kernel`).
     Kernel {
         /// The kernel file and what its header says.
-        kernel: (File, Arm64Image),
+        kernel: (File, KernelImage),
         /// The initramfs file, if any.
         initramfs: Option<File>,
         /// Where everything goes in RAM.
@@ -1070,9 +1070,23 @@ pub enum BootConfig {
     Firmware {
         /// The firmware file, mapped into flash bank 0.
         code: File,
+        /// Its instruction set, from its first instruction.
+        arch: GuestArch,
         /// What backs flash bank 1.
         vars: crate::legacy::cfi_flash::VarsStore,
     },
+}
+
+impl BootConfig {
+    /// The instruction set the guest starts in: the kernel's or the firmware's.
+    pub fn guest_arch(&self) -> GuestArch {
+        match self {
+            Self::Kernel {
+                kernel: (_, image), ..
+            } => image.arch,
+            Self::Firmware { arch, .. } => *arch,
+        }
+    }
 }
 
 /// `--firmware` and `--firmware-vars`, checked and opened (the vars file created if missing).
@@ -1081,12 +1095,30 @@ fn firmware_boot(
     vars: Option<&PathBuf>,
 ) -> Result<BootConfig, ConfigError> {
     use crate::legacy::cfi_flash::{check_firmware, open_vars, vars_template, VarsStore};
+    use std::os::unix::fs::FileExt;
     let code = check_firmware(firmware)?;
+    let mut first = [0u8; 4];
+    code.read_exact_at(&mut first, 0)
+        .map_err(|source| ConfigError::Open {
+            what: "firmware",
+            path: firmware.to_path_buf(),
+            source,
+        })?;
+    let word = u32::from_le_bytes(first);
+    let arch = bulkhead_firmware::image::firmware_arch(word).unwrap_or_else(|| {
+        log::warn!(
+            "firmware {}: its first word {word:#010x} is neither an A64 nor an A32 branch; \
+             starting it as arm64 code",
+            firmware.display()
+        );
+        GuestArch::Aarch64
+    });
+    log::info!("firmware {}: {arch} code", firmware.display());
     let vars = match vars {
-        Some(path) => VarsStore::File(open_vars(path, vars_template(firmware).as_deref())?),
+        Some(path) => VarsStore::File(open_vars(path, vars_template(firmware, arch).as_deref())?),
         None => VarsStore::Memory,
     };
-    Ok(BootConfig::Firmware { code, vars })
+    Ok(BootConfig::Firmware { code, arch, vars })
 }
 
 /// `--kernel` and `--initramfs`, checked and opened, and where they go in RAM.
@@ -1096,7 +1128,7 @@ fn kernel_boot(
     ram_size: u64,
 ) -> Result<BootConfig, ConfigError> {
     let mut kernel = open("kernel", kernel_path)?;
-    let image = Arm64Image::from_file(&mut kernel).map_err(|source| ConfigError::Kernel {
+    let image = KernelImage::from_file(&mut kernel).map_err(|source| ConfigError::Kernel {
         path: kernel_path.clone(),
         source,
     })?;
@@ -1282,6 +1314,8 @@ impl VmConfig {
 pub struct VmConfig {
     /// Number of vCPUs.
     pub vcpus: u32,
+    /// The host CPUs each vCPU's thread is pinned to (`--cpus affinity=`); `None`: anywhere.
+    pub vcpu_affinity: VcpuAffinity,
     /// Bytes of guest RAM.
     pub ram_size: u64,
     /// What backs guest RAM (`--memory hugepages=`, `thp=`).
@@ -1348,14 +1382,40 @@ fn parse_sandbox(value: &str) -> Result<bool, ConfigError> {
     }
 }
 
-/// Splits `a=1,b=2` into pairs, refusing keys outside `known` and repeated keys.
+/// Splits `s` at the commas outside square brackets (`a=1,b=[2,3]` is two items); `None`
+/// when the brackets do not balance.
+fn split_top_level(s: &str) -> Option<Vec<&str>> {
+    let (mut items, mut depth, mut start) = (Vec::new(), 0usize, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.checked_sub(1)?,
+            ',' if depth == 0 => {
+                items.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    (depth == 0).then(|| {
+        items.push(&s[start..]);
+        items
+    })
+}
+
+/// Splits `a=1,b=2` into pairs, refusing keys outside `known` and repeated keys. A value may
+/// hold commas inside square brackets (`affinity=[0@[0,1]]`).
 fn parse_options<'a>(
     flag: &'static str,
     value: &'a str,
     known: &[&str],
 ) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
     let mut pairs: Vec<(&str, &str)> = Vec::new();
-    for item in value.split(',') {
+    let items = split_top_level(value).ok_or_else(|| ConfigError::Option {
+        flag,
+        reason: format!("unbalanced brackets in {value:?}"),
+    })?;
+    for item in items {
         let (key, val) = item.split_once('=').ok_or_else(|| ConfigError::Option {
             flag,
             reason: format!("expected key=value, got {item:?}"),
@@ -1392,12 +1452,20 @@ pub fn parse_size(s: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
-fn parse_cpus(value: &str) -> Result<u32, ConfigError> {
+/// The highest host CPU number `affinity=` takes (the kernel's default `cpu_set_t` size).
+const MAX_HOST_CPU: usize = 1023;
+
+/// Per vCPU, the host CPUs its thread is pinned to (`None`: anywhere).
+pub type VcpuAffinity = Vec<Option<Vec<usize>>>;
+
+/// `--cpus boot=N[,affinity=[V@[C,C-C],...]]`: the vCPU count, and which host CPUs each listed
+/// vCPU's thread may run on (Cloud Hypervisor's syntax; unlisted vCPUs run anywhere).
+fn parse_cpus(value: &str) -> Result<(u32, VcpuAffinity), ConfigError> {
     let bad = |reason: String| ConfigError::Option {
         flag: "cpus",
         reason,
     };
-    let opts = parse_options("cpus", value, &["boot"])?;
+    let opts = parse_options("cpus", value, &["boot", "affinity"])?;
     let boot = opts
         .iter()
         .find(|(k, _)| *k == "boot")
@@ -1411,7 +1479,60 @@ fn parse_cpus(value: &str) -> Result<u32, ConfigError> {
             "boot={n}: a VM has between 1 and {MAX_VCPUS_GICV3} vCPUs"
         )));
     }
-    Ok(n)
+    let mut affinity = vec![None; n as usize];
+    if let Some((_, list)) = opts.iter().find(|(k, _)| *k == "affinity") {
+        let inner = list
+            .strip_prefix('[')
+            .and_then(|l| l.strip_suffix(']'))
+            .ok_or_else(|| bad(format!("affinity={list:?}: expected [VCPU@[CPUS],...]")))?;
+        for entry in split_top_level(inner).unwrap_or_default() {
+            let (vcpu, cpus) = entry
+                .split_once('@')
+                .ok_or_else(|| bad(format!("affinity entry {entry:?}: expected VCPU@[CPUS]")))?;
+            let vcpu: usize = vcpu
+                .parse()
+                .ok()
+                .filter(|&v| v < n as usize)
+                .ok_or_else(|| bad(format!("affinity: {vcpu:?} is not a vCPU (0 to {})", n - 1)))?;
+            if affinity[vcpu].is_some() {
+                return Err(bad(format!("affinity: vCPU {vcpu} is given twice")));
+            }
+            affinity[vcpu] = Some(
+                parse_host_cpus(cpus)
+                    .map_err(|reason| bad(format!("affinity of vCPU {vcpu}: {reason}")))?,
+            );
+        }
+    }
+    Ok((n, affinity))
+}
+
+/// `[0,2-3]`: host CPU numbers, sorted and without repeats.
+fn parse_host_cpus(list: &str) -> Result<Vec<usize>, String> {
+    let inner = list
+        .strip_prefix('[')
+        .and_then(|l| l.strip_suffix(']'))
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| format!("{list:?}: expected [CPU,CPU-CPU,...]"))?;
+    let cpu = |s: &str| {
+        s.parse::<usize>()
+            .ok()
+            .filter(|&c| c <= MAX_HOST_CPU)
+            .ok_or_else(|| format!("{s:?} is not a host CPU number (0 to {MAX_HOST_CPU})"))
+    };
+    let mut cpus = Vec::new();
+    for part in inner.split(',') {
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (cpu(a)?, cpu(b)?),
+            None => (cpu(part)?, cpu(part)?),
+        };
+        if first > last {
+            return Err(format!("{part:?} is an empty range"));
+        }
+        cpus.extend(first..=last);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
 }
 
 /// `--memory size=SIZE[,hugepages=on[,hugepage_size=SIZE]][,thp=on|off]`: the RAM size and
@@ -1553,7 +1674,7 @@ impl TryFrom<Args> for VmConfig {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, ConfigError> {
-        let vcpus = parse_cpus(&args.cpus)?;
+        let (vcpus, vcpu_affinity) = parse_cpus(&args.cpus)?;
         let (ram_size, ram_backing) = parse_memory(&args.memory)?;
         check_cmdline(&args.cmdline)?;
         if args.firmware_vars.is_some() && args.firmware.is_none() {
@@ -1645,6 +1766,7 @@ impl TryFrom<Args> for VmConfig {
         )?;
         Ok(Self {
             vcpus,
+            vcpu_affinity,
             ram_size,
             ram_backing,
             cmdline: args.cmdline,
@@ -1740,13 +1862,40 @@ mod tests {
 
     #[test]
     fn test_parse_cpus_bounds() {
-        assert_eq!(parse_cpus("boot=4").expect("valid"), 4);
+        assert_eq!(parse_cpus("boot=4").expect("valid").0, 4);
         assert!(parse_cpus("boot=0").is_err());
         assert!(parse_cpus("boot=124").is_err());
         assert!(parse_cpus("boot=x").is_err());
         assert!(parse_cpus("max=2").is_err());
         assert!(parse_cpus("boot=1,boot=2").is_err());
         assert!(parse_cpus("4").is_err());
+    }
+
+    #[test]
+    fn test_parse_cpus_affinity() {
+        let (n, a) = parse_cpus("boot=3,affinity=[0@[0],2@[1-3,5,2]]").expect("valid");
+        assert_eq!(n, 3);
+        assert_eq!(a, vec![Some(vec![0]), None, Some(vec![1, 2, 3, 5])]);
+        // Cloud Hypervisor's order: affinity before boot.
+        assert_eq!(
+            parse_cpus("affinity=[1@[4]],boot=2").expect("valid").1,
+            vec![None, Some(vec![4])]
+        );
+        for bad in [
+            "boot=2,affinity=[2@[0]]",       // no vCPU 2
+            "boot=2,affinity=[0@[0],0@[1]]", // vCPU 0 twice
+            "boot=2,affinity=[0@[]]",        // no CPU
+            "boot=2,affinity=[0@[3-1]]",     // empty range
+            "boot=2,affinity=[0@[1024]]",    // past cpu_set_t
+            "boot=2,affinity=[0@[x]]",       // not a number
+            "boot=2,affinity=[0@[0]",        // unbalanced
+            "boot=2,affinity=0@[0]",         // no outer brackets
+            "boot=2,affinity=[0[0]]",        // no @
+            "boot=2,affinity=[0@[0]]]",      // unbalanced
+        ] {
+            let e = parse_cpus(bad).expect_err(bad);
+            assert!(e.to_string().contains("cpus"), "{bad}: {e}");
+        }
     }
 
     #[test]

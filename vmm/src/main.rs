@@ -202,7 +202,7 @@ fn main() -> ExitCode {
             info!("VM stopped on signal {sig}");
             ExitCode::SUCCESS
         }
-        Err(bulkhead::vm::VmError::Device(e)) if e.is_bad_input() => {
+        Err(e) if e.is_bad_input() => {
             report("invalid configuration", &e);
             ExitCode::from(EXIT_BAD_INPUT)
         }

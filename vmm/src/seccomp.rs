@@ -264,6 +264,9 @@ fn main_rules(r: &mut Rules, kick_signal: u64) {
     // and rseq, reads its affinity (pthread_getattr_np); Rust names it (PR_SET_NAME) and
     // gives it a sigaltstack; then seccomp::apply adds its filter (NO_NEW_PRIVS is set).
     r.allow("set_robust_list").allow("sched_getaffinity");
+    // A vCPU thread pins itself to its host CPUs (--cpus affinity, VcpuThread::run) before
+    // its own filter: on itself only (pid 0).
+    r.allow_arg("sched_setaffinity", 0, &[0]);
     r.allow_arg(
         "prctl",
         0,

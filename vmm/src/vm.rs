@@ -110,6 +110,18 @@ pub enum VmError {
     Flash(#[from] FlashError),
 }
 
+impl VmError {
+    /// Whether the error is the user's to fix (exit status 2): a device refused as
+    /// configured, or a guest this host cannot run.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Self::Device(e) => e.is_bad_input(),
+            Self::Arch(e) => e.is_bad_input(),
+            _ => false,
+        }
+    }
+}
+
 /// How a VM ended without error.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -286,7 +298,7 @@ impl Vm {
         events: (Sender<Event>, Receiver<Event>),
     ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        arch::check_kvm(&kvm)?;
+        arch::check_kvm(&kvm, config.boot.guest_arch())?;
         let max_vcpus = kvm.get_max_vcpus();
         if config.vcpus as usize > max_vcpus {
             return Err(VmError::TooManyVcpus {
@@ -311,7 +323,7 @@ impl Vm {
         let gpio = Arc::new(SharedPl061::new(Pl061::new(Box::new(Unwired))));
         bus.insert(GPIO_START..GPIO_START + GPIO_SIZE, gpio.clone())?;
         let flash = match &config.boot {
-            BootConfig::Firmware { code, vars } => {
+            BootConfig::Firmware { code, vars, .. } => {
                 if !kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem) {
                     return Err(VmError::NoReadonlyMem);
                 }
@@ -415,7 +427,8 @@ impl Vm {
         let vcpus = (0..u64::from(self.config.vcpus))
             .map(|i| vm.create_vcpu(i).map_err(|e| VmError::CreateVcpu(i, e)))
             .collect::<Result<Vec<_>, _>>()?;
-        let machine = arch::create_machine(&vm, &vcpus)?;
+        let guest_arch = self.config.boot.guest_arch();
+        let machine = arch::create_machine(&vm, &vcpus, guest_arch)?;
         // A GICv2 has no ITS: PCI MSIs go through the GICv2m frame, routed to its SPIs.
         let irq = match machine.gic {
             bulkhead_firmware::fdt::GicKind::V2 => VmInterrupts::new(vm.clone()).with_gicv2m(),
@@ -445,7 +458,7 @@ impl Vm {
             } => {
                 let fdt = create_fdt(&fdt_config(layout.initramfs, false))?;
                 layout.load(&self.memory, kernel, image, initramfs.as_mut(), &fdt)?;
-                arch::set_boot_regs(&vcpus[0], layout.kernel_addr, layout.fdt_addr)?;
+                arch::set_boot_regs(&vcpus[0], guest_arch, layout.kernel_addr, layout.fdt_addr)?;
                 debug!("boot layout: {layout:x?}, FDT {} bytes", fdt.len());
             }
             BootConfig::Firmware { .. } => {
@@ -455,7 +468,7 @@ impl Vm {
                 self.memory
                     .write_slice(&fdt, GuestAddress(RAM_START))
                     .map_err(|e| LoadError::Fdt(RAM_START, e))?;
-                arch::set_boot_regs(&vcpus[0], FLASH_CODE_START, RAM_START)?;
+                arch::set_boot_regs(&vcpus[0], guest_arch, FLASH_CODE_START, RAM_START)?;
                 debug!("firmware boot, FDT {} bytes at {RAM_START:#x}", fdt.len());
             }
         }
@@ -485,6 +498,7 @@ impl Vm {
                 events: self.events.0.clone(),
                 log_first_run: first && index == 0,
                 pause: pause.clone(),
+                affinity: self.config.vcpu_affinity.get(index).cloned().flatten(),
             };
             let name = format!("vcpu{index}");
             let spawned = std::thread::Builder::new()

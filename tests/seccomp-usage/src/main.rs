@@ -66,6 +66,7 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ("main", "statx", "std on glibc asks statx first for a path's metadata (device::program's Path::exists); on musl (this build) std uses newfstatat"),
     ("main", "getrusage", MILESTONES),
     ("main", "sched_getaffinity", GLIBC_THREADS),
+    ("main", "sched_setaffinity", "a vCPU thread pins itself only under --cpus affinity= (scenarios/boot-arm32.sh), which the trace's VMs do not use; unit test test_pin_self_sets_the_thread_affinity makes the call"),
     ("main", "set_robust_list", GLIBC_THREADS),
     // ---- Thread kinds.
     ("vCPU", "getrusage", MILESTONES),

@@ -2,6 +2,7 @@
 //! the configuration is checked, but creating a machine is a clear error.
 
 use bulkhead_firmware::fdt::GicKind;
+use bulkhead_firmware::image::GuestArch;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 /// Errors setting up the architecture-specific parts of a VM.
@@ -10,6 +11,13 @@ pub enum ArchError {
     /// This host architecture is not supported.
     #[error("Bulkhead runs VMs on arm64 hosts only, for now (this host is {0})")]
     UnsupportedHost(&'static str),
+}
+
+impl ArchError {
+    /// Whether the error is the user's to fix (a guest this host cannot run), not a failure.
+    pub fn is_bad_input(&self) -> bool {
+        false
+    }
 }
 
 /// The interrupt controller and vCPU facts of a created machine.
@@ -22,17 +30,26 @@ pub struct Machine {
 }
 
 /// Always fails: no VM can be built on this host.
-pub fn check_kvm(_kvm: &Kvm) -> Result<(), ArchError> {
+pub fn check_kvm(_kvm: &Kvm, _guest: GuestArch) -> Result<(), ArchError> {
     Err(ArchError::UnsupportedHost(std::env::consts::ARCH))
 }
 
 /// Always fails: no VM can be built on this host.
-pub fn create_machine(_vm: &VmFd, _vcpus: &[VcpuFd]) -> Result<Machine, ArchError> {
+pub fn create_machine(
+    _vm: &VmFd,
+    _vcpus: &[VcpuFd],
+    _guest: GuestArch,
+) -> Result<Machine, ArchError> {
     Err(ArchError::UnsupportedHost(std::env::consts::ARCH))
 }
 
 /// Always fails: no VM can be built on this host.
-pub fn set_boot_regs(_vcpu: &VcpuFd, _entry: u64, _fdt: u64) -> Result<(), ArchError> {
+pub fn set_boot_regs(
+    _vcpu: &VcpuFd,
+    _guest: GuestArch,
+    _entry: u64,
+    _fdt: u64,
+) -> Result<(), ArchError> {
     Err(ArchError::UnsupportedHost(std::env::consts::ARCH))
 }
 

@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
+use bulkhead_firmware::image::GuestArch;
+
 use bulkhead_firmware::layout::{
     FLASH_BANK_SIZE, FLASH_BANK_WIDTH, FLASH_CODE_START, FLASH_SECTOR_SIZE, FLASH_VARS_START,
 };
@@ -589,16 +591,18 @@ pub fn check_firmware(path: &Path) -> Result<File, FlashError> {
 }
 
 /// The distribution's variable store template for `firmware`: `AAVMF_VARS.fd` beside it
-/// (Debian's /usr/share/AAVMF), or beside its AAVMF_CODE.fd for QEMU_EFI.fd.
-pub fn vars_template(firmware: &Path) -> Option<PathBuf> {
-    let beside = firmware.parent().map(|d| d.join("AAVMF_VARS.fd"));
-    [
-        beside,
-        Some(PathBuf::from("/usr/share/AAVMF/AAVMF_VARS.fd")),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.is_file())
+/// (Debian's /usr/share/AAVMF), or in /usr/share/AAVMF for QEMU_EFI.fd; `AAVMF32_VARS.fd`
+/// for the 32-bit build (qemu-efi-arm).
+pub fn vars_template(firmware: &Path, arch: GuestArch) -> Option<PathBuf> {
+    let name = match arch {
+        GuestArch::Aarch64 => "AAVMF_VARS.fd",
+        GuestArch::Arm => "AAVMF32_VARS.fd",
+    };
+    let beside = firmware.parent().map(|d| d.join(name));
+    [beside, Some(Path::new("/usr/share/AAVMF").join(name))]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
 }
 
 /// Opens the vars file read-write; creates it when it does not exist, as a copy of `template`

@@ -123,6 +123,28 @@ pub struct VcpuThread {
     pub log_first_run: bool,
     /// Where it waits while the VM is paused.
     pub pause: Arc<PauseGate>,
+    /// The host CPUs it is pinned to (`--cpus affinity=`), if any.
+    pub affinity: Option<Vec<usize>>,
+}
+
+/// Pins the calling thread to `cpus` (sched_setaffinity on itself, pid 0).
+fn pin_self(cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: `cpu` is below CPU_SETSIZE, so the bit is inside `set`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Signal sent to a vCPU thread to get it out of KVM_RUN; its handler does nothing.
@@ -140,10 +162,24 @@ pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 impl VcpuThread {
     /// Runs the vCPU until the guest stops it, it fails, or `stop` is set.
     pub fn run(mut self) {
-        // First thing: this thread's own filter, on top of the main thread's it inherited.
-        let stop = match crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
-            Ok(()) => self.run_loop(),
-            Err(e) => Some(VcpuStop::Failed(format!("vcpu{}: {e}", self.index))),
+        // First thing: its pinning (the main thread's filter allows sched_setaffinity on the
+        // calling thread; its own does not), then its own filter, on top of the main thread's
+        // it inherited.
+        let pinned = match &self.affinity {
+            Some(cpus) => pin_self(cpus).map_err(|e| {
+                VcpuStop::Failed(format!(
+                    "vcpu{}: cannot pin it to host CPUs {cpus:?} (--cpus affinity): {e}",
+                    self.index
+                ))
+            }),
+            None => Ok(()),
+        };
+        let stop = match pinned {
+            Err(stop) => Some(stop),
+            Ok(()) => match crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
+                Ok(()) => self.run_loop(),
+                Err(e) => Some(VcpuStop::Failed(format!("vcpu{}: {e}", self.index))),
+            },
         };
         if let Some(stop) = stop {
             // The main thread may already be gone on its way out; nothing to do then.
@@ -214,6 +250,33 @@ impl VcpuThread {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_pin_self_sets_the_thread_affinity() {
+        std::thread::spawn(|| {
+            // SAFETY: plain data; the kernel fills it.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            // SAFETY: `set` is a valid cpu_set_t of `size` bytes.
+            assert_eq!(unsafe { libc::sched_getaffinity(0, size, &mut set) }, 0);
+            let first = (0..libc::CPU_SETSIZE as usize)
+                // SAFETY: `c` is below CPU_SETSIZE.
+                .find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+                .expect("some CPU is allowed");
+            pin_self(&[first]).expect("pin to an allowed CPU");
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::sched_getaffinity(0, size, &mut set) }, 0);
+            // SAFETY: CPU_COUNT reads the set.
+            assert_eq!(unsafe { libc::CPU_COUNT(&set) }, 1);
+            // SAFETY: `first` is below CPU_SETSIZE.
+            assert!(unsafe { libc::CPU_ISSET(first, &set) });
+            // No such CPU on this machine: the kernel refuses, the affinity is unchanged.
+            assert!(pin_self(&[1023]).is_err());
+            assert!(pin_self(&[libc::CPU_SETSIZE as usize]).is_err());
+        })
+        .join()
+        .expect("test thread");
+    }
 
     #[test]
     fn test_pause_gate_parks_until_open_or_stop() {

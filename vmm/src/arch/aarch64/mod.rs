@@ -3,10 +3,12 @@
 mod gic;
 
 use bulkhead_firmware::fdt::GicKind;
+use bulkhead_firmware::image::GuestArch;
 use bulkhead_firmware::layout::SPI_BASE;
 use kvm_bindings::{
-    kvm_vcpu_init, KVM_ARM_IRQ_TYPE_SHIFT, KVM_ARM_IRQ_TYPE_SPI, KVM_ARM_VCPU_POWER_OFF,
-    KVM_ARM_VCPU_PSCI_0_2, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64,
+    kvm_vcpu_init, KVM_ARM_IRQ_TYPE_SHIFT, KVM_ARM_IRQ_TYPE_SPI, KVM_ARM_VCPU_EL1_32BIT,
+    KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG,
+    KVM_REG_ARM_CORE, KVM_REG_SIZE_U64,
 };
 use kvm_ioctls::{Cap, DeviceFd, Kvm, VcpuFd, VmFd};
 use log::info;
@@ -17,6 +19,13 @@ pub enum ArchError {
     /// KVM lacks something Bulkhead needs.
     #[error("KVM lacks {0}")]
     MissingCapability(&'static str),
+    /// The guest kernel is 32-bit and this host's CPUs have no AArch32 at EL1.
+    #[error(
+        "the kernel is a 32-bit arm zImage, but this host cannot run 32-bit guests: \
+         KVM_CAP_ARM_EL1_32BIT is 0 (its CPUs have no AArch32 at EL1, as Neoverse N1/N2/V1/V2 \
+         and Grace have not); boot an arm64 kernel instead"
+    )]
+    NoAarch32El1,
     /// KVM_ARM_PREFERRED_TARGET failed.
     #[error("querying KVM's preferred vCPU target")]
     PreferredTarget(#[source] kvm_ioctls::Error),
@@ -64,6 +73,10 @@ const fn sys_reg(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
 
 /// x0: `regs.regs[0]`, the first field of `struct kvm_regs`.
 const REG_X0: u64 = core_reg(0);
+/// x1 (r1 of a 32-bit guest).
+const REG_X1: u64 = core_reg(8);
+/// x2 (r2 of a 32-bit guest).
+const REG_X2: u64 = core_reg(16);
 /// `regs.pc`, after 31 general registers and sp.
 const REG_PC: u64 = core_reg(32 * 8);
 /// `regs.pstate`.
@@ -74,23 +87,42 @@ const REG_MPIDR_EL1: u64 = sys_reg(3, 0, 0, 0, 5);
 /// EL1h with D, A, I and F masked, as booting.rst requires.
 const PSTATE_BOOT: u64 = 0x3c5;
 
-/// Checks that KVM offers what an arm64 VM needs.
-pub fn check_kvm(kvm: &Kvm) -> Result<(), ArchError> {
+/// AArch32 SVC mode with A, I and F masked, as Documentation/arch/arm/booting.rst requires.
+const PSTATE_BOOT_AARCH32: u64 = 0x1d3;
+/// r1 of a 32-bit boot: the machine type, all ones when a device tree is passed.
+const MACHINE_TYPE_DT: u64 = 0xffff_ffff;
+
+impl ArchError {
+    /// Whether the error is the user's to fix (a guest this host cannot run), not a failure.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, Self::NoAarch32El1)
+    }
+}
+
+/// Checks that KVM offers what an arm64 VM needs, and a 32-bit guest's EL1 if it is one.
+pub fn check_kvm(kvm: &Kvm, guest: GuestArch) -> Result<(), ArchError> {
     if !kvm.check_extension(Cap::ArmPsci02) {
         return Err(ArchError::MissingCapability(
             "PSCI 0.2 (KVM_CAP_ARM_PSCI_0_2)",
         ));
     }
+    if guest == GuestArch::Arm && !kvm.check_extension(Cap::ArmEl132bit) {
+        return Err(ArchError::NoAarch32El1);
+    }
     Ok(())
 }
 
-/// Initialises every vCPU (the boot CPU running, the others powered off until PSCI CPU_ON)
-/// and creates the interrupt controller. All vCPUs must exist before this is called.
-pub fn create_machine(vm: &VmFd, vcpus: &[VcpuFd]) -> Result<Machine, ArchError> {
+/// Initialises every vCPU (the boot CPU running, the others powered off until PSCI CPU_ON;
+/// AArch32 at EL1 for a 32-bit guest) and creates the interrupt controller. All vCPUs must
+/// exist before this is called.
+pub fn create_machine(vm: &VmFd, vcpus: &[VcpuFd], guest: GuestArch) -> Result<Machine, ArchError> {
     let mut kvi = kvm_vcpu_init::default();
     vm.get_preferred_target(&mut kvi)
         .map_err(ArchError::PreferredTarget)?;
     kvi.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
+    if guest == GuestArch::Arm {
+        kvi.features[0] |= 1 << KVM_ARM_VCPU_EL1_32BIT;
+    }
     let mut mpidrs = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.iter().enumerate() {
         let mut init = kvi;
@@ -123,11 +155,28 @@ fn set_reg(vcpu: &VcpuFd, id: u64, value: u64) -> Result<(), ArchError> {
         .map_err(|e| ArchError::SetReg(id, e))
 }
 
-/// Points the boot vCPU at the kernel: PC at its entry, x0 at the FDT, EL1h, interrupts masked.
-pub fn set_boot_regs(vcpu: &VcpuFd, entry: u64, fdt: u64) -> Result<(), ArchError> {
-    set_reg(vcpu, REG_PSTATE, PSTATE_BOOT)?;
-    set_reg(vcpu, REG_PC, entry)?;
-    set_reg(vcpu, REG_X0, fdt)
+/// Points the boot vCPU at the kernel with interrupts masked. arm64: PC at its entry, x0 at
+/// the FDT, EL1h. 32-bit arm: SVC mode, r0 = 0, r1 = the "device tree" machine type, r2 at the
+/// FDT (KVM maps r0-r2 onto x0-x2).
+pub fn set_boot_regs(
+    vcpu: &VcpuFd,
+    guest: GuestArch,
+    entry: u64,
+    fdt: u64,
+) -> Result<(), ArchError> {
+    match guest {
+        GuestArch::Aarch64 => {
+            set_reg(vcpu, REG_PSTATE, PSTATE_BOOT)?;
+            set_reg(vcpu, REG_X0, fdt)?;
+        }
+        GuestArch::Arm => {
+            set_reg(vcpu, REG_PSTATE, PSTATE_BOOT_AARCH32)?;
+            set_reg(vcpu, REG_X0, 0)?;
+            set_reg(vcpu, REG_X1, MACHINE_TYPE_DT)?;
+            set_reg(vcpu, REG_X2, fdt)?;
+        }
+    }
+    set_reg(vcpu, REG_PC, entry)
 }
 
 /// The `KVM_IRQ_LINE` number of an SPI.
@@ -156,6 +205,8 @@ mod tests {
     fn test_register_ids_match_kvm_encoding() {
         // Values as KVM_GET_REG_LIST reports them on arm64.
         assert_eq!(REG_X0, 0x6030_0000_0010_0000);
+        assert_eq!(REG_X1, 0x6030_0000_0010_0002);
+        assert_eq!(REG_X2, 0x6030_0000_0010_0004);
         assert_eq!(REG_PC, 0x6030_0000_0010_0040);
         assert_eq!(REG_PSTATE, 0x6030_0000_0010_0042);
         assert_eq!(REG_MPIDR_EL1, 0x6030_0000_0013_c005);
