@@ -46,6 +46,10 @@ pub enum Event {
 pub struct PauseGate {
     state: Mutex<GateState>,
     changed: Condvar,
+    /// Mirrors `state.paused`, so that a vCPU thread's check on every exit takes no lock
+    /// while the gate is open (set under the lock; a vCPU that misses a close sees it after
+    /// the kick that follows every close).
+    closed: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -62,12 +66,17 @@ impl PauseGate {
 
     /// Closes the gate: each vCPU thread parks at its next loop (kick it out of KVM_RUN).
     pub fn close(&self) {
-        self.lock().paused = true;
+        let mut g = self.lock();
+        g.paused = true;
+        self.closed.store(true, Ordering::Release);
     }
 
     /// Opens the gate: parked vCPU threads run again.
     pub fn open(&self) {
-        self.lock().paused = false;
+        let mut g = self.lock();
+        g.paused = false;
+        self.closed.store(false, Ordering::Release);
+        drop(g);
         self.changed.notify_all();
     }
 
@@ -94,6 +103,9 @@ impl PauseGate {
 
     /// A vCPU thread's check: parks while the gate is closed and `stop` is not set.
     fn pass(&self, stop: &AtomicBool) {
+        if !self.closed.load(Ordering::Acquire) {
+            return;
+        }
         let mut g = self.lock();
         if !g.paused {
             return;
