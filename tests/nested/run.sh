@@ -183,6 +183,15 @@ fetch_arm32_assets() {
 	download_pkg busybox-static:armhf "$CACHE/busybox-static-armhf"
 	BUSYBOX32=$CACHE/busybox-static-armhf/bin/busybox
 	[ -f "$BUSYBOX32" ] || die "no bin/busybox in busybox-static:armhf"
+	# UEFI for 32-bit (scenarios/boot-arm32.sh): Debian's 32-bit ArmVirtQemu and systemd-boot.
+	if wants_arm32; then
+		download_pkg qemu-efi-arm "$CACHE/qemu-efi-arm"
+		UEFI_FIRMWARE32=$CACHE/qemu-efi-arm/usr/share/AAVMF/AAVMF32_CODE.fd
+		[ -f "$UEFI_FIRMWARE32" ] || die "no AAVMF32_CODE.fd in qemu-efi-arm"
+		download_pkg systemd-boot-efi:armhf "$CACHE/systemd-boot-efi-armhf"
+		SYSTEMD_BOOT32=$CACHE/systemd-boot-efi-armhf/usr/lib/systemd/boot/efi/systemd-bootarm.efi
+		[ -f "$SYSTEMD_BOOT32" ] || die "no systemd-bootarm.efi in systemd-boot-efi:armhf"
+	fi
 }
 
 fetch_assets() {
@@ -345,8 +354,12 @@ pack_guest32() {
 # by Bulkhead.
 build_uefi_disk() {
 	local loader=$1 out=$2 esp=$WORK/esp.img esp_mib files=$WORK/esp-files
+	local kernel=$KERNEL initramfs=$GUEST_INITRAMFS
+	if [ "$loader" = systemd-boot-arm ]; then
+		kernel=$KERNEL32 initramfs=$GUEST32_INITRAMFS
+	fi
 	# FAT32 needs 65525 clusters at least: 512-byte clusters and 40 MiB or more.
-	esp_mib=$((($(stat -c %s "$KERNEL") + $(stat -c %s "$GUEST_INITRAMFS")) / 1048576 + 8))
+	esp_mib=$((($(stat -c %s "$kernel") + $(stat -c %s "$initramfs")) / 1048576 + 8))
 	[ "$esp_mib" -ge 40 ] || esp_mib=40
 	rm -rf "$esp" "$out" "$files"
 	mkdir -p "$files"
@@ -370,10 +383,21 @@ build_uefi_disk() {
 			"boot/grub/grub.cfg=$files/grub.cfg" || die "grub-mkstandalone failed"
 		mcopy -i "$esp" "$files/BOOTAA64.EFI" ::/EFI/BOOT/BOOTAA64.EFI
 		;;
+	systemd-boot-arm)
+		# The 32-bit guest: systemd-boot for arm as \EFI\BOOT\BOOTARM.EFI, with a loader entry.
+		printf 'default guest.conf\ntimeout 0\n' >"$files/loader.conf"
+		printf 'title Bulkhead 32-bit test guest\nlinux /vmlinuz\ninitrd /initrd.gz\noptions console=ttyAMA0 quiet\n' \
+			>"$files/guest.conf"
+		mmd -i "$esp" ::/loader ::/loader/entries
+		mcopy -i "$esp" "$SYSTEMD_BOOT32" ::/EFI/BOOT/BOOTARM.EFI
+		mcopy -i "$esp" "$files/loader.conf" ::/loader/loader.conf
+		mcopy -i "$esp" "$files/guest.conf" ::/loader/entries/guest.conf
+		;;
+
 	*) die "build_uefi_disk: unknown loader $loader" ;;
 	esac
-	mcopy -i "$esp" "$KERNEL" ::/vmlinuz
-	mcopy -i "$esp" "$GUEST_INITRAMFS" ::/initrd.gz
+	mcopy -i "$esp" "$kernel" ::/vmlinuz
+	mcopy -i "$esp" "$initramfs" ::/initrd.gz
 	# 1 MiB before the ESP (protective MBR, GPT header and entries), 1 MiB after (backup GPT).
 	truncate -s $(((esp_mib + 2) * 1048576)) "$out"
 	sgdisk -n 1:2048:+"${esp_mib}M" -t 1:EF00 -c 1:ESP "$out" >/dev/null 2>&1 || die "sgdisk failed on $out"
@@ -441,6 +465,10 @@ pack_l1() {
 		mkdir -p "$d/guest/arm32"
 		cp "$KERNEL32" "$d/guest/arm32/zImage"
 		cp "$GUEST32_INITRAMFS" "$d/guest/arm32/initramfs.cpio.gz"
+		if [ -n "${UEFI_FIRMWARE32:-}" ]; then
+			install -m 0644 "$UEFI_FIRMWARE32" "$d/guest/arm32/AAVMF32_CODE.fd"
+			build_uefi_disk systemd-boot-arm "$d/guest/arm32/systemd-boot.img"
+		fi
 	fi
 	# The UEFI scenarios' firmware and disk, only where they run (~45 MB).
 	if echo "$SCENARIOS" | grep -q '^uefi'; then
