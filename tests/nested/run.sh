@@ -96,9 +96,16 @@ ensure_host_deps() {
 		apt_update
 	fi
 	# armhf: the 32-bit guest's kernel and busybox (scenarios/boot-arm32.sh), only where it runs.
+	# (A new architecture needs its package lists even when apt-get update ran already.)
 	if wants_arm32 && ! dpkg --print-foreign-architectures | grep -qx armhf; then
 		log "dpkg --add-architecture armhf"
 		as_root dpkg --add-architecture armhf
+		apt_updated=0
+		apt_update
+	fi
+	if wants_arm32 && ! apt-cache show busybox-static:armhf >/dev/null 2>&1 &&
+		[ ! -e "$CACHE/busybox-static-armhf/.unpacked" ]; then
+		apt_updated=0
 		apt_update
 	fi
 	if [ ${#missing[@]} -gt 0 ]; then
