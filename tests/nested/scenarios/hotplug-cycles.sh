@@ -57,7 +57,7 @@ round() {
 	for p in $pids; do wait "$p"; done
 	k=0
 	while [ $k -lt $PER_ROUND ]; do
-		grep -q '"removal":"orderly"' "$SCN_DIR/rm-$k" || fail "round $r: removal $k: $(tr '\n' ' ' <"$SCN_DIR/rm-$k")"
+		grep -q '"removal": *"orderly"' "$SCN_DIR/rm-$k" || fail "round $r: removal $k: $(tr '\n' ' ' <"$SCN_DIR/rm-$k")"
 		k=$((k + 1))
 	done
 	vm_send vm "while [ \$(ls /sys/block | grep -c vd) -gt 0 ]; do usleep 20000; done; echo GONE-$r" >/dev/null
