@@ -191,14 +191,12 @@ fetch_arm32_assets() {
 	BUSYBOX32=$CACHE/busybox-static-armhf/bin/busybox
 	[ -f "$BUSYBOX32" ] || die "no bin/busybox in busybox-static:armhf"
 	# UEFI for 32-bit (scenarios/boot-arm32.sh): Debian's 32-bit ArmVirtQemu and systemd-boot.
-	if wants_arm32; then
-		download_pkg qemu-efi-arm "$CACHE/qemu-efi-arm"
-		UEFI_FIRMWARE32=$CACHE/qemu-efi-arm/usr/share/AAVMF/AAVMF32_CODE.fd
-		[ -f "$UEFI_FIRMWARE32" ] || die "no AAVMF32_CODE.fd in qemu-efi-arm"
-		download_pkg systemd-boot-efi:armhf "$CACHE/systemd-boot-efi-armhf"
-		SYSTEMD_BOOT32=$CACHE/systemd-boot-efi-armhf/usr/lib/systemd/boot/efi/systemd-bootarm.efi
-		[ -f "$SYSTEMD_BOOT32" ] || die "no systemd-bootarm.efi in systemd-boot-efi:armhf"
-	fi
+	download_pkg qemu-efi-arm "$CACHE/qemu-efi-arm"
+	UEFI_FIRMWARE32=$CACHE/qemu-efi-arm/usr/share/AAVMF/AAVMF32_CODE.fd
+	[ -f "$UEFI_FIRMWARE32" ] || die "no AAVMF32_CODE.fd in qemu-efi-arm"
+	download_pkg systemd-boot-efi:armhf "$CACHE/systemd-boot-efi-armhf"
+	SYSTEMD_BOOT32=$CACHE/systemd-boot-efi-armhf/usr/lib/systemd/boot/efi/systemd-bootarm.efi
+	[ -f "$SYSTEMD_BOOT32" ] || die "no systemd-bootarm.efi in systemd-boot-efi:armhf"
 }
 
 fetch_assets() {
@@ -206,19 +204,8 @@ fetch_assets() {
 	if wants_arm32; then
 		fetch_arm32_assets
 	fi
-	local kpkg kdir
-	kpkg=$(apt-cache depends linux-image-cloud-arm64:arm64 2>/dev/null |
-		awk '$1 == "Depends:" && $2 ~ /^linux-image-.*-cloud-arm64/ { print $2; exit }')
-	if [ -n "$kpkg" ]; then
-		kpkg=${kpkg%:arm64}
-		kdir=$CACHE/$kpkg
-		download_pkg "$kpkg:arm64" "$kdir"
-	else
-		# No package lists (offline?): fall back to the newest cached kernel.
-		kdir=$(find "$CACHE" -maxdepth 1 -name 'linux-image-*-cloud-arm64' | sort -V | tail -n 1)
-		[ -n "$kdir" ] || die "cannot resolve linux-image-cloud-arm64:arm64 (apt-cache depends)"
-		log "using cached $(basename "$kdir")"
-	fi
+	local kdir
+	kdir=$(resolve_kernel_pkg linux-image-cloud-arm64 arm64)
 	KERNEL=$(find "$kdir/boot" -maxdepth 1 -name 'vmlinuz-*' 2>/dev/null | head -n 1)
 	[ -f "$KERNEL" ] || die "no boot/vmlinuz-* in $kdir"
 	# An arm64 Image has "ARM\x64" at offset 56.
