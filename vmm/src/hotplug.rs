@@ -73,8 +73,20 @@ pub struct PluggedDevice {
 struct Occupant {
     id: String,
     kind: DeviceKind,
-    /// The unplug under way: its token and where its answer goes.
-    unplug: Option<(u64, ReplySender)>,
+    /// The unplug under way.
+    unplug: Option<Unplug>,
+}
+
+/// An unplug under way.
+#[derive(Debug)]
+struct Unplug {
+    /// Which request it is (a deadline of an earlier one in the same slot is stale).
+    token: u64,
+    /// Where its answer goes.
+    reply: ReplySender,
+    /// Dropped when the unplug ends: its timer thread then ends at once instead of living
+    /// out [`UNPLUG_BOUND`].
+    cancel_timer: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// The VM's slots as hot-plug sees them: which device is where, and what is needed to start
@@ -262,7 +274,11 @@ impl Vm {
             ))));
             return;
         }
-        occupant.unplug = Some((token, reply));
+        occupant.unplug = Some(Unplug {
+            token,
+            reply,
+            cancel_timer: None,
+        });
         info!(
             "{id}: unplug requested (attention button of slot {}); surprise removal after {} s",
             slot + 1,
@@ -273,15 +289,30 @@ impl Vm {
             return;
         }
         let events = self.hotplug.events.clone();
+        let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
         let timer = std::thread::Builder::new()
             .name("unplug-timer".into())
             .spawn(move || {
-                std::thread::sleep(UNPLUG_BOUND);
-                drop(events.send(Event::Hotplug(HotplugEvent::Deadline { slot, token })));
+                // Nothing is ever sent: the unplug's end drops the sender (Disconnected).
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    cancelled.recv_timeout(UNPLUG_BOUND)
+                {
+                    drop(events.send(Event::Hotplug(HotplugEvent::Deadline { slot, token })));
+                }
             });
-        if let Err(e) = timer {
-            warn!("{id}: no unplug timer ({e}); removing it now");
-            self.finish_unplug(slot, UnplugOutcome::Surprise);
+        match timer {
+            Ok(_) => {
+                if let Some(u) = self.hotplug.slots[slot]
+                    .as_mut()
+                    .and_then(|o| o.unplug.as_mut())
+                {
+                    u.cancel_timer = Some(cancel);
+                }
+            }
+            Err(e) => {
+                warn!("{id}: no unplug timer ({e}); removing it now");
+                self.finish_unplug(slot, UnplugOutcome::Surprise);
+            }
         }
     }
 
@@ -301,7 +332,7 @@ impl Vm {
             .get(slot)
             .and_then(|o| o.as_ref())
             .and_then(|o| o.unplug.as_ref())
-            .map(|(t, _)| *t);
+            .map(|u| u.token);
         match (pending, token) {
             (Some(_), None) => self.finish_unplug(slot, outcome),
             (Some(p), Some(t)) if p == t => self.finish_unplug(slot, outcome),
@@ -328,7 +359,11 @@ impl Vm {
             }
         );
         let _ = occupant.kind;
-        let reply = occupant.unplug.map(|(_, r)| r);
+        let reply = occupant.unplug.map(|u| {
+            // Its timer thread ends at once.
+            drop(u.cancel_timer);
+            u.reply
+        });
         self.end_device(&occupant.id, reply.map(|r| (r, outcome)));
     }
 

@@ -64,9 +64,9 @@ round() {
 	vm_wait_for vm "^GONE-$r\$" 30
 }
 
-# Each removal's unplug-timer thread lives out UNPLUG_BOUND (10 s) even after an orderly
-# removal: the snapshots wait for the last round's timers to end.
-TIMER_WAIT=11
+# A removal's threads (its unplug timer, the one that ends its process and answers) end as
+# the answer goes out: the snapshots give them a second to be gone.
+TIMER_WAIT=1
 before=$(snapshot)
 say "before: descriptors threads devices processes = $before"
 t0=$(now)

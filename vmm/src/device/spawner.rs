@@ -250,6 +250,25 @@ pub struct Spawner {
     pid: libc::pid_t,
 }
 
+/// Closes every descriptor from 3 up except `keep` (best effort: close_range(2) needs Linux
+/// 5.9; before that, nothing is closed here and exec's close-on-exec still applies).
+fn close_all_but(keep: &[RawFd]) {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|&fd| u32::try_from(fd).ok())
+        .collect();
+    keep.sort_unstable();
+    let mut first = 3u32;
+    for fd in keep.into_iter().chain([u32::MAX]) {
+        if fd > first {
+            let last = if fd == u32::MAX { u32::MAX } else { fd - 1 };
+            // SAFETY: close_range takes numbers only; the kept descriptors are outside.
+            unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+        }
+        first = first.max(fd.saturating_add(1));
+    }
+}
+
 impl Spawner {
     /// Forks the spawner. Call first thing in `main`: before any thread is started (the child
     /// is a copy of the calling thread only) and before any seccomp filter is applied (it
@@ -277,6 +296,10 @@ impl Spawner {
             }
             drop(req_vmm);
             drop(ev_vmm);
+            // Only what the spawner needs: not the descriptors the VMM was given (tap queues
+            // of `--net fd=`), nor any another thread of a multi-threaded caller (tests) had
+            // open at the fork, which would keep a tap attached or a socket alive.
+            close_all_but(&[req_spawner.as_raw_fd(), ev_spawner.as_raw_fd()]);
             // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
             unsafe { libc::prctl(libc::PR_SET_NAME, c"bulkhead-spawn".as_ptr()) };
             // A terminal's Ctrl-C or a SIGTERM to the process group is the VMM's to handle
@@ -1000,6 +1023,35 @@ mod tests {
             Some("syscall unknown (no audit record: /dev/kmsg: Permission denied (os error 13))")
         );
         assert_eq!(Exit::seccomp_detail(b"exit 12 signal 9"), None);
+    }
+
+    /// The spawner keeps none of the caller's descriptors: a tap queue open in the VMM (or
+    /// in another test's thread) at the fork must not stay attached through the spawner.
+    #[test]
+    fn test_spawner_keeps_no_inherited_descriptor() {
+        let (mine, _other) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let spawner = Spawner::fork(SpawnerPolicy {
+            programs: vec![],
+            require_jail: false,
+        })
+        .expect("fork");
+        let dir = format!("/proc/{}/fd", spawner.pid);
+        let target = |path: std::path::PathBuf| std::fs::read_link(path).ok();
+        let socket = target(format!("/proc/self/fd/{}", mine.as_raw_fd()).into()).expect("link");
+        let mut held: Vec<_> = Vec::new();
+        for _ in 0..100 {
+            held = std::fs::read_dir(&dir)
+                .expect("spawner's fd directory")
+                .filter_map(|e| target(e.ok()?.path()))
+                .collect();
+            if !held.contains(&socket) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!held.contains(&socket), "{socket:?} in {held:?}");
+        // stdio, its two sockets, the kernel log it opens for audit records.
+        assert!(held.len() <= 6, "{held:?}");
     }
 
     /// The spawner starts a plain program with the listed descriptors, hands back a pidfd,
