@@ -94,7 +94,7 @@ pub struct Args {
     /// (docs/net.md).
     #[arg(
         long,
-        value_name = "tap=NAME|fd=N[:M...]|socket=PATH[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,num_queues=N][,queue_size=N][,id=ID][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on][,fault=drop=N]"
+        value_name = "tap=NAME|fd=N[:M...]|socket=PATH[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,num_queues=N][,queue_size=N][,id=ID][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on][,fault=drop=N|corrupt=N]"
     )]
     pub net: Vec<String>,
     /// A memory balloon, served by a `bulkhead-balloon` process: `size=SIZE` is the first
@@ -373,8 +373,8 @@ pub(crate) fn parse_disk_options(value: &str) -> Result<DiskConfig, ConfigError>
     let restart = crate::device::restart::RestartPolicy::parse(get).map_err(bad)?;
     let fault = match get("fault") {
         None => None,
-        Some(f) if f.starts_with("drop=") => {
-            return Err(bad(format!("fault={f:?}: drop=N is a NIC's fault")))
+        Some(f) if f.starts_with("drop=") || f.starts_with("corrupt=") => {
+            return Err(bad(format!("fault={f:?}: a NIC's fault")))
         }
         Some(f) => {
             check_fault(f, true).map_err(|e| bad(format!("fault={f:?}: {e}")))?;
@@ -663,7 +663,7 @@ pub struct NetConfig {
     /// `restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=`
     /// (docs/restart.md).
     pub restart: crate::device::restart::RestartPolicy,
-    /// `fault=drop=N`: a fault armed in each of its processes from the start
+    /// `fault=drop=N` or `fault=corrupt=N`: a fault armed in each of its processes from the start
     /// (docs/fault-injection.md).
     pub fault: Option<String>,
 }
@@ -776,14 +776,15 @@ pub fn check_fault(fault: &str, at_start: bool) -> Result<(), String> {
             .ok_or_else(|| format!("{what}={n:?}: expected a number from {min} to {max}"))
     };
     let expected = if at_start {
-        "crash_after=N, eio=N, eio=A-B (sectors), delay_ms=N (disks) or drop=N (NICs)"
+        "crash_after=N, eio=N, eio=A-B (sectors), delay_ms=N (disks), drop=N or corrupt=N (NICs)"
     } else {
-        "crash, seccomp, hang, oom, clear, crash_after=N, eio=N, eio=A-B (sectors), delay_ms=N or drop=N"
+        "crash, seccomp, hang, oom, clear, crash_after=N, eio=N, eio=A-B (sectors), delay_ms=N, drop=N or corrupt=N"
     };
     match fault.split_once('=') {
         Some(("crash_after", n)) => number("crash_after", n, 1, u64::MAX),
         Some(("delay_ms", n)) => number("delay_ms", n, 1, MAX_FAULT_DELAY_MS),
         Some(("drop", n)) => number("drop", n, 1, u64::MAX),
+        Some(("corrupt", n)) => number("corrupt", n, 1, u64::MAX),
         Some(("eio", v)) => match v.split_once('-') {
             None => number("eio", v, 1, u64::MAX),
             Some((a, b)) => match (a.parse::<u64>(), b.parse::<u64>()) {
@@ -1034,11 +1035,15 @@ pub(crate) fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigEr
                 "fault= is for a device process the VMM starts (tap= or fd=), not socket=".into(),
             ))
         }
-        Some(f) if f.starts_with("drop=") => {
+        Some(f) if f.starts_with("drop=") || f.starts_with("corrupt=") => {
             check_fault(f, true).map_err(|e| bad(format!("fault={f:?}: {e}")))?;
             Some(f.to_string())
         }
-        Some(f) => return Err(bad(format!("fault={f:?}: a NIC takes drop=N at start"))),
+        Some(f) => {
+            return Err(bad(format!(
+                "fault={f:?}: a NIC takes drop=N or corrupt=N at start"
+            )))
+        }
     };
     Ok(NetConfig {
         backend,
@@ -2122,12 +2127,16 @@ mod tests {
     }
 
     #[test]
-    fn test_parse_net_fault_drop_only() {
+    fn test_parse_net_fault_drop_or_corrupt_only() {
         let n = parse_net("tap=t0,fault=drop=4", 0).expect("valid");
         assert_eq!(n.fault.as_deref(), Some("drop=4"));
+        let n = parse_net("tap=t0,fault=corrupt=9", 0).expect("valid");
+        assert_eq!(n.fault.as_deref(), Some("corrupt=9"));
         for bad in [
             "tap=t0,fault=eio=3",
             "tap=t0,fault=drop=0",
+            "tap=t0,fault=corrupt=0",
+            "tap=t0,fault=corrupt=x",
             "tap=t0,fault=crash",
             "socket=/run/n.sock,fault=drop=2",
         ] {

@@ -161,6 +161,13 @@ impl VmInterrupts {
             .allocate()
     }
 
+    /// GSIs held now and MSI routes set now (`vm.info`: hot-plug cycles must not grow them).
+    pub fn usage(&self) -> (usize, usize) {
+        let gsis = self.gsis.lock().unwrap_or_else(|e| e.into_inner()).in_use();
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner()).len();
+        (gsis, routes)
+    }
+
     /// Releases `gsis`: their routes are removed and the numbers go back to the pool.
     pub fn free_gsis(&self, gsis: &[u32]) -> Result<(), IrqError> {
         let updates: Vec<_> = gsis.iter().map(|&g| (g, None)).collect();

@@ -930,11 +930,14 @@ impl Vm {
             .and_then(|_| self.devices.balloon_statistics().ok())
             .and_then(|s| s.into_iter().find(|(k, _)| k == "actual_pages"))
             .map_or(0, |(_, pages)| pages.saturating_mul(4096));
+        // Not Cloud Hypervisor's: what the devices hold of KVM's routing table.
+        let (gsis, msi_routes) = self.pcie.interrupt_usage().unwrap_or_default();
         json!({
             "config": config_json(c),
             "state": if self.paused { "Paused" } else { "Running" },
             "memory_actual_size": c.ram_size.saturating_sub(ballooned),
             "devices": devices,
+            "interrupts": { "gsis": gsis, "msi_routes": msi_routes },
         })
     }
 }

@@ -30,6 +30,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 use crate::stats::{add, Stats};
 use crate::tap::{Tap, VNET_HDR_LEN};
 use bulkhead_device_runtime::rate::RateLimiter;
+use virtio_bindings::virtio_net::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE};
 
 /// Frames per direction in one round, before the worker looks at its other events.
 pub const BATCH: usize = 64;
@@ -44,6 +45,14 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 pub const LEGACY_HDR_LEN: usize = 10;
 /// `flags` of the header: the guest takes checksum state only with GUEST_CSUM.
 const HDR_FLAGS: usize = 0;
+/// `gso_type` of the header.
+const HDR_GSO_TYPE: usize = 1;
+/// `csum_start` and `csum_offset` of the header (little-endian: VERSION_1, or an arm guest's
+/// legacy header).
+const HDR_CSUM_START: usize = 6;
+const HDR_CSUM_OFFSET: usize = 8;
+/// Where a UDP header keeps its checksum (a UDP checksum of 0 is sent as 0xffff).
+const UDP_CSUM_OFFSET: usize = 6;
 
 /// What the guest negotiated that the frame path needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -493,13 +502,24 @@ pub fn process_tx(
         if head >= size {
             return Err(QueueError::HeadIndex(head));
         }
+        // An injected `corrupt=N` (docs/fault-injection.md) picks among the frames that are
+        // not segmentation-offloaded; a picked frame is corrupted in the buffer, never in
+        // guest memory.
+        let corrupt = bulkhead_device_runtime::fault::corrupt_armed()
+            && chain.clone().next().is_some_and(|d| {
+                let mut gso = [0u8; 2];
+                !d.is_write_only()
+                    && mem.read_slice(&mut gso, d.addr()).is_ok()
+                    && u32::from(gso[HDR_GSO_TYPE]) == VIRTIO_NET_HDR_GSO_NONE
+            })
+            && bulkhead_device_runtime::fault::frame_corrupted();
         // With the tap's own header size the frame goes from guest memory to the tap in one
-        // writev; otherwise (a legacy header to widen, or more pieces than writev takes) it is
-        // gathered into the buffer first.
+        // writev; otherwise (a legacy header to widen, or more pieces than writev takes, or a
+        // frame to corrupt) it is gathered into the buffer first.
         let mut len = 0usize;
         let mut bad = false;
         let mut direct = false;
-        if pad == 0 {
+        if pad == 0 && !corrupt {
             match gather(chain.clone(), mem, &mut iov) {
                 Ok(n) => {
                     len = n;
@@ -560,6 +580,13 @@ pub fn process_tx(
             round.used = true;
             continue;
         }
+        if corrupt {
+            if let Some(frame) = tx.buf.get_mut(..total) {
+                if corrupt_frame(frame) {
+                    add(&stats.tx_corrupted, 1);
+                }
+            }
+        }
         let written = if direct {
             tap.writev(&iov)
         } else {
@@ -593,6 +620,48 @@ pub fn process_tx(
         round.used = true;
     }
     Ok(round)
+}
+
+/// `corrupt=N` (docs/fault-injection.md): flips the last byte of `buf` (the tap's header, then
+/// a frame that is not segmentation-offloaded) so that the receiver's checksum catches it. A
+/// checksum left to offload (NEEDS_CSUM: the field holds the pseudo-header's sum) is completed
+/// first and the flag cleared, so that nothing downstream computes it over the flipped byte.
+/// False (nothing changed) for a frame too short or whose checksum offsets point outside it.
+pub fn corrupt_frame(buf: &mut [u8]) -> bool {
+    if buf.len() <= VNET_HDR_LEN {
+        return false;
+    }
+    if u32::from(buf[HDR_FLAGS]) & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+        let at = |i: usize| usize::from(u16::from_le_bytes([buf[i], buf[i + 1]]));
+        let start = VNET_HDR_LEN + at(HDR_CSUM_START);
+        let offset = at(HDR_CSUM_OFFSET);
+        let field = start + offset;
+        if field + 2 > buf.len() {
+            return false;
+        }
+        let mut sum = internet_sum(&buf[start..]);
+        if sum == 0 && offset == UDP_CSUM_OFFSET {
+            sum = 0xffff;
+        }
+        buf[field..field + 2].copy_from_slice(&sum.to_be_bytes());
+        buf[HDR_FLAGS] &= !(VIRTIO_NET_HDR_F_NEEDS_CSUM as u8);
+    }
+    let last = buf.len() - 1;
+    buf[last] ^= 0xff;
+    true
+}
+
+/// The Internet checksum (RFC 1071) of `data`: the complement of the ones' complement sum of
+/// its 16-bit big-endian words.
+fn internet_sum(data: &[u8]) -> u16 {
+    let mut sum: u64 = data
+        .chunks(2)
+        .map(|w| u64::from(u16::from_be_bytes([w[0], w.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 /// Disables notifications, runs `round`, re-enables them and goes round again while frames

@@ -14,6 +14,8 @@ pub struct Stats {
     pub rx_dropped: AtomicU64,
     /// Frames from the guest the tap refused, or malformed chains.
     pub tx_dropped: AtomicU64,
+    /// Frames from the guest sent corrupted by an injected `corrupt=N`.
+    pub tx_corrupted: AtomicU64,
     /// Times a direction was throttled by its rate limiter.
     pub rx_throttled: AtomicU64,
     pub tx_throttled: AtomicU64,
@@ -35,13 +37,14 @@ impl fmt::Display for Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "rx_packets={} rx_bytes={} tx_packets={} tx_bytes={} rx_dropped={} tx_dropped={} rx_throttled={} tx_throttled={} bad_chains={} ctrl_commands={} broken_queues={}",
+            "rx_packets={} rx_bytes={} tx_packets={} tx_bytes={} rx_dropped={} tx_dropped={} tx_corrupted={} rx_throttled={} tx_throttled={} bad_chains={} ctrl_commands={} broken_queues={}",
             get(&self.rx_packets),
             get(&self.rx_bytes),
             get(&self.tx_packets),
             get(&self.tx_bytes),
             get(&self.rx_dropped),
             get(&self.tx_dropped),
+            get(&self.tx_corrupted),
             get(&self.rx_throttled),
             get(&self.tx_throttled),
             get(&self.bad_chains),

@@ -12,13 +12,16 @@
 //! - `delay_ms=N`: every request waits N ms before it is served (block: the queue's requests
 //!   one after another, so a request's latency grows by N ms at queue depth 1);
 //! - `drop=N`: every Nth frame the guest sends is dropped (net);
-//! - `clear`: disarms crash_after, eio, delay_ms and drop.
+//! - `corrupt=N`: every Nth frame the guest sends (not counting large, segmentation-offloaded
+//!   ones) goes out with its last byte flipped and a checksum that no longer matches (net);
+//! - `clear`: disarms crash_after, eio, delay_ms, drop and corrupt.
 //!
-//! At start, `--fault FAULT` arms `crash_after=N`, `eio=...`, `delay_ms=N` or `drop=N` (the
+//! At start, `--fault FAULT` arms `crash_after=N`, `eio=...`, `delay_ms=N`, `drop=N` or
+//! `corrupt=N` (the
 //! VMM's `--disk ...,fault=FAULT`, `--net ...,fault=FAULT`); every process started in its
 //! place gets it again. Counting, failing and delaying requests needs the device's hooks
-//! ([`request_taken`], [`request_fault`]): bulkhead-block has them; dropping frames needs
-//! [`frame_dropped`]: bulkhead-net has it.
+//! ([`request_taken`], [`request_fault`]): bulkhead-block has them; dropping and corrupting
+//! frames needs [`frame_dropped`] and [`frame_corrupted`]: bulkhead-net has them.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -28,7 +31,8 @@ use log::{error, warn};
 
 /// Device kinds that call [`request_taken`] and [`request_fault`] for each request they take.
 const COUNTING_KINDS: [&str; 1] = ["block"];
-/// Device kinds that call [`frame_dropped`] for each frame the guest sends.
+/// Device kinds that call [`frame_dropped`] and [`frame_corrupted`] for the frames the guest
+/// sends.
 const FRAME_KINDS: [&str; 1] = ["net"];
 
 /// Longest `delay_ms`: a minute per request is a hung device, for which there is `hang`.
@@ -61,6 +65,9 @@ static DELAY_MS: AtomicU64 = AtomicU64::new(0);
 /// `drop=N`: every Nth frame is dropped (0: off); the count since it was armed.
 static DROP_EVERY: AtomicU64 = AtomicU64::new(0);
 static DROP_COUNT: AtomicU64 = AtomicU64::new(0);
+/// `corrupt=N`: every Nth frame is corrupted (0: off); the count since it was armed.
+static CORRUPT_EVERY: AtomicU64 = AtomicU64::new(0);
+static CORRUPT_COUNT: AtomicU64 = AtomicU64::new(0);
 
 /// The device's kind, set once at start.
 pub fn set_kind(kind: &'static str) {
@@ -79,6 +86,7 @@ enum RequestFault {
     EioSectors(u64, u64),
     DelayMs(u64),
     DropEvery(u64),
+    CorruptEvery(u64),
 }
 
 fn number(what: &str, n: &str, min: u64, max: u64) -> Result<u64, String> {
@@ -95,6 +103,7 @@ fn parse_request_fault(fault: &str) -> Option<Result<RequestFault, String>> {
         "crash_after" => number(name, value, 1, u64::MAX).map(RequestFault::CrashAfter),
         "delay_ms" => number(name, value, 1, MAX_DELAY_MS).map(RequestFault::DelayMs),
         "drop" => number(name, value, 1, u64::MAX).map(RequestFault::DropEvery),
+        "corrupt" => number(name, value, 1, u64::MAX).map(RequestFault::CorruptEvery),
         "eio" => match value.split_once('-') {
             None => number(name, value, 1, u64::MAX).map(RequestFault::EioEvery),
             Some((a, b)) => {
@@ -115,7 +124,7 @@ fn parse_request_fault(fault: &str) -> Option<Result<RequestFault, String>> {
 
 fn arm(fault: RequestFault) -> Result<String, String> {
     let (kinds, what) = match fault {
-        RequestFault::DropEvery(_) => (&FRAME_KINDS[..], "frames"),
+        RequestFault::DropEvery(_) | RequestFault::CorruptEvery(_) => (&FRAME_KINDS[..], "frames"),
         _ => (&COUNTING_KINDS[..], "requests"),
     };
     if !kind_in(kinds) {
@@ -150,6 +159,11 @@ fn arm(fault: RequestFault) -> Result<String, String> {
             DROP_EVERY.store(n, Ordering::Release);
             format!("every {n}th frame the guest sends is dropped")
         }
+        RequestFault::CorruptEvery(n) => {
+            CORRUPT_COUNT.store(0, Ordering::Release);
+            CORRUPT_EVERY.store(n, Ordering::Release);
+            format!("every {n}th frame the guest sends (not segmentation-offloaded) is corrupted")
+        }
     };
     warn!("fault armed: {armed}");
     Ok(format!("armed: {armed}"))
@@ -162,16 +176,18 @@ fn clear() -> String {
     EIO_LAST.store(0, Ordering::Release);
     DELAY_MS.store(0, Ordering::Release);
     DROP_EVERY.store(0, Ordering::Release);
+    CORRUPT_EVERY.store(0, Ordering::Release);
     warn!("faults cleared");
     "cleared".into()
 }
 
-/// `--fault FAULT` at start: `crash_after=N`, `eio=N`, `eio=A-B`, `delay_ms=N`, `drop=N`.
+/// `--fault FAULT` at start: `crash_after=N`, `eio=N`, `eio=A-B`, `delay_ms=N`, `drop=N`,
+/// `corrupt=N`.
 pub fn arm_at_start(fault: &str) -> Result<(), String> {
     match parse_request_fault(fault) {
         Some(f) => arm(f?).map(|_| ()),
         None => Err(format!(
-            "--fault {fault:?}: only crash_after=N, eio=N, eio=A-B, delay_ms=N and drop=N can be armed at start"
+            "--fault {fault:?}: only crash_after=N, eio=N, eio=A-B, delay_ms=N, drop=N and corrupt=N can be armed at start"
         )),
     }
 }
@@ -212,7 +228,7 @@ pub fn inject(fault: &str) -> Result<String, String> {
             Err("the seccomp filter is off (--seccomp off): the forbidden call was allowed".into())
         }
         other => Err(format!(
-            "unknown fault {other:?} (crash, seccomp, hang, oom, crash_after=N, eio=N, eio=A-B, delay_ms=N, drop=N, clear)"
+            "unknown fault {other:?} (crash, seccomp, hang, oom, crash_after=N, eio=N, eio=A-B, delay_ms=N, drop=N, corrupt=N, clear)"
         )),
     }
 }
@@ -319,6 +335,17 @@ pub fn frame_dropped() -> bool {
     every > 0 && (DROP_COUNT.fetch_add(1, Ordering::AcqRel) + 1).is_multiple_of(every)
 }
 
+/// Whether a `corrupt=N` is armed (a cheap check before the device looks at a frame).
+pub fn corrupt_armed() -> bool {
+    CORRUPT_EVERY.load(Ordering::Acquire) > 0
+}
+
+/// The guest sent a frame that can be corrupted (net): whether an armed `corrupt=N` picks it.
+pub fn frame_corrupted() -> bool {
+    let every = CORRUPT_EVERY.load(Ordering::Acquire);
+    every > 0 && (CORRUPT_COUNT.fetch_add(1, Ordering::AcqRel) + 1).is_multiple_of(every)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,5 +415,16 @@ mod tests {
         assert_eq!(dropped, [false, false, true, false, false, true]);
         assert_eq!(inject("clear").as_deref(), Ok("cleared"));
         assert!(!frame_dropped());
+        // corrupt=N likewise.
+        assert!(inject("corrupt=2").expect_err("block").contains("frames"));
+        assert!(inject("corrupt=0").is_err());
+        assert!(!corrupt_armed());
+        CORRUPT_COUNT.store(0, Ordering::Release);
+        CORRUPT_EVERY.store(2, Ordering::Release);
+        assert!(corrupt_armed());
+        let corrupted: Vec<bool> = (0..4).map(|_| frame_corrupted()).collect();
+        assert_eq!(corrupted, [false, true, false, true]);
+        inject("clear").expect("cleared");
+        assert!(!corrupt_armed() && !frame_corrupted());
     }
 }

@@ -8,7 +8,8 @@
 # liveness probe has it killed and restarted, and a read issued during the hang completes;
 # `oom` makes the process allocate until its cgroup's memory.max (its 256 MiB budget plus the
 # 256 MiB of guest RAM) gets it OOM-killed, and it is restarted with the disk intact; on a
-# NIC, drop=4 makes the guest's ping lose about a quarter of its requests (none before).
+# NIC, drop=4 makes the guest's ping lose about a quarter of its requests (none before), and
+# corrupt=4 about a quarter too, each a checksum error in L1's ICMP.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
@@ -132,6 +133,22 @@ loss1=$(run 'echo L1-$(ping -c 12 -W 2 192.168.249.1 2>&1 | sed -n "s/.* \([0-9]
 say "the guest's ping: ${loss0}% loss before, ${loss1}% with drop=4"
 [ "$loss0" = 0 ] || fail "the guest lost pings before any fault"
 [ "$loss1" -ge 8 ] && [ "$loss1" -le 50 ] || fail "drop=4 gave ${loss1}% loss, expected about 25%"
+# corrupt=4: every 4th frame the guest sends arrives with its last byte flipped, its checksum
+# left wrong: L1's ICMP drops the echo requests for their checksum (Icmp InCsumErrors).
+r=$(inject nic clear)
+case $r in OK*cleared*) ;; *) fail "clear on the NIC failed: $r" ;; esac
+icmp_csum_errors() { awk '/^Icmp:/ { if (!n) { for (i = 2; i <= NF; i++) if ($i == "InCsumErrors") f = i; n = 1 } else print $f }' /proc/net/snmp; }
+csum0=$(icmp_csum_errors)
+r=$(inject nic corrupt=4)
+say "inject-fault nic corrupt=4: $r"
+case $r in OK*armed*) ;; *) fail "the corrupt fault was not armed: $r" ;; esac
+loss2=$(run 'echo L2-$(ping -c 12 -W 2 192.168.249.1 2>&1 | sed -n "s/.* \([0-9]*\)% packet loss.*/\1/p")' '^L2-[0-9]+$' 90)
+csum1=$(icmp_csum_errors)
+corrupted=$(bulkhead-ctl --api-socket "$api" counters | tr -d ' \n' | sed -n 's/.*"nic":{[^}]*"tx_corrupted":\([0-9]*\).*/\1/p')
+say "corrupt=4: the guest's ping lost ${loss2}%; L1's ICMP checksum errors $csum0 -> $csum1; the device's tx_corrupted $corrupted"
+[ "$loss2" -ge 8 ] && [ "$loss2" -le 50 ] || fail "corrupt=4 gave ${loss2}% loss, expected about 25%"
+[ $((csum1 - csum0)) -ge 1 ] || fail "L1 saw no ICMP checksum error: no frame arrived corrupted"
+[ "${corrupted:-0}" -ge $((csum1 - csum0)) ] || fail "the device counts ${corrupted:-no} corrupted frames, L1 saw $((csum1 - csum0))"
 r=$(inject nic eio=3)
 case $r in "ERR 400"*) ;; *) fail "eio on a NIC was not refused with 400: $r" ;; esac
 

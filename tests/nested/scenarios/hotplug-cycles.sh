@@ -5,9 +5,9 @@
 # API serves 4 requests at once, so 200 cycles take about 6 minutes). In rounds of 8: 8 disks
 # are plugged into 8 slots, the guest sees all 8 block devices, then all 8 are removed at once
 # (orderly: the guest's pciehp powers each slot off). Before and after: the VMM's descriptors,
-# threads, RSS, the devices vm.info lists (slots in use) and the bulkhead-block processes. The
-# descriptors, threads, devices and processes must be back where they were; RSS, measured after
-# a first warm-up round, may not grow by more than 2 MiB.
+# threads and RSS, the devices (slots in use), GSIs and MSI routes vm.info lists, and the
+# bulkhead-block processes. All but RSS must be back where they were; RSS, measured after a
+# first warm-up round, may not grow by more than 2 MiB.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
@@ -31,9 +31,15 @@ vmm=$(vm_pid vm)
 sleep 1
 blocks() { n=0; for p in /proc/[0-9]*; do [ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-block ] && n=$((n + 1)); done; echo $n; }
 rss() { awk '/^VmRSS:/ { print $2 }' "/proc/$vmm/status"; }
-devices() { ctl info | tr ',' '\n' | grep -c '"bdf"'; }
+# vm.info: the devices listed (slots in use), the GSIs and MSI routes the devices hold.
+info() {
+	j=$(ctl info | tr -d ' \n')
+	echo "$(echo "$j" | tr ',' '\n' | grep -c '"bdf"')" \
+		"$(echo "$j" | sed -n 's/.*"gsis":\([0-9]*\).*/\1/p')" \
+		"$(echo "$j" | sed -n 's/.*"msi_routes":\([0-9]*\).*/\1/p')"
+}
 snapshot() {
-	echo "$(ls "/proc/$vmm/fd" | wc -l) $(ls "/proc/$vmm/task" | wc -l) $(devices) $(blocks)"
+	echo "$(ls "/proc/$vmm/fd" | wc -l) $(ls "/proc/$vmm/task" | wc -l) $(info) $(blocks)"
 }
 
 # round N: plug PER_ROUND disks, wait for the guest to see them, remove them all at once.
@@ -68,7 +74,10 @@ round() {
 # the answer goes out: the snapshots give them a second to be gone.
 TIMER_WAIT=1
 before=$(snapshot)
-say "before: descriptors threads devices processes = $before"
+say "before: descriptors threads devices GSIs routes processes = $before"
+# shellcheck disable=SC2086 # split into its fields
+set -- $before
+[ $# = 6 ] || fail "a count is missing from the snapshot: $before"
 t0=$(now)
 round 1
 sleep $TIMER_WAIT
@@ -85,8 +94,8 @@ after=$(snapshot)
 rss2=$(rss)
 cycles=$((ROUNDS * PER_ROUND))
 say "$cycles add/remove cycles in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", b - a }') s"
-say "after: descriptors threads devices processes = $after; RSS $rss1 -> $rss2 kB"
-[ "$after" = "$before" ] || fail "after $cycles cycles the VMM's descriptors/threads/devices/processes went $before -> $after"
+say "after: descriptors threads devices GSIs routes processes = $after; RSS $rss1 -> $rss2 kB"
+[ "$after" = "$before" ] || fail "after $cycles cycles the VMM's descriptors/threads/devices/GSIs/routes/processes went $before -> $after"
 [ $((rss2 - rss1)) -le 2048 ] || fail "the VMM's RSS grew by $((rss2 - rss1)) kB over $cycles cycles"
 
 vm_send vm 'poweroff -f'

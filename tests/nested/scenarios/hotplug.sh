@@ -4,12 +4,14 @@
 # rescan): its pciehp driver binds every root port; a disk is plugged and the guest sees it
 # at once (time from the request to the block device in the guest printed), a checksummed
 # write/read goes through it; it is unplugged (attention button, pciehp powers the slot off:
-# orderly) and its process is gone, its slot free, the data in the image. A NIC is plugged,
-# the guest pings the host side of its tap, and it is unplugged (its process and tap gone).
-# A cold-plugged disk is removed too. The VMM's descriptors, threads and device processes are
-# back where they were. The VMM runs under its seccomp filters, as by default. Two slots: the
-# disk plugged again and the NIC go, at once, into the slot the guest has just powered off
-# (a plug in pciehp's 1 s after its power-off must be held until it turns the indicator off).
+# orderly) and its process is gone, its slot free, the data in the image; plugged again, it
+# is removed while the guest writes to it, and what the guest saw written is in the image. A
+# NIC is plugged, the guest pings the host side of its tap, and it is unplugged (its process
+# and tap gone). A cold-plugged disk is removed too. The VMM's descriptors, threads and device
+# processes are back where they were, and no GSI or MSI route is left. The VMM runs under its
+# seccomp filters, as by default. Two slots: the disk plugged again and the NIC go, at once,
+# into the slot the guest has just powered off (a plug in pciehp's 1 s after its power-off
+# must be held until it turns the indicator off).
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
@@ -110,9 +112,31 @@ again=$(tr -d '\r' <"$SCN_DIR/vm/out" | grep -E '^RA-[0-9a-f]{64}' | tail -n 1 |
 grep -q 'hot0: device process restarted: session replayed' "$SCN_DIR/vm/err" || fail "the hot-plugged disk was not restarted"
 grep 'hot0: device process restarted' "$SCN_DIR/vm/err" | tail -n 1 | quote "!"
 [ "$again" = "$want" ] || fail "the disk plugged again reads differently"
+say "plugged again, restarted under a read, read back the same"
+
+# Removal while the guest writes: 1 MiB chunks, each with O_DIRECT and fsync, one every 0.3 s,
+# from 8 MiB on; chunk i is the output of `yes CHUNK-i`, which L1 can compute too. The unplug
+# is asked after the second chunk; every chunk the guest saw complete must be in the image.
+vm_send vm 'i=0; while [ $i -lt 24 ]; do yes CHUNK-$i | head -c 1048576 >/tmp/c; dd if=/tmp/c of=/dev/vdb bs=1M seek=$((8 + i)) count=1 oflag=direct conv=fsync 2>/dev/null || break; echo WDONE-$i; i=$((i + 1)); usleep 300000; done; echo WEND-$i'
+vm_wait_for vm '^WDONE-1' 60
+t0=$(now)
 answer=$(hp remove-device hot0)
-case $answer in *\"removal\":\"orderly\"*) ;; *) fail "the second unplug was not orderly: $answer" ;; esac
-say "plugged again, read back the same, unplugged"
+t1=$(now)
+say "unplug while the guest writes: $answer after $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s"
+case $answer in *\"removal\":\"orderly\"*) ;; *) fail "the unplug under writes was not orderly: $answer" ;; esac
+vm_wait_for vm '^WEND-[0-9]+' 60
+ended=$(tr -d '\r' <"$SCN_DIR/vm/out" | grep -E '^WEND-[0-9]+' | tail -n 1 | sed 's/^WEND-//')
+last=$(tr -d '\r' <"$SCN_DIR/vm/out" | grep -E '^WDONE-[0-9]+$' | tail -n 1 | sed 's/^WDONE-//')
+say "the guest's writes: chunks 0-$last completed, the write of chunk $ended failed (the disk went away)"
+[ "$ended" -lt 24 ] || fail "all 24 writes completed before the removal: none was under way during it"
+i=0
+while [ "$i" -le "$last" ]; do
+	a=$(yes "CHUNK-$i" | head -c 1048576 | sha256sum | cut -c1-64)
+	b=$(dd if="$img/hot" bs=1M skip=$((8 + i)) count=1 2>/dev/null | sha256sum | cut -c1-64)
+	[ "$a" = "$b" ] || fail "chunk $i, completed in the guest before the removal, is not in the image"
+	i=$((i + 1))
+done
+say "the $((last + 1)) chunks completed before the removal are in the image"
 
 # Plug a NIC on a tap the VMM creates; the guest pings the host side; unplug it.
 [ -c /dev/net/tun ] || fail "no /dev/net/tun in L1 (tun.ko not loaded?)"
@@ -152,6 +176,10 @@ say "after: VMM $fds1 descriptors, $thr1 threads; $(blocks bulkhead-block) bulkh
 [ "$(blocks bulkhead-block)" = $((procs0 - 1)) ] || fail "device processes left behind"
 [ "$thr1" -le "$thr0" ] || fail "the VMM has more threads than before ($thr0 -> $thr1)"
 [ "$fds1" -le "$fds0" ] || fail "the VMM has more descriptors than before ($fds0 -> $fds1): a removed device's left behind"
+# Every device is gone: none holds a GSI or an MSI route (vm.info).
+irqs=$(bulkhead-ctl --api-socket "$api" info | tr -d ' \n' | sed -n 's/.*"interrupts":{\([^}]*\)}.*/\1/p')
+say "vm.info after every removal: interrupts {$irqs}"
+[ "$irqs" = '"gsis":0,"msi_routes":0' ] || fail "GSIs or MSI routes left behind: {$irqs}"
 
 vm_send vm 'poweroff -f'
 vm_wait_exit vm 60

@@ -168,6 +168,11 @@ impl PcieHost {
         t.irq = Some(vm.clone());
     }
 
+    /// The running VM's GSIs held and MSI routes set (none before the first boot).
+    pub fn interrupt_usage(&self) -> Option<(usize, usize)> {
+        self.lock().irq.as_ref().map(|irq| irq.usage())
+    }
+
     /// Sets what is called (outside the host's lock, on the vCPU thread that made the
     /// write) when the guest powers off a slot whose unplug was requested.
     pub fn set_power_off_notify(&self, notify: PowerOffNotify) {

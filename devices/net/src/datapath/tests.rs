@@ -648,3 +648,59 @@ fn test_rx_first_buffer_smaller_than_header_refused() {
         1
     );
 }
+
+/// `corrupt=N`'s frame: a checksum left to offload is completed (the receiver's sum over the
+/// pseudo-header and the segment comes out right before the flip and wrong after it), the
+/// flag is cleared, the last byte flipped; offsets outside the frame change nothing.
+#[test]
+fn test_corrupt_frame_completes_offloaded_checksum_then_flips() {
+    let ones = |data: &[u8], extra: u16| {
+        let mut s = u64::from(!internet_sum(data)) + u64::from(extra);
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s as u16
+    };
+    // Header: NEEDS_CSUM, no GSO, csum_start 34 (Ethernet + IPv4), csum_offset 6 (UDP).
+    let mut frame = vec![0u8; VNET_HDR_LEN + 34 + 8 + 37];
+    frame[HDR_FLAGS] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+    frame[HDR_CSUM_START..HDR_CSUM_START + 2].copy_from_slice(&34u16.to_le_bytes());
+    frame[HDR_CSUM_OFFSET..HDR_CSUM_OFFSET + 2].copy_from_slice(&6u16.to_le_bytes());
+    for (i, b) in frame[VNET_HDR_LEN + 34..].iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(37).wrapping_add(11);
+    }
+    // The field holds the pseudo-header's sum, as Linux leaves it for the device.
+    let pseudo: u16 = 0x1234;
+    let field = VNET_HDR_LEN + 34 + 6;
+    frame[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
+    let mut sent = frame.clone();
+    assert!(corrupt_frame(&mut sent));
+    assert_eq!(u32::from(sent[HDR_FLAGS]) & VIRTIO_NET_HDR_F_NEEDS_CSUM, 0);
+    let last = sent.len() - 1;
+    assert_eq!(sent[last], frame[last] ^ 0xff);
+    let segment = VNET_HDR_LEN + 34;
+    assert_ne!(ones(&sent[segment..], pseudo), 0xffff, "the flip is caught");
+    let mut unflipped = sent.clone();
+    unflipped[last] ^= 0xff;
+    assert_eq!(
+        ones(&unflipped[segment..], pseudo),
+        0xffff,
+        "checksum completed"
+    );
+    // Without NEEDS_CSUM only the byte changes.
+    let mut plain = frame.clone();
+    plain[HDR_FLAGS] = 0;
+    let before = plain.clone();
+    assert!(corrupt_frame(&mut plain));
+    let changed: Vec<usize> = (0..plain.len())
+        .filter(|&i| plain[i] != before[i])
+        .collect();
+    assert_eq!(changed, [last]);
+    // A checksum field past the end, or no frame at all: nothing changes.
+    let mut bad = frame.clone();
+    bad[HDR_CSUM_OFFSET..HDR_CSUM_OFFSET + 2].copy_from_slice(&u16::MAX.to_le_bytes());
+    let copy = bad.clone();
+    assert!(!corrupt_frame(&mut bad));
+    assert_eq!(bad, copy);
+    assert!(!corrupt_frame(&mut [0u8; VNET_HDR_LEN]));
+}
