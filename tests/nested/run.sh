@@ -11,7 +11,9 @@
 #
 # Usage: tests/nested/run.sh [--suite NAME] [--demo] [--keep] [--no-build] [--guest-check]
 #                            [--timeout SECONDS]
-#   --suite NAME   scenario set from tests/nested/suites/NAME (default: boot)
+#   --suite NAME   scenario set from tests/nested/suites/NAME (default: boot); NAME+NAME...
+#                  runs several suites' scenarios in one L1 boot (their GICs must agree; the
+#                  limit is the sum of theirs)
 #   --demo         boot L1 with one 2-vCPU guest whose console is this terminal
 #   --keep         keep the work directory (packed initramfs trees) and print its path
 #   --no-build     do not run cargo; use the binaries already in the target directory
@@ -400,22 +402,44 @@ build_uefi_disk() {
 }
 
 # suite_scenarios NAME: the scenario names of a suite, one per line.
+# suite_files NAME[+NAME...]: the suite files, one per line.
+suite_files() {
+	local n
+	for n in ${1//+/ }; do
+		[ -f "$NESTED_DIR/suites/$n" ] || die "no suite '$n' (have: $(cd "$NESTED_DIR/suites" && echo *))"
+		echo "$NESTED_DIR/suites/$n"
+	done
+}
+
 suite_scenarios() {
-	local f=$NESTED_DIR/suites/$1
-	[ -f "$f" ] || die "no suite '$1' (have: $(cd "$NESTED_DIR/suites" && echo *))"
-	sed -e 's/#.*//' -e '/^[[:space:]]*$/d' -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "$f" |
-		grep -v -E '^(timeout|gic)='
+	local f
+	for f in $(suite_files "$1"); do
+		sed -e 's/#.*//' -e '/^[[:space:]]*$/d' -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "$f" |
+			grep -v -E '^(timeout|gic)=' || true
+	done
 }
 
+# suite_timeout NAME[+NAME...]: the sum of the suites' limits (empty if none has one).
 suite_timeout() {
-	sed -n 's/^timeout=\([0-9]*\).*/\1/p' "$NESTED_DIR/suites/$1" | head -n 1
+	local f t total=
+	for f in $(suite_files "$1"); do
+		t=$(sed -n 's/^timeout=\([0-9]*\).*/\1/p' "$f" | head -n 1)
+		[ -z "$t" ] || total=$((${total:-0} + t))
+	done
+	echo "$total"
 }
 
-# suite_gic NAME: the GIC version of the suite's L1 machine (gic=N in the suite file; 3 if unset).
+# suite_gic NAME[+NAME...]: the GIC version of the suites' L1 machine (gic=N in the suite
+# file; 3 if unset); suites that differ cannot share an L1.
 suite_gic() {
-	local g
-	g=$(sed -n 's/^gic=\([23]\).*/\1/p' "$NESTED_DIR/suites/$1" | head -n 1)
-	echo "${g:-3}"
+	local f g gics=
+	for f in $(suite_files "$1"); do
+		g=$(sed -n 's/^gic=\([23]\).*/\1/p' "$f" | head -n 1)
+		gics="$gics ${g:-3}"
+	done
+	gics=$(echo "$gics" | tr ' ' '\n' | sed '/^$/d' | sort -u)
+	[ "$(echo "$gics" | wc -l)" = 1 ] || die "suites '$1' need different GICs: they cannot share an L1"
+	echo "$gics"
 }
 
 pack_l1() {
@@ -598,6 +622,7 @@ main() {
 		for s in $SCENARIOS; do
 			[ -f "$NESTED_DIR/scenarios/$s.sh" ] || die "suite '$suite' names unknown scenario '$s'"
 		done
+		suite_gic "$suite" >/dev/null
 	fi
 	ensure_host_deps
 	fetch_assets

@@ -2,8 +2,9 @@
 # timeout: 420
 # A network interface served by a bulkhead-net process on a tap the VMM creates: the guest
 # sees the MAC and MTU given; the host side of the tap has the address, MTU and up flag the
-# VMM set; guest and L1 ping each other; 16 MiB cross TCP (busybox nc) each way with the same
-# checksum at both ends; with num_queues=4 both queue pairs carry traffic (per-queue
+# VMM set; guest and L1 ping each other; 64 MiB cross TCP (busybox nc) each way with the same
+# checksum at both ends, the first with the device process SIGKILLed a quarter of the way in
+# (restarted, nothing lost); with num_queues=4 both queue pairs carry traffic (per-queue
 # interrupts in the guest's /proc/interrupts); the negotiated feature bits include MRG_RXBUF,
 # EVENT_IDX and the TSO bits. From outside, the device process is bulkhead-net, jailed, in
 # its own network namespace, holding the two tap queues it was handed and nothing else
@@ -16,7 +17,7 @@ HOST=192.168.249.1
 GUEST=192.168.249.2
 MAC=52:54:00:12:34:56
 MTU=9000
-SIZE=16777216
+SIZE=67108864
 
 [ -c /dev/net/tun ] || fail "no /dev/net/tun in L1 (tun.ko not loaded?)"
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
@@ -133,23 +134,41 @@ ping -c 3 -W 5 "$GUEST" >"$SCN_DIR/ping" 2>&1 || { quote "L1" <"$SCN_DIR/ping"; 
 tail -n 2 "$SCN_DIR/ping" | quote "L1"
 say "guest and L1 ping each other"
 
-# 16 MiB guest -> L1, sent from guest CPU 1 (queue pair 1).
+# 64 MiB guest -> L1, sent from guest CPU 1 (queue pair 1). A quarter of the way in, the
+# device process is SIGKILLed (issue 11): it is restarted on the same tap queues, frames it
+# had taken and not sent are sent again or retransmitted by TCP, and the transfer completes
+# with the same checksum.
 mkfifo "$SCN_DIR/hold"
 timeout 300 nc -l -p 5001 <>"$SCN_DIR/hold" >"$SCN_DIR/from-guest" &
 ncpid=$!
 want=$(run 'head -c '"$SIZE"' /dev/urandom >/tmp/d && echo GSUM-$(sha256sum /tmp/d | cut -c1-64)' '^GSUM-[0-9a-f]{64}$' 120)
 t0=$(now)
-r=$(run 'taskset 2 nc '"$HOST"' 5001 </tmp/d; echo SENT-$?' '^SENT-[0-9]+$' 240)
+seen=$(vm_count vm '^SENT-[0-9]+$')
+vm_send vm 'taskset 2 nc '"$HOST"' 5001 </tmp/d; echo SENT-$?'
+i=0
+while [ "$(wc -c <"$SCN_DIR/from-guest")" -lt $((SIZE / 4)) ] && [ $i -lt 1200 ]; do
+	sleep 0.1
+	i=$((i + 1))
+done
+at=$(wc -c <"$SCN_DIR/from-guest")
+[ "$at" -lt "$SIZE" ] || fail "the transfer was over before the kill: nothing tested"
+kill -KILL "$dev"
+say "kill -KILL bulkhead-net (pid $dev) with $at of $SIZE bytes received"
+vm_wait_for vm '^SENT-[0-9]+$' 240 "$((seen + 1))"
+r=$(tr -d '\r' <"$SCN_DIR/vm/out" | grep -E '^SENT-[0-9]+$' | tail -n 1 | sed 's/^SENT-//')
 wait "$ncpid"
 t1=$(now)
 got=$(sha256sum "$SCN_DIR/from-guest" | cut -c1-64)
 bytes=$(wc -c <"$SCN_DIR/from-guest")
-say "guest -> L1: $bytes bytes in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s; guest sha256 $want, L1 sha256 $got"
+say "guest -> L1: $bytes bytes in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s across a kill; guest sha256 $want, L1 sha256 $got"
+grep -E 'net0: .*(killed by signal|restarted)' "$SCN_DIR/vm/err" | quote "!"
+sed -n 's/.*net0: device process restarted: session replayed in \([0-9]*\) ms.*, \([0-9]*\) ms after its process ended.*/replay \1 ms, device away \2 ms (process death to session replayed, VMM side)/p' "$SCN_DIR/vm/err" | quote "recovery:"
+grep -q 'net0: device process restarted: session replayed' "$SCN_DIR/vm/err" || fail "the killed bulkhead-net was not restarted"
 [ "$r" = 0 ] || fail "the guest's nc failed (status $r)"
 [ "$got" = "$want" ] || fail "L1 received different data from the guest ($bytes bytes)"
 rm -f "$SCN_DIR/from-guest"
 
-# 16 MiB L1 -> guest.
+# 64 MiB L1 -> guest (to the restarted process).
 head -c "$SIZE" /dev/urandom >"$SCN_DIR/to-guest"
 want=$(sha256sum "$SCN_DIR/to-guest" | cut -c1-64)
 vm_send vm 'mkfifo /tmp/h; (nc -l -p 5002 <>/tmp/h | sha256sum | cut -c1-64 | sed s/^/RSUM-/) &'
