@@ -83,7 +83,7 @@ tr -d '\r' <"$SCN_DIR/vm/out" | grep -E '^GUEST-(NPROC|DISK|NET)' | quote "guest
 vm_marker vm DISK | grep -q '^vda 16384 ro=1' || fail "the guest has no read-only 8 MiB vda from vm.create"
 vm_marker vm NET | grep -q '^eth0 52:54:00:00:0a:01 ' || fail "the guest has no eth0 from vm.add-net before boot"
 ctl info | tr -d ' \n' | grep -q '"state":"Running"' || fail "vm.info does not say Running after vm.boot"
-r=$(run 'ip addr add 192.168.247.2/24 dev eth0 && ip link set eth0 up && ping -c 2 -W 5 192.168.247.1 >/dev/null 2>&1; echo KPING-$?' '^KPING-[0-9]+$' 60)
+r=$(run 'ip addr add 192.168.247.2/24 dev eth0 && ip link set eth0 up && ping -c 2 -i 0.2 -W 5 192.168.247.1 >/dev/null 2>&1; echo KPING-$?' '^KPING-[0-9]+$' 60)
 [ "$r" = 0 ] || fail "the guest cannot ping the host side of the NIC added before boot"
 say "the guest pings 192.168.247.1 through eth0 (added before boot)"
 expect_status 409 create "$SCN_DIR/vm.json"

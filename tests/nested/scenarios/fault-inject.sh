@@ -123,13 +123,13 @@ got=$(run "echo H2-\$(dd if=/dev/$disk bs=64k count=16 iflag=direct 2>/dev/null 
 [ "$got" = "$want" ] || fail "after the OOM kill the disk reads other data"
 
 # drop=4 on the NIC: every 4th frame the guest sends is lost.
-r=$(run 'ip addr add 192.168.249.2/24 dev eth0 && ip link set eth0 up && ping -c 2 -W 5 192.168.249.1 >/dev/null 2>&1; echo UPNET-$?' '^UPNET-[0-9]+$' 60)
+r=$(run 'ip addr add 192.168.249.2/24 dev eth0 && ip link set eth0 up && ping -c 2 -i 0.2 -W 5 192.168.249.1 >/dev/null 2>&1; echo UPNET-$?' '^UPNET-[0-9]+$' 60)
 [ "$r" = 0 ] || fail "the guest cannot ping the host side of the NIC"
-loss0=$(run 'echo L0-$(ping -c 12 -W 2 192.168.249.1 2>&1 | sed -n "s/.* \([0-9]*\)% packet loss.*/\1/p")' '^L0-[0-9]+$' 90)
+loss0=$(run 'echo L0-$(ping -c 12 -i 0.2 -W 2 192.168.249.1 2>&1 | sed -n "s/.* \([0-9]*\)% packet loss.*/\1/p")' '^L0-[0-9]+$' 90)
 r=$(inject nic drop=4)
 say "inject-fault nic drop=4: $r"
 case $r in OK*armed*) ;; *) fail "the drop fault was not armed: $r" ;; esac
-loss1=$(run 'echo L1-$(ping -c 12 -W 2 192.168.249.1 2>&1 | sed -n "s/.* \([0-9]*\)% packet loss.*/\1/p")' '^L1-[0-9]+$' 90)
+loss1=$(run 'echo L1-$(ping -c 12 -i 0.2 -W 2 192.168.249.1 2>&1 | sed -n "s/.* \([0-9]*\)% packet loss.*/\1/p")' '^L1-[0-9]+$' 90)
 say "the guest's ping: ${loss0}% loss before, ${loss1}% with drop=4"
 [ "$loss0" = 0 ] || fail "the guest lost pings before any fault"
 [ "$loss1" -ge 8 ] && [ "$loss1" -le 50 ] || fail "drop=4 gave ${loss1}% loss, expected about 25%"
@@ -142,7 +142,7 @@ csum0=$(icmp_csum_errors)
 r=$(inject nic corrupt=4)
 say "inject-fault nic corrupt=4: $r"
 case $r in OK*armed*) ;; *) fail "the corrupt fault was not armed: $r" ;; esac
-loss2=$(run 'echo L2-$(ping -c 12 -W 2 192.168.249.1 2>&1 | sed -n "s/.* \([0-9]*\)% packet loss.*/\1/p")' '^L2-[0-9]+$' 90)
+loss2=$(run 'echo L2-$(ping -c 12 -i 0.2 -W 2 192.168.249.1 2>&1 | sed -n "s/.* \([0-9]*\)% packet loss.*/\1/p")' '^L2-[0-9]+$' 90)
 csum1=$(icmp_csum_errors)
 corrupted=$(bulkhead-ctl --api-socket "$api" counters | tr -d ' \n' | sed -n 's/.*"nic":{[^}]*"tx_corrupted":\([0-9]*\).*/\1/p')
 say "corrupt=4: the guest's ping lost ${loss2}%; L1's ICMP checksum errors $csum0 -> $csum1; the device's tx_corrupted $corrupted"

@@ -148,7 +148,7 @@ case $answer in OK*\"bdf\"*) ;; *) fail "plugging a NIC failed: $answer" ;; esac
 vm_wait_for vm '^HOTNET-' 60
 t1=$(now)
 say "hot-plugged NIC present in the guest $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s after the request"
-r=$(run 'ip addr add 192.168.248.2/24 dev eth0 && ip link set eth0 up && ping -c 2 -W 5 192.168.248.1 >/dev/null 2>&1; echo HPING-$?' '^HPING-[0-9]+$' 60)
+r=$(run 'ip addr add 192.168.248.2/24 dev eth0 && ip link set eth0 up && ping -c 2 -i 0.2 -W 5 192.168.248.1 >/dev/null 2>&1; echo HPING-$?' '^HPING-[0-9]+$' 60)
 [ "$r" = 0 ] || fail "the guest cannot ping the host side of the hot-plugged NIC"
 say "the guest pings 192.168.248.1 through the hot-plugged NIC"
 answer=$(hp remove-device hpnet)

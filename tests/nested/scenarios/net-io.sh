@@ -127,10 +127,10 @@ irq0=$(irqs IRQA)
 say "per-queue interrupts at start: $irq0"
 
 # Ping both ways (from guest CPU 0: queue pair 0).
-r=$(run 'taskset 1 ping -c 3 -W 5 '"$HOST"' >/tmp/ping 2>&1; echo GPING-$?' '^GPING-[0-9]+$' 60)
+r=$(run 'taskset 1 ping -c 3 -i 0.2 -W 5 '"$HOST"' >/tmp/ping 2>&1; echo GPING-$?' '^GPING-[0-9]+$' 60)
 run 'tail -n 2 /tmp/ping | tr "\n" " " | sed "s/^/GPINGOUT-/"; echo' '^GPINGOUT-' 20 | quote "guest"
 [ "$r" = 0 ] || fail "the guest cannot ping L1 ($HOST)"
-ping -c 3 -W 5 "$GUEST" >"$SCN_DIR/ping" 2>&1 || { quote "L1" <"$SCN_DIR/ping"; fail "L1 cannot ping the guest ($GUEST)"; }
+ping -c 3 -i 0.2 -W 5 "$GUEST" >"$SCN_DIR/ping" 2>&1 || { quote "L1" <"$SCN_DIR/ping"; fail "L1 cannot ping the guest ($GUEST)"; }
 tail -n 2 "$SCN_DIR/ping" | quote "L1"
 say "guest and L1 ping each other"
 

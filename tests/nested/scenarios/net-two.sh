@@ -63,12 +63,12 @@ say "two bulkhead-net processes, own network namespaces, one on bh1 and one on b
 
 vm_send_until vm 'ip addr add 192.168.250.2/24 dev '"$if1"' && ip addr add 192.168.251.2/24 dev '"$if2"' && ip link set '"$if1"' up && ip link set '"$if2"' up && echo NETUP-$?' '^NETUP-' 30
 sleep 1
-vm_send vm 'ping -c 2 -W 5 192.168.250.1 >/dev/null 2>&1; a=$?; ping -c 2 -W 5 192.168.251.1 >/dev/null 2>&1; echo PINGS-$a-$?'
+vm_send vm 'ping -c 2 -i 0.2 -W 5 192.168.250.1 >/dev/null 2>&1; a=$?; ping -c 2 -i 0.2 -W 5 192.168.251.1 >/dev/null 2>&1; echo PINGS-$a-$?'
 vm_wait_for vm '^PINGS-[0-9]+-[0-9]+$' 60
 r=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^PINGS-//p' | tail -n 1)
 say "guest pings 192.168.250.1 (bh1) and 192.168.251.1 (bh2): exit statuses $r"
 [ "$r" = 0-0 ] || fail "the guest cannot reach L1 over both interfaces ($r)"
-ping -c 2 -W 5 192.168.251.2 >/dev/null 2>&1 || fail "L1 cannot ping the guest over bh2"
+ping -c 2 -i 0.2 -W 5 192.168.251.2 >/dev/null 2>&1 || fail "L1 cannot ping the guest over bh2"
 
 
 vm_send vm "poweroff -f"

@@ -69,7 +69,7 @@ traced_run() {
 	rc=$(trun "blkdiscard -o 0 -l 1048576 /dev/$dw; echo DI$n-\$?" "^DI$n-[0-9]+\$" 30)
 	[ "$rc" = 0 ] || fail "run $n: discard failed ($rc)"
 	rc=$(trun "dd if=/dev/zero of=/dev/$dr bs=4096 count=1 conv=fsync 2>/dev/null; head -c 4194304 /dev/$dr >/dev/null; echo RO$n-\$?" "^RO$n-[0-9]+\$" 30)
-	rc=$(trun "ping -c 3 -W 2 192.168.25$n.1 >/dev/null; echo PI$n-\$?" "^PI$n-[0-9]+\$" 30)
+	rc=$(trun "ping -c 3 -i 0.2 -W 2 192.168.25$n.1 >/dev/null; echo PI$n-\$?" "^PI$n-[0-9]+\$" 30)
 	[ "$rc" = 0 ] || fail "run $n: the guest could not ping L1 over the tap ($rc)"
 	# The API thread: a few requests on one connection each (accept, read, answer, close).
 	for c in ping info; do
