@@ -898,6 +898,7 @@ impl Vm {
     fn info(&self) -> serde_json::Value {
         use serde_json::json;
         let c = &self.config;
+        let restarts = self.devices.restarts();
         // The devices in the slots now: cold-plugged, hot-plugged, less the removed ones.
         let devices: Vec<_> = self
             .plugged_devices()
@@ -912,6 +913,7 @@ impl Vm {
                     Some((pid, true)) => (Some(pid), "ended"),
                     None => (None, "external"),
                 };
+                let restarted = restarts.iter().find(|r| r.id == spec.id);
                 json!({
                     "id": spec.id,
                     "kind": spec.kind.name(),
@@ -920,6 +922,8 @@ impl Vm {
                     "pid": pid,
                     "state": state,
                     "removing": spec.removing,
+                    "restarts": restarted.map_or(0, |r| r.restarts),
+                    "last_cause": restarted.and_then(|r| r.last_cause.clone()),
                 })
             })
             .collect();

@@ -6,7 +6,9 @@
 # exactly what was written, and the VMM logs each restart with its cause and how long the
 # device was away. A stopped (SIGSTOP) device process is found by the liveness probe, killed and
 # restarted. A flaky disk (fault=crash_after=100) loses nothing across its processes' crashes
-# with requests in flight (the inflight region, docs/restart.md). restart=never leaves its device failed (no restart); restart_max=1 is honoured
+# with requests in flight (the inflight region, docs/restart.md). restart=never leaves its
+# device failed (no restart): the guest sees DEVICE_NEEDS_RESET, and the device is removed and
+# a new one plugged into its slot through the API; restart_max=1 is honoured
 # (a second death is not restarted).
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
@@ -16,7 +18,7 @@ mkdir -p "$img"
 for d in a b c d; do dd if=/dev/zero of="$img/$d" bs=1M count=24 2>/dev/null; done
 
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
-	--memory size=768M \
+	--memory size=768M --api-socket "$SCN_DIR/api.sock" \
 	--disk "path=$img/a,serial=ra,num_queues=2,restart_backoff_ms=0,restart_max=50" \
 	--disk "path=$img/b,serial=rb,restart=never" \
 	--disk "path=$img/c,serial=rc,restart_max=1" \
@@ -90,6 +92,15 @@ say "$n restart(s) logged for $kills kill(s)"
 [ "$n" -ge "$kills" ] || fail "the VMM logged $n restarts for $kills kills"
 sed -n 's/.*session replayed in \([0-9]*\) ms.*, \([0-9]*\) ms after its process ended.*/replay \1 ms, device away \2 ms (process death to session replayed, VMM side)/p' "$SCN_DIR/vm/err" | quote "recovery:"
 [ "$(dev_of "$img/a")" != "$pid0" ] || fail "disk a is still served by its first process"
+# vm.info and vm.counters say so too.
+info=$(bulkhead-ctl --api-socket "$SCN_DIR/api.sock" info | tr -d '\n')
+dev0=$(echo "$info" | sed -n 's/.*\({[^{}]*"id": *"disk0"[^{}]*}\).*/\1/p')
+say "vm.info's disk0: $dev0"
+ri=$(echo "$dev0" | sed -n 's/.*"restarts": *\([0-9]*\).*/\1/p')
+[ "${ri:-0}" -ge "$kills" ] || fail "vm.info counts ${ri:-no} restarts of disk0 for $kills kills"
+echo "$dev0" | grep -q '"last_cause": *"[^"]*signal 9' || fail "vm.info's last_cause of disk0 does not name the SIGKILL: $dev0"
+rcount=$(bulkhead-ctl --api-socket "$SCN_DIR/api.sock" counters | tr -d ' \n' | sed -n 's/.*"disk0":{[^}]*"restarts":\([0-9]*\).*/\1/p')
+[ "$rcount" = "$ri" ] || fail "vm.counters counts ${rcount:-no} restarts of disk0, vm.info $ri"
 
 # A stopped (hung) device answers nothing: the liveness probe has it killed and restarted,
 # and the disk works again.
@@ -140,6 +151,27 @@ grep -q 'disk1: device failed: device process' "$SCN_DIR/vm/err" ||
 	fail "the restart=never disk was not failed"
 if grep -q 'disk1: restarting' "$SCN_DIR/vm/err"; then fail "the restart=never disk was restarted"; fi
 [ -z "$(dev_of "$img/b")" ] || fail "the restart=never disk got a new process"
+# The guest sees the failed device's status with DEVICE_NEEDS_RESET (0x40), the VM goes on,
+# and the device is removed and a new one plugged into its slot through the API.
+b=$(disk_of rb)
+bdf=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^GUEST-DISK vd. [0-9]* ro=0 serial=rb pci=\(.*\)$/\1/p')
+st=$(run "echo ST-\$(cat /sys/block/$b/device/status)" '^ST-0x[0-9a-f]+$' 30)
+say "the guest's $b (disk b, $bdf): virtio status $st"
+[ $((st & 0x40)) = 64 ] || fail "the guest does not see DEVICE_NEEDS_RESET on the failed disk (status $st)"
+ctl() { bulkhead-ctl --api-socket "$SCN_DIR/api.sock" "$@" 2>&1 | tr -d ' \n'; }
+r=$(ctl remove-device disk1)
+say "remove-device disk1 (failed): $r"
+case $r in *'"removal":"orderly"'*) ;; *) fail "the failed disk was not removed in order: $r" ;; esac
+[ "$(run "echo GONE-\$(ls /sys/block | grep -c '^$b\$')" '^GONE-[0-9]+$' 30)" = 0 ] || fail "the guest still has $b"
+vm_send vm 'while ! grep -qs rb2 /sys/block/vd*/serial; do usleep 20000; done; echo NEWDISK-$(grep -ls rb2 /sys/block/vd*/serial | cut -d/ -f4)'
+r=$(ctl add-disk "path=$img/b,serial=rb2,id=b2")
+say "add-disk in its place: $r"
+case $r in *"\"bdf\":\"$bdf\""*) ;; *) fail "the new disk did not go into the freed slot ($bdf): $r" ;; esac
+vm_wait_for vm '^NEWDISK-vd' 30
+nb=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^NEWDISK-//p' | tail -n 1)
+[ "$(run "echo RD-\$(dd if=/dev/$nb bs=4k count=16 iflag=direct 2>/dev/null | wc -c)" '^RD-[0-9]+$' 30)" = 65536 ] ||
+	fail "the new disk in the freed slot does not read"
+say "the new disk is the guest's $nb at $bdf and reads"
 
 # restart_max=1: the first death is restarted, the second is not.
 pc=$(dev_of "$img/c")
