@@ -55,11 +55,12 @@ say "before: VMM $fds0 descriptors, $thr0 threads; $procs0 bulkhead-block proces
 vm_send vm 'while [ ! -e /sys/block/vdb ]; do usleep 20000; done; echo HOTDISK-$(cat /sys/block/vdb/size)' >&2
 t0=$(now)
 answer=$(hp add-disk "path=$img/hot,id=hot0")
+ta=$(now)
 say "plug: $answer"
 case $answer in OK*\"bdf\"*) ;; *) fail "plugging a disk failed: $answer" ;; esac
 vm_wait_for vm '^HOTDISK-[0-9]+' 30
 t1=$(now)
-say "hot-plugged disk usable in the guest $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s after the request"
+say "hot-plugged disk usable in the guest $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s after the request (answered in $(awk -v a="$t0" -v b="$ta" 'BEGIN { printf "%.2f", b - a }') s: device process started and connected, slot announced)"
 [ "$(run 'echo SZ-$(cat /sys/block/vdb/size)' '^SZ-[0-9]+$' 10)" = 65536 ] || fail "the hot-plugged disk has the wrong size"
 run 'dmesg | grep -E "pciehp|virtio_blk" | tail -n 6 | sed "s/^/DMESG /"; echo DM-done' '^DM-done' 10 >/dev/null
 tr -d '\r' <"$SCN_DIR/vm/out" | grep '^DMESG' | tail -n 6 | quote "guest"
