@@ -58,7 +58,13 @@ answer=$(hp add-disk "path=$img/hot,id=hot0")
 ta=$(now)
 say "plug: $answer"
 case $answer in OK*\"bdf\"*) ;; *) fail "plugging a disk failed: $answer" ;; esac
-vm_wait_for vm '^HOTDISK-[0-9]+' 30
+# Polled every 20 ms here (vm_wait_for's 0.5 s would be most of what is measured).
+i=0
+until tr -d '\r' <"$SCN_DIR/vm/out" | grep -qE '^HOTDISK-[0-9]+'; do
+	[ $i -lt 1500 ] || fail "the guest did not see the hot-plugged disk within 30 s"
+	sleep 0.02
+	i=$((i + 1))
+done
 t1=$(now)
 say "hot-plugged disk usable in the guest $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s after the request (answered in $(awk -v a="$t0" -v b="$ta" 'BEGIN { printf "%.2f", b - a }') s: device process started and connected, slot announced)"
 [ "$(run 'echo SZ-$(cat /sys/block/vdb/size)' '^SZ-[0-9]+$' 10)" = 65536 ] || fail "the hot-plugged disk has the wrong size"
