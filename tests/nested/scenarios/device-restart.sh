@@ -18,7 +18,7 @@ mkdir -p "$img"
 for d in a b c d; do dd if=/dev/zero of="$img/$d" bs=1M count=24 2>/dev/null; done
 
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
-	--memory size=768M --api-socket "$SCN_DIR/api.sock" \
+	--memory size=768M --api-socket "$SCN_DIR/api.sock" --pci-slots 4 \
 	--disk "path=$img/a,serial=ra,num_queues=2,restart_backoff_ms=0,restart_max=50" \
 	--disk "path=$img/b,serial=rb,restart=never" \
 	--disk "path=$img/c,serial=rc,restart_max=1" \
@@ -152,7 +152,8 @@ grep -q 'disk1: device failed: device process' "$SCN_DIR/vm/err" ||
 if grep -q 'disk1: restarting' "$SCN_DIR/vm/err"; then fail "the restart=never disk was restarted"; fi
 [ -z "$(dev_of "$img/b")" ] || fail "the restart=never disk got a new process"
 # The guest sees the failed device's status with DEVICE_NEEDS_RESET (0x40), the VM goes on,
-# and the device is removed and a new one plugged into its slot through the API.
+# and the device is removed and a new one plugged into its slot through the API (the VM has 4
+# slots for its 4 disks: the freed one is the only one).
 b=$(disk_of rb)
 bdf=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^GUEST-DISK vd. [0-9]* ro=0 serial=rb pci=\(.*\)$/\1/p')
 st=$(run "echo ST-\$(cat /sys/block/$b/device/status)" '^ST-0x[0-9a-f]+$' 30)
