@@ -278,12 +278,23 @@ fn exhaust_memory() -> ! {
 }
 
 /// Called by the control thread once a reply is out: `fault crash` aborts here (SIGABRT, as a
-/// crash of the device would), `hang` stops the control thread, `oom` starts allocating.
+/// crash of the device would), `hang` stops the control thread, `oom` starts allocating on a
+/// thread of its own: the control thread goes on answering, so that what ends the process is
+/// its memory limit, not the VMM's liveness probe (a control thread busy allocating for more
+/// than two pings would be taken for hung).
 pub fn after_reply() {
-    match AFTER_REPLY.load(Ordering::Acquire) {
+    match AFTER_REPLY.swap(AFTER_NOTHING, Ordering::AcqRel) {
         AFTER_CRASH => std::process::abort(),
         AFTER_HANG => stop_forever(),
-        AFTER_OOM => exhaust_memory(),
+        AFTER_OOM => {
+            if let Err(e) = std::thread::Builder::new()
+                .name("fault-oom".into())
+                .spawn(|| exhaust_memory())
+            {
+                warn!("fault oom: no thread for it ({e}); allocating on the control thread");
+                exhaust_memory();
+            }
+        }
         _ => {}
     }
 }

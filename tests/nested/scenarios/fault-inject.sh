@@ -9,15 +9,20 @@
 # `oom` makes the process allocate until its cgroup's memory.max (its 256 MiB budget plus the
 # 256 MiB of guest RAM) gets it OOM-killed, and it is restarted with the disk intact; on a
 # NIC, drop=4 makes the guest's ping lose about a quarter of its requests (none before), and
-# corrupt=4 about a quarter too, each a checksum error in L1's ICMP.
+# corrupt=4 about a quarter too, each a checksum error in L1's ICMP; `seccomp` gets a disk's
+# process killed by its filter: not restarted by default, restarted with
+# restart_on_violation=on.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
 img=$SCN_DIR/data.img
 dd if=/dev/urandom of="$img" bs=1M count=8 2>/dev/null
+vimg=$SCN_DIR/viol.img
+dd if=/dev/urandom of="$vimg" bs=1M count=1 2>/dev/null
 api=$SCN_DIR/api.sock
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
 	--memory size=256M -v --api-socket "$api" --disk "path=$img,id=data,serial=fi" \
+	--disk "path=$vimg,id=viol,serial=vi,restart_on_violation=on" \
 	--net "tap=bhfi0,ip=192.168.249.1,mask=255.255.255.0,id=nic"
 vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
 say "guest ready $(elapsed vm) s after start"
@@ -35,9 +40,11 @@ inject() { # inject ID FAULT: "OK <reply JSON>" or "ERR <status> <message>"
 		echo "ERR $(sed -n 's/^bulkhead-ctl: [^:]*: \([0-9]*\): /\1 /p' "$SCN_DIR/ctl.err")$(grep -v '^bulkhead-ctl: [^:]*: [0-9]*: ' "$SCN_DIR/ctl.err")"
 	fi
 }
+# dev_pid [IMAGE]: the pid of the bulkhead-block process serving IMAGE (default: data's).
 dev_pid() {
 	for p in /proc/[0-9]*; do
-		[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-block ] && echo "${p#/proc/}" && return
+		[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-block ] || continue
+		tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q -- "--path ${1:-$img} " && echo "${p#/proc/}" && return
 	done
 }
 # read4k BLOCK: a direct 4 KiB read of 4 KiB block BLOCK; prints dd's status.
@@ -95,11 +102,11 @@ case $r in OK*hanging*) ;; *) fail "the hang fault was not taken: $r" ;; esac
 t0=$(now)
 vm_send vm "echo H1-\$(dd if=/dev/$disk bs=64k count=16 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)"
 end=$(($(now_s) + 40))
-until [ -n "$(dev_pid)" ] && [ "$(dev_pid)" != "$pid" ]; do
+until np=$(dev_pid) && [ -n "$np" ] && [ "$np" != "$pid" ]; do
 	[ "$(now_s)" -lt "$end" ] || fail "the hung device process was not replaced within 40 s"
 	sleep 0.2
 done
-say "the hung device process $pid was replaced by $(dev_pid) $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s after the fault"
+say "the hung device process $pid was replaced by $np $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s after the fault"
 vm_wait_for vm '^H1-[0-9a-f]{64}' 60
 got=$(tr -d '\r' <"$SCN_DIR/vm/out" | grep -E '^H1-[0-9a-f]{64}' | tail -n 1 | sed 's/^H1-//')
 [ "$got" = "$want" ] || fail "the read issued during the hang returned other data"
@@ -112,13 +119,20 @@ say "inject-fault data oom: $r"
 case $r in OK*allocating*) ;; *) fail "the oom fault was not taken: $r" ;; esac
 t0=$(now)
 end=$(($(now_s) + 90))
-until [ -n "$(dev_pid)" ] && [ "$(dev_pid)" != "$pid" ]; do
+until np=$(dev_pid) && [ -n "$np" ] && [ "$np" != "$pid" ]; do
 	[ "$(now_s)" -lt "$end" ] || fail "the device process was not OOM-killed and replaced within 90 s"
 	sleep 0.2
 done
-say "the device process $pid was replaced by $(dev_pid) $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s after the oom fault"
+say "the device process $pid was replaced by $np $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s after the oom fault"
 grep -E "process $pid (was killed|exited)" "$SCN_DIR/vm/err" | tail -n 1 | quote "!"
 grep -q "process $pid was killed by signal 9" "$SCN_DIR/vm/err" || fail "the oom fault did not end in a SIGKILL (OOM kill)"
+# The kernel's OOM killer did it (its log names the process), not the VMM's liveness probe.
+dmesg | grep -E "Killed process $pid |oom-kill:.*task=bulkhead-block,pid=$pid," | tail -n 2 | quote "L1"
+dmesg | grep -qE "Killed process $pid |oom-kill:.*pid=$pid," || fail "process $pid was not killed by the OOM killer"
+if grep -q 'data: device process lost: it did not answer' "$SCN_DIR/vm/err" &&
+	[ "$(grep -c 'data: device process lost: it did not answer' "$SCN_DIR/vm/err")" -gt 1 ]; then
+	fail "the liveness probe took the allocating process for hung (it must go on answering)"
+fi
 got=$(run "echo H2-\$(dd if=/dev/$disk bs=64k count=16 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)" '^H2-[0-9a-f]{64}$' 60)
 [ "$got" = "$want" ] || fail "after the OOM kill the disk reads other data"
 
@@ -151,6 +165,34 @@ say "corrupt=4: the guest's ping lost ${loss2}%; L1's ICMP checksum errors $csum
 [ "${corrupted:-0}" -ge $((csum1 - csum0)) ] || fail "the device counts ${corrupted:-no} corrupted frames, L1 saw $((csum1 - csum0))"
 r=$(inject nic eio=3)
 case $r in "ERR 400"*) ;; *) fail "eio on a NIC was not refused with 400: $r" ;; esac
+
+# seccomp: the process makes a call its filter forbids and is killed (SIGSYS). By default that
+# is not restarted (a device that tries what its jail forbids is treated as compromised); the
+# disk with restart_on_violation=on is restarted and reads again.
+vdisk=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^GUEST-DISK \(vd.\) [0-9]* ro=0 serial=vi .*/\1/p')
+[ -n "$vdisk" ] || fail "the guest does not see the restart_on_violation disk"
+vpid=$(dev_pid "$vimg")
+r=$(inject viol seccomp)
+say "inject-fault viol seccomp (restart_on_violation=on, pid $vpid): $r"
+end=$(($(now_s) + 20))
+until np=$(dev_pid "$vimg") && [ -n "$np" ] && [ "$np" != "$vpid" ]; do
+	[ "$(now_s)" -lt "$end" ] || fail "the restart_on_violation=on disk was not restarted after its seccomp kill"
+	sleep 0.2
+done
+grep -E 'viol: .*(seccomp|restart)' "$SCN_DIR/vm/err" | tail -n 3 | quote "!"
+[ "$(run "dd if=/dev/$vdisk of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; echo RV-\$?" '^RV-[0-9]+$' 60)" = 0 ] ||
+	fail "the restarted restart_on_violation=on disk does not read"
+say "restart_on_violation=on: the seccomp-killed process $vpid was replaced by $(dev_pid "$vimg"), the disk reads"
+dpid=$(dev_pid)
+r=$(inject data seccomp)
+say "inject-fault data seccomp (default policy, pid $dpid): $r"
+sleep 2
+grep -E 'data: .*(seccomp|NOT RESTARTED)' "$SCN_DIR/vm/err" | tail -n 3 | quote "!"
+grep -q 'data: DEVICE PROCESS NOT RESTARTED: .*seccomp' "$SCN_DIR/vm/err" ||
+	fail "no 'NOT RESTARTED' for the seccomp kill of the default disk"
+[ -z "$(dev_pid)" ] || fail "the seccomp-killed default disk got a new process $(dev_pid)"
+vm_send_until vm 'echo alive-$((20+22))' '^alive-42' 60
+say "the default disk was not restarted; the guest goes on"
 
 vm_send vm 'poweroff -f'
 vm_wait_exit vm 60
