@@ -107,4 +107,12 @@ passed=$(cat "${summaries[@]}" 2>/dev/null | grep -c '^RESULT .* PASS' || true)
 failed=$(cat "${summaries[@]}" 2>/dev/null | grep -c '^RESULT .* FAIL' || true)
 [ "$passed" -gt 0 ] || rc=1
 echo "nested: $passed passed, $failed failed"
+# A failed scenario's own lines (its evidence: what it did, the guest console and the VMM's
+# stderr it dumped) once more at the very end, where a CI log cut in the middle keeps them.
+for name in $(cat "${summaries[@]}" 2>/dev/null | sed -n 's/^RESULT \([^ ]*\) FAIL.*/\1/p'); do
+    echo
+    echo "=== evidence of the failed scenario $name (its last 120 lines)"
+    cat tests/out/boot.log tests/out/gicv2.log tests/out/disk+jail+net.log 2>/dev/null |
+        tr -d '\r' | grep -aF "[$name]" | tail -n 120 || true
+done
 exit "$rc"

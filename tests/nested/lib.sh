@@ -57,7 +57,12 @@ vm_dump() {
 	if [ -f "$SCN_DIR/$1/status" ]; then
 		say "--- $1: bulkhead exited with status $(cat "$SCN_DIR/$1/status")"
 	else
-		say "--- $1: bulkhead still running"
+		say "--- $1: bulkhead still running; its threads (name, state, CPU ticks):"
+		for _t in /proc/"$(vm_pid "$1")"/task/*; do
+			[ -r "$_t/stat" ] || continue
+			# stat: pid (comm) state ... utime(14) stime(15); comm has no spaces here.
+			awk '{ print $2, $3, $14 + $15 }' "$_t/stat"
+		done | quote "~"
 	fi
 }
 
@@ -119,21 +124,34 @@ vm_send() {
 	eval "printf '%s\n' \"\$2\" >&$_fd"
 }
 
-# vm_send_until ID TEXT ERE TIMEOUT: type TEXT until a console line matches ERE (the console
-# may drop input typed before the shell reads it), at most 3 times within TIMEOUT.
+# vm_send_until ID TEXT ERE TIMEOUT: type TEXT until a console line matches ERE, again every
+# TIMEOUT/3 s but at least 10 s apart (the console may drop input typed before the shell reads
+# it), for TIMEOUT s but at least 60: an emulated L1 on a loaded CI host can stall for tens of
+# seconds, and how fast the guest answers is not what this checks (a console that never
+# answers still fails, and a late answer is reported).
 vm_send_until() {
 	_base=$(vm_count "$1" "$3")
+	_limit=$4
+	[ "$_limit" -ge 60 ] || _limit=60
+	_t0=$(now_s)
+	_end=$((_t0 + _limit))
+	_tries=0
 	_per=$(($4 / 3))
-	for _try in 1 2 3; do
+	[ "$_per" -ge 10 ] || _per=10
+	while [ "$(now_s)" -lt "$_end" ]; do
 		vm_send "$1" "$2"
-		_end=$(($(now_s) + _per))
-		while [ "$(now_s)" -lt "$_end" ]; do
-			[ "$(vm_count "$1" "$3")" -gt "$_base" ] && return 0
+		_tries=$((_tries + 1))
+		_next=$(($(now_s) + _per))
+		while [ "$(now_s)" -lt "$_next" ]; do
+			if [ "$(vm_count "$1" "$3")" -gt "$_base" ]; then
+				[ "$_tries" = 1 ] || say "'$3' came back after $_tries tries, $(($(now_s) - _t0)) s"
+				return 0
+			fi
 			vm_exited "$1" && fail "bulkhead ($1) exited with status $(cat "$SCN_DIR/$1/status") while waiting for '$3'"
 			sleep 0.3
 		done
 	done
-	fail "typed '$2' on $1, no '$3' came back within $4 s"
+	fail "typed '$2' on $1 $_tries times, no '$3' came back within $_limit s"
 }
 
 # vm_wait_exit ID TIMEOUT: wait for bulkhead to exit; sets VM_STATUS. Fails on timeout.
