@@ -75,14 +75,15 @@ pub struct Args {
     /// `poll_us=N`: its queue workers poll their rings N microseconds before sleeping (off).
     /// A device process that dies is restarted (`restart=on-failure`, the default, with
     /// `restart_max=N` (10) and `restart_backoff_ms=MS` (10, doubled each time); a seccomp
-    /// kill only with `restart_on_violation=on`), or not (`restart=never`) (docs/restart.md).
+    /// kill only with `restart_on_violation=on`), or not (`restart=never`) (docs/restart.md);
+    /// `restart_standby=on` keeps a second process started ahead of need, to take over at once.
     /// `fault=crash_after=N|eio=N|eio=FIRST-LAST|delay_ms=N`: a fault armed in each of its
     /// processes from the start, for testing a guest with a flaky disk (it aborts as it takes
     /// its Nth request; every Nth read or write, or those touching the sectors, fail; every
     /// request waits N ms) (docs/fault-injection.md).
     #[arg(
         long,
-        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS][,poll_us=N][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on][,fault=crash_after=N|eio=N|eio=A-B|delay_ms=N]"
+        value_name = "path=IMG[,readonly=on][,serial=S][,num_queues=N][,socket=PATH][,id=NAME][,memory_max=SIZE][,pids_max=N][,bw_size=B,bw_refill_time=MS][,ops_size=N,ops_refill_time=MS][,poll_us=N][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on][,restart_standby=on][,fault=crash_after=N|eio=N|eio=A-B|delay_ms=N]"
     )]
     pub disk: Vec<String>,
     /// A network interface, repeatable, served by a `bulkhead-net` process on a tap:
@@ -94,7 +95,7 @@ pub struct Args {
     /// (docs/net.md).
     #[arg(
         long,
-        value_name = "tap=NAME|fd=N[:M...]|socket=PATH[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,num_queues=N][,queue_size=N][,id=ID][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on][,fault=drop=N|corrupt=N]"
+        value_name = "tap=NAME|fd=N[:M...]|socket=PATH[,mac=MAC][,ip=IP,mask=MASK][,mtu=N][,num_queues=N][,queue_size=N][,id=ID][,restart=on-failure|never][,restart_max=N][,restart_backoff_ms=MS][,restart_on_violation=on][,restart_standby=on][,fault=drop=N|corrupt=N]"
     )]
     pub net: Vec<String>,
     /// A memory balloon, served by a `bulkhead-balloon` process: `size=SIZE` is the first
@@ -298,8 +299,8 @@ pub struct DiskConfig {
     pub memory_max: Option<u64>,
     /// `pids_max=`: the device process's task limit.
     pub pids_max: Option<u64>,
-    /// `restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=`
-    /// (docs/restart.md).
+    /// `restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=`,
+    /// `restart_standby=` (docs/restart.md).
     pub restart: crate::device::restart::RestartPolicy,
     /// `fault=`: a fault armed in each of its processes from the start
     /// (docs/fault-injection.md).
@@ -355,6 +356,7 @@ pub(crate) fn parse_disk_options(value: &str) -> Result<DiskConfig, ConfigError>
             "restart_max",
             "restart_backoff_ms",
             "restart_on_violation",
+            "restart_standby",
             "fault",
         ]
         .into_iter()
@@ -660,8 +662,8 @@ pub struct NetConfig {
     pub rx_limit: RateLimit,
     /// Transmit (guest-sent) limits.
     pub tx_limit: RateLimit,
-    /// `restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=`
-    /// (docs/restart.md).
+    /// `restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=`,
+    /// `restart_standby=` (docs/restart.md).
     pub restart: crate::device::restart::RestartPolicy,
     /// `fault=drop=N` or `fault=corrupt=N`: a fault armed in each of its processes from the start
     /// (docs/fault-injection.md).

@@ -924,6 +924,7 @@ impl Vm {
                     "removing": spec.removing,
                     "restarts": restarted.map_or(0, |r| r.restarts),
                     "last_cause": restarted.and_then(|r| r.last_cause.clone()),
+                    "standby_pid": restarted.and_then(|r| r.standby_pid),
                 })
             })
             .collect();

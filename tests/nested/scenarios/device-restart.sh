@@ -8,8 +8,10 @@
 # restarted. A flaky disk (fault=crash_after=100) loses nothing across its processes' crashes
 # with requests in flight (the inflight region, docs/restart.md). restart=never leaves its
 # device failed (no restart): the guest sees DEVICE_NEEDS_RESET, and the device is removed and
-# a new one plugged into its slot through the API; restart_max=1 is honoured
-# (a second death is not restarted).
+# a new one plugged into its slot through the API. restart_max=1 with restart_standby=on: a
+# standby process waits in the device's other cgroup leaf, takes over when the current one is
+# killed (the same pid, no spawn) and the disk reads; a new standby follows; the second death
+# is not restarted, and the standby is ended.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
@@ -21,7 +23,7 @@ vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$
 	--memory size=768M --api-socket "$SCN_DIR/api.sock" --pci-slots 4 \
 	--disk "path=$img/a,serial=ra,num_queues=2,restart_backoff_ms=0,restart_max=50" \
 	--disk "path=$img/b,serial=rb,restart=never" \
-	--disk "path=$img/c,serial=rc,restart_max=1" \
+	--disk "path=$img/c,serial=rc,restart_max=1,restart_standby=on" \
 	--disk "path=$img/d,serial=rd,fault=crash_after=100,restart_max=50,restart_backoff_ms=0"
 vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
 say "guest ready $(elapsed vm) s after start"
@@ -174,19 +176,45 @@ nb=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^NEWDISK-//p' | tail -n 1)
 	fail "the new disk in the freed slot does not read"
 say "the new disk is the guest's $nb at $bdf and reads"
 
-# restart_max=1: the first death is restarted, the second is not.
-pc=$(dev_of "$img/c")
+# restart_max=1 and restart_standby=on: the first death is taken over by the standby process,
+# the second is not restarted and the standby ends.
+# field ID NAME: device ID's numeric field NAME in vm.info ("" for null).
+field() {
+	bulkhead-ctl --api-socket "$SCN_DIR/api.sock" info | tr -d '\n' |
+		sed -n "s/.*\({[^{}]*\"id\": *\"$1\"[^{}]*}\).*/\1/p" | sed -n "s/.*\"$2\": *\([0-9]*\).*/\1/p"
+}
+leaf() { sed -n 's|^0::.*/||p' "/proc/$1/cgroup" 2>/dev/null; }
+pc=$(field disk2 pid)
+sc=$(field disk2 standby_pid)
+say "disk c: process $pc in cgroup leaf $(leaf "$pc"), standby process $sc in $(leaf "$sc")"
+[ -n "$sc" ] || fail "disk c (restart_standby=on) has no standby process in vm.info"
+tr '\0' ' ' <"/proc/$sc/cmdline" | grep -q -- "--path $img/c " || fail "the standby process $sc is not disk c's program"
+[ "$(leaf "$sc")" = disk2.standby ] || fail "the standby process is in cgroup leaf '$(leaf "$sc")', expected disk2.standby"
 kill -KILL "$pc"
 end=$(($(now_s) + 20))
-until [ -n "$(dev_of "$img/c")" ] && [ "$(dev_of "$img/c")" != "$pc" ]; do
-	[ "$(now_s)" -lt "$end" ] || fail "disk c (restart_max=1) was not restarted"
+until [ "$(field disk2 pid)" = "$sc" ]; do
+	[ "$(now_s)" -lt "$end" ] || fail "disk c's standby process $sc did not take over (pid now $(field disk2 pid))"
 	sleep 0.2
 done
-pc2=$(dev_of "$img/c")
-say "disk c restarted as pid $pc2; kill it again"
-sleep 1
-kill -KILL "$pc2"
-sleep 2
+grep -E 'disk2: .*(standby|session replayed)' "$SCN_DIR/vm/err" | quote "!"
+grep -q "disk2: standby process $sc takes over" "$SCN_DIR/vm/err" || fail "no takeover logged for disk c"
+c=$(disk_of rc)
+[ "$(run "echo RC-\$(dd if=/dev/$c bs=4k count=64 iflag=direct 2>/dev/null | wc -c)" '^RC-[0-9]+$' 30)" = 262144 ] ||
+	fail "disk c does not read after its standby took over"
+end=$(($(now_s) + 20))
+until [ -n "$(field disk2 standby_pid)" ]; do
+	[ "$(now_s)" -lt "$end" ] || fail "disk c got no new standby process after the takeover"
+	sleep 0.2
+done
+sc2=$(field disk2 standby_pid)
+say "disk c: standby $sc took over and reads; new standby $sc2 in cgroup leaf $(leaf "$sc2"); kill $sc"
+[ "$(leaf "$sc2")" = disk2 ] || fail "the new standby is in cgroup leaf '$(leaf "$sc2")', expected disk2 (the leaves take turns)"
+kill -KILL "$sc"
+end=$(($(now_s) + 20))
+while [ -d "/proc/$sc2" ]; do
+	[ "$(now_s)" -lt "$end" ] || fail "disk c's standby $sc2 still runs after the device gave up"
+	sleep 0.2
+done
 grep -q 'disk2: DEVICE PROCESS NOT RESTARTED: it was restarted 1 time(s) already (restart_max=1)' "$SCN_DIR/vm/err" ||
 	fail "restart_max=1 not honoured"
 [ -z "$(dev_of "$img/c")" ] || fail "disk c got a second restart"

@@ -7,27 +7,35 @@
 # write again and again while the process is SIGKILLed 20 times in a row, each time shortly
 # after its replacement came up. Each time: every write completes (status 0), the guest logs
 # no I/O error, and the image holds exactly what was written; the VMM's recovery time (process
-# death to the session replayed) is printed for every kill.
+# death to the session replayed) is printed for every kill. The disk has restart_standby=on
+# (RESTART_STANDBY=off for the cold path): each kill of phase 2 waits until the standby
+# process is up, so every restart is a takeover.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
 SIZE_MB=256
 KILLS=${RESTART_KILLS:-20}
+STANDBY=${RESTART_STANDBY:-on}
 img=$SCN_DIR/img
 mkdir -p "$img"
 # Sparse: how much of it L1's tmpfs has allocated tells how far phase 1's write is.
 dd if=/dev/zero of="$img/a" bs=1M seek=$SIZE_MB count=0 2>/dev/null
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
-	--cpus boot=4 --memory size=1G \
-	--disk "path=$img/a,serial=st,num_queues=4,restart_backoff_ms=0,restart_max=100"
+	--cpus boot=4 --memory size=1G --api-socket "$SCN_DIR/api.sock" \
+	--disk "path=$img/a,serial=st,num_queues=4,restart_backoff_ms=0,restart_max=100,restart_standby=$STANDBY"
 vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
 say "guest ready $(elapsed vm) s after start"
 dev=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^GUEST-DISK \(vd.\) [0-9]* ro=0 serial=st .*/\1/p')
 [ -n "$dev" ] || fail "the guest does not see the disk"
+# field NAME: disk0's numeric field NAME in vm.info ("" for null).
+field() {
+	bulkhead-ctl --api-socket "$SCN_DIR/api.sock" info | tr -d '\n' |
+		sed -n 's/.*\({[^{}]*"id": *"disk0"[^{}]*}\).*/\1/p' | sed -n "s/.*\"$1\": *\([0-9]*\).*/\1/p"
+}
+# block_pid: the disk's current process (a standby is a bulkhead-block too).
 block_pid() {
-	for p in /proc/[0-9]*; do
-		[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-block ] && echo "${p#/proc/}" && return
-	done
+	_p=$(field pid)
+	[ -n "$_p" ] && [ "$(cat "/proc/$_p/comm" 2>/dev/null)" = bulkhead-block ] && echo "$_p"
 }
 run() { # run COMMAND ERE TIMEOUT: type COMMAND, wait for a line matching ERE, print its value.
 	_seen=$(vm_count vm "$2")
@@ -76,6 +84,7 @@ while [ $k -lt "$KILLS" ]; do
 	sleep 0.5
 	p=$(block_pid)
 	[ -n "$p" ] || continue
+	[ "$STANDBY" = off ] || [ -n "$(field standby_pid)" ] || continue
 	kill -KILL "$p"
 	k=$((k + 1))
 	# The replacement must be up (a new pid) before the next kill.
@@ -85,7 +94,7 @@ while [ $k -lt "$KILLS" ]; do
 		i=$((i + 1))
 	done
 done
-say "phase 2: $k kills in a row, $(vm_count vm 'PASS-[0-9]+$') passes so far"
+say "phase 2: $k kills in a row, $(vm_count vm 'PASS-[0-9]+$') passes so far; $(grep -c 'takes over from the one that died' "$SCN_DIR/vm/err") standby takeovers"
 vm_send vm 'touch /tmp/stop'
 vm_wait_for vm 'LOOPEND-[0-9]+' 900
 bad=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^.*PASS-\([0-9]*\)$/\1/p' | grep -vc '^0000$' || true)

@@ -752,6 +752,8 @@ pub struct SpawnEnv<'a> {
     pub spawner: &'a Spawner,
     /// The VM's cgroup group, if any.
     pub cgroup: Option<&'a Path>,
+    /// The process's leaf in it (default: the device id).
+    pub cgroup_leaf: Option<&'a str>,
     /// Host ids for device processes.
     pub device_ids: Option<(u32, u32)>,
     /// Bytes of guest RAM (added to memory.max).
@@ -763,6 +765,7 @@ impl DeviceEnv<'_> {
         SpawnEnv {
             spawner: self.spawner,
             cgroup: self.cgroup,
+            cgroup_leaf: None,
             device_ids: self.device_ids,
             ram_size: self.ram_size,
         }
@@ -888,7 +891,7 @@ pub(crate) fn spawn_program(
         data: Some(spec.policy.memory_max),
         cgroup: env.cgroup.map(|parent| CgroupRequest {
             parent: parent.to_path_buf(),
-            name: id.clone(),
+            name: env.cgroup_leaf.map_or_else(|| id.clone(), str::to_string),
             // Guest RAM is charged to whoever faults a page first: the device's limit leaves
             // room for all of it (docs/jail-resources.md).
             memory_max: spec.policy.memory_max.saturating_add(env.ram_size),
@@ -1078,6 +1081,9 @@ impl Devices {
                         retired: false,
                         missed_pings: 0,
                         control: first_control,
+                        standby: None,
+                        alt_leaf: false,
+                        standby_losses: 0,
                     },
                 );
             }

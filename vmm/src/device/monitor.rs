@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
-use super::restart::{cause, Decision, Respawn};
+use super::restart::{cause, Decision, Respawn, Standby};
 use super::spawner::Exit;
 
 /// Longest log line passed on, in bytes; longer lines are cut (and the rest passed on as
@@ -120,6 +120,11 @@ struct Entry {
     on_end: Option<OnEnd>,
     /// The restartable device (index in `State::respawns`) this process serves.
     device: Option<usize>,
+    /// The restartable device this process stands by for (`restart_standby=on`); it becomes
+    /// `device` when the process takes over, `None` when it is retired.
+    standby_of: Option<usize>,
+    /// Started as a standby process and has not taken over.
+    standby: bool,
 }
 
 /// What to do when a device process ends; gets a reason for logs.
@@ -156,6 +161,8 @@ struct State {
     respawns: Vec<Option<Box<Respawn>>>,
     /// Restarts waiting for their backoff: (when, index in `respawns`).
     due: Vec<(Instant, usize)>,
+    /// Standby processes to start: (when, index in `respawns`).
+    standby_due: Vec<(Instant, usize)>,
     /// When the liveness probe of restartable devices runs next.
     next_probe: Option<Instant>,
     /// The spawner's events socket hung up: no more exit reports will come.
@@ -261,6 +268,8 @@ impl Monitor {
             reaped: false,
             on_end: None,
             device,
+            standby_of: None,
+            standby: false,
         });
         Ok(())
     }
@@ -280,6 +289,10 @@ impl Monitor {
         if lost {
             respawn.handle.lost();
         }
+        if respawn.spec.policy.restart.standby {
+            st.standby_due
+                .push((Instant::now() + STANDBY_FIRST_DELAY, index));
+        }
         st.respawns.push(Some(Box::new(respawn)));
     }
 
@@ -297,7 +310,14 @@ impl Monitor {
     /// the balloon's `--size` follows `vm.resize`, so a restarted balloon keeps the target.
     pub fn set_respawn_option(&self, id: &str, option: &str, value: &str) {
         let mut st = self.state.lock().expect("not poisoned");
-        let Some(r) = st.respawns.iter_mut().flatten().find(|r| r.spec.id == id) else {
+        let Some(d) = st
+            .respawns
+            .iter()
+            .position(|r| r.as_ref().is_some_and(|r| r.spec.id == id))
+        else {
+            return;
+        };
+        let Some(r) = st.respawns[d].as_mut() else {
             return;
         };
         if let super::Backend::Spawn { args, .. } = &mut r.spec.backend {
@@ -305,6 +325,12 @@ impl Monitor {
                 Some(i) if i + 1 < args.len() => args[i + 1] = value.to_string(),
                 _ => args.extend([option.to_string(), value.to_string()]),
             }
+        }
+        // A standby started with the old options would take over with them: a new one.
+        if let Some(sb) = r.standby.take() {
+            retire_standby(&mut st, sb);
+            st.standby_due
+                .push((Instant::now() + STANDBY_AFTER_TAKEOVER, d));
         }
     }
 
@@ -325,9 +351,15 @@ impl Monitor {
     pub fn forget_respawns(&self) {
         let mut st = self.state.lock().expect("not poisoned");
         st.due.clear();
+        st.standby_due.clear();
+        let mut standbys = Vec::new();
         for r in st.respawns.iter_mut().flatten() {
             r.files.clear();
             r.retired = true;
+            standbys.extend(r.standby.take());
+        }
+        for sb in standbys {
+            retire_standby(&mut st, sb);
         }
     }
 
@@ -342,6 +374,7 @@ impl Monitor {
                 pid: r.pid,
                 restarts: r.restarts,
                 last_cause: r.last_cause.clone(),
+                standby_pid: r.standby.as_ref().map(|s| s.pid),
             })
             .collect()
     }
@@ -354,8 +387,11 @@ impl Monitor {
         };
         if r.retired || !r.handle.wanted() {
             // Shut down, unplugged, or failed for good: its end was expected, and the files
-            // kept for a restart are closed.
+            // kept for a restart are closed, its standby ended.
             r.files.clear();
+            if let Some(sb) = r.standby.take() {
+                retire_standby(st, sb);
+            }
             return;
         }
         let id = r.spec.id.clone();
@@ -373,6 +409,12 @@ impl Monitor {
                 st.due.push((Instant::now() + wait, d));
             }
             Decision::GiveUp(reason) => {
+                if let Some(sb) = r.standby.take() {
+                    retire_standby(st, sb);
+                }
+                let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) else {
+                    return;
+                };
                 error!(
                     "{id}: DEVICE PROCESS NOT RESTARTED: {reason}; the device fails (DEVICE_NEEDS_RESET), the VM goes on without it"
                 );
@@ -393,7 +435,11 @@ impl Monitor {
         }
         r.restarts += 1;
         let id = r.spec.id.clone();
-        let started = match r.spawn() {
+        if let Some(sb) = r.standby.take() {
+            self.take_over(st, d, sb);
+            return;
+        }
+        let started = match r.spawn(r.alt_leaf) {
             Ok(s) => s,
             Err(e) => {
                 error!("{id}: restarting its device process: {}", chain(&e));
@@ -427,6 +473,10 @@ impl Monitor {
         }
         if let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) {
             r.control = Some(Arc::new(started.control));
+            if r.spec.policy.restart.standby {
+                st.standby_due
+                    .push((Instant::now() + STANDBY_AFTER_TAKEOVER, d));
+            }
         }
         if let Err(e) = handle.reconnect(started.stream, died_at) {
             error!("{id}: handing over restarted process {pid}: {e}");
@@ -436,6 +486,127 @@ impl Monitor {
         }
     }
 
+    /// Device `d`'s standby process takes over from the one that died: its socket goes to
+    /// the device's worker, which replays the session; a new standby is started later.
+    fn take_over(&self, st: &mut State, d: usize, sb: Standby) {
+        let alive = st
+            .entries
+            .iter()
+            .any(|e| e.pid == sb.pid && e.standby_of == Some(d) && !e.ended);
+        let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) else {
+            return;
+        };
+        let id = r.spec.id.clone();
+        if !alive {
+            // It died unseen a moment ago: start one the usual way (its end is logged).
+            warn!(
+                "{id}: its standby process {} is gone; starting a new process",
+                sb.pid
+            );
+            r.restarts -= 1;
+            drop(sb);
+            self.restart_now(st, d);
+            return;
+        }
+        r.current.set(sb.pidfd);
+        r.pid = sb.pid;
+        r.alt_leaf = !r.alt_leaf;
+        r.control = Some(sb.control);
+        r.standby_losses = 0;
+        let handle = r.handle.clone();
+        let died_at = r.died_at;
+        let pid = sb.pid;
+        for e in st.entries.iter_mut().filter(|e| e.pid == pid) {
+            e.standby_of = None;
+            e.standby = false;
+            e.device = Some(d);
+        }
+        st.standby_due
+            .push((Instant::now() + STANDBY_AFTER_TAKEOVER, d));
+        info!("{id}: standby process {pid} takes over from the one that died");
+        if let Err(e) = handle.reconnect(sb.stream, died_at) {
+            error!("{id}: handing over standby process {pid}: {e}");
+            if let Some(r) = st.respawns.get(d).and_then(Option::as_ref) {
+                r.current.kill();
+            }
+        }
+    }
+
+    /// Starts the standby process of device `d` (`restart_standby=on`) unless it has one, is
+    /// gone, or is down (its restart starts one when it is done).
+    fn start_standby(&self, st: &mut State, d: usize) {
+        let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) else {
+            return;
+        };
+        if r.retired || !r.handle.wanted() || r.standby.is_some() {
+            return;
+        }
+        if r.handle.is_down() {
+            // A restart or takeover is under way: after it.
+            st.standby_due
+                .push((Instant::now() + STANDBY_AFTER_TAKEOVER, d));
+            return;
+        }
+        let id = r.spec.id.clone();
+        let started = match r.spawn(!r.alt_leaf) {
+            Ok(s) => s,
+            Err(e) => {
+                r.standby_losses += 1;
+                error!("{id}: starting its standby process: {}", chain(&e));
+                self.standby_lost(st, d);
+                return;
+            }
+        };
+        let pidfd = match started.pidfd.try_clone() {
+            Ok(p) => p,
+            Err(e) => {
+                error!("{id}: standby process {}: {e}", started.pid);
+                super::kill_pidfd(&started.pidfd);
+                return;
+            }
+        };
+        let pid = started.pid;
+        if let Err(e) = self.watch_locked(st, &id, pid, started.log, started.pidfd, None) {
+            error!("{id}: watching standby process {pid}: {e}");
+            super::kill_pidfd(&pidfd);
+            return;
+        }
+        if let Some(e) = st.entries.last_mut() {
+            e.standby_of = Some(d);
+            e.standby = true;
+        }
+        if let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) {
+            info!("{id}: standby process {pid} started (restart_standby=on)");
+            r.standby = Some(Standby {
+                pid,
+                pidfd,
+                stream: started.stream,
+                control: Arc::new(started.control),
+            });
+        }
+    }
+
+    /// Device `d`'s standby process ended or could not start: another one later, unless
+    /// [`STANDBY_MAX_LOSSES`] were lost in a row (then the device restarts the usual way).
+    fn standby_lost(&self, st: &mut State, d: usize) {
+        let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) else {
+            return;
+        };
+        if r.retired || !r.handle.wanted() {
+            return;
+        }
+        if r.standby_losses >= STANDBY_MAX_LOSSES {
+            error!(
+                "{}: {} standby processes in a row ended before they were needed; no more \
+                 standby (a restart starts its process the usual way)",
+                r.spec.id, r.standby_losses
+            );
+            return;
+        }
+        let wait = STANDBY_RETRY.saturating_mul(1 << r.standby_losses.min(8));
+        st.standby_due.push((Instant::now() + wait, d));
+    }
+
     /// The epoll timeout until the next restart or liveness probe is due (-1: none).
     fn next_due_ms(&self) -> i32 {
         let mut st = self.state.lock().expect("not poisoned");
@@ -443,7 +614,13 @@ impl Monitor {
         if st.respawns.iter().any(Option::is_some) && st.next_probe.is_none() {
             st.next_probe = Some(now + LIVENESS_PERIOD);
         }
-        let next = st.due.iter().map(|(at, _)| *at).chain(st.next_probe).min();
+        let next = st
+            .due
+            .iter()
+            .chain(&st.standby_due)
+            .map(|(at, _)| *at)
+            .chain(st.next_probe)
+            .min();
         next.map_or(-1, |at| {
             let ms = at
                 .saturating_duration_since(now)
@@ -462,8 +639,25 @@ impl Monitor {
         for (_, d) in ready {
             self.restart_now(&mut st, d);
         }
+        let (ready, later): (Vec<_>, Vec<_>) =
+            st.standby_due.drain(..).partition(|(at, _)| *at <= now);
+        st.standby_due = later;
+        for (_, d) in ready {
+            self.start_standby(&mut st, d);
+        }
         if st.next_probe.is_some_and(|at| at <= now) {
             st.next_probe = Some(now + LIVENESS_PERIOD);
+            // The standby of a device that failed for good or was let go of is not needed.
+            let unneeded: Vec<Standby> = st
+                .respawns
+                .iter_mut()
+                .flatten()
+                .filter(|r| r.retired || !r.handle.wanted())
+                .filter_map(|r| r.standby.take())
+                .collect();
+            for sb in unneeded {
+                retire_standby(&mut st, sb);
+            }
             let probes: Vec<_> = st
                 .respawns
                 .iter()
@@ -472,12 +666,39 @@ impl Monitor {
                 .filter(|(_, r)| !r.retired && r.handle.wanted() && !r.handle.is_down())
                 .filter_map(|(d, r)| Some((d, r.spec.id.clone(), r.control.clone()?)))
                 .collect();
+            let standbys: Vec<_> = st
+                .respawns
+                .iter()
+                .flatten()
+                .filter_map(|r| {
+                    let sb = r.standby.as_ref()?;
+                    Some((r.spec.id.clone(), sb.pid, sb.control.clone()))
+                })
+                .collect();
             drop(st);
             let answers: Vec<(usize, bool)> = probes
                 .into_iter()
                 .map(|(d, id, control)| (d, probe(&id, &control)))
                 .collect();
+            let silent: Vec<u32> = standbys
+                .into_iter()
+                .filter(|(id, _, control)| !probe(id, control))
+                .map(|(_, pid, _)| pid)
+                .collect();
             let mut st = self.state.lock().expect("not poisoned");
+            for pid in silent {
+                // A standby that does not answer could not take over: killed, and its end
+                // starts another.
+                warn!("standby process {pid} did not answer a liveness ping; killing it");
+                if let Some(fd) = st
+                    .entries
+                    .iter()
+                    .find(|e| e.pid == pid && !e.ended)
+                    .and_then(|e| e.pidfd.as_ref())
+                {
+                    super::kill_pidfd(fd);
+                }
+            }
             for (d, answered) in answers {
                 let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) else {
                     continue;
@@ -521,15 +742,21 @@ impl Monitor {
     pub fn forget_device(&self, id: &str) {
         let mut st = self.state.lock().expect("not poisoned");
         let mut gone = Vec::new();
+        let mut standbys = Vec::new();
         for (d, slot) in st.respawns.iter_mut().enumerate() {
             if slot.as_ref().is_some_and(|r| r.spec.id == id) {
-                if let Some(r) = slot.take() {
+                if let Some(mut r) = slot.take() {
                     r.current.clear();
+                    standbys.extend(r.standby.take());
                 }
                 gone.push(d);
             }
         }
+        for sb in standbys {
+            retire_standby(&mut st, sb);
+        }
         st.due.retain(|(_, d)| !gone.contains(d));
+        st.standby_due.retain(|(_, d)| !gone.contains(d));
         for e in &mut st.entries {
             if e.device.is_some_and(|d| gone.contains(&d)) {
                 e.device = None;
@@ -766,6 +993,22 @@ impl Monitor {
         let mut restart = None;
         if let Some(e) = st.entries.iter_mut().find(|e| e.pid == exit.pid()) {
             e.reaped = true;
+            if e.standby {
+                // A standby process: it never served the guest. One that was retired (killed
+                // on purpose: its device went, or the VM stops) ends quietly.
+                let line = format!(
+                    "{}: standby process {} ended by {}",
+                    e.id,
+                    e.pid,
+                    cause(exit)
+                );
+                if e.standby_of.is_none() || matches!(exit, Exit::Code(_, 0)) {
+                    debug!("{line}");
+                } else {
+                    warn!("{line}");
+                }
+                return;
+            }
             describe(
                 &e.id,
                 exit,
@@ -804,6 +1047,15 @@ impl Monitor {
                     r.died_at = Some(Instant::now());
                     r.handle.lost();
                 }
+            } else if let Some(d) = e.standby_of {
+                let pid = e.pid;
+                if let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) {
+                    if r.standby.as_ref().is_some_and(|s| s.pid == pid) {
+                        r.standby = None;
+                        r.standby_losses += 1;
+                        self.standby_lost(&mut st, d);
+                    }
+                }
             }
         }
     }
@@ -839,6 +1091,28 @@ impl Monitor {
             let _ = std::io::stderr().lock().write_all(out);
         }
     }
+}
+
+/// The wait before a device's first standby process starts (`restart_standby=on`), after its
+/// first process: the VM's start comes first.
+pub const STANDBY_FIRST_DELAY: Duration = Duration::from_millis(500);
+/// The wait before a new standby process starts after one took over: the session's replay to
+/// it comes first.
+pub const STANDBY_AFTER_TAKEOVER: Duration = Duration::from_millis(250);
+/// The wait before a standby process that ended is replaced, doubled with each one lost in a
+/// row.
+pub const STANDBY_RETRY: Duration = Duration::from_secs(1);
+/// Standby processes lost in a row after which a device gets none.
+pub const STANDBY_MAX_LOSSES: u32 = 5;
+
+/// Ends a standby process that is not needed any more (its device was removed, its options
+/// changed, or the VM is shutting down): its sockets are closed and it is killed; its entry
+/// stays watched until it is reaped, and its end is not a loss.
+fn retire_standby(st: &mut State, sb: Standby) {
+    for e in st.entries.iter_mut().filter(|e| e.pid == sb.pid) {
+        e.standby_of = None;
+    }
+    super::kill_pidfd(&sb.pidfd);
 }
 
 /// How often the monitor pings each restartable device's control channel.
@@ -957,6 +1231,8 @@ mod tests {
             reaped: false,
             on_end: None,
             device: None,
+            standby_of: None,
+            standby: false,
         }
     }
 

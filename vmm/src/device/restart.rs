@@ -54,6 +54,9 @@ pub struct RestartPolicy {
     pub backoff: Duration,
     /// `restart_on_violation=on`: a process its seccomp filter killed is restarted too.
     pub on_violation: bool,
+    /// `restart_standby=on`: a second process of the device is started ahead of need and
+    /// waits, jailed, for the current one to die ([`Standby`]).
+    pub standby: bool,
 }
 
 impl Default for RestartPolicy {
@@ -63,6 +66,7 @@ impl Default for RestartPolicy {
             max: DEFAULT_RESTART_MAX,
             backoff: DEFAULT_BACKOFF,
             on_violation: false,
+            standby: false,
         }
     }
 }
@@ -77,16 +81,17 @@ pub enum Decision {
 }
 
 /// The options of `--disk` and `--net` this module reads.
-pub const OPTIONS: [&str; 4] = [
+pub const OPTIONS: [&str; 5] = [
     "restart",
     "restart_max",
     "restart_backoff_ms",
     "restart_on_violation",
+    "restart_standby",
 ];
 
 impl RestartPolicy {
-    /// Reads `restart=`, `restart_max=`, `restart_backoff_ms=` and `restart_on_violation=`
-    /// through `get`; the error is the reason, for the flag's message.
+    /// Reads `restart=`, `restart_max=`, `restart_backoff_ms=`, `restart_on_violation=` and
+    /// `restart_standby=` through `get`; the error is the reason, for the flag's message.
     pub fn parse<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<Self, String> {
         let mut p = RestartPolicy::default();
         match get("restart") {
@@ -120,13 +125,20 @@ impl RestartPolicy {
             Some("on") => p.on_violation = true,
             Some(v) => return Err(format!("restart_on_violation={v:?}: expected on or off")),
         }
+        match get("restart_standby") {
+            None | Some("off") => {}
+            Some("on") => p.standby = true,
+            Some(v) => return Err(format!("restart_standby={v:?}: expected on or off")),
+        }
         if p.mode == RestartMode::Never
             && (get("restart_max").is_some()
                 || get("restart_backoff_ms").is_some()
-                || p.on_violation)
+                || p.on_violation
+                || p.standby)
         {
             return Err(
-                "restart=never takes no restart_max, restart_backoff_ms or restart_on_violation"
+                "restart=never takes no restart_max, restart_backoff_ms, restart_on_violation or \
+                 restart_standby"
                     .into(),
             );
         }
@@ -173,6 +185,8 @@ pub struct RestartInfo {
     pub restarts: u32,
     /// How its last process that died ended.
     pub last_cause: Option<String>,
+    /// Its standby process (`restart_standby=on`), if one is waiting.
+    pub standby_pid: Option<u32>,
 }
 
 /// Bytes of the inflight region of `num_queues` queues of `queue_size` entries: the
@@ -284,6 +298,31 @@ pub struct Respawn {
     /// The control channel of the current process (the first one's is also in
     /// `Devices::processes`); the monitor's liveness probe pings it.
     pub control: Option<Arc<super::control::ControlChannel>>,
+    /// With `restart_standby=on`: the process waiting to take over.
+    pub standby: Option<Standby>,
+    /// The current process runs in the device's second cgroup leaf ([`Respawn::leaf`]).
+    pub alt_leaf: bool,
+    /// Standby processes that ended before they were needed, in a row.
+    pub standby_losses: u32,
+}
+
+/// A device's next process, started ahead of need (`restart_standby=on`): spawned like a
+/// restart (the same program, options, jail, limits and files, so it holds nothing a restarted
+/// process would not), it has answered nothing yet and waits on its vhost-user socket. When
+/// the current process dies, the monitor hands this one's socket to the device's worker,
+/// which replays the session: the spawn (fork, namespaces, exec, the device's own start-up)
+/// is off the path from the death to I/O resuming. Its cgroup leaf is the device's other one
+/// (`<id>` and `<id>.standby` take turns), since the current process still holds its own.
+#[derive(Debug)]
+pub struct Standby {
+    /// Its pid.
+    pub pid: u32,
+    /// A pidfd of it (the monitor watches another).
+    pub pidfd: OwnedFd,
+    /// The VMM's end of its vhost-user socket.
+    pub stream: std::os::unix::net::UnixStream,
+    /// The VMM's end of its control channel.
+    pub control: Arc<super::control::ControlChannel>,
 }
 
 impl std::fmt::Debug for Respawn {
@@ -297,17 +336,29 @@ impl std::fmt::Debug for Respawn {
 }
 
 impl Respawn {
-    /// Starts the device's process again with duplicates of its files.
-    pub fn spawn(&self) -> Result<StartedProcess, DeviceError> {
+    /// The cgroup leaf name of the current process (`alt == false`) or of the other one.
+    pub fn leaf(&self, alt: bool) -> String {
+        if alt {
+            format!("{}.standby", self.spec.id)
+        } else {
+            self.spec.id.clone()
+        }
+    }
+
+    /// Starts the device's process again with duplicates of its files, in cgroup leaf
+    /// [`Respawn::leaf`]`(alt)`.
+    pub fn spawn(&self, alt: bool) -> Result<StartedProcess, DeviceError> {
         let files = self
             .files
             .iter()
             .map(|f| f.as_fd().try_clone_to_owned().map(File::from))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| DeviceError::Descriptors(self.spec.id.clone(), e))?;
+        let leaf = self.leaf(alt);
         let env = SpawnEnv {
             spawner: &self.spawner,
             cgroup: self.cgroup.as_deref(),
+            cgroup_leaf: Some(&leaf),
             device_ids: self.device_ids,
             ram_size: self.ram_size,
         };
@@ -463,6 +514,103 @@ mod tests {
         let _ = std::fs::remove_file(&image);
     }
 
+    /// `restart_standby=on` with the real block device process, unjailed: a standby process
+    /// starts after the first one and waits; SIGKILL of the current process hands the device
+    /// to the standby (the same pid becomes the current one, no new spawn), which answers on
+    /// its control channel, and a new standby follows; a standby that dies is replaced without
+    /// a restart of the device; at shutdown the standby ends too. Skipped without a built
+    /// `bulkhead-block`.
+    #[test]
+    fn test_restart_standby_takes_over_and_is_replaced() {
+        let Some(dir) = super::super::tests::built_programs("bulkhead-block") else {
+            return;
+        };
+        std::env::set_var("PATH", &dir);
+        let image =
+            std::env::temp_dir().join(format!("bulkhead-standby-{}.img", std::process::id()));
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("image");
+        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
+        let file = std::fs::File::from(crate::virtio::fake_backend::memfd(1 << 20));
+        let memory = GuestMemoryMmap::from_ranges_with_files([(
+            vm_memory::GuestAddress(0x8000_0000),
+            1 << 20,
+            Some(vm_memory::FileOffset::new(file, 0)),
+        )])
+        .expect("memory");
+        let bus = Arc::new(MmioBus::default());
+        let env = DeviceEnv {
+            memory: &memory,
+            bus: &bus,
+            spawner: &spawner,
+            cgroup: None,
+            device_ids: None,
+            ram_size: 1 << 20,
+        };
+        let mut policy = DeviceKind::Block.policy(1, false);
+        policy.restart =
+            parse("restart_max=5,restart_backoff_ms=0,restart_standby=on").expect("policy");
+        let spec = DeviceSpec {
+            id: "disk0".into(),
+            kind: DeviceKind::Block,
+            slot: 0,
+            queues: 1,
+            queue_size: 128,
+            backend: Backend::Spawn {
+                files: vec![DeviceFile {
+                    path: image.clone(),
+                    readonly: false,
+                }],
+                args: vec![
+                    "--path".into(),
+                    image.display().to_string(),
+                    "--image-fd".into(),
+                    FIRST_KIND_FD.to_string(),
+                ],
+            },
+            policy,
+        };
+        let (devices, transports) =
+            Devices::start(std::slice::from_ref(&spec), &env).expect("start");
+        let failure = transports[0].1.failure_handle();
+        let first = devices.processes[0].pid;
+        let standby = |devices: &Devices| devices.restarts()[0].standby_pid;
+        wait_until("a standby process", || standby(&devices).is_some());
+        let sb = standby(&devices).expect("standby");
+        assert_ne!(sb, first);
+        wait_until("the standby's program", || comm(sb) == "bulkhead-block");
+
+        // SAFETY: kill(2) of our own child's child, by pid.
+        unsafe { libc::kill(first as i32, libc::SIGKILL) };
+        wait_until("a restart", || devices.restarts()[0].restarts == 1);
+        let info = devices.restarts()[0].clone();
+        assert_eq!(info.pid, sb, "the standby process took over");
+        assert!(!failure.is_failed(), "the device failed on a takeover");
+        let pong = devices.control_request("disk0", "ping").expect("device");
+        assert_eq!(pong.expect("ping"), "pong");
+        wait_until("a new standby", || {
+            standby(&devices).is_some_and(|p| p != sb && comm(p) == "bulkhead-block")
+        });
+
+        // A standby that dies is replaced; the device is not restarted for it.
+        let sb2 = standby(&devices).expect("standby");
+        // SAFETY: kill(2) by pid.
+        unsafe { libc::kill(sb2 as i32, libc::SIGKILL) };
+        wait_until("the lost standby replaced", || {
+            standby(&devices).is_some_and(|p| p != sb2)
+        });
+        assert_eq!(devices.restarts()[0].restarts, 1);
+        assert_eq!(devices.restarts()[0].pid, sb);
+        assert!(!failure.is_failed());
+        let sb3 = standby(&devices).expect("standby");
+
+        drop(transports);
+        devices.shutdown(Duration::from_secs(3));
+        wait_until("the standby ended at shutdown", || comm(sb3).is_empty());
+        let _ = std::fs::remove_file(&image);
+    }
+
     fn parse(s: &str) -> Result<RestartPolicy, String> {
         let pairs: Vec<(&str, &str)> = s
             .split(',')
@@ -556,9 +704,12 @@ mod tests {
                 mode: RestartMode::OnFailure,
                 max: 3,
                 backoff: Duration::ZERO,
-                on_violation: true
+                on_violation: true,
+                standby: false,
             }
         );
+        assert!(parse("restart_standby=on").expect("standby").standby);
+        assert!(!parse("restart_standby=off").expect("no standby").standby);
         assert_eq!(
             parse("restart=never").expect("never").mode,
             RestartMode::Never
@@ -570,6 +721,8 @@ mod tests {
             "restart_backoff_ms=600000",
             "restart_on_violation=yes",
             "restart=never,restart_max=3",
+            "restart_standby=yes",
+            "restart=never,restart_standby=on",
         ] {
             assert!(parse(bad).is_err(), "{bad} accepted");
         }

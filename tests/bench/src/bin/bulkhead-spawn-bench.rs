@@ -62,6 +62,7 @@ fn one(
     let env = SpawnEnv {
         spawner,
         cgroup: None,
+        cgroup_leaf: None,
         device_ids: None,
         ram_size: 0,
     };
