@@ -201,5 +201,12 @@ check_guest() {
 	return 0
 }
 
+# info_field API ID NAME: device ID's numeric field NAME in vm.info through the API socket API
+# ("" for null or no such device).
+info_field() {
+	bulkhead-ctl --api-socket "$1" info | tr -d '\n' |
+		sed -n "s/.*\({[^{}]*\"id\": *\"$2\"[^{}]*}\).*/\1/p" | sed -n "s/.*\"$3\": *\([0-9]*\).*/\1/p"
+}
+
 # elapsed ID: seconds from vm_start to now.
 elapsed() { awk -v a="$(cat "$SCN_DIR/$1/t_start")" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }

@@ -375,9 +375,7 @@ pub(crate) fn parse_disk_options(value: &str) -> Result<DiskConfig, ConfigError>
     let restart = crate::device::restart::RestartPolicy::parse(get).map_err(bad)?;
     let fault = match get("fault") {
         None => None,
-        Some(f) if f.starts_with("drop=") || f.starts_with("corrupt=") => {
-            return Err(bad(format!("fault={f:?}: a NIC's fault")))
-        }
+        Some(f) if is_nic_fault(f) => return Err(bad(format!("fault={f:?}: a NIC's fault"))),
         Some(f) => {
             check_fault(f, true).map_err(|e| bad(format!("fault={f:?}: {e}")))?;
             Some(f.to_string())
@@ -765,6 +763,11 @@ fn check_device_ids(
 /// Longest `delay_ms=` fault (the device refuses more too).
 pub const MAX_FAULT_DELAY_MS: u64 = 60_000;
 
+/// Whether `fault` is one only a NIC takes (`drop=N`, `corrupt=N`).
+fn is_nic_fault(fault: &str) -> bool {
+    fault.starts_with("drop=") || fault.starts_with("corrupt=")
+}
+
 /// Checks a fault for a device process (docs/fault-injection.md): at start (`fault=` of
 /// `--disk`) `crash_after=N`, `eio=N`, `eio=A-B` or `delay_ms=N`; through the API also
 /// `crash`, `seccomp`, `hang`, `oom` and `clear`. The device process checks again (it trusts
@@ -1037,7 +1040,7 @@ pub(crate) fn parse_net(value: &str, index: usize) -> Result<NetConfig, ConfigEr
                 "fault= is for a device process the VMM starts (tap= or fd=), not socket=".into(),
             ))
         }
-        Some(f) if f.starts_with("drop=") || f.starts_with("corrupt=") => {
+        Some(f) if is_nic_fault(f) => {
             check_fault(f, true).map_err(|e| bad(format!("fault={f:?}: {e}")))?;
             Some(f.to_string())
         }

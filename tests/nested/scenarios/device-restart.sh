@@ -178,11 +178,7 @@ say "the new disk is the guest's $nb at $bdf and reads"
 
 # restart_max=1 and restart_standby=on: the first death is taken over by the standby process,
 # the second is not restarted and the standby ends.
-# field ID NAME: device ID's numeric field NAME in vm.info ("" for null).
-field() {
-	bulkhead-ctl --api-socket "$SCN_DIR/api.sock" info | tr -d '\n' |
-		sed -n "s/.*\({[^{}]*\"id\": *\"$1\"[^{}]*}\).*/\1/p" | sed -n "s/.*\"$2\": *\([0-9]*\).*/\1/p"
-}
+field() { info_field "$SCN_DIR/api.sock" "$@"; }
 leaf() { sed -n 's|^0::.*/||p' "/proc/$1/cgroup" 2>/dev/null; }
 pc=$(field disk2 pid)
 sc=$(field disk2 standby_pid)

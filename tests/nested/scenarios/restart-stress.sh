@@ -27,11 +27,7 @@ vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
 say "guest ready $(elapsed vm) s after start"
 dev=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^GUEST-DISK \(vd.\) [0-9]* ro=0 serial=st .*/\1/p')
 [ -n "$dev" ] || fail "the guest does not see the disk"
-# field NAME: disk0's numeric field NAME in vm.info ("" for null).
-field() {
-	bulkhead-ctl --api-socket "$SCN_DIR/api.sock" info | tr -d '\n' |
-		sed -n 's/.*\({[^{}]*"id": *"disk0"[^{}]*}\).*/\1/p' | sed -n "s/.*\"$1\": *\([0-9]*\).*/\1/p"
-}
+field() { info_field "$SCN_DIR/api.sock" disk0 "$1"; }
 # block_pid: the disk's current process (a standby is a bulkhead-block too).
 block_pid() {
 	_p=$(field pid)
