@@ -523,7 +523,8 @@ impl Monitor {
         }
         st.standby_due
             .push((Instant::now() + STANDBY_AFTER_TAKEOVER, d));
-        info!("{id}: standby process {pid} takes over from the one that died");
+        // A warning, as the death it follows: the operator sees both at the default level.
+        warn!("{id}: standby process {pid} takes over from the one that died");
         if let Err(e) = handle.reconnect(sb.stream, died_at) {
             error!("{id}: handing over standby process {pid}: {e}");
             if let Some(r) = st.respawns.get(d).and_then(Option::as_ref) {
