@@ -620,9 +620,10 @@ mod tests {
         RestartPolicy::parse(|k| pairs.iter().find(|(key, _)| *key == k).map(|(_, v)| *v))
     }
 
-    /// The real net device process on a real tap, unjailed: SIGKILLed, it is restarted with
-    /// the VMM's duplicates of its tap queues (the tap survives, with its MTU), and answers on
-    /// its new control channel. Skipped without a built `bulkhead-net` or CAP_NET_ADMIN.
+    /// The real net device process on a real tap, unjailed, with `restart_standby=on`:
+    /// SIGKILLed, its standby process (started with the VMM's duplicates of the tap queues)
+    /// takes over; the tap survives, with its MTU, and the process answers on its control
+    /// channel. Skipped without a built `bulkhead-net` or CAP_NET_ADMIN.
     #[test]
     fn test_restart_net_process_sigkill_restarted_on_same_tap() {
         use crate::config::{NetBackend, NetConfig};
@@ -666,6 +667,7 @@ mod tests {
             tx_limit: vec![],
             restart: RestartPolicy {
                 backoff: Duration::ZERO,
+                standby: true,
                 ..RestartPolicy::default()
             },
             fault: None,
@@ -675,11 +677,18 @@ mod tests {
             Devices::start(std::slice::from_ref(&spec), &env).expect("start");
         let failure = transports[0].1.failure_handle();
         let first = devices.processes[0].pid;
+        // restart_standby=on: a second process waits with duplicates of the tap queues.
+        wait_until("a standby process", || {
+            devices.restarts()[0]
+                .standby_pid
+                .is_some_and(|p| comm(p) == "bulkhead-net")
+        });
+        let standby = devices.restarts()[0].standby_pid.expect("standby");
         // SAFETY: kill(2) by pid.
         unsafe { libc::kill(first as i32, libc::SIGKILL) };
         wait_until("a restart", || devices.restarts()[0].restarts == 1);
         let info = devices.restarts()[0].clone();
-        wait_until("the new process", || comm(info.pid) == "bulkhead-net");
+        assert_eq!(info.pid, standby, "the standby process took over");
         let stats = devices.control_request("net0", "stats").expect("device");
         assert!(stats.expect("stats").contains("rx_packets="));
         let tap = std::fs::read_to_string(format!("/proc/{}/fdinfo/5", info.pid)).expect("fd 5");
