@@ -102,6 +102,10 @@ say "phase 2: $passes passes of 256 MiB (phase 1's included), $bad with a failed
 n=$(grep -c 'device process restarted: session replayed' "$SCN_DIR/vm/err")
 say "$n restarts logged for $((k + 1)) kills"
 [ "$n" -ge $((k + 1)) ] || fail "the VMM logged $n restarts for $((k + 1)) kills"
+# Each restart's timeline (the exit report, the decision, the takeover, the replay), from the
+# VMM's log lines and their millisecond timestamps.
+grep -E 'disk0: .*(killed by signal|restarting its device|takes over|started in place|session replayed)' "$SCN_DIR/vm/err" |
+	sed 's/^\[[0-9-]*T\([0-9:.]*\)Z \([A-Z]*\) *\] disk0: /\1 /' | quote "timeline:"
 # Each restart's part: the session's replay, and the whole time the device was away.
 sed -n 's/.*session replayed in \([0-9]*\) ms.*, \([0-9]*\) ms after its process ended.*/\2 \1/p' "$SCN_DIR/vm/err" |
 	sort -n | awk '{ printf "%s%s ms (replay %s)", (NR > 1 ? ", " : ""), $1, $2 } END { print "" }' | quote "away:"
