@@ -1084,6 +1084,7 @@ impl Devices {
                         standby: None,
                         alt_leaf: false,
                         standby_losses: 0,
+                        early: None,
                     },
                 );
             }

@@ -163,8 +163,6 @@ struct State {
     due: Vec<(Instant, usize)>,
     /// Standby processes to start: (when, index in `respawns`).
     standby_due: Vec<(Instant, usize)>,
-    /// When the liveness probe of restartable devices runs next.
-    next_probe: Option<Instant>,
     /// The spawner's events socket hung up: no more exit reports will come.
     spawner_gone: bool,
 }
@@ -398,6 +396,27 @@ impl Monitor {
         let why = cause(exit);
         r.last_cause = Some(why.clone());
         let policy = r.spec.policy.restart;
+        if r.early == Some(exit.pid()) {
+            // Its standby took over already (Monitor::ended): it stays, unless the policy
+            // would not have restarted this death.
+            r.early = None;
+            if let Decision::GiveUp(reason) = policy.decide(r.restarts.saturating_sub(1), exit) {
+                r.current.kill();
+                if let Some(sb) = r.standby.take() {
+                    retire_standby(st, sb);
+                }
+                let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) else {
+                    return;
+                };
+                error!(
+                    "{id}: DEVICE PROCESS NOT RESTARTED: {reason}; the standby that took over is \
+                     ended, the device fails (DEVICE_NEEDS_RESET), the VM goes on without it"
+                );
+                r.handle
+                    .give_up(&format!("its process ended by {why} and is not restarted"));
+            }
+            return;
+        }
         match policy.decide(r.restarts, exit) {
             Decision::Restart(wait) => {
                 warn!(
@@ -610,17 +629,13 @@ impl Monitor {
 
     /// The epoll timeout until the next restart or liveness probe is due (-1: none).
     fn next_due_ms(&self) -> i32 {
-        let mut st = self.state.lock().expect("not poisoned");
+        let st = self.state.lock().expect("not poisoned");
         let now = Instant::now();
-        if st.respawns.iter().any(Option::is_some) && st.next_probe.is_none() {
-            st.next_probe = Some(now + LIVENESS_PERIOD);
-        }
         let next = st
             .due
             .iter()
             .chain(&st.standby_due)
             .map(|(at, _)| *at)
-            .chain(st.next_probe)
             .min();
         next.map_or(-1, |at| {
             let ms = at
@@ -646,8 +661,14 @@ impl Monitor {
         for (_, d) in ready {
             self.start_standby(&mut st, d);
         }
-        if st.next_probe.is_some_and(|at| at <= now) {
-            st.next_probe = Some(now + LIVENESS_PERIOD);
+    }
+
+    /// One round of the liveness probe (its own thread, every [`LIVENESS_PERIOD`], so that a
+    /// device slow to answer never delays the monitor's handling of a death): pings every
+    /// restartable device's current process and standby on their control channels.
+    fn probe_round(&self) {
+        let mut st = self.state.lock().expect("not poisoned");
+        {
             // The standby of a device that failed for good or was let go of is not needed.
             let unneeded: Vec<Standby> = st
                 .respawns
@@ -814,6 +835,25 @@ impl Monitor {
                     return;
                 }
                 me.run();
+            })?;
+        // The liveness probe, under the same filter. It waits on a condition variable (futex,
+        // in the common rules) rather than sleeping (no nanosleep in the filter).
+        let me = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("devices-probe".into())
+            .spawn(move || {
+                if !crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::DeviceWatcher) {
+                    return;
+                }
+                let pause = (Mutex::new(()), Condvar::new());
+                loop {
+                    let guard = pause.0.lock().unwrap_or_else(|e| e.into_inner());
+                    drop(pause.1.wait_timeout(guard, LIVENESS_PERIOD));
+                    let Some(monitor) = me.upgrade() else {
+                        return;
+                    };
+                    monitor.probe_round();
+                }
             })
             .map(|_| ())
     }
@@ -1041,12 +1081,37 @@ impl Monitor {
             if let Some(f) = e.on_end.take() {
                 f(&format!("device process {} ended", e.pid));
             }
+            let (pid, reaped) = (e.pid, e.reaped);
             if let Some(d) = e.device {
                 if let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) {
                     // Down at once: no request goes to the dead socket; the restart decision
                     // waits for the spawner's report of how it ended.
                     r.died_at = Some(Instant::now());
                     r.handle.lost();
+                    // With a standby and no backoff, the standby takes over now, and the
+                    // report, when it comes, decides whether it stays (a seccomp kill without
+                    // restart_on_violation=on ends it and fails the device): the spawner's
+                    // wake-up is off the path to I/O resuming.
+                    let policy = r.spec.policy.restart;
+                    if !reaped
+                        && r.pid == pid
+                        && r.standby.is_some()
+                        && !r.retired
+                        && r.handle.wanted()
+                        && policy.mode == super::restart::RestartMode::OnFailure
+                        && r.restarts < policy.max
+                        && policy.backoff_for(r.restarts).is_zero()
+                    {
+                        r.early = Some(pid);
+                        warn!(
+                            "{}: device process {pid} ended; its standby takes over at once \
+                             (restart {} of {}), its exit report decides whether it stays",
+                            r.spec.id,
+                            r.restarts + 1,
+                            policy.max
+                        );
+                        self.restart_now(&mut st, d);
+                    }
                 }
             } else if let Some(d) = e.standby_of {
                 let pid = e.pid;

@@ -304,6 +304,10 @@ pub struct Respawn {
     pub alt_leaf: bool,
     /// Standby processes that ended before they were needed, in a row.
     pub standby_losses: u32,
+    /// The process whose death its standby took over before the spawner's exit report said
+    /// how it ended (no backoff to wait for): the report still decides whether the device
+    /// stays up.
+    pub early: Option<u32>,
 }
 
 /// A device's next process, started ahead of need (`restart_standby=on`): spawned like a
@@ -518,8 +522,9 @@ mod tests {
     /// starts after the first one and waits; SIGKILL of the current process hands the device
     /// to the standby (the same pid becomes the current one, no new spawn), which answers on
     /// its control channel, and a new standby follows; a standby that dies is replaced without
-    /// a restart of the device; at shutdown the standby ends too. Skipped without a built
-    /// `bulkhead-block`.
+    /// a restart of the device; a SIGSYS death is taken over at once (no backoff) and then,
+    /// the exit report naming a seccomp kill, the device fails and no process of it is left.
+    /// Skipped without a built `bulkhead-block`.
     #[test]
     fn test_restart_standby_takes_over_and_is_replaced() {
         let Some(dir) = super::super::tests::built_programs("bulkhead-block") else {
@@ -604,10 +609,26 @@ mod tests {
         assert_eq!(devices.restarts()[0].pid, sb);
         assert!(!failure.is_failed());
         let sb3 = standby(&devices).expect("standby");
+        wait_until("the standby's program", || comm(sb3) == "bulkhead-block");
+
+        // SIGSYS, as a seccomp kill ends a process: with no backoff the standby takes over at
+        // once, before the exit report; the report says the policy does not restart a seccomp
+        // kill, so the process that took over is ended too and the device fails for good.
+        // SAFETY: kill(2) by pid.
+        unsafe { libc::kill(sb as i32, libc::SIGSYS) };
+        wait_until("the device failed", || failure.is_failed());
+        assert_eq!(
+            devices.restarts()[0].restarts,
+            2,
+            "the early takeover counted"
+        );
+        wait_until("the process that took over ended", || comm(sb3).is_empty());
+        let cause = devices.restarts()[0].last_cause.clone().unwrap_or_default();
+        assert!(cause.contains("seccomp"), "{cause}");
+        assert_eq!(devices.restarts()[0].standby_pid, None);
 
         drop(transports);
         devices.shutdown(Duration::from_secs(3));
-        wait_until("the standby ended at shutdown", || comm(sb3).is_empty());
         let _ = std::fs::remove_file(&image);
     }
 
