@@ -455,7 +455,8 @@ fn thread_kind(thread: &str) -> Option<ThreadKind> {
         Some(ThreadKind::Signals)
     } else if thread == "serial-in" {
         Some(ThreadKind::SerialIn)
-    } else if thread == "devices" {
+    } else if thread == "devices" || thread == "devices-probe" {
+        // The device monitor and its liveness probe, under the same filter.
         Some(ThreadKind::DeviceWatcher)
     } else if thread.contains("-backend") || cut_suffix(thread, "-backend-req") {
         Some(ThreadKind::BackendReq)
@@ -794,6 +795,10 @@ mod tests {
         assert_eq!(thread_kind("balloon0-backen"), Some(ThreadKind::BackendReq));
         assert_eq!(thread_kind("short-dead"), None, "not cut: no match");
         assert_eq!(thread_kind("devices"), Some(ThreadKind::DeviceWatcher));
+        assert_eq!(
+            thread_kind("devices-probe"),
+            Some(ThreadKind::DeviceWatcher)
+        );
         assert_eq!(thread_kind("api0"), Some(ThreadKind::Api));
         assert_eq!(thread_kind("api"), None);
         assert_eq!(thread_kind("queue0"), None);
