@@ -707,20 +707,13 @@ impl Monitor {
                 .filter(|(id, _, control)| !probe(id, control))
                 .map(|(_, pid, _)| pid)
                 .collect();
-            let mut st = self.state.lock().expect("not poisoned");
             for pid in silent {
                 // A standby that does not answer could not take over: killed, and its end
                 // starts another.
                 warn!("standby process {pid} did not answer a liveness ping; killing it");
-                if let Some(fd) = st
-                    .entries
-                    .iter()
-                    .find(|e| e.pid == pid && !e.ended)
-                    .and_then(|e| e.pidfd.as_ref())
-                {
-                    super::kill_pidfd(fd);
-                }
+                self.kill(pid);
             }
+            let mut st = self.state.lock().expect("not poisoned");
             for (d, answered) in answers {
                 let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) else {
                     continue;

@@ -402,6 +402,77 @@ mod tests {
             .to_string()
     }
 
+    /// What the block restart tests share: a 1 MiB image, an unjailed spawner, 1 MiB of
+    /// guest memory, and a `disk0` spec with `restart` as its policy; `None` (the test is
+    /// skipped) without a built `bulkhead-block`.
+    struct BlockFixture {
+        image: std::path::PathBuf,
+        spawner: Arc<Spawner>,
+        memory: GuestMemoryMmap,
+        bus: Arc<MmioBus>,
+        spec: DeviceSpec,
+    }
+
+    impl BlockFixture {
+        fn new(tag: &str, restart: RestartPolicy) -> Option<Self> {
+            let dir = super::super::tests::built_programs("bulkhead-block")?;
+            std::env::set_var("PATH", &dir);
+            let image =
+                std::env::temp_dir().join(format!("bulkhead-{tag}-{}.img", std::process::id()));
+            std::fs::File::create(&image)
+                .and_then(|f| f.set_len(1 << 20))
+                .expect("image");
+            let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
+            let file = std::fs::File::from(crate::virtio::fake_backend::memfd(1 << 20));
+            let memory = GuestMemoryMmap::from_ranges_with_files([(
+                vm_memory::GuestAddress(0x8000_0000),
+                1 << 20,
+                Some(vm_memory::FileOffset::new(file, 0)),
+            )])
+            .expect("memory");
+            let mut policy = DeviceKind::Block.policy(1, false);
+            policy.restart = restart;
+            let spec = DeviceSpec {
+                id: "disk0".into(),
+                kind: DeviceKind::Block,
+                slot: 0,
+                queues: 1,
+                queue_size: 128,
+                backend: Backend::Spawn {
+                    files: vec![DeviceFile {
+                        path: image.clone(),
+                        readonly: false,
+                    }],
+                    args: vec![
+                        "--path".into(),
+                        image.display().to_string(),
+                        "--image-fd".into(),
+                        FIRST_KIND_FD.to_string(),
+                    ],
+                },
+                policy,
+            };
+            Some(Self {
+                image,
+                spawner,
+                memory,
+                bus: Arc::new(MmioBus::default()),
+                spec,
+            })
+        }
+
+        fn env(&self) -> DeviceEnv<'_> {
+            DeviceEnv {
+                memory: &self.memory,
+                bus: &self.bus,
+                spawner: &self.spawner,
+                cgroup: None,
+                device_ids: None,
+                ram_size: 1 << 20,
+            }
+        }
+    }
+
     /// The real block device process, unjailed (a debug build cannot run in the jail's empty
     /// root): SIGKILLed, it is restarted at once with the same image (the VMM's duplicate,
     /// which keeps the lock), the transport never fails, the new process answers on its
@@ -410,58 +481,17 @@ mod tests {
     /// channel) fails the device for good. Skipped without a built `bulkhead-block`.
     #[test]
     fn test_restart_block_process_sigkill_restarted_then_limit() {
-        let Some(dir) = super::super::tests::built_programs("bulkhead-block") else {
+        let Some(f) = BlockFixture::new(
+            "restart",
+            RestartPolicy {
+                max: 2,
+                backoff: Duration::ZERO,
+                ..RestartPolicy::default()
+            },
+        ) else {
             return;
         };
-        std::env::set_var("PATH", &dir);
-        let image =
-            std::env::temp_dir().join(format!("bulkhead-restart-{}.img", std::process::id()));
-        std::fs::File::create(&image)
-            .and_then(|f| f.set_len(1 << 20))
-            .expect("image");
-        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
-        let file = std::fs::File::from(crate::virtio::fake_backend::memfd(1 << 20));
-        let memory = GuestMemoryMmap::from_ranges_with_files([(
-            vm_memory::GuestAddress(0x8000_0000),
-            1 << 20,
-            Some(vm_memory::FileOffset::new(file, 0)),
-        )])
-        .expect("memory");
-        let bus = Arc::new(MmioBus::default());
-        let env = DeviceEnv {
-            memory: &memory,
-            bus: &bus,
-            spawner: &spawner,
-            cgroup: None,
-            device_ids: None,
-            ram_size: 1 << 20,
-        };
-        let mut policy = DeviceKind::Block.policy(1, false);
-        policy.restart = RestartPolicy {
-            max: 2,
-            backoff: Duration::ZERO,
-            ..RestartPolicy::default()
-        };
-        let spec = DeviceSpec {
-            id: "disk0".into(),
-            kind: DeviceKind::Block,
-            slot: 0,
-            queues: 1,
-            queue_size: 128,
-            backend: Backend::Spawn {
-                files: vec![DeviceFile {
-                    path: image.clone(),
-                    readonly: false,
-                }],
-                args: vec![
-                    "--path".into(),
-                    image.display().to_string(),
-                    "--image-fd".into(),
-                    FIRST_KIND_FD.to_string(),
-                ],
-            },
-            policy,
-        };
+        let (env, spec, image) = (f.env(), f.spec.clone(), f.image.clone());
         let (devices, transports) =
             Devices::start(std::slice::from_ref(&spec), &env).expect("start");
         let failure = transports[0].1.failure_handle();
@@ -527,55 +557,12 @@ mod tests {
     /// Skipped without a built `bulkhead-block`.
     #[test]
     fn test_restart_standby_takes_over_and_is_replaced() {
-        let Some(dir) = super::super::tests::built_programs("bulkhead-block") else {
+        let policy =
+            parse("restart_max=5,restart_backoff_ms=0,restart_standby=on").expect("policy");
+        let Some(f) = BlockFixture::new("standby", policy) else {
             return;
         };
-        std::env::set_var("PATH", &dir);
-        let image =
-            std::env::temp_dir().join(format!("bulkhead-standby-{}.img", std::process::id()));
-        std::fs::File::create(&image)
-            .and_then(|f| f.set_len(1 << 20))
-            .expect("image");
-        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
-        let file = std::fs::File::from(crate::virtio::fake_backend::memfd(1 << 20));
-        let memory = GuestMemoryMmap::from_ranges_with_files([(
-            vm_memory::GuestAddress(0x8000_0000),
-            1 << 20,
-            Some(vm_memory::FileOffset::new(file, 0)),
-        )])
-        .expect("memory");
-        let bus = Arc::new(MmioBus::default());
-        let env = DeviceEnv {
-            memory: &memory,
-            bus: &bus,
-            spawner: &spawner,
-            cgroup: None,
-            device_ids: None,
-            ram_size: 1 << 20,
-        };
-        let mut policy = DeviceKind::Block.policy(1, false);
-        policy.restart =
-            parse("restart_max=5,restart_backoff_ms=0,restart_standby=on").expect("policy");
-        let spec = DeviceSpec {
-            id: "disk0".into(),
-            kind: DeviceKind::Block,
-            slot: 0,
-            queues: 1,
-            queue_size: 128,
-            backend: Backend::Spawn {
-                files: vec![DeviceFile {
-                    path: image.clone(),
-                    readonly: false,
-                }],
-                args: vec![
-                    "--path".into(),
-                    image.display().to_string(),
-                    "--image-fd".into(),
-                    FIRST_KIND_FD.to_string(),
-                ],
-            },
-            policy,
-        };
+        let (env, spec, image) = (f.env(), f.spec.clone(), f.image.clone());
         let (devices, transports) =
             Devices::start(std::slice::from_ref(&spec), &env).expect("start");
         let failure = transports[0].1.failure_handle();
