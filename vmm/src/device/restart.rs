@@ -402,6 +402,17 @@ mod tests {
             .to_string()
     }
 
+    /// 1 MiB of memfd-backed guest memory at 2 GiB, as the device tests give their devices.
+    fn guest_memory() -> GuestMemoryMmap {
+        let file = std::fs::File::from(crate::virtio::fake_backend::memfd(1 << 20));
+        GuestMemoryMmap::from_ranges_with_files([(
+            vm_memory::GuestAddress(0x8000_0000),
+            1 << 20,
+            Some(vm_memory::FileOffset::new(file, 0)),
+        )])
+        .expect("memory")
+    }
+
     /// What the block restart tests share: a 1 MiB image, an unjailed spawner, 1 MiB of
     /// guest memory, and a `disk0` spec with `restart` as its policy; `None` (the test is
     /// skipped) without a built `bulkhead-block`.
@@ -423,13 +434,7 @@ mod tests {
                 .and_then(|f| f.set_len(1 << 20))
                 .expect("image");
             let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
-            let file = std::fs::File::from(crate::virtio::fake_backend::memfd(1 << 20));
-            let memory = GuestMemoryMmap::from_ranges_with_files([(
-                vm_memory::GuestAddress(0x8000_0000),
-                1 << 20,
-                Some(vm_memory::FileOffset::new(file, 0)),
-            )])
-            .expect("memory");
+            let memory = guest_memory();
             let mut policy = DeviceKind::Block.policy(1, false);
             policy.restart = restart;
             let spec = DeviceSpec {
@@ -645,13 +650,7 @@ mod tests {
         }
         std::env::set_var("PATH", &dir);
         let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
-        let file = std::fs::File::from(crate::virtio::fake_backend::memfd(1 << 20));
-        let memory = GuestMemoryMmap::from_ranges_with_files([(
-            vm_memory::GuestAddress(0x8000_0000),
-            1 << 20,
-            Some(vm_memory::FileOffset::new(file, 0)),
-        )])
-        .expect("memory");
+        let memory = guest_memory();
         let bus = Arc::new(MmioBus::default());
         let env = DeviceEnv {
             memory: &memory,
