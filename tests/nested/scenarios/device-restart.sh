@@ -88,11 +88,12 @@ vm_send_until vm 'dmesg | grep -ciE "I/O error|blk_update_request|critical mediu
 ioerr=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^IOERR-//p' | tail -n 1)
 say "guest kernel I/O errors: $ioerr"
 [ "$ioerr" = 0 ] || fail "the guest logged I/O errors"
-grep -E 'restarting its device process|device process restarted|started in place' "$SCN_DIR/vm/err" | quote "!"
+grep -E 'restarting its device process|device process restarted|started in place|I/O resumed' "$SCN_DIR/vm/err" | quote "!"
 n=$(grep -c 'device process restarted: session replayed' "$SCN_DIR/vm/err")
 say "$n restart(s) logged for $kills kill(s)"
 [ "$n" -ge "$kills" ] || fail "the VMM logged $n restarts for $kills kills"
 sed -n 's/.*session replayed in \([0-9]*\) ms.*, \([0-9]*\) ms after its process ended.*/replay \1 ms, device away \2 ms (process death to session replayed, VMM side)/p' "$SCN_DIR/vm/err" | quote "recovery:"
+sed -n 's/.*disk0: I\/O resumed: first request completed \([0-9]*\) ms after its process ended.*/I\/O resumed \1 ms after the process died (its first completion, VMM side)/p' "$SCN_DIR/vm/err" | quote "recovery:"
 [ "$(dev_of "$img/a")" != "$pid0" ] || fail "disk a is still served by its first process"
 # vm.info and vm.counters say so too.
 info=$(bulkhead-ctl --api-socket "$SCN_DIR/api.sock" info | tr -d '\n')

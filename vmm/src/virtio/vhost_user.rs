@@ -12,7 +12,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -317,6 +317,56 @@ struct Connection {
     /// again to a restarted process (SET_INFLIGHT_FD) so it resubmits what its predecessor had
     /// in flight; a new one is asked for at the next activation after a reset.
     inflight: Option<(VhostUserInflight, std::fs::File)>,
+    /// After a replay: the used rings to watch for the first completion of the new process.
+    resume: Option<ResumeWatch>,
+}
+
+/// The first completion after a restart, seen from the VMM: the used index of a resumed ring
+/// moves past where the dead process left it. The worker looks every [`RESUME_POLL`] until
+/// then, for at most [`RESUME_WATCH`]; the data path itself never passes through the VMM.
+struct ResumeWatch {
+    /// When the process ended.
+    died_at: Instant,
+    /// Looked at until then (a guest with nothing to do completes nothing).
+    until: Instant,
+    memory: GuestMemoryMmap,
+    /// Each resumed ring's used index address and its value when the process ended.
+    used: Vec<(GuestAddress, u16)>,
+}
+
+/// How often a restarted device's used rings are looked at until its first completion.
+const RESUME_POLL: Duration = Duration::from_micros(500);
+/// How long a restarted device's used rings are looked at, at most.
+const RESUME_WATCH: Duration = Duration::from_secs(2);
+
+impl ResumeWatch {
+    /// The used indexes of the session's rings as the dead process left them.
+    fn new(session: &Session, died_at: Instant) -> Option<Self> {
+        let used: Vec<_> = session
+            .rings
+            .iter()
+            .flatten()
+            .filter_map(|r| {
+                let at = GuestAddress(r.device.wrapping_add(2));
+                session.memory.read_obj::<u16>(at).ok().map(|idx| (at, idx))
+            })
+            .collect();
+        (!used.is_empty()).then(|| Self {
+            died_at,
+            until: Instant::now() + RESUME_WATCH,
+            memory: session.memory.clone(),
+            used,
+        })
+    }
+
+    /// Whether a used index moved.
+    fn completed(&self) -> bool {
+        self.used.iter().any(|&(at, idx)| {
+            self.memory
+                .load::<u16>(at, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|now| now != idx)
+        })
+    }
 }
 
 impl VhostUserDevice {
@@ -360,6 +410,7 @@ impl VhostUserDevice {
             config_writes: Vec::new(),
             backend_req_tx: None,
             inflight: None,
+            resume: None,
         };
         let (offered, acked) = conn.negotiate(num_queues)?;
         conn.offered = offered;
@@ -544,10 +595,48 @@ impl Connection {
     /// Runs jobs until the transport is gone (the device was unplugged): then the frontend
     /// is dropped and the socket closed, which ends an orderly device process.
     fn run(&mut self, inbox: Receiver<Job>) {
-        while let Ok(job) = inbox.recv() {
-            self.run_job(job);
+        loop {
+            let job = if self.resume.is_some() {
+                match inbox.recv_timeout(RESUME_POLL) {
+                    Ok(job) => Some(job),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match inbox.recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => break,
+                }
+            };
+            if let Some(job) = job {
+                self.run_job(job);
+            }
+            self.watch_resume();
         }
         debug!("{}: worker ends", self.shared.name);
+    }
+
+    /// Logs the restarted process's first completion, or that none came in time.
+    fn watch_resume(&mut self) {
+        let Some(w) = &self.resume else { return };
+        let name = &self.shared.name;
+        if self.shared.down() || self.shared.failed() || self.session.is_none() {
+            // Died again, or the driver reset the device: the next replay watches anew.
+            self.resume = None;
+        } else if w.completed() {
+            // A warning, as the death it follows: the operator sees both at the default level.
+            log::warn!(
+                "{name}: I/O resumed: first request completed {} ms after its process ended",
+                w.died_at.elapsed().as_millis()
+            );
+            self.resume = None;
+        } else if Instant::now() >= w.until {
+            info!(
+                "{name}: no request completed in the {} s after the replay (the guest had none to do)",
+                RESUME_WATCH.as_secs()
+            );
+            self.resume = None;
+        }
     }
 
     fn run_job(&mut self, job: Job) {
@@ -687,6 +776,12 @@ impl Connection {
         self.frontend = frontend;
         self.shared.replace_socket(socket);
         let start = Instant::now();
+        // Read before the new process has the rings: the dead one's last completions.
+        self.resume = self
+            .session
+            .as_ref()
+            .zip(died_at)
+            .and_then(|(s, d)| ResumeWatch::new(s, d));
         match self.replay() {
             Ok(queues) => {
                 let away = died_at.map_or(String::new(), |d| {
@@ -705,6 +800,7 @@ impl Connection {
                     "{name}: replaying the session to the restarted process: {}",
                     error_chain(&e)
                 );
+                self.resume = None;
                 self.active = false;
                 self.shared.process_failed(&error_chain(&e));
             }
