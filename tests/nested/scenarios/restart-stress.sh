@@ -29,6 +29,11 @@ say "guest ready $(elapsed vm) s after start"
 dev=$(tr -d '\r' <"$SCN_DIR/vm/out" | sed -n 's/^GUEST-DISK \(vd.\) [0-9]* ro=0 serial=st .*/\1/p')
 [ -n "$dev" ] || fail "the guest does not see the disk"
 field() { info_field "$SCN_DIR/api.sock" disk0 "$1"; }
+# writes: the writes the disk's current process has served (its own counter, from vm.counters).
+writes() {
+	bulkhead-ctl --api-socket "$SCN_DIR/api.sock" counters 2>/dev/null | tr -d ' \n' |
+		sed -n 's/.*"disk0":{[^}]*"writes":\([0-9]*\).*/\1/p' | grep . || echo 0
+}
 # block_pid: the disk's current process (a standby is a bulkhead-block too).
 block_pid() {
 	_p=$(field pid)
@@ -82,6 +87,9 @@ while [ $k -lt "$KILLS" ]; do
 	p=$(block_pid)
 	[ -n "$p" ] || continue
 	[ "$STANDBY" = off ] || [ -n "$(field standby_pid)" ] || continue
+	# I/O is flowing: this process has served writes (a kill between two passes, while the
+	# guest starts its next writers, would time the guest, not the restart).
+	[ "$(writes)" -ge 16 ] || continue
 	kill -KILL "$p"
 	k=$((k + 1))
 	# The replacement must be up (a new pid) before the next kill.
@@ -115,10 +123,12 @@ stats() { # the sorted figures on stdin: min, median, max
 		$1 < 100 { u++ }'
 }
 replayed=$(sed -n 's/.*session replayed in .*, \([0-9]*\) ms after its process ended.*/\1/p' "$SCN_DIR/vm/err" | sort -n)
-resumed=$(sed -n 's/.*disk0: I\/O resumed: first request completed \([0-9]*\) ms after its process ended.*/\1/p' "$SCN_DIR/vm/err")
-say "process death to I/O resuming (first completion after the restart, VMM side), ms, in kill order: $(echo "$resumed" | tr '\n' ' ')"
+# "N ms after its process ended (W request(s) were waiting)": W = 0 means the guest had
+# nothing for the device when it died, so the first completion waited for the guest too.
+resumed=$(sed -n 's/.*disk0: I\/O resumed: first request completed \([0-9]*\) ms after its process ended (\([0-9]*\) request.*/\1 \2/p' "$SCN_DIR/vm/err")
+say "process death to I/O resuming (first completion after the restart, VMM side), ms, in kill order: $(echo "$resumed" | awk '{ printf "%s%s", (NR > 1 ? ", " : ""), $1 } $2 == 0 { printf " (nothing waiting)" }')"
 say "session replayed: $(echo "$replayed" | stats)"
-say "I/O resumed: $(echo "$resumed" | sort -n | stats) (issue 11's goal: under 100 ms)"
+say "I/O resumed with requests waiting: $(echo "$resumed" | awk '$2 > 0 { print $1 }' | sort -n | stats) (issue 11's goal: under 100 ms)"
 [ "$(echo "$resumed" | grep -c .)" -ge $((k + 1)) ] ||
 	fail "the VMM saw I/O resume after $(echo "$resumed" | grep -c .) of $((k + 1)) kills"
 vm_send vm 'poweroff -f'

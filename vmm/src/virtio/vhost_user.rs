@@ -332,6 +332,9 @@ struct ResumeWatch {
     memory: GuestMemoryMmap,
     /// Each resumed ring's used index address and its value when the process ended.
     used: Vec<(GuestAddress, u16)>,
+    /// Requests the driver had made available and not seen completed when the process ended
+    /// (0: the first completion waited for the guest's next request too).
+    waiting: u32,
 }
 
 /// How often a restarted device's used rings are looked at until its first completion.
@@ -342,13 +345,20 @@ const RESUME_WATCH: Duration = Duration::from_secs(2);
 impl ResumeWatch {
     /// The used indexes of the session's rings as the dead process left them.
     fn new(session: &Session, died_at: Instant) -> Option<Self> {
+        let mut waiting = 0u32;
         let used: Vec<_> = session
             .rings
             .iter()
             .flatten()
             .filter_map(|r| {
                 let at = GuestAddress(r.device.wrapping_add(2));
-                session.memory.read_obj::<u16>(at).ok().map(|idx| (at, idx))
+                let idx = session.memory.read_obj::<u16>(at).ok()?;
+                let avail = GuestAddress(r.driver.wrapping_add(2));
+                if let Ok(a) = session.memory.read_obj::<u16>(avail) {
+                    // Bounded by the ring's size, whatever the guest wrote.
+                    waiting += u32::from(a.wrapping_sub(idx).min(r.size));
+                }
+                Some((at, idx))
             })
             .collect();
         (!used.is_empty()).then(|| Self {
@@ -356,6 +366,7 @@ impl ResumeWatch {
             until: Instant::now() + RESUME_WATCH,
             memory: session.memory.clone(),
             used,
+            waiting,
         })
     }
 
@@ -626,8 +637,9 @@ impl Connection {
         } else if w.completed() {
             // A warning, as the death it follows: the operator sees both at the default level.
             log::warn!(
-                "{name}: I/O resumed: first request completed {} ms after its process ended",
-                w.died_at.elapsed().as_millis()
+                "{name}: I/O resumed: first request completed {} ms after its process ended ({} request(s) were waiting)",
+                w.died_at.elapsed().as_millis(),
+                w.waiting
             );
             self.resume = None;
         } else if Instant::now() >= w.until {
