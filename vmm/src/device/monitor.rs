@@ -1025,7 +1025,11 @@ impl Monitor {
             return;
         };
         let mut restart = None;
+        let mut first_news = false;
         if let Some(e) = st.entries.iter_mut().find(|e| e.pid == exit.pid()) {
+            // The report came before the pidfd said the process ended: the death is timed
+            // from here (Monitor::ended does not time it again).
+            first_news = !e.ended && !e.reaped;
             e.reaped = true;
             if e.standby {
                 // A standby process: it never served the guest. One that was retired (killed
@@ -1052,6 +1056,13 @@ impl Monitor {
             restart = e.device;
         }
         if let Some(d) = restart {
+            if first_news {
+                if let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) {
+                    if r.pid == exit.pid() {
+                        r.died_at = Some(Instant::now());
+                    }
+                }
+            }
             self.decide(&mut st, d, exit);
         }
     }
@@ -1078,8 +1089,11 @@ impl Monitor {
             if let Some(d) = e.device {
                 if let Some(r) = st.respawns.get_mut(d).and_then(Option::as_mut) {
                     // Down at once: no request goes to the dead socket; the restart decision
-                    // waits for the spawner's report of how it ended.
-                    r.died_at = Some(Instant::now());
+                    // waits for the spawner's report of how it ended. The death is timed by
+                    // whichever of the two told first.
+                    if !reaped {
+                        r.died_at = Some(Instant::now());
+                    }
                     r.handle.lost();
                     // With a standby and no backoff, the standby takes over now, and the
                     // report, when it comes, decides whether it stays (a seccomp kill without
