@@ -468,6 +468,27 @@ unsafe fn rw_vectored_all(
     offset: u64,
     write: bool,
 ) -> io::Result<()> {
+    // The usual case, one call that transfers everything: no copy of the iovecs (a request's
+    // only allocation here).
+    if !iovecs.is_empty() && iovecs.len() <= MAX_IOVECS {
+        let want: usize = iovecs.iter().map(|v| v.iov_len).sum();
+        if let Ok(off) = libc::off_t::try_from(offset) {
+            let count = iovecs.len() as libc::c_int;
+            let ret = if write {
+                // SAFETY: `iovecs` holds `count` valid iovecs; the caller guarantees the memory
+                // they describe is readable and mapped.
+                unsafe { libc::pwritev(fd, iovecs.as_ptr(), count, off) }
+            } else {
+                // SAFETY: as above, with the memory writable.
+                unsafe { libc::preadv(fd, iovecs.as_ptr(), count, off) }
+            };
+            if usize::try_from(ret).is_ok_and(|n| n == want) {
+                return Ok(());
+            }
+            // A short transfer, an interruption or an error: the loop below goes on from the
+            // start (repeating the bytes done is harmless) and reports what persists.
+        }
+    }
     let mut iovecs: Vec<libc::iovec> = iovecs.iter().filter(|v| v.iov_len > 0).copied().collect();
     let mut offset = offset;
     let mut first = 0usize;

@@ -191,7 +191,7 @@ impl Request {
         // Clone the memory handle out of the chain so the chain can be consumed.
         let (status, streams) = collect(chain.clone(), mem, limits);
         let action = match streams {
-            Ok(streams) if status.is_some() => parse_action(&streams, mem, limits),
+            Ok(streams) if status.is_some() => parse_action(streams, mem, limits),
             Ok(_) => Action::Fail(RequestError::NoStatus),
             Err(e) => Action::Fail(e),
         };
@@ -349,7 +349,7 @@ fn check_data_range(sector: u64, len: u64, limits: &Limits) -> Result<(), Reques
     Ok(())
 }
 
-fn parse_action(streams: &Streams, mem: &GuestMemoryMmap, limits: &Limits) -> Action {
+fn parse_action(streams: Streams, mem: &GuestMemoryMmap, limits: &Limits) -> Action {
     match parse_action_inner(streams, mem, limits) {
         Ok(action) => action,
         Err(e) => Action::Fail(e),
@@ -357,16 +357,17 @@ fn parse_action(streams: &Streams, mem: &GuestMemoryMmap, limits: &Limits) -> Ac
 }
 
 fn parse_action_inner(
-    streams: &Streams,
+    streams: Streams,
     mem: &GuestMemoryMmap,
     limits: &Limits,
 ) -> Result<Action, RequestError> {
     let (header, data_out) = split_front(&streams.readable, mem, HEADER_LEN)?;
     let request_type = le_u32(&header, 0);
     let sector = le_u64(&header, 8);
-    let data_in = &streams.writable;
+    // Moved into the action that uses it: no copy per request.
+    let data_in = streams.writable;
     let out_len = total_len(&data_out);
-    let in_len = total_len(data_in);
+    let in_len = total_len(&data_in);
 
     match request_type {
         VIRTIO_BLK_T_IN => {
@@ -376,7 +377,7 @@ fn parse_action_inner(
             check_data_range(sector, in_len, limits)?;
             Ok(Action::Read {
                 sector,
-                data: data_in.clone(),
+                data: data_in,
                 len: in_len,
             })
         }
@@ -407,9 +408,7 @@ fn parse_action_inner(
             if in_len < ID_BYTES as u64 {
                 return Err(RequestError::ShortIdBuffer);
             }
-            Ok(Action::GetId {
-                data: data_in.clone(),
-            })
+            Ok(Action::GetId { data: data_in })
         }
         VIRTIO_BLK_T_DISCARD if limits.discard => {
             let ranges = parse_ranges(
