@@ -163,6 +163,7 @@ bytes=$(wc -c <"$SCN_DIR/from-guest")
 say "guest -> L1: $bytes bytes in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s across a kill; guest sha256 $want, L1 sha256 $got"
 grep -E 'net0: .*(killed by signal|restarted)' "$SCN_DIR/vm/err" | quote "!"
 sed -n 's/.*net0: device process restarted: session replayed in \([0-9]*\) ms.*, \([0-9]*\) ms after its process ended.*/replay \1 ms, device away \2 ms (process death to session replayed, VMM side)/p' "$SCN_DIR/vm/err" | quote "recovery:"
+sed -n 's/.*net0: I\/O resumed: first request completed \([0-9]*\) ms after its process ended (\([0-9]*\) request.*/I\/O resumed \1 ms after the process died, \2 buffer(s) waiting (first used-ring entry, VMM side)/p' "$SCN_DIR/vm/err" | quote "recovery:"
 grep -q 'net0: device process restarted: session replayed' "$SCN_DIR/vm/err" || fail "the killed bulkhead-net was not restarted"
 [ "$r" = 0 ] || fail "the guest's nc failed (status $r)"
 [ "$got" = "$want" ] || fail "L1 received different data from the guest ($bytes bytes)"
