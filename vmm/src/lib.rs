@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod coalesced;
 pub mod config;
 pub mod console;
 pub mod control;

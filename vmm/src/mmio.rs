@@ -11,6 +11,31 @@ pub trait MmioDevice: Send + Sync {
     fn read(&self, offset: u64, data: &mut [u8]);
     /// A write of `data` at `offset` into the device's range.
     fn write(&self, offset: u64, data: &[u8]);
+    /// Writes KVM queued without an exit (coalesced MMIO), in the guest's order; `base` is
+    /// where the device's range starts. One by one unless the device can do better.
+    fn write_queued(&self, base: u64, writes: &[QueuedWrite]) {
+        for w in writes {
+            self.write(w.addr - base, w.data());
+        }
+    }
+}
+
+/// A guest write KVM queued instead of exiting (see [`crate::coalesced`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueuedWrite {
+    /// Guest physical address.
+    pub addr: u64,
+    /// Bytes written, at most 8.
+    pub len: u8,
+    /// The bytes, `len` of them.
+    pub bytes: [u8; 8],
+}
+
+impl QueuedWrite {
+    /// The bytes written.
+    pub fn data(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len).min(8)]
+    }
 }
 
 /// Accesses to addresses no device claims, reported so many times before going quiet.
@@ -66,13 +91,40 @@ impl MmioBus {
     }
 
     fn find(&self, addr: u64, len: usize) -> Option<(u64, Arc<dyn MmioDevice>)> {
+        self.find_range(addr, len).map(|(r, d)| (addr - r.start, d))
+    }
+
+    fn find_range(&self, addr: u64, len: usize) -> Option<(Range<u64>, Arc<dyn MmioDevice>)> {
         let end = addr.checked_add(len as u64)?;
         self.devices
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .find(|(r, _)| r.start <= addr && end <= r.end)
-            .map(|(r, d)| (addr - r.start, d.clone()))
+            .map(|(r, d)| (r.clone(), d.clone()))
+    }
+
+    /// Serves writes KVM queued, in order: each run of them that one device answers is
+    /// handed to it at once.
+    pub fn write_queued(&self, mut writes: &[QueuedWrite]) {
+        while let Some(first) = writes.first() {
+            let Some((range, dev)) = self.find_range(first.addr, first.data().len()) else {
+                self.unassigned("write", first.addr, first.data().len());
+                writes = &writes[1..];
+                continue;
+            };
+            let run = writes
+                .iter()
+                .take_while(|w| {
+                    range.start <= w.addr
+                        && w.addr
+                            .checked_add(w.data().len() as u64)
+                            .is_some_and(|end| end <= range.end)
+                })
+                .count();
+            dev.write_queued(range.start, &writes[..run]);
+            writes = &writes[run..];
+        }
     }
 
     fn unassigned(&self, kind: &str, addr: u64, len: usize) {

@@ -109,6 +109,8 @@ pub const KVM_GET_VCPU_MMAP_SIZE: u64 = kvm_ioc(IOC_NONE, 0x04, 0);
 pub const KVM_CREATE_VCPU: u64 = kvm_ioc(IOC_NONE, 0x41, 0);
 /// KVM_SET_USER_MEMORY_REGION, `_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)`.
 pub const KVM_SET_USER_MEMORY_REGION: u64 = kvm_ioc(IOC_WRITE, 0x46, 32);
+/// KVM_REGISTER_COALESCED_MMIO, `_IOW(KVMIO, 0x67, struct kvm_coalesced_mmio_zone)`.
+pub const KVM_REGISTER_COALESCED_MMIO: u64 = kvm_ioc(IOC_WRITE, 0x67, 16);
 /// KVM_IRQ_LINE, `_IOW(KVMIO, 0x61, struct kvm_irq_level)`.
 pub const KVM_IRQ_LINE: u64 = kvm_ioc(IOC_WRITE, 0x61, 8);
 /// KVM_SET_GSI_ROUTING, `_IOW(KVMIO, 0x6a, struct kvm_irq_routing)`.
@@ -236,6 +238,9 @@ fn main_rules(r: &mut Rules, kick_signal: u64) {
         // Vm::boot: guest RAM and vCPUs.
         KVM_SET_USER_MEMORY_REGION,
         KVM_CREATE_VCPU,
+        // Vm::boot: the console's output queued by KVM (coalesce_serial_output; the ring
+        // page is mapped from a vCPU's file without PROT_EXEC).
+        KVM_REGISTER_COALESCED_MMIO,
         // arch::create_machine and arch::set_boot_regs.
         KVM_ARM_PREFERRED_TARGET,
         KVM_ARM_VCPU_INIT,

@@ -16,12 +16,13 @@ use bulkhead_firmware::layout::{
     PCIE_ECAM_START, RAM_START, RTC_SIZE, RTC_START, UART_SIZE, UART_SPI, UART_START,
 };
 use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use log::{debug, error, info, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::{self, ArchError};
+use crate::coalesced::CoalescedRing;
 use crate::config::{BootConfig, SerialConfig, VmConfig};
 use crate::control::{Reply, ReplySender, Request, RequestError};
 use crate::device::spawner::Spawner;
@@ -159,6 +160,13 @@ impl MmioDevice for SharedPl011 {
     fn write(&self, offset: u64, data: &[u8]) {
         self.mmio_write(offset, data)
     }
+    fn write_queued(&self, base: u64, writes: &[crate::mmio::QueuedWrite]) {
+        self.lock().write_queued(
+            writes
+                .iter()
+                .map(|w| (w.addr - base, w.bytes, usize::from(w.len))),
+        );
+    }
 }
 
 /// A fresh rng-seed for the guest's device tree, from `urandom` (opened once in [`Vm::new`],
@@ -183,11 +191,38 @@ struct Running {
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     pause: Arc<vcpu::PauseGate>,
+    /// The console's queued output (coalesced MMIO), if KVM queues it.
+    ring: Option<Arc<CoalescedRing>>,
+    bus: Arc<MmioBus>,
+}
+
+/// Has KVM queue the guest's writes to the PL011 data register (its console output) instead
+/// of exiting for each character, and maps the ring they go to. `None`, with a log line, where
+/// KVM cannot: the writes then exit as any other.
+fn coalesce_serial_output(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd) -> Option<CoalescedRing> {
+    if !kvm.check_extension(kvm_ioctls::Cap::CoalescedMmio) {
+        info!("KVM has no coalesced MMIO: every console character is an exit");
+        return None;
+    }
+    let ring = match CoalescedRing::map(vcpu) {
+        Ok(ring) => ring,
+        Err(e) => {
+            warn!("cannot map KVM's coalesced MMIO ring ({e}): every console character is an exit");
+            return None;
+        }
+    };
+    // The data register alone: every other register's access still exits, after the
+    // queued writes are played.
+    if let Err(e) = vm.register_coalesced_mmio(kvm_ioctls::IoEventAddress::Mmio(UART_START), 4) {
+        warn!("cannot queue console output in KVM ({e}): every console character is an exit");
+        return None;
+    }
+    Some(ring)
 }
 
 impl Running {
     /// Stops every vCPU thread and waits for them.
-    fn stop(self) {
+    fn stop(mut self) {
         self.stop.store(true, Ordering::Release);
         // Paused threads wait on the gate, not in KVM_RUN: wake them to see the flag.
         self.pause.wake();
@@ -201,12 +236,21 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             if t.join().is_err() {
                 error!("a vCPU thread panicked");
             }
         }
+        // What the guest wrote to its console last.
+        self.drain();
         debug!("vCPU threads stopped");
+    }
+
+    /// Plays the console output KVM queued (see [`crate::coalesced`]).
+    fn drain(&self) {
+        if let Some(ring) = &self.ring {
+            ring.drain(&self.bus);
+        }
     }
 
     /// `vm.pause`: every vCPU thread out of KVM_RUN and parked at the gate (kicked until it
@@ -427,6 +471,7 @@ impl Vm {
         let vcpus = (0..u64::from(self.config.vcpus))
             .map(|i| vm.create_vcpu(i).map_err(|e| VmError::CreateVcpu(i, e)))
             .collect::<Result<Vec<_>, _>>()?;
+        let ring = coalesce_serial_output(&self.kvm, &vm, &vcpus[0]).map(Arc::new);
         let guest_arch = self.config.boot.guest_arch();
         let machine = arch::create_machine(&vm, &vcpus, guest_arch)?;
         // A GICv2 has no ITS: PCI MSIs go through the GICv2m frame, routed to its SPIs.
@@ -494,6 +539,7 @@ impl Vm {
                 index,
                 fd,
                 bus: self.bus.clone(),
+                ring: ring.clone(),
                 stop: stop.clone(),
                 events: self.events.0.clone(),
                 log_first_run: first && index == 0,
@@ -515,6 +561,8 @@ impl Vm {
                         threads,
                         stop,
                         pause,
+                        ring,
+                        bus: self.bus.clone(),
                     }
                     .stop();
                     return Err(e);
@@ -528,6 +576,8 @@ impl Vm {
             threads,
             stop,
             pause,
+            ring,
+            bus: self.bus.clone(),
         })
     }
 
@@ -564,12 +614,18 @@ impl Vm {
                 self.config.ram_size >> 20
             );
             let event = loop {
-                match self
-                    .events
-                    .1
-                    .recv()
-                    .map_err(|_| VmError::Vcpu("event channel closed".into()))?
-                {
+                let received = match running.ring {
+                    // The console output a guest queued and left there (see crate::coalesced).
+                    Some(_) => match self.events.1.recv_timeout(crate::coalesced::DRAIN_PERIOD) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            running.drain();
+                            continue;
+                        }
+                        other => other.ok(),
+                    },
+                    None => self.events.1.recv().ok(),
+                };
+                match received.ok_or_else(|| VmError::Vcpu("event channel closed".into()))? {
                     Event::Control(Request::Pause, reply) => {
                         drop(reply.send(running.pause()));
                         self.paused = running.pause.is_closed();

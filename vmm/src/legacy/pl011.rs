@@ -68,6 +68,10 @@ pub struct Pl011 {
     dmacr: u32,
     rx: VecDeque<u8>,
     out: Option<Box<dyn Write + Send>>,
+    /// Transmitted bytes not yet written to `out` (only while [`Pl011::write_queued`] plays
+    /// a batch).
+    tx_held: Vec<u8>,
+    holding: bool,
     irq: Box<dyn IrqLine>,
     irq_level: bool,
 }
@@ -87,6 +91,8 @@ impl Pl011 {
             dmacr: 0,
             rx: VecDeque::with_capacity(FIFO_DEPTH),
             out,
+            tx_held: Vec::new(),
+            holding: false,
             irq,
             irq_level: false,
         }
@@ -152,13 +158,39 @@ impl Pl011 {
     }
 
     fn transmit(&mut self, byte: u8) {
+        if self.holding {
+            if self.out.is_some() {
+                self.tx_held.push(byte);
+            }
+        } else {
+            self.send(&[byte]);
+        }
+        self.ris_latched |= INT_TX;
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
         if let Some(out) = self.out.as_mut() {
-            if let Err(e) = out.write_all(&[byte]).and_then(|()| out.flush()) {
+            if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
                 warn!("serial output failed, discarding further output: {e}");
                 self.out = None;
             }
         }
-        self.ris_latched |= INT_TX;
+    }
+
+    /// Guest writes KVM queued without an exit (coalesced MMIO: the data register), in the
+    /// guest's order; the characters among them go out in one write.
+    pub fn write_queued(&mut self, writes: impl Iterator<Item = (u64, [u8; 8], usize)>) {
+        self.holding = true;
+        for (offset, bytes, len) in writes {
+            self.write(offset, &bytes[..len.min(8)]);
+        }
+        self.holding = false;
+        let held = std::mem::take(&mut self.tx_held);
+        if !held.is_empty() {
+            self.send(&held);
+        }
+        self.tx_held = held;
+        self.tx_held.clear();
     }
 
     /// A guest read of the register at `offset`; `data` is 1, 2 or 4 bytes.

@@ -9,6 +9,7 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EV
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use log::info;
 
+use crate::coalesced::CoalescedRing;
 use crate::mmio::MmioBus;
 
 /// Why a vCPU thread ended on its own.
@@ -127,6 +128,9 @@ pub struct VcpuThread {
     pub fd: VcpuFd,
     /// Devices it dispatches MMIO exits to.
     pub bus: Arc<MmioBus>,
+    /// Writes KVM queued instead of exiting (the console's output), played to `bus` before
+    /// every exit is served.
+    pub ring: Option<Arc<CoalescedRing>>,
     /// Set when the VMM wants the thread to return.
     pub stop: Arc<AtomicBool>,
     /// Where to report a stop of its own.
@@ -212,7 +216,12 @@ impl VcpuThread {
             if std::mem::take(&mut self.log_first_run) {
                 crate::milestone::log("first KVM_RUN");
             }
-            match self.fd.run() {
+            let exit = self.fd.run();
+            if let Some(ring) = &self.ring {
+                // Before anything the exit does: the guest's queued writes came first.
+                ring.drain(&self.bus);
+            }
+            match exit {
                 Ok(VcpuExit::MmioRead(addr, data)) => self.bus.read(addr, data),
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     #[cfg(feature = "seccomp-trigger")]
