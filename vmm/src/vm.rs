@@ -481,6 +481,7 @@ impl Vm {
         };
         let irq = Arc::new(irq);
         self.pcie.reset(&irq);
+        self.pcie.map_mirror(&self.kvm, &vm, PCIE_ECAM_START);
         if first {
             crate::milestone::log("VM created");
         }

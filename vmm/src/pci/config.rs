@@ -94,6 +94,11 @@ impl ConfigSpace {
         self.w1c[offset..offset + 2].copy_from_slice(&mask.to_le_bytes());
     }
 
+    /// Every register, as the guest reads them.
+    pub fn regs(&self) -> &[u8; CONFIG_SIZE] {
+        &self.regs
+    }
+
     /// Reads a byte range (out-of-range bytes read as zero).
     pub fn read(&self, offset: usize, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {

@@ -3,9 +3,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use log::debug;
+use log::{debug, info, warn};
 
 use super::config::ConfigSpace;
+use super::mirror::EcamMirror;
 use super::root_port::{RootPort, VENDOR_REDHAT};
 use super::PciDevice;
 use crate::irq::VmInterrupts;
@@ -29,6 +30,8 @@ pub enum PciError {
 
 struct Topology {
     host_bridge: ConfigSpace,
+    /// Bus 0's registers where the guest reads them without an exit (see [`EcamMirror`]).
+    mirror: Option<Arc<EcamMirror>>,
     ports: Vec<RootPort>,
     /// Slots whose attention button was pressed for an unplug: their power-off is reported.
     unplugging: Vec<bool>,
@@ -92,15 +95,49 @@ impl PcieHost {
         }
         let mut host_bridge = ConfigSpace::new();
         host_bridge.header(VENDOR_REDHAT, DEVICE_HOST_BRIDGE, CLASS_HOST_BRIDGE, 0, 0);
+        let mut ports: Vec<RootPort> = (0..slots).map(|s| RootPort::new(s as u8)).collect();
+        // The host bridge is device 0, the root ports 1 to `slots`.
+        let mirror = match EcamMirror::new(slots + 1) {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                warn!("cannot map memory for bus 0's configuration registers ({e}): every read of them is an exit");
+                None
+            }
+        };
+        if let Some(m) = &mirror {
+            m.publish(0, host_bridge.regs());
+            for p in &mut ports {
+                p.set_mirror(m.clone());
+            }
+        }
         Ok(Self {
             inner: Mutex::new(Topology {
                 host_bridge,
-                ports: (0..slots).map(|s| RootPort::new(s as u8)).collect(),
+                mirror,
+                ports,
                 unplugging: vec![false; slots],
                 irq: None,
             }),
             on_power_off: Mutex::new(None),
         })
+    }
+
+    /// Gives a new VM bus 0's configuration registers as read-only memory at the ECAM window
+    /// `ecam` (see [`EcamMirror`]); without KVM's read-only slots, or if KVM refuses them,
+    /// every access exits as before.
+    pub fn map_mirror(&self, kvm: &kvm_ioctls::Kvm, vm: &kvm_ioctls::VmFd, ecam: u64) {
+        let t = self.lock();
+        let Some(m) = &t.mirror else { return };
+        if !kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem) {
+            info!("KVM has no read-only memory slots: every PCI configuration access is an exit");
+            return;
+        }
+        match m.map(vm, ecam) {
+            Ok(n) => debug!("bus 0 configuration reads served from memory ({n} slot(s))"),
+            Err(e) => warn!(
+                "KVM refused bus 0's configuration registers as memory ({e}): every PCI configuration access is an exit"
+            ),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Topology> {
@@ -256,7 +293,12 @@ impl MmioDevice for PcieHost {
         let (bus, dev, func, reg) = decode(offset);
         let mut t = self.lock();
         match t.target(bus, dev, func) {
-            Target::HostBridge => t.host_bridge.write(reg, data),
+            Target::HostBridge => {
+                t.host_bridge.write(reg, data);
+                if let Some(m) = &t.mirror {
+                    m.publish(0, t.host_bridge.regs());
+                }
+            }
             Target::Port(i) => {
                 let w = t.ports[i].config_write(reg, data);
                 if w.powered_off && t.unplugging[i] {
@@ -285,7 +327,7 @@ impl MmioDevice for PcieHost {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::root_port::{SLTSTA_DLLSC, SLTSTA_PDC};
+    use crate::pci::root_port::{SLTCTL_ABPE, SLTCTL_HPIE, SLTCTL_PDCE, SLTSTA_DLLSC, SLTSTA_PDC};
 
     fn ecam(bus: u8, dev: u8, func: u8, reg: u64) -> u64 {
         (u64::from(bus) << 20) | (u64::from(dev) << 15) | (u64::from(func) << 12) | reg
@@ -415,6 +457,48 @@ mod tests {
         assert!(!h
             .hot_plug(0, Box::new(Dummy(ConfigSpace::new())))
             .expect("plug"));
+    }
+
+    /// The registers the guest reads from memory are the ones the emulation answers, after
+    /// every kind of change: guest writes, a hot-plug, an unplug request, a removal.
+    #[test]
+    fn test_pcie_host_mirror_follows_every_change() {
+        let h = PcieHost::new(3).expect("host");
+        let same = |h: &PcieHost, when: &str| {
+            let t = h.lock();
+            let m = t.mirror.clone().expect("mirror");
+            drop(t);
+            for dev in 0..=3u8 {
+                let mut want = vec![0u8; 4096];
+                for (i, w) in want.chunks_exact_mut(4).enumerate() {
+                    h.read(ecam(0, dev, 0, 4 * i as u64), w);
+                }
+                assert_eq!(
+                    m.published(usize::from(dev)),
+                    &want[..],
+                    "00:{dev:02x}.0 {when}"
+                );
+            }
+        };
+        same(&h, "at start");
+        h.write(ecam(0, 0, 0, 4), &[6, 0]);
+        h.write(ecam(0, 2, 0, 0x18), &[0, 2, 2, 0]);
+        let sltctl = |dev| ecam(0, dev, 0, 0x40 + 0x18);
+        h.write(
+            sltctl(2),
+            &(SLTCTL_HPIE | SLTCTL_PDCE | SLTCTL_ABPE).to_le_bytes(),
+        );
+        same(&h, "after guest writes");
+        h.hot_plug(1, Box::new(Dummy(ConfigSpace::new())))
+            .expect("plug");
+        same(&h, "after a hot-plug");
+        assert!(h.request_unplug(1));
+        same(&h, "after an unplug request");
+        assert!(h.remove(1).is_some());
+        same(&h, "after a removal");
+        // Change bits cleared by the guest (write 1 to clear).
+        h.write(ecam(0, 2, 0, 0x40 + 0x1a), &0xffffu16.to_le_bytes());
+        same(&h, "after clearing change bits");
     }
 
     #[test]

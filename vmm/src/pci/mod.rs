@@ -5,6 +5,7 @@
 pub mod config;
 pub mod gicv2m;
 pub mod host;
+pub mod mirror;
 pub mod msix;
 pub mod root_port;
 

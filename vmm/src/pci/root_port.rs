@@ -10,6 +10,7 @@ use std::sync::Arc;
 use log::warn;
 
 use super::config::*;
+use super::mirror::EcamMirror;
 use super::PciDevice;
 use crate::irq::{IrqError, MsiMessage};
 
@@ -143,6 +144,8 @@ pub struct RootPort {
     /// A device was hot-plugged while the slot was settling: its presence and link are up,
     /// their change report waits for the end of settling ([`Self::release`]).
     held: bool,
+    /// Where the guest reads the port's registers without an exit, if anywhere.
+    mirror: Option<Arc<EcamMirror>>,
 }
 
 impl RootPort {
@@ -198,6 +201,21 @@ impl RootPort {
             device: None,
             settling: false,
             held: false,
+            mirror: None,
+        }
+    }
+
+    /// Publishes the port's registers to `mirror` from now on (see [`EcamMirror`]).
+    pub fn set_mirror(&mut self, mirror: Arc<EcamMirror>) {
+        self.mirror = Some(mirror);
+        self.publish();
+    }
+
+    /// Copies the registers to where the guest reads them; after every change, before any
+    /// interrupt that makes the guest read them.
+    fn publish(&self) {
+        if let Some(m) = &self.mirror {
+            m.publish(usize::from(self.device_number), self.config.regs());
         }
     }
 
@@ -209,6 +227,7 @@ impl RootPort {
             .set_bits_u16(self.pcie_cap + PCIE_SLTSTA, SLTSTA_PRESENCE, true);
         self.config
             .set_bits_u16(self.pcie_cap + PCIE_LNKSTA, LNKSTA_DLLLA, true);
+        self.publish();
     }
 
     /// Plugs `device` into the running guest's slot: presence and link come up together, and
@@ -283,6 +302,7 @@ impl RootPort {
     fn set_status(&mut self, bits: u16) {
         self.config
             .set_bits_u16(self.pcie_cap + PCIE_SLTSTA, bits, true);
+        self.publish();
         self.update_interrupt();
     }
 
@@ -360,6 +380,7 @@ impl RootPort {
     pub fn config_write(&mut self, offset: usize, data: &[u8]) -> SlotWrite {
         let was_powered = self.powered();
         self.config.write(offset, data);
+        self.publish();
         let end = offset + data.len();
         let slot_regs = self.pcie_cap + PCIE_SLTCTL..self.pcie_cap + PCIE_SLTSTA + 2;
         let msi_control = self.msi_cap + MSI_CONTROL;
@@ -381,8 +402,11 @@ impl RootPort {
     /// a plugged device stays.
     pub fn reset(&mut self, slot: u8, vm: &Arc<crate::irq::VmInterrupts>) {
         let device = self.device.take();
+        let mirror = self.mirror.take();
         *self = Self::new(slot);
         self.msi = Some(vm.clone());
+        self.mirror = mirror;
+        self.publish();
         if let Some(mut d) = device {
             d.reset(vm);
             self.plug(d);
@@ -700,5 +724,45 @@ mod tests {
         clear_sta(&mut rp, SLTSTA_PDC | SLTSTA_DLLSC);
         rp.release();
         assert_eq!(rp.slot_status() & (SLTSTA_PDC | SLTSTA_DLLSC), 0);
+    }
+
+    /// Reads the slot status the guest would read from memory when the MSI goes out.
+    struct Reader(Arc<EcamMirror>, usize, std::sync::Mutex<Vec<u16>>);
+    impl MsiSignal for Reader {
+        fn signal_msi(&self, _msg: MsiMessage) -> Result<(), IrqError> {
+            let regs = self.0.published(3);
+            let status = u16::from_le_bytes([regs[self.1], regs[self.1 + 1]]);
+            self.2.lock().expect("lock").push(status);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn test_root_port_publishes_its_registers_before_the_hot_plug_msi() {
+        let mirror = Arc::new(EcamMirror::new(4).expect("mirror"));
+        let (mut rp, _) = port_with_msi();
+        rp.set_mirror(mirror.clone());
+        let reader = Arc::new(Reader(
+            mirror.clone(),
+            rp.pcie_cap + PCIE_SLTSTA,
+            std::sync::Mutex::new(Vec::new()),
+        ));
+        rp.set_msi_signal(reader.clone());
+        write_ctl(
+            &mut rp,
+            SLTCTL_HPIE | SLTCTL_PDCE | SLTCTL_DLLSCE | SLTCTL_ABPE,
+        );
+        rp.hot_plug(Box::new(Nothing));
+        rp.config_write(rp.pcie_cap + PCIE_SLTSTA, &0xffffu16.to_le_bytes());
+        rp.press_button();
+        let seen = reader.2.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 2, "{seen:x?}");
+        assert_eq!(
+            seen[0] & (SLTSTA_PDC | SLTSTA_DLLSC),
+            SLTSTA_PDC | SLTSTA_DLLSC
+        );
+        assert_eq!(seen[1] & SLTSTA_ABP, SLTSTA_ABP);
+        let published = &mirror.published(3)[..];
+        assert_eq!(published, &rp.config.regs()[..]);
     }
 }
