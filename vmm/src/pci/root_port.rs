@@ -762,7 +762,7 @@ mod tests {
             SLTSTA_PDC | SLTSTA_DLLSC
         );
         assert_eq!(seen[1] & SLTSTA_ABP, SLTSTA_ABP);
-        let published = &mirror.published(3)[..];
+        let published = mirror.published(3);
         assert_eq!(published, &rp.config.regs()[..]);
     }
 }
