@@ -217,6 +217,7 @@ fn coalesce_serial_output(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd) -> Option<Coalesc
         warn!("cannot queue console output in KVM ({e}): every console character is an exit");
         return None;
     }
+    info!("console: KVM queues the guest's writes to the PL011 data register (coalesced MMIO)");
     Some(ring)
 }
 

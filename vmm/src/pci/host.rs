@@ -133,7 +133,9 @@ impl PcieHost {
             return;
         }
         match m.map(vm, ecam) {
-            Ok(n) => debug!("bus 0 configuration reads served from memory ({n} slot(s))"),
+            Ok(n) => info!(
+                "PCI: bus 0's configuration registers are read from memory ({n} read-only slot(s)); writes exit"
+            ),
             Err(e) => warn!(
                 "KVM refused bus 0's configuration registers as memory ({e}): every PCI configuration access is an exit"
             ),
