@@ -11,6 +11,10 @@
 //!   guest RAM (a mapping at least as large as guest RAM, or the `bulkhead-guest-ram` file),
 //!   taken once the guest is at init; and the same as Pss (pages shared between those
 //!   processes, such as the VMM's binary in the VMM and its forked spawner, counted once);
+//! - KVM's exit counters for the VM until the guest's init ran, where L1 has debugfs mounted
+//!   (`/sys/kernel/debug/kvm/PID-FD/`): all exits, MMIO exits that went on to the VMM, MMIO
+//!   KVM served itself. On a nested host each exit to the VMM is a costly round trip, and
+//!   unlike times these counts do not swing with the host's load;
 //! - for Bulkhead also its start-up milestones (configuration checked, VM created, guest
 //!   loaded, first KVM_RUN): wall and CPU milliseconds since just before its exec.
 //!
@@ -181,6 +185,44 @@ struct Sample {
     procs: usize,
     /// (wall ms since exec, CPU ms) for each Bulkhead milestone.
     milestones: Vec<(f64, f64)>,
+    /// The VM's KVM exit counters at the guest's init (see [`KvmExits`]), where L1 shows them.
+    exits: Option<KvmExits>,
+}
+
+/// What KVM counted for a VM until the guest's init ran, from debugfs
+/// (`/sys/kernel/debug/kvm/PID-FD/`): each exit to the VMM costs a round trip through the
+/// emulated host, so these say where a boot's time goes without the host's timing noise.
+#[derive(Clone, Copy, Debug, Default)]
+struct KvmExits {
+    /// Every exit from the guest (to KVM or beyond).
+    all: u64,
+    /// MMIO exits that went on to the VMM.
+    mmio_user: u64,
+    /// MMIO KVM handled itself (in-kernel devices, queued writes).
+    mmio_kernel: u64,
+}
+
+/// The exit counters of the VM(s) process `pid` created, if debugfs shows any.
+fn kvm_exits(pid: u32) -> Option<KvmExits> {
+    let dir = std::fs::read_dir("/sys/kernel/debug/kvm").ok()?;
+    let prefix = format!("{pid}-");
+    let mut found = None;
+    for e in dir.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let read = |name: &str| {
+            std::fs::read_to_string(e.path().join(name))
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let x: &mut KvmExits = found.get_or_insert_with(KvmExits::default);
+        x.all += read("exits");
+        x.mmio_user += read("mmio_exit_user");
+        x.mmio_kernel += read("mmio_exit_kernel");
+    }
+    found
 }
 
 /// The process `root` and all its descendants.
@@ -420,6 +462,7 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
             }
         }
     }
+    let exits = kvm_exits(pid);
     let tree = process_tree(pid);
     let (rss_kib, pss_kib) = tree
         .iter()
@@ -498,6 +541,7 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
         pss_kib,
         procs: tree.len(),
         milestones,
+        exits,
     })
 }
 
@@ -607,9 +651,15 @@ fn main() -> Result<()> {
                 .map(|(m, (w, c))| format!("{m} {w:.1}/{c:.1}"))
                 .collect();
             let name = t.label();
+            let exits = r.exits.map_or(String::new(), |x| {
+                format!(
+                    ", KVM exits to init {} (MMIO to the VMM {}, MMIO in KVM {})",
+                    x.all, x.mmio_user, x.mmio_kernel
+                )
+            });
             println!(
                 "round {round}: {:<28} launch->exit {:6.2} s, guest uptime at init {:5.2} s, \
-                 poweroff->exit {:5.2} s, non-guest RSS {:6} KiB, PSS {:6} KiB ({} processes){}",
+                 poweroff->exit {:5.2} s, non-guest RSS {:6} KiB, PSS {:6} KiB ({} processes){exits}{}",
                 name,
                 r.wall_s,
                 r.uptime_s,
@@ -638,16 +688,24 @@ fn main() -> Result<()> {
             .unwrap_or_else(|| "(none)".into())
     );
     println!();
-    println!("| VMM | launch to exit, wall | guest uptime when its init runs | poweroff to exit | non-guest RSS | non-guest PSS |");
-    println!("|---|---|---|---|---|---|");
+    println!("| VMM | launch to exit, wall | guest uptime when its init runs | poweroff to exit | non-guest RSS | non-guest PSS | MMIO exits to the VMM until init |");
+    println!("|---|---|---|---|---|---|---|");
     for (t, s) in targets.iter().zip(&samples) {
         if s.is_empty() {
-            println!("| {} ({}) | failed | | | | |", t.label(), t.version);
+            println!("| {} ({}) | failed | | | | | |", t.label(), t.version);
             continue;
         }
         let med = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
+        let exits = if s.iter().all(|x| x.exits.is_some()) {
+            format!(
+                "{:.0}",
+                med(|x| x.exits.map_or(f64::NAN, |e| e.mmio_user as f64))
+            )
+        } else {
+            "not shown by L1".into()
+        };
         println!(
-            "| {} ({}) | {:.2} s | {:.2} s | {:.2} s | {:.2} MiB | {:.2} MiB |",
+            "| {} ({}) | {:.2} s | {:.2} s | {:.2} s | {:.2} MiB | {:.2} MiB | {exits} |",
             t.label(),
             t.version,
             med(|x| x.wall_s),

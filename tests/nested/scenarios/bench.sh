@@ -12,6 +12,11 @@ if ! grep -q ' /dev/pts ' /proc/mounts; then
 	mkdir -p /dev/pts && mount -t devpts -o mode=620,ptmxmode=666 devpts /dev/pts ||
 		say "cannot mount devpts: Cloud Hypervisor will get no console input"
 fi
+# KVM's per-VM exit counters (the benchmark reads them at each guest's init).
+if ! grep -q ' /sys/kernel/debug ' /proc/mounts; then
+	mount -t debugfs none /sys/kernel/debug ||
+		say "cannot mount debugfs: the benchmark prints no KVM exit counts"
+fi
 # The +disk+NIC rows (non-guest RSS with one disk and one NIC): a 64 MiB disk image.
 dd if=/dev/zero of="$SCN_DIR/disk.img" bs=1M count=64 2>/dev/null || fail "cannot make the disk image"
 set -- --bulkhead "$BULKHEAD" --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --runs 3 \
