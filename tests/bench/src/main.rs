@@ -202,13 +202,24 @@ struct KvmExits {
     mmio_kernel: u64,
 }
 
-/// The exit counters of the VM(s) process `pid` created, if debugfs shows any.
+/// The exit counters of the VM(s) process `pid` created, if debugfs shows any. KVM names a
+/// VM's directory after the thread that created it (Cloud Hypervisor's is not its main
+/// thread), so every thread of the process counts.
 fn kvm_exits(pid: u32) -> Option<KvmExits> {
     let dir = std::fs::read_dir("/sys/kernel/debug/kvm").ok()?;
-    let prefix = format!("{pid}-");
+    let mut prefixes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .map(|t| format!("{}-", t.file_name().to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_default();
+    prefixes.push(format!("{pid}-"));
     let mut found = None;
     for e in dir.flatten() {
-        if !e.file_name().to_string_lossy().starts_with(&prefix) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !prefixes.iter().any(|p| name.starts_with(p.as_str())) {
             continue;
         }
         let read = |name: &str| {
