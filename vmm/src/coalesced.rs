@@ -16,7 +16,7 @@
 
 use std::io;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -37,6 +37,8 @@ pub struct CoalescedRing {
     entries: u32,
     /// One consumer at a time, and the queued writes played in order.
     consumer: Mutex<()>,
+    /// The kernel's indexes were found out of range (logged once).
+    broken: AtomicBool,
 }
 
 // SAFETY: the page is only read through atomics and volatile reads of entries the kernel has
@@ -78,6 +80,7 @@ impl CoalescedRing {
             page_size,
             entries,
             consumer: Mutex::new(()),
+            broken: AtomicBool::new(false),
         })
     }
 
@@ -103,8 +106,11 @@ impl CoalescedRing {
         // Acquire: the entries before `last` are written before the kernel publishes it.
         let end = last.load(Ordering::Acquire);
         if next >= self.entries || end >= self.entries {
-            // Not an index KVM writes; played nothing rather than read outside the page.
-            log::error!("coalesced MMIO ring indexes out of range ({next}, {end})");
+            // Not an index KVM writes; plays nothing rather than read outside the page, and
+            // says so once (this is checked before every exit is served).
+            if !self.broken.swap(true, Ordering::Relaxed) {
+                log::error!("coalesced MMIO ring indexes out of range ({next}, {end}): queued console output is lost");
+            }
             return;
         }
         let header = std::mem::size_of::<kvm_coalesced_mmio_ring>();

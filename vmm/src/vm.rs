@@ -161,11 +161,8 @@ impl MmioDevice for SharedPl011 {
         self.mmio_write(offset, data)
     }
     fn write_queued(&self, base: u64, writes: &[crate::mmio::QueuedWrite]) {
-        self.lock().write_queued(
-            writes
-                .iter()
-                .map(|w| (w.addr - base, w.bytes, usize::from(w.len))),
-        );
+        self.lock()
+            .write_queued(writes.iter().map(|w| (w.addr - base, w.data())));
     }
 }
 

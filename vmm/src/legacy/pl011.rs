@@ -163,34 +163,24 @@ impl Pl011 {
                 self.tx_held.push(byte);
             }
         } else {
-            self.send(&[byte]);
+            send(&mut self.out, &[byte]);
         }
         self.ris_latched |= INT_TX;
     }
 
-    fn send(&mut self, bytes: &[u8]) {
-        if let Some(out) = self.out.as_mut() {
-            if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
-                warn!("serial output failed, discarding further output: {e}");
-                self.out = None;
-            }
-        }
-    }
-
     /// Guest writes KVM queued without an exit (coalesced MMIO: the data register), in the
-    /// guest's order; the characters among them go out in one write.
-    pub fn write_queued(&mut self, writes: impl Iterator<Item = (u64, [u8; 8], usize)>) {
+    /// guest's order, as (register offset, bytes); the characters among them go out in one
+    /// write.
+    pub fn write_queued<'a>(&mut self, writes: impl Iterator<Item = (u64, &'a [u8])>) {
         self.holding = true;
-        for (offset, bytes, len) in writes {
-            self.write(offset, &bytes[..len.min(8)]);
+        for (offset, data) in writes {
+            self.write(offset, data);
         }
         self.holding = false;
-        let held = std::mem::take(&mut self.tx_held);
-        if !held.is_empty() {
-            self.send(&held);
+        if !self.tx_held.is_empty() {
+            send(&mut self.out, &self.tx_held);
+            self.tx_held.clear();
         }
-        self.tx_held = held;
-        self.tx_held.clear();
     }
 
     /// A guest read of the register at `offset`; `data` is 1, 2 or 4 bytes.
@@ -251,6 +241,16 @@ impl Pl011 {
             _ => {} // Read-only or reserved: ignored.
         }
         self.update_irq();
+    }
+}
+
+/// Writes `bytes` to the UART's output; a failed output is dropped (and said once).
+fn send(out: &mut Option<Box<dyn Write + Send>>, bytes: &[u8]) {
+    if let Some(o) = out.as_mut() {
+        if let Err(e) = o.write_all(bytes).and_then(|()| o.flush()) {
+            warn!("serial output failed, discarding further output: {e}");
+            *out = None;
+        }
     }
 }
 
@@ -390,6 +390,30 @@ mod tests {
         wr(&mut u, ICR, INT_TX);
         assert_eq!(line.last(), Some(false));
         assert_eq!(rd(&mut u, RIS), 0);
+    }
+
+    #[test]
+    fn test_pl011_queued_writes_send_their_characters_in_one_write() {
+        #[derive(Clone, Default)]
+        struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+        impl Write for Writes {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("lock").push(b.to_vec());
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (line, out) = (Line::default(), Writes::default());
+        let mut u = Pl011::new(Some(Box::new(out.clone())), Box::new(line.clone()));
+        let imsc = INT_TX.to_le_bytes();
+        u.write_queued([(DR, &b"o"[..]), (DR, b"k"), (IMSC, &imsc[..]), (DR, b"!")].into_iter());
+        assert_eq!(*out.0.lock().expect("lock"), vec![b"ok!".to_vec()]);
+        assert_eq!(line.last(), Some(true), "TX interrupt raised once unmasked");
+        // Outside a batch, each character goes out as it is written.
+        wr(&mut u, DR, u32::from(b'.'));
+        assert_eq!(out.0.lock().expect("lock").len(), 2);
     }
 
     #[test]
