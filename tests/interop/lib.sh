@@ -3,22 +3,8 @@
 # which define log, die and CACHE first): host packages, the Debian amd64 guest kernel and
 # busybox (cached in tests/.cache), and the guest's kernel modules in load order.
 
-as_root() {
-	if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi
-}
-
-pkg_installed() {
-	[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
-}
-
-apt_updated=0
-apt_update() {
-	if [ "$apt_updated" -eq 0 ]; then
-		log "apt-get update"
-		as_root apt-get update -qq >/dev/null
-		apt_updated=1
-	fi
-}
+# shellcheck source=tests/debian.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../debian.sh"
 
 # ensure_host_deps PKG...: the Debian packages installed (apt-get update only when needed),
 # and package lists present when the guest assets are not cached yet.
@@ -50,37 +36,9 @@ ensure_host_deps() {
 # ---------------------------------------------------------------------------------------------
 # 2. Guest kernel and busybox from Debian's amd64 packages, cached in tests/.cache.
 
-# download_pkg PKG DEST: apt-get download PKG and unpack it into DEST (once).
-download_pkg() {
-	local pkg=$1 dest=$2 tmp
-	if [ -e "$dest/.unpacked" ]; then return 0; fi
-	mkdir -p "$CACHE"
-	tmp=$(mktemp -d "$CACHE/dl.XXXXXX")
-	log "apt-get download $pkg"
-	(cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$pkg" >/dev/null 2>&1) ||
-		(cd "$tmp" && apt-get download -qq "$pkg" >/dev/null) ||
-		{ rm -rf "$tmp"; die "apt-get download $pkg failed"; }
-	rm -rf "$dest"
-	mkdir -p "$dest"
-	dpkg-deb -x "$tmp"/*.deb "$dest"
-	mv "$tmp"/*.deb "$dest"/
-	rm -rf "$tmp"
-	touch "$dest/.unpacked"
-}
-
 fetch_assets() {
-	local kpkg kdir
-	kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-		awk '!found && $1 == "Depends:" && $2 ~ /^linux-image-.*-cloud-amd64/ { print $2; found = 1 }')
-	if [ -n "$kpkg" ]; then
-		kdir=$CACHE/$kpkg
-		download_pkg "$kpkg" "$kdir"
-	else
-		# No package lists (offline?): the newest cached kernel.
-		kdir=$(find "$CACHE" -maxdepth 1 -name 'linux-image-*-cloud-amd64' | sort -V | tail -n 1)
-		[ -n "$kdir" ] || die "cannot resolve linux-image-cloud-amd64 (apt-cache depends)"
-		log "using cached $(basename "$kdir")"
-	fi
+	local kdir
+	kdir=$(resolve_kernel_pkg linux-image-cloud-amd64 amd64)
 	KERNEL=$(find "$kdir/boot" -maxdepth 1 -name 'vmlinuz-*' -print -quit 2>/dev/null)
 	[ -f "$KERNEL" ] || die "no boot/vmlinuz-* in $kdir"
 	# A bzImage has "HdrS" at offset 0x202.

@@ -201,6 +201,20 @@ check_guest() {
 	return 0
 }
 
+# ctl_call [-c] API ARGS...: bulkhead-ctl --api-socket API ARGS as one line: "OK <reply>" (-c:
+# the reply without its spaces) or "ERR <status> <message>".
+ctl_call() {
+	_strip='\n'
+	if [ "$1" = -c ]; then _strip=' \n'; shift; fi
+	_api=$1
+	shift
+	if _out=$(bulkhead-ctl --api-socket "$_api" "$@" 2>"$SCN_DIR/ctl.err"); then
+		echo "OK $(echo "$_out" | tr -d "$_strip")"
+	else
+		echo "ERR $(sed -n 's/^bulkhead-ctl: [^:]*: \([0-9]*\): /\1 /p' "$SCN_DIR/ctl.err")$(grep -v '^bulkhead-ctl: [^:]*: [0-9]*: ' "$SCN_DIR/ctl.err")"
+	fi
+}
+
 # info_field API ID NAME: device ID's numeric field NAME in vm.info through the API socket API
 # ("" for null or no such device).
 info_field() {

@@ -332,7 +332,7 @@ fn check_disk_image(disk: &DiskConfig) -> Result<(), ConfigError> {
 
 /// `--disk`'s options, checked without touching any file (the API's `vm.add-disk` parses
 /// them in a thread that may open nothing).
-pub(crate) fn parse_disk_options(value: &str) -> Result<DiskConfig, ConfigError> {
+pub fn parse_disk_options(value: &str) -> Result<DiskConfig, ConfigError> {
     let bad = |reason: String| ConfigError::Option {
         flag: "disk",
         reason,

@@ -255,7 +255,7 @@ pub fn start_backend<C: Device>(config: C) -> Result<(), Error> {
     }
     let mut keep = runtime.fds();
     keep.extend_from_slice(&device_fds);
-    startup::close_other_fds(&keep).map_err(Error::CloseDescriptors)?;
+    bulkhead_sandbox::close_other_fds(&keep).map_err(Error::CloseDescriptors)?;
 
     fault::set_kind(C::KIND);
     if let Some(f) = &runtime.fault {

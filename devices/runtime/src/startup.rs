@@ -99,51 +99,6 @@ pub fn check_open(fd: RawFd) -> io::Result<()> {
     set_cloexec(fd)
 }
 
-/// Closes every descriptor above 2 except those in `keep`.
-pub fn close_other_fds(keep: &[RawFd]) -> io::Result<()> {
-    let mut keep: Vec<u32> = keep
-        .iter()
-        .filter_map(|fd| u32::try_from(*fd).ok())
-        .collect();
-    keep.sort_unstable();
-    let mut first = 3u32;
-    for fd in keep.into_iter().filter(|fd| *fd >= 3) {
-        if fd > first {
-            close_range(first, fd - 1)?;
-        }
-        first = fd.saturating_add(1);
-    }
-    close_range(first, u32::MAX)
-}
-
-fn close_range(first: u32, last: u32) -> io::Result<()> {
-    // SAFETY: close_range takes integers only; the descriptors it closes are ones this process
-    // was handed but not told about (nothing in the process owns them yet).
-    let ret = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
-    if ret == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::ENOSYS) {
-        return Err(e);
-    }
-    // Before Linux 5.9: close one by one up to the descriptor limit.
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into `limit`, a valid rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let end = u32::try_from(limit.rlim_cur.min(1 << 20)).unwrap_or(1 << 20);
-    for fd in first..=last.min(end) {
-        // SAFETY: as above; EBADF for descriptors that are not open is ignored.
-        unsafe { libc::close(fd as RawFd) };
-    }
-    Ok(())
-}
-
 /// Listens on `path`, accepts one frontend and removes the socket file again.
 pub fn accept_one(path: &Path) -> Result<UnixStream, Error> {
     match std::fs::symlink_metadata(path) {

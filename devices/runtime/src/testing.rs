@@ -96,3 +96,82 @@ pub fn ask(fd: &OwnedFd, request: &[u8]) -> String {
     buf.truncate(n as usize);
     String::from_utf8(buf).expect("UTF-8 reply")
 }
+
+/// The virtqueue the device fuzz targets build from their input: 16 descriptors at
+/// [`fuzz_queue::DESC`], the available ring at [`fuzz_queue::AVAIL`], the used ring at
+/// [`fuzz_queue::USED`], and what the input has left copied into guest memory from
+/// [`fuzz_queue::PAYLOAD`] on (headers, data, indirect tables).
+pub mod fuzz_queue {
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+    /// The queue's size.
+    pub const QSIZE: u16 = 16;
+    /// The descriptor table.
+    pub const DESC: u64 = 0x0;
+    /// The available ring.
+    pub const AVAIL: u64 = 0x200;
+    /// The used ring.
+    pub const USED: u64 = 0x400;
+    /// Where the rest of the input goes.
+    pub const PAYLOAD: u64 = 0x1000;
+
+    /// The next `N` bytes of `data` (zeros past its end), consumed.
+    pub fn take<const N: usize>(data: &mut &[u8]) -> [u8; N] {
+        let mut out = [0u8; N];
+        let n = data.len().min(N);
+        out[..n].copy_from_slice(&data[..n]);
+        *data = &data[n..];
+        out
+    }
+
+    /// Lays the queue out in `mem` (guest memory from address 0) from `data`: 16 descriptors of
+    /// 16 bytes (address, length, flags, next) whose address is taken modulo `addr_span` and
+    /// length modulo `max_len` unless its top bit is set (then it stays raw), 16 available
+    /// ring entries of 2 bytes, and the available index `avail_idx` modulo `QSIZE + 2`; the
+    /// rest of `data` is the payload, as much as fits. Returns the queue, ready, the available
+    /// index it was given, and the payload's length.
+    pub fn lay_out(
+        mem: &GuestMemoryMmap,
+        addr_span: u64,
+        max_len: u32,
+        avail_idx: u8,
+        data: &mut &[u8],
+    ) -> (Queue, u16, usize) {
+        for i in 0..u64::from(QSIZE) {
+            let raw = take::<16>(data);
+            let mut addr = u64::from_le_bytes(raw[0..8].try_into().expect("8"));
+            let mut len = u32::from_le_bytes(raw[8..12].try_into().expect("4"));
+            if addr >> 63 == 0 {
+                addr %= addr_span;
+            }
+            if len >> 31 == 0 {
+                len %= max_len;
+            }
+            let mut desc = [0u8; 16];
+            desc[0..8].copy_from_slice(&addr.to_le_bytes());
+            desc[8..12].copy_from_slice(&len.to_le_bytes());
+            desc[12..16].copy_from_slice(&raw[12..16]);
+            mem.write_slice(&desc, GuestAddress(DESC + 16 * i))
+                .expect("desc");
+        }
+        let ring = take::<32>(data);
+        mem.write_slice(&ring, GuestAddress(AVAIL + 4))
+            .expect("avail ring");
+        let avail_idx = u16::from(avail_idx % (QSIZE as u8 + 2));
+        mem.write_obj(avail_idx.to_le(), GuestAddress(AVAIL + 2))
+            .expect("avail idx");
+        let room = mem.last_addr().0 + 1 - PAYLOAD;
+        let n = data.len().min(room as usize);
+        mem.write_slice(&data[..n], GuestAddress(PAYLOAD))
+            .expect("payload");
+
+        let mut queue = Queue::new(QSIZE).expect("queue");
+        queue.set_size(QSIZE);
+        queue.set_desc_table_address(Some(DESC as u32), Some(0));
+        queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        queue.set_used_ring_address(Some(USED as u32), Some(0));
+        queue.set_ready(true);
+        (queue, avail_idx, n)
+    }
+}

@@ -33,13 +33,7 @@ run() { # run COMMAND ERE TIMEOUT: type COMMAND, wait for a line matching ERE, p
 	vm_wait_for vm "$2" "$3"
 	tr -d '\r' <"$SCN_DIR/vm/out" | grep -E "$2" | tail -n 1 | sed 's/^[A-Z0-9]*-//'
 }
-inject() { # inject ID FAULT: "OK <reply JSON>" or "ERR <status> <message>"
-	if out=$(bulkhead-ctl --api-socket "$api" inject-fault "$1" "$2" 2>"$SCN_DIR/ctl.err"); then
-		echo "OK $(echo "$out" | tr -d '\n')"
-	else
-		echo "ERR $(sed -n 's/^bulkhead-ctl: [^:]*: \([0-9]*\): /\1 /p' "$SCN_DIR/ctl.err")$(grep -v '^bulkhead-ctl: [^:]*: [0-9]*: ' "$SCN_DIR/ctl.err")"
-	fi
-}
+inject() { ctl_call "$api" inject-fault "$1" "$2"; } # inject ID FAULT
 # dev_pid [IMAGE]: the pid of the bulkhead-block process serving IMAGE (default: data's).
 dev_pid() {
 	for p in /proc/[0-9]*; do

@@ -22,13 +22,7 @@ dd if=/dev/zero of="$img/hot" bs=1M count=32 2>/dev/null
 api=$SCN_DIR/api.sock
 # hp VERB ARGS: one bulkhead-ctl request (add-disk OPTIONS, add-net OPTIONS, remove-device ID);
 # prints "OK <its JSON answer on one line>" or "ERR <status> <message>".
-hp() {
-	if out=$(bulkhead-ctl --api-socket "$api" "$@" 2>"$SCN_DIR/ctl.err"); then
-		echo "OK $(echo "$out" | tr -d ' \n')"
-	else
-		echo "ERR $(sed -n 's/^bulkhead-ctl: [^:]*: \([0-9]*\): /\1 /p' "$SCN_DIR/ctl.err")$(grep -v '^bulkhead-ctl: [^:]*: [0-9]*: ' "$SCN_DIR/ctl.err")"
-	fi
-}
+hp() { ctl_call -c "$api" "$@"; }
 
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
 	--cpus boot=2 --memory size=1G -v --pci-slots 2 --api-socket "$api" \

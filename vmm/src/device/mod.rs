@@ -1300,6 +1300,14 @@ mod tests {
         Some(dir)
     }
 
+    /// The unjailed `disk0` of the block tests on `image` (one queue of 128), as `--disk` with
+    /// `extra` options would make it.
+    pub(crate) fn disk0_spec(image: &Path, extra: &str) -> DeviceSpec {
+        let value = format!("path={},id=disk0,queue_size=128{extra}", image.display());
+        let disk = crate::config::parse_disk_options(&value).expect("disk options");
+        disk_spec(&disk, 0, 0, false)
+    }
+
     /// The whole path against the real block device process (unjailed: a debug build is
     /// dynamically linked and cannot run in the jail's empty root): spawn through the
     /// spawner, handshake, transport; then a second start on the same writable image is
@@ -1330,26 +1338,7 @@ mod tests {
             device_ids: None,
             ram_size: 1 << 20,
         };
-        let spec = DeviceSpec {
-            id: "disk0".into(),
-            kind: DeviceKind::Block,
-            slot: 0,
-            queues: 1,
-            queue_size: 128,
-            backend: Backend::Spawn {
-                files: vec![DeviceFile {
-                    path: image.clone(),
-                    readonly: false,
-                }],
-                args: vec![
-                    "--path".into(),
-                    image.display().to_string(),
-                    "--image-fd".into(),
-                    FIRST_KIND_FD.to_string(),
-                ],
-            },
-            policy: DeviceKind::Block.policy(1, false),
-        };
+        let spec = disk0_spec(&image, "");
         let (devices, transports) =
             Devices::start(std::slice::from_ref(&spec), &env).expect("start");
         assert_eq!(transports.len(), 1);

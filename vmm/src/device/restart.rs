@@ -378,9 +378,7 @@ impl Respawn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{
-        spawner_policy, Backend, DeviceEnv, DeviceFile, DeviceKind, Devices, FIRST_KIND_FD,
-    };
+    use crate::device::{spawner_policy, DeviceEnv, Devices};
     use crate::mmio::MmioBus;
     use vm_memory::GuestMemoryMmap;
 
@@ -435,28 +433,8 @@ mod tests {
                 .expect("image");
             let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
             let memory = guest_memory();
-            let mut policy = DeviceKind::Block.policy(1, false);
-            policy.restart = restart;
-            let spec = DeviceSpec {
-                id: "disk0".into(),
-                kind: DeviceKind::Block,
-                slot: 0,
-                queues: 1,
-                queue_size: 128,
-                backend: Backend::Spawn {
-                    files: vec![DeviceFile {
-                        path: image.clone(),
-                        readonly: false,
-                    }],
-                    args: vec![
-                        "--path".into(),
-                        image.display().to_string(),
-                        "--image-fd".into(),
-                        FIRST_KIND_FD.to_string(),
-                    ],
-                },
-                policy,
-            };
+            let mut spec = super::super::tests::disk0_spec(&image, "");
+            spec.policy.restart = restart;
             Some(Self {
                 image,
                 spawner,

@@ -250,25 +250,6 @@ pub struct Spawner {
     pid: libc::pid_t,
 }
 
-/// Closes every descriptor from 3 up except `keep` (best effort: close_range(2) needs Linux
-/// 5.9; before that, nothing is closed here and exec's close-on-exec still applies).
-fn close_all_but(keep: &[RawFd]) {
-    let mut keep: Vec<u32> = keep
-        .iter()
-        .filter_map(|&fd| u32::try_from(fd).ok())
-        .collect();
-    keep.sort_unstable();
-    let mut first = 3u32;
-    for fd in keep.into_iter().chain([u32::MAX]) {
-        if fd > first {
-            let last = if fd == u32::MAX { u32::MAX } else { fd - 1 };
-            // SAFETY: close_range takes numbers only; the kept descriptors are outside.
-            unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
-        }
-        first = first.max(fd.saturating_add(1));
-    }
-}
-
 impl Spawner {
     /// Forks the spawner. Call first thing in `main`: before any thread is started (the child
     /// is a copy of the calling thread only) and before any seccomp filter is applied (it
@@ -299,7 +280,11 @@ impl Spawner {
             // Only what the spawner needs: not the descriptors the VMM was given (tap queues
             // of `--net fd=`), nor any another thread of a multi-threaded caller (tests) had
             // open at the fork, which would keep a tap attached or a socket alive.
-            close_all_but(&[req_spawner.as_raw_fd(), ev_spawner.as_raw_fd()]);
+            // Best effort: one left open is not the spawner's to use.
+            let _ = bulkhead_sandbox::close_other_fds(&[
+                req_spawner.as_raw_fd(),
+                ev_spawner.as_raw_fd(),
+            ]);
             // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
             unsafe { libc::prctl(libc::PR_SET_NAME, c"bulkhead-spawn".as_ptr()) };
             // A terminal's Ctrl-C or a SIGTERM to the process group is the VMM's to handle

@@ -19,26 +19,14 @@ use std::sync::{Arc, OnceLock};
 
 use bulkhead_balloon::queue::{process_pages, take_stats, Counters, GuestStats, Role};
 use bulkhead_balloon::ram::{GuestRam, Partial, RamRegion};
+use bulkhead_device_runtime::testing::fuzz_queue::{lay_out, take};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use virtio_queue::QueueT;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
-const QSIZE: u16 = 16;
 /// Guest RAM as the balloon knows it; the memfd has `TAIL` more bytes after it.
 const MEM_SIZE: u64 = 0x10_0000;
 const TAIL: u64 = 0x1_0000;
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x200;
-const USED: u64 = 0x400;
-const PAYLOAD: u64 = 0x1000;
-
-fn take<const N: usize>(data: &mut &[u8]) -> [u8; N] {
-    let mut out = [0u8; N];
-    let n = data.len().min(N);
-    out[..n].copy_from_slice(&data[..n]);
-    *data = &data[n..];
-    out
-}
 
 static GUEST: OnceLock<(Arc<File>, GuestMemoryMmap)> = OnceLock::new();
 
@@ -70,41 +58,9 @@ fuzz_target!(|input: &[u8]| {
         partial: Partial::default(),
     };
 
-    // Descriptor table: addresses and lengths mostly inside guest memory, sometimes raw.
-    for i in 0..u64::from(QSIZE) {
-        let raw = take::<16>(&mut data);
-        let mut addr = u64::from_le_bytes(raw[0..8].try_into().expect("8"));
-        let mut len = u32::from_le_bytes(raw[8..12].try_into().expect("4"));
-        if addr >> 63 == 0 {
-            addr %= MEM_SIZE + 0x2000;
-        }
-        if len >> 31 == 0 {
-            len %= 0x2_0000;
-        }
-        let mut desc = [0u8; 16];
-        desc[0..8].copy_from_slice(&addr.to_le_bytes());
-        desc[8..12].copy_from_slice(&len.to_le_bytes());
-        desc[12..16].copy_from_slice(&raw[12..16]);
-        mem.write_slice(&desc, GuestAddress(DESC + 16 * i))
-            .expect("desc");
-    }
-    let ring = take::<32>(&mut data);
-    mem.write_slice(&ring, GuestAddress(AVAIL + 4))
-        .expect("avail ring");
-    let avail_idx = u16::from(avail_idx % (QSIZE as u8 + 2));
-    mem.write_obj(avail_idx.to_le(), GuestAddress(AVAIL + 2))
-        .expect("avail idx");
+    // Descriptors with addresses and lengths mostly inside guest memory, sometimes raw.
     // Page frame numbers mostly near guest RAM (some beyond it), as the payload.
-    let n = data.len().min((MEM_SIZE - PAYLOAD) as usize);
-    mem.write_slice(&data[..n], GuestAddress(PAYLOAD))
-        .expect("payload");
-
-    let mut queue = Queue::new(QSIZE).expect("queue");
-    queue.set_size(QSIZE);
-    queue.set_desc_table_address(Some(DESC as u32), Some(0));
-    queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-    queue.set_used_ring_address(Some(USED as u32), Some(0));
-    queue.set_ready(true);
+    let (mut queue, avail_idx, _) = lay_out(mem, MEM_SIZE + 0x2000, 0x2_0000, avail_idx, &mut data);
 
     let counters = Counters::default();
     let role = match options & 3 {

@@ -15,24 +15,11 @@
 use std::collections::VecDeque;
 
 use bulkhead_console::queue::{drain_tx, fill_rx};
+use bulkhead_device_runtime::testing::fuzz_queue::{lay_out, take};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-const QSIZE: u16 = 16;
 const MEM_SIZE: u64 = 0x2_0000;
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x200;
-const USED: u64 = 0x400;
-const PAYLOAD: u64 = 0x1000;
-
-fn take<const N: usize>(data: &mut &[u8]) -> [u8; N] {
-    let mut out = [0u8; N];
-    let n = data.len().min(N);
-    out[..n].copy_from_slice(&data[..n]);
-    *data = &data[n..];
-    out
-}
 
 fuzz_target!(|input: &[u8]| {
     let mut data = input;
@@ -40,40 +27,8 @@ fuzz_target!(|input: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
         .expect("guest memory");
 
-    // Descriptor table: addresses and lengths mostly inside guest memory, sometimes raw.
-    for i in 0..u64::from(QSIZE) {
-        let raw = take::<16>(&mut data);
-        let mut addr = u64::from_le_bytes(raw[0..8].try_into().expect("8"));
-        let mut len = u32::from_le_bytes(raw[8..12].try_into().expect("4"));
-        if addr >> 63 == 0 {
-            addr %= MEM_SIZE + 0x200;
-        }
-        if len >> 31 == 0 {
-            len %= 0x1000;
-        }
-        let mut desc = [0u8; 16];
-        desc[0..8].copy_from_slice(&addr.to_le_bytes());
-        desc[8..12].copy_from_slice(&len.to_le_bytes());
-        desc[12..16].copy_from_slice(&raw[12..16]);
-        mem.write_slice(&desc, GuestAddress(DESC + 16 * i))
-            .expect("desc");
-    }
-    let ring = take::<32>(&mut data);
-    mem.write_slice(&ring, GuestAddress(AVAIL + 4))
-        .expect("avail ring");
-    let avail_idx = u16::from(avail_idx % (QSIZE as u8 + 2));
-    mem.write_obj(avail_idx.to_le(), GuestAddress(AVAIL + 2))
-        .expect("avail idx");
-    let n = data.len().min((MEM_SIZE - PAYLOAD) as usize);
-    mem.write_slice(&data[..n], GuestAddress(PAYLOAD))
-        .expect("payload");
-
-    let mut queue = Queue::new(QSIZE).expect("queue");
-    queue.set_size(QSIZE);
-    queue.set_desc_table_address(Some(DESC as u32), Some(0));
-    queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-    queue.set_used_ring_address(Some(USED as u32), Some(0));
-    queue.set_ready(true);
+    // Descriptors with addresses and lengths mostly inside guest memory, sometimes raw.
+    let (mut queue, _, _) = lay_out(&mem, MEM_SIZE + 0x200, 0x1000, avail_idx, &mut data);
 
     if options & 1 == 0 {
         let cap = 256usize << ((options >> 1) & 7);

@@ -10,10 +10,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bulkhead::config::parse_disk_options;
 use bulkhead::device::spawner::{Exit, Spawner};
-use bulkhead::device::{
-    open_files, spawn_process, Backend, DeviceFile, DeviceKind, DeviceSpec, SpawnEnv, FIRST_KIND_FD,
-};
+use bulkhead::device::{disk_spec, open_files, spawn_process, SpawnEnv};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
 
@@ -36,28 +35,9 @@ fn one(
     jailed: bool,
 ) -> Result<(u128, u64)> {
     let t0 = Instant::now();
-    let spec = DeviceSpec {
-        id: "bench0".into(),
-        kind: DeviceKind::Block,
-        slot: 0,
-        queues: 1,
-        queue_size: 256,
-        backend: Backend::Spawn {
-            files: vec![DeviceFile {
-                path: image.to_path_buf(),
-                readonly: false,
-            }],
-            args: vec![
-                "--path".into(),
-                image.display().to_string(),
-                "--image-fd".into(),
-                FIRST_KIND_FD.to_string(),
-                "--num-queues".into(),
-                "1".into(),
-            ],
-        },
-        policy: DeviceKind::Block.policy(1, jailed),
-    };
+    // The spec `--disk path=IMAGE,id=bench0` makes (one queue of 256).
+    let disk = parse_disk_options(&format!("path={},id=bench0", image.display()))?;
+    let spec = disk_spec(&disk, 0, 0, jailed);
     let files = open_files(&spec)?;
     let env = SpawnEnv {
         spawner,
