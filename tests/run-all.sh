@@ -24,11 +24,10 @@ rustup target list --installed | grep -qx aarch64-unknown-linux-musl \
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER=qemu-aarch64-static
 
-log "formatting and lints (cargo fmt --check, cargo clippy -D warnings)"
+log "formatting (cargo fmt --check)"
 rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 cargo fmt --all --check
-cargo clippy --workspace --all-targets -- -D warnings
 
 log "unit tests, x86_64"
 # Strict: a test that needs root (a real tap, namespaces) fails instead of skipping.
@@ -36,12 +35,48 @@ log "unit tests, x86_64"
 cargo build --workspace --bins
 BULKHEAD_TEST_STRICT=1 cargo test --workspace
 
+rc=0
+# The nested system tests run in the background from here, the longest part of the run: their
+# cross-build first (beside the aarch64 unit tests and the interop tests, which then run at the
+# same priority), then one emulated host at a time, each busy with its scenarios' real timing
+# (device deadlines, rate limits). The emulated hosts leave about a third of the machine's two
+# CPUs idle, and the lints and the fuzz targets get that: at the lowest priority (nice 19), so
+# that they take only idle time and do not slow an emulated host down. The L1 consoles go to a
+# file, shown from the start once the fuzzing is done and then as they come.
+rm -f tests/out/*.summary
+mkdir -p tests/out
+nested_log=tests/out/nested-all.txt
+log "system tests, nested KVM, in the background (cross-build, then three emulated hosts in turn; console in $nested_log until the fuzzing is done)"
+# Its own target directory: cargo locks a target directory's release build while it builds, and
+# the interop tests build their x86_64 release programs meanwhile.
+(
+    export CARGO_TARGET_DIR=$PWD/target/nested
+    nested_rc=0
+    step() { printf '\n=== %s (at %d:%02d)\n' "$*" $((SECONDS / 60)) $((SECONDS % 60)); }
+    step "system tests, nested KVM (L1 with a GICv3)"
+    tests/nested/run.sh --suite boot || nested_rc=1
+    step "system tests, nested KVM (L1 with a GICv2: the vGICv2 fallback)"
+    tests/nested/run.sh --suite gicv2 --no-build || nested_rc=1
+    # Three suites in one L1 boot (the same GICv3 machine; an L1 boot costs a minute on a slow day).
+    step "system tests, nested KVM: disks (bulkhead-block processes behind PCIe root ports), the device-process jail (attack probe), networking (bulkhead-net processes on taps)"
+    tests/nested/run.sh --suite disk+jail+net --no-build || nested_rc=1
+    exit "$nested_rc"
+) >"$nested_log" 2>&1 </dev/null &
+nested_pid=$!
+
 log "unit tests, aarch64 (qemu-aarch64-static)"
 # Unit tests only: integration tests start programs, and this machine runs aarch64 ones only
 # through the test runner.
-cargo test --workspace --target aarch64-unknown-linux-musl --lib --bins
+cargo test --workspace --target aarch64-unknown-linux-musl --lib --bins || rc=1
 
-rc=0
+log "interop: QEMU (a vhost-user frontend nobody here wrote) drives bulkhead-block for a Debian amd64 guest"
+tests/interop/qemu-vhost-user-blk.sh || rc=1
+log "interop: QEMU drives bulkhead-net (vhost-user-net, 2 queue pairs) on a tap in a namespace of its own"
+tests/interop/qemu-vhost-user-net.sh || rc=1
+
+log "lints (cargo clippy -D warnings, nice 19, beside the nested tests)"
+nice -n 19 cargo clippy --workspace --all-targets -- -D warnings || rc=1
+
 # Fuzz targets: CRATE_DIR:TARGET:SECONDS. Each replays its committed corpus (fuzz/seeds/TARGET:
 # a crash there is a regression) and then fuzzes for a bounded time. They share one target
 # directory so that their common dependencies are built once. Leak detection is off: the
@@ -60,13 +95,15 @@ FUZZ_TARGETS=(
     vmm/fuzz:vhost_user_replies:5
     vmm/fuzz:api_requests:5
 )
-log "fuzzing (cargo-fuzz, nightly): ${FUZZ_TARGETS[*]}"
+log "fuzzing (cargo-fuzz, nightly, nice 19, beside the nested tests): ${FUZZ_TARGETS[*]}"
+fuzz_tools=1
 if ! rustup toolchain list | grep -q '^nightly'; then
     rustup toolchain install nightly --profile minimal ||
-        { echo "FUZZ FAILED: cannot install the nightly toolchain cargo-fuzz needs"; exit 1; }
+        { echo "FUZZ FAILED: cannot install the nightly toolchain cargo-fuzz needs"; fuzz_tools=0; rc=1; }
 fi
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet ||
-    { echo "FUZZ FAILED: cannot install cargo-fuzz"; exit 1; }
+command -v cargo-fuzz >/dev/null || nice -n 19 cargo install cargo-fuzz --locked --quiet ||
+    { echo "FUZZ FAILED: cannot install cargo-fuzz"; fuzz_tools=0; rc=1; }
+[ "$fuzz_tools" -eq 1 ] || FUZZ_TARGETS=()
 fuzz_target_dir=$PWD/target/fuzz
 for t in "${FUZZ_TARGETS[@]}"; do
     IFS=: read -r dir name secs <<<"$t"
@@ -77,28 +114,16 @@ for t in "${FUZZ_TARGETS[@]}"; do
     # corpus (the second, read as seeds) stays as it is.
     scratch=$(mktemp -d)
     echo "--- $dir $name: replay $(find "$corpus" -type f | wc -l) corpus inputs, then ${secs} s"
-    (cd "$dir" && ASAN_OPTIONS=detect_leaks=0 cargo +nightly fuzz run --target-dir "$fuzz_target_dir" "$name" "$scratch" "seeds/$name" -- \
+    (cd "$dir" && ASAN_OPTIONS=detect_leaks=0 nice -n 19 cargo +nightly fuzz run --target-dir "$fuzz_target_dir" "$name" "$scratch" "seeds/$name" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -detect_leaks=0 -print_final_stats=1 2>&1 | tail -n 12
         exit "${PIPESTATUS[0]}") ||
         { echo "FUZZ FAILED: $dir $name (see $dir/artifacts/$name)"; rc=1; }
     rm -rf "$scratch"
 done
 
-log "interop: QEMU (a vhost-user frontend nobody here wrote) drives bulkhead-block for a Debian amd64 guest"
-tests/interop/qemu-vhost-user-blk.sh || rc=1
-log "interop: QEMU drives bulkhead-net (vhost-user-net, 2 queue pairs) on a tap in a namespace of its own"
-tests/interop/qemu-vhost-user-net.sh || rc=1
-
-rm -f tests/out/*.summary
-log "system tests, nested KVM (L1 with a GICv3)"
-tests/nested/run.sh --suite boot || rc=1
-
-log "system tests, nested KVM (L1 with a GICv2: the vGICv2 fallback)"
-tests/nested/run.sh --suite gicv2 --no-build || rc=1
-
-# Three suites in one L1 boot (the same GICv3 machine; an L1 boot costs a minute on a slow day).
-log "system tests, nested KVM: disks (bulkhead-block processes behind PCIe root ports), the device-process jail (attack probe), networking (bulkhead-net processes on taps)"
-tests/nested/run.sh --suite disk+jail+net --no-build || rc=1
+log "system tests, nested KVM: what they printed so far, then the rest as it comes"
+tail -n +1 -f --pid="$nested_pid" "$nested_log" || true
+wait "$nested_pid" || rc=1
 
 log "summary"
 summaries=(tests/out/boot.summary tests/out/gicv2.summary tests/out/disk+jail+net.summary)
