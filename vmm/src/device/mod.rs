@@ -1300,6 +1300,42 @@ mod tests {
         Some(dir)
     }
 
+    /// 1 MiB of anonymous guest memory at 0x8000_0000.
+    pub(crate) fn anonymous_memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
+            .expect("memory")
+    }
+
+    /// What the tests that start real device processes share: an unjailed spawner, guest
+    /// memory and an MMIO bus, and the [`DeviceEnv`] over them.
+    pub(crate) struct TestEnv {
+        pub spawner: Arc<Spawner>,
+        pub memory: GuestMemoryMmap,
+        pub bus: Arc<MmioBus>,
+    }
+
+    impl TestEnv {
+        pub fn new(memory: GuestMemoryMmap) -> Self {
+            Self {
+                spawner: Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner")),
+                memory,
+                bus: Arc::new(MmioBus::default()),
+            }
+        }
+
+        pub fn env(&self) -> DeviceEnv<'_> {
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+            DeviceEnv {
+                memory: &self.memory,
+                bus: &self.bus,
+                spawner: &self.spawner,
+                cgroup: None,
+                device_ids: None,
+                ram_size: self.memory.iter().map(|r| r.len()).sum(),
+            }
+        }
+    }
+
     /// The unjailed `disk0` of the block tests on `image` (one queue of 128), as `--disk` with
     /// `extra` options would make it.
     pub(crate) fn disk0_spec(image: &Path, extra: &str) -> DeviceSpec {
@@ -1325,19 +1361,8 @@ mod tests {
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(1 << 20))
             .expect("image");
-        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
-        let memory =
-            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
-                .expect("memory");
-        let bus = Arc::new(MmioBus::default());
-        let env = DeviceEnv {
-            memory: &memory,
-            bus: &bus,
-            spawner: &spawner,
-            cgroup: None,
-            device_ids: None,
-            ram_size: 1 << 20,
-        };
+        let fixture = TestEnv::new(anonymous_memory());
+        let env = fixture.env();
         let spec = disk0_spec(&image, "");
         let (devices, transports) =
             Devices::start(std::slice::from_ref(&spec), &env).expect("start");
@@ -1377,19 +1402,8 @@ mod tests {
         };
         // SAFETY (not unsafe in edition 2021): only this test reads PATH for programs.
         std::env::set_var("PATH", &dir);
-        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
-        let memory =
-            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
-                .expect("memory");
-        let bus = Arc::new(MmioBus::default());
-        let env = DeviceEnv {
-            memory: &memory,
-            bus: &bus,
-            spawner: &spawner,
-            cgroup: None,
-            device_ids: None,
-            ram_size: 1 << 20,
-        };
+        let fixture = TestEnv::new(anonymous_memory());
+        let env = fixture.env();
         let config = BalloonConfig {
             size: 1 << 20,
             deflate_on_oom: true,
@@ -1654,19 +1668,8 @@ mod tests {
             return;
         }
         std::env::set_var("PATH", &dir);
-        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
-        let memory =
-            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
-                .expect("memory");
-        let bus = Arc::new(MmioBus::default());
-        let env = DeviceEnv {
-            memory: &memory,
-            bus: &bus,
-            spawner: &spawner,
-            cgroup: None,
-            device_ids: None,
-            ram_size: 1 << 20,
-        };
+        let fixture = TestEnv::new(anonymous_memory());
+        let env = fixture.env();
         let net = NetConfig {
             backend: NetBackend::Tap {
                 name: name.clone(),
@@ -1857,19 +1860,8 @@ mod tests {
             return;
         };
         std::env::set_var("PATH", &dir);
-        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
-        let memory =
-            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
-                .expect("memory");
-        let bus = Arc::new(MmioBus::default());
-        let env = DeviceEnv {
-            memory: &memory,
-            bus: &bus,
-            spawner: &spawner,
-            cgroup: None,
-            device_ids: None,
-            ram_size: 1 << 20,
-        };
+        let fixture = TestEnv::new(anonymous_memory());
+        let env = fixture.env();
         let path = std::env::temp_dir().join(format!("bh-console-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let spec = console_spec(&ConsoleConfig::Socket(path.clone()), 0, false).expect("spec");
@@ -1921,19 +1913,8 @@ mod tests {
         };
         // SAFETY (not unsafe in edition 2021): the tests that set PATH set the same directory.
         std::env::set_var("PATH", &dir);
-        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
-        let memory =
-            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0x8000_0000), 1 << 20)])
-                .expect("memory");
-        let bus = Arc::new(MmioBus::default());
-        let env = DeviceEnv {
-            memory: &memory,
-            bus: &bus,
-            spawner: &spawner,
-            cgroup: None,
-            device_ids: None,
-            ram_size: 1 << 20,
-        };
+        let fixture = TestEnv::new(anonymous_memory());
+        let env = fixture.env();
         let path = std::env::temp_dir().join(format!("bh-both-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let balloon = BalloonConfig {

@@ -378,8 +378,8 @@ impl Respawn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{spawner_policy, DeviceEnv, Devices};
-    use crate::mmio::MmioBus;
+    use crate::device::tests::{disk0_spec, TestEnv};
+    use crate::device::{DeviceEnv, Devices};
     use vm_memory::GuestMemoryMmap;
 
     fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -416,43 +416,30 @@ mod tests {
     /// skipped) without a built `bulkhead-block`.
     struct BlockFixture {
         image: std::path::PathBuf,
-        spawner: Arc<Spawner>,
-        memory: GuestMemoryMmap,
-        bus: Arc<MmioBus>,
+        test_env: TestEnv,
         spec: DeviceSpec,
     }
 
     impl BlockFixture {
         fn new(tag: &str, restart: RestartPolicy) -> Option<Self> {
-            let dir = super::super::tests::built_programs("bulkhead-block")?;
+            let dir = crate::device::tests::built_programs("bulkhead-block")?;
             std::env::set_var("PATH", &dir);
             let image =
                 std::env::temp_dir().join(format!("bulkhead-{tag}-{}.img", std::process::id()));
             std::fs::File::create(&image)
                 .and_then(|f| f.set_len(1 << 20))
                 .expect("image");
-            let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
-            let memory = guest_memory();
-            let mut spec = super::super::tests::disk0_spec(&image, "");
+            let mut spec = disk0_spec(&image, "");
             spec.policy.restart = restart;
             Some(Self {
                 image,
-                spawner,
-                memory,
-                bus: Arc::new(MmioBus::default()),
+                test_env: TestEnv::new(guest_memory()),
                 spec,
             })
         }
 
         fn env(&self) -> DeviceEnv<'_> {
-            DeviceEnv {
-                memory: &self.memory,
-                bus: &self.bus,
-                spawner: &self.spawner,
-                cgroup: None,
-                device_ids: None,
-                ram_size: 1 << 20,
-            }
+            self.test_env.env()
         }
     }
 
@@ -618,7 +605,7 @@ mod tests {
     #[test]
     fn test_restart_net_process_sigkill_restarted_on_same_tap() {
         use crate::config::{NetBackend, NetConfig};
-        let Some(dir) = super::super::tests::built_programs("bulkhead-net") else {
+        let Some(dir) = crate::device::tests::built_programs("bulkhead-net") else {
             return;
         };
         let name = format!("bhrs{}", std::process::id() % 100_000);
@@ -627,17 +614,8 @@ mod tests {
             return;
         }
         std::env::set_var("PATH", &dir);
-        let spawner = Arc::new(Spawner::fork(spawner_policy(false)).expect("spawner"));
-        let memory = guest_memory();
-        let bus = Arc::new(MmioBus::default());
-        let env = DeviceEnv {
-            memory: &memory,
-            bus: &bus,
-            spawner: &spawner,
-            cgroup: None,
-            device_ids: None,
-            ram_size: 1 << 20,
-        };
+        let fixture = TestEnv::new(guest_memory());
+        let env = fixture.env();
         let net = NetConfig {
             backend: NetBackend::Tap {
                 name: name.clone(),
