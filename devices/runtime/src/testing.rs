@@ -175,3 +175,72 @@ pub mod fuzz_queue {
         (queue, avail_idx, n)
     }
 }
+
+/// A split virtqueue in a test's guest memory, as a driver lays it out (virtio-queue's
+/// `MockSplitQueue`), with chains added one after another from descriptor 0.
+pub struct MockRing<'a> {
+    /// The mock: its rings are laid out for four times the queue's size, because it places the
+    /// used ring right after `len` bytes of available ring, which a full ring of `len` two-byte
+    /// entries would overrun.
+    pub vq: virtio_queue::mock::MockSplitQueue<'a, vm_memory::GuestMemoryMmap>,
+    size: u16,
+    next_desc: u16,
+}
+
+impl<'a> MockRing<'a> {
+    /// A ring of `size` entries in `mem`.
+    pub fn new(mem: &'a vm_memory::GuestMemoryMmap, size: u16) -> MockRing<'a> {
+        MockRing {
+            vq: virtio_queue::mock::MockSplitQueue::new(mem, 4 * size),
+            size,
+            next_desc: 0,
+        }
+    }
+
+    /// The device's side of the ring: a queue of `size` entries over it.
+    pub fn queue(&self) -> virtio_queue::Queue {
+        use virtio_queue::QueueT;
+        let mut q: virtio_queue::Queue = self.vq.create_queue().expect("queue");
+        q.set_size(self.size);
+        q
+    }
+
+    /// Adds one chain of (address, length, device-writable) descriptors and makes it
+    /// available; returns its head.
+    pub fn chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
+        use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        let first = self.next_desc;
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, write))| {
+                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if i + 1 < descs.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                RawDescriptor::from(Descriptor::new(addr, len, flags, first + i as u16 + 1))
+            })
+            .collect();
+        self.vq.add_desc_chains(&raw, first).expect("chain");
+        self.next_desc += descs.len() as u16;
+        first
+    }
+
+    /// The used ring so far: (head, length written) in order.
+    pub fn used(&self) -> Vec<(u32, u32)> {
+        let n = self.vq.used().idx().load();
+        (0..n)
+            .map(|i| {
+                let e = self
+                    .vq
+                    .used()
+                    .ring()
+                    .ref_at(i as usize)
+                    .expect("used")
+                    .load();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+}

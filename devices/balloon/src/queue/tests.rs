@@ -8,9 +8,6 @@ use bulkhead_device_runtime::testing::memfd;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Arc;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::FileOffset;
 
 const MIB: u64 = 1 << 20;
@@ -50,60 +47,7 @@ impl Guest {
     }
 }
 
-struct Ring<'a> {
-    vq: MockSplitQueue<'a, GuestMemoryMmap>,
-    next_desc: u16,
-}
-
-impl<'a> Ring<'a> {
-    fn new(mem: &'a GuestMemoryMmap) -> Ring<'a> {
-        Ring {
-            vq: MockSplitQueue::new(mem, 4 * QSIZE),
-            next_desc: 0,
-        }
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q: Queue = self.vq.create_queue().expect("queue");
-        q.set_size(QSIZE);
-        q
-    }
-
-    /// One chain: (address, length, device-writable).
-    fn chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
-        let first = self.next_desc;
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, write))| {
-                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-                if i + 1 < descs.len() {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                }
-                RawDescriptor::from(Descriptor::new(addr, len, flags, first + i as u16 + 1))
-            })
-            .collect();
-        self.vq.add_desc_chains(&raw, first).expect("chain");
-        self.next_desc += descs.len() as u16;
-        first
-    }
-
-    fn used(&self) -> Vec<(u32, u32)> {
-        let n = self.vq.used().idx().load();
-        (0..n)
-            .map(|i| {
-                let e = self
-                    .vq
-                    .used()
-                    .ring()
-                    .ref_at(i as usize)
-                    .expect("used")
-                    .load();
-                (e.id(), e.len())
-            })
-            .collect()
-    }
-}
+use bulkhead_device_runtime::testing::MockRing as Ring;
 
 /// Writes `pfns` at `addr` and returns their byte length.
 fn put_pfns(mem: &GuestMemoryMmap, addr: u64, pfns: &[u32]) -> u32 {
@@ -152,7 +96,7 @@ fn test_inflate_releases_pages_from_the_memfd() {
     let g = Guest::new();
     let mut ram = g.ram();
     let c = Counters::default();
-    let mut ring = Ring::new(&g.mem);
+    let mut ring = Ring::new(&g.mem, QSIZE);
     // Two chains of 256 pages (1 MiB each), one of them split over two descriptors.
     let pfns: Vec<u32> = (FIRST_PFN..FIRST_PFN + 256).collect();
     let n = put_pfns(&g.mem, BUF, &pfns);
@@ -189,7 +133,7 @@ fn test_deflate_releases_nothing_and_is_counted() {
     let g = Guest::new();
     let mut ram = g.ram();
     let c = Counters::default();
-    let mut ring = Ring::new(&g.mem);
+    let mut ring = Ring::new(&g.mem, QSIZE);
     let n = put_pfns(&g.mem, BUF, &[FIRST_PFN, FIRST_PFN + 1]);
     ring.chain(&[(BUF, n, false)]);
     let mut q = ring.queue();
@@ -206,7 +150,7 @@ fn test_inflate_page_outside_ram_refused_nothing_released() {
     let g = Guest::new();
     let mut ram = g.ram();
     let c = Counters::default();
-    let mut ring = Ring::new(&g.mem);
+    let mut ring = Ring::new(&g.mem, QSIZE);
     // Good pages, then one just past the end of RAM: the whole request is refused.
     let n = put_pfns(
         &g.mem,
@@ -242,7 +186,7 @@ fn test_inflate_malformed_chains_refused() {
     let g = Guest::new();
     let mut ram = g.ram();
     let c = Counters::default();
-    let mut ring = Ring::new(&g.mem);
+    let mut ring = Ring::new(&g.mem, QSIZE);
     put_pfns(&g.mem, BUF, &[FIRST_PFN; 4]);
     ring.chain(&[(BUF, 6, false)]); // not a multiple of 4
     ring.chain(&[(BUF, 8, true)]); // device-writable
@@ -264,7 +208,7 @@ fn test_reporting_releases_reported_runs() {
     let g = Guest::new();
     let mut ram = g.ram();
     let c = Counters::default();
-    let mut ring = Ring::new(&g.mem);
+    let mut ring = Ring::new(&g.mem, QSIZE);
     // Two 1 MiB runs in one report (device-writable descriptors).
     ring.chain(&[(4 * MIB, MIB as u32, true), (6 * MIB, MIB as u32, true)]);
     let mut q = ring.queue();
@@ -283,7 +227,7 @@ fn test_reporting_outside_ram_or_readable_refused_nothing_released() {
     let g = Guest::new();
     let mut ram = g.ram();
     let c = Counters::default();
-    let mut ring = Ring::new(&g.mem);
+    let mut ring = Ring::new(&g.mem, QSIZE);
     ring.chain(&[(4 * MIB, MIB as u32, true), (RAM - 0x1000, 0x2000, true)]);
     ring.chain(&[(4 * MIB, MIB as u32, false)]);
     let mut q = ring.queue();
@@ -303,7 +247,7 @@ fn test_reporting_outside_ram_or_readable_refused_nothing_released() {
 fn test_stats_taken_and_given_back() {
     let g = Guest::new();
     let c = Counters::default();
-    let mut ring = Ring::new(&g.mem);
+    let mut ring = Ring::new(&g.mem, QSIZE);
     let mut buf = Vec::new();
     for (tag, value) in [(4u16, 123u64), (5, 456), (6, 789), (99, 1)] {
         buf.extend_from_slice(&tag.to_le_bytes());
@@ -339,7 +283,7 @@ fn test_broken_avail_ring_stops_the_queue() {
     let g = Guest::new();
     let mut ram = g.ram();
     let c = Counters::default();
-    let ring = Ring::new(&g.mem);
+    let ring = Ring::new(&g.mem, QSIZE);
     let mut q = ring.queue();
     // An available index far ahead of the queue's size.
     ring.vq.avail().idx().store(1000);

@@ -2,9 +2,6 @@
 //! the rings out.
 
 use super::*;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::GuestAddress;
 
 const MIB: u64 = 1 << 20;
@@ -14,62 +11,7 @@ fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * MIB as usize)]).expect("memory")
 }
 
-/// A mock ring and the next free descriptor index (the mock lays its rings out for four times
-/// the queue's size, as net's tests explain).
-struct Ring<'a> {
-    vq: MockSplitQueue<'a, GuestMemoryMmap>,
-    next_desc: u16,
-}
-
-impl<'a> Ring<'a> {
-    fn new(mem: &'a GuestMemoryMmap) -> Ring<'a> {
-        Ring {
-            vq: MockSplitQueue::new(mem, 4 * QSIZE),
-            next_desc: 0,
-        }
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q: Queue = self.vq.create_queue().expect("queue");
-        q.set_size(QSIZE);
-        q
-    }
-
-    /// Adds one chain: (address, length, device-writable).
-    fn chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
-        let first = self.next_desc;
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, write))| {
-                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-                if i + 1 < descs.len() {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                }
-                RawDescriptor::from(Descriptor::new(addr, len, flags, first + i as u16 + 1))
-            })
-            .collect();
-        self.vq.add_desc_chains(&raw, first).expect("chain");
-        self.next_desc += descs.len() as u16;
-        first
-    }
-
-    fn used(&self) -> Vec<(u32, u32)> {
-        let n = self.vq.used().idx().load();
-        (0..n)
-            .map(|i| {
-                let e = self
-                    .vq
-                    .used()
-                    .ring()
-                    .ref_at(i as usize)
-                    .expect("used")
-                    .load();
-                (e.id(), e.len())
-            })
-            .collect()
-    }
-}
+use bulkhead_device_runtime::testing::MockRing as Ring;
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
@@ -80,7 +22,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 #[test]
 fn test_tx_chains_copied_in_order_and_returned() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     let a = pattern(100, 1);
     let b = pattern(5000, 2);
     mem.write_slice(&a, GuestAddress(MIB)).expect("write");
@@ -112,7 +54,7 @@ fn test_tx_chains_copied_in_order_and_returned() {
 #[test]
 fn test_tx_full_buffer_throttles_guest_and_loses_nothing() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     let data = pattern(10_000, 7);
     mem.write_slice(&data, GuestAddress(MIB)).expect("write");
     ring.chain(&[(MIB, 6000, false), (MIB + 6000, 4000, false)]);
@@ -147,7 +89,7 @@ fn test_tx_full_buffer_throttles_guest_and_loses_nothing() {
 #[test]
 fn test_tx_nothing_taken_when_buffer_already_full() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(MIB, 10, false)]);
     let mut q = ring.queue();
     let mut out: VecDeque<u8> = vec![0; 16].into();
@@ -161,7 +103,7 @@ fn test_tx_nothing_taken_when_buffer_already_full() {
 #[test]
 fn test_tx_writable_descriptor_is_an_error() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(MIB, 10, false), (MIB + 10, 10, true)]);
     let mut q = ring.queue();
     let mut out = VecDeque::new();
@@ -175,7 +117,7 @@ fn test_tx_writable_descriptor_is_an_error() {
 #[test]
 fn test_tx_descriptor_outside_memory_is_an_error_not_a_panic() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(16 * MIB - 4, 64, false)]);
     let mut q = ring.queue();
     let mut out = VecDeque::new();
@@ -184,7 +126,7 @@ fn test_tx_descriptor_outside_memory_is_an_error_not_a_panic() {
         drain_tx(&mut q, &mem, &mut out, 1024, &mut taken),
         Err(QueueError::BadAddress { .. })
     ));
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(u64::MAX - 8, 64, false)]);
     let mut q = ring.queue();
     assert!(drain_tx(&mut q, &mem, &mut out, 1024, &mut taken).is_err());
@@ -193,7 +135,7 @@ fn test_tx_descriptor_outside_memory_is_an_error_not_a_panic() {
 #[test]
 fn test_rx_input_spread_over_buffers() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(MIB, 4, true), (MIB + 100, 4, true)]);
     ring.chain(&[(2 * MIB, 64, true)]);
     let mut q = ring.queue();
@@ -223,7 +165,7 @@ fn test_rx_input_spread_over_buffers() {
 #[test]
 fn test_rx_no_buffers_keeps_input() {
     let mem = memory();
-    let ring = Ring::new(&mem);
+    let ring = Ring::new(&mem, QSIZE);
     let mut q = ring.queue();
     let mut input: VecDeque<u8> = b"wait".iter().copied().collect();
     let round = fill_rx(&mut q, &mem, &mut input).expect("rx");
@@ -234,7 +176,7 @@ fn test_rx_no_buffers_keeps_input() {
 #[test]
 fn test_rx_empty_input_takes_no_buffer() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(MIB, 64, true)]);
     let mut q = ring.queue();
     let mut input = VecDeque::new();
@@ -245,7 +187,7 @@ fn test_rx_empty_input_takes_no_buffer() {
 #[test]
 fn test_rx_readable_descriptor_is_an_error() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(MIB, 64, false)]);
     let mut q = ring.queue();
     let mut input: VecDeque<u8> = b"x".iter().copied().collect();

@@ -5,9 +5,8 @@ use super::*;
 use bulkhead_device_runtime::rate::{BucketConfig, LimiterConfig};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::io::AsRawFd;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
 
 const MIB: u64 = 1 << 20;
 const QSIZE: u16 = 64;
@@ -84,69 +83,7 @@ fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * MIB as usize)]).expect("memory")
 }
 
-/// A mock ring and the next free descriptor index. The mock lays its rings out for four
-/// times the queue's size: it places the used ring right after `len` bytes of available ring,
-/// which a full ring of `len` two-byte entries would overrun.
-struct Ring<'a> {
-    vq: MockSplitQueue<'a, GuestMemoryMmap>,
-    size: u16,
-    next_desc: u16,
-}
-
-impl<'a> Ring<'a> {
-    fn new(mem: &'a GuestMemoryMmap) -> Ring<'a> {
-        Ring::sized(mem, QSIZE)
-    }
-
-    fn sized(mem: &'a GuestMemoryMmap, size: u16) -> Ring<'a> {
-        Ring {
-            vq: MockSplitQueue::new(mem, 4 * size),
-            size,
-            next_desc: 0,
-        }
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q: Queue = self.vq.create_queue().expect("queue");
-        q.set_size(self.size);
-        q
-    }
-
-    /// Adds one chain: (address, length, device-writable).
-    fn chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
-        let first = self.next_desc;
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, write))| {
-                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-                if i + 1 < descs.len() {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                }
-                RawDescriptor::from(Descriptor::new(addr, len, flags, first + i as u16 + 1))
-            })
-            .collect();
-        self.vq.add_desc_chains(&raw, first).expect("chain");
-        self.next_desc += descs.len() as u16;
-        first
-    }
-
-    fn used(&self) -> Vec<(u32, u32)> {
-        let n = self.vq.used().idx().load();
-        (0..n)
-            .map(|i| {
-                let e = self
-                    .vq
-                    .used()
-                    .ring()
-                    .ref_at(i as usize)
-                    .expect("used")
-                    .load();
-                (e.id(), e.len())
-            })
-            .collect()
-    }
-}
+use bulkhead_device_runtime::testing::MockRing as Ring;
 
 fn mrg() -> Negotiated {
     Negotiated {
@@ -165,7 +102,7 @@ fn read_guest(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
 #[test]
 fn test_rx_single_buffer_frame_and_num_buffers_one() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(MIB, 2048, true)]);
     let mut q = ring.queue();
     let (tap, peer) = seqpacket_pair();
@@ -200,7 +137,7 @@ fn test_rx_single_buffer_frame_and_num_buffers_one() {
 #[test]
 fn test_rx_mrg_rxbuf_splits_frame_over_chains() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     for i in 0..8 {
         ring.chain(&[(MIB + i * 0x1000, 1500, true)]);
     }
@@ -225,7 +162,7 @@ fn test_rx_mrg_rxbuf_splits_frame_over_chains() {
 fn test_rx_largest_frame_in_page_buffers() {
     // The largest frame (64 KiB GSO + headers) in 4 KiB mergeable buffers: 17 of them.
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     for i in 0..20 {
         ring.chain(&[(MIB + i * 0x1000, 4096, true)]);
     }
@@ -250,7 +187,7 @@ fn test_rx_largest_frame_in_page_buffers() {
 #[test]
 fn test_rx_too_few_buffers_waits_then_resumes_in_order() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(MIB, 1500, true)]);
     ring.chain(&[(MIB + 0x1000, 1500, true)]);
     let mut q = ring.queue();
@@ -296,7 +233,7 @@ fn test_rx_too_few_buffers_waits_then_resumes_in_order() {
 #[test]
 fn test_rx_without_mrg_short_buffer_drops_frame_keeps_buffer() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(MIB, 1000, true)]);
     let mut q = ring.queue();
     let (tap, peer) = seqpacket_pair();
@@ -320,7 +257,7 @@ fn test_rx_without_mrg_short_buffer_drops_frame_keeps_buffer() {
 #[test]
 fn test_rx_legacy_header_is_ten_bytes() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(MIB, 2048, true)]);
     let mut q = ring.queue();
     let (tap, peer) = seqpacket_pair();
@@ -342,7 +279,7 @@ fn test_rx_legacy_header_is_ten_bytes() {
 #[test]
 fn test_rx_bad_chains_refused_frame_dropped() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     // A device-readable buffer, one outside guest memory, then a good one.
     ring.chain(&[(MIB, 1500, false)]);
     ring.chain(&[(1 << 40, 1500, true)]);
@@ -373,7 +310,7 @@ fn test_rx_bad_chains_refused_frame_dropped() {
 #[test]
 fn test_rx_frame_larger_than_whole_ring_dropped() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     // Every entry of the ring, 16 bytes each: 1 KiB can never hold a 2 KiB frame.
     for i in 0..u64::from(QSIZE) {
         ring.chain(&[(MIB + i * 16, 16, true)]);
@@ -395,7 +332,7 @@ fn test_rx_frame_larger_than_whole_ring_dropped() {
 #[test]
 fn test_rx_throttled_keeps_frame_until_tokens() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(MIB, 2048, true)]);
     ring.chain(&[(MIB + 0x1000, 2048, true)]);
     let mut q = ring.queue();
@@ -428,7 +365,7 @@ fn test_rx_throttled_keeps_frame_until_tokens() {
 #[test]
 fn test_rx_broken_ring_is_an_error_not_a_panic() {
     let mem = memory();
-    let ring = Ring::new(&mem);
+    let ring = Ring::new(&mem, QSIZE);
     let mut q = ring.queue();
     // The available index a whole queue and more ahead.
     ring.vq.avail().idx().store(QSIZE + 5);
@@ -438,7 +375,7 @@ fn test_rx_broken_ring_is_an_error_not_a_panic() {
     let r = process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &Stats::default());
     assert!(matches!(r, Err(QueueError::AvailRing(_))), "{r:?}");
     // A head index past the queue.
-    let ring = Ring::new(&mem);
+    let ring = Ring::new(&mem, QSIZE);
     let mut q = ring.queue();
     ring.vq
         .avail()
@@ -454,7 +391,7 @@ fn test_rx_broken_ring_is_an_error_not_a_panic() {
 #[test]
 fn test_tx_header_passed_through_to_tap() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     let frame = tap_frame(1, 3000, 8);
     mem.write_slice(&frame[..12], GuestAddress(MIB))
         .expect("hdr");
@@ -493,7 +430,7 @@ fn test_tx_header_passed_through_to_tap() {
 #[test]
 fn test_tx_legacy_header_widened() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     let mut chain = vec![1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10];
     chain.extend_from_slice(&[0xab; 60]);
     mem.write_slice(&chain, GuestAddress(MIB)).expect("write");
@@ -524,7 +461,7 @@ fn test_tx_legacy_header_widened() {
 #[test]
 fn test_tx_bad_chains_refused_nothing_sent() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(MIB, 12, false), (2 * MIB, 100, true)]); // writable in a tx chain
     ring.chain(&[(MIB, 8, false)]); // shorter than the header
     ring.chain(&[(1 << 40, 100, false)]); // outside guest memory
@@ -553,7 +490,7 @@ fn test_tx_bad_chains_refused_nothing_sent() {
 #[test]
 fn test_tx_looping_chain_bounded() {
     let mem = memory();
-    let ring = Ring::new(&mem);
+    let ring = Ring::new(&mem, QSIZE);
     // One descriptor whose next is itself, with NEXT set: walked at most a queue's length.
     let raw = RawDescriptor::from(Descriptor::new(MIB, 64, VRING_DESC_F_NEXT as u16, 0));
     ring.vq.add_desc_chains(&[raw], 0).expect("chain");
@@ -577,7 +514,7 @@ fn test_tx_looping_chain_bounded() {
 #[test]
 fn test_tx_throttled_rewinds_and_resumes() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     for _ in 0..3 {
         ring.chain(&[(MIB, 112, false)]);
     }
@@ -613,7 +550,7 @@ fn test_tx_throttled_rewinds_and_resumes() {
 #[test]
 fn test_tx_budget_bounds_one_round() {
     let mem = memory();
-    let mut ring = Ring::sized(&mem, 256);
+    let mut ring = Ring::new(&mem, 256);
     for _ in 0..(BATCH + 3) {
         ring.chain(&[(MIB, 60, false)]);
     }
@@ -632,7 +569,7 @@ fn test_tx_budget_bounds_one_round() {
 #[test]
 fn test_rx_first_buffer_smaller_than_header_refused() {
     let mem = memory();
-    let mut ring = Ring::new(&mem);
+    let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(MIB, 8, true)]);
     ring.chain(&[(MIB + 0x1000, 1500, true)]);
     ring.chain(&[(MIB + 0x2000, 1500, true)]);
