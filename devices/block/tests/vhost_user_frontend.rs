@@ -6,20 +6,17 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bulkhead_device_runtime::testing::{ask, seqpacket_pair};
+use bulkhead_device_runtime::testing::{ask, memfd_memory, seqpacket_pair, split_desc, wait_exit};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempfile::TempFile;
 
@@ -36,36 +33,6 @@ fn image() -> TempFile {
     }
     tmp.as_file().write_all(&content).expect("fill");
     tmp
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            panic!("bulkhead-block did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn memfd_memory() -> (GuestMemoryMmap, File) {
-    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create");
-    // SAFETY: fd is a fresh descriptor we own.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).expect("size memfd");
-    let mem = GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM_SIZE,
-        Some(FileOffset::new(file.try_clone().expect("dup"), 0)),
-    )])
-    .expect("map guest memory");
-    (mem, file)
 }
 
 /// Spawns the device on one end of a socketpair, as the VMM does.
@@ -90,10 +57,6 @@ fn header(mem: &GuestMemoryMmap, addr: u64, request_type: u32, sector: u64) {
     h[..4].copy_from_slice(&request_type.to_le_bytes());
     h[8..].copy_from_slice(&sector.to_le_bytes());
     mem.write_slice(&h, GuestAddress(addr)).expect("header");
-}
-
-fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
 }
 
 #[test]
@@ -152,7 +115,7 @@ fn test_socket_fd_frontend_requests_served_and_exit_zero_on_hangup() {
     assert_eq!(blk_size, 512);
     assert_eq!(num_queues, 2);
 
-    let (mem, memfd) = memfd_memory();
+    let (mem, memfd) = memfd_memory(MEM_SIZE);
     let region = mem.iter().next().expect("one region");
     let host_base = mem.get_host_address(GuestAddress(0)).expect("host addr") as u64;
     frontend
@@ -204,15 +167,15 @@ fn test_socket_fd_frontend_requests_served_and_exit_zero_on_hangup() {
     let next = VRING_DESC_F_NEXT;
     let write = VRING_DESC_F_WRITE;
     let descs = [
-        desc(hdr, 16, next, 1),
-        desc(data, 512, next, 2),
-        desc(status, 1, write, 0),
-        desc(hdr + 0x100, 16, next, 4),
-        desc(data + 0x1000, 1536, next | write, 5),
-        desc(status + 1, 1, write, 0),
-        desc(hdr + 0x200, 16, next, 7),
-        desc(data + 0x2000, 20, next | write, 8),
-        desc(status + 2, 1, write, 0),
+        split_desc(hdr, 16, next, 1),
+        split_desc(data, 512, next, 2),
+        split_desc(status, 1, write, 0),
+        split_desc(hdr + 0x100, 16, next, 4),
+        split_desc(data + 0x1000, 1536, next | write, 5),
+        split_desc(status + 1, 1, write, 0),
+        split_desc(hdr + 0x200, 16, next, 7),
+        split_desc(data + 0x2000, 20, next | write, 8),
+        split_desc(status + 2, 1, write, 0),
     ];
     for (i, d) in descs.iter().enumerate() {
         table.store(i as u16, *d).expect("descriptor");
@@ -513,7 +476,7 @@ fn test_rate_limited_queue_resumes_without_kick_in_order() {
     frontend
         .set_protocol_features(VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK)
         .expect("set protocol");
-    let (mem, memfd) = memfd_memory();
+    let (mem, memfd) = memfd_memory(MEM_SIZE);
     let region = mem.iter().next().expect("one region");
     let host_base = mem.get_host_address(GuestAddress(0)).expect("host addr") as u64;
     frontend
@@ -559,13 +522,13 @@ fn test_rate_limited_queue_resumes_without_kick_in_order() {
         table
             .store(
                 first,
-                desc(hdr + a * 0x100, 16, VRING_DESC_F_NEXT, first + 1),
+                split_desc(hdr + a * 0x100, 16, VRING_DESC_F_NEXT, first + 1),
             )
             .expect("descriptor");
         table
             .store(
                 first + 1,
-                desc(
+                split_desc(
                     data + a * 0x1000,
                     512,
                     VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
@@ -574,7 +537,7 @@ fn test_rate_limited_queue_resumes_without_kick_in_order() {
             )
             .expect("descriptor");
         table
-            .store(first + 2, desc(status + a, 1, VRING_DESC_F_WRITE, 0))
+            .store(first + 2, split_desc(status + a, 1, VRING_DESC_F_WRITE, 0))
             .expect("descriptor");
         avail
             .ring()
@@ -722,7 +685,7 @@ fn wait_used(used_ring: &UsedRing<'_, GuestMemoryMmap>, n: u16) {
 fn test_inflight_region_tracked_then_resubmitted_by_next_process() {
     use vhost::vhost_user::message::VhostUserInflight;
     let img = image();
-    let (mem, memfd) = memfd_memory();
+    let (mem, memfd) = memfd_memory(MEM_SIZE);
     let region = inflight_memfd();
     let spawn = || {
         let fd = region.as_raw_fd();
@@ -777,16 +740,16 @@ fn test_inflight_region_tracked_then_resubmitted_by_next_process() {
         mem.write_slice(&[*byte; 512], GuestAddress(data + 0x1000 * i as u64))
             .expect("payload");
         table
-            .store(*head, desc(hdr + o, 16, next, head + 1))
+            .store(*head, split_desc(hdr + o, 16, next, head + 1))
             .expect("d");
         table
             .store(
                 head + 1,
-                desc(data + 0x1000 * i as u64, 512, next, head + 2),
+                split_desc(data + 0x1000 * i as u64, 512, next, head + 2),
             )
             .expect("d");
         table
-            .store(head + 2, desc(status + i as u64, 1, write, 0))
+            .store(head + 2, split_desc(status + i as u64, 1, write, 0))
             .expect("d");
     }
     avail.ring().ref_at(0).expect("slot").store(0);
@@ -875,7 +838,7 @@ fn test_fault_crash_after_with_requests_in_flight_nothing_lost() {
     use std::os::unix::process::ExitStatusExt;
     use vhost::vhost_user::message::VhostUserInflight;
     let img = image();
-    let (mem, memfd) = memfd_memory();
+    let (mem, memfd) = memfd_memory(MEM_SIZE);
     let region = inflight_memfd();
     let spawn = |extra: &[&str]| {
         let fd = region.as_raw_fd();
@@ -913,16 +876,19 @@ fn test_fault_crash_after_with_requests_in_flight_nothing_lost() {
         )
         .expect("payload");
         table
-            .store(head, desc(hdr + o, 16, VRING_DESC_F_NEXT, head + 1))
+            .store(head, split_desc(hdr + o, 16, VRING_DESC_F_NEXT, head + 1))
             .expect("d");
         table
             .store(
                 head + 1,
-                desc(data + 0x1000 * i as u64, 512, VRING_DESC_F_NEXT, head + 2),
+                split_desc(data + 0x1000 * i as u64, 512, VRING_DESC_F_NEXT, head + 2),
             )
             .expect("d");
         table
-            .store(head + 2, desc(status + i as u64, 1, VRING_DESC_F_WRITE, 0))
+            .store(
+                head + 2,
+                split_desc(status + i as u64, 1, VRING_DESC_F_WRITE, 0),
+            )
             .expect("d");
         avail.ring().ref_at(i).expect("slot").store(head);
     }

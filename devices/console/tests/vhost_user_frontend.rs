@@ -5,104 +5,28 @@
 //! the first left, an emergency write and a resize go through, and the process exits 0 when the
 //! frontend hangs up. A call outside its filter would kill it (SIGSYS) and fail the test.
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bulkhead_device_runtime::testing::{ask, memfd, seqpacket_pair};
+use bulkhead_device_runtime::testing::{
+    ask, inherit, memfd_memory, seqpacket_pair, setup_vring, wait_exit, Vring,
+};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-console");
 const MEM_SIZE: usize = 16 << 20;
 const QSIZE: u16 = 64;
 
-fn memfd_memory() -> (GuestMemoryMmap, File) {
-    let file = memfd(MEM_SIZE as u64);
-    let mem = GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM_SIZE,
-        Some(FileOffset::new(file.try_clone().expect("dup"), 0)),
-    )])
-    .expect("map guest memory");
-    (mem, file)
-}
-
-fn inherit(fd: RawFd) {
-    // SAFETY: clearing FD_CLOEXEC on our own open descriptor so the child inherits it.
-    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            panic!("bulkhead-console did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Rings<'a> {
-    table: DescriptorTable<'a, GuestMemoryMmap>,
-    avail: AvailRing<'a, GuestMemoryMmap>,
-    used: UsedRing<'a, GuestMemoryMmap>,
-    kick: EventFd,
-    _call: EventFd,
-}
-
-fn setup_vring<'a>(
-    frontend: &mut Frontend,
-    mem: &'a GuestMemoryMmap,
-    host_base: u64,
-    index: usize,
-    base: u64,
-) -> Rings<'a> {
-    let (desc_addr, avail_addr, used_addr) = (base, base + 0x1000, base + 0x2000);
-    let rings = Rings {
-        table: DescriptorTable::new(mem, GuestAddress(desc_addr), QSIZE),
-        avail: AvailRing::new(mem, GuestAddress(avail_addr), QSIZE),
-        used: UsedRing::new(mem, GuestAddress(used_addr), QSIZE),
-        kick: EventFd::new(EFD_NONBLOCK).expect("kick"),
-        _call: EventFd::new(EFD_NONBLOCK).expect("call"),
-    };
-    frontend.set_vring_num(index, QSIZE).expect("vring num");
-    frontend
-        .set_vring_addr(
-            index,
-            &VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: host_base + desc_addr,
-                used_ring_addr: host_base + used_addr,
-                avail_ring_addr: host_base + avail_addr,
-                log_addr: None,
-            },
-        )
-        .expect("vring addr");
-    frontend.set_vring_base(index, 0).expect("vring base");
-    frontend.set_vring_call(index, &rings._call).expect("call");
-    frontend.set_vring_kick(index, &rings.kick).expect("kick");
-    frontend.set_vring_enable(index, true).expect("enable");
-    rings
-}
-
 /// Makes chain `i` (one descriptor in slot `i`) available and kicks.
-fn offer(r: &Rings, i: u16, addr: u64, len: u32, flags: u32) {
+fn offer(r: &Vring, i: u16, addr: u64, len: u32, flags: u32) {
     r.table
         .store(
             i,
@@ -118,7 +42,7 @@ fn offer(r: &Rings, i: u16, addr: u64, len: u32, flags: u32) {
     r.kick.write(1).expect("kick");
 }
 
-fn wait_used(r: &Rings, n: u16, what: &str) {
+fn wait_used(r: &Vring, n: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while r.used.idx().load() < n {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -211,7 +135,7 @@ fn test_console_binary_under_its_filter_socket_clients_and_queues() {
         .expect("get_config");
     assert_eq!(&config[..8], &[100, 0, 30, 0, 1, 0, 0, 0]);
 
-    let (mem, memfd) = memfd_memory();
+    let (mem, memfd) = memfd_memory(MEM_SIZE);
     let host_base = mem.get_host_address(GuestAddress(0)).expect("host addr") as u64;
     frontend
         .set_mem_table(&[VhostUserMemoryRegionInfo {
@@ -222,8 +146,8 @@ fn test_console_binary_under_its_filter_socket_clients_and_queues() {
             mmap_handle: memfd.as_raw_fd(),
         }])
         .expect("set_mem_table");
-    let rx = setup_vring(&mut frontend, &mem, host_base, 0, 0x1_0000);
-    let tx = setup_vring(&mut frontend, &mem, host_base, 1, 0x2_0000);
+    let rx = setup_vring(&mut frontend, &mem, host_base, 0, 0x1_0000, QSIZE);
+    let tx = setup_vring(&mut frontend, &mem, host_base, 1, 0x2_0000, QSIZE);
 
     // Output before anyone connected: kept for the first client.
     mem.write_slice(b"login: ", GuestAddress(0x10_0000))

@@ -7,20 +7,20 @@
 //! under `BULKHEAD_TEST_STRICT=1` (the test command), where that fails.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bulkhead_device_runtime::testing::{ask, memfd, seqpacket_pair};
+use bulkhead_device_runtime::testing::{
+    ask, inherit, memfd_memory, seqpacket_pair, setup_vring, split_desc, wait_exit, Vring,
+};
 use bulkhead_net::Tap;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-net");
@@ -29,36 +29,6 @@ const QSIZE: u16 = 64;
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
 const ETHERTYPE: u16 = 0x88b5; // IEEE local experimental: nothing else on the tap uses it.
 const TAP: &str = "bhnet0";
-
-fn memfd_memory() -> (GuestMemoryMmap, File) {
-    let file = memfd(MEM_SIZE as u64);
-    let mem = GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM_SIZE,
-        Some(FileOffset::new(file.try_clone().expect("dup"), 0)),
-    )])
-    .expect("map guest memory");
-    (mem, file)
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            panic!("bulkhead-net did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn inherit(fd: RawFd) {
-    // SAFETY: clearing FD_CLOEXEC on our own open descriptor so the child inherits it.
-    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
-}
 
 #[repr(C)]
 struct IfReq {
@@ -221,7 +191,7 @@ fn is_our_tcp(f: &[u8], port: u16) -> bool {
 /// 0x40_0000 + index * 0x1000): waits (10 s) for one that `wanted` accepts and returns its
 /// header, the number of buffers it took and the frame.
 fn received(
-    rx: &Rings,
+    rx: &Vring,
     mem: &GuestMemoryMmap,
     wanted: impl Fn(&[u8]) -> bool,
 ) -> ([u8; 12], u16, Vec<u8>) {
@@ -264,56 +234,7 @@ fn received(
     }
 }
 
-fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-}
-
-struct Rings<'a> {
-    table: DescriptorTable<'a, GuestMemoryMmap>,
-    avail: AvailRing<'a, GuestMemoryMmap>,
-    used: UsedRing<'a, GuestMemoryMmap>,
-    kick: EventFd,
-    call: EventFd,
-}
-
-fn setup_vring<'a>(
-    frontend: &mut Frontend,
-    mem: &'a GuestMemoryMmap,
-    host_base: u64,
-    index: usize,
-    base: u64,
-) -> Rings<'a> {
-    let (desc_addr, avail_addr, used_addr) = (base, base + 0x1000, base + 0x2000);
-    let rings = Rings {
-        table: DescriptorTable::new(mem, GuestAddress(desc_addr), QSIZE),
-        avail: AvailRing::new(mem, GuestAddress(avail_addr), QSIZE),
-        used: UsedRing::new(mem, GuestAddress(used_addr), QSIZE),
-        kick: EventFd::new(EFD_NONBLOCK).expect("kick"),
-        call: EventFd::new(EFD_NONBLOCK).expect("call"),
-    };
-    frontend.set_vring_num(index, QSIZE).expect("vring num");
-    frontend
-        .set_vring_addr(
-            index,
-            &VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: host_base + desc_addr,
-                used_ring_addr: host_base + used_addr,
-                avail_ring_addr: host_base + avail_addr,
-                log_addr: None,
-            },
-        )
-        .expect("vring addr");
-    frontend.set_vring_base(index, 0).expect("vring base");
-    frontend.set_vring_call(index, &rings.call).expect("call");
-    frontend.set_vring_kick(index, &rings.kick).expect("kick");
-    frontend.set_vring_enable(index, true).expect("enable");
-    rings
-}
-
-fn wait_used(rings: &Rings, n: u16, what: &str) {
+fn wait_used(rings: &Vring, n: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while rings.used.idx().load() < n {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -394,7 +315,7 @@ fn start_device(name: &str, args: &[&str]) -> Option<Device> {
                 | VhostUserProtocolFeatures::REPLY_ACK,
         )
         .expect("protocol features");
-    let (mem, memfd) = memfd_memory();
+    let (mem, memfd) = memfd_memory(MEM_SIZE);
     let host_base = mem.get_host_address(GuestAddress(0)).expect("host addr") as u64;
     frontend
         .set_mem_table(&[VhostUserMemoryRegionInfo {
@@ -441,8 +362,8 @@ fn test_real_tap_frames_both_ways_under_the_jail() {
         "link up, 1 pair, mtu 1400"
     );
 
-    let rx = setup_vring(&mut frontend, &mem, host_base, 0, 0x1_0000);
-    let tx = setup_vring(&mut frontend, &mem, host_base, 1, 0x2_0000);
+    let rx = setup_vring(&mut frontend, &mem, host_base, 0, 0x1_0000, QSIZE);
+    let tx = setup_vring(&mut frontend, &mem, host_base, 1, 0x2_0000, QSIZE);
 
     // Guest → tap: a header and the frame in two descriptors.
     let out = ethernet([0xff; 6], MAC, 1000, 1);
@@ -451,10 +372,10 @@ fn test_real_tap_frames_both_ways_under_the_jail() {
     mem.write_slice(&out, GuestAddress(0x11_0000))
         .expect("frame");
     tx.table
-        .store(0, desc(0x10_0000, 12, VRING_DESC_F_NEXT, 1))
+        .store(0, split_desc(0x10_0000, 12, VRING_DESC_F_NEXT, 1))
         .expect("desc");
     tx.table
-        .store(1, desc(0x11_0000, out.len() as u32, 0, 0))
+        .store(1, split_desc(0x11_0000, out.len() as u32, 0, 0))
         .expect("desc");
     tx.avail.ring().ref_at(0).expect("slot").store(0);
     tx.avail.idx().store(1);
@@ -467,7 +388,7 @@ fn test_real_tap_frames_both_ways_under_the_jail() {
         rx.table
             .store(
                 i,
-                desc(
+                split_desc(
                     0x40_0000 + u64::from(i) * 0x1000,
                     2048,
                     VRING_DESC_F_WRITE,
@@ -520,7 +441,7 @@ fn test_real_tap_frames_both_ways_under_the_jail() {
     mem.write_slice(&segment, GuestAddress(0x12_000c))
         .expect("frame");
     tx.table
-        .store(2, desc(0x12_0000, 12 + segment.len() as u32, 0, 0))
+        .store(2, split_desc(0x12_0000, 12 + segment.len() as u32, 0, 0))
         .expect("desc");
     tx.avail.ring().ref_at(1).expect("slot").store(2);
     tx.avail.idx().store(2);
@@ -536,7 +457,7 @@ fn test_real_tap_frames_both_ways_under_the_jail() {
         rx.table
             .store(
                 i,
-                desc(
+                split_desc(
                     0x40_0000 + u64::from(i) * 0x1000,
                     2048,
                     VRING_DESC_F_WRITE,
@@ -683,8 +604,8 @@ fn test_tx_rate_limit_10_mib_per_s_holds_32_mib_near_3_2_s() {
     else {
         return;
     };
-    let _rx = setup_vring(&mut frontend, &mem, host_base, 0, 0x1_0000);
-    let tx = setup_vring(&mut frontend, &mem, host_base, 1, 0x2_0000);
+    let _rx = setup_vring(&mut frontend, &mem, host_base, 0, 0x1_0000, QSIZE);
+    let tx = setup_vring(&mut frontend, &mem, host_base, 1, 0x2_0000, QSIZE);
     // Chain k (of IN_FLIGHT): descriptors 2k (the header) and 2k + 1 (the frame), reused.
     let frame = ethernet([0xff; 6], MAC, FRAME - 14, 3);
     for k in 0..IN_FLIGHT {
@@ -695,10 +616,10 @@ fn test_tx_rate_limit_10_mib_per_s_holds_32_mib_near_3_2_s() {
         mem.write_slice(&[0u8; 12], GuestAddress(hdr)).expect("hdr");
         mem.write_slice(&frame, GuestAddress(data)).expect("frame");
         tx.table
-            .store(2 * k, desc(hdr, 12, VRING_DESC_F_NEXT, 2 * k + 1))
+            .store(2 * k, split_desc(hdr, 12, VRING_DESC_F_NEXT, 2 * k + 1))
             .expect("desc");
         tx.table
-            .store(2 * k + 1, desc(data, FRAME as u32, 0, 0))
+            .store(2 * k + 1, split_desc(data, FRAME as u32, 0, 0))
             .expect("desc");
     }
     let start = Instant::now();

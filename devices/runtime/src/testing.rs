@@ -244,3 +244,116 @@ impl<'a> MockRing<'a> {
             .collect()
     }
 }
+
+/// `size` bytes of guest memory at address 0 over a memfd, as a frontend shares it with a
+/// device process; the memfd too, to hand over.
+pub fn memfd_memory(size: usize) -> (vm_memory::GuestMemoryMmap, File) {
+    let file = memfd(size as u64);
+    let mem = vm_memory::GuestMemoryMmap::from_ranges_with_files([(
+        vm_memory::GuestAddress(0),
+        size,
+        Some(vm_memory::FileOffset::new(
+            file.try_clone().expect("dup"),
+            0,
+        )),
+    )])
+    .expect("map guest memory");
+    (mem, file)
+}
+
+/// Clears `FD_CLOEXEC` on `fd` so that the process started next inherits it.
+pub fn inherit(fd: RawFd) {
+    // SAFETY: clearing FD_CLOEXEC on our own open descriptor so the child inherits it.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+}
+
+/// Waits up to `timeout` for `child` to exit; kills it and panics after that.
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> std::process::ExitStatus {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            panic!(
+                "the device process {} did not exit within {timeout:?}",
+                child.id()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A split-ring descriptor.
+pub fn split_desc(addr: u64, len: u32, flags: u32, next: u16) -> virtio_queue::desc::RawDescriptor {
+    virtio_queue::desc::RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+        addr,
+        len,
+        flags as u16,
+        next,
+    ))
+}
+
+/// A frontend's view of one vring it set up on a device process: the rings in guest memory,
+/// and the eventfds it kicks and is called on.
+pub struct Vring<'a> {
+    /// The descriptor table.
+    pub table: virtio_queue::mock::DescriptorTable<'a, vm_memory::GuestMemoryMmap>,
+    /// The available ring.
+    pub avail: virtio_queue::mock::AvailRing<'a, vm_memory::GuestMemoryMmap>,
+    /// The used ring.
+    pub used: virtio_queue::mock::UsedRing<'a, vm_memory::GuestMemoryMmap>,
+    /// The kick (the driver's notification).
+    pub kick: vmm_sys_util::eventfd::EventFd,
+    /// The call (the device's interrupt).
+    pub call: vmm_sys_util::eventfd::EventFd,
+}
+
+/// Sets vring `index` up on the device through `frontend` and enables it: `size` entries with
+/// the descriptor table at guest address `base`, the available ring 4 KiB and the used ring
+/// 8 KiB after it, in `mem`, which the frontend's memory table put at `host_base`.
+pub fn setup_vring<'a>(
+    frontend: &mut vhost::vhost_user::Frontend,
+    mem: &'a vm_memory::GuestMemoryMmap,
+    host_base: u64,
+    index: usize,
+    base: u64,
+    size: u16,
+) -> Vring<'a> {
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::{VhostBackend, VringConfigData};
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let (desc_addr, avail_addr, used_addr) = (base, base + 0x1000, base + 0x2000);
+    let vring = Vring {
+        table: virtio_queue::mock::DescriptorTable::new(mem, GuestAddress(desc_addr), size),
+        avail: virtio_queue::mock::AvailRing::new(mem, GuestAddress(avail_addr), size),
+        used: virtio_queue::mock::UsedRing::new(mem, GuestAddress(used_addr), size),
+        kick: EventFd::new(EFD_NONBLOCK).expect("kick"),
+        call: EventFd::new(EFD_NONBLOCK).expect("call"),
+    };
+    frontend.set_vring_num(index, size).expect("vring num");
+    frontend
+        .set_vring_addr(
+            index,
+            &VringConfigData {
+                queue_max_size: size,
+                queue_size: size,
+                flags: 0,
+                desc_table_addr: host_base + desc_addr,
+                used_ring_addr: host_base + used_addr,
+                avail_ring_addr: host_base + avail_addr,
+                log_addr: None,
+            },
+        )
+        .expect("vring addr");
+    frontend.set_vring_base(index, 0).expect("vring base");
+    frontend.set_vring_call(index, &vring.call).expect("call");
+    frontend.set_vring_kick(index, &vring.kick).expect("kick");
+    frontend.set_vring_enable(index, true).expect("enable");
+    vring
+}
