@@ -39,28 +39,18 @@ pub fn rules() -> Rules {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bulkhead_sandbox::seccomp::{
-        check_matrix_bpf, check_matrix_real, enforcement, matrix, panic_under_filter_ends,
-        run_in_child, ChildEnd, Enforcement,
-    };
+    use bulkhead_device_runtime::testing::filter;
+    use bulkhead_sandbox::seccomp::{run_in_child, ChildEnd};
     use std::os::fd::AsRawFd;
 
     #[test]
     fn test_allowlist_within_the_spawners() {
-        let outside = bulkhead_device_runtime::seccomp::outside_spawner(&rules());
-        assert!(
-            outside.is_empty(),
-            "not in the spawner's filter: {outside:?}"
-        );
+        filter::within_the_spawners(&rules());
     }
 
     #[test]
     fn test_seccomp_filter_compiles() {
-        for arch in [TargetArch::x86_64, TargetArch::aarch64] {
-            let filter = compile_for(arch).expect("filter");
-            assert!(filter.len() > 50 && filter.len() < 4096);
-        }
-        seccomp_filter().expect("native filter");
+        filter::compiles(compile_for, seccomp_filter());
     }
 
     #[test]
@@ -98,12 +88,7 @@ mod tests {
 
     #[test]
     fn test_seccomp_balloon_matrix_bpf_both_arches() {
-        let cases = matrix(&rules());
-        for arch in [TargetArch::x86_64, TargetArch::aarch64] {
-            let prog = compile_for(arch).expect("compile");
-            let failures = check_matrix_bpf(&prog, arch, &cases);
-            assert!(failures.is_empty(), "{failures:#?}");
-        }
+        filter::matrix_on_bpf("balloon", &rules(), compile_for);
     }
 
     /// Under the real filter: the hole punch on a memfd goes through;
@@ -111,18 +96,9 @@ mod tests {
     #[test]
     fn test_seccomp_balloon_real_kernel_punch_allowed_others_killed() {
         let prog = seccomp_filter().expect("compile");
-        if enforcement(&prog) != Enforcement::Enforced {
-            println!(
-                "seccomp filters are not enforced here (qemu-user?): real-kernel checks skipped"
-            );
+        if !filter::matrix_on_the_kernel("balloon", &rules(), &prog) {
             return;
         }
-        let failures = check_matrix_real(&prog, &matrix(&rules()));
-        assert!(failures.is_empty(), "{failures:#?}");
-        assert_eq!(
-            panic_under_filter_ends(&prog),
-            ChildEnd::Signalled(libc::SIGABRT)
-        );
         let file = bulkhead_device_runtime::testing::memfd(1 << 20);
         let fd = file.as_raw_fd();
         // SAFETY: in the forked child: raw syscalls on our memfd, then _exit.

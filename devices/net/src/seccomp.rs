@@ -44,28 +44,18 @@ pub fn rules() -> Rules {
 mod tests {
     use super::*;
     use crate::tap::{TUNGETIFF, TUNSETIFF, TUNSETVNETHDRSZ};
-    use bulkhead_sandbox::seccomp::{
-        check_matrix_bpf, check_matrix_real, enforcement, matrix, panic_under_filter_ends,
-        ChildEnd, Enforcement,
-    };
+    use bulkhead_device_runtime::testing::filter;
+    use bulkhead_sandbox::seccomp::{enforcement, ChildEnd, Enforcement};
 
     /// The spawner's filter stays on the device process under the device's own.
     #[test]
     fn test_allowlist_within_the_spawners() {
-        let outside = bulkhead_device_runtime::seccomp::outside_spawner(&rules());
-        assert!(
-            outside.is_empty(),
-            "not in the spawner's filter: {outside:?}"
-        );
+        filter::within_the_spawners(&rules());
     }
 
     #[test]
     fn test_seccomp_filter_compiles() {
-        for arch in [TargetArch::x86_64, TargetArch::aarch64] {
-            let filter = compile_for(arch).expect("filter");
-            assert!(filter.len() > 50 && filter.len() < 4096);
-        }
-        seccomp_filter().expect("native filter");
+        filter::compiles(compile_for, seccomp_filter());
     }
 
     #[test]
@@ -115,38 +105,13 @@ mod tests {
 
     #[test]
     fn test_seccomp_net_matrix_bpf_both_arches() {
-        let cases = matrix(&rules());
-        for arch in [TargetArch::x86_64, TargetArch::aarch64] {
-            let prog = compile_for(arch).expect("compile");
-            let failures = check_matrix_bpf(&prog, arch, &cases);
-            assert!(failures.is_empty(), "{failures:#?}");
-        }
-        println!(
-            "net filter: {} calls checked on x86_64 and aarch64 BPF",
-            cases.len()
-        );
+        filter::matrix_on_bpf("net", &rules(), compile_for);
     }
 
     #[test]
     fn test_seccomp_net_matrix_real_kernel() {
         let prog = seccomp_filter().expect("compile");
-        if enforcement(&prog) != Enforcement::Enforced {
-            println!(
-                "seccomp filters are not enforced here (qemu-user?): real-kernel matrix skipped"
-            );
-            return;
-        }
-        let cases = matrix(&rules());
-        let failures = check_matrix_real(&prog, &cases);
-        assert!(failures.is_empty(), "{failures:#?}");
-        assert_eq!(
-            panic_under_filter_ends(&prog),
-            ChildEnd::Signalled(libc::SIGABRT)
-        );
-        println!(
-            "net filter: {} real calls checked, panic aborts",
-            cases.len()
-        );
+        filter::matrix_on_the_kernel("net", &rules(), &prog);
     }
 
     /// What a compromised net process would try first, each in a forked child holding a real

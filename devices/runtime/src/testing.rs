@@ -357,3 +357,78 @@ pub fn setup_vring<'a>(
     frontend.set_vring_enable(index, true).expect("enable");
     vring
 }
+
+/// The checks every device process's seccomp filter passes in its crate's unit tests (the
+/// crate's own tests add what only its device may or may not do).
+pub mod filter {
+    use bulkhead_sandbox::seccomp::{
+        check_matrix_bpf, check_matrix_real, enforcement, matrix, panic_under_filter_ends,
+        BpfProgram, ChildEnd, Enforcement, Rules, SeccompError, TargetArch,
+    };
+
+    /// The device's rules are within the spawner's filter, which stays on the device process
+    /// under the device's own.
+    pub fn within_the_spawners(rules: &Rules) {
+        let outside = crate::seccomp::outside_spawner(rules);
+        assert!(
+            outside.is_empty(),
+            "not in the spawner's filter: {outside:?}"
+        );
+    }
+
+    /// The filter compiles for x86_64 and aarch64 (more than 50 and fewer than 4096
+    /// instructions), and `installed` (the running architecture's, as the process installs it)
+    /// compiled.
+    pub fn compiles(
+        compile_for: impl Fn(TargetArch) -> Result<BpfProgram, SeccompError>,
+        installed: Result<BpfProgram, SeccompError>,
+    ) {
+        for arch in [TargetArch::x86_64, TargetArch::aarch64] {
+            let filter = compile_for(arch).expect("filter");
+            assert!(filter.len() > 50 && filter.len() < 4096);
+        }
+        installed.expect("native filter");
+    }
+
+    /// Every rule of `rules`, with allowed and mutated arguments, on both architectures' BPF.
+    pub fn matrix_on_bpf(
+        name: &str,
+        rules: &Rules,
+        compile_for: impl Fn(TargetArch) -> Result<BpfProgram, SeccompError>,
+    ) {
+        let cases = matrix(rules);
+        for arch in [TargetArch::x86_64, TargetArch::aarch64] {
+            let prog = compile_for(arch).expect("compile");
+            let failures = check_matrix_bpf(&prog, arch, &cases);
+            assert!(failures.is_empty(), "{failures:#?}");
+        }
+        println!(
+            "{name} filter: {} calls checked on x86_64 and aarch64 BPF",
+            cases.len()
+        );
+    }
+
+    /// The same on the real kernel, each case in a forked child under `installed`, and a panic
+    /// under it ends in SIGABRT. Where seccomp is not enforced (qemu-user) it says so, checks
+    /// nothing and returns false.
+    pub fn matrix_on_the_kernel(name: &str, rules: &Rules, installed: &BpfProgram) -> bool {
+        if enforcement(installed) != Enforcement::Enforced {
+            println!(
+                "seccomp filters are not enforced here (qemu-user?): real-kernel matrix skipped"
+            );
+            return false;
+        }
+        let cases = matrix(rules);
+        let failures = check_matrix_real(installed, &cases);
+        assert!(failures.is_empty(), "{failures:#?}");
+        assert_eq!(
+            panic_under_filter_ends(installed),
+            ChildEnd::Signalled(libc::SIGABRT)
+        );
+        println!(
+            "{name} filter: {} real calls checked, panic aborts",
+            cases.len()
+        );
+        true
+    }
+}
