@@ -29,16 +29,10 @@ rustup component list --installed | grep -q '^rustfmt' || rustup component add r
 rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 cargo fmt --all --check
 
-log "unit tests, x86_64"
-# Strict: a test that needs root (a real tap, namespaces) fails instead of skipping.
-# The device programs first: the VMM's tests start them from beside the test binaries.
-cargo build --workspace --bins
-BULKHEAD_TEST_STRICT=1 cargo test --workspace
-
 rc=0
 # The nested system tests run in the background from here, the longest part of the run: their
-# cross-build first (beside the aarch64 unit tests and the interop tests, which then run at the
-# same priority), then one emulated host at a time, each busy with its scenarios' real timing
+# cross-build first (beside the unit tests and the interop tests, which run at the same
+# priority), then one emulated host at a time, each busy with its scenarios' real timing
 # (device deadlines, rate limits). The emulated hosts leave about a third of the machine's two
 # CPUs idle, and the lints and the fuzz targets get that: at the lowest priority (nice 19), so
 # that they take only idle time and do not slow an emulated host down. The L1 consoles go to a
@@ -63,6 +57,12 @@ log "system tests, nested KVM, in the background (cross-build, then three emulat
     exit "$nested_rc"
 ) >"$nested_log" 2>&1 </dev/null &
 nested_pid=$!
+
+log "unit tests, x86_64"
+# Strict: a test that needs root (a real tap, namespaces) fails instead of skipping.
+# The device programs first: the VMM's tests start them from beside the test binaries.
+cargo build --workspace --bins || rc=1
+BULKHEAD_TEST_STRICT=1 cargo test --workspace || rc=1
 
 log "unit tests, aarch64 (qemu-aarch64-static)"
 # Unit tests only: integration tests start programs, and this machine runs aarch64 ones only
