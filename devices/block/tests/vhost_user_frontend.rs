@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bulkhead_device_runtime::testing::{ask, memfd_memory, seqpacket_pair, split_desc, wait_exit};
+use bulkhead_device_runtime::testing::{
+    ask, memfd_memory, seqpacket_pair, setup_vring, split_desc, wait_exit,
+};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -131,31 +133,9 @@ fn test_socket_fd_frontend_requests_served_and_exit_zero_on_hangup() {
     // Queue 1 (the second queue) carries the requests, to exercise a non-zero worker. The
     // rings are laid out by hand: MockSplitQueue places its used ring over the avail ring's
     // used_event field, which breaks EVENT_IDX.
-    let (desc_addr, avail_addr, used_addr) = (0x1_0000u64, 0x1_1000u64, 0x1_2000u64);
-    let table = DescriptorTable::new(&mem, GuestAddress(desc_addr), QSIZE);
-    let avail = AvailRing::new(&mem, GuestAddress(avail_addr), QSIZE);
-    let used_ring = UsedRing::new(&mem, GuestAddress(used_addr), QSIZE);
-    let call = EventFd::new(EFD_NONBLOCK).expect("call");
-    let kick = EventFd::new(EFD_NONBLOCK).expect("kick");
-    frontend.set_vring_num(1, QSIZE).expect("vring num");
-    frontend
-        .set_vring_addr(
-            1,
-            &VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: host_base + desc_addr,
-                used_ring_addr: host_base + used_addr,
-                avail_ring_addr: host_base + avail_addr,
-                log_addr: None,
-            },
-        )
-        .expect("vring addr");
-    frontend.set_vring_base(1, 0).expect("vring base");
-    frontend.set_vring_call(1, &call).expect("vring call");
-    frontend.set_vring_kick(1, &kick).expect("vring kick");
-    frontend.set_vring_enable(1, true).expect("vring enable");
+    let vring = setup_vring(&mut frontend, &mem, host_base, 1, 0x1_0000, QSIZE);
+    let (table, avail, used_ring) = (&vring.table, &vring.avail, &vring.used);
+    let (call, kick) = (&vring.call, &vring.kick);
 
     // A write of sector 5, a read of sectors 4..6 and a GET_ID, in one kick.
     let (hdr, data, status) = (0x10_0000u64, 0x20_0000u64, 0x30_0000u64);
@@ -488,31 +468,9 @@ fn test_rate_limited_queue_resumes_without_kick_in_order() {
             mmap_handle: memfd.as_raw_fd(),
         }])
         .expect("set_mem_table");
-    let (desc_addr, avail_addr, used_addr) = (0x1_0000u64, 0x1_1000u64, 0x1_2000u64);
-    let table = DescriptorTable::new(&mem, GuestAddress(desc_addr), QSIZE);
-    let avail = AvailRing::new(&mem, GuestAddress(avail_addr), QSIZE);
-    let used_ring = UsedRing::new(&mem, GuestAddress(used_addr), QSIZE);
-    let call = EventFd::new(EFD_NONBLOCK).expect("call");
-    let kick = EventFd::new(EFD_NONBLOCK).expect("kick");
-    frontend.set_vring_num(0, QSIZE).expect("vring num");
-    frontend
-        .set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: host_base + desc_addr,
-                used_ring_addr: host_base + used_addr,
-                avail_ring_addr: host_base + avail_addr,
-                log_addr: None,
-            },
-        )
-        .expect("vring addr");
-    frontend.set_vring_base(0, 0).expect("vring base");
-    frontend.set_vring_call(0, &call).expect("vring call");
-    frontend.set_vring_kick(0, &kick).expect("vring kick");
-    frontend.set_vring_enable(0, true).expect("vring enable");
+    let vring = setup_vring(&mut frontend, &mem, host_base, 0, 0x1_0000, QSIZE);
+    let (table, avail, used_ring) = (&vring.table, &vring.avail, &vring.used);
+    let (_call, kick) = (&vring.call, &vring.kick);
 
     let (hdr, data, status) = (0x10_0000u64, 0x20_0000u64, 0x30_0000u64);
     for i in 0..4u16 {
