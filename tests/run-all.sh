@@ -46,13 +46,12 @@ log "system tests, nested KVM, in the background (cross-build, then three emulat
 (
     export CARGO_TARGET_DIR=$PWD/target/nested
     nested_rc=0
-    step() { printf '\n=== %s (at %d:%02d)\n' "$*" $((SECONDS / 60)) $((SECONDS % 60)); }
-    step "system tests, nested KVM (L1 with a GICv3)"
+    log "system tests, nested KVM (L1 with a GICv3)"
     tests/nested/run.sh --suite boot || nested_rc=1
-    step "system tests, nested KVM (L1 with a GICv2: the vGICv2 fallback)"
+    log "system tests, nested KVM (L1 with a GICv2: the vGICv2 fallback)"
     tests/nested/run.sh --suite gicv2 --no-build || nested_rc=1
     # Three suites in one L1 boot (the same GICv3 machine; an L1 boot costs a minute on a slow day).
-    step "system tests, nested KVM: disks (bulkhead-block processes behind PCIe root ports), the device-process jail (attack probe), networking (bulkhead-net processes on taps)"
+    log "system tests, nested KVM: disks (bulkhead-block processes behind PCIe root ports), the device-process jail (attack probe), networking (bulkhead-net processes on taps)"
     tests/nested/run.sh --suite disk+jail+net --no-build || nested_rc=1
     exit "$nested_rc"
 ) >"$nested_log" 2>&1 </dev/null &

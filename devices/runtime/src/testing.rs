@@ -209,17 +209,16 @@ impl<'a> MockRing<'a> {
     /// available; returns its head.
     pub fn chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
         use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
         let first = self.next_desc;
-        let raw: Vec<RawDescriptor> = descs
+        let raw: Vec<virtio_queue::desc::RawDescriptor> = descs
             .iter()
             .enumerate()
             .map(|(i, &(addr, len, write))| {
-                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
                 if i + 1 < descs.len() {
-                    flags |= VRING_DESC_F_NEXT as u16;
+                    flags |= VRING_DESC_F_NEXT;
                 }
-                RawDescriptor::from(Descriptor::new(addr, len, flags, first + i as u16 + 1))
+                split_desc(addr, len, flags, first + i as u16 + 1)
             })
             .collect();
         self.vq.add_desc_chains(&raw, first).expect("chain");
