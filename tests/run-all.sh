@@ -43,6 +43,9 @@ nested_log=tests/out/nested-all.txt
 log "system tests, nested KVM, in the background (cross-build, then three emulated hosts in turn; console in $nested_log until the fuzzing is done)"
 # Its own target directory: cargo locks a target directory's release build while it builds, and
 # the interop tests build their x86_64 release programs meanwhile.
+# In a process group of its own (set -m), which ends with this script however it ends: an
+# interrupted run leaves no emulated host behind.
+set -m
 (
     export CARGO_TARGET_DIR=$PWD/target/nested
     nested_rc=0
@@ -56,6 +59,8 @@ log "system tests, nested KVM, in the background (cross-build, then three emulat
     exit "$nested_rc"
 ) >"$nested_log" 2>&1 </dev/null &
 nested_pid=$!
+set +m
+trap 'kill -TERM -- "-$nested_pid" 2>/dev/null || true' EXIT
 
 log "unit tests, x86_64"
 # Strict: a test that needs root (a real tap, namespaces) fails instead of skipping.

@@ -97,8 +97,12 @@ vm_pid() { cat "$SCN_DIR/$1/pid"; }
 # vm_exited ID: true once bulkhead has exited.
 vm_exited() { [ -s "$SCN_DIR/$1/status" ]; }
 
-# vm_count ID ERE: how many console lines match ERE.
-vm_count() { tr -d '\r' <"$SCN_DIR/$1/out" | grep -cE "$2"; }
+# vm_count ID ERE: how many whole console lines match ERE. A line still being written (no
+# newline yet) is not counted: the value after a marker may not have arrived.
+vm_count() {
+	_f=$SCN_DIR/$1/out
+	head -n "$(wc -l <"$_f")" "$_f" | tr -d '\r' | grep -cE "$2"
+}
 
 # vm_wait_for ID ERE TIMEOUT [COUNT]: wait until COUNT (default 1) console lines match ERE.
 # Fails the scenario if bulkhead exits first or on timeout.
@@ -224,3 +228,37 @@ info_field() {
 
 # elapsed ID: seconds from vm_start to now.
 elapsed() { awk -v a="$(cat "$SCN_DIR/$1/t_start")" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# The process table, read once: one "PID PPID COMM" line per process (one cat of every
+# /proc/PID/stat; a loop over /proc/* running a program per process costs seconds in L1, where
+# every program start is emulated). COMM has no spaces for the programs looked for here.
+procs() {
+	cat /proc/[0-9]*/stat 2>/dev/null | sed -n 's/^\([0-9]*\) (\(.*\)) [A-Za-z] \([0-9]*\) .*/\1 \3 \2/p'
+}
+
+# children_of PPID [COMM]: the pids of PPID's children, of those whose name starts with COMM.
+children_of() {
+	procs | awk -v p="$1" -v c="$2" '$2 == p && (c == "" || index($3, c) == 1) { print $1 }'
+}
+
+# pids_named COMM: the pids of every process named COMM (15 characters at most, as the kernel
+# keeps it: bulkhead-balloo, bulkhead-consol).
+pids_named() { procs | awk -v c="$1" '$3 == c { print $1 }'; }
+
+# spawner_of VMM: the pid of the VMM's device spawner (bulkhead-spawn), the device processes' parent.
+spawner_of() { children_of "$1" bulkhead-spawn | head -n 1; }
+
+# devices_of VMM [COMM]: the VMM's device processes (its spawner's children), those named COMM*.
+devices_of() {
+	_sp=$(spawner_of "$1")
+	[ -n "$_sp" ] || return 0
+	children_of "$_sp" "$2"
+}
+
+# pid_serving COMM PATH: the pid of the process named COMM whose command line has "--path PATH".
+pid_serving() {
+	for _p in $(pids_named "$1"); do
+		tr '\0' ' ' <"/proc/$_p/cmdline" 2>/dev/null | grep -q -- "--path $2 " && echo "$_p" && return
+	done
+	return 0
+}

@@ -44,13 +44,7 @@ wait_until() {
 		sleep 0.5
 	done
 }
-balloon_pid() { # balloon_pid VMM: the VMM's balloon process (a child of its spawner)
-	for q in /proc/[0-9]*; do
-		[ "$(cat "$q/comm" 2>/dev/null)" = bulkhead-balloo ] || continue
-		sp=$(awk '{ print $4 }' "$q/stat")
-		[ "$(awk '{ print $4 }' "/proc/$sp/stat" 2>/dev/null)" = "$1" ] && echo "${q#/proc/}" && return
-	done
-}
+balloon_pid() { devices_of "$1" bulkhead-balloo | head -n 1; } # balloon_pid VMM
 
 # ---- VM A.
 sock=$SCN_DIR/a.sock

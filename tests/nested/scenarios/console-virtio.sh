@@ -22,11 +22,7 @@ run() { # run VM COMMAND ERE TIMEOUT: type COMMAND, wait for a line matching ERE
 	vm_wait_for "$1" "$3" "$4"
 	tr -d '\r' <"$SCN_DIR/$1/out" | grep -E "$3" | tail -n 1 | sed 's/^[A-Z]*-//'
 }
-console_pid() {
-	for p in /proc/[0-9]*; do
-		[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-consol ] && echo "${p#/proc/}" && return
-	done
-}
+console_pid() { pids_named bulkhead-consol | head -n 1; }
 
 # ---- Bad input: one terminal cannot be both consoles.
 vm_start bad --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --console tty

@@ -7,25 +7,13 @@
 # ones the vhost-user protocol gives it (guest RAM memfd, eventfds) or it makes (epoll,
 # io_uring).
 . "${HARNESS_DIR:-/harness}/lib.sh"
-# spawner_of VMM: the pid of the VMM's device spawner (bulkhead-spawn), the device processes' parent.
-spawner_of() {
-	for q in /proc/[0-9]*; do
-		[ "$(awk '{ print $4 }' "$q/stat" 2>/dev/null)" = "$1" ] || continue
-		[ "$(cat "$q/comm" 2>/dev/null)" = bulkhead-spawn ] && echo "${q#/proc/}" && return
-	done
-}
-
 dd if=/dev/zero of="$SCN_DIR/d.img" bs=1M count=16 2>/dev/null
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
 	--disk "path=$SCN_DIR/d.img" -v
 vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
 say "guest ready $(elapsed vm) s after start"
 vmm=$(vm_pid vm)
-dev=
-for p in /proc/[0-9]*; do
-	[ "$(awk '{ print $4 }' "$p/stat" 2>/dev/null)" = "$(spawner_of "$vmm")" ] || continue
-	case $(cat "$p/comm" 2>/dev/null) in bulkhead-block*) dev=${p#/proc/} ;; esac
-done
+dev=$(devices_of "$vmm" bulkhead-block | tail -n 1)
 [ -n "$dev" ] || fail "no device process under VMM $vmm"
 grep -E 'started .*bulkhead-block' "$SCN_DIR/vm/err" | quote "!"
 grep -qE 'started .*bulkhead-block \(pid [0-9]+, jailed\)' "$SCN_DIR/vm/err" || fail "the VMM did not start the device jailed"

@@ -5,23 +5,10 @@
 # when the VMM is killed outright.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
-# spawner_of VMM: the pid of the VMM's device spawner (bulkhead-spawn), the device processes' parent.
-spawner_of() {
-	for q in /proc/[0-9]*; do
-		[ "$(awk '{ print $4 }' "$q/stat" 2>/dev/null)" = "$1" ] || continue
-		[ "$(cat "$q/comm" 2>/dev/null)" = bulkhead-spawn ] && echo "${q#/proc/}" && return
-	done
-}
-
 dd if=/dev/zero of="$SCN_DIR/a.img" bs=1M count=16 2>/dev/null
 dd if=/dev/zero of="$SCN_DIR/b.img" bs=1M count=16 2>/dev/null
 
-children() { # children PID: pids of bulkhead-block processes whose parent is PID
-	for p in /proc/[0-9]*; do
-		[ "$(awk '{ print $4 }' "$p/stat" 2>/dev/null)" = "$(spawner_of "$1")" ] || continue
-		case $(cat "$p/comm" 2>/dev/null) in bulkhead-block*) echo "${p#/proc/}" ;; esac
-	done
-}
+children() { devices_of "$1" bulkhead-block; } # children VMM: its bulkhead-block processes
 
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
 	--disk "path=$SCN_DIR/a.img" --disk "path=$SCN_DIR/b.img"

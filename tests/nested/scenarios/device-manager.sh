@@ -19,17 +19,10 @@ say "guest ready $(elapsed vm) s after start"
 vmm=$(vm_pid vm)
 
 ppid_of() { awk '{ print $4 }' "/proc/$1/stat" 2>/dev/null; }
-spawner=
-for p in /proc/[0-9]*; do
-	[ "$(ppid_of "${p#/proc/}")" = "$vmm" ] || continue
-	[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-spawn ] && spawner=${p#/proc/}
-done
+spawner=$(spawner_of "$vmm")
 [ -n "$spawner" ] || fail "no bulkhead-spawn child of the VMM $vmm"
 devs=
-for p in /proc/[0-9]*; do
-	[ "$(ppid_of "${p#/proc/}")" = "$spawner" ] || continue
-	devs="$devs ${p#/proc/}"
-done
+for p in $(children_of "$spawner"); do devs="$devs $p"; done
 say "VMM $vmm, spawner $spawner, device processes:$devs"
 [ "$(echo $devs | wc -w)" = 2 ] || fail "expected 2 device processes under the spawner, found:$devs"
 for d in $devs; do

@@ -31,12 +31,7 @@ disk_of() { tr -d '\r' <"$SCN_DIR/vm/out" | sed -n "s/^GUEST-DISK \(vd.\) [0-9]*
 a=$(disk_of ra)
 [ -n "$a" ] || fail "disk ra not seen by the guest"
 # dev_of IMAGE: the pid of the bulkhead-block process serving IMAGE (its --path).
-dev_of() {
-	for p in /proc/[0-9]*; do
-		[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-block ] || continue
-		tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q -- "--path $1 " && echo "${p#/proc/}" && return
-	done
-}
+dev_of() { pid_serving bulkhead-block "$1"; }
 run() { # run COMMAND ERE TIMEOUT: type COMMAND, wait for a line matching ERE, print its value.
 	vm_send vm "$1" >&2
 	vm_wait_for vm "$2" "$3"

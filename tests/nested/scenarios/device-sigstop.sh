@@ -11,12 +11,7 @@ vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$
 vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
 say "guest ready $(elapsed vm) s after start"
 vmm=$(vm_pid vm)
-dev=
-for p in /proc/[0-9]*; do
-	[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-block ] || continue
-	pp=$(awk '{ print $4 }' "$p/stat")
-	[ "$(awk '{ print $4 }' "/proc/$pp/stat" 2>/dev/null)" = "$vmm" ] && dev=${p#/proc/}
-done
+dev=$(devices_of "$vmm" bulkhead-block | tail -n 1)
 [ -n "$dev" ] || fail "no device process of VMM $vmm"
 say "kill -STOP device process $dev"
 kill -STOP "$dev"

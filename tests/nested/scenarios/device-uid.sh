@@ -6,13 +6,6 @@
 # the parent wrote the maps): before that fix it kept host uid 0 ("Uid 0 0 0 0" in L1).
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
-spawner_of() {
-	for q in /proc/[0-9]*; do
-		[ "$(awk '{ print $4 }' "$q/stat" 2>/dev/null)" = "$1" ] || continue
-		[ "$(cat "$q/comm" 2>/dev/null)" = bulkhead-spawn ] && echo "${q#/proc/}" && return
-	done
-}
-
 [ "$(id -u)" = 0 ] || fail "L1 runs the scenarios as root; --device-uid needs a root VMM"
 dd if=/dev/zero of="$SCN_DIR/u.img" bs=1M count=16 2>/dev/null
 vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
@@ -20,11 +13,7 @@ vm_start vm --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$
 vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
 say "guest ready $(elapsed vm) s after start"
 vmm=$(vm_pid vm)
-dev=
-for p in /proc/[0-9]*; do
-	[ "$(awk '{ print $4 }' "$p/stat" 2>/dev/null)" = "$(spawner_of "$vmm")" ] || continue
-	case $(cat "$p/comm" 2>/dev/null) in bulkhead-block*) dev=${p#/proc/} ;; esac
-done
+dev=$(devices_of "$vmm" bulkhead-block | tail -n 1)
 [ -n "$dev" ] || fail "no device process under VMM $vmm"
 st() { awk -v k="$1:" '$1 == k { print $2, $3, $4, $5 }' "/proc/$dev/status"; }
 say "device process $dev: Uid $(st Uid), Gid $(st Gid), CapEff $(st CapEff); VMM Uid $(awk '$1 == "Uid:" { print $2 }' "/proc/$vmm/status")"

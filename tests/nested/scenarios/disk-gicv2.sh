@@ -1,5 +1,5 @@
 #!/bin/sh
-# timeout: 200
+# timeout: 360
 # On a GICv2 host (no ITS), PCI devices get their MSIs through the GICv2m frame: a disk given
 # at start works (checksummed write and read), and a second one hot-plugged into the running
 # guest (root port MSI through the frame too) is seen and used, then unplugged in order.

@@ -6,14 +6,6 @@
 # unbinding and rebinding the driver keeps I/O working; the VMM itself does no block I/O.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
-# spawner_of VMM: the pid of the VMM's device spawner (bulkhead-spawn), the device processes' parent.
-spawner_of() {
-	for q in /proc/[0-9]*; do
-		[ "$(awk '{ print $4 }' "$q/stat" 2>/dev/null)" = "$1" ] || continue
-		[ "$(cat "$q/comm" 2>/dev/null)" = bulkhead-spawn ] && echo "${q#/proc/}" && return
-	done
-}
-
 img=$SCN_DIR/img
 mkdir -p "$img"
 dd if=/dev/zero of="$img/d0" bs=1M count=96 2>/dev/null
@@ -80,9 +72,8 @@ say "VMM open descriptors on the images: $vmm_fds (kept for restarts)"
 [ "$vmm_fds" = 2 ] || fail "the VMM holds $vmm_fds image descriptors, expected 2 (d0, d1; not ro with restart=never)"
 if ls -l "/proc/$vmm/fd" 2>/dev/null | grep -q "$img/ro"; then fail "the VMM holds the restart=never image open"; fi
 n_dev=0
-for p in /proc/[0-9]*; do
-	[ "$(awk '{ print $4 }' "$p/stat" 2>/dev/null)" = "$(spawner_of "$vmm")" ] || continue
-	case $(cat "$p/comm" 2>/dev/null) in bulkhead-block*) ;; *) continue ;; esac
+for p in $(devices_of "$vmm" bulkhead-block); do
+	p=/proc/$p
 	held=$(ls -l "$p/fd" 2>/dev/null | sed -n "s|.*-> $img/||p" | tr '\n' ' ')
 	say "device process ${p#/proc/}: holds image(s) $held; $(awk '{ print "utime " $14 ", stime " $15 " ticks" }' "$p/stat")"
 	[ -n "$held" ] && n_dev=$((n_dev + 1))

@@ -35,12 +35,7 @@ run() { # run COMMAND ERE TIMEOUT: type COMMAND, wait for a line matching ERE, p
 }
 inject() { ctl_call "$api" inject-fault "$1" "$2"; } # inject ID FAULT
 # dev_pid [IMAGE]: the pid of the bulkhead-block process serving IMAGE (default: data's).
-dev_pid() {
-	for p in /proc/[0-9]*; do
-		[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-block ] || continue
-		tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q -- "--path ${1:-$img} " && echo "${p#/proc/}" && return
-	done
-}
+dev_pid() { pid_serving bulkhead-block "${1:-$img}"; }
 # read4k BLOCK: a direct 4 KiB read of 4 KiB block BLOCK; prints dd's status.
 read4k() { run "dd if=/dev/$disk of=/dev/null bs=4096 count=1 skip=$1 iflag=direct 2>/dev/null; echo RD$2-\$?" "^RD$2-[0-9]+\$" 60; }
 sleep 1

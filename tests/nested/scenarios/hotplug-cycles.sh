@@ -30,7 +30,7 @@ vm_wait_for vm '^GUEST-READY' "$BOOT_TIMEOUT"
 say "guest ready $(elapsed vm) s after start"
 vmm=$(vm_pid vm)
 sleep 1
-blocks() { n=0; for p in /proc/[0-9]*; do [ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-block ] && n=$((n + 1)); done; echo $n; }
+blocks() { pids_named bulkhead-block | wc -l; }
 # The VMM's own memory: RssAnon. VmRSS also counts the guest RAM the VMM has mapped
 # (RssShmem), which grows as the guest touches more of its memory (page cache, slabs for each
 # new device), whatever the VMM does.

@@ -41,7 +41,7 @@ say "pciehp bound $slots slots"
 [ "$slots" = 2 ] || fail "pciehp bound $slots of the 2 root ports"
 fds0=$(ls "/proc/$vmm/fd" | wc -l)
 thr0=$(ls "/proc/$vmm/task" | wc -l)
-blocks() { n=0; for p in /proc/[0-9]*; do [ "$(cat "$p/comm" 2>/dev/null)" = "$1" ] && n=$((n + 1)); done; echo $n; }
+blocks() { pids_named "$1" | wc -l; }
 procs0=$(blocks bulkhead-block)
 say "before: VMM $fds0 descriptors, $thr0 threads; $procs0 bulkhead-block process(es)"
 
@@ -98,11 +98,7 @@ vm_wait_for vm '^HOTAGAIN-1' 30
 # SIGKILLed under a direct read, restarted, and the read completes with the same data.
 grep -q 'hot0: vhost-user backend connected.*INFLIGHT_SHMFD' "$SCN_DIR/vm/err" ||
 	fail "the hot-plugged disk's process offers no inflight tracking (no --inflight-fd)"
-hpid=
-for p in /proc/[0-9]*; do
-	[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-block ] || continue
-	tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q -- "--path $img/hot " && hpid=${p#/proc/}
-done
+hpid=$(pid_serving bulkhead-block "$img/hot")
 [ -n "$hpid" ] || fail "no bulkhead-block process for the hot-plugged disk"
 vm_send vm 'echo RA-$(dd if=/dev/vdb bs=4k count=2048 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)'
 sleep 1

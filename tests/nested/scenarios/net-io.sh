@@ -60,17 +60,8 @@ say "tap $TAP: flags $(cat /sys/class/net/$TAP/tun_flags) (tun flags), MTU $MTU,
 
 # The device process, from outside.
 vmm=$(vm_pid vm)
-spawner=
-for p in /proc/[0-9]*; do
-	[ "$(awk '{ print $4 }' "$p/stat" 2>/dev/null)" = "$vmm" ] || continue
-	[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-spawn ] && spawner=${p#/proc/}
-done
-dev=
-for p in /proc/[0-9]*; do
-	[ "$(awk '{ print $4 }' "$p/stat" 2>/dev/null)" = "$spawner" ] || continue
-	dev="$dev ${p#/proc/}"
-done
-dev=$(echo $dev)
+spawner=$(spawner_of "$vmm")
+dev=$(echo $(children_of "$spawner"))
 [ -n "$dev" ] && [ "$(echo "$dev" | wc -w)" = 1 ] || fail "expected one device process under the spawner $spawner, found '$dev'"
 comm=$(cat "/proc/$dev/comm")
 st() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$dev/status"; }

@@ -66,14 +66,10 @@ say "CTRL_VQ negotiated: fd= NIC $(feat $MACA 17), socket= NIC $(feat $MACC 17);
 
 # The fd= NIC's device process holds a queue of the tap the caller opened.
 vmm=$(vm_pid vm)
-spawner=
-for p in /proc/[0-9]*; do
-	[ "$(awk '{ print $4 }' "$p/stat" 2>/dev/null)" = "$vmm" ] || continue
-	[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-spawn ] && spawner=${p#/proc/}
-done
+spawner=$(spawner_of "$vmm")
 taps=
-for p in /proc/[0-9]*; do
-	[ "$(awk '{ print $4 }' "$p/stat" 2>/dev/null)" = "$spawner" ] || continue
+for p in $(children_of "$spawner"); do
+	p=/proc/$p
 	taps="$taps $(awk '$1 == "iff:" { print $2 }' "$p/fdinfo/5" 2>/dev/null)"
 done
 say "VMM-started device processes on taps:$taps; VMM's descriptor 20: $(awk '$1 == "iff:" { print $2 }' "/proc/$vmm/fdinfo/20" 2>/dev/null)"

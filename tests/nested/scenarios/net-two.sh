@@ -31,16 +31,9 @@ case $mac2 in 52:*) ;; *) fail "the default MAC $mac2 is not locally administere
 
 # Two processes, two namespaces, two taps.
 vmm=$(vm_pid vm)
-spawner=
-for p in /proc/[0-9]*; do
-	[ "$(awk '{ print $4 }' "$p/stat" 2>/dev/null)" = "$vmm" ] || continue
-	[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-spawn ] && spawner=${p#/proc/}
-done
+spawner=$(spawner_of "$vmm")
 devs=
-for p in /proc/[0-9]*; do
-	[ "$(awk '{ print $4 }' "$p/stat" 2>/dev/null)" = "$spawner" ] || continue
-	devs="$devs ${p#/proc/}"
-done
+for p in $(children_of "$spawner"); do devs="$devs $p"; done
 [ "$(echo $devs | wc -w)" = 2 ] || fail "expected two device processes, found:$devs"
 seen_taps=
 seen_ns=

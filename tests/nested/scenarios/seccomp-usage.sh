@@ -103,11 +103,7 @@ traced_run() {
 	vm_send_until "$id" "head -c 1048576 /dev/$dw | wc -c | sed s/^/RB$n-/" "^RB$n-" 60
 	# A device process that dies: the VMM's watcher fails the device, the spawner reaps it.
 	vmm=$(vm_pid "$id")
-	for p in /proc/[0-9]*; do
-		[ "$(cat "$p/comm" 2>/dev/null)" = bulkhead-net ] || continue
-		sp=$(awk '{ print $4 }' "$p/stat")
-		[ "$(awk '{ print $4 }' "/proc/$sp/stat" 2>/dev/null)" = "$vmm" ] && kill -KILL "${p#/proc/}"
-	done
+	for p in $(devices_of "$vmm" bulkhead-net); do kill -KILL "$p"; done
 	sleep 2
 	grep -E '^n0: |n0.*(ended|killed|failed)' "$SCN_DIR/$id/err" | tail -n 2 | quote "!"
 	vm_send "$id" 'poweroff -f'
