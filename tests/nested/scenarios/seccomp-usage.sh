@@ -9,8 +9,10 @@
 # different runs, so that every record comes from one filter: run 1 the VMM's thread filters
 # (the API thread's among them) and the device processes' filters, run 2 the VMM main
 # thread's filter (with a disk hot-plugged and unplugged through the API) and the spawner's.
-# bulkhead-seccomp-usage records the kernel log (and any sign of a lost record) and then
-# prints every rule of every filter with the run that used it; it fails on a rule no run used
+# The two runs go at the same time (each VMM has its own trace families, from its own
+# environment). bulkhead-seccomp-usage records the kernel log (and any sign of a lost record),
+# each call with the VMM its process belongs to, and then prints every rule of every filter
+# with the run that used it; it fails on a rule no run used
 # unless its exception table gives the reason (docs/jail-seccomp.md, "Rule usage trace").
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
@@ -31,17 +33,14 @@ say "printk_ratelimit $old_ratelimit -> 0 for the trace"
 img=$SCN_DIR/img
 mkdir -p "$img"
 
-# traced_run N FAMILIES: one VM under the trace of FAMILIES; the counts go to $SCN_DIR/usage-N.
+# traced_run N FAMILIES: one VM under the trace of FAMILIES (run in the background: exits
+# non-zero when it fails).
 traced_run() {
 	n=$1
 	fam=$2
 	id=t$n
 	dd if=/dev/zero of="$img/d$n" bs=1M count=32 2>/dev/null
 	head -c $((4 << 20)) /dev/urandom >"$img/r$n"
-	rm -f "$SCN_DIR/stop-$n"
-	"$USAGE_BIN" record "$SCN_DIR/usage-$n" "$SCN_DIR/stop-$n" &
-	rec=$!
-	sleep 0.5
 	export BULKHEAD_SECCOMP_TRACE=$fam
 	vm_start "$id" --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --cmdline "$GUEST_CMDLINE" \
 		--cpus boot=2 --memory size=512M -v \
@@ -111,19 +110,29 @@ traced_run() {
 	vm_no_panic "$id"
 	[ "$VM_STATUS" = 0 ] || fail "run $n: bulkhead exited with status $VM_STATUS"
 	say "run $n: VM done in $(elapsed "$id") s"
-	sleep 1
-	: >"$SCN_DIR/stop-$n"
-	wait "$rec" || fail "run $n: the recorder failed"
-	[ -s "$SCN_DIR/usage-$n" ] || fail "run $n: no usage file"
 }
 
-traced_run 1 vmm-threads,devices
+rm -f "$SCN_DIR/stop"
+"$USAGE_BIN" record "$SCN_DIR/usage" "$SCN_DIR/stop" &
+rec=$!
+sleep 0.5
+traced_run 1 vmm-threads,devices &
+run1=$!
+traced_run 2 vmm-main,spawner &
+run2=$!
+st1=0 st2=0
+wait "$run1" || st1=$?
+wait "$run2" || st2=$?
+sleep 1
+: >"$SCN_DIR/stop"
+wait "$rec" || fail "the recorder failed"
+[ "$st1" = 0 ] && [ "$st2" = 0 ] || fail "run 1 exited $st1, run 2 $st2: $(cat "$SCN_DIR/reason" 2>/dev/null)"
+[ -s "$SCN_DIR/usage" ] || fail "no usage file"
 pid1=$(vm_pid t1)
-traced_run 2 vmm-main,spawner
 pid2=$(vm_pid t2)
 
-"$USAGE_BIN" check vmm-threads,devices "$pid1" "$SCN_DIR/usage-1" \
-	vmm-main,spawner "$pid2" "$SCN_DIR/usage-2" >"$SCN_DIR/check" 2>&1
+"$USAGE_BIN" check vmm-threads,devices "$pid1" "$SCN_DIR/usage" \
+	vmm-main,spawner "$pid2" "$SCN_DIR/usage" >"$SCN_DIR/check" 2>&1
 st=$?
 cat "$SCN_DIR/check"
 [ "$st" = 0 ] || fail "seccomp rule usage check failed (status $st): $(grep -cE 'UNUSED|LOST|UNATTRIBUTED|STALE|nothing' "$SCN_DIR/check") problems"

@@ -13,9 +13,14 @@
 //! subsystem's own "lost" and rate-limit messages). Once STOPFILE exists and the log has been
 //! quiet for a second, it writes the counts to OUT.
 //!
+//! Each count also names the VMM the calling process belongs to: the process itself or its
+//! nearest ancestor named `bulkhead` (a device process is the VMM's spawner's child), so that
+//! VMMs traced at the same time share one recording.
+//!
 //! `check` takes each traced run as the families it traced (the variable's value), the VMM's
-//! pid and the recorded counts, attributes every logged call to the one filter that logged it
-//! (by process, and for the VMM's threads by thread name), and prints every rule of every
+//! pid and the recorded counts (runs that ran at the same time name the same file), takes the
+//! calls of that VMM's processes, attributes every logged call to the one filter that logged
+//! it (by process, and for the VMM's threads by thread name), and prints every rule of every
 //! filter with the runs that used it. It fails when a rule was never used and the exception
 //! table below does not give the reason, when a record was lost, when a run logged nothing,
 //! or when a logged call is not in the filter it was attributed to.
@@ -180,6 +185,7 @@ fn main() -> Result<()> {
                     number: i + 1,
                     families,
                     vmm_pid,
+                    usage_path: c[2].clone(),
                     usage,
                 });
             }
@@ -195,9 +201,11 @@ fn main() -> Result<()> {
 
 // ---- record ----------------------------------------------------------------------------------
 
-/// One logged call, as counted: which process (and its name), which thread, which syscall.
+/// One logged call, as counted: which VMM's (0: none found), which process (and its name),
+/// which thread, which syscall.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Key {
+    vmm: u32,
     pid: u32,
     process: String,
     thread: String,
@@ -224,8 +232,8 @@ impl Usage {
         for (k, n) in &self.calls {
             writeln!(
                 f,
-                "{}\t{}\t{}\t{:x}\t{}\t{}",
-                k.pid, k.process, k.thread, k.arch, k.nr, n
+                "{}\t{}\t{}\t{}\t{:x}\t{}\t{}",
+                k.vmm, k.pid, k.process, k.thread, k.arch, k.nr, n
             )?;
         }
         Ok(())
@@ -243,18 +251,19 @@ impl Usage {
                 u.lost.insert(what.to_string(), n.parse()?);
             } else if !line.is_empty() {
                 let f: Vec<&str> = line.split('\t').collect();
-                if f.len() != 6 {
+                if f.len() != 7 {
                     bail!("{}: bad line '{line}'", path.display());
                 }
                 u.calls.insert(
                     Key {
-                        pid: f[0].parse()?,
-                        process: f[1].to_string(),
-                        thread: f[2].to_string(),
-                        arch: u32::from_str_radix(f[3], 16)?,
-                        nr: f[4].parse()?,
+                        vmm: f[0].parse()?,
+                        pid: f[1].parse()?,
+                        process: f[2].to_string(),
+                        thread: f[3].to_string(),
+                        arch: u32::from_str_radix(f[4], 16)?,
+                        nr: f[5].parse()?,
                     },
-                    f[5].parse()?,
+                    f[6].parse()?,
                 );
             }
         }
@@ -337,7 +346,7 @@ fn record(out: &Path, stop: &Path) -> Result<()> {
         bail!("seeking /dev/kmsg: {}", std::io::Error::last_os_error());
     }
     let mut usage = Usage::default();
-    let mut process_names: HashMap<u32, String> = HashMap::new();
+    let mut processes: HashMap<u32, (String, u32)> = HashMap::new();
     let mut next_seq: Option<u64> = None;
     let mut buf = vec![0u8; 16384];
     let mut quiet_since: Option<Instant> = None;
@@ -371,17 +380,17 @@ fn record(out: &Path, stop: &Path) -> Result<()> {
                         continue;
                     }
                     usage.records += 1;
-                    let process = process_names
+                    let (process, vmm) = processes
                         .entry(r.pid)
                         .or_insert_with(|| {
-                            std::fs::read_to_string(format!("/proc/{}/comm", r.pid))
-                                .map(|s| s.trim().to_string())
-                                .unwrap_or_else(|_| "?".into())
+                            let (name, _) = proc_stat(r.pid).unwrap_or_else(|| ("?".into(), 0));
+                            (name, vmm_of(r.pid))
                         })
                         .clone();
                     *usage
                         .calls
                         .entry(Key {
+                            vmm,
                             pid: r.pid,
                             process,
                             thread: r.comm.replace(['\t', '\n'], " "),
@@ -420,12 +429,34 @@ fn record(out: &Path, stop: &Path) -> Result<()> {
     usage.write(out)
 }
 
+/// A process's name and parent pid, from `/proc/PID/stat` ("PID (NAME) STATE PPID ...").
+fn proc_stat(pid: u32) -> Option<(String, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+    let ppid = rest.split(' ').nth(1)?.parse().ok()?;
+    Some((name.to_string(), ppid))
+}
+
+/// The VMM `pid` belongs to: itself or its nearest ancestor named `bulkhead`; 0 if none.
+fn vmm_of(mut pid: u32) -> u32 {
+    for _ in 0..16 {
+        match proc_stat(pid) {
+            Some((name, _)) if name == "bulkhead" => return pid,
+            Some((_, ppid)) if ppid > 1 => pid = ppid,
+            _ => return 0,
+        }
+    }
+    0
+}
+
 // ---- check -----------------------------------------------------------------------------------
 
 struct Run {
     number: usize,
     families: Vec<TraceFamily>,
     vmm_pid: u32,
+    /// The recording the run's calls are in (shared by runs traced at the same time).
+    usage_path: String,
     usage: Usage,
 }
 
@@ -532,13 +563,39 @@ fn check(runs: &[Run]) -> Result<bool> {
     };
     let mut ok = true;
     let mut misattributed = Vec::new();
-    for run in runs {
+    for (i, run) in runs.iter().enumerate() {
+        // The runs recorded in the same file: the first of them reports what belongs to none.
+        let sharing: Vec<&Run> = runs
+            .iter()
+            .filter(|r| r.usage_path == run.usage_path)
+            .collect();
+        let first_of_file = !runs[..i].iter().any(|r| r.usage_path == run.usage_path);
+        if first_of_file {
+            for (k, n) in &run.usage.calls {
+                if !sharing.iter().any(|r| r.vmm_pid == k.vmm) {
+                    misattributed.push(format!(
+                        "{}: {n} calls by pid {} ({}/{}) of VMM pid {} (0: none found), which no run names",
+                        run.usage_path, k.pid, k.process, k.thread, k.vmm
+                    ));
+                }
+            }
+        }
+        let calls: Vec<(&Key, u64)> = run
+            .usage
+            .calls
+            .iter()
+            .filter(|(k, _)| k.vmm == run.vmm_pid)
+            .map(|(k, &n)| (k, n))
+            .collect();
+        let records: u64 = calls.iter().map(|(_, n)| n).sum();
         let fam: Vec<&str> = run.families.iter().map(|f| f.name()).collect();
         println!(
-            "[seccomp-usage] run {} ({}): {} records, VMM pid {}",
+            "[seccomp-usage] run {} ({}): {} records of its VMM's processes ({} in {}), VMM pid {}",
             run.number,
             fam.join(","),
+            records,
             run.usage.records,
+            run.usage_path,
             run.vmm_pid
         );
         let has = |f| run.families.contains(&f);
@@ -548,18 +605,18 @@ fn check(runs: &[Run]) -> Result<bool> {
         if has(TraceFamily::Devices) && has(TraceFamily::Spawner) {
             bail!("run {}: devices and spawner stack on device processes: trace them in separate runs", run.number);
         }
-        for (l, n) in &run.usage.lost {
+        for (l, n) in run.usage.lost.iter().filter(|_| first_of_file) {
             println!(
                 "[seccomp-usage] run {}: LOST RECORDS: {l} ({n} times)",
                 run.number
             );
             ok = false;
         }
-        if run.usage.records == 0 {
+        if records == 0 {
             println!("[seccomp-usage] run {}: no record at all (is the trace on, and are seccomp's log actions logged?)", run.number);
             ok = false;
         }
-        for (k, &n) in &run.usage.calls {
+        for (k, n) in calls {
             let Some(name) = syscall_name(k.nr, arch) else {
                 misattributed.push(format!(
                     "run {}: pid {} ({}/{}) syscall {} has no name here",
@@ -812,6 +869,37 @@ mod tests {
     }
 
     #[test]
+    fn test_calls_belong_to_the_nearest_bulkhead_ancestor() {
+        // A shell named bulkhead (the VMM) with a child (a device process).
+        let dir = std::env::temp_dir().join(format!("seccomp-usage-vmm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let vmm = dir.join("bulkhead");
+        std::fs::copy("/bin/sh", &vmm).expect("copy /bin/sh");
+        let mut sh = std::process::Command::new(&vmm)
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the shell");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(sh.stdout.as_mut().expect("stdout")),
+            &mut line,
+        )
+        .expect("the child's pid");
+        let child: u32 = line.trim().parse().expect("a pid");
+        let found = (vmm_of(sh.id()), vmm_of(child), vmm_of(std::process::id()));
+        let name = proc_stat(child).map(|(n, ppid)| (n, ppid == sh.id()));
+        // SAFETY: kill(2) on our own children.
+        unsafe {
+            libc::kill(child as i32, libc::SIGKILL);
+        }
+        sh.wait().ok();
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(found, (sh.id(), sh.id(), 0));
+        assert_eq!(name, Some(("sleep".to_string(), true)));
+    }
+
+    #[test]
     fn test_usage_file_round_trip() {
         let mut u = Usage {
             records: 3,
@@ -820,6 +908,7 @@ mod tests {
         };
         u.calls.insert(
             Key {
+                vmm: 4,
                 pid: 5,
                 process: "bulkhead-block".into(),
                 thread: "queue0".into(),
