@@ -437,16 +437,24 @@ fn proc_stat(pid: u32) -> Option<(String, u32)> {
     Some((name.to_string(), ppid))
 }
 
-/// The VMM `pid` belongs to: itself or its nearest ancestor named `bulkhead`; 0 if none.
+/// The VMM `pid` belongs to: the topmost of itself and its ancestors named `bulkhead`; 0 if
+/// none. Topmost, because a process the VMM forks is named `bulkhead` too until it names
+/// itself (the spawner) or execs (a device program).
 fn vmm_of(mut pid: u32) -> u32 {
-    for _ in 0..16 {
-        match proc_stat(pid) {
-            Some((name, _)) if name == "bulkhead" => return pid,
-            Some((_, ppid)) if ppid > 1 => pid = ppid,
-            _ => return 0,
+    let mut vmm = 0;
+    for _ in 0..32 {
+        let Some((name, ppid)) = proc_stat(pid) else {
+            break;
+        };
+        if name == "bulkhead" {
+            vmm = pid;
         }
+        if ppid <= 1 {
+            break;
+        }
+        pid = ppid;
     }
-    0
+    vmm
 }
 
 // ---- check -----------------------------------------------------------------------------------
@@ -887,6 +895,12 @@ mod tests {
         )
         .expect("the child's pid");
         let child: u32 = line.trim().parse().expect("a pid");
+        // Until it execs sleep, the child is a `bulkhead` too (and belongs to its parent).
+        let before_exec = vmm_of(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while proc_stat(child).is_some_and(|(n, _)| n != "sleep") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let found = (vmm_of(sh.id()), vmm_of(child), vmm_of(std::process::id()));
         let name = proc_stat(child).map(|(n, ppid)| (n, ppid == sh.id()));
         // SAFETY: kill(2) on our own children.
@@ -895,6 +909,7 @@ mod tests {
         }
         sh.wait().ok();
         std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(before_exec, sh.id());
         assert_eq!(found, (sh.id(), sh.id(), 0));
         assert_eq!(name, Some(("sleep".to_string(), true)));
     }
