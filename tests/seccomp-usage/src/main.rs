@@ -13,9 +13,10 @@
 //! subsystem's own "lost" and rate-limit messages). Once STOPFILE exists and the log has been
 //! quiet for a second, it writes the counts to OUT.
 //!
-//! Each count also names the VMM the calling process belongs to: the process itself or its
-//! nearest ancestor named `bulkhead` (a device process is the VMM's spawner's child), so that
-//! VMMs traced at the same time share one recording.
+//! Each count also names the VMM the calling process belongs to: the topmost of the process
+//! and its ancestors named `bulkhead` (a device process is the VMM's spawner's child; a child
+//! the VMM forked is named `bulkhead` until it renames itself or execs), so that VMMs traced
+//! at the same time share one recording.
 //!
 //! `check` takes each traced run as the families it traced (the variable's value), the VMM's
 //! pid and the recorded counts (runs that ran at the same time name the same file), takes the
@@ -877,7 +878,7 @@ mod tests {
     }
 
     #[test]
-    fn test_calls_belong_to_the_nearest_bulkhead_ancestor() {
+    fn test_calls_belong_to_the_topmost_bulkhead_ancestor() {
         // A shell named bulkhead (the VMM) with a child (a device process).
         let dir = std::env::temp_dir().join(format!("seccomp-usage-vmm-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
