@@ -137,9 +137,24 @@ t0=$(now)
 seen=$(vm_count vm '^SENT-[0-9]+$')
 vm_send vm 'taskset 2 nc '"$HOST"' 5001 </tmp/d; echo SENT-$?'
 i=0
+last=-1
+still=0
 while [ "$(wc -c <"$SCN_DIR/from-guest")" -lt $((SIZE / 4)) ] && [ $i -lt 1200 ]; do
 	sleep 0.1
 	i=$((i + 1))
+	# A transfer that stops moving for about 20 s (it takes about 10 s in all): what L1 and
+	# the device process look like then, once, as evidence (seen once, on 2026-12-03: the
+	# first quarter took about 5 minutes).
+	[ $((i % 20)) = 0 ] || continue
+	cur=$(wc -c <"$SCN_DIR/from-guest")
+	if [ "$cur" = "$last" ]; then still=$((still + 1)); else still=0; fi
+	last=$cur
+	if [ "$still" = 4 ]; then
+		say "no progress at $cur bytes for about 20 s; L1's TCP counters, $TAP's and the device's threads:"
+		grep '^Tcp:' /proc/net/snmp | quote "L1"
+		grep "$TAP:" /proc/net/dev | quote "L1"
+		for t in /proc/"$dev"/task/*; do awk '{ print $2, $3, $14 + $15 }' "$t/stat" 2>/dev/null; done | quote "~"
+	fi
 done
 at=$(wc -c <"$SCN_DIR/from-guest")
 [ "$at" -lt "$SIZE" ] || fail "the transfer was over before the kill: nothing tested"
