@@ -130,7 +130,7 @@ say "guest and L1 ping each other"
 # had taken and not sent are sent again or retransmitted by TCP, and the transfer completes
 # with the same checksum. The kill comes from a watcher at high priority (renice -15): the
 # transfer keeps L1's CPUs busy, and a watcher at normal priority saw the byte count up to
-# 28 MiB late, twice in a dozen runs on 2026-12-03 only after the transfer was over.
+# 26.5 MiB late, twice in a dozen runs on 2026-12-03 only after the transfer was over.
 mkfifo "$SCN_DIR/hold"
 timeout 300 nc -l -p 5001 <>"$SCN_DIR/hold" >"$SCN_DIR/from-guest" &
 ncpid=$!
