@@ -41,10 +41,10 @@ rm -f tests/out/*.summary
 mkdir -p tests/out
 nested_log=tests/out/nested-all.txt
 log "system tests, nested KVM, in the background (cross-build, then three emulated hosts in turn; console in $nested_log until the fuzzing is done)"
-# Its own target directory: cargo locks a target directory's release build while it builds, and
-# the interop tests build their x86_64 release programs meanwhile.
 # In a process group of its own (set -m), which ends with this script however it ends: an
-# interrupted run leaves no emulated host behind.
+# interrupted run leaves no emulated host behind. Its own target directory: cargo locks a
+# target directory's release build while it builds, and the interop tests build their x86_64
+# release programs meanwhile.
 set -m
 (
     export CARGO_TARGET_DIR=$PWD/target/nested
