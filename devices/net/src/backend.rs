@@ -39,8 +39,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::ctrl::{process_ctrl, Command};
 use crate::datapath::{
     process_rx, process_tx, with_notifications_off, LogLimiter, Negotiated, QueueError, RxState,
-    Stop, TxState, LEGACY_HDR_LEN,
+    Stop, TxState, LEGACY_HDR_LEN, RX_BUF_LEN,
 };
+use crate::readahead::ReadAhead;
 use crate::stats::{add, Stats};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};
 use bulkhead_device_runtime::rate::{LimiterConfig, RateLimiter};
@@ -232,6 +233,15 @@ impl NetBackend {
             add(rx_kick.as_raw_fd(), EventSet::IN, TOKEN_RX_KICK).map_err(create)?;
             add(tx_kick.as_raw_fd(), EventSet::IN, TOKEN_TX_KICK).map_err(create)?;
             add(exit.as_raw_fd(), EventSet::IN, TOKEN_EXIT).map_err(create)?;
+            // The rx side reads the tap in batches where io_uring is there (datapath,
+            // readahead); its ring is made now, before the seccomp filter.
+            let rx = match ReadAhead::new(RX_BUF_LEN) {
+                Ok(ahead) => RxState::with_read_ahead(ahead),
+                Err(e) => {
+                    info!("queue pair {pair}: io_uring unavailable ({e}); rx reads one frame per read");
+                    RxState::default()
+                }
+            };
             pairs.push(Pair {
                 tap,
                 rx_kick,
@@ -239,7 +249,10 @@ impl NetBackend {
                 exit,
                 vrings: Mutex::new(None),
                 errors: Mutex::new(None),
-                state: Mutex::new(PairState::default()),
+                state: Mutex::new(PairState {
+                    rx,
+                    ..PairState::default()
+                }),
                 event_loop: Mutex::new(Some(EventLoop { epoll })),
             });
         }
@@ -753,7 +766,7 @@ impl VhostUserBackend for NetBackend {
         if let Some(pair) = self.inner.pair(p) {
             let mut ps = pair.state.lock().unwrap_or_else(|e| e.into_inner());
             if queue_index & 1 == 0 {
-                ps.rx.reset();
+                add(&self.inner.stats.rx_dropped, ps.rx.reset() as u64);
                 ps.rx_broken = false;
             } else {
                 ps.tx_broken = false;
@@ -765,7 +778,7 @@ impl VhostUserBackend for NetBackend {
     fn reset_device(&self) {
         for pair in &self.inner.pairs {
             let mut ps = pair.state.lock().unwrap_or_else(|e| e.into_inner());
-            ps.rx.reset();
+            add(&self.inner.stats.rx_dropped, ps.rx.reset() as u64);
             ps.rx_broken = false;
             ps.tx_broken = false;
         }

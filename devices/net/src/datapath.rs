@@ -27,6 +27,7 @@ pub use bulkhead_device_runtime::loglimit::LogLimiter;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::readahead::{NoFrame, ReadAhead, Slot};
 use crate::stats::{add, Stats};
 use crate::tap::{Tap, VNET_HDR_LEN};
 use bulkhead_device_runtime::rate::RateLimiter;
@@ -114,8 +115,13 @@ pub struct Round {
 
 /// The rx side of a pair: the frame read from the tap and not yet placed.
 pub struct RxState {
+    /// Where frames are read one `read` at a time (no read-ahead).
     buf: Box<[u8]>,
-    /// Bytes of the pending frame in `buf` (0: none).
+    /// Frames read from the tap in batches (see [`crate::readahead`]); the pending frame is
+    /// in its buffer `slot` then.
+    ahead: Option<ReadAhead>,
+    slot: Option<Slot>,
+    /// Bytes of the pending frame (0: none).
     pending: usize,
     /// The pending frame was already counted by the rate limiter.
     charged: bool,
@@ -134,6 +140,8 @@ impl Default for RxState {
     fn default() -> RxState {
         RxState {
             buf: vec![0u8; RX_BUF_LEN].into_boxed_slice(),
+            ahead: None,
+            slot: None,
             pending: 0,
             charged: false,
             shaped: false,
@@ -146,17 +154,75 @@ impl Default for RxState {
 }
 
 impl RxState {
-    /// Forgets the pending frame (queue reset).
-    pub fn reset(&mut self) {
+    /// An rx side that reads the tap in batches through `ahead` (see [`crate::readahead`]).
+    pub fn with_read_ahead(ahead: ReadAhead) -> RxState {
+        RxState {
+            // Frames land in the read-ahead's buffers: this one is not used.
+            buf: Box::default(),
+            ahead: Some(ahead),
+            ..RxState::default()
+        }
+    }
+
+    /// Whether frames are read in batches.
+    pub fn reads_ahead(&self) -> bool {
+        self.ahead.is_some()
+    }
+
+    /// Forgets the pending frame and those read ahead (queue reset); returns how many frames
+    /// that dropped.
+    pub fn reset(&mut self) -> usize {
+        let mut dropped = usize::from(self.pending > 0);
+        if let Some(ahead) = self.ahead.as_mut() {
+            dropped += ahead.clear();
+        }
         self.pending = 0;
+        self.slot = None;
         self.charged = false;
         self.notify = true;
         self.placed.clear();
+        dropped
     }
 
     /// Whether a frame waits for guest buffers.
     pub fn has_pending(&self) -> bool {
         self.pending > 0
+    }
+
+    /// The pending frame's buffer.
+    fn frame_buf(&mut self) -> &mut [u8] {
+        match (self.ahead.as_mut(), self.slot.as_ref()) {
+            (Some(ahead), Some(slot)) => ahead.buf(slot),
+            _ => &mut self.buf,
+        }
+    }
+
+    /// Reads the next frame from the tap into [`RxState::frame_buf`]: its length with the
+    /// header. `WouldBlock` when the tap is empty.
+    fn read_frame(&mut self, tap: &Tap) -> io::Result<usize> {
+        let Some(ahead) = self.ahead.as_mut() else {
+            self.slot = None;
+            return tap.read(&mut self.buf);
+        };
+        match ahead.next_frame(tap) {
+            Ok((slot, n)) => {
+                self.slot = Some(slot);
+                Ok(n)
+            }
+            Err(NoFrame::Empty) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(NoFrame::Tap(e)) => Err(e),
+            Err(NoFrame::Ring(e)) => {
+                self.log.warn(format_args!(
+                    "reading the tap in batches failed ({e}); reading one frame at a time"
+                ));
+                if let Some(ahead) = self.ahead.take() {
+                    ahead.abandon();
+                }
+                self.buf = vec![0u8; RX_BUF_LEN].into_boxed_slice();
+                self.slot = None;
+                tap.read(&mut self.buf)
+            }
+        }
     }
 }
 
@@ -319,10 +385,13 @@ pub fn process_rx(
             .map_err(QueueError::Notification)?;
         rx.notify = false;
     }
+    if let Some(ahead) = rx.ahead.as_mut() {
+        ahead.begin_round();
+    }
     let mut frames = 0;
     while frames < BATCH {
         if rx.pending == 0 {
-            match tap.read(&mut rx.buf) {
+            match rx.read_frame(tap) {
                 Ok(n) if n >= VNET_HDR_LEN => {
                     rx.pending = n;
                     rx.charged = false;
@@ -363,25 +432,33 @@ pub fn process_rx(
         }
         // The header as the guest takes it (once per frame: a retry finds it done).
         if !rx.shaped {
+            let buf = rx.frame_buf();
             if !neg.guest_csum {
-                if let Some(flags) = rx.buf.get_mut(HDR_FLAGS) {
+                if let Some(flags) = buf.get_mut(HDR_FLAGS) {
                     *flags = 0;
                 }
             }
-            if neg.hdr_len == LEGACY_HDR_LEN {
+            let offset = if neg.hdr_len == LEGACY_HDR_LEN {
                 // Drop `num_buffers`: the 10-byte header moves up against the frame.
-                rx.buf
-                    .copy_within(..LEGACY_HDR_LEN, VNET_HDR_LEN - LEGACY_HDR_LEN);
-                rx.offset = VNET_HDR_LEN - LEGACY_HDR_LEN;
+                if buf.len() >= VNET_HDR_LEN {
+                    buf.copy_within(..LEGACY_HDR_LEN, VNET_HDR_LEN - LEGACY_HDR_LEN);
+                }
+                VNET_HDR_LEN - LEGACY_HDR_LEN
             } else {
-                rx.offset = 0;
-                if let Some(nb) = rx.buf.get_mut(NUM_BUFFERS_OFFSET..VNET_HDR_LEN) {
+                if let Some(nb) = buf.get_mut(NUM_BUFFERS_OFFSET..VNET_HDR_LEN) {
                     nb.copy_from_slice(&1u16.to_le_bytes());
                 }
-            }
+                0
+            };
+            rx.offset = offset;
             rx.shaped = true;
         }
-        let frame = rx.buf.get(rx.offset..rx.pending).unwrap_or_default();
+        let (offset, pending) = (rx.offset, rx.pending);
+        let frame = match (rx.ahead.as_ref(), rx.slot.as_ref()) {
+            (Some(ahead), Some(slot)) => ahead.frame(slot),
+            _ => &rx.buf,
+        };
+        let frame = frame.get(offset..pending).unwrap_or_default();
         match place(q, mem, frame, neg, &mut rx.placed)? {
             Placement::Done => {
                 add(&stats.rx_packets, 1);

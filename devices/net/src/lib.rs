@@ -13,6 +13,7 @@ pub mod backend;
 pub mod ctrl;
 pub mod datapath;
 pub mod jail;
+pub mod readahead;
 pub mod seccomp;
 pub mod stats;
 pub mod tap;

@@ -429,6 +429,26 @@ impl NetDriver {
         r.next_avail.wrapping_sub(r.last_used)
     }
 
+    /// The driver's view of a ring, for a report when nothing moved.
+    pub fn describe(&self, rx: bool) -> String {
+        let r = self.ring(rx);
+        let flags: u16 = self
+            .mem
+            .load(MemoryRegionAddress(r.used), Ordering::Relaxed)
+            .unwrap_or(0xffff);
+        let used: u16 = self
+            .mem
+            .load(MemoryRegionAddress(r.used + 2), Ordering::Acquire)
+            .unwrap_or(0xffff);
+        format!(
+            "avail idx {} (published {}), used idx {used} (reaped {}), used flags {flags:#x}, {} in flight",
+            r.next_avail,
+            r.published,
+            r.last_used,
+            self.in_flight(rx)
+        )
+    }
+
     pub fn size(&self) -> u16 {
         self.rx.size
     }

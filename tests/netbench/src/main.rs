@@ -218,10 +218,44 @@ impl Backend {
         Ok(b)
     }
 
+    /// "exited", or "running" with what each of its threads is waiting in.
+    fn state(&self) -> String {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        match stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+        {
+            Some("Z") | None => "exited".to_string(),
+            Some(state) => {
+                // Each thread: name, state, and the system call it is in.
+                let mut threads = String::new();
+                let dir = format!("/proc/{}/task", self.child.id());
+                for task in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    let path = task.path();
+                    let read = |f: &str| {
+                        std::fs::read_to_string(path.join(f))
+                            .unwrap_or_default()
+                            .trim()
+                            .to_string()
+                    };
+                    threads.push_str(&format!(
+                        "\n  {} {}: wchan {}, syscall {}",
+                        task.file_name().to_string_lossy(),
+                        read("comm"),
+                        read("wchan"),
+                        read("syscall")
+                    ));
+                }
+                format!("running (state {state}){threads}")
+            }
+        }
+    }
+
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
     /// CPU time (user + system) of all its threads, in seconds.
@@ -459,6 +493,19 @@ fn main() -> Result<()> {
                     s.backend_cpu,
                     s.note
                 );
+                if s.value == 0.0 {
+                    // Nothing moved: say what the backend said, and whether it is still there.
+                    eprintln!(
+                        "run {} {} {}: nothing moved; driver's {} ring: {}; backend {}; its log:\n{}",
+                        run + 1,
+                        t.label(),
+                        row.label(),
+                        if row.rx() { "rx" } else { "tx" },
+                        d.describe(row.rx()),
+                        backend.state(),
+                        backend.log_tail()
+                    );
+                }
                 samples[ti][ri].push(s);
             }
             drop(d);

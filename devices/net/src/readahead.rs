@@ -1,0 +1,283 @@
+//! Reading the tap several frames at a time: a batch of `read`s, each with `RWF_NOWAIT`, in
+//! one `io_uring_enter`.
+//!
+//! A tap queue is a character device: each `read` takes one frame, and there is no
+//! `recvmmsg` for it. At 64-byte frames the system call around each `read` (entry, the
+//! seccomp filter, `fdget`, `rw_verify_area`, exit) costs about as much as the tap's own work,
+//! so the rx path submits a batch of reads in one `io_uring_enter`. With `RWF_NOWAIT` every
+//! read of the batch is tried at once, in submission order, and completes before the call
+//! returns, with a frame or `EAGAIN` (the tap supports `IOCB_NOWAIT`, `FMODE_NOWAIT`): the
+//! frames land in the batch's buffers in the tap's order and nothing stays in flight.
+//!
+//! The batch size follows the traffic: it doubles (up to [`MAX_SLOTS`]) while batches come
+//! back full and falls to one more than the last batch found, so a quiet tap costs one
+//! `io_uring_enter` with two reads per wake-up where plain reads took two system calls.
+//! The buffers are one anonymous mapping made with the ring (nothing is allocated per frame);
+//! its pages become resident as frames first fill them: one page a slot with small frames, up
+//! to [`MAX_SLOTS`] × 64 KiB with 64 KiB segments.
+//!
+//! The ring is created before the seccomp filter (which allows `io_uring_enter` and neither
+//! `io_uring_setup` nor `io_uring_register`), disabled until its restrictions are in place:
+//! it accepts `IORING_OP_READ` and nothing else, with no SQE flags, so it cannot be used to
+//! open files or sockets past the filter. Where io_uring is not available (an old kernel,
+//! `kernel.io_uring_disabled`) the rx path reads one frame per `read`, as it always could.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use io_uring::register::Restriction;
+use io_uring::{opcode, types, IoUring, Probe};
+
+use crate::tap::Tap;
+
+/// Most reads in one batch.
+pub const MAX_SLOTS: usize = 16;
+
+/// The batch size after a wake-up: the frame that woke us, and the read that finds the tap
+/// empty.
+const FIRST_BATCH: usize = 2;
+
+/// The slots' buffers: one private anonymous mapping, `MAX_SLOTS` buffers of `buf_len` bytes.
+struct Buffers {
+    ptr: *mut u8,
+    buf_len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone (no copy of the pointer escapes except into
+// the ring's reads, which complete before `submit` returns), so it may move between threads.
+unsafe impl Send for Buffers {}
+
+impl Buffers {
+    fn new(buf_len: usize) -> io::Result<Buffers> {
+        let len = buf_len
+            .checked_mul(MAX_SLOTS)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a new private anonymous mapping; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Buffers {
+            ptr: ptr.cast(),
+            buf_len,
+        })
+    }
+
+    fn get(&self, slot: usize) -> &[u8] {
+        if slot >= MAX_SLOTS {
+            return &[];
+        }
+        // SAFETY: slot < MAX_SLOTS, so the buffer is inside the mapping, which lives as long
+        // as `self`; reads into it are complete (see `ReadAhead::submit`).
+        unsafe { std::slice::from_raw_parts(self.ptr.add(slot * self.buf_len), self.buf_len) }
+    }
+
+    fn get_mut(&mut self, slot: usize) -> &mut [u8] {
+        if slot >= MAX_SLOTS {
+            return &mut [];
+        }
+        // SAFETY: as in `get`, and `&mut self` makes the borrow exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(slot * self.buf_len), self.buf_len) }
+    }
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of this length; nothing refers to it any more.
+        unsafe { libc::munmap(self.ptr.cast(), self.buf_len * MAX_SLOTS) };
+    }
+}
+
+/// A batch of reads on the tap, and their buffers.
+pub struct ReadAhead {
+    ring: IoUring,
+    bufs: Buffers,
+    /// The last batch's results, by slot: the frame's length or `-errno`.
+    results: [i32; MAX_SLOTS],
+    /// Slots in the last batch.
+    len: usize,
+    /// The next slot to hand out.
+    next: usize,
+    /// The size of the next batch.
+    want: usize,
+    /// The last batch was read in the current rx round (see [`ReadAhead::begin_round`]).
+    fresh: bool,
+}
+
+/// A frame read ahead: which buffer holds it.
+pub struct Slot(pub usize);
+
+/// Why [`ReadAhead::next_frame`] has no frame.
+#[derive(Debug)]
+pub enum NoFrame {
+    /// The tap was empty at the end of the last batch.
+    Empty,
+    /// A read failed (as a plain `read` on the tap would have).
+    Tap(io::Error),
+    /// The ring itself failed: stop batching ([`ReadAhead::abandon`]).
+    Ring(io::Error),
+}
+
+impl ReadAhead {
+    /// A ring for batches of reads into buffers of `buf_len` bytes; an error (the reason, for
+    /// the log) where io_uring is not available.
+    pub fn new(buf_len: usize) -> io::Result<ReadAhead> {
+        // Created disabled, so its restrictions are in place before it accepts anything.
+        let ring = IoUring::builder()
+            .setup_r_disabled()
+            .build(MAX_SLOTS as u32)?;
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        if !probe.is_supported(opcode::Read::CODE) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring has no IORING_OP_READ on this kernel",
+            ));
+        }
+        let mut restrictions = [
+            Restriction::sqe_op(opcode::Read::CODE),
+            Restriction::sqe_flags_allowed(0),
+        ];
+        ring.submitter().register_restrictions(&mut restrictions)?;
+        ring.submitter().register_enable_rings()?;
+        Ok(ReadAhead {
+            ring,
+            bufs: Buffers::new(buf_len)?,
+            results: [0; MAX_SLOTS],
+            len: 0,
+            next: 0,
+            want: FIRST_BATCH,
+            fresh: false,
+        })
+    }
+
+    /// The buffer of `slot`.
+    pub fn buf(&mut self, slot: &Slot) -> &mut [u8] {
+        self.bufs.get_mut(slot.0)
+    }
+
+    /// The buffer of `slot`, to read.
+    pub fn frame(&self, slot: &Slot) -> &[u8] {
+        self.bufs.get(slot.0)
+    }
+
+    /// Forgets the frames read ahead (queue reset); returns how many there were.
+    pub fn clear(&mut self) -> usize {
+        let dropped = self
+            .results
+            .get(self.next..self.len)
+            .map_or(0, |r| r.iter().filter(|&&n| n >= 0).count());
+        self.len = 0;
+        self.next = 0;
+        self.want = FIRST_BATCH;
+        dropped
+    }
+
+    /// An rx round starts: the worker has waited since the last batch (its epoll consumed the
+    /// tap's readiness), so that batch's "empty" is stale: frames that came since then raised
+    /// their edges while the worker was waiting for guest buffers, and no edge will come for
+    /// them again. The round's first look past that batch reads the tap anew.
+    pub fn begin_round(&mut self) {
+        self.fresh = false;
+    }
+
+    /// The next frame: one read ahead, or the first of a new batch. [`NoFrame::Empty`] when
+    /// the last read of a batch of this round found the tap empty, so edge-triggered readiness
+    /// will fire again.
+    pub fn next_frame(&mut self, tap: &Tap) -> Result<(Slot, usize), NoFrame> {
+        loop {
+            while self.next < self.len {
+                let slot = self.next;
+                self.next += 1;
+                let res = self.results.get(slot).copied().unwrap_or(-libc::EIO);
+                if res >= 0 {
+                    return Ok((Slot(slot), res as usize));
+                }
+                if res == -libc::EAGAIN {
+                    continue;
+                }
+                return Err(NoFrame::Tap(io::Error::from_raw_os_error(-res)));
+            }
+            let ended_empty = self.fresh
+                && self.len > 0
+                && self
+                    .results
+                    .get(self.len - 1)
+                    .is_some_and(|&r| r == -libc::EAGAIN);
+            self.len = 0;
+            self.next = 0;
+            if ended_empty {
+                self.want = FIRST_BATCH;
+                return Err(NoFrame::Empty);
+            }
+            self.submit(tap).map_err(NoFrame::Ring)?;
+        }
+    }
+
+    /// Gives up on batching after `next_frame` failed for a reason of the ring's own: a read
+    /// may still be in flight into one of the buffers, so they and the ring are leaked (once
+    /// per queue pair at most), never freed.
+    pub fn abandon(self) {
+        std::mem::forget(self);
+    }
+
+    /// Submits a batch of `want` reads and collects their results.
+    fn submit(&mut self, tap: &Tap) -> io::Result<()> {
+        let count = self.want.clamp(1, MAX_SLOTS);
+        let fd = types::Fd(tap.as_raw_fd());
+        {
+            let mut sq = self.ring.submission();
+            for slot in 0..count {
+                let buf = self.bufs.get_mut(slot);
+                let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+                let read = opcode::Read::new(fd, buf.as_mut_ptr(), len)
+                    .rw_flags(libc::RWF_NOWAIT)
+                    .build()
+                    .user_data(slot as u64);
+                // SAFETY: the buffer is in `self.bufs`, which is not unmapped while a read is
+                // in flight: every read of the batch completes before this function returns
+                // (RWF_NOWAIT), and if one did not, or the submission failed, the caller leaks
+                // the whole `ReadAhead` (`abandon`) rather than unmap the buffers under the
+                // kernel.
+                if unsafe { sq.push(&read) }.is_err() {
+                    return Err(io::Error::other("io_uring submission queue full"));
+                }
+            }
+        }
+        self.results = [-libc::EAGAIN; MAX_SLOTS];
+        // No wait: with RWF_NOWAIT every read completes inside this call.
+        self.ring.submit()?;
+        let mut done = 0;
+        for cqe in self.ring.completion() {
+            if let Some(r) = self.results.get_mut(cqe.user_data() as usize) {
+                *r = cqe.result();
+            }
+            done += 1;
+        }
+        if done < count {
+            return Err(io::Error::other(format!(
+                "{} of {count} reads did not complete at once",
+                count - done
+            )));
+        }
+        let frames = self.results.iter().take(count).filter(|&&r| r >= 0).count();
+        self.want = if frames == count {
+            (count * 2).min(MAX_SLOTS)
+        } else {
+            (frames + 1).max(FIRST_BATCH)
+        };
+        self.len = count;
+        self.next = 0;
+        self.fresh = true;
+        Ok(())
+    }
+}
