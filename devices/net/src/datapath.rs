@@ -211,6 +211,15 @@ impl RxState {
             }
             Err(NoFrame::Empty) => Err(io::ErrorKind::WouldBlock.into()),
             Err(NoFrame::Tap(e)) => Err(e),
+            Err(NoFrame::Unsupported) => {
+                self.log.warn(format_args!(
+                    "this kernel's tap takes no RWF_NOWAIT reads: reading one frame at a time"
+                ));
+                self.ahead = None;
+                self.buf = vec![0u8; RX_BUF_LEN].into_boxed_slice();
+                self.slot = None;
+                tap.read(&mut self.buf)
+            }
             Err(NoFrame::Ring(e)) => {
                 self.log.warn(format_args!(
                     "reading the tap in batches failed ({e}); reading one frame at a time"

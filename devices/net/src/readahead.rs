@@ -125,6 +125,10 @@ pub enum NoFrame {
     Tap(io::Error),
     /// The ring itself failed: stop batching ([`ReadAhead::abandon`]).
     Ring(io::Error),
+    /// This kernel's tap does not take `RWF_NOWAIT` (`EOPNOTSUPP`: tun marks its files
+    /// `FMODE_NOWAIT` only in newer kernels); no read consumed a frame and none is in flight,
+    /// so the caller drops the `ReadAhead` and reads one frame at a time.
+    Unsupported,
 }
 
 impl ReadAhead {
@@ -204,6 +208,12 @@ impl ReadAhead {
                 }
                 if res == -libc::EAGAIN {
                     continue;
+                }
+                if res == -libc::EOPNOTSUPP {
+                    // Refused before reading (kiocb_set_rw_flags): every read of the batch was.
+                    self.len = 0;
+                    self.next = 0;
+                    return Err(NoFrame::Unsupported);
                 }
                 return Err(NoFrame::Tap(io::Error::from_raw_os_error(-res)));
             }
