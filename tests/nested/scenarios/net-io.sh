@@ -128,9 +128,10 @@ say "guest and L1 ping each other"
 # 64 MiB guest -> L1, sent from guest CPU 1 (queue pair 1). A quarter of the way in, the
 # device process is SIGKILLed (issue 11): it is restarted on the same tap queues, frames it
 # had taken and not sent are sent again or retransmitted by TCP, and the transfer completes
-# with the same checksum. The kill comes from a watcher at high priority (renice -15): the
-# transfer keeps L1's CPUs busy, and a watcher at normal priority saw the byte count up to
-# 26.5 MiB late, twice in a dozen runs on 2026-12-03 only after the transfer was over.
+# with the same checksum. The kill comes from bulkhead-kill-at (tests/l1-tools), at high
+# priority (renice -15), which looks at the received file every millisecond without starting a
+# program: the transfer keeps L1's CPUs busy, and shell watchers that ran `wc -c` per look saw
+# the byte count up to 26.5 MiB late, at times only after the transfer was over (2026-12-03).
 mkfifo "$SCN_DIR/hold"
 timeout 300 nc -l -p 5001 <>"$SCN_DIR/hold" >"$SCN_DIR/from-guest" &
 ncpid=$!
@@ -138,8 +139,7 @@ want=$(run 'head -c '"$SIZE"' /dev/urandom >/tmp/d && echo GSUM-$(sha256sum /tmp
 t0=$(now)
 seen=$(vm_count vm '^SENT-[0-9]+$')
 vm_send vm 'taskset 2 nc '"$HOST"' 5001 </tmp/d; echo SENT-$?'
-sh -c 'while [ "$(wc -c <"$1")" -lt "$2" ]; do usleep 10000; done; kill -KILL "$3"; wc -c <"$1"' \
-	watcher "$SCN_DIR/from-guest" $((SIZE / 4)) "$dev" >"$SCN_DIR/killed-at" &
+bulkhead-kill-at "$SCN_DIR/from-guest" $((SIZE / 4)) "$dev" 150 >"$SCN_DIR/killed-at" &
 watcher=$!
 renice -n -15 -p "$watcher" >/dev/null || say "the watcher could not be given a higher priority"
 i=0
