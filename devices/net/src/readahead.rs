@@ -27,6 +27,7 @@ use std::os::fd::AsRawFd;
 
 use io_uring::register::Restriction;
 use io_uring::{opcode, types, IoUring, Probe};
+use vm_memory::mmap::MmapRegion;
 
 use crate::tap::Tap;
 
@@ -37,39 +38,20 @@ pub const MAX_SLOTS: usize = 16;
 /// empty.
 const FIRST_BATCH: usize = 2;
 
-/// The slots' buffers: one private anonymous mapping, `MAX_SLOTS` buffers of `buf_len` bytes.
+/// The slots' buffers: one private anonymous mapping (vm-memory's `MmapRegion`, unmapped when
+/// dropped), `MAX_SLOTS` buffers of `buf_len` bytes.
 struct Buffers {
-    ptr: *mut u8,
+    map: MmapRegion,
     buf_len: usize,
 }
-
-// SAFETY: the mapping is owned by this value alone (no copy of the pointer escapes except into
-// the ring's reads, which complete before `submit` returns), so it may move between threads.
-unsafe impl Send for Buffers {}
 
 impl Buffers {
     fn new(buf_len: usize) -> io::Result<Buffers> {
         let len = buf_len
             .checked_mul(MAX_SLOTS)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: a new private anonymous mapping; the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Buffers {
-            ptr: ptr.cast(),
-            buf_len,
-        })
+        let map = MmapRegion::new(len).map_err(io::Error::other)?;
+        Ok(Buffers { map, buf_len })
     }
 
     fn get(&self, slot: usize) -> &[u8] {
@@ -77,8 +59,10 @@ impl Buffers {
             return &[];
         }
         // SAFETY: slot < MAX_SLOTS, so the buffer is inside the mapping, which lives as long
-        // as `self`; reads into it are complete (see `ReadAhead::submit`).
-        unsafe { std::slice::from_raw_parts(self.ptr.add(slot * self.buf_len), self.buf_len) }
+        // as `self`; no read of the ring is writing it (they complete in `ReadAhead::submit`).
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(slot * self.buf_len), self.buf_len)
+        }
     }
 
     fn get_mut(&mut self, slot: usize) -> &mut [u8] {
@@ -86,14 +70,9 @@ impl Buffers {
             return &mut [];
         }
         // SAFETY: as in `get`, and `&mut self` makes the borrow exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(slot * self.buf_len), self.buf_len) }
-    }
-}
-
-impl Drop for Buffers {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, of this length; nothing refers to it any more.
-        unsafe { libc::munmap(self.ptr.cast(), self.buf_len * MAX_SLOTS) };
+        unsafe {
+            std::slice::from_raw_parts_mut(self.map.as_ptr().add(slot * self.buf_len), self.buf_len)
+        }
     }
 }
 

@@ -727,12 +727,9 @@ fn test_rx_read_ahead_reads_again_after_waiting_for_buffers() {
     for f in &frames[..3] {
         send(&peer, f);
     }
-    let stats = Stats::default();
-    let neg = Negotiated::default();
     // A batch of two (both frames), then of four (the third frame and three EAGAINs); the third
     // frame finds no buffer.
-    let round = process_rx(&mut q, &mem, &tap, &mut rx, &neg, None, &stats).expect("rx");
-    assert_eq!(round.stop, Stop::NoBuffers);
+    assert_eq!(round_stop(&mut q, &mem, &tap, &mut rx), Stop::NoBuffers);
     assert_eq!(ring.used().len(), 2);
     for f in &frames[3..] {
         send(&peer, f);
@@ -740,8 +737,7 @@ fn test_rx_read_ahead_reads_again_after_waiting_for_buffers() {
     for i in 2..5 {
         ring.chain(&[(MIB + i * 0x1000, 2048, true)]);
     }
-    let round = process_rx(&mut q, &mem, &tap, &mut rx, &neg, None, &stats).expect("rx");
-    assert_eq!(round.stop, Stop::Idle);
+    assert_eq!(round_stop(&mut q, &mem, &tap, &mut rx), Stop::Idle);
     let used = ring.used();
     assert_eq!(
         used.len(),
@@ -755,6 +751,14 @@ fn test_rx_read_ahead_reads_again_after_waiting_for_buffers() {
         );
     }
     assert!(recv_tap_empty(&tap), "nothing left in the tap");
+}
+
+/// One rx round with the modern header and fresh stats: how it ended.
+fn round_stop(q: &mut Queue, mem: &GuestMemoryMmap, tap: &Tap, rx: &mut RxState) -> Stop {
+    let (neg, stats) = (Negotiated::default(), Stats::default());
+    process_rx(q, mem, tap, rx, &neg, None, &stats)
+        .expect("rx")
+        .stop
 }
 
 fn recv_tap_empty(tap: &Tap) -> bool {
@@ -775,12 +779,9 @@ fn test_rx_read_ahead_reset_drops_what_was_read_ahead() {
     for i in 0..4 {
         send(&peer, &tap_frame(0, 80, i));
     }
-    let stats = Stats::default();
-    let neg = Negotiated::default();
     // Two frames read in the first batch: one placed, one pending without a buffer; the next
     // batch is not read while a frame waits.
-    let round = process_rx(&mut q, &mem, &tap, &mut rx, &neg, None, &stats).expect("rx");
-    assert_eq!(round.stop, Stop::NoBuffers);
+    assert_eq!(round_stop(&mut q, &mem, &tap, &mut rx), Stop::NoBuffers);
     assert_eq!(ring.used().len(), 1);
     assert_eq!(rx.reset(), 1, "the pending frame");
     // After a reset the device starts from the tap again: the two frames still there.
@@ -789,8 +790,7 @@ fn test_rx_read_ahead_reset_drops_what_was_read_ahead() {
         ring.chain(&[(MIB + i * 0x1000, 2048, true)]);
     }
     let mut q = ring.queue();
-    let round = process_rx(&mut q, &mem, &tap, &mut rx, &neg, None, &stats).expect("rx");
-    assert_eq!(round.stop, Stop::Idle);
+    assert_eq!(round_stop(&mut q, &mem, &tap, &mut rx), Stop::Idle);
     assert_eq!(ring.used().len(), 2);
     let third = tap_frame(0, 80, 2);
     assert_eq!(guest_frame(&mem, 0, 80), third[VNET_HDR_LEN..]);
