@@ -164,11 +164,6 @@ impl RxState {
         }
     }
 
-    /// Whether frames are read in batches.
-    pub fn reads_ahead(&self) -> bool {
-        self.ahead.is_some()
-    }
-
     /// Forgets the pending frame and those read ahead (queue reset); returns how many frames
     /// that dropped.
     pub fn reset(&mut self) -> usize {
@@ -197,6 +192,14 @@ impl RxState {
         }
     }
 
+    /// The pending frame's buffer, to read.
+    fn frame(&self) -> &[u8] {
+        match (self.ahead.as_ref(), self.slot.as_ref()) {
+            (Some(ahead), Some(slot)) => ahead.frame(slot),
+            _ => &self.buf,
+        }
+    }
+
     /// Reads the next frame from the tap into [`RxState::frame_buf`]: its length with the
     /// header. `WouldBlock` when the tap is empty.
     fn read_frame(&mut self, tap: &Tap) -> io::Result<usize> {
@@ -216,22 +219,26 @@ impl RxState {
                     "this kernel's tap takes no RWF_NOWAIT reads: reading one frame at a time"
                 ));
                 self.ahead = None;
-                self.buf = vec![0u8; RX_BUF_LEN].into_boxed_slice();
-                self.slot = None;
-                tap.read(&mut self.buf)
+                self.read_one_at_a_time(tap)
             }
             Err(NoFrame::Ring(e)) => {
                 self.log.warn(format_args!(
                     "reading the tap in batches failed ({e}); reading one frame at a time"
                 ));
                 if let Some(ahead) = self.ahead.take() {
+                    // The kernel may still hold the ring's buffers: never unmap them.
                     ahead.abandon();
                 }
-                self.buf = vec![0u8; RX_BUF_LEN].into_boxed_slice();
-                self.slot = None;
-                tap.read(&mut self.buf)
+                self.read_one_at_a_time(tap)
             }
         }
+    }
+
+    /// Falls back from batched reads (`ahead` already gone) and reads the next frame.
+    fn read_one_at_a_time(&mut self, tap: &Tap) -> io::Result<usize> {
+        self.buf = vec![0u8; RX_BUF_LEN].into_boxed_slice();
+        self.slot = None;
+        tap.read(&mut self.buf)
     }
 }
 
@@ -462,13 +469,13 @@ pub fn process_rx(
             rx.offset = offset;
             rx.shaped = true;
         }
-        let (offset, pending) = (rx.offset, rx.pending);
-        let frame = match (rx.ahead.as_ref(), rx.slot.as_ref()) {
-            (Some(ahead), Some(slot)) => ahead.frame(slot),
-            _ => &rx.buf,
-        };
-        let frame = frame.get(offset..pending).unwrap_or_default();
-        match place(q, mem, frame, neg, &mut rx.placed)? {
+        // `placed` is lent out so the frame can be borrowed from `rx` (taking a Vec does not
+        // allocate); it goes back before anything below can return.
+        let mut placed = std::mem::take(&mut rx.placed);
+        let frame = rx.frame().get(rx.offset..rx.pending).unwrap_or_default();
+        let placement = place(q, mem, frame, neg, &mut placed);
+        rx.placed = placed;
+        match placement? {
             Placement::Done => {
                 add(&stats.rx_packets, 1);
                 add(&stats.rx_bytes, frame_len);
