@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use log::{info, warn};
 
+use crate::mapped::MappedImage;
+
 /// The virtio-blk sector: every `sector` field in the protocol counts 512-byte units.
 pub const SECTOR_SIZE: u64 = 512;
 /// log2 of [`SECTOR_SIZE`].
@@ -90,6 +92,8 @@ pub struct DiskImage {
     no_zero_range: AtomicBool,
     /// What the guest asked of this disk so far.
     pub stats: RequestStats,
+    /// A tmpfs image's mapping, which serves the requests on its data without a syscall.
+    mapped: Option<MappedImage>,
 }
 
 /// Requests served, by kind, for the operator (logged when the frontend disconnects).
@@ -249,19 +253,34 @@ impl DiskImage {
         } else {
             None
         };
-        let memory_backed = file_type.is_file() && in_memory_file_system(&file);
+        let memory_fs = file_type
+            .is_file()
+            .then(|| memory_file_system(&file))
+            .flatten();
+        let memory_backed = memory_fs.is_some();
         if memory_backed {
             info!("the image is in memory (tmpfs): its reads and writes are done inline");
         }
+        let capacity_sectors = size >> SECTOR_SHIFT;
+        let mapped = (memory_fs == Some(MemoryFs::Tmpfs))
+            .then(|| {
+                MappedImage::new(
+                    file.as_raw_fd(),
+                    capacity_sectors << SECTOR_SHIFT,
+                    !mode.read_only,
+                )
+            })
+            .flatten();
         Ok(DiskImage {
             file,
-            capacity_sectors: size >> SECTOR_SHIFT,
+            capacity_sectors,
             read_only: mode.read_only,
             direct,
             memory_backed,
             no_punch_hole: AtomicBool::new(false),
             no_zero_range: AtomicBool::new(false),
             stats: RequestStats::default(),
+            mapped,
         })
     }
 
@@ -327,6 +346,12 @@ impl DiskImage {
         iovecs: &[libc::iovec],
         offset: u64,
     ) -> io::Result<()> {
+        if let Some(m) = &self.mapped {
+            // SAFETY: forwarded from the caller's contract.
+            if unsafe { m.read(iovecs, offset) } {
+                return Ok(());
+            }
+        }
         // SAFETY: forwarded from the caller's contract.
         unsafe { rw_vectored_all(self.fd(), iovecs, offset, false) }
     }
@@ -341,6 +366,12 @@ impl DiskImage {
         iovecs: &[libc::iovec],
         offset: u64,
     ) -> io::Result<()> {
+        if let Some(m) = &self.mapped {
+            // SAFETY: forwarded from the caller's contract.
+            if unsafe { m.write(iovecs, offset) } {
+                return Ok(());
+            }
+        }
         // SAFETY: forwarded from the caller's contract.
         unsafe { rw_vectored_all(self.fd(), iovecs, offset, true) }
     }
@@ -419,6 +450,10 @@ impl DiskImage {
     }
 
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(m) = &self.mapped {
+            // Before the hole exists: a read through the mapping must never fault one in.
+            m.forget(offset, len);
+        }
         let offset = libc::off_t::try_from(offset)
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         let len =
@@ -540,9 +575,18 @@ unsafe fn rw_vectored_all(
     Ok(())
 }
 
-/// Whether `file` lives in a file system whose data is memory: tmpfs (and shmem), ramfs,
-/// hugetlbfs. False when the question cannot be answered.
-fn in_memory_file_system(file: &File) -> bool {
+/// A file system whose data is memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MemoryFs {
+    /// tmpfs and shmem: its holes are reported, so it can be mapped (crate::mapped).
+    Tmpfs,
+    /// ramfs or hugetlbfs.
+    Other,
+}
+
+/// Which memory file system `file` lives in (tmpfs and shmem, ramfs, hugetlbfs); `None` for
+/// any other, or when the question cannot be answered.
+fn memory_file_system(file: &File) -> Option<MemoryFs> {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
     const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
@@ -550,11 +594,15 @@ fn in_memory_file_system(file: &File) -> bool {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: fstatfs writes into `st`, a statfs of the right size, for a descriptor we own.
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
-        return false;
+        return None;
     }
     #[allow(clippy::unnecessary_cast)] // f_type is i64 on x86_64, u64 on aarch64 (musl)
     let magic = st.f_type as i64;
-    matches!(magic, TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC)
+    match magic {
+        TMPFS_MAGIC => Some(MemoryFs::Tmpfs),
+        RAMFS_MAGIC | HUGETLBFS_MAGIC => Some(MemoryFs::Other),
+        _ => None,
+    }
 }
 
 /// Queries the O_DIRECT alignment with statx(STATX_DIOALIGN), falling back to 512/512 on kernels

@@ -15,6 +15,7 @@ pub mod disk;
 pub mod engine;
 pub mod inflight;
 pub mod jail;
+pub mod mapped;
 pub mod queue;
 pub mod request;
 pub mod seccomp;
