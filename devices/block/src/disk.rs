@@ -709,6 +709,68 @@ mod tests {
         }
     }
 
+    /// A tmpfs image read and written through its mapping keeps the file's contents, a discard
+    /// reads back as zeros, and reading the discarded range does not allocate it again.
+    #[test]
+    fn test_tmpfs_image_mapped_discard_reads_zero_without_allocating() {
+        const MIB: usize = 1 << 20;
+        let tmp = TempFile::new_in(Path::new("/dev/shm")).expect("temp file in /dev/shm");
+        tmp.as_file().write_all(&vec![0x11; 4 * MIB]).expect("fill");
+        let disk = DiskImage::open(tmp.as_path(), OpenMode::default()).expect("open");
+        assert!(
+            disk.mapped.is_some(),
+            "a tmpfs image that holds data is mapped"
+        );
+        let mut buf = vec![0x5au8; 64 << 10];
+        let iov = |b: &mut [u8]| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        };
+        // SAFETY: `buf` is ours and mapped for each call.
+        unsafe { disk.write_vectored_at(&[iov(&mut buf)], MIB as u64) }.expect("write");
+        let mut back = vec![0u8; 64 << 10];
+        // SAFETY: as above.
+        unsafe { disk.read_vectored_at(&[iov(&mut back)], MIB as u64) }.expect("read");
+        assert!(
+            back.iter().all(|&b| b == 0x5a),
+            "read back what was written"
+        );
+        let mut file = vec![0u8; 64 << 10];
+        // SAFETY: pread into `file`.
+        let n = unsafe {
+            libc::pread(
+                tmp.as_file().as_raw_fd(),
+                file.as_mut_ptr().cast(),
+                file.len(),
+                MIB as i64,
+            )
+        };
+        assert_eq!(n as usize, file.len());
+        assert_eq!(file, back, "the write reached the file");
+        let blocks = |f: &File| {
+            f.metadata()
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
+        };
+        disk.discard(2 * MIB as u64, MIB as u64).expect("discard");
+        let after_discard = blocks(tmp.as_file()).expect("stat");
+        let mut big = vec![0x77u8; MIB];
+        // SAFETY: as above.
+        unsafe { disk.read_vectored_at(&[iov(&mut big)], 2 * MIB as u64) }.expect("read hole");
+        assert!(
+            big.iter().all(|&b| b == 0),
+            "a discarded range reads as zeros"
+        );
+        assert_eq!(
+            blocks(tmp.as_file()).expect("stat"),
+            after_discard,
+            "reading the hole allocated memory"
+        );
+        // The rest is still served, and still right.
+        // SAFETY: as above.
+        unsafe { disk.read_vectored_at(&[iov(&mut back)], 3 * MIB as u64) }.expect("read");
+        assert!(back.iter().all(|&b| b == 0x11));
+    }
+
     fn image(len: usize) -> TempFile {
         let tmp = TempFile::new().expect("temp file");
         tmp.as_file().write_all(&vec![0xaa; len]).expect("fill");
