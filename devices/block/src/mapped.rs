@@ -87,8 +87,8 @@ impl MappedImage {
         };
         match map.find_data(fd) {
             Ok(n) => info!(
-                "the image is mapped: requests on its {n} of {chunks} chunks of {} KiB that \
-                 hold data are served without a system call",
+                "the image is mapped: {n} of its {chunks} chunks ({} KiB each) hold data and \
+                 are read and written without a system call, the rest with syscalls",
                 (1 << CHUNK_SHIFT) >> 10
             ),
             Err(e) => {
