@@ -106,7 +106,6 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ("bulkhead-block", "fallocate", SYNC_ENGINE),
     ("bulkhead-block", "io_uring_enter", IN_MEMORY),
     ("bulkhead-block", "sched_yield", "engine::run_uring yields while its submission queue is full: load"),
-    ("bulkhead-block", "preadv", MAPPED),
     ("bulkhead-block", "rt_sigreturn", MAPPED_FAULT),
     // ---- The spawner, and every device process for life.
     ("bulkhead-spawn", "pidfd_send_signal", "the VMM hung up while devices still run (it was killed): the spawner kills them"),
@@ -132,7 +131,6 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ("bulkhead-spawn", "set_robust_list", IN_A_DEVICE),
     ("bulkhead-spawn", "sched_yield", IN_A_DEVICE),
     ("bulkhead-spawn", "pwritev", IN_A_DEVICE),
-    ("bulkhead-spawn", "preadv", IN_A_DEVICE),
     ("bulkhead-spawn", "fdatasync", IN_A_DEVICE),
     ("bulkhead-spawn", "fallocate", IN_A_DEVICE),
     ("bulkhead-spawn", "io_uring_enter", IN_A_DEVICE),
@@ -145,9 +143,6 @@ const IN_MEMORY: &str =
      test_seccomp_block_matrix_real_kernel makes every allowed call, io_uring_enter included, \
      under this filter";
 
-const MAPPED: &str =
-    "the images of this run are tmpfs files that hold data from end to end: reads go through \
-     the image's mapping (crate::mapped), and preadv serves only the chunks a discard punched";
 const MAPPED_FAULT: &str =
     "mapped::on_sigbus returns from a SIGBUS that a copy through the image's mapping took (an \
      image shrunk under the device): no run shrinks one; unit test \
