@@ -34,6 +34,11 @@ use log::{info, warn};
 /// The granule of the data map: 256 KiB, so the map of a 1 TiB image is 512 KiB.
 const CHUNK_SHIFT: u32 = 18;
 
+/// The largest image that is mapped. Every 4 KiB page the guest touches costs the process 8
+/// bytes of page table, charged to its memory budget (docs/jail-resources.md, 256 MiB by
+/// default): at most 64 MiB for an image of this size.
+const MAX_MAPPED: u64 = 32 << 30;
+
 /// A tmpfs image mapped into the process.
 pub struct MappedImage {
     base: *mut u8,
@@ -57,6 +62,14 @@ impl MappedImage {
     /// `writable`), and finds its all-data chunks. `None` (after a log line saying why) if the
     /// image is better served by the syscalls.
     pub fn new(fd: RawFd, len: u64, writable: bool) -> Option<MappedImage> {
+        if len > MAX_MAPPED {
+            info!(
+                "the image is larger than {} GiB: it is read and written with syscalls (its \
+                 page tables would weigh on the device's memory budget)",
+                MAX_MAPPED >> 30
+            );
+            return None;
+        }
         let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
         if let Err(e) = install_handler() {
             warn!("cannot install the SIGBUS handler ({e}): the image is read with syscalls");
@@ -530,6 +543,14 @@ mod tests {
         assert!(!unsafe { map.read(&[iov(&mut buf)], (3 * chunk) as u64) });
         // SAFETY: as above.
         assert!(unsafe { map.read(&[iov(&mut buf)], chunk as u64) });
+    }
+
+    #[test]
+    fn test_image_over_the_cap_is_not_mapped() {
+        let f = shm_file(0, 0);
+        // Sparse: no memory is allocated.
+        f.set_len(MAX_MAPPED + 4096).expect("size");
+        assert!(MappedImage::new(f.as_raw_fd(), MAX_MAPPED + 4096, false).is_none());
     }
 
     #[test]
