@@ -448,6 +448,24 @@ mod tests {
         f
     }
 
+    /// A shared read-only mapping of two pages over the one-page file `f`: its second page
+    /// faults (SIGBUS). Unmap it with `munmap(p, 8192)`.
+    fn past_the_end(f: &std::fs::File) -> *mut libc::c_void {
+        // SAFETY: a new shared mapping of our own descriptor at an address the kernel picks.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p
+    }
+
     fn iov(buf: &mut [u8]) -> libc::iovec {
         libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
@@ -472,18 +490,7 @@ mod tests {
         }
         // A page past the end of a file: SIGBUS, caught.
         let f = shm_file(4096, 7);
-        // SAFETY: a new shared mapping of two pages of a one-page file.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                8192,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
+        let p = past_the_end(&f);
         let mut buf = vec![0u8; 8192];
         // SAFETY: the first page is backed by the file, the second faults (SIGBUS).
         assert!(unsafe { copy(buf.as_mut_ptr(), p.cast(), 4096) }.is_ok());
@@ -583,18 +590,7 @@ mod tests {
         }
         install_handler().expect("handler");
         let f = shm_file(4096, 9);
-        // SAFETY: a new shared mapping of two pages of a one-page file.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                8192,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
+        let p = past_the_end(&f);
         let mut buf = vec![0u8; 8192];
         let dst = buf.as_mut_ptr();
         // SAFETY: the child only runs the copy (no allocation, no lock) and _exit.
