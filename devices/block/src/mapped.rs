@@ -133,7 +133,7 @@ impl MappedImage {
                 end >> CHUNK_SHIFT
             };
             for chunk in first..last {
-                self.set(chunk as usize);
+                self.set(chunk);
                 found += 1;
             }
             pos = end;
@@ -141,9 +141,15 @@ impl MappedImage {
         Ok(found)
     }
 
-    fn set(&self, chunk: usize) {
-        if let Some(word) = self.data.get(chunk / 64) {
-            word.fetch_or(1 << (chunk % 64), Ordering::Relaxed);
+    /// The word of the data map that holds `chunk`'s bit, and the bit.
+    fn bit(&self, chunk: u64) -> Option<(&AtomicU64, u64)> {
+        let word = self.data.get(usize::try_from(chunk / 64).ok()?)?;
+        Some((word, 1 << (chunk % 64)))
+    }
+
+    fn set(&self, chunk: u64) {
+        if let Some((word, bit)) = self.bit(chunk) {
+            word.fetch_or(bit, Ordering::Relaxed);
         }
     }
 
@@ -157,9 +163,8 @@ impl MappedImage {
         }
         let (first, last) = (offset >> CHUNK_SHIFT, (end - 1) >> CHUNK_SHIFT);
         (first..=last).all(|c| {
-            self.data
-                .get((c / 64) as usize)
-                .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (c % 64)) != 0)
+            self.bit(c)
+                .is_some_and(|(word, bit)| word.load(Ordering::Acquire) & bit != 0)
         })
     }
 
@@ -173,8 +178,8 @@ impl MappedImage {
         let last = offset.saturating_add(len - 1) >> CHUNK_SHIFT;
         let last = last.min(((self.len as u64).saturating_sub(1)) >> CHUNK_SHIFT);
         for c in first..=last {
-            if let Some(w) = self.data.get((c / 64) as usize) {
-                w.fetch_and(!(1 << (c % 64)), Ordering::AcqRel);
+            if let Some((word, bit)) = self.bit(c) {
+                word.fetch_and(!bit, Ordering::AcqRel);
             }
         }
     }
@@ -378,7 +383,7 @@ pub fn install_handler() -> Result<(), std::io::Error> {
         .map_err(|&e| std::io::Error::from_raw_os_error(e))
 }
 
-extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+extern "C" fn on_sigbus(sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let start = bulkhead_block_mcopy as *const () as usize;
     let end = bulkhead_block_mcopy_end as *const () as usize;
     // SAFETY: the kernel passes a valid ucontext to an SA_SIGINFO handler.
@@ -400,7 +405,6 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             unsafe { libc::signal(sig, libc::SIG_DFL) };
         }
     }
-    let _ = info;
 }
 
 #[cfg(target_arch = "x86_64")]
