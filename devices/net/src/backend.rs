@@ -44,6 +44,7 @@ use crate::datapath::{
 use crate::readahead::ReadAhead;
 use crate::stats::{add, Stats};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN};
+use crate::writebatch::WriteBatch;
 use bulkhead_device_runtime::rate::{LimiterConfig, RateLimiter};
 
 /// Most queue pairs (2P + 1 queues must fit the runtime's 64-bit thread masks).
@@ -242,6 +243,25 @@ impl NetBackend {
                     RxState::default()
                 }
             };
+            // And the tx side writes them in batches (writebatch), on a ring of its own, where
+            // the tap cannot refuse a write for room (its send buffer is unlimited).
+            let tx = match tap.send_buffer() {
+                Ok(i32::MAX) => match WriteBatch::new() {
+                    Ok(batch) => TxState::with_write_batch(batch),
+                    Err(e) => {
+                        info!("queue pair {pair}: io_uring unavailable ({e}); tx writes one frame per writev");
+                        TxState::default()
+                    }
+                },
+                Ok(limit) => {
+                    info!("queue pair {pair}: the tap's send buffer is limited ({limit} bytes); tx writes one frame per writev");
+                    TxState::default()
+                }
+                Err(e) => {
+                    info!("queue pair {pair}: cannot read the tap's send buffer ({e}); tx writes one frame per writev");
+                    TxState::default()
+                }
+            };
             pairs.push(Pair {
                 tap,
                 rx_kick,
@@ -251,6 +271,7 @@ impl NetBackend {
                 errors: Mutex::new(None),
                 state: Mutex::new(PairState {
                     rx,
+                    tx,
                     ..PairState::default()
                 }),
                 event_loop: Mutex::new(Some(EventLoop { epoll })),

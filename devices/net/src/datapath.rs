@@ -30,6 +30,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 use crate::readahead::{NoFrame, ReadAhead, Slot};
 use crate::stats::{add, Stats};
 use crate::tap::{Tap, VNET_HDR_LEN};
+use crate::writebatch::{WriteBatch, MAX_FRAMES};
 use bulkhead_device_runtime::rate::RateLimiter;
 use virtio_bindings::virtio_net::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE};
 
@@ -245,6 +246,8 @@ impl RxState {
 /// The tx side of a pair.
 pub struct TxState {
     buf: Box<[u8]>,
+    /// Frames written to the tap in batches (see [`crate::writebatch`]); none between rounds.
+    batch: Option<WriteBatch>,
     pub log: LogLimiter,
 }
 
@@ -253,8 +256,24 @@ impl Default for TxState {
         TxState {
             // Room for a legacy header's two missing bytes in front.
             buf: vec![0u8; RX_BUF_LEN].into_boxed_slice(),
+            batch: None,
             log: LogLimiter::default(),
         }
+    }
+}
+
+impl TxState {
+    /// A tx side that writes frames to the tap in batches through `batch`.
+    pub fn with_write_batch(batch: WriteBatch) -> TxState {
+        TxState {
+            batch: Some(batch),
+            ..TxState::default()
+        }
+    }
+
+    /// Whether frames go to the tap in batches (io_uring there, and the tap takes them).
+    pub fn batched(&self) -> bool {
+        self.batch.is_some()
     }
 }
 
@@ -562,7 +581,9 @@ fn gather(
     Ok(len)
 }
 
-/// One tx round: sends the guest's frames to the tap.
+/// One tx round: sends the guest's frames to the tap (in batches where the pair has a
+/// [`WriteBatch`]: frames written straight from guest memory wait in it until it is full, the
+/// round ends, or a frame that needs anything else comes; see [`crate::writebatch`]).
 pub fn process_tx(
     q: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -581,6 +602,11 @@ pub fn process_tx(
     let pad = VNET_HDR_LEN - neg.hdr_len;
     // Pieces of the frame being sent, pointing into guest memory (valid while `mem` is held).
     let mut iov: Vec<libc::iovec> = Vec::new();
+    let out = TxOut {
+        tap,
+        limiter,
+        stats,
+    };
     for _ in 0..BATCH {
         let start = q.next_avail();
         let chain = {
@@ -588,7 +614,12 @@ pub fn process_tx(
             iter.next()
         };
         let Some(chain) = chain else {
-            round.stop = Stop::Idle;
+            match out.flush(q, mem, tx, &mut round)? {
+                // Cancelled frames went back to the ring: take them again.
+                Flushed::Rewound => continue,
+                Flushed::Stopped(stop) => round.stop = stop,
+                Flushed::Sent => round.stop = Stop::Idle,
+            }
             return Ok(round);
         };
         let head = chain.head_index();
@@ -620,6 +651,22 @@ pub fn process_tx(
                 }
                 Err(Gather::Bad) => bad = true,
                 Err(Gather::TooManyPieces) => {}
+            }
+        }
+        let batched = direct
+            && !bad
+            && len >= neg.hdr_len
+            && tx.batch.as_ref().is_some_and(|b| b.has_room(iov.len()));
+        if !batched {
+            // Everything but a frame that joins the batch is handled on its own, after the
+            // frames before it: a chain goes back to the ring only with all those after it.
+            match out.flush(q, mem, tx, &mut round)? {
+                Flushed::Sent => {}
+                Flushed::Rewound => continue,
+                Flushed::Stopped(stop) => {
+                    round.stop = stop;
+                    return Ok(round);
+                }
             }
         }
         if !direct && !bad {
@@ -660,7 +707,13 @@ pub fn process_tx(
         if let Some(limiter) = limiter {
             let mut l = limiter.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(wait) = l.consume(frame_len) {
-                rewind(q, start);
+                drop(l);
+                // The frames before it go first; it stays in the ring.
+                match out.flush(q, mem, tx, &mut round)? {
+                    Flushed::Sent => rewind(q, start),
+                    // Already put back, from an earlier chain.
+                    Flushed::Rewound | Flushed::Stopped(_) => {}
+                }
                 add(&stats.tx_throttled, 1);
                 round.stop = Stop::Throttled(wait);
                 return Ok(round);
@@ -668,10 +721,40 @@ pub fn process_tx(
         }
         // An injected fault (docs/fault-injection.md): the frame is lost, as on a wire.
         if bulkhead_device_runtime::fault::frame_dropped() {
+            // Its chain is returned ahead of the frames before it only once they are out.
+            match out.flush(q, mem, tx, &mut round)? {
+                Flushed::Sent => {}
+                // It went back to the ring with them: taken (and charged) again.
+                Flushed::Rewound => {
+                    out.refund(frame_len);
+                    continue;
+                }
+                Flushed::Stopped(stop) => {
+                    out.refund(frame_len);
+                    round.stop = stop;
+                    return Ok(round);
+                }
+            }
             add(&stats.tx_dropped, 1);
             q.add_used(mem, head, 0).map_err(QueueError::AddUsed)?;
             round.used = true;
             continue;
+        }
+        if batched {
+            // Room was checked above: the push cannot fail.
+            if let Some(batch) = tx.batch.as_mut().filter(|b| b.has_room(iov.len())) {
+                batch.push(head, start, frame_len, &iov);
+                if batch.is_full() {
+                    match out.flush(q, mem, tx, &mut round)? {
+                        Flushed::Sent | Flushed::Rewound => {}
+                        Flushed::Stopped(stop) => {
+                            round.stop = stop;
+                            return Ok(round);
+                        }
+                    }
+                }
+                continue;
+            }
         }
         if corrupt {
             if let Some(frame) = tx.buf.get_mut(..total) {
@@ -685,34 +768,181 @@ pub fn process_tx(
         } else {
             tap.write(tx.buf.get(..total).unwrap_or_default())
         };
-        match written {
-            Ok(_) => {
-                add(&stats.tx_packets, 1);
-                add(&stats.tx_bytes, frame_len);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Some(limiter) = limiter {
-                    limiter
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .refund(frame_len);
-                }
+        if let Err(e) = &written {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                out.refund(frame_len);
                 rewind(q, start);
                 round.stop = Stop::TapFull;
                 return Ok(round);
+            }
+        }
+        out.complete(q, mem, tx, head, frame_len, written.map(drop), &mut round)?;
+    }
+    if let Flushed::Stopped(stop) = out.flush(q, mem, tx, &mut round)? {
+        round.stop = stop;
+    }
+    Ok(round)
+}
+
+/// Where a written batch (`results`: bytes or `-errno`, by frame) stopped going out: the first
+/// frame left unsent (refused for room with `EAGAIN`, by a kernel whose tap takes no
+/// `RWF_NOWAIT` writes with `EOPNOTSUPP`, or `ECANCELED`: no result from a ring that failed),
+/// and whether the batch goes back to the ring from there (true: no frame after it went out)
+/// or its unsent frames are dropped (false: sending them now would put them after a later
+/// one). `None` when every frame was sent or refused for good.
+fn unsent_plan(results: &[i32]) -> Option<(usize, bool)> {
+    let unsent = |r: i32| r == -libc::EAGAIN || r == -libc::EOPNOTSUPP || r == -libc::ECANCELED;
+    let first = results.iter().position(|&r| unsent(r))?;
+    let later_sent = results
+        .get(first + 1..)
+        .unwrap_or_default()
+        .iter()
+        .any(|&r| r >= 0);
+    Some((first, !later_sent))
+}
+
+/// What [`TxOut::flush`] did with the batch.
+enum Flushed {
+    /// Every frame was sent or dropped (or there were none): the ring is where it was.
+    Sent,
+    /// Frames after one the tap refused for good went back to the ring (cancelled unsent),
+    /// or batching stopped: the round takes them again.
+    Rewound,
+    /// The tap is full: the frame it refused and those after it went back to the ring.
+    Stopped(Stop),
+}
+
+/// Where a tx round's frames go, and what it counts.
+struct TxOut<'a> {
+    tap: &'a Tap,
+    limiter: Option<&'a Mutex<RateLimiter>>,
+    stats: &'a Stats,
+}
+
+impl TxOut<'_> {
+    /// Gives a frame's tokens back (it goes back to the ring).
+    fn refund(&self, frame_len: u64) {
+        if let Some(limiter) = self.limiter {
+            limiter
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .refund(frame_len);
+        }
+    }
+
+    /// Counts frame `head` (`frame_len` bytes) as sent or, on an error the tap gave for it,
+    /// lost, and returns its chain to the guest.
+    #[allow(clippy::too_many_arguments)]
+    fn complete(
+        &self,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        tx: &mut TxState,
+        head: u16,
+        frame_len: u64,
+        written: io::Result<()>,
+        round: &mut Round,
+    ) -> Result<(), QueueError> {
+        match written {
+            Ok(()) => {
+                add(&self.stats.tx_packets, 1);
+                add(&self.stats.tx_bytes, frame_len);
             }
             Err(e) => {
                 // EIO when the tap is down, EINVAL for a header the tap refuses: the frame is
                 // lost, as on a wire.
                 tx.log
                     .warn(format_args!("tx: the tap refused a frame: {e}"));
-                add(&stats.tx_dropped, 1);
+                add(&self.stats.tx_dropped, 1);
             }
         }
         q.add_used(mem, head, 0).map_err(QueueError::AddUsed)?;
         round.used = true;
+        Ok(())
     }
-    Ok(round)
+
+    /// Writes the frames waiting in the batch, in order, and returns their chains to the guest;
+    /// a frame the tap could not take now, and every frame after it, goes back to the ring
+    /// (see [`unsent_plan`]), and batching stops for the pair.
+    fn flush(
+        &self,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        tx: &mut TxState,
+        round: &mut Round,
+    ) -> Result<Flushed, QueueError> {
+        let Some(batch) = tx.batch.as_mut() else {
+            return Ok(Flushed::Sent);
+        };
+        if batch.is_empty() {
+            return Ok(Flushed::Sent);
+        }
+        let frames = batch.frames().to_vec();
+        let mut results: [i32; MAX_FRAMES] = [-libc::ECANCELED; MAX_FRAMES];
+        let mut ring_failed = None;
+        if let [lone] = frames.as_slice() {
+            // One frame gains nothing from the ring: one writev.
+            results[0] = match self.tap.writev(batch.pieces(lone)) {
+                Ok(n) => i32::try_from(n).unwrap_or(i32::MAX),
+                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+            };
+        } else {
+            if let Err(e) = batch.submit(self.tap) {
+                ring_failed = Some(e);
+            }
+            for (i, r) in results.iter_mut().enumerate().take(frames.len()) {
+                *r = batch.result(i);
+            }
+        }
+        batch.clear();
+        if let Some(e) = &ring_failed {
+            tx.log.warn(format_args!(
+                "writing to the tap in batches failed ({e}); writing one frame at a time"
+            ));
+            if let Some(batch) = tx.batch.take() {
+                // A write may still be in flight from its iovecs: never free them.
+                batch.abandon();
+            }
+        }
+        let result = |i: usize| results.get(i).copied().unwrap_or(-libc::EIO);
+        let plan = unsent_plan(results.get(..frames.len()).unwrap_or_default());
+        let rewind_at = plan.and_then(|(u, rewind)| rewind.then_some(u));
+        for (i, frame) in frames.iter().enumerate() {
+            if rewind_at == Some(i) {
+                for f in frames.get(i..).unwrap_or_default() {
+                    self.refund(f.len);
+                }
+                rewind(q, frame.start);
+                break;
+            }
+            let res = result(i);
+            let written = if res >= 0 {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(-res))
+            };
+            self.complete(q, mem, tx, frame.head, frame.len, written, round)?;
+        }
+        let Some((u, _)) = plan else {
+            return Ok(Flushed::Sent);
+        };
+        let refused = result(u);
+        if refused == -libc::EAGAIN {
+            tx.log.warn(format_args!(
+                "the tap's send buffer is limited and was full: writing one frame at a time"
+            ));
+        } else if refused == -libc::EOPNOTSUPP {
+            tx.log.warn(format_args!(
+                "this kernel's tap takes no RWF_NOWAIT writes: writing one frame at a time"
+            ));
+        }
+        tx.batch = None;
+        Ok(match (rewind_at, refused == -libc::EAGAIN) {
+            (None, _) => Flushed::Sent,
+            (Some(_), true) => Flushed::Stopped(Stop::TapFull),
+            (Some(_), false) => Flushed::Rewound,
+        })
+    }
 }
 
 /// `corrupt=N` (docs/fault-injection.md): flips the last byte of `buf` (the tap's header, then

@@ -19,6 +19,8 @@ pub const TUNGETIFF: u64 = 0x8004_54d2;
 /// `_IOW('T', 208, unsigned int)`: which offloads the tap may hand us (rx) — the one ioctl the
 /// serving process makes.
 pub const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+/// `_IOR('T', 211, int)`: the queue's send buffer limit (`INT_MAX`, tun's default: none).
+pub const TUNGETSNDBUF: u64 = 0x8004_54d3;
 /// `_IOR('T', 215, int)`: the vnet header size.
 pub const TUNGETVNETHDRSZ: u64 = 0x8004_54d7;
 /// `_IOW('T', 216, int)`: set the vnet header size.
@@ -205,6 +207,17 @@ impl Tap {
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
+    /// The queue's send buffer limit (`TUNGETSNDBUF`): `i32::MAX`, tun's default, is none. A
+    /// limited one can refuse a write for room (`EAGAIN`). Before the seccomp filter only.
+    pub fn send_buffer(&self) -> io::Result<i32> {
+        let mut size: libc::c_int = 0;
+        // SAFETY: TUNGETSNDBUF writes an int into `size`.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNGETSNDBUF as _, &mut size) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(size)
+    }
+
     /// `TUNSETOFFLOAD`: which offloads (`TUN_F_*`) the tap may use in frames it hands us.
     pub fn set_offload(&self, flags: u32) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
@@ -265,6 +278,7 @@ mod tests {
         assert_eq!(TUNSETVNETHDRSZ, iow(216));
         assert_eq!(TUNGETIFF, ior(210));
         assert_eq!(TUNGETVNETHDRSZ, ior(215));
+        assert_eq!(TUNGETSNDBUF, ior(211));
     }
 
     #[test]

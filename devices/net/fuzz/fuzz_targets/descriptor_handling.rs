@@ -10,7 +10,8 @@
 //!
 //! Options (bits of byte 0): 1 event index, 2 MRG_RXBUF, 4 a legacy 10-byte header, 8 guest
 //! checksum offload, 16 and 32 the queue (0 rx, 1 tx, 2 control, 3 rx), 64 a rate limiter of a
-//! few hundred bytes and two frames (so rounds end throttled and resume).
+//! few hundred bytes and two frames (so rounds end throttled and resume), 128 tx frames written
+//! in batches (`bulkhead_net::writebatch`, where io_uring is there).
 //!
 //! Checked: every round ends and a queue is drained in a bounded number of rounds; no chain is
 //! answered beyond what the device took; the tx and control queues are drained unless they
@@ -27,6 +28,7 @@ use bulkhead_net::datapath::{
 };
 use bulkhead_device_runtime::rate::{BucketConfig, LimiterConfig, RateLimiter};
 use bulkhead_net::stats::Stats;
+use bulkhead_net::writebatch::WriteBatch;
 use bulkhead_net::Tap;
 use bulkhead_device_runtime::testing::fuzz_queue::{lay_out, take, AVAIL, QSIZE};
 use libfuzzer_sys::fuzz_target;
@@ -93,7 +95,10 @@ fuzz_target!(|input: &[u8]| {
     let mut stopped = false;
     match (options >> 4) & 3 {
         1 => {
-            let mut tx = TxState::default();
+            let mut tx = match (options & 128 != 0).then(WriteBatch::new) {
+                Some(Ok(batch)) => TxState::with_write_batch(batch),
+                _ => TxState::default(),
+            };
             loop {
                 let r = with_notifications_off(&mut queue, &mem, |q| {
                     process_tx(q, &mem, &tap, &mut tx, &neg, limiter.as_ref(), &stats)
