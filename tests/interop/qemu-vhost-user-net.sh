@@ -8,7 +8,8 @@
 # namespace has 10.99.0.1/24, the guest 10.99.0.2/24. The guest (its /init is written by this
 # script) pings the namespace's address, sends random data to a busybox nc listening in the
 # namespace and receives other random data from it, and prints sha256 sums on its console;
-# this script compares them with the files' and prints
+# this script compares them with the files', checks in bulkhead-net's exit line that frames
+# the guest sent went to the tap in batches (tx_batched), and prints
 #   RESULT <name> PASS|FAIL <reason>
 # and finally "N passed, N failed". Exit status: 0 only if nothing failed. Nothing is skipped:
 # a missing prerequisite is a failure.
@@ -281,6 +282,15 @@ run() {
 		result host-to-guest PASS "$DATA_MIB MiB over TCP (busybox nc), sha256 ${got:0:16}... at both ends"
 	else
 		result host-to-guest FAIL "namespace sent sha256 $want, guest got '$v'"
+	fi
+	# The backend's exit line: frames the guest sent that went to the tap in batches (several
+	# writes in one io_uring_enter, devices/net/src/writebatch.rs; this host's kernel takes
+	# RWF_NOWAIT writes on a tap).
+	v=$(sed -n 's/.* served .* tx_packets=\([0-9]*\) .* tx_batched=\([0-9]*\) .*/\1 \2/p' "$blog" | tail -n 1)
+	if [ -n "$v" ] && [ "${v#* }" -gt 0 ]; then
+		result tx-batched PASS "${v#* } of the ${v%% *} frames the guest sent went to the tap in batches"
+	else
+		result tx-batched FAIL "no frame went to the tap in a batch (tx_packets, tx_batched: '${v:-no exit line}')"
 	fi
 	v=$(sed -n 's/^INTEROP irq \([^ ]*\) \([0-9]*\)$/\1=\2/p' "$c" | tr '\n' ' ')
 	log "guest interrupts per virtqueue: ${v:-none}"

@@ -14,9 +14,11 @@
 //! their count in the header's `num_buffers`. When the guest has too few buffers the frame
 //! stays in the buffer and the tap is not read again until the guest kicks the rx queue.
 //!
-//! tx: a chain's bytes (the 12-byte `virtio_net_hdr_v1`, then the frame) are gathered and
-//! written to the tap in one `write`: the guest's header is the tap's vnet header, so its
-//! checksum and segmentation offloads (CSUM, HOST_TSO4/6, HOST_ECN, HOST_UFO) cross as they are.
+//! tx: a chain's bytes (the 12-byte `virtio_net_hdr_v1`, then the frame) are written to the
+//! tap as one frame, straight from guest memory, several frames per system call where the pair
+//! has a [`WriteBatch`] ([`crate::writebatch`]): the guest's header is the tap's vnet header,
+//! so its checksum and segmentation offloads (CSUM, HOST_TSO4/6, HOST_ECN, HOST_UFO) cross as
+//! they are.
 
 use std::io;
 use std::sync::Mutex;
@@ -916,6 +918,9 @@ impl TxOut<'_> {
                 break;
             }
             let res = result(i);
+            if res >= 0 && frames.len() > 1 {
+                add(&self.stats.tx_batched, 1);
+            }
             let written = if res >= 0 {
                 Ok(())
             } else {

@@ -35,8 +35,9 @@ pub fn rules() -> Rules {
     // frames otherwise move with read/write on the tap queues (Tap::read, Tap::write).
     r.allow("writev");
     // rx reads the tap in batches on a ring made before the filter (readahead::ReadAhead: it
-    // accepts IORING_OP_READ and nothing else); io_uring_setup and io_uring_register stay
-    // forbidden.
+    // accepts IORING_OP_READ and nothing else), tx writes it in batches on another
+    // (writebatch::WriteBatch: IORING_OP_WRITE and IORING_OP_WRITEV only); io_uring_setup and
+    // io_uring_register stay forbidden.
     r.allow("io_uring_enter");
     // Guest offloads: Tap::set_offload, from acked_features (set_features) and the control
     // queue's GUEST_OFFLOADS_SET. The only ioctl, by request number.

@@ -10,6 +10,9 @@ pub struct Stats {
     pub rx_bytes: AtomicU64,
     pub tx_packets: AtomicU64,
     pub tx_bytes: AtomicU64,
+    /// Of `tx_packets`, those written to the tap in batches of more than one (one
+    /// `io_uring_enter` a batch, `crate::writebatch`).
+    pub tx_batched: AtomicU64,
     /// Frames from the tap the guest could not take (too large for its buffers, bad buffers).
     pub rx_dropped: AtomicU64,
     /// Frames from the guest the tap refused, or malformed chains.
@@ -37,11 +40,12 @@ impl fmt::Display for Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "rx_packets={} rx_bytes={} tx_packets={} tx_bytes={} rx_dropped={} tx_dropped={} tx_corrupted={} rx_throttled={} tx_throttled={} bad_chains={} ctrl_commands={} broken_queues={}",
+            "rx_packets={} rx_bytes={} tx_packets={} tx_bytes={} tx_batched={} rx_dropped={} tx_dropped={} tx_corrupted={} rx_throttled={} tx_throttled={} bad_chains={} ctrl_commands={} broken_queues={}",
             get(&self.rx_packets),
             get(&self.rx_bytes),
             get(&self.tx_packets),
             get(&self.tx_bytes),
+            get(&self.tx_batched),
             get(&self.rx_dropped),
             get(&self.tx_dropped),
             get(&self.tx_corrupted),

@@ -91,7 +91,7 @@ for fd in "/proc/$dev/fd/"*; do
 		taps="$taps $n:$iff"
 		[ "$iff" = "$TAP" ] || bad="$bad $n(queue of '$iff', not $TAP)"
 		;;
-	*:anon_inode:\[eventfd\] | *:anon_inode:\[eventpoll\] | *:anon_inode:\[timerfd\] | *:anon_inode:\[io_uring\]) ;; # io_uring: rx reads the tap in batches (docs/net.md)
+	*:anon_inode:\[eventfd\] | *:anon_inode:\[eventpoll\] | *:anon_inode:\[timerfd\] | *:anon_inode:\[io_uring\]) ;; # io_uring: rx reads and tx writes the tap in batches (docs/net.md)
 	*:/memfd:bulkhead-guest-ram* | *:"/bulkhead-guest-ram (deleted)") ;; # guest RAM: memfd, or the private tmpfs's file (docs/memory.md)
 	*) bad="$bad $n($t)" ;;
 	esac
