@@ -4,7 +4,11 @@
 # bw_size=1048576,bw_refill_time=100 (10 MiB/s, the bucket full at start) a 32 MiB O_DIRECT
 # read in the guest takes 3.1 s, checked within 20% of 3.2 s (the upper bound plus the same
 # read's time on a disk without a limit, the path's own cost); the device process counts
-# throttled requests.
+# throttled requests. Then the disk without a limit, a tmpfs image its process serves through
+# a mapping (devices/block/README.md, "I/O path"), is shrunk from 40 to 8 MiB under the
+# running guest: a read past the new end faults in the device's copy, which the device
+# catches (SIGBUS) and answers with an I/O error, and it goes on serving through system calls:
+# the same process reads the sectors still there, nothing is restarted.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
@@ -46,6 +50,22 @@ awk -v t="$t_free" 'BEGIN { exit !(t < 2.5) }' || fail "the disk without a limit
 # limited and 1.65 s unlimited, where waits for the refill add up with the path's latency).
 awk -v t="$t_lim" -v f="$t_free" 'BEGIN { exit !(t >= 2.56 && t <= 6.4 + f) }' ||
 	fail "the limited read took $t_lim s, not within 3.2 s -20% .. 2 x 3.2 s plus the unlimited read's $t_free s"
+
+# The image shrunk under the guest (L1's tmpfs: the device maps it).
+pid=$(pid_serving bulkhead-block "$img/free")
+[ -n "$pid" ] || fail "no bulkhead-block process serves $img/free"
+grep -qE 'the image is mapped: [0-9]+ of its [0-9]+ chunks' "$SCN_DIR/vm/err" ||
+	fail "no device mapped its image (the shrink below would not test the mapping)"
+truncate -s 8M "$img/free"
+past=$(run "dd if=/dev/$free of=/dev/null bs=4096 count=1 skip=5000 iflag=direct 2>/dev/null; echo SP-\$?" '^SP-[0-9]+$' 60)
+within=$(run "dd if=/dev/$free of=/dev/null bs=4096 count=1 skip=100 iflag=direct 2>/dev/null; echo SW-\$?" '^SW-[0-9]+$' 60)
+say "shrunk to 8 MiB: a read at 20 MiB ends with status $past, one at 400 KiB with $within; the process serving it: $pid before, $(pid_serving bulkhead-block "$img/free") after"
+[ "$past" != 0 ] || fail "a read past the shrunk image's end succeeded"
+[ "$within" = 0 ] || fail "a read inside the shrunk image failed"
+[ "$(pid_serving bulkhead-block "$img/free")" = "$pid" ] || fail "the device process did not survive the fault"
+grep -E 'a copy through the image.s mapping faulted' "$SCN_DIR/vm/err" | quote "!"
+grep -qE 'a copy through the image.s mapping faulted' "$SCN_DIR/vm/err" ||
+	fail "the device did not report the fault in its mapping"
 
 vm_send vm 'poweroff -f'
 vm_wait_exit vm 60

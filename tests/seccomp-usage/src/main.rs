@@ -145,8 +145,9 @@ const IN_MEMORY: &str =
 
 const MAPPED_FAULT: &str =
     "mapped::on_sigbus returns from a SIGBUS that a copy through the image's mapping took (an \
-     image shrunk under the device): no run shrinks one; unit test \
-     test_copy_fault_is_survived_under_the_block_filter makes the call under this filter";
+     image shrunk under the device): no traced run shrinks one; the disk-rate scenario does, \
+     untraced, and unit test test_copy_fault_is_survived_under_the_block_filter makes the call \
+     under this filter";
 
 const ALLOCATOR: &str =
     "the allocator: glibc grows its main arena with brk and gives memory back with \
