@@ -798,11 +798,11 @@ fn test_rx_read_ahead_reset_drops_what_was_read_ahead() {
 }
 
 /// A tx side that writes in batches (what the device runs with where io_uring is there, on a
-/// tap with tun's unlimited send buffer). Where it is not (qemu-user runs these tests for
+/// tap with tun's unlimited send buffer), and guest memory. Where it is not (qemu-user runs these tests for
 /// aarch64) the test says so and is not run; under `BULKHEAD_TEST_STRICT=1` that fails.
-fn batched_tx() -> Option<TxState> {
+fn batched_tx() -> Option<(TxState, GuestMemoryMmap)> {
     match WriteBatch::new() {
-        Ok(batch) => Some(TxState::with_write_batch(batch)),
+        Ok(batch) => Some((TxState::with_write_batch(batch), memory())),
         Err(e) => {
             assert!(
                 std::env::var_os("BULKHEAD_TEST_STRICT").is_none(),
@@ -837,15 +837,18 @@ fn drain(peer: &OwnedFd) -> Vec<Vec<u8>> {
     std::iter::from_fn(|| recv(peer)).collect()
 }
 
+fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Batches of up to 16 frames, two-piece chains (WRITEV) and one-piece ones (WRITE) mixed,
 /// and malformed chains between them: every good frame reaches the tap once, in the ring's
 /// order, and every chain is returned once, in order.
 #[test]
 fn test_tx_write_batch_keeps_order_and_returns_every_chain() {
-    let Some(mut tx) = batched_tx() else {
+    let Some((mut tx, mem)) = batched_tx() else {
         return;
     };
-    let mem = memory();
     let mut ring = Ring::new(&mem, 256);
     let mut want = Vec::new();
     let mut heads = Vec::new();
@@ -881,7 +884,6 @@ fn test_tx_write_batch_keeps_order_and_returns_every_chain() {
         used,
         heads.iter().map(|&h| u32::from(h)).collect::<Vec<_>>()
     );
-    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(count(&stats.tx_packets), 40);
     assert_eq!(count(&stats.bad_chains), 3);
 }
@@ -890,14 +892,13 @@ fn test_tx_write_batch_keeps_order_and_returns_every_chain() {
 /// middle of a batch is lost, as on a wire; the frames after it still go, in order.
 #[test]
 fn test_tx_write_batch_frame_refused_for_good_is_dropped_alone() {
-    let Some(mut tx) = batched_tx() else {
+    let Some((mut tx, mem)) = batched_tx() else {
         return;
     };
-    let mem = memory();
     let mut ring = Ring::new(&mem, QSIZE);
     let (tap, peer) = seqpacket_pair();
-    // 4 MiB of send buffer: a 60000-byte frame fits, and the socket refuses none for room;
-    // shrink it so that the big frame is over the limit (EMSGSIZE) and the small ones fit.
+    // 16 KiB of send buffer (the pair has 4 MiB): the 60000-byte frame can never fit
+    // (EMSGSIZE), the 100-byte ones do.
     set_sndbuf(&tap, 16 << 10);
     let want = tx_frames(&mem, &mut ring, 6, |i| if i == 2 { 60_000 } else { 100 });
     let mut q = ring.queue();
@@ -917,7 +918,6 @@ fn test_tx_write_batch_frame_refused_for_good_is_dropped_alone() {
     expected.remove(2);
     assert_eq!(drain(&peer), expected);
     assert_eq!(ring.used().len(), 6);
-    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(count(&stats.tx_dropped), 1);
     assert_eq!(count(&stats.tx_packets), 5);
     assert!(
@@ -945,10 +945,9 @@ fn set_sndbuf(tap: &Tap, size: libc::c_int) {
 /// and once the tap drains the rest goes out in order: nothing lost, nothing reordered.
 #[test]
 fn test_tx_write_batch_tap_full_rewinds_in_order() {
-    let Some(mut tx) = batched_tx() else {
+    let Some((mut tx, mem)) = batched_tx() else {
         return;
     };
-    let mem = memory();
     let mut ring = Ring::new(&mem, QSIZE);
     let (tap, peer) = seqpacket_pair();
     set_sndbuf(&tap, 16 << 10);
@@ -980,7 +979,6 @@ fn test_tx_write_batch_tap_full_rewinds_in_order() {
     got.extend(drain(&peer));
     assert_eq!(got, want);
     assert_eq!(ring.used().len(), 16);
-    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(count(&stats.tx_dropped), 0);
 }
 
@@ -988,10 +986,9 @@ fn test_tx_write_batch_tap_full_rewinds_in_order() {
 /// rest wait in the ring, and are sent in order once the tokens are there.
 #[test]
 fn test_tx_write_batch_throttled_sends_those_before() {
-    let Some(mut tx) = batched_tx() else {
+    let Some((mut tx, mem)) = batched_tx() else {
         return;
     };
-    let mem = memory();
     let mut ring = Ring::new(&mem, QSIZE);
     let want = tx_frames(&mem, &mut ring, 5, |_| 100);
     let mut q = ring.queue();
