@@ -18,6 +18,7 @@ pub mod milestone;
 pub mod mmio;
 pub mod pci;
 pub mod ratelimit;
+pub mod regpage;
 pub mod seccomp;
 pub mod tap;
 pub mod terminal;

@@ -207,7 +207,9 @@ fn vcpu_rules(r: &mut Rules) {
         KVM_SET_GSI_ROUTING,
         KVM_SIGNAL_MSI,
         // The UEFI variable flash (legacy::cfi_flash::FlashBank::sync_slot) removes its
-        // read-only memory slot when a command leaves read-array mode and restores it after.
+        // read-only memory slot when a command leaves read-array mode and restores it after;
+        // the PL011 restores its register page when a read empties its receive FIFO
+        // (Pl011::sync_mirror).
         KVM_SET_USER_MEMORY_REGION,
     ]);
     // PL011 output to stdout or the --serial file (write), queue notifies without an
@@ -390,8 +392,10 @@ pub fn rules(thread: ThreadKind) -> Rules {
         ThreadKind::SerialIn => {
             // forward_stdin: reading stdin.
             r.allow("read");
-            // SharedPl011::feed raises the receive interrupt (KvmIrqLine::set_level).
-            r.allow_ioctls(&[KVM_IRQ_LINE]);
+            // SharedPl011::feed raises the receive interrupt (KvmIrqLine::set_level), after
+            // removing the UART's register page from the guest so that its reads exit again
+            // (Pl011::sync_mirror).
+            r.allow_ioctls(&[KVM_IRQ_LINE, KVM_SET_USER_MEMORY_REGION]);
         }
         ThreadKind::DeviceWatcher => {
             // device::monitor::Monitor::run closes the log pipe and pidfd of a device that

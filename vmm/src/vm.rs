@@ -34,6 +34,7 @@ use crate::legacy::pl031::Pl031;
 use crate::legacy::pl061::{Pl061, SharedPl061, POWER_BUTTON_LINE, POWER_BUTTON_PULSE};
 use crate::mmio::{MmioBus, MmioDevice};
 use crate::pci::host::{PciError, PcieHost};
+use crate::regpage::{KvmPageSlot, RegisterPage};
 use crate::vcpu::{self, Event, VcpuStop, VcpuThread};
 use crate::virtio::pci::VirtioPciError;
 
@@ -196,6 +197,52 @@ struct Running {
 /// Has KVM queue the guest's writes to the PL011 data register (its console output) instead
 /// of exiting for each character, and maps the ring they go to. `None`, with a log line, where
 /// KVM cannot: the writes then exit as any other.
+/// The KVM memory slot of the PL011's register page (guest RAM is slot 0, the flash banks 1
+/// and 2, bus 0's configuration space 8 on).
+const UART_MIRROR_SLOT: u32 = 3;
+
+/// The PL011's register page for `vm` (see [`crate::legacy::pl011`]), or why not (said on the
+/// first boot): KVM without read-only memory, or host pages larger than the UART's window.
+fn serial_register_slot(kvm: &Kvm, vm: &Arc<VmFd>, first: bool) -> Option<KvmPageSlot> {
+    let why_not = |reason: &dyn std::fmt::Display| {
+        if first {
+            info!("console: every PL011 register read is an exit ({reason})");
+        }
+    };
+    if !kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem) {
+        why_not(&"KVM has no read-only memory slots");
+        return None;
+    }
+    let page = match RegisterPage::new() {
+        Ok(page) => page,
+        Err(e) => {
+            why_not(&format_args!("no page for its registers: {e}"));
+            return None;
+        }
+    };
+    // The page covers the UART's window and what follows up to the next device (the RTC);
+    // reads of that gap come from the page (zero) instead of exits.
+    let len = page.len() as u64;
+    if !UART_START.is_multiple_of(len) || UART_START + len > RTC_START {
+        why_not(&format_args!(
+            "host pages of {len} bytes span other devices"
+        ));
+        return None;
+    }
+    if first {
+        info!(
+            "console: PL011 register reads come from memory while no input waits (a read-only \
+             memory slot); writes, and reads while input waits, exit"
+        );
+    }
+    Some(KvmPageSlot::new(
+        page,
+        vm.clone(),
+        UART_MIRROR_SLOT,
+        UART_START,
+    ))
+}
+
 fn coalesce_serial_output(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd) -> Option<CoalescedRing> {
     if !kvm.check_extension(kvm_ioctls::Cap::CoalescedMmio) {
         info!("KVM has no coalesced MMIO: every console character is an exit");
@@ -520,10 +567,16 @@ impl Vm {
             crate::milestone::log("guest loaded");
         }
 
-        self.serial.lock().reset(Box::new(KvmIrqLine {
-            vm: vm.clone(),
-            line: arch::spi_irq_line(UART_SPI),
-        }));
+        {
+            let mut serial = self.serial.lock();
+            serial.reset(Box::new(KvmIrqLine {
+                vm: vm.clone(),
+                line: arch::spi_irq_line(UART_SPI),
+            }));
+            if let Some(slot) = serial_register_slot(&self.kvm, &vm, first) {
+                serial.attach_mirror(Box::new(slot));
+            }
+        }
         self.gpio.lock().reset(Box::new(KvmIrqLine {
             vm: vm.clone(),
             line: arch::spi_irq_line(GPIO_SPI),

@@ -5,6 +5,16 @@
 //! and clear, and a receive FIFO fed from the host. Transmission is immediate, so the transmit
 //! FIFO is always empty and the TX interrupt is raised after every write to the data register.
 //! Received bytes wait in the FIFO; a host writer blocks while it is full, so no input is lost.
+//!
+//! Linux's `amba-pl011` reads the flag register before every character it prints outside its
+//! interrupt handler: about a thousand exits on a guest's way to init, 0.3 ms each on a nested
+//! host. While the receive FIFO is empty no register read has a side effect (the data register
+//! reads as 0), so the UART can keep its registers in a
+//! [`RegisterPage`](crate::regpage::RegisterPage) the guest reads as a
+//! read-only memory slot ([`Pl011::attach_mirror`]): every change is stored there before the
+//! exit that made it returns and before the interrupt line moves. When a byte arrives the slot
+//! is removed first, so reads exit again and the data register pops the FIFO; the read that
+//! empties it puts the slot back.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -12,7 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use log::warn;
+use log::{error, warn};
+
+use crate::regpage::PageSlot;
 
 const DR: u64 = 0x000;
 const RSR_ECR: u64 = 0x004;
@@ -48,6 +60,31 @@ const CR_RESET: u32 = 0x300;
 const IFLS_RESET: u32 = 0x12;
 const FIFO_DEPTH: usize = 16;
 
+/// The registers a read returns something for (the rest read as 0): what the mirror holds.
+const READABLE: [u64; 21] = [
+    DR,
+    RSR_ECR,
+    FR,
+    ILPR,
+    IBRD,
+    FBRD,
+    LCR_H,
+    CR,
+    IFLS,
+    IMSC,
+    RIS,
+    MIS,
+    DMACR,
+    ID_BASE,
+    ID_BASE + 4,
+    ID_BASE + 8,
+    ID_BASE + 12,
+    ID_BASE + 16,
+    ID_BASE + 20,
+    ID_BASE + 24,
+    ID_BASE + 28,
+];
+
 /// The wire from the UART to the interrupt controller.
 pub trait IrqLine: Send {
     /// Drives the (level-triggered) line.
@@ -74,6 +111,14 @@ pub struct Pl011 {
     holding: bool,
     irq: Box<dyn IrqLine>,
     irq_level: bool,
+    /// The registers in guest-readable memory, present while the receive FIFO is empty.
+    mirror: Option<Mirror>,
+}
+
+/// The UART's register page and whether the guest reads it now.
+struct Mirror {
+    slot: Box<dyn PageSlot>,
+    present: bool,
 }
 
 impl Pl011 {
@@ -95,16 +140,61 @@ impl Pl011 {
             holding: false,
             irq,
             irq_level: false,
+            mirror: None,
         }
     }
 
     /// Back to the reset state, wired to a new interrupt line (the output and any received
-    /// bytes not yet read are kept).
+    /// bytes not yet read are kept). The register mirror is dropped with the VM it was in:
+    /// attach the next VM's with [`Pl011::attach_mirror`].
     pub fn reset(&mut self, irq: Box<dyn IrqLine>) {
         let out = self.out.take();
         let rx = std::mem::take(&mut self.rx);
         *self = Self::new(out, irq);
         self.rx = rx;
+    }
+
+    /// Serves register reads from `slot`'s page while the receive FIFO is empty (see the
+    /// module documentation). The slot starts unmapped; it is mapped here if the FIFO is
+    /// empty.
+    pub fn attach_mirror(&mut self, slot: Box<dyn PageSlot>) {
+        self.mirror = Some(Mirror {
+            slot,
+            present: false,
+        });
+        self.sync_mirror();
+    }
+
+    /// Whether the guest reads the registers from the mirror now.
+    pub fn mirrored(&self) -> bool {
+        self.mirror.as_ref().is_some_and(|m| m.present)
+    }
+
+    /// Stores the registers in the mirror and maps it if the FIFO is empty; unmaps it if not.
+    fn sync_mirror(&mut self) {
+        if self.mirror.is_none() {
+            return;
+        }
+        let want = self.rx.is_empty();
+        let registers = want.then(|| READABLE.map(|offset| (offset, self.register(offset))));
+        let Some(mirror) = self.mirror.as_mut() else {
+            return;
+        };
+        if let Some(registers) = registers {
+            mirror.slot.page().store(&registers);
+        }
+        if want != mirror.present {
+            match mirror.slot.set_present(want) {
+                Ok(()) => mirror.present = want,
+                // KVM refusing to add or remove a slot it has held is not expected. Still
+                // mapped with bytes waiting, the guest sees none until a later change gets
+                // the slot removed: the bytes are kept, not lost.
+                Err(e) => error!(
+                    "serial: {} the register page: {e}",
+                    if want { "cannot map" } else { "cannot unmap" }
+                ),
+            }
+        }
     }
 
     fn fifo_depth(&self) -> usize {
@@ -137,7 +227,10 @@ impl Pl011 {
         self.ris_latched | rx
     }
 
+    /// Publishes the registers (mirror) and drives the interrupt line: the mirror first, so a
+    /// guest that takes the interrupt reads the registers that raised it.
     fn update_irq(&mut self) {
+        self.sync_mirror();
         let level = self.ris() & self.imsc != 0;
         if level != self.irq_level {
             self.irq_level = level;
@@ -185,12 +278,24 @@ impl Pl011 {
 
     /// A guest read of the register at `offset`; `data` is 1, 2 or 4 bytes.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let value = match offset {
-            DR => {
-                let byte = self.rx.pop_front().map_or(0, u32::from);
-                self.update_irq();
-                byte
-            }
+        let value = if offset == DR {
+            let byte = self.rx.pop_front().map_or(0, u32::from);
+            self.update_irq();
+            byte
+        } else {
+            self.register(offset)
+        };
+        let bytes = value.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+        data[n..].fill(0);
+    }
+
+    /// The value a read of `offset` returns, without its side effect (a data register read
+    /// pops the receive FIFO; here it only looks at it).
+    fn register(&self, offset: u64) -> u32 {
+        match offset {
+            DR => self.rx.front().map_or(0, |&b| u32::from(b)),
             RSR_ECR => 0,
             FR => self.flags(),
             ILPR => self.ilpr,
@@ -207,11 +312,7 @@ impl Pl011 {
                 u32::from(ID[((offset - ID_BASE) / 4) as usize])
             }
             _ => 0,
-        };
-        let bytes = value.to_le_bytes();
-        let n = data.len().min(4);
-        data[..n].copy_from_slice(&bytes[..n]);
-        data[n..].fill(0);
+        }
     }
 
     /// A guest write of the register at `offset`; `data` is 1, 2 or 4 bytes.
@@ -313,6 +414,7 @@ impl SharedPl011 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::regpage::RegisterPage;
     use std::sync::Arc;
 
     #[derive(Clone, Default)]
@@ -487,6 +589,147 @@ mod tests {
         }
         feeder.join().expect("feeder");
         assert_eq!(got, b"0123");
+    }
+
+    /// A register page whose mapping is only recorded: `Some(true)` mapped, `Some(false)`
+    /// unmapped, in order.
+    struct FakeSlot {
+        page: RegisterPage,
+        changes: Arc<Mutex<Vec<bool>>>,
+        fail: Arc<AtomicBool>,
+    }
+    impl PageSlot for FakeSlot {
+        fn page(&self) -> &RegisterPage {
+            &self.page
+        }
+        fn set_present(&mut self, present: bool) -> std::io::Result<()> {
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            self.changes.lock().expect("lock").push(present);
+            Ok(())
+        }
+    }
+
+    /// A UART with a recorded register page.
+    struct Mirrored {
+        uart: Pl011,
+        line: Line,
+        changes: Arc<Mutex<Vec<bool>>>,
+        fail: Arc<AtomicBool>,
+        /// Valid as long as `uart`, whose slot owns the page.
+        page: *const RegisterPage,
+    }
+
+    fn mirrored_uart() -> Mirrored {
+        let (mut uart, line, _) = uart();
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let fail = Arc::new(AtomicBool::new(false));
+        let slot = Box::new(FakeSlot {
+            page: RegisterPage::new().expect("page"),
+            changes: changes.clone(),
+            fail: fail.clone(),
+        });
+        let page: *const RegisterPage = slot.page();
+        uart.attach_mirror(slot);
+        Mirrored {
+            uart,
+            line,
+            changes,
+            fail,
+            page,
+        }
+    }
+
+    #[test]
+    fn test_pl011_mirror_holds_what_reads_return() {
+        let Mirrored {
+            uart: mut u,
+            changes,
+            page,
+            ..
+        } = mirrored_uart();
+        // SAFETY: the page lives in the slot `u` owns.
+        let page = unsafe { &*page };
+        assert_eq!(*changes.lock().expect("lock"), vec![true]);
+        assert!(u.mirrored());
+        wr(&mut u, LCR_H, LCR_H_FEN | 0x60);
+        wr(&mut u, IBRD, 0x1a);
+        wr(&mut u, IMSC, INT_TX);
+        u.write_queued([(DR, &b"x"[..])].into_iter());
+        for offset in READABLE {
+            assert_eq!(
+                u64::from(page.load(offset as usize)),
+                u64::from(rd(&mut u, offset)),
+                "register {offset:#x}"
+            );
+        }
+        assert_eq!(page.load(FR as usize), FR_TXFE | FR_RXFE);
+        assert_eq!(page.load(MIS as usize), INT_TX);
+        assert_eq!(page.load(0xfe0), 0x11);
+        // Nothing arrived: the page stayed mapped throughout.
+        assert_eq!(*changes.lock().expect("lock"), vec![true]);
+    }
+
+    #[test]
+    fn test_pl011_mirror_goes_while_input_waits_and_returns_when_it_is_read() {
+        let Mirrored {
+            uart: mut u,
+            line,
+            changes,
+            page,
+            ..
+        } = mirrored_uart();
+        // SAFETY: the page lives in the slot `u` owns.
+        let page = unsafe { &*page };
+        wr(&mut u, LCR_H, LCR_H_FEN);
+        wr(&mut u, IMSC, INT_RX);
+        assert_eq!(u.receive(b"ab"), 2);
+        // Unmapped before the line went up: the interrupt handler's reads exit.
+        assert_eq!(*changes.lock().expect("lock"), vec![true, false]);
+        assert!(!u.mirrored());
+        assert_eq!(line.last(), Some(true));
+        assert_eq!(rd(&mut u, DR), u32::from(b'a'));
+        assert!(!u.mirrored(), "a byte still waits");
+        assert_eq!(rd(&mut u, DR), u32::from(b'b'));
+        assert_eq!(*changes.lock().expect("lock"), vec![true, false, true]);
+        assert_eq!(line.last(), Some(false));
+        // Back with the registers as they are now.
+        assert_eq!(page.load(FR as usize), FR_TXFE | FR_RXFE);
+        assert_eq!(page.load(IMSC as usize), INT_RX);
+        assert_eq!(page.load(DR as usize), 0);
+        // Switching the FIFOs off flushes them: the page returns too.
+        assert_eq!(u.receive(b"c"), 1);
+        assert!(!u.mirrored());
+        wr(&mut u, LCR_H, 0);
+        assert!(u.mirrored());
+    }
+
+    #[test]
+    fn test_pl011_mirror_kvm_refusal_keeps_the_bytes() {
+        let Mirrored {
+            uart: mut u,
+            changes,
+            fail,
+            ..
+        } = mirrored_uart();
+        fail.store(true, Ordering::Relaxed);
+        assert_eq!(u.receive(b"z"), 1);
+        assert!(u.mirrored(), "still mapped: the slot could not be removed");
+        // The byte is kept; the next change tries again.
+        fail.store(false, Ordering::Relaxed);
+        wr(&mut u, IMSC, INT_RX);
+        assert!(!u.mirrored());
+        assert_eq!(rd(&mut u, DR), u32::from(b'z'));
+        assert!(u.mirrored());
+        assert_eq!(*changes.lock().expect("lock"), vec![true, false, true]);
+    }
+
+    #[test]
+    fn test_pl011_reset_drops_the_mirror() {
+        let mut u = mirrored_uart().uart;
+        u.reset(Box::new(Line::default()));
+        assert!(!u.mirrored());
     }
 
     #[test]

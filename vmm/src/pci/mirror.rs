@@ -28,6 +28,7 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 
 use super::config::CONFIG_SIZE;
+use crate::regpage::clean_to_memory;
 
 /// The first KVM memory slot of the copy (guest RAM is slot 0, the flash banks 1 and 2).
 pub const FIRST_SLOT: u32 = 8;
@@ -163,31 +164,6 @@ impl Drop for EcamMirror {
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }
-
-/// Makes the VMM's stores in `[start, start + len)` visible to a guest that maps the ECAM
-/// window as Device memory (uncached): without FEAT_S2FWB its reads go to memory, not to the
-/// VMM's cache. Cleans each data cache line to the point of coherency (`DC CVAC`, which Linux
-/// lets user space run), then waits for it.
-#[cfg(target_arch = "aarch64")]
-fn clean_to_memory(start: *const u8, len: usize) {
-    let ctr: u64;
-    // SAFETY: reads CTR_EL0 (allowed at EL0, or emulated by the kernel).
-    unsafe { std::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack)) };
-    let line = 4usize << ((ctr >> 16) & 0xf);
-    let end = start as usize + len;
-    let mut p = start as usize & !(line - 1);
-    while p < end {
-        // SAFETY: cleans (writes back, keeps) a line of memory this process maps.
-        unsafe { std::arch::asm!("dc cvac, {}", in(reg) p, options(nostack)) };
-        p += line;
-    }
-    // SAFETY: a barrier.
-    unsafe { std::arch::asm!("dsb sy", options(nostack)) };
-}
-
-/// x86 keeps caches coherent with every memory type the guest can use here.
-#[cfg(not(target_arch = "aarch64"))]
-fn clean_to_memory(_start: *const u8, _len: usize) {}
 
 #[cfg(test)]
 mod tests {
