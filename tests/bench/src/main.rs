@@ -187,6 +187,9 @@ struct Sample {
     milestones: Vec<(f64, f64)>,
     /// The VM's KVM exit counters at the guest's init (see [`KvmExits`]), where L1 shows them.
     exits: Option<KvmExits>,
+    /// Guest RAM the VMM process has resident at the guest's init, and how much of it in huge
+    /// pages (KiB): a guest on small pages boots slower, and its loading faults 4 KiB at a time.
+    guest_ram_kib: (u64, u64),
 }
 
 /// What KVM counted for a VM until the guest's init ran, from debugfs
@@ -290,6 +293,33 @@ fn non_guest_rss(pid: u32) -> (u64, u64) {
         }
     }
     (own, pss)
+}
+
+/// Resident KiB of `pid`'s guest RAM mappings (those [`non_guest_rss`] leaves out), and of
+/// that how much is mapped by huge pages (anonymous, shmem or file THP).
+fn guest_ram_resident(pid: u32) -> (u64, u64) {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return (0, 0);
+    };
+    let (mut rss, mut huge, mut in_guest) = (0, 0, false);
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let size =
+                u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
+            in_guest = size >= RAM_MIB << 20 || line.contains("bulkhead-guest-ram");
+        } else if !in_guest {
+            continue;
+        } else if let Some(kb) = kb_value(line, "Rss") {
+            rss += kb;
+        } else if let Some(kb) = ["AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"]
+            .iter()
+            .find_map(|k| kb_value(line, k))
+        {
+            huge += kb;
+        }
+    }
+    (rss, huge)
 }
 
 fn command(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Command> {
@@ -474,6 +504,7 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
         }
     }
     let exits = kvm_exits(pid);
+    let guest_ram_kib = guest_ram_resident(pid);
     let tree = process_tree(pid);
     let (rss_kib, pss_kib) = tree
         .iter()
@@ -553,6 +584,7 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
         procs: tree.len(),
         milestones,
         exits,
+        guest_ram_kib,
     })
 }
 
@@ -670,7 +702,8 @@ fn main() -> Result<()> {
             });
             println!(
                 "round {round}: {:<28} launch->exit {:6.2} s, guest uptime at init {:5.2} s, \
-                 poweroff->exit {:5.2} s, non-guest RSS {:6} KiB, PSS {:6} KiB ({} processes){exits}{}",
+                 poweroff->exit {:5.2} s, non-guest RSS {:6} KiB, PSS {:6} KiB ({} processes){exits}, \
+                 guest RAM resident {} MiB ({} MiB in huge pages){}",
                 name,
                 r.wall_s,
                 r.uptime_s,
@@ -678,6 +711,8 @@ fn main() -> Result<()> {
                 r.rss_kib,
                 r.pss_kib,
                 r.procs,
+                r.guest_ram_kib.0 >> 10,
+                r.guest_ram_kib.1 >> 10,
                 if ms.is_empty() {
                     String::new()
                 } else {
