@@ -32,22 +32,7 @@ impl RegisterPage {
     /// A zeroed page of the host's page size.
     pub fn new() -> io::Result<Self> {
         let len = host_page_size()?;
-        // SAFETY: a new private anonymous mapping; nothing else is at the address the kernel
-        // picks.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(addr.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        let base = anonymous_mapping(len)?;
         Ok(Self { base, len })
     }
 
@@ -106,6 +91,26 @@ impl Drop for RegisterPage {
         // SAFETY: the mapping made in `new`, not used after this.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
+}
+
+/// A new private anonymous read-write mapping of `len` bytes, zero-filled, page-aligned; the
+/// caller unmaps it.
+pub(crate) fn anonymous_mapping(len: usize) -> io::Result<NonNull<u8>> {
+    // SAFETY: a new private anonymous mapping; nothing else is at the address the kernel picks.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(addr.cast::<u8>()).ok_or_else(io::Error::last_os_error)
 }
 
 /// The host's page size.

@@ -270,56 +270,50 @@ fn process_tree(root: u32) -> Vec<u32> {
     tree
 }
 
-/// Resident KiB of `pid` outside guest RAM, from /proc/PID/smaps: (Rss, Pss).
-fn non_guest_rss(pid: u32) -> (u64, u64) {
+/// Sums of `/proc/PID/smaps` fields, in KiB, for each of `keys`: (over the guest RAM
+/// mappings, over the rest). Guest RAM is a mapping at least as large as it, or the
+/// `bulkhead-guest-ram` file.
+fn smaps_sums<const N: usize>(pid: u32, keys: [&str; N]) -> [(u64, u64); N] {
+    let mut sums = [(0, 0); N];
     let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return (0, 0);
+        return sums;
     };
-    let (mut own, mut pss, mut in_guest) = (0, 0, false);
+    let mut in_guest = false;
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
         if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
             let size =
                 u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
             in_guest = size >= RAM_MIB << 20 || line.contains("bulkhead-guest-ram");
-        } else if let Some(kb) = kb_value(line, "Rss") {
-            if !in_guest {
-                own += kb;
-            }
-        } else if let Some(kb) = kb_value(line, "Pss") {
-            if !in_guest {
-                pss += kb;
+            continue;
+        }
+        for (key, sum) in keys.iter().zip(sums.iter_mut()) {
+            if let Some(kb) = kb_value(line, key) {
+                if in_guest {
+                    sum.0 += kb;
+                } else {
+                    sum.1 += kb;
+                }
             }
         }
     }
-    (own, pss)
+    sums
+}
+
+/// Resident KiB of `pid` outside guest RAM, from /proc/PID/smaps: (Rss, Pss).
+fn non_guest_rss(pid: u32) -> (u64, u64) {
+    let [rss, pss] = smaps_sums(pid, ["Rss", "Pss"]);
+    (rss.1, pss.1)
 }
 
 /// Resident KiB of `pid`'s guest RAM mappings (those [`non_guest_rss`] leaves out), and of
 /// that how much is mapped by huge pages (anonymous, shmem or file THP).
 fn guest_ram_resident(pid: u32) -> (u64, u64) {
-    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return (0, 0);
-    };
-    let (mut rss, mut huge, mut in_guest) = (0, 0, false);
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
-            let size =
-                u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
-            in_guest = size >= RAM_MIB << 20 || line.contains("bulkhead-guest-ram");
-        } else if !in_guest {
-            continue;
-        } else if let Some(kb) = kb_value(line, "Rss") {
-            rss += kb;
-        } else if let Some(kb) = ["AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"]
-            .iter()
-            .find_map(|k| kb_value(line, k))
-        {
-            huge += kb;
-        }
-    }
-    (rss, huge)
+    let [rss, anon, shmem, file] = smaps_sums(
+        pid,
+        ["Rss", "AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"],
+    );
+    (rss.0, anon.0 + shmem.0 + file.0)
 }
 
 fn command(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Command> {

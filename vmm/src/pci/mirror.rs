@@ -28,7 +28,7 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 
 use super::config::CONFIG_SIZE;
-use crate::regpage::clean_to_memory;
+use crate::regpage::{anonymous_mapping, clean_to_memory, host_page_size};
 
 /// The first KVM memory slot of the copy (guest RAM is slot 0, the flash banks 1 and 2).
 pub const FIRST_SLOT: u32 = 8;
@@ -53,28 +53,9 @@ unsafe impl Sync for EcamMirror {}
 impl EcamMirror {
     /// A copy for devices 0 to `devices - 1` of bus 0, all registers all ones until published.
     pub fn new(devices: usize) -> io::Result<Self> {
-        // SAFETY: sysconf has no memory effects.
-        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-            n if n > 0 => n as usize,
-            _ => return Err(io::Error::last_os_error()),
-        };
+        let page = host_page_size()?;
         let len = (devices * DEVICE_STRIDE).div_ceil(page) * page;
-        // SAFETY: a new private anonymous mapping; nothing else is at the address the kernel
-        // picks.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(addr.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        let base = anonymous_mapping(len)?;
         let mirror = Self {
             base,
             len,
