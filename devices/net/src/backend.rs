@@ -39,7 +39,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::ctrl::{process_ctrl, Command};
 use crate::datapath::{
     process_rx, process_tx, with_notifications_off, LogLimiter, Negotiated, QueueError, RxState,
-    Stop, TxState, LEGACY_HDR_LEN, RX_BUF_LEN,
+    Stop, TxState, BATCH, LEGACY_HDR_LEN, RX_BUF_LEN,
 };
 use crate::readahead::ReadAhead;
 use crate::stats::{add, Stats};
@@ -166,6 +166,8 @@ struct PairState {
     tx: TxState,
     rx_broken: bool,
     tx_broken: bool,
+    /// Tx rounds in a row that used buffers without telling the driver (see `tx_round`).
+    tx_unsignalled: u16,
 }
 
 /// What a pair's worker shares with the rest of the device.
@@ -540,9 +542,23 @@ impl Inner {
         });
         match result {
             Ok(round) => {
-                if round.used {
-                    if let Err(e) = notify(&mut state, &mem) {
-                        warn!("queue pair {p}: cannot notify tx: {e}");
+                // While frames keep coming (the round stopped on its budget and the next one
+                // follows at once) the driver hears of its sent buffers once per half ring,
+                // not every round: each call can be a cross-CPU wake-up of a sleeping vCPU,
+                // and half a ring still in the driver's hands keeps it from running dry
+                // (telling it only once the whole ring is used leaves both sides waiting in
+                // turn). Any other end of a round tells it at once.
+                let rounds = (usize::from(state.get_queue().size()) / 2 / BATCH).max(1);
+                if round.used || ps.tx_unsignalled > 0 {
+                    if matches!(round.stop, Stop::Budget)
+                        && usize::from(ps.tx_unsignalled) + 1 < rounds
+                    {
+                        ps.tx_unsignalled += 1;
+                    } else {
+                        ps.tx_unsignalled = 0;
+                        if let Err(e) = notify(&mut state, &mem) {
+                            warn!("queue pair {p}: cannot notify tx: {e}");
+                        }
                     }
                 }
                 Some(round.stop)
@@ -802,6 +818,7 @@ impl VhostUserBackend for NetBackend {
             add(&self.inner.stats.rx_dropped, ps.rx.reset() as u64);
             ps.rx_broken = false;
             ps.tx_broken = false;
+            ps.tx_unsignalled = 0;
         }
         self.inner
             .active_pairs

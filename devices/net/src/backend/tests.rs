@@ -401,3 +401,42 @@ fn test_tx_rate_limit_holds_and_resumes_without_kicks() {
     assert!(!stats.contains("tx_throttled=0 "), "{stats}");
     b.stop_workers();
 }
+
+#[test]
+fn test_tx_steady_stream_calls_the_driver_once_per_half_ring() {
+    let mem =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * MIB as usize)]).expect("memory");
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let (b, peers) = backend(1);
+    // No EVENT_IDX and no NO_INTERRUPT flag: the driver wants every call the device makes.
+    b.acked_features(b.features() & !(1 << VIRTIO_RING_F_EVENT_IDX));
+    b.update_memory(atomic.clone()).expect("memory");
+    let (vqs, vrings) = vrings_at(&mem, &atomic, &[0, MIB, 2 * MIB]);
+    vrings[1].set_queue_size(256);
+    let call = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    // SAFETY: a new descriptor of the eventfd, owned by the File from here on.
+    let file = unsafe {
+        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(
+            call.try_clone().expect("clone"),
+        ))
+    };
+    vrings[1].set_call(Some(file));
+    // 130 frames: two full rounds of 64 (the first leaves the driver uncalled, the second is
+    // half the ring and calls), then 2 and the ring is empty (calls).
+    let raw: Vec<RawDescriptor> = (0..130)
+        .map(|_| RawDescriptor::from(Descriptor::new(8 * MIB, 100, 0, 0)))
+        .collect();
+    vqs[1].add_desc_chains(&raw, 0).expect("tx chains");
+    b.handle_event(1, EventSet::IN, &vrings, 0)
+        .expect("tx kick");
+    let mut frames = 0;
+    wait_until("every frame", || {
+        while recv(&peers[0]).is_some() {
+            frames += 1;
+        }
+        frames == 130 && vqs[1].used().idx().load() == 130
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(call.read().expect("calls"), 2);
+    b.stop_workers();
+}
