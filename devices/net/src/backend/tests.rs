@@ -145,14 +145,26 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn test_workers_move_frames_both_ways_and_ctrl_answered() {
+/// 64 MiB of guest memory and a one-pair backend using it, with every feature but
+/// `EVENT_IDX` (so the driver's calls and kicks follow the rings' flags).
+fn backend_without_event_idx() -> (
+    GuestMemoryMmap,
+    GuestMemoryAtomic<GuestMemoryMmap>,
+    NetBackend,
+    Vec<OwnedFd>,
+) {
     let mem =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * MIB as usize)]).expect("memory");
     let atomic = GuestMemoryAtomic::new(mem.clone());
     let (b, peers) = backend(1);
     b.acked_features(b.features() & !(1 << VIRTIO_RING_F_EVENT_IDX));
     b.update_memory(atomic.clone()).expect("memory");
+    (mem, atomic, b, peers)
+}
+
+#[test]
+fn test_workers_move_frames_both_ways_and_ctrl_answered() {
+    let (mem, atomic, b, peers) = backend_without_event_idx();
 
     // rx at 0, tx at 1 MiB, ctrl at 2 MiB (rings laid out for 256, used as 64).
     let rx_vq = MockSplitQueue::create(&mem, GuestAddress(0), 256);
@@ -404,13 +416,8 @@ fn test_tx_rate_limit_holds_and_resumes_without_kicks() {
 
 #[test]
 fn test_tx_steady_stream_calls_the_driver_once_per_half_ring() {
-    let mem =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * MIB as usize)]).expect("memory");
-    let atomic = GuestMemoryAtomic::new(mem.clone());
-    let (b, peers) = backend(1);
     // No EVENT_IDX and no NO_INTERRUPT flag: the driver wants every call the device makes.
-    b.acked_features(b.features() & !(1 << VIRTIO_RING_F_EVENT_IDX));
-    b.update_memory(atomic.clone()).expect("memory");
+    let (mem, atomic, b, peers) = backend_without_event_idx();
     let (vqs, vrings) = vrings_at(&mem, &atomic, &[0, MIB, 2 * MIB]);
     vrings[1].set_queue_size(256);
     let call = EventFd::new(EFD_NONBLOCK).expect("eventfd");
