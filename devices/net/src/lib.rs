@@ -17,6 +17,7 @@ pub mod readahead;
 pub mod seccomp;
 pub mod stats;
 pub mod tap;
+pub mod uring;
 pub mod writebatch;
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};

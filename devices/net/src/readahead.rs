@@ -25,8 +25,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use io_uring::register::Restriction;
-use io_uring::{opcode, types, IoUring, Probe};
+use io_uring::{opcode, types, IoUring};
 use vm_memory::mmap::MmapRegion;
 
 use crate::tap::Tap;
@@ -114,24 +113,10 @@ impl ReadAhead {
     /// A ring for batches of reads into buffers of `buf_len` bytes; an error (the reason, for
     /// the log) where io_uring is not available.
     pub fn new(buf_len: usize) -> io::Result<ReadAhead> {
-        // Created disabled, so its restrictions are in place before it accepts anything.
-        let ring = IoUring::builder()
-            .setup_r_disabled()
-            .build(MAX_SLOTS as u32)?;
-        let mut probe = Probe::new();
-        ring.submitter().register_probe(&mut probe)?;
-        if !probe.is_supported(opcode::Read::CODE) {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "io_uring has no IORING_OP_READ on this kernel",
-            ));
-        }
-        let mut restrictions = [
-            Restriction::sqe_op(opcode::Read::CODE),
-            Restriction::sqe_flags_allowed(0),
-        ];
-        ring.submitter().register_restrictions(&mut restrictions)?;
-        ring.submitter().register_enable_rings()?;
+        let ring = crate::uring::restricted_ring(
+            MAX_SLOTS as u32,
+            &[(opcode::Read::CODE, "IORING_OP_READ")],
+        )?;
         Ok(ReadAhead {
             ring,
             bufs: Buffers::new(buf_len)?,

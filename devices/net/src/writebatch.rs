@@ -35,8 +35,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 
-use io_uring::register::Restriction;
-use io_uring::{opcode, types, IoUring, Probe};
+use io_uring::{opcode, types, IoUring};
 
 use crate::tap::Tap;
 
@@ -79,25 +78,13 @@ impl WriteBatch {
     /// A ring for batches of writes; an error (the reason, for the log) where io_uring is not
     /// available.
     pub fn new() -> io::Result<WriteBatch> {
-        // Created disabled, so its restrictions are in place before it accepts anything.
-        let ring = IoUring::builder()
-            .setup_r_disabled()
-            .build(MAX_FRAMES as u32)?;
-        let mut probe = Probe::new();
-        ring.submitter().register_probe(&mut probe)?;
-        if !probe.is_supported(opcode::Write::CODE) || !probe.is_supported(opcode::Writev::CODE) {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "io_uring has no IORING_OP_WRITE or IORING_OP_WRITEV on this kernel",
-            ));
-        }
-        let mut restrictions = [
-            Restriction::sqe_op(opcode::Write::CODE),
-            Restriction::sqe_op(opcode::Writev::CODE),
-            Restriction::sqe_flags_allowed(0),
-        ];
-        ring.submitter().register_restrictions(&mut restrictions)?;
-        ring.submitter().register_enable_rings()?;
+        let ring = crate::uring::restricted_ring(
+            MAX_FRAMES as u32,
+            &[
+                (opcode::Write::CODE, "IORING_OP_WRITE"),
+                (opcode::Writev::CODE, "IORING_OP_WRITEV"),
+            ],
+        )?;
         Ok(WriteBatch {
             ring,
             iovecs: Vec::with_capacity(MAX_BATCH_IOVECS),
