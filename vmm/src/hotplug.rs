@@ -230,7 +230,7 @@ impl Vm {
                 slot + 1
             );
             let events = self.hotplug.events.clone();
-            let timer = std::thread::Builder::new()
+            let timer = bulkhead_sandbox::thread_builder()
                 .name("settle-timer".into())
                 .spawn(move || {
                     std::thread::sleep(SETTLE_BOUND);
@@ -290,7 +290,7 @@ impl Vm {
         }
         let events = self.hotplug.events.clone();
         let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
-        let timer = std::thread::Builder::new()
+        let timer = bulkhead_sandbox::thread_builder()
             .name("unplug-timer".into())
             .spawn(move || {
                 // Nothing is ever sent: the unplug's end drops the sender (Disconnected).
@@ -379,7 +379,7 @@ impl Vm {
             return;
         };
         let name = id.to_string();
-        let spawned = std::thread::Builder::new()
+        let spawned = bulkhead_sandbox::thread_builder()
             .name("unplug-end".into())
             .spawn(move || {
                 device::end_process(&monitor, pid, REMOVE_GRACE);

@@ -599,7 +599,7 @@ impl Vm {
                 affinity: self.config.vcpu_affinity.get(index).cloned().flatten(),
             };
             let name = format!("vcpu{index}");
-            let spawned = std::thread::Builder::new()
+            let spawned = bulkhead_sandbox::thread_builder()
                 .name(name.clone())
                 .spawn(move || thread.run())
                 .map_err(|e| VmError::SpawnThread(name, e));
@@ -861,14 +861,14 @@ impl Vm {
     fn counters(&self, reply: ReplySender) {
         let channels = self.devices.control_channels();
         let restarts = self.devices.restarts();
-        let spawned = std::thread::Builder::new()
+        let spawned = bulkhead_sandbox::thread_builder()
             .name("counters".into())
             .spawn(move || {
                 let (tx, rx) = channel();
                 let n = channels.len();
                 for (id, control) in channels {
                     let tx = tx.clone();
-                    let asked = std::thread::Builder::new()
+                    let asked = bulkhead_sandbox::thread_builder()
                         .name("counters".into())
                         .spawn(move || drop(tx.send((id, control.request("stats")))));
                     if let Err(e) = asked {
@@ -919,7 +919,7 @@ impl Vm {
             ))));
             return;
         };
-        let spawned = std::thread::Builder::new()
+        let spawned = bulkhead_sandbox::thread_builder()
             .name("inject-fault".into())
             .spawn(move || {
                 let answer = match control.request(&format!("fault {fault}")) {
@@ -951,7 +951,7 @@ impl Vm {
         info!("power button pressed through the API");
         self.gpio.lock().set_input(POWER_BUTTON_LINE, true);
         let gpio = self.gpio.clone();
-        let spawned = std::thread::Builder::new()
+        let spawned = bulkhead_sandbox::thread_builder()
             .name("power-button".into())
             .spawn(move || {
                 std::thread::sleep(POWER_BUTTON_PULSE);
@@ -1183,7 +1183,7 @@ pub fn block_termination_signals() -> Result<libc::sigset_t, VmError> {
 /// turns them into events.
 pub fn forward_signals(events: Sender<Event>) -> Result<(), VmError> {
     let set = block_termination_signals()?;
-    std::thread::Builder::new()
+    bulkhead_sandbox::thread_builder()
         .name("signals".into())
         .spawn(move || {
             if !crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::Signals) {
@@ -1217,7 +1217,7 @@ pub fn forward_signals(events: Sender<Event>) -> Result<(), VmError> {
 /// Starts a thread that copies this process's stdin to the guest console.
 pub fn forward_stdin(serial: Arc<SharedPl011>) -> Result<(), VmError> {
     let stop = AtomicBool::new(false);
-    std::thread::Builder::new()
+    bulkhead_sandbox::thread_builder()
         .name("serial-in".into())
         .spawn(move || {
             if !crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::SerialIn) {

@@ -279,7 +279,7 @@ impl BalloonBackend {
             return Ok(());
         };
         let inner = self.inner.clone();
-        std::thread::Builder::new()
+        bulkhead_sandbox::thread_builder()
             .name("balloon-stats".into())
             .spawn(move || run_timer(&inner, &epoll, &exit, Duration::from_secs(interval.into())))
             .map_err(BackendError::SpawnTimer)?;

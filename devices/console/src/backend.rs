@@ -304,7 +304,7 @@ impl ConsoleBackend {
             return Ok(());
         };
         let inner = self.inner.clone();
-        std::thread::Builder::new()
+        bulkhead_sandbox::thread_builder()
             .name("console-io".into())
             .spawn(move || Worker::new(inner, host, epoll).run())
             .map_err(BackendError::SpawnWorker)?;

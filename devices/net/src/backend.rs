@@ -336,7 +336,7 @@ impl NetBackend {
                 continue;
             };
             let inner = self.inner.clone();
-            std::thread::Builder::new()
+            bulkhead_sandbox::thread_builder()
                 .name(format!("net-pair{pair}"))
                 .spawn(move || run_worker(&inner, pair, event_loop))
                 .map_err(|source| BackendError::SpawnWorker { pair, source })?;

@@ -287,7 +287,7 @@ pub fn after_reply() {
         AFTER_CRASH => std::process::abort(),
         AFTER_HANG => stop_forever(),
         AFTER_OOM => {
-            if let Err(e) = std::thread::Builder::new()
+            if let Err(e) = bulkhead_sandbox::thread_builder()
                 .name("fault-oom".into())
                 .spawn(|| exhaust_memory())
             {

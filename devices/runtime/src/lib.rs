@@ -298,7 +298,7 @@ pub fn start_backend<C: Device>(config: C) -> Result<(), Error> {
 
     if let Some(control) = control {
         let handler = opened.control.clone();
-        std::thread::Builder::new()
+        bulkhead_sandbox::thread_builder()
             .name("control".into())
             .spawn(move || control::serve_control(control, handler))
             .map_err(Error::SpawnControl)?;

@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -252,7 +252,7 @@ where
             let thread_loop = event_loop.clone();
             let thread_backend = connection.backend.clone();
             let thread_errors = connection.queue_errors.clone();
-            let thread = thread::Builder::new()
+            let thread = bulkhead_sandbox::thread_builder()
                 .name(format!("queue{worker}"))
                 .spawn(move || {
                     WORKER_QUEUE_ERRORS.with(|e| *e.borrow_mut() = Some(thread_errors));

@@ -190,6 +190,8 @@ struct Sample {
     /// Guest RAM the VMM process has resident at the guest's init, and how much of it in huge
     /// pages (KiB): a guest on small pages boots slower, and its loading faults 4 KiB at a time.
     guest_ram_kib: (u64, u64),
+    /// [`rss_breakdown`] of each process, at the guest's init.
+    rss_detail: Vec<String>,
 }
 
 /// What KVM counted for a VM until the guest's init ran, from debugfs
@@ -304,6 +306,58 @@ fn smaps_sums<const N: usize>(pid: u32, keys: [&str; N]) -> [(u64, u64); N] {
 fn non_guest_rss(pid: u32) -> (u64, u64) {
     let [rss, pss] = smaps_sums(pid, ["Rss", "Pss"]);
     (rss.1, pss.1)
+}
+
+/// Where `pid`'s non-guest RSS is, as `comm RSS KiB: mapping RSS[+huge], ...`: every mapping
+/// name (the file, `[heap]`, `[stack]`, `anon` for unnamed) that holds at least 64 KiB, the
+/// largest first, and how much of it huge pages map (a THP can make 4 KiB of use 2 MiB).
+fn rss_breakdown(pid: u32) -> String {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return format!("{} (gone)", comm.trim());
+    };
+    // (name, Rss, huge) per mapping name, outside guest RAM.
+    let mut groups: Vec<(String, u64, u64)> = Vec::new();
+    let mut current: Option<usize> = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let size =
+                u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
+            let name = words.nth(4).unwrap_or("anon");
+            let name = name.rsplit('/').next().unwrap_or(name).to_string();
+            current = if size >= RAM_MIB << 20 || name.contains("bulkhead-guest-ram") {
+                None
+            } else if let Some(i) = groups.iter().position(|g| g.0 == name) {
+                Some(i)
+            } else {
+                groups.push((name, 0, 0));
+                Some(groups.len() - 1)
+            };
+            continue;
+        }
+        let Some(i) = current else { continue };
+        if let Some(kb) = kb_value(line, "Rss") {
+            groups[i].1 += kb;
+        }
+        for key in ["AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"] {
+            if let Some(kb) = kb_value(line, key) {
+                groups[i].2 += kb;
+            }
+        }
+    }
+    let total: u64 = groups.iter().map(|g| g.1).sum();
+    groups.retain(|g| g.1 >= 64);
+    groups.sort_by_key(|g| std::cmp::Reverse(g.1));
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(name, rss, huge)| match huge {
+            0 => format!("{name} {rss}"),
+            h => format!("{name} {rss} (huge {h})"),
+        })
+        .collect();
+    format!("{} {total} KiB: {}", comm.trim(), parts.join(", "))
 }
 
 /// Resident KiB of `pid`'s guest RAM mappings (those [`non_guest_rss`] leaves out), and of
@@ -504,6 +558,7 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
         .iter()
         .map(|p| non_guest_rss(*p))
         .fold((0, 0), |(r, p), (a, b)| (r + a, p + b));
+    let rss_detail = tree.iter().map(|p| rss_breakdown(*p)).collect();
     let stop_at = Instant::now();
     stdin.write_all(b"poweroff -f\n")?;
     let stop_deadline = Instant::now() + Duration::from_secs(60);
@@ -579,6 +634,7 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
         milestones,
         exits,
         guest_ram_kib,
+        rss_detail,
     })
 }
 
@@ -713,6 +769,7 @@ fn main() -> Result<()> {
                     format!("; ms wall/CPU since exec: {}", ms.join(", "))
                 }
             );
+            println!("  non-guest RSS by process: {}", r.rss_detail.join("; "));
             s.push(r);
         }
     }

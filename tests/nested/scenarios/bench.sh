@@ -17,6 +17,10 @@ if ! grep -q ' /sys/kernel/debug ' /proc/mounts; then
 	mount -t debugfs none /sys/kernel/debug ||
 		say "cannot mount debugfs: the benchmark prints no KVM exit counts"
 fi
+# Transparent huge pages can make a few KiB of a program's heap 2 MiB of RSS (khugepaged
+# collapses any 2 MiB-aligned range with one page in use at max_ptes_none 511): say how L1 is set.
+t=/sys/kernel/mm/transparent_hugepage
+say "L1 THP: enabled $(cat $t/enabled 2>/dev/null), khugepaged max_ptes_none $(cat $t/khugepaged/max_ptes_none 2>/dev/null), scan every $(cat $t/khugepaged/scan_sleep_millisecs 2>/dev/null) ms, $(uname -r)"
 # The +disk+NIC rows (non-guest RSS with one disk and one NIC): a 64 MiB disk image.
 dd if=/dev/zero of="$SCN_DIR/disk.img" bs=1M count=64 2>/dev/null || fail "cannot make the disk image"
 set -- --bulkhead "$BULKHEAD" --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --runs 3 \

@@ -169,7 +169,7 @@ pub fn start(listener: Listener, events: Sender<Event>) -> Result<(), ApiError> 
     for i in 0..WORKERS {
         let socket = socket.clone();
         let events = events.clone();
-        std::thread::Builder::new()
+        bulkhead_sandbox::thread_builder()
             .name(format!("api{i}"))
             .spawn(move || {
                 if !crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::Api) {

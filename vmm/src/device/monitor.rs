@@ -821,7 +821,7 @@ impl Monitor {
     /// Starts the thread.
     pub fn start(self: &Arc<Self>) -> std::io::Result<()> {
         let me = self.clone();
-        std::thread::Builder::new()
+        bulkhead_sandbox::thread_builder()
             .name("devices".into())
             .spawn(move || {
                 if !crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::DeviceWatcher) {
@@ -832,7 +832,7 @@ impl Monitor {
         // The liveness probe, under the same filter. It waits on a condition variable (futex,
         // in the common rules) rather than sleeping (no nanosleep in the filter).
         let me = Arc::downgrade(self);
-        std::thread::Builder::new()
+        bulkhead_sandbox::thread_builder()
             .name("devices-probe".into())
             .spawn(move || {
                 if !crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::DeviceWatcher) {

@@ -208,7 +208,7 @@ impl Watchdog {
             Condvar::new(),
         ));
         let s = state.clone();
-        std::thread::Builder::new()
+        bulkhead_sandbox::thread_builder()
             .name(format!("{}-deadline", shared.name))
             .spawn(move || {
                 if !crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::VhostWorker) {
@@ -462,7 +462,7 @@ impl VhostUserDevice {
             }
             // SAFETY: a fresh descriptor owned by nobody else.
             shared.set_backend_req(unsafe { OwnedFd::from_raw_fd(dup) });
-            std::thread::Builder::new()
+            bulkhead_sandbox::thread_builder()
                 .name(format!("{name}-backend-req"))
                 .spawn(move || {
                     if crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::BackendReq) {
@@ -471,7 +471,7 @@ impl VhostUserDevice {
                 })
                 .map_err(|e| VhostUserError::Resource("backend request thread", e))?;
         }
-        std::thread::Builder::new()
+        bulkhead_sandbox::thread_builder()
             .name(format!("{name}-vhost"))
             .spawn(move || {
                 if crate::seccomp::apply_or_end_thread(crate::seccomp::ThreadKind::VhostWorker) {
