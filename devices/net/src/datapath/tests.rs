@@ -125,14 +125,8 @@ fn test_rx_single_buffer_frame_and_num_buffers_one() {
     assert_eq!(&got[..10], &frame[..10]);
     assert_eq!(&got[10..12], &[1, 0], "num_buffers");
     assert_eq!(&got[12..], &frame[12..]);
-    assert_eq!(
-        stats.rx_packets.load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
-    assert_eq!(
-        stats.rx_bytes.load(std::sync::atomic::Ordering::Relaxed),
-        60
-    );
+    assert_eq!(count(&stats.rx_packets), 1);
+    assert_eq!(count(&stats.rx_bytes), 60);
 }
 
 #[test]
@@ -245,10 +239,7 @@ fn test_rx_without_mrg_short_buffer_drops_frame_keeps_buffer() {
     let mut rx = RxState::default();
     let neg = Negotiated::default();
     process_rx(&mut q, &mem, &tap, &mut rx, &neg, None, &stats).expect("rx");
-    assert_eq!(
-        stats.rx_dropped.load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(count(&stats.rx_dropped), 1);
     assert_eq!(ring.used(), vec![(0, 62)], "the buffer took the next frame");
     let got = read_guest(&mem, MIB, 62);
     assert_eq!(got[0], 0, "DATA_VALID cleared without GUEST_CSUM");
@@ -294,18 +285,9 @@ fn test_rx_bad_chains_refused_frame_dropped() {
     let mut rx = RxState::default();
     process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &stats).expect("rx");
     assert_eq!(ring.used(), vec![(0, 0), (1, 0), (2, 112)]);
-    assert_eq!(
-        stats.bad_chains.load(std::sync::atomic::Ordering::Relaxed),
-        2
-    );
-    assert_eq!(
-        stats.rx_dropped.load(std::sync::atomic::Ordering::Relaxed),
-        2
-    );
-    assert_eq!(
-        stats.rx_packets.load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(count(&stats.bad_chains), 2);
+    assert_eq!(count(&stats.rx_dropped), 2);
+    assert_eq!(count(&stats.rx_packets), 1);
 }
 
 #[test]
@@ -323,10 +305,7 @@ fn test_rx_frame_larger_than_whole_ring_dropped() {
     let mut rx = RxState::default();
     let round = process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &stats).expect("rx");
     assert_eq!(round.stop, Stop::Idle);
-    assert_eq!(
-        stats.rx_dropped.load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(count(&stats.rx_dropped), 1);
     assert!(ring.used().is_empty(), "{:?}", ring.used());
 }
 
@@ -355,12 +334,7 @@ fn test_rx_throttled_keeps_frame_until_tokens() {
     assert!(matches!(round.stop, Stop::Throttled(d) if d > Duration::from_secs(50)));
     assert_eq!(ring.used().len(), 1);
     assert!(rx.has_pending());
-    assert_eq!(
-        stats
-            .rx_throttled
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(count(&stats.rx_throttled), 1);
 }
 
 #[test]
@@ -422,10 +396,7 @@ fn test_tx_header_passed_through_to_tap() {
     );
     assert_eq!(recv(&peer).expect("frame"), frame);
     assert_eq!(ring.used(), vec![(0, 0)]);
-    assert_eq!(
-        stats.tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
-        3000
-    );
+    assert_eq!(count(&stats.tx_bytes), 3000);
 }
 
 #[test]
@@ -482,10 +453,7 @@ fn test_tx_bad_chains_refused_nothing_sent() {
     .expect("tx");
     assert!(recv(&peer).is_none());
     assert_eq!(ring.used(), vec![(0, 0), (2, 0), (3, 0), (4, 0)]);
-    assert_eq!(
-        stats.bad_chains.load(std::sync::atomic::Ordering::Relaxed),
-        4
-    );
+    assert_eq!(count(&stats.bad_chains), 4);
 }
 
 #[test]
@@ -581,10 +549,7 @@ fn test_rx_first_buffer_smaller_than_header_refused() {
     let mut rx = RxState::default();
     process_rx(&mut q, &mem, &tap, &mut rx, &mrg(), None, &stats).expect("rx");
     assert_eq!(ring.used(), vec![(0, 0)]);
-    assert_eq!(
-        stats.bad_chains.load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(count(&stats.bad_chains), 1);
 }
 
 /// `corrupt=N`'s frame: a checksum left to offload is completed (the receiver's sum over the
