@@ -5,7 +5,8 @@
 #   mechanism and why, L1's /proc/PID/smaps_rollup shows guest RAM mapped with PMDs and
 #   /proc/meminfo ShmemHugePages grows while the guest runs;
 # - thp=collapse (MADV_COLLAPSE) also gets huge pages; thp=madvise is refused with the reason;
-#   thp=off gets none;
+#   thp=off gets none; in every mode the VMM's own anonymous memory holds no huge page (its
+#   threads' stacks are under 2 MiB, docs/memory.md);
 # - hugepages=on: a clear error while the pool is short, then hugetlbfs pages once reserved;
 # - bad --memory values exit 2 with a message.
 # For each VM it prints the guest's uptime at init and the time from `poweroff -f` to exit.
@@ -36,6 +37,8 @@ boot_and_measure() {
 	say "$_id: guest uptime at init $(vm_marker "$_id" UPTIME) s, ready $(elapsed "$_id") s after start"
 	say "$_id: L1 smaps_rollup of bulkhead: $(grep -E '^(Rss|Shmem|ShmemPmdMapped|FilePmdMapped|AnonHugePages|Private_Hugetlb|Shared_Hugetlb):' "$r" | tr -s ' ' | tr '\n' ' ')"
 	say "$_id: L1 ShmemHugePages grew by $SHMEM_HUGE_KB kB, HugePages_Free $(kb /proc/meminfo HugePages_Free)"
+	anon_huge=$(kb "$r" AnonHugePages)
+	[ "$anon_huge" = 0 ] || fail "$_id: the VMM's own anonymous memory holds $anon_huge kB of huge pages (a thread stack of 2 MiB or more?)"
 	vm_send_until "$_id" 'echo alive-$((6*7))' '^alive-42' 30
 	t0=$(now)
 	vm_send "$_id" 'poweroff -f'
