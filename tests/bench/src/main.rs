@@ -272,30 +272,63 @@ fn process_tree(root: u32) -> Vec<u32> {
     tree
 }
 
-/// Sums of `/proc/PID/smaps` fields, in KiB, for each of `keys`: (over the guest RAM
-/// mappings, over the rest). Guest RAM is a mapping at least as large as it, or the
-/// `bulkhead-guest-ram` file.
-fn smaps_sums<const N: usize>(pid: u32, keys: [&str; N]) -> [(u64, u64); N] {
-    let mut sums = [(0, 0); N];
-    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return sums;
-    };
-    let mut in_guest = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
+/// One mapping of `/proc/PID/smaps`: its name (the file's base name, `[heap]`, `[stack]`, or
+/// `anon` for an unnamed one), whether it is guest RAM (at least as large as it, or the
+/// `bulkhead-guest-ram` file), and its `Key: N kB` fields.
+struct Mapping {
+    name: String,
+    guest: bool,
+    kb: Vec<(String, u64)>,
+}
+
+impl Mapping {
+    /// Field `key` in KiB (0 when absent).
+    fn get(&self, key: &str) -> u64 {
+        self.kb
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+/// The mappings of `pid`; `None` when it is gone.
+fn smaps(pid: u32) -> Option<Vec<Mapping>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut maps: Vec<Mapping> = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
         if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
             let size =
                 u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
-            in_guest = size >= RAM_MIB << 20 || line.contains("bulkhead-guest-ram");
-            continue;
-        }
-        for (key, sum) in keys.iter().zip(sums.iter_mut()) {
+            let name = words.nth(4).unwrap_or("anon");
+            let name = name.rsplit('/').next().unwrap_or(name).to_string();
+            let guest = size >= RAM_MIB << 20 || name.contains("bulkhead-guest-ram");
+            maps.push(Mapping {
+                name,
+                guest,
+                kb: Vec::new(),
+            });
+        } else if let (Some(m), Some((key, _))) = (maps.last_mut(), first.split_once(':')) {
             if let Some(kb) = kb_value(line, key) {
-                if in_guest {
-                    sum.0 += kb;
-                } else {
-                    sum.1 += kb;
-                }
+                m.kb.push((key.to_string(), kb));
+            }
+        }
+    }
+    Some(maps)
+}
+
+/// Sums of `/proc/PID/smaps` fields, in KiB, for each of `keys`: (over the guest RAM
+/// mappings, over the rest).
+fn smaps_sums<const N: usize>(pid: u32, keys: [&str; N]) -> [(u64, u64); N] {
+    let mut sums = [(0, 0); N];
+    for m in smaps(pid).unwrap_or_default() {
+        for (key, sum) in keys.iter().zip(sums.iter_mut()) {
+            if m.guest {
+                sum.0 += m.get(key);
+            } else {
+                sum.1 += m.get(key);
             }
         }
     }
@@ -308,43 +341,27 @@ fn non_guest_rss(pid: u32) -> (u64, u64) {
     (rss.1, pss.1)
 }
 
+/// Huge-page fields of smaps: anonymous, shmem and file THP.
+const HUGE_KEYS: [&str; 3] = ["AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"];
+
 /// Where `pid`'s non-guest RSS is, as `comm RSS KiB: mapping RSS[+huge], ...`: every mapping
-/// name (the file, `[heap]`, `[stack]`, `anon` for unnamed) that holds at least 64 KiB, the
-/// largest first, and how much of it huge pages map (a THP can make 4 KiB of use 2 MiB).
+/// name that holds at least 64 KiB, the largest first, and how much of it huge pages map (a
+/// THP can make 4 KiB of use 2 MiB).
 fn rss_breakdown(pid: u32) -> String {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+    let Some(maps) = smaps(pid) else {
         return format!("{} (gone)", comm.trim());
     };
     // (name, Rss, huge) per mapping name, outside guest RAM.
     let mut groups: Vec<(String, u64, u64)> = Vec::new();
-    let mut current: Option<usize> = None;
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        let first = words.next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
-            let size =
-                u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
-            let name = words.nth(4).unwrap_or("anon");
-            let name = name.rsplit('/').next().unwrap_or(name).to_string();
-            current = if size >= RAM_MIB << 20 || name.contains("bulkhead-guest-ram") {
-                None
-            } else if let Some(i) = groups.iter().position(|g| g.0 == name) {
-                Some(i)
-            } else {
-                groups.push((name, 0, 0));
-                Some(groups.len() - 1)
-            };
-            continue;
-        }
-        let Some(i) = current else { continue };
-        if let Some(kb) = kb_value(line, "Rss") {
-            groups[i].1 += kb;
-        }
-        for key in ["AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"] {
-            if let Some(kb) = kb_value(line, key) {
-                groups[i].2 += kb;
+    for m in maps.iter().filter(|m| !m.guest) {
+        let huge: u64 = HUGE_KEYS.iter().map(|k| m.get(k)).sum();
+        match groups.iter_mut().find(|g| g.0 == m.name) {
+            Some(g) => {
+                g.1 += m.get("Rss");
+                g.2 += huge;
             }
+            None => groups.push((m.name.clone(), m.get("Rss"), huge)),
         }
     }
     let total: u64 = groups.iter().map(|g| g.1).sum();
@@ -363,10 +380,8 @@ fn rss_breakdown(pid: u32) -> String {
 /// Resident KiB of `pid`'s guest RAM mappings (those [`non_guest_rss`] leaves out), and of
 /// that how much is mapped by huge pages (anonymous, shmem or file THP).
 fn guest_ram_resident(pid: u32) -> (u64, u64) {
-    let [rss, anon, shmem, file] = smaps_sums(
-        pid,
-        ["Rss", "AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"],
-    );
+    let [rss, anon, shmem, file] =
+        smaps_sums(pid, ["Rss", HUGE_KEYS[0], HUGE_KEYS[1], HUGE_KEYS[2]]);
     (rss.0, anon.0 + shmem.0 + file.0)
 }
 
@@ -850,4 +865,32 @@ fn main() -> Result<()> {
         "Under nested virtualisation on an emulated host every time is inflated by the emulation."
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_smaps_of_this_process_names_and_sums_its_mappings() {
+        let maps = smaps(std::process::id()).expect("this process");
+        let exe = std::env::current_exe().expect("exe");
+        let exe = exe.file_name().and_then(|n| n.to_str()).expect("name");
+        let text: u64 = maps
+            .iter()
+            .filter(|m| m.name == exe)
+            .map(|m| m.get("Rss"))
+            .sum();
+        assert!(text > 0, "no resident page of {exe}");
+        assert!(maps.iter().any(|m| m.name == "[stack]"));
+        assert!(maps.iter().all(|m| !m.guest), "no mapping here is 512 MiB");
+        let [rss, _] = smaps_sums(std::process::id(), ["Rss", "Pss"]);
+        let total: u64 = maps.iter().map(|m| m.get("Rss")).sum();
+        assert_eq!(rss.0, 0);
+        assert!(
+            rss.1 >= text && rss.1.abs_diff(total) < total / 2,
+            "{rss:?} vs {total}"
+        );
+        assert!(rss_breakdown(std::process::id()).contains(" KiB: "));
+    }
 }
