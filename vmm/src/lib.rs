@@ -17,6 +17,7 @@ pub mod memory;
 pub mod milestone;
 pub mod mmio;
 pub mod pci;
+pub mod preload;
 pub mod ratelimit;
 pub mod regpage;
 pub mod seccomp;

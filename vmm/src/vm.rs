@@ -365,6 +365,8 @@ pub struct Vm {
     pub(crate) hotplug: crate::hotplug::Hotplug,
     /// The vCPUs are paused (`vm.pause`), for `vm.info`.
     paused: bool,
+    /// The first boot's kernel and initramfs being copied into guest RAM (preload.rs).
+    preload: Option<crate::preload::Preload>,
 }
 
 impl Vm {
@@ -399,6 +401,20 @@ impl Vm {
             .map_err(|e| VmError::CreateMemory(config.ram_size >> 20, e))?
             .memory;
         crate::milestone::log("guest RAM created");
+        let preload = match &config.boot {
+            BootConfig::Kernel {
+                kernel: (kernel, image),
+                initramfs,
+                layout,
+            } => Some(crate::preload::Preload::start(
+                &memory,
+                layout,
+                kernel,
+                image,
+                initramfs.as_ref(),
+            )?),
+            BootConfig::Firmware { .. } => None,
+        };
         let out: Option<Box<dyn std::io::Write + Send>> =
             match std::mem::replace(&mut config.serial, SerialConfig::Off) {
                 SerialConfig::Tty => Some(Box::new(std::io::stdout())),
@@ -479,6 +495,7 @@ impl Vm {
             pcie,
             devices,
             events,
+            preload,
         })
     }
 
@@ -548,7 +565,13 @@ impl Vm {
                 layout,
             } => {
                 let fdt = create_fdt(&fdt_config(layout.initramfs, false))?;
-                layout.load(&self.memory, kernel, image, initramfs.as_mut(), &fdt)?;
+                match self.preload.take() {
+                    Some(preload) => {
+                        preload.finish()?;
+                        layout.write_fdt(&self.memory, &fdt)?;
+                    }
+                    None => layout.load(&self.memory, kernel, image, initramfs.as_ref(), &fdt)?,
+                }
                 arch::set_boot_regs(&vcpus[0], guest_arch, layout.kernel_addr, layout.fdt_addr)?;
                 debug!("boot layout: {layout:x?}, FDT {} bytes", fdt.len());
             }

@@ -177,6 +177,10 @@ struct Sample {
     uptime_s: f64,
     /// `poweroff -f` typed to exit.
     stop_s: f64,
+    /// Launch to the console's `GUEST-UPTIME` line, that line to `GUEST-READY`, and
+    /// `GUEST-READY` to `poweroff -f` typed (the benchmark reading the processes' counters),
+    /// wall seconds: where launch to exit goes besides the guest's boot.
+    timeline: [f64; 3],
     /// KiB outside guest RAM, and the number of processes summed.
     rss_kib: u64,
     /// The same as Pss: pages shared between the processes (the VMM's binary in the VMM and
@@ -444,8 +448,9 @@ fn command(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Command> {
 
 enum Seen {
     Stderr(String),
-    Uptime(f64),
-    Ready,
+    /// The guest's uptime, and when its line reached the console.
+    Uptime(f64, Instant),
+    Ready(Instant),
 }
 
 /// A pseudo-terminal: (master, slave).
@@ -519,12 +524,15 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
     let ready = o.ready.clone();
     let out_reader = std::thread::spawn(move || {
         let (mut seen, mut buf, mut uptime_sent) = (Vec::new(), [0u8; 4096], false);
-        let mut tail = Vec::new();
+        let (mut tail, mut uptime_at) = (Vec::new(), None);
         while let Ok(n) = stdout.read(&mut buf) {
             if n == 0 {
                 break;
             }
             seen.extend_from_slice(&buf[..n]);
+            if uptime_at.is_none() && seen.windows(13).any(|w| w == b"GUEST-UPTIME ") {
+                uptime_at = Some(Instant::now());
+            }
             tail.extend_from_slice(&buf[..n]);
             let text = String::from_utf8_lossy(&seen).into_owned();
             if text.contains(&ready) {
@@ -534,9 +542,10 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
                         .lines()
                         .find_map(|l| l.trim().strip_prefix("GUEST-UPTIME "))
                         .and_then(|v| v.trim().parse::<f64>().ok());
-                    let _ = tx.send(Seen::Uptime(v.unwrap_or(f64::NAN)));
+                    let at = uptime_at.unwrap_or_else(Instant::now);
+                    let _ = tx.send(Seen::Uptime(v.unwrap_or(f64::NAN), at));
                 }
-                let _ = tx.send(Seen::Ready);
+                let _ = tx.send(Seen::Ready(Instant::now()));
                 seen.clear();
             }
             if tail.len() > 8192 {
@@ -546,13 +555,13 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
         String::from_utf8_lossy(&tail).into_owned()
     });
     let deadline = start + Duration::from_secs(240);
-    let (mut lines, mut uptime, mut ready_seen) = (Vec::new(), None, false);
-    while uptime.is_none() || !ready_seen {
+    let (mut lines, mut uptime, mut ready_at) = (Vec::new(), None, None);
+    while uptime.is_none() || ready_at.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(Seen::Stderr(line)) => lines.push(line),
-            Ok(Seen::Uptime(v)) => uptime = Some(v),
-            Ok(Seen::Ready) => ready_seen = true,
+            Ok(Seen::Uptime(v, at)) => uptime = Some((v, at)),
+            Ok(Seen::Ready(at)) => ready_at = ready_at.or(Some(at)),
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -575,6 +584,13 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
         .fold((0, 0), |(r, p), (a, b)| (r + a, p + b));
     let rss_detail = tree.iter().map(|p| rss_breakdown(*p)).collect();
     let stop_at = Instant::now();
+    let (uptime, uptime_at) = uptime.expect("the loop ends with it");
+    let ready_at = ready_at.expect("the loop ends with it");
+    let timeline = [
+        uptime_at.duration_since(start).as_secs_f64(),
+        ready_at.saturating_duration_since(uptime_at).as_secs_f64(),
+        stop_at.saturating_duration_since(ready_at).as_secs_f64(),
+    ];
     stdin.write_all(b"poweroff -f\n")?;
     let stop_deadline = Instant::now() + Duration::from_secs(60);
     let exit = loop {
@@ -641,8 +657,9 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
     }
     Ok(Sample {
         wall_s,
-        uptime_s: uptime.unwrap_or(f64::NAN),
+        uptime_s: uptime,
         stop_s,
+        timeline,
         rss_kib,
         pss_kib,
         procs: tree.len(),
@@ -783,6 +800,11 @@ fn main() -> Result<()> {
                 } else {
                     format!("; ms wall/CPU since exec: {}", ms.join(", "))
                 }
+            );
+            println!(
+                "  wall s: launch -> GUEST-UPTIME line {:.2}, -> GUEST-READY {:.2}, -> poweroff typed \
+                 (the benchmark reading counters) {:.2}",
+                r.timeline[0], r.timeline[1], r.timeline[2]
             );
             println!("  non-guest RSS by process: {}", r.rss_detail.join("; "));
             s.push(r);

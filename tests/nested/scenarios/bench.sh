@@ -23,7 +23,7 @@ t=/sys/kernel/mm/transparent_hugepage
 say "L1 THP: enabled $(cat $t/enabled 2>/dev/null), khugepaged max_ptes_none $(cat $t/khugepaged/max_ptes_none 2>/dev/null), scan every $(cat $t/khugepaged/scan_sleep_millisecs 2>/dev/null) ms, $(uname -r)"
 # The +disk+NIC rows (non-guest RSS with one disk and one NIC): a 64 MiB disk image.
 dd if=/dev/zero of="$SCN_DIR/disk.img" bs=1M count=64 2>/dev/null || fail "cannot make the disk image"
-set -- --bulkhead "$BULKHEAD" --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --runs 3 \
+set -- --bulkhead "$BULKHEAD" --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --runs 5 \
 	--bulkhead-variant "--pci-slots 1" --devices "$SCN_DIR/disk.img"
 for p in firecracker cloud-hypervisor; do
 	if [ -x "/peers/$p" ]; then
