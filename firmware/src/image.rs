@@ -149,12 +149,12 @@ pub enum LoadError {
     /// The FDT could not be written to guest memory.
     #[error("writing the device tree at {0:#x}")]
     Fdt(u64, #[source] vm_memory::GuestMemoryError),
-    /// A thread copying the boot files could not install its seccomp filter (its log line
+    /// The thread copying the boot files could not install its seccomp filter (its log line
     /// says why).
-    #[error("a thread loading the boot files could not be confined")]
+    #[error("the thread loading the boot files could not be confined")]
     Confine,
-    /// A thread copying the boot files panicked.
-    #[error("a thread loading the boot files panicked")]
+    /// The thread copying the boot files panicked.
+    #[error("the thread loading the boot files panicked")]
     LoaderPanicked,
 }
 
@@ -389,10 +389,36 @@ impl BootLayout {
         initramfs: Option<&File>,
         fdt: &[u8],
     ) -> Result<(), LoadError> {
-        for pieces in self.pieces(image, 1) {
-            load_pieces(mem, kernel, initramfs, &pieces)?;
-        }
+        self.load_files(mem, kernel, image, initramfs)?;
         self.write_fdt(mem, fdt)
+    }
+
+    /// Copies the kernel and the initramfs (when there is one) into guest memory with
+    /// positioned reads straight into guest pages: the files' offsets are neither used nor
+    /// moved, so a duplicate of a descriptor may be read on another thread.
+    pub fn load_files(
+        &self,
+        mem: &GuestMemoryMmap,
+        kernel: &File,
+        image: &KernelImage,
+        initramfs: Option<&File>,
+    ) -> Result<(), LoadError> {
+        let mut from = ReadAt {
+            file: kernel,
+            offset: 0,
+        };
+        mem.read_exact_volatile_from(
+            GuestAddress(self.kernel_addr),
+            &mut from,
+            image.file_size as usize,
+        )
+        .map_err(|e| LoadError::Kernel(self.kernel_addr, e))?;
+        if let (Some(file), Some((addr, size))) = (initramfs, self.initramfs) {
+            let mut from = ReadAt { file, offset: 0 };
+            mem.read_exact_volatile_from(GuestAddress(addr), &mut from, size as usize)
+                .map_err(|e| LoadError::Initramfs(addr, e))?;
+        }
+        Ok(())
     }
 
     /// Writes the FDT into guest memory.
@@ -400,118 +426,10 @@ impl BootLayout {
         mem.write_slice(fdt, GuestAddress(self.fdt_addr))
             .map_err(|e| LoadError::Fdt(self.fdt_addr, e))
     }
-
-    /// The kernel's and the initramfs's bytes as at most `parts` lists of about equal size,
-    /// for as many callers of [`load_pieces`] to copy at the same time; lists are cut only at
-    /// 2 MiB boundaries of guest memory, so one caller fills each (huge) page.
-    pub fn pieces(&self, image: &KernelImage, parts: usize) -> Vec<Vec<Piece>> {
-        let runs = [
-            Some(Piece {
-                file: BootFile::Kernel,
-                offset: 0,
-                addr: self.kernel_addr,
-                len: image.file_size,
-            }),
-            self.initramfs.map(|(addr, len)| Piece {
-                file: BootFile::Initramfs,
-                offset: 0,
-                addr,
-                len,
-            }),
-        ];
-        let total: u64 = runs.iter().flatten().map(|p| p.len).sum();
-        let share = total.div_ceil(parts.max(1) as u64).max(1);
-        let mut out: Vec<Vec<Piece>> = vec![Vec::new()];
-        let mut filled = 0;
-        for run in runs.into_iter().flatten() {
-            let mut at = 0;
-            while at < run.len {
-                let addr = run.addr + at;
-                let end = (addr + 1)
-                    .next_multiple_of(HUGE_BLOCK)
-                    .min(run.addr + run.len);
-                if filled >= share && out.len() < parts {
-                    out.push(Vec::new());
-                    filled = 0;
-                }
-                let chunk = Piece {
-                    file: run.file,
-                    offset: run.offset + at,
-                    addr,
-                    len: end - addr,
-                };
-                let list = out.last_mut().expect("never empty");
-                match list.last_mut() {
-                    Some(last)
-                        if last.file == chunk.file && last.offset + last.len == chunk.offset =>
-                    {
-                        last.len += chunk.len
-                    }
-                    _ => list.push(chunk),
-                }
-                filled += chunk.len;
-                at += chunk.len;
-            }
-        }
-        out.retain(|l| !l.is_empty());
-        out
-    }
-}
-
-/// 2 MiB: the block [`BootLayout::pieces`] never splits between two lists.
-const HUGE_BLOCK: u64 = 2 << 20;
-
-/// Which boot file a [`Piece`] comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BootFile {
-    /// The kernel image.
-    Kernel,
-    /// The initramfs.
-    Initramfs,
-}
-
-/// A run of a boot file's bytes and where they go in guest memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Piece {
-    /// The file.
-    pub file: BootFile,
-    /// Offset of the run in the file.
-    pub offset: u64,
-    /// Guest address of its first byte.
-    pub addr: u64,
-    /// Its length.
-    pub len: u64,
-}
-
-/// Copies `pieces` of `kernel` and `initramfs` into guest memory with positioned reads (no
-/// file offset is used, so several callers may copy pieces of the same files at once).
-/// Initramfs pieces are skipped when `initramfs` is `None`.
-pub fn load_pieces(
-    mem: &GuestMemoryMmap,
-    kernel: &File,
-    initramfs: Option<&File>,
-    pieces: &[Piece],
-) -> Result<(), LoadError> {
-    for p in pieces {
-        let (file, error): (_, fn(u64, vm_memory::GuestMemoryError) -> LoadError) = match p.file {
-            BootFile::Kernel => (kernel, LoadError::Kernel),
-            BootFile::Initramfs => match initramfs {
-                Some(f) => (f, LoadError::Initramfs),
-                None => continue,
-            },
-        };
-        let mut from = ReadAt {
-            file,
-            offset: p.offset,
-        };
-        mem.read_exact_volatile_from(GuestAddress(p.addr), &mut from, p.len as usize)
-            .map_err(|e| error(p.addr, e))?;
-    }
-    Ok(())
 }
 
 /// A file read from `offset` on with pread(2). vm-memory reads into guest memory from a
-/// `File` only at the file's own offset (read(2)), which two threads cannot share.
+/// `File` only at the file's own offset (read(2)), which a duplicate descriptor shares.
 struct ReadAt<'a> {
     file: &'a File,
     offset: u64,
@@ -791,86 +709,8 @@ mod tests {
         assert_eq!(size, 10 << 20 | 123);
     }
 
-    /// Every byte of both files exactly once, in order within each list, and no 2 MiB block
-    /// of guest memory in two lists.
-    fn check_pieces(l: &BootLayout, img: &KernelImage, parts: usize) -> Vec<Vec<Piece>> {
-        let lists = l.pieces(img, parts);
-        assert!(
-            !lists.is_empty() && lists.len() <= parts.max(1),
-            "{lists:?}"
-        );
-        let mut kernel = Vec::new();
-        let mut initramfs = Vec::new();
-        for list in &lists {
-            assert!(!list.is_empty());
-            for p in list {
-                assert!(p.len > 0);
-                match p.file {
-                    BootFile::Kernel => {
-                        assert_eq!(p.addr, l.kernel_addr + p.offset);
-                        kernel.push((p.offset, p.len));
-                    }
-                    BootFile::Initramfs => {
-                        assert_eq!(p.addr, l.initramfs.expect("placed").0 + p.offset);
-                        initramfs.push((p.offset, p.len));
-                    }
-                }
-            }
-        }
-        for (runs, size) in [
-            (kernel, img.file_size),
-            (initramfs, l.initramfs.map_or(0, |(_, s)| s)),
-        ] {
-            let mut at = 0;
-            for (offset, len) in runs {
-                assert_eq!(offset, at, "a gap or an overlap");
-                at += len;
-            }
-            assert_eq!(at, size);
-        }
-        let blocks = |list: &Vec<Piece>| {
-            list.iter()
-                .flat_map(|p| (p.addr / HUGE_BLOCK)..=((p.addr + p.len - 1) / HUGE_BLOCK))
-                .collect::<std::collections::BTreeSet<_>>()
-        };
-        for (i, a) in lists.iter().enumerate() {
-            for b in &lists[i + 1..] {
-                assert!(blocks(a).is_disjoint(&blocks(b)), "{lists:?}");
-            }
-        }
-        lists
-    }
-
     #[test]
-    fn test_pieces_cover_both_files_once_split_at_huge_blocks() {
-        let img = KernelImage {
-            arch: GuestArch::Aarch64,
-            load_offset: 0x8_0000,
-            footprint: 40 << 20,
-            file_size: (27 << 20) + 4321,
-        };
-        let l = BootLayout::new(512 << 20, &img, Some((3 << 20) + 77)).expect("fits");
-        for parts in [0, 1, 2, 3, 8] {
-            check_pieces(&l, &img, parts);
-        }
-        // One list: one piece per file. Two: about half the bytes each.
-        assert_eq!(check_pieces(&l, &img, 1)[0].len(), 2);
-        let two = check_pieces(&l, &img, 2);
-        assert_eq!(two.len(), 2);
-        let bytes = |list: &Vec<Piece>| list.iter().map(|p| p.len).sum::<u64>();
-        let total = img.file_size + (3 << 20) + 77;
-        assert!(bytes(&two[0]).abs_diff(total / 2) <= HUGE_BLOCK, "{two:?}");
-        // No initramfs; a kernel smaller than a block is one list whatever is asked.
-        let small = KernelImage {
-            file_size: 4096,
-            ..img
-        };
-        let l = BootLayout::new(64 << 20, &small, None).expect("fits");
-        assert_eq!(check_pieces(&l, &small, 4).len(), 1);
-    }
-
-    #[test]
-    fn test_load_pieces_from_threads_matches_one_load() {
+    fn test_load_files_on_another_thread_ignores_the_file_offsets() {
         let ram = 64u64 << 20;
         let img = KernelImage {
             arch: GuestArch::Aarch64,
@@ -885,40 +725,36 @@ mod tests {
             f.write_all(&data).expect("write");
             (f, data)
         };
-        let (kernel, kdata) = fill(img.file_size, 0x5a);
+        // Both files are left with their offsets at the end (just written) and moved while
+        // a duplicate is read on another thread.
+        let (mut kernel, kdata) = fill(img.file_size, 0x5a);
         let (initramfs, idata) = fill(l.initramfs.expect("placed").1, 0xa5);
-        let mem = || {
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_START), ram as usize)])
-                .expect("guest memory")
-        };
-        let (one, many) = (mem(), mem());
-        l.load(&one, &kernel, &img, Some(&initramfs), b"fdt")
-            .expect("load");
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_START), ram as usize)])
+            .expect("guest memory");
         std::thread::scope(|s| {
-            for list in l.pieces(&img, 3) {
-                let (m, k, i) = (&many, &kernel, &initramfs);
-                s.spawn(move || load_pieces(m, k, Some(i), &list).expect("load pieces"));
-            }
+            let (k, i) = (
+                kernel.try_clone().expect("dup"),
+                initramfs.try_clone().expect("dup"),
+            );
+            let (m, l, img) = (&mem, &l, &img);
+            let t = s.spawn(move || l.load_files(m, &k, img, Some(&i)));
+            kernel.seek(SeekFrom::Start(4096)).expect("seek");
+            t.join().expect("no panic").expect("load");
         });
-        l.write_fdt(&many, b"fdt").expect("fdt");
-        let read = |m: &GuestMemoryMmap, addr: u64, len: usize| {
+        l.write_fdt(&mem, b"fdt").expect("fdt");
+        let read = |addr: u64, len: usize| {
             let mut v = vec![0u8; len];
-            m.read_slice(&mut v, GuestAddress(addr)).expect("read");
+            mem.read_slice(&mut v, GuestAddress(addr)).expect("read");
             v
         };
         let (iaddr, isize) = l.initramfs.expect("placed");
-        for m in [&one, &many] {
-            assert_eq!(read(m, l.kernel_addr, kdata.len()), kdata);
-            assert_eq!(read(m, iaddr, isize as usize), idata);
-            assert_eq!(read(m, l.fdt_addr, 3), b"fdt");
-        }
-        // Byte for byte the same memory, the zeroes around the files included.
-        let whole = |m: &GuestMemoryMmap| read(m, RAM_START, ram as usize);
-        assert!(whole(&one) == whole(&many));
-        // A file shorter than its pieces is an error, not a partial load.
+        assert_eq!(read(l.kernel_addr, kdata.len()), kdata);
+        assert_eq!(read(iaddr, isize as usize), idata);
+        assert_eq!(read(l.fdt_addr, 3), b"fdt");
+        // A file shorter than the layout says is an error, not a partial load.
         let (short, _) = fill(1000, 0);
         assert!(matches!(
-            load_pieces(&one, &short, None, &l.pieces(&img, 1)[0]),
+            l.load_files(&mem, &short, &img, None),
             Err(LoadError::Kernel(..))
         ));
     }

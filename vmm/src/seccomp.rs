@@ -259,9 +259,9 @@ fn main_rules(r: &mut Rules, kick_signal: u64) {
     // Vm::boot: the kvm_run area of each vCPU (mmap, munmap when dropped); closing the old
     // VM's, vCPUs' and GIC's descriptors on a reboot; device connections on shutdown.
     r.allow("close");
-    // Vm::boot: the kernel and initramfs are read again on every boot, with positioned reads
-    // (pread64), and so are they by the first boot's loader threads (preload.rs), which run
-    // under this filter; the rng-seed from /dev/urandom (read). (No size query: the seccomp
+    // Vm::boot: the kernel and initramfs are read again on every reboot, with positioned
+    // reads (pread64), as the first boot's `load` thread (preload.rs), which runs under this
+    // filter, reads them; the rng-seed from /dev/urandom (read). (No size query: the seccomp
     // rule usage trace saw none, so fstat, newfstatat, statx and readv are not allowed.)
     r.allow("read").allow("pread64");
     // Vm::boot starts the vCPU threads, VhostUserDevice::handshake a device's worker and

@@ -934,6 +934,20 @@ pub(crate) fn spawn_program(
     })
 }
 
+/// A device whose process is started (or whose socket is connected), not yet handshaken.
+struct Launched {
+    /// Its vhost-user connection.
+    stream: UnixStream,
+    /// A pidfd of its process, if Bulkhead started one.
+    pidfd: Option<OwnedFd>,
+    spawned_pid: Option<u32>,
+    /// Its process's control channel.
+    first_control: Option<Arc<ControlChannel>>,
+    /// Duplicates of its files for the next process (a restartable device).
+    kept: Vec<File>,
+    restartable: bool,
+}
+
 impl Devices {
     /// Opens and locks every device's files first (so that a locked image starts nothing),
     /// then starts or connects each device and puts a virtio-pci function in front of it.
@@ -960,9 +974,16 @@ impl Devices {
             spawner: env.spawner.clone(),
             config_refresh: HashMap::new(),
         };
+        // Every process is started before the first handshake: each one's start-up (exec,
+        // jail, serving its socket) overlaps the others' and the handshakes before it.
+        let launched = specs
+            .iter()
+            .zip(files)
+            .map(|(spec, files)| devices.launch(spec, files, env))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut transports = Vec::with_capacity(specs.len());
-        for (spec, files) in specs.iter().zip(files) {
-            let transport = devices.start_one(spec, files, env)?;
+        for (spec, launched) in specs.iter().zip(launched) {
+            let transport = devices.connect(spec, launched, env)?;
             transports.push((spec.slot, transport));
         }
         devices
@@ -972,15 +993,25 @@ impl Devices {
         Ok((devices, transports))
     }
 
-    /// The one path of every device: spawn (or connect), handshake, transport.
-    // The device type is a u16 here and a u32 in the transport branch's VirtioPci::new.
-    #[allow(clippy::useless_conversion)]
+    /// The one path of every device: [`launch`](Self::launch), then
+    /// [`connect`](Self::connect).
     fn start_one(
         &mut self,
         spec: &DeviceSpec,
         files: Vec<File>,
         env: &DeviceEnv<'_>,
     ) -> Result<VirtioPci, DeviceError> {
+        let launched = self.launch(spec, files, env)?;
+        self.connect(spec, launched, env)
+    }
+
+    /// A device's first half: spawns and watches its process (or connects to its socket).
+    fn launch(
+        &mut self,
+        spec: &DeviceSpec,
+        files: Vec<File>,
+        env: &DeviceEnv<'_>,
+    ) -> Result<Launched, DeviceError> {
         let id = &spec.id;
         let io = |e| DeviceError::Descriptors(id.clone(), e);
         let mut spawned_pid = None;
@@ -1026,6 +1057,36 @@ impl Devices {
                 (s, None)
             }
         };
+        Ok(Launched {
+            stream,
+            pidfd,
+            spawned_pid,
+            first_control,
+            kept,
+            restartable,
+        })
+    }
+
+    /// A device's second half: the vhost-user handshake with its process, the virtio-pci
+    /// function in front of it, and its restart or failure handling.
+    // The device type is a u16 here and a u32 in the transport branch's VirtioPci::new.
+    #[allow(clippy::useless_conversion)]
+    fn connect(
+        &mut self,
+        spec: &DeviceSpec,
+        launched: Launched,
+        env: &DeviceEnv<'_>,
+    ) -> Result<VirtioPci, DeviceError> {
+        let id = &spec.id;
+        let io = |e| DeviceError::Descriptors(id.clone(), e);
+        let Launched {
+            stream,
+            pidfd,
+            spawned_pid,
+            first_control,
+            kept,
+            restartable,
+        } = launched;
         let fail = |e| {
             if let Some(p) = &pidfd {
                 kill_pidfd(p);
