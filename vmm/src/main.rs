@@ -1,4 +1,7 @@
 //! `bulkhead`: boots one VM from the command line.
+// Tests start threads as they like; the programs' threads come from
+// bulkhead_sandbox::thread_builder() (clippy.toml).
+#![cfg_attr(test, allow(clippy::disallowed_methods))]
 
 use std::process::ExitCode;
 

@@ -1,4 +1,7 @@
 //! The `bulkhead-console` binary: `Args` (clap) -> [`Config`] (`TryFrom`) -> the device runtime.
+// Tests start threads as they like; the programs' threads come from
+// bulkhead_sandbox::thread_builder() (clippy.toml).
+#![cfg_attr(test, allow(clippy::disallowed_methods))]
 
 use std::process::ExitCode;
 

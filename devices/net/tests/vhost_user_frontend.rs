@@ -5,6 +5,8 @@
 //!
 //! Needs root (a network namespace, /dev/net/tun); skipped with a message otherwise, except
 //! under `BULKHEAD_TEST_STRICT=1` (the test command), where that fails.
+// Tests start threads as they like (clippy.toml is about the programs' threads).
+#![allow(clippy::disallowed_methods)]
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

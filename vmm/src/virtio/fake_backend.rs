@@ -94,29 +94,31 @@ impl Fake {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         let mut script = script;
-        std::thread::spawn(move || loop {
-            let mut hdr = [0u8; 12];
-            if theirs.read_exact(&mut hdr).is_err() {
-                return;
-            }
-            let code = u32::from_le_bytes(hdr[0..4].try_into().expect("4"));
-            let size = u32::from_le_bytes(hdr[8..12].try_into().expect("4")) as usize;
-            let mut body = vec![0u8; size.min(1 << 20)];
-            if theirs.read_exact(&mut body).is_err() {
-                return;
-            }
-            let m = Msg { code, body };
-            log.lock().expect("log").push(m.clone());
-            match script(&m) {
-                Action::Send(bytes, fds) => {
-                    if send_with_fds(&theirs, &bytes, &fds).is_err() {
-                        return;
-                    }
+        bulkhead_sandbox::thread_builder()
+            .spawn(move || loop {
+                let mut hdr = [0u8; 12];
+                if theirs.read_exact(&mut hdr).is_err() {
+                    return;
                 }
-                Action::Nothing => {}
-            }
-            let _ = theirs.flush();
-        });
+                let code = u32::from_le_bytes(hdr[0..4].try_into().expect("4"));
+                let size = u32::from_le_bytes(hdr[8..12].try_into().expect("4")) as usize;
+                let mut body = vec![0u8; size.min(1 << 20)];
+                if theirs.read_exact(&mut body).is_err() {
+                    return;
+                }
+                let m = Msg { code, body };
+                log.lock().expect("log").push(m.clone());
+                match script(&m) {
+                    Action::Send(bytes, fds) => {
+                        if send_with_fds(&theirs, &bytes, &fds).is_err() {
+                            return;
+                        }
+                    }
+                    Action::Nothing => {}
+                }
+                let _ = theirs.flush();
+            })
+            .expect("the fake backend's thread");
         (
             Self {
                 frontend: None,
