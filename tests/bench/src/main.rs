@@ -4,7 +4,10 @@
 //!
 //! For each run it prints
 //! - launch to exit, wall: from just before the VMM's exec until it exited, the guest having
-//!   been powered off through its console (`poweroff -f`) as soon as its init was ready;
+//!   been powered off through its console (`poweroff -f`) as soon as its init was ready, less
+//!   the time this program spent reading the processes' counters (smaps, debugfs) in between,
+//!   while the guest waited at its prompt: that pause is the benchmark's own work, and longer
+//!   for a VMM of more processes (printed beside it);
 //! - the guest's uptime when its init ran (the `GUEST-UPTIME` line of tests/guest/init);
 //! - ready to exit: from typing `poweroff -f` until the VMM exited;
 //! - non-guest RSS: the Rss of every mapping of the VMM and every process it started, except
@@ -171,7 +174,7 @@ impl Target {
 }
 
 struct Sample {
-    /// Launch to exit.
+    /// Launch to exit, less the benchmark's reading of counters (`timeline[2]`).
     wall_s: f64,
     /// `GUEST-UPTIME`.
     uptime_s: f64,
@@ -605,7 +608,7 @@ fn one_run(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Sample> {
         std::thread::sleep(Duration::from_millis(2));
     };
     let exit_ns = monotonic_ns();
-    let wall_s = start.elapsed().as_secs_f64();
+    let wall_s = start.elapsed().as_secs_f64() - timeline[2];
     let stop_s = stop_at.elapsed().as_secs_f64();
     drop(stdin);
     let _ = out_reader.join();
@@ -783,7 +786,7 @@ fn main() -> Result<()> {
                 )
             });
             println!(
-                "round {round}: {:<28} launch->exit {:6.2} s, guest uptime at init {:5.2} s, \
+                "round {round}: {:<28} launch->exit {:6.2} s (less the benchmark's pause), guest uptime at init {:5.2} s, \
                  poweroff->exit {:5.2} s, non-guest RSS {:6} KiB, PSS {:6} KiB ({} processes){exits}, \
                  guest RAM resident {} MiB ({} MiB in huge pages){}",
                 name,
@@ -822,7 +825,7 @@ fn main() -> Result<()> {
             .unwrap_or_else(|| "(none)".into())
     );
     println!();
-    println!("| VMM | launch to exit, wall | guest uptime when its init runs | poweroff to exit | non-guest RSS | non-guest PSS | MMIO exits to the VMM until init |");
+    println!("| VMM | launch to exit, wall (less the benchmark's pause) | guest uptime when its init runs | poweroff to exit | non-guest RSS | non-guest PSS | MMIO exits to the VMM until init |");
     println!("|---|---|---|---|---|---|---|");
     for (t, s) in targets.iter().zip(&samples) {
         if s.is_empty() {
