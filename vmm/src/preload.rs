@@ -64,3 +64,62 @@ impl Preload {
             .map_err(VmError::Load)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use bulkhead_firmware::image::GuestArch;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    fn file_of(bytes: &[u8]) -> File {
+        let mut f = File::from(crate::virtio::fake_backend::memfd(0));
+        f.write_all(bytes).expect("write");
+        f
+    }
+
+    #[test]
+    fn test_preload_copies_both_files_and_reports_a_short_one() {
+        let ram = 16u64 << 20;
+        let start = bulkhead_firmware::layout::RAM_START;
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(start), ram as usize)])
+            .expect("guest memory");
+        let image = KernelImage {
+            arch: GuestArch::Aarch64,
+            load_offset: 0,
+            footprint: 4 << 20,
+            file_size: 3 << 20,
+        };
+        let layout = BootLayout::new(ram, &image, Some(5000)).expect("fits");
+        let kernel_bytes: Vec<u8> = (0..image.file_size).map(|i| (i % 253) as u8).collect();
+        let (kernel, initramfs) = (file_of(&kernel_bytes), file_of(&[7u8; 5000]));
+        Preload::start(&memory, &layout, &kernel, &image, Some(&initramfs))
+            .expect("started")
+            .finish()
+            .expect("loaded");
+        let mut got = vec![0u8; kernel_bytes.len()];
+        memory
+            .read_slice(&mut got, GuestAddress(layout.kernel_addr))
+            .expect("read");
+        assert!(got == kernel_bytes);
+        let mut got = [0u8; 5000];
+        let (addr, _) = layout.initramfs.expect("placed");
+        memory
+            .read_slice(&mut got, GuestAddress(addr))
+            .expect("read");
+        assert_eq!(got, [7u8; 5000]);
+        // A kernel file cut short after the configuration was checked: the boot fails with
+        // the loader's error, nothing hangs.
+        let short = file_of(&kernel_bytes[..1000]);
+        let err = Preload::start(&memory, &layout, &short, &image, None)
+            .expect("started")
+            .finish()
+            .expect_err("a short kernel");
+        assert!(
+            matches!(err, VmError::Load(LoadError::Kernel(..))),
+            "{err:?}"
+        );
+    }
+}
