@@ -40,4 +40,29 @@ if [ -d "/proc/$survivor" ] && grep -q bulkhead-block "/proc/$survivor/comm" 2>/
 	fail "device process $survivor outlived the VMM"
 fi
 say "device process $survivor is gone with the VMM"
+
+# A start that fails after a device process was started: every device's process is started
+# before the first handshake (Devices::start), so the first disk's bulkhead-block runs when the
+# second disk's backend turns out not to be there. The VMM fails with a message naming it, and
+# the started process does not outlive the VMM (the spawner kills it on the VMM's hang-up).
+timeout -s KILL 60 "$BULKHEAD" -v --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" \
+	--cmdline "$GUEST_CMDLINE" --disk "path=$SCN_DIR/a.img" --disk "socket=$SCN_DIR/absent.sock" \
+	</dev/null >"$SCN_DIR/half.out" 2>"$SCN_DIR/half.err"
+st=$?
+msg=$(grep -m 1 'absent.sock' "$SCN_DIR/half.err")
+say "a VM whose second disk's backend is absent: status $st, stderr: ${msg:-<nothing about it>}"
+[ "$st" = 1 ] || fail "status $st, expected 1 (the VM failed to start)"
+[ -n "$msg" ] || fail "the VMM did not say which backend was missing"
+grep -q "started .*bulkhead-block" "$SCN_DIR/half.err" ||
+	fail "the first disk's process was not started before the failure: this case tests nothing"
+grep -q panicked "$SCN_DIR/half.err" && fail "the VMM panicked"
+n=0
+while ps -o comm | grep -q '^bulkhead-block' && [ "$n" -lt 50 ]; do
+	sleep 0.1
+	n=$((n + 1))
+done
+if ps -o comm | grep -q '^bulkhead-block'; then
+	fail "a bulkhead-block process outlived the failed start"
+fi
+say "no device process outlived the failed start"
 exit 0
