@@ -993,19 +993,8 @@ impl Devices {
         Ok((devices, transports))
     }
 
-    /// The one path of every device: [`launch`](Self::launch), then
-    /// [`connect`](Self::connect).
-    fn start_one(
-        &mut self,
-        spec: &DeviceSpec,
-        files: Vec<File>,
-        env: &DeviceEnv<'_>,
-    ) -> Result<VirtioPci, DeviceError> {
-        let launched = self.launch(spec, files, env)?;
-        self.connect(spec, launched, env)
-    }
-
     /// A device's first half: spawns and watches its process (or connects to its socket).
+    /// Every device goes through it and then [`connect`](Self::connect).
     fn launch(
         &mut self,
         spec: &DeviceSpec,
@@ -1079,14 +1068,7 @@ impl Devices {
     ) -> Result<VirtioPci, DeviceError> {
         let id = &spec.id;
         let io = |e| DeviceError::Descriptors(id.clone(), e);
-        let Launched {
-            stream,
-            pidfd,
-            spawned_pid,
-            first_control,
-            kept,
-            restartable,
-        } = launched;
+        let pidfd = launched.pidfd;
         let fail = |e| {
             if let Some(p) = &pidfd {
                 kill_pidfd(p);
@@ -1096,7 +1078,8 @@ impl Devices {
         // A device that stops answering fails the handshake instead of hanging the VMM: every
         // request has a deadline kept by the transport's deadline thread, which shuts the
         // socket down (socket timeouts would not do: the vhost crate retries EAGAIN forever).
-        let frontend = vhost::vhost_user::Frontend::from_stream(stream, u64::from(spec.queues));
+        let frontend =
+            vhost::vhost_user::Frontend::from_stream(launched.stream, u64::from(spec.queues));
         let mut backend =
             VhostUserDevice::handshake(id.clone(), frontend, usize::from(spec.queues))
                 .map_err(|e| fail(DeviceError::Handshake(id.clone(), e)))?;
@@ -1114,8 +1097,8 @@ impl Devices {
             self.config_refresh
                 .insert(spec.id.clone(), transport.config_refresh());
         }
-        match (spawned_pid, &pidfd) {
-            (Some(pid), Some(pidfd)) if restartable => {
+        match (launched.spawned_pid, &pidfd) {
+            (Some(pid), Some(pidfd)) if launched.restartable => {
                 // The process's end marks the device down at once; the monitor restarts it
                 // under its policy (device::restart).
                 let current = restart::CurrentProcess::default();
@@ -1128,7 +1111,7 @@ impl Devices {
                     Respawn {
                         spec: spec.clone(),
                         program: program(spec.kind),
-                        files: kept,
+                        files: launched.kept,
                         spawner: env.spawner.clone(),
                         cgroup: env.cgroup.map(Path::to_path_buf),
                         device_ids: env.device_ids,
@@ -1141,7 +1124,7 @@ impl Devices {
                         last_cause: None,
                         retired: false,
                         missed_pings: 0,
-                        control: first_control,
+                        control: launched.first_control,
                         standby: None,
                         alt_leaf: false,
                         standby_losses: 0,
@@ -1290,7 +1273,8 @@ impl Devices {
         let mut spec = spec.clone();
         restart::add_inflight_region(&mut spec, &mut files)
             .map_err(|e| DeviceError::Descriptors(spec.id.clone(), e))?;
-        self.start_one(&spec, files, env)
+        let launched = self.launch(&spec, files, env)?;
+        self.connect(&spec, launched, env)
     }
 
     /// Forgets device `id` after its function was removed (its transport dropped, so its
