@@ -149,13 +149,6 @@ pub enum LoadError {
     /// The FDT could not be written to guest memory.
     #[error("writing the device tree at {0:#x}")]
     Fdt(u64, #[source] vm_memory::GuestMemoryError),
-    /// The thread copying the boot files could not install its seccomp filter (its log line
-    /// says why).
-    #[error("the thread loading the boot files could not be confined")]
-    Confine,
-    /// The thread copying the boot files panicked.
-    #[error("the thread loading the boot files panicked")]
-    LoaderPanicked,
 }
 
 /// What a kernel's header says: which instruction set it runs in and where it goes.

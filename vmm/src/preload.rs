@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::thread::JoinHandle;
 
-use bulkhead_firmware::image::{BootLayout, KernelImage, LoadError};
+use bulkhead_firmware::image::{BootLayout, KernelImage};
 use vm_memory::GuestMemoryMmap;
 
 use crate::seccomp::{self, ThreadKind};
@@ -21,7 +21,7 @@ use crate::vm::VmError;
 /// The copy under way.
 #[derive(Debug)]
 pub struct Preload {
-    thread: JoinHandle<Result<(), LoadError>>,
+    thread: JoinHandle<Result<(), VmError>>,
 }
 
 impl Preload {
@@ -47,10 +47,8 @@ impl Preload {
         let thread = bulkhead_sandbox::thread_builder()
             .name("load".into())
             .spawn(move || {
-                if !seccomp::apply_or_end_thread(ThreadKind::Main) {
-                    return Err(LoadError::Confine);
-                }
-                layout.load_files(&memory, &kernel, &image, initramfs.as_ref())
+                seccomp::apply(ThreadKind::Main)?;
+                Ok(layout.load_files(&memory, &kernel, &image, initramfs.as_ref())?)
             })
             .map_err(spawn_error)?;
         Ok(Preload { thread })
@@ -60,8 +58,7 @@ impl Preload {
     pub fn finish(self) -> Result<(), VmError> {
         self.thread
             .join()
-            .unwrap_or(Err(LoadError::LoaderPanicked))
-            .map_err(VmError::Load)
+            .unwrap_or(Err(VmError::LoadThreadPanicked))
     }
 }
 
@@ -69,7 +66,7 @@ impl Preload {
 mod tests {
     use std::io::Write;
 
-    use bulkhead_firmware::image::GuestArch;
+    use bulkhead_firmware::image::{GuestArch, LoadError};
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;

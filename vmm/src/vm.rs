@@ -80,6 +80,9 @@ pub enum VmError {
     /// A thread could not be started.
     #[error("starting thread {0}")]
     SpawnThread(String, #[source] std::io::Error),
+    /// The thread copying the first boot's kernel and initramfs (preload.rs) panicked.
+    #[error("the thread loading the kernel and initramfs panicked")]
+    LoadThreadPanicked,
     /// Signal handling could not be set up.
     #[error("setting up signal handling")]
     Signals(#[source] vmm_sys_util::errno::Error),
