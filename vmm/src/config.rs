@@ -41,8 +41,13 @@ pub struct Args {
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
-    /// vCPUs: `boot=N`; `affinity=[V@[C,C-C],...]` pins vCPU V's thread to those host CPUs.
-    #[arg(long, value_name = "boot=N[,affinity=..]", default_value = "boot=1")]
+    /// vCPUs: `boot=N`; `affinity=[V@[C,C-C],...]` pins vCPU V's thread to those host CPUs;
+    /// `pauth=on|off`: pointer authentication (default: where the host offers it).
+    #[arg(
+        long,
+        value_name = "boot=N[,affinity=..][,pauth=on|off]",
+        default_value = "boot=1"
+    )]
     pub cpus: String,
     /// Guest RAM: `size=SIZE` (K, M or G suffix); `hugepages=on[,hugepage_size=SIZE]` for the
     /// host's hugetlbfs pool; `thp=off` for no transparent huge pages (docs/memory.md).
@@ -1326,6 +1331,8 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// The host CPUs each vCPU's thread is pinned to (`--cpus affinity=`); `None`: anywhere.
     pub vcpu_affinity: VcpuAffinity,
+    /// Pointer authentication for a 64-bit guest's vCPUs (`--cpus pauth=`).
+    pub ptrauth: PtrAuth,
     /// Bytes of guest RAM.
     pub ram_size: u64,
     /// What backs guest RAM (`--memory hugepages=`, `thp=`).
@@ -1468,14 +1475,32 @@ const MAX_HOST_CPU: usize = 1023;
 /// Per vCPU, the host CPUs its thread is pinned to (`None`: anywhere).
 pub type VcpuAffinity = Vec<Option<Vec<usize>>>;
 
-/// `--cpus boot=N[,affinity=[V@[C,C-C],...]]`: the vCPU count, and which host CPUs each listed
-/// vCPU's thread may run on (Cloud Hypervisor's syntax; unlisted vCPUs run anywhere).
-fn parse_cpus(value: &str) -> Result<(u32, VcpuAffinity), ConfigError> {
+/// Pointer authentication for a 64-bit guest (`--cpus pauth=`; docs/boot.md "vCPU features").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PtrAuth {
+    /// Where the host's KVM offers it (the default).
+    Auto,
+    /// Required: a host without it, or a 32-bit guest, is refused before anything starts.
+    On,
+    /// Never.
+    Off,
+}
+
+/// `--cpus boot=N[,affinity=[V@[C,C-C],...]][,pauth=on|off]`: the vCPU count, which host CPUs
+/// each listed vCPU's thread may run on (Cloud Hypervisor's syntax; unlisted vCPUs run
+/// anywhere), and pointer authentication.
+fn parse_cpus(value: &str) -> Result<(u32, VcpuAffinity, PtrAuth), ConfigError> {
     let bad = |reason: String| ConfigError::Option {
         flag: "cpus",
         reason,
     };
-    let opts = parse_options("cpus", value, &["boot", "affinity"])?;
+    let opts = parse_options("cpus", value, &["boot", "affinity", "pauth"])?;
+    let ptrauth = match opts.iter().find(|(k, _)| *k == "pauth") {
+        None => PtrAuth::Auto,
+        Some((_, "on")) => PtrAuth::On,
+        Some((_, "off")) => PtrAuth::Off,
+        Some((_, v)) => return Err(bad(format!("pauth={v:?}: expected on or off"))),
+    };
     let boot = opts
         .iter()
         .find(|(k, _)| *k == "boot")
@@ -1513,7 +1538,16 @@ fn parse_cpus(value: &str) -> Result<(u32, VcpuAffinity), ConfigError> {
             );
         }
     }
-    Ok((n, affinity))
+    Ok((n, affinity, ptrauth))
+}
+
+/// The `pauth=` item of a `--cpus` value, as given (`pauth=off`), if it has one: `vm.create`'s
+/// `cpus` replaces the command line's `--cpus` but keeps this (Cloud Hypervisor's `CpusConfig`
+/// has no such field).
+pub fn cpus_pauth_item(value: &str) -> Option<&str> {
+    split_top_level(value)?
+        .into_iter()
+        .find(|item| item.starts_with("pauth="))
 }
 
 /// `[0,2-3]`: host CPU numbers, sorted and without repeats.
@@ -1684,7 +1718,7 @@ impl TryFrom<Args> for VmConfig {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, ConfigError> {
-        let (vcpus, vcpu_affinity) = parse_cpus(&args.cpus)?;
+        let (vcpus, vcpu_affinity, ptrauth) = parse_cpus(&args.cpus)?;
         let (ram_size, ram_backing) = parse_memory(&args.memory)?;
         check_cmdline(&args.cmdline)?;
         if args.firmware_vars.is_some() && args.firmware.is_none() {
@@ -1777,6 +1811,7 @@ impl TryFrom<Args> for VmConfig {
         Ok(Self {
             vcpus,
             vcpu_affinity,
+            ptrauth,
             ram_size,
             ram_backing,
             cmdline: args.cmdline,
@@ -1882,8 +1917,35 @@ mod tests {
     }
 
     #[test]
+    fn test_cpus_pauth_item() {
+        assert_eq!(cpus_pauth_item("boot=1"), None);
+        assert_eq!(
+            cpus_pauth_item("boot=2,affinity=[0@[0,1]],pauth=off"),
+            Some("pauth=off")
+        );
+    }
+
+    #[test]
+    fn test_parse_cpus_pauth() {
+        assert_eq!(parse_cpus("boot=1").expect("valid").2, PtrAuth::Auto);
+        assert_eq!(parse_cpus("boot=1,pauth=on").expect("valid").2, PtrAuth::On);
+        assert_eq!(
+            parse_cpus("pauth=off,boot=2").expect("valid").2,
+            PtrAuth::Off
+        );
+        for bad in [
+            "boot=1,pauth=yes",
+            "boot=1,pauth=",
+            "boot=1,pauth=on,pauth=off",
+        ] {
+            let e = parse_cpus(bad).expect_err(bad);
+            assert!(e.to_string().contains("cpus"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn test_parse_cpus_affinity() {
-        let (n, a) = parse_cpus("boot=3,affinity=[0@[0],2@[1-3,5,2]]").expect("valid");
+        let (n, a, _) = parse_cpus("boot=3,affinity=[0@[0],2@[1-3,5,2]]").expect("valid");
         assert_eq!(n, 3);
         assert_eq!(a, vec![Some(vec![0]), None, Some(vec![1, 2, 3, 5])]);
         // Cloud Hypervisor's order: affinity before boot.

@@ -47,8 +47,9 @@ struct Opts {
     runs: usize,
     ready: String,
     memory: String,
-    /// Extra Bulkhead arguments for a second Bulkhead target (`--bulkhead-variant`).
-    variant: Option<String>,
+    /// Extra Bulkhead arguments, each for one more Bulkhead target (`--bulkhead-variant`,
+    /// repeatable).
+    variants: Vec<String>,
     /// `--devices IMAGE`: also run every VMM with this disk and a NIC.
     devices: Option<PathBuf>,
 }
@@ -58,7 +59,7 @@ const BENCH_TAP: &str = "bhbench0";
 
 const USAGE: &str = "usage: bulkhead-bench --kernel IMAGE --initramfs CPIO [--bulkhead PATH] \
      [--firecracker PATH] [--cloud-hypervisor PATH] [--runs N] [--ready-marker STR] \
-     [--memory-option OPTS] [--bulkhead-variant \"ARGS\"] [--devices DISK_IMAGE]";
+     [--memory-option OPTS] [--bulkhead-variant \"ARGS\"]... [--devices DISK_IMAGE]";
 
 fn parse_args() -> Result<Opts> {
     let mut opts = Opts {
@@ -70,7 +71,7 @@ fn parse_args() -> Result<Opts> {
         runs: 3,
         ready: "GUEST-READY".into(),
         memory: format!("size={RAM_MIB}M"),
-        variant: None,
+        variants: Vec::new(),
         devices: None,
     };
     let mut args = std::env::args().skip(1);
@@ -85,7 +86,7 @@ fn parse_args() -> Result<Opts> {
             "--runs" => opts.runs = value()?.parse().context("--runs")?,
             "--ready-marker" => opts.ready = value()?,
             "--memory-option" => opts.memory = value()?,
-            "--bulkhead-variant" => opts.variant = Some(value()?),
+            "--bulkhead-variant" => opts.variants.push(value()?),
             "--devices" => opts.devices = Some(value()?.into()),
             _ => bail!("{USAGE}"),
         }
@@ -396,7 +397,11 @@ fn command(t: &Target, o: &Opts, dir: &std::path::Path) -> Result<Command> {
     let mut c = Command::new(&t.path);
     match t.vmm {
         Vmm::Bulkhead => {
-            c.args(["-vv", "--cpus", "boot=1", "--memory", &o.memory])
+            // A variant may give its own --cpus (boot=1 and more options).
+            if !t.extra.iter().any(|a| a == "--cpus") {
+                c.args(["--cpus", "boot=1"]);
+            }
+            c.args(["-vv", "--memory", &o.memory])
                 .args(["--cmdline", "console=ttyAMA0 quiet"])
                 .arg("--kernel")
                 .arg(&o.kernel)
@@ -723,7 +728,7 @@ fn main() -> Result<()> {
         version: format!("--memory {}", o.memory),
         devices: false,
     }];
-    if let Some(v) = &o.variant {
+    for v in &o.variants {
         targets.push(Target {
             vmm: Vmm::Bulkhead,
             path: o.bulkhead.clone(),
@@ -870,6 +875,23 @@ fn main() -> Result<()> {
         println!(
             "Bulkhead (default) / Firecracker: launch to exit {w:.2}x (goal <= 0.8x), guest uptime at init {u:.2}x (goal <= 1x)"
         );
+    }
+    // Each variant against Firecracker too (e.g. `--cpus boot=1,pauth=off`: like for like with
+    // a VMM that gives no pointer authentication).
+    let fc = |f: fn(&Sample) -> f64| med_of(Vmm::Firecracker, false, f);
+    for (t, s) in targets.iter().zip(&samples) {
+        if t.vmm != Vmm::Bulkhead || t.extra.is_empty() || s.is_empty() {
+            continue;
+        }
+        let m = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
+        if let (Some(fw), Some(fu)) = (fc(|x| x.wall_s), fc(|x| x.uptime_s)) {
+            println!(
+                "{} / Firecracker: launch to exit {:.2}x, guest uptime at init {:.2}x",
+                t.label(),
+                m(|x| x.wall_s) / fw,
+                m(|x| x.uptime_s) / fu
+            );
+        }
     }
     if let (Some(r), Some(p)) = (
         ratio(true, |x| x.rss_kib as f64),

@@ -33,6 +33,7 @@ dd if=/dev/zero of="$SCN_DIR/big-initramfs" bs=1M count=80 2>/dev/null
 expect2 initramfs-over-ram --kernel "$K" --initramfs "$SCN_DIR/big-initramfs" --memory size=64M
 rm -f "$SCN_DIR/big-initramfs"
 expect2 zero-cpus --kernel "$K" --initramfs "$I" --cpus boot=0
+expect2 pauth-maybe --kernel "$K" --initramfs "$I" --cpus boot=1,pauth=maybe
 expect2 memory-banana --kernel "$K" --initramfs "$I" --memory size=banana
 expect2 memory-1M --kernel "$K" --initramfs "$I" --memory size=1M
 expect2 unknown-option --kernel "$K" --no-such-option

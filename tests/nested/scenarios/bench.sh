@@ -24,7 +24,8 @@ say "L1 THP: enabled $(cat $t/enabled 2>/dev/null), khugepaged max_ptes_none $(c
 # The +disk+NIC rows (non-guest RSS with one disk and one NIC): a 64 MiB disk image.
 dd if=/dev/zero of="$SCN_DIR/disk.img" bs=1M count=64 2>/dev/null || fail "cannot make the disk image"
 set -- --bulkhead "$BULKHEAD" --kernel "$GUEST_KERNEL" --initramfs "$GUEST_INITRAMFS" --runs 5 \
-	--bulkhead-variant "--pci-slots 1" --devices "$SCN_DIR/disk.img"
+	--bulkhead-variant "--pci-slots 1" --bulkhead-variant "--cpus boot=1,pauth=off" \
+	--devices "$SCN_DIR/disk.img"
 for p in firecracker cloud-hypervisor; do
 	if [ -x "/peers/$p" ]; then
 		set -- "$@" "--$p" "/peers/$p"

@@ -2,10 +2,11 @@
 # timeout: 210
 # One vCPU, 512M (the defaults: no --cpus/--memory): the guest reaches /init and sees what a
 # virt-like arm64 machine should show; the VMM's stdin reaches the guest shell; `reboot -f`
-# boots the guest again in the same process; `poweroff -f` ends the VMM with status 0. The VMM
-# says that the console's output, its register reads and bus 0's configuration reads go
-# without exits (KVM's coalesced MMIO and read-only slots), and the guest's markers (root ports,
-# console) come through them; printing 4000 characters costs far fewer exits than characters.
+# boots the guest again in the same process; `poweroff -f` ends the VMM with status 0. The guest
+# has pointer authentication (paca, pacg). The VMM says that the console's output, its register
+# reads and bus 0's configuration reads go without exits (KVM's coalesced MMIO and read-only
+# slots), and the guest's markers (root ports, console) come through them; printing 4000
+# characters costs far fewer exits than characters.
 # shellcheck disable=SC2016 # the commands typed into the guest expand there
 . "${HARNESS_DIR:-/harness}/lib.sh"
 
@@ -18,6 +19,16 @@ for what in 'console: KVM queues' 'console: PL011 register reads come from memor
 	"PCI: bus 0's configuration registers are read from memory"; do
 	line=$(grep -m 1 "$what" "$SCN_DIR/vm/err") || fail "no '$what' line in bulkhead's log"
 	say "bulkhead: ${line#*] }"
+done
+# Pointer authentication, which the nested host's CPU (-cpu max) has: the guest's kernel and
+# programs can sign return addresses, as under Firecracker, Cloud Hypervisor and QEMU.
+line=$(grep -m 1 'pointer authentication' "$SCN_DIR/vm/err") ||
+	fail "no 'pointer authentication' line in bulkhead's log"
+say "bulkhead: ${line#*] }"
+feats=$(vm_marker vm CPU-FEATURES)
+say "the guest's CPU features: $feats"
+for f in paca pacg; do
+	case " $feats " in *" $f "*) ;; *) fail "the guest's CPU lacks '$f' (pointer authentication)" ;; esac
 done
 ports=$(vm_count vm '^GUEST-PCI 0000:00:0[1-8]\.0 1b36:000c 0x060400 pcieport')
 [ "$ports" = 8 ] || fail "the guest found $ports root ports with pcieport bound, expected 8"

@@ -34,6 +34,15 @@ if "$BULKHEAD" image check --arch aarch64 "$ESP_DISK" >/dev/null 2>&1; then
 	fail "bulkhead image check --arch aarch64 accepts a disk with only BOOTARM.EFI"
 fi
 
+# Pointer authentication is AArch64's: required for a 32-bit guest, it is refused before
+# anything starts.
+"$BULKHEAD" --kernel "$GUEST32_KERNEL" --cpus boot=1,pauth=on </dev/null >"$SCN_DIR/pauth.out" 2>"$SCN_DIR/pauth.err"
+st=$?
+say "--cpus pauth=on with the 32-bit kernel: status $st, $(grep -m 1 pauth "$SCN_DIR/pauth.err")"
+[ "$st" = 2 ] || fail "--cpus pauth=on with a 32-bit guest gave status $st, expected 2"
+grep -q '32-bit guest has no pointer authentication' "$SCN_DIR/pauth.err" ||
+	fail "the refusal of pauth=on for a 32-bit guest does not say why"
+
 # run VM CMD PATTERN TIMEOUT: a command in the guest shell; prints the last line matching
 # PATTERN, without its marker prefix.
 run() {

@@ -59,7 +59,10 @@ impl VmSpec {
             a.cmdline.clone_from(c);
         }
         if let Some(c) = &self.cpus {
-            a.cpus.clone_from(c);
+            a.cpus = match crate::config::cpus_pauth_item(&base.cpus) {
+                Some(pauth) => format!("{c},{pauth}"),
+                None => c.clone(),
+            };
         }
         if let Some(m) = &self.memory {
             a.memory.clone_from(m);
@@ -486,6 +489,16 @@ mod tests {
         );
         assert_eq!(args.cmdline, crate::config::DEFAULT_CMDLINE);
         assert_eq!(args.serial, "tty");
+        // The command line's pauth= stays when the body gives cpus.
+        let base = Args::try_parse_from([
+            "bulkhead",
+            "--api-socket",
+            "/run/a.sock",
+            "--cpus",
+            "boot=1,pauth=off",
+        ])
+        .expect("parses");
+        assert_eq!(spec.apply(&base).cpus, "boot=2,pauth=off");
     }
 
     #[test]

@@ -5,6 +5,8 @@ use bulkhead_firmware::fdt::GicKind;
 use bulkhead_firmware::image::GuestArch;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
+use crate::config::PtrAuth;
+
 /// Errors setting up the architecture-specific parts of a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchError {
@@ -30,7 +32,7 @@ pub struct Machine {
 }
 
 /// Always fails: no VM can be built on this host.
-pub fn check_kvm(_kvm: &Kvm, _guest: GuestArch) -> Result<(), ArchError> {
+pub fn check_kvm(_kvm: &Kvm, _guest: GuestArch, _ptrauth: PtrAuth) -> Result<(), ArchError> {
     Err(ArchError::UnsupportedHost(std::env::consts::ARCH))
 }
 
@@ -39,6 +41,7 @@ pub fn create_machine(
     _vm: &VmFd,
     _vcpus: &[VcpuFd],
     _guest: GuestArch,
+    _ptrauth: PtrAuth,
 ) -> Result<Machine, ArchError> {
     Err(ArchError::UnsupportedHost(std::env::consts::ARCH))
 }

@@ -7,11 +7,14 @@ use bulkhead_firmware::image::GuestArch;
 use bulkhead_firmware::layout::SPI_BASE;
 use kvm_bindings::{
     kvm_vcpu_init, KVM_ARM_IRQ_TYPE_SHIFT, KVM_ARM_IRQ_TYPE_SPI, KVM_ARM_VCPU_EL1_32BIT,
-    KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG,
-    KVM_REG_ARM_CORE, KVM_REG_SIZE_U64,
+    KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_ARM_VCPU_PTRAUTH_ADDRESS,
+    KVM_ARM_VCPU_PTRAUTH_GENERIC, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG, KVM_REG_ARM_CORE,
+    KVM_REG_SIZE_U64,
 };
 use kvm_ioctls::{Cap, DeviceFd, Kvm, VcpuFd, VmFd};
 use log::info;
+
+use crate::config::PtrAuth;
 
 /// Errors setting up the architecture-specific parts of a VM.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +29,9 @@ pub enum ArchError {
          and Grace have not); boot an arm64 kernel instead"
     )]
     NoAarch32El1,
+    /// `--cpus pauth=on` where the guest cannot have pointer authentication.
+    #[error("--cpus pauth=on: {0}")]
+    NoPtrAuth(&'static str),
     /// KVM_ARM_PREFERRED_TARGET failed.
     #[error("querying KVM's preferred vCPU target")]
     PreferredTarget(#[source] kvm_ioctls::Error),
@@ -95,12 +101,13 @@ const MACHINE_TYPE_DT: u64 = 0xffff_ffff;
 impl ArchError {
     /// Whether the error is the user's to fix (a guest this host cannot run), not a failure.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, Self::NoAarch32El1)
+        matches!(self, Self::NoAarch32El1 | Self::NoPtrAuth(_))
     }
 }
 
-/// Checks that KVM offers what an arm64 VM needs, and a 32-bit guest's EL1 if it is one.
-pub fn check_kvm(kvm: &Kvm, guest: GuestArch) -> Result<(), ArchError> {
+/// Checks that KVM offers what an arm64 VM needs, a 32-bit guest's EL1 if it is one, and
+/// pointer authentication if it is required.
+pub fn check_kvm(kvm: &Kvm, guest: GuestArch, ptrauth: PtrAuth) -> Result<(), ArchError> {
     if !kvm.check_extension(Cap::ArmPsci02) {
         return Err(ArchError::MissingCapability(
             "PSCI 0.2 (KVM_CAP_ARM_PSCI_0_2)",
@@ -109,19 +116,44 @@ pub fn check_kvm(kvm: &Kvm, guest: GuestArch) -> Result<(), ArchError> {
     if guest == GuestArch::Arm && !kvm.check_extension(Cap::ArmEl132bit) {
         return Err(ArchError::NoAarch32El1);
     }
+    if ptrauth == PtrAuth::On {
+        if guest == GuestArch::Arm {
+            return Err(ArchError::NoPtrAuth(
+                "a 32-bit guest has no pointer authentication",
+            ));
+        }
+        if !(kvm.check_extension(Cap::ArmPtrAuthAddress)
+            && kvm.check_extension(Cap::ArmPtrAuthGeneric))
+        {
+            return Err(ArchError::NoPtrAuth(
+                "this host's KVM does not offer it (KVM_CAP_ARM_PTRAUTH_ADDRESS and \
+                 KVM_CAP_ARM_PTRAUTH_GENERIC)",
+            ));
+        }
+    }
     Ok(())
 }
 
 /// Initialises every vCPU (the boot CPU running, the others powered off until PSCI CPU_ON;
-/// AArch32 at EL1 for a 32-bit guest) and creates the interrupt controller. All vCPUs must
-/// exist before this is called.
-pub fn create_machine(vm: &VmFd, vcpus: &[VcpuFd], guest: GuestArch) -> Result<Machine, ArchError> {
+/// AArch32 at EL1 for a 32-bit guest; pointer authentication as `ptrauth` says, which
+/// [`check_kvm`] checked) and creates the interrupt controller. All vCPUs must exist before
+/// this is called.
+pub fn create_machine(
+    vm: &VmFd,
+    vcpus: &[VcpuFd],
+    guest: GuestArch,
+    ptrauth: PtrAuth,
+) -> Result<Machine, ArchError> {
     let mut kvi = kvm_vcpu_init::default();
     vm.get_preferred_target(&mut kvi)
         .map_err(ArchError::PreferredTarget)?;
     kvi.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
     if guest == GuestArch::Arm {
         kvi.features[0] |= 1 << KVM_ARM_VCPU_EL1_32BIT;
+    }
+    let with_ptrauth = ptrauth != PtrAuth::Off && guest == GuestArch::Aarch64 && has_ptrauth(vm);
+    if with_ptrauth {
+        kvi.features[0] |= PTRAUTH_FEATURES;
     }
     let mut mpidrs = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.iter().enumerate() {
@@ -134,12 +166,33 @@ pub fn create_machine(vm: &VmFd, vcpus: &[VcpuFd], guest: GuestArch) -> Result<M
         mpidrs.push(get_reg(vcpu, REG_MPIDR_EL1)?);
     }
     let (gic, devices) = gic::create(vm, vcpus.len() as u32)?;
-    info!("created {gic:?} for {} vCPUs", vcpus.len());
+    info!(
+        "created {gic:?} for {} vCPUs; pointer authentication {}",
+        vcpus.len(),
+        match (with_ptrauth, ptrauth, guest) {
+            (true, _, _) => "on",
+            (false, _, GuestArch::Arm) => "off (a 32-bit guest)",
+            (false, PtrAuth::Off, _) => "off (--cpus pauth=off)",
+            (false, _, _) => "off (KVM does not offer it on this host)",
+        }
+    );
     Ok(Machine {
         mpidrs,
         gic,
         _devices: devices,
     })
+}
+
+/// Both pointer authentication features: KVM takes them only together.
+const PTRAUTH_FEATURES: u32 =
+    (1 << KVM_ARM_VCPU_PTRAUTH_ADDRESS) | (1 << KVM_ARM_VCPU_PTRAUTH_GENERIC);
+
+/// Whether a 64-bit guest can have pointer authentication (address and generic keys): where the
+/// host's CPUs have it, the guest's kernel and programs sign return addresses, as under
+/// Firecracker, Cloud Hypervisor and QEMU. Without it PACIASP and AUTIASP are no-ops and the
+/// instructions that combine authentication with a branch or load (RETAA, LDRAA) are undefined.
+fn has_ptrauth(vm: &VmFd) -> bool {
+    vm.check_extension(Cap::ArmPtrAuthAddress) && vm.check_extension(Cap::ArmPtrAuthGeneric)
 }
 
 fn get_reg(vcpu: &VcpuFd, id: u64) -> Result<u64, ArchError> {
