@@ -188,9 +188,10 @@ const PTRAUTH_FEATURES: u32 =
     (1 << KVM_ARM_VCPU_PTRAUTH_ADDRESS) | (1 << KVM_ARM_VCPU_PTRAUTH_GENERIC);
 
 /// Whether a 64-bit guest can have pointer authentication (address and generic keys): where the
-/// host's CPUs have it, the guest's kernel and programs sign return addresses, as under
-/// Firecracker, Cloud Hypervisor and QEMU. Without it PACIASP and AUTIASP are no-ops and the
-/// instructions that combine authentication with a branch or load (RETAA, LDRAA) are undefined.
+/// host's CPUs have it, the guest's kernel and programs sign return addresses, as under QEMU
+/// (Firecracker gives it only through a custom CPU template, Cloud Hypervisor not at all).
+/// Without it PACIASP and AUTIASP are no-ops and the instructions that combine authentication
+/// with a branch or load (RETAA, LDRAA) are undefined.
 fn has_ptrauth(vm: &VmFd) -> bool {
     vm.check_extension(Cap::ArmPtrAuthAddress) && vm.check_extension(Cap::ArmPtrAuthGeneric)
 }
