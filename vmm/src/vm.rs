@@ -370,6 +370,8 @@ pub struct Vm {
     paused: bool,
     /// The first boot's kernel and initramfs being copied into guest RAM (preload.rs).
     preload: Option<crate::preload::Preload>,
+    /// Whether the vCPUs get pointer authentication (`arch::resolve_ptrauth`).
+    ptrauth: bool,
 }
 
 impl Vm {
@@ -392,7 +394,8 @@ impl Vm {
         events: (Sender<Event>, Receiver<Event>),
     ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        arch::check_kvm(&kvm, config.boot.guest_arch(), config.ptrauth)?;
+        arch::check_kvm(&kvm, config.boot.guest_arch())?;
+        let ptrauth = arch::resolve_ptrauth(&kvm, config.boot.guest_arch(), config.ptrauth)?;
         let max_vcpus = kvm.get_max_vcpus();
         if config.vcpus as usize > max_vcpus {
             return Err(VmError::TooManyVcpus {
@@ -499,6 +502,7 @@ impl Vm {
             devices,
             events,
             preload,
+            ptrauth,
         })
     }
 
@@ -538,7 +542,7 @@ impl Vm {
             .collect::<Result<Vec<_>, _>>()?;
         let ring = coalesce_serial_output(&self.kvm, &vm, &vcpus[0]).map(Arc::new);
         let guest_arch = self.config.boot.guest_arch();
-        let machine = arch::create_machine(&vm, &vcpus, guest_arch, self.config.ptrauth)?;
+        let machine = arch::create_machine(&vm, &vcpus, guest_arch, self.ptrauth)?;
         // A GICv2 has no ITS: PCI MSIs go through the GICv2m frame, routed to its SPIs.
         let irq = match machine.gic {
             bulkhead_firmware::fdt::GicKind::V2 => VmInterrupts::new(vm.clone()).with_gicv2m(),

@@ -21,7 +21,7 @@ for what in 'console: KVM queues' 'console: PL011 register reads come from memor
 	say "bulkhead: ${line#*] }"
 done
 # Pointer authentication, which the nested host's CPU (-cpu max) has: the guest's kernel and
-# programs can sign return addresses, as under Firecracker, Cloud Hypervisor and QEMU.
+# programs can sign return addresses, as under QEMU (docs/boot.md "vCPU features").
 line=$(grep -m 1 'pointer authentication' "$SCN_DIR/vm/err") ||
 	fail "no 'pointer authentication' line in bulkhead's log"
 say "bulkhead: ${line#*] }"

@@ -32,7 +32,16 @@ pub struct Machine {
 }
 
 /// Always fails: no VM can be built on this host.
-pub fn check_kvm(_kvm: &Kvm, _guest: GuestArch, _ptrauth: PtrAuth) -> Result<(), ArchError> {
+pub fn check_kvm(_kvm: &Kvm, _guest: GuestArch) -> Result<(), ArchError> {
+    Err(ArchError::UnsupportedHost(std::env::consts::ARCH))
+}
+
+/// Always fails: no VM can be built on this host.
+pub fn resolve_ptrauth(
+    _kvm: &Kvm,
+    _guest: GuestArch,
+    _ptrauth: PtrAuth,
+) -> Result<bool, ArchError> {
     Err(ArchError::UnsupportedHost(std::env::consts::ARCH))
 }
 
@@ -41,7 +50,7 @@ pub fn create_machine(
     _vm: &VmFd,
     _vcpus: &[VcpuFd],
     _guest: GuestArch,
-    _ptrauth: PtrAuth,
+    _ptrauth: bool,
 ) -> Result<Machine, ArchError> {
     Err(ArchError::UnsupportedHost(std::env::consts::ARCH))
 }

@@ -105,9 +105,8 @@ impl ArchError {
     }
 }
 
-/// Checks that KVM offers what an arm64 VM needs, a 32-bit guest's EL1 if it is one, and
-/// pointer authentication if it is required.
-pub fn check_kvm(kvm: &Kvm, guest: GuestArch, ptrauth: PtrAuth) -> Result<(), ArchError> {
+/// Checks that KVM offers what an arm64 VM needs, and a 32-bit guest's EL1 if it is one.
+pub fn check_kvm(kvm: &Kvm, guest: GuestArch) -> Result<(), ArchError> {
     if !kvm.check_extension(Cap::ArmPsci02) {
         return Err(ArchError::MissingCapability(
             "PSCI 0.2 (KVM_CAP_ARM_PSCI_0_2)",
@@ -116,33 +115,48 @@ pub fn check_kvm(kvm: &Kvm, guest: GuestArch, ptrauth: PtrAuth) -> Result<(), Ar
     if guest == GuestArch::Arm && !kvm.check_extension(Cap::ArmEl132bit) {
         return Err(ArchError::NoAarch32El1);
     }
-    if ptrauth == PtrAuth::On {
-        if guest == GuestArch::Arm {
-            return Err(ArchError::NoPtrAuth(
-                "a 32-bit guest has no pointer authentication",
-            ));
-        }
-        if !(kvm.check_extension(Cap::ArmPtrAuthAddress)
-            && kvm.check_extension(Cap::ArmPtrAuthGeneric))
-        {
-            return Err(ArchError::NoPtrAuth(
-                "this host's KVM does not offer it (KVM_CAP_ARM_PTRAUTH_ADDRESS and \
-                 KVM_CAP_ARM_PTRAUTH_GENERIC)",
-            ));
-        }
-    }
     Ok(())
 }
 
+/// Whether the guest's vCPUs get pointer authentication (address and generic keys), as
+/// `ptrauth` asks and the host allows, said once at `-v`; `--cpus pauth=on` where it cannot be
+/// had is an error. Where the host's CPUs have it, the guest's kernel and programs sign return
+/// addresses, as under QEMU (Firecracker gives it only through a custom CPU template, Cloud
+/// Hypervisor not at all). Without it PACIASP and AUTIASP are no-ops and the instructions that
+/// combine authentication with a branch or load (RETAA, LDRAA) are undefined.
+pub fn resolve_ptrauth(kvm: &Kvm, guest: GuestArch, ptrauth: PtrAuth) -> Result<bool, ArchError> {
+    let offered =
+        kvm.check_extension(Cap::ArmPtrAuthAddress) && kvm.check_extension(Cap::ArmPtrAuthGeneric);
+    let (with, how) = match (ptrauth, guest) {
+        (PtrAuth::On, GuestArch::Arm) => {
+            return Err(ArchError::NoPtrAuth(
+                "a 32-bit guest has no pointer authentication",
+            ))
+        }
+        (PtrAuth::On, _) if !offered => {
+            return Err(ArchError::NoPtrAuth(
+                "this host's KVM does not offer it (KVM_CAP_ARM_PTRAUTH_ADDRESS and \
+                 KVM_CAP_ARM_PTRAUTH_GENERIC)",
+            ))
+        }
+        (_, GuestArch::Arm) => (false, "off (a 32-bit guest)"),
+        (PtrAuth::Off, _) => (false, "off (--cpus pauth=off)"),
+        _ if offered => (true, "on"),
+        _ => (false, "off (KVM does not offer it on this host)"),
+    };
+    info!("vCPUs: pointer authentication {how}");
+    Ok(with)
+}
+
 /// Initialises every vCPU (the boot CPU running, the others powered off until PSCI CPU_ON;
-/// AArch32 at EL1 for a 32-bit guest; pointer authentication as `ptrauth` says, which
-/// [`check_kvm`] checked) and creates the interrupt controller. All vCPUs must exist before
-/// this is called.
+/// AArch32 at EL1 for a 32-bit guest; pointer authentication if `ptrauth`, from
+/// [`resolve_ptrauth`]) and creates the interrupt controller. All vCPUs must exist before this
+/// is called.
 pub fn create_machine(
     vm: &VmFd,
     vcpus: &[VcpuFd],
     guest: GuestArch,
-    ptrauth: PtrAuth,
+    ptrauth: bool,
 ) -> Result<Machine, ArchError> {
     let mut kvi = kvm_vcpu_init::default();
     vm.get_preferred_target(&mut kvi)
@@ -151,8 +165,7 @@ pub fn create_machine(
     if guest == GuestArch::Arm {
         kvi.features[0] |= 1 << KVM_ARM_VCPU_EL1_32BIT;
     }
-    let with_ptrauth = ptrauth != PtrAuth::Off && guest == GuestArch::Aarch64 && has_ptrauth(vm);
-    if with_ptrauth {
+    if ptrauth {
         kvi.features[0] |= PTRAUTH_FEATURES;
     }
     let mut mpidrs = Vec::with_capacity(vcpus.len());
@@ -166,16 +179,7 @@ pub fn create_machine(
         mpidrs.push(get_reg(vcpu, REG_MPIDR_EL1)?);
     }
     let (gic, devices) = gic::create(vm, vcpus.len() as u32)?;
-    info!(
-        "created {gic:?} for {} vCPUs; pointer authentication {}",
-        vcpus.len(),
-        match (with_ptrauth, ptrauth, guest) {
-            (true, _, _) => "on",
-            (false, _, GuestArch::Arm) => "off (a 32-bit guest)",
-            (false, PtrAuth::Off, _) => "off (--cpus pauth=off)",
-            (false, _, _) => "off (KVM does not offer it on this host)",
-        }
-    );
+    info!("created {gic:?} for {} vCPUs", vcpus.len());
     Ok(Machine {
         mpidrs,
         gic,
@@ -186,15 +190,6 @@ pub fn create_machine(
 /// Both pointer authentication features: KVM takes them only together.
 const PTRAUTH_FEATURES: u32 =
     (1 << KVM_ARM_VCPU_PTRAUTH_ADDRESS) | (1 << KVM_ARM_VCPU_PTRAUTH_GENERIC);
-
-/// Whether a 64-bit guest can have pointer authentication (address and generic keys): where the
-/// host's CPUs have it, the guest's kernel and programs sign return addresses, as under QEMU
-/// (Firecracker gives it only through a custom CPU template, Cloud Hypervisor not at all).
-/// Without it PACIASP and AUTIASP are no-ops and the instructions that combine authentication
-/// with a branch or load (RETAA, LDRAA) are undefined.
-fn has_ptrauth(vm: &VmFd) -> bool {
-    vm.check_extension(Cap::ArmPtrAuthAddress) && vm.check_extension(Cap::ArmPtrAuthGeneric)
-}
 
 fn get_reg(vcpu: &VcpuFd, id: u64) -> Result<u64, ArchError> {
     let mut bytes = [0u8; 8];
