@@ -1541,13 +1541,25 @@ fn parse_cpus(value: &str) -> Result<(u32, VcpuAffinity, PtrAuth), ConfigError> 
     Ok((n, affinity, ptrauth))
 }
 
-/// The `pauth=` item of a `--cpus` value, as given (`pauth=off`), if it has one: `vm.create`'s
-/// `cpus` replaces the command line's `--cpus` but keeps this (Cloud Hypervisor's `CpusConfig`
-/// has no such field).
-pub fn cpus_pauth_item(value: &str) -> Option<&str> {
-    split_top_level(value)?
+/// `over`'s `key=value` items, then those of `base` whose keys `over` does not give: how
+/// `vm.create`'s `cpus` (`boot=N`) lands on the command line's `--cpus`, which keeps its
+/// `affinity=` and `pauth=` (Cloud Hypervisor's `CpusConfig` has neither). Items are split as
+/// [`parse_options`] splits them; checking them is left to it.
+pub fn overlay_options(base: &str, over: &str) -> String {
+    let key = |item: &str| item.split_once('=').map_or(item, |(k, _)| k).to_string();
+    let given: Vec<String> = split_top_level(over)
+        .unwrap_or_default()
         .into_iter()
-        .find(|item| item.starts_with("pauth="))
+        .map(key)
+        .collect();
+    let mut items = vec![over];
+    items.extend(
+        split_top_level(base)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|item| !item.is_empty() && !given.contains(&key(item))),
+    );
+    items.join(",")
 }
 
 /// `[0,2-3]`: host CPU numbers, sorted and without repeats.
@@ -1917,11 +1929,11 @@ mod tests {
     }
 
     #[test]
-    fn test_cpus_pauth_item() {
-        assert_eq!(cpus_pauth_item("boot=1"), None);
+    fn test_overlay_options_keeps_what_over_does_not_give() {
+        assert_eq!(overlay_options("boot=1", "boot=2"), "boot=2");
         assert_eq!(
-            cpus_pauth_item("boot=2,affinity=[0@[0,1]],pauth=off"),
-            Some("pauth=off")
+            overlay_options("boot=1,affinity=[0@[0,1]],pauth=off", "boot=2"),
+            "boot=2,affinity=[0@[0,1]],pauth=off"
         );
     }
 

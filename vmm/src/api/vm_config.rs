@@ -59,10 +59,7 @@ impl VmSpec {
             a.cmdline.clone_from(c);
         }
         if let Some(c) = &self.cpus {
-            a.cpus = match crate::config::cpus_pauth_item(&base.cpus) {
-                Some(pauth) => format!("{c},{pauth}"),
-                None => c.clone(),
-            };
+            a.cpus = crate::config::overlay_options(&base.cpus, c);
         }
         if let Some(m) = &self.memory {
             a.memory.clone_from(m);
@@ -489,7 +486,7 @@ mod tests {
         );
         assert_eq!(args.cmdline, crate::config::DEFAULT_CMDLINE);
         assert_eq!(args.serial, "tty");
-        // The command line's pauth= stays when the body gives cpus.
+        // The command line's other --cpus options stay when the body gives cpus.
         let base = Args::try_parse_from([
             "bulkhead",
             "--api-socket",
