@@ -457,6 +457,39 @@ fn test_tx_bad_chains_refused_nothing_sent() {
 }
 
 #[test]
+fn test_tx_descriptor_across_two_regions_is_sent_whole() {
+    let mem = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), 32 * MIB as usize),
+        (GuestAddress(32 * MIB), 32 * MIB as usize),
+    ])
+    .expect("memory");
+    let mut ring = Ring::new(&mem, QSIZE);
+    let frame = tap_frame(0, 3000, 5);
+    let at = 32 * MIB - 1000;
+    mem.write_slice(&frame, GuestAddress(at)).expect("frame");
+    ring.chain(&[(at, frame.len() as u32, false)]);
+    // Runs past the end of guest memory.
+    ring.chain(&[(64 * MIB - 100, 200, false)]);
+    let mut q = ring.queue();
+    let (tap, peer) = seqpacket_pair();
+    let stats = Stats::default();
+    process_tx(
+        &mut q,
+        &mem,
+        &tap,
+        &mut TxState::default(),
+        &Negotiated::default(),
+        None,
+        &stats,
+    )
+    .expect("tx");
+    assert_eq!(recv(&peer).expect("frame"), frame);
+    assert!(recv(&peer).is_none());
+    assert_eq!(ring.used(), vec![(0, 0), (1, 0)]);
+    assert_eq!(count(&stats.bad_chains), 1);
+}
+
+#[test]
 fn test_tx_looping_chain_bounded() {
     let mem = memory();
     let ring = Ring::new(&mem, QSIZE);
