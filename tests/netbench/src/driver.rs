@@ -34,7 +34,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub const HDR_LEN: usize = 12;
 /// Room for a 64 KiB segment and its header (Linux's "big packets" buffer: 65562 bytes).
 pub const BUF_LEN: u32 = 65562;
-const BUF_STRIDE: u64 = 17 * 4096;
+pub const BUF_STRIDE: u64 = 17 * 4096;
 
 /// The features this driver asks for; it takes what the backend offers of them. What it
 /// does not ask for: MRG_RXBUF and EVENT_IDX (Cloud Hypervisor's backend lacks both, and the

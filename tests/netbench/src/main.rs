@@ -18,9 +18,15 @@
 //! stack drops them at once (the same cost for every backend). Both backends get the same
 //! features (printed; see `driver::wanted_features`). It asserts nothing about speed.
 //!
+//! Each run also measures the tx rows' ceiling (`alone.rs`, `--no-alone` skips it): this
+//! process's own thread writing the same frames into a tap with nothing between, the least
+//! work any backend that writes frames into a tap does; the table prints it as `tap writes
+//! alone` and each backend's share of it.
+//!
 //! Usage (as root, from the repository root): `target/release/bulkhead-net-bench
 //! [--ch PATH] [--runs N] [--seconds S]`; see `--help`.
 
+mod alone;
 mod driver;
 mod peer;
 
@@ -60,6 +66,9 @@ struct Args {
     /// (MRG_RXBUF, EVENT_IDX).
     #[arg(long)]
     no_full: bool,
+    /// Skip the tx rows' ceiling: one thread writing the frames into a tap with no backend.
+    #[arg(long)]
+    no_alone: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +139,24 @@ struct Sample {
     value: f64,
     backend_cpu: f64,
     note: String,
+}
+
+/// The label of the tx rows' ceiling (`alone.rs`).
+const ALONE: &str = "tap writes alone";
+
+/// The sample with the median value (the upper one of an even count).
+fn median(v: &[Sample]) -> &Sample {
+    let mut sorted: Vec<&Sample> = v.iter().collect();
+    sorted.sort_by(|a, b| a.value.total_cmp(&b.value));
+    sorted[sorted.len() / 2]
+}
+
+fn max(v: &[Sample]) -> f64 {
+    v.iter().map(|s| s.value).fold(f64::MIN, f64::max)
+}
+
+fn min(v: &[Sample]) -> f64 {
+    v.iter().map(|s| s.value).fold(f64::MAX, f64::min)
 }
 
 fn value(row: Row, c: Count, secs: f64) -> f64 {
@@ -296,7 +323,7 @@ impl Drop for Backend {
     }
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let s = Command::new("ip")
         .args(args)
         .status()
@@ -455,6 +482,8 @@ fn main() -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); ROWS.len()]; targets.len()];
+    // The tx rows' ceiling, per row (empty for rx rows and with --no-alone).
+    let mut alone_samples: Vec<Vec<Sample>> = vec![Vec::new(); ROWS.len()];
     for run in 0..args.runs {
         for (ti, &t) in targets.iter().enumerate() {
             let tap = format!(
@@ -511,50 +540,91 @@ fn main() -> Result<()> {
             drop(d);
             backend.stop();
         }
+        if !args.no_alone {
+            for (ri, &row) in ROWS.iter().enumerate().filter(|(_, r)| !r.rx()) {
+                let tap = format!("nbal{run}");
+                let m = alone::tx(&tap, row.tso(), args.queue_size, args.seconds)
+                    .with_context(|| format!("{ALONE} {}", row.label()))?;
+                let c = Count {
+                    frames: m.frames,
+                    bytes: m.bytes,
+                };
+                let s = Sample {
+                    value: value(row, c, args.seconds),
+                    backend_cpu: m.cpu / args.seconds * 100.0,
+                    note: format!("wrote {} frames, tap received {}", m.frames, m.tap_received),
+                };
+                eprintln!(
+                    "run {} {:<18} {:<14} {:>7.3} {} cpu {:>3.0}%  {}",
+                    run + 1,
+                    ALONE,
+                    row.label(),
+                    s.value,
+                    row.unit(),
+                    s.backend_cpu,
+                    s.note
+                );
+                alone_samples[ri].push(s);
+            }
+        }
     }
     println!(
         "{:<14} {:<18} {:>8} {:<6} {:>7} {:>8}  last run",
         "row", "backend", "median", "unit", "spread", "be. CPU"
     );
+    let ch = targets.iter().position(|&t| t == Target::Ch);
+    let mut ceilings = Vec::new();
     for (ri, &row) in ROWS.iter().enumerate() {
-        for (ti, &t) in targets.iter().enumerate() {
-            let mut v = samples[ti][ri].clone();
-            v.sort_by(|a, b| a.value.total_cmp(&b.value));
-            let m = &v[v.len() / 2];
-            let spread = (v[v.len() - 1].value - v[0].value) / m.value.max(1e-9) * 100.0;
-            let last = samples[ti][ri].last().map_or("", |s| s.note.as_str());
+        let mut medians = Vec::new();
+        let rows = targets
+            .iter()
+            .enumerate()
+            .map(|(ti, t)| (t.label(), &samples[ti][ri]))
+            .chain(std::iter::once((ALONE, &alone_samples[ri])).filter(|(_, v)| !v.is_empty()));
+        for (label, v) in rows {
+            let m = median(v);
+            let spread = (max(v) - min(v)) / m.value.max(1e-9) * 100.0;
+            let last = v.last().map_or("", |s| s.note.as_str());
             println!(
                 "{:<14} {:<18} {:>8.3} {:<6} {:>6.0}% {:>7.0}%  {}",
                 row.label(),
-                t.label(),
+                label,
                 m.value,
                 row.unit(),
                 spread,
                 m.backend_cpu,
                 last
             );
+            medians.push(m.value);
         }
-        if targets.contains(&Target::Ch) {
-            let med = |ti: usize| {
-                let mut v: Vec<f64> = samples[ti][ri].iter().map(|s| s.value).collect();
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
-            println!(
-                "{:<14} {:<18} {:>8.2}x",
-                row.label(),
-                "bulkhead / ch",
-                med(0) / med(1).max(1e-9)
-            );
-            if targets.len() == 3 {
-                println!(
-                    "{:<14} {:<18} {:>8.2}x",
-                    row.label(),
-                    "full / ch",
-                    med(2) / med(1).max(1e-9)
-                );
+        let ratio = |what: &str, a: f64, b: f64| {
+            println!("{:<14} {:<18} {:>8.2}x", row.label(), what, a / b.max(1e-9));
+        };
+        if let Some(ch) = ch {
+            ratio("bulkhead / ch", medians[0], medians[ch]);
+            if let Some(full) = targets.iter().position(|&t| t == Target::BulkheadFull) {
+                ratio("full / ch", medians[full], medians[ch]);
             }
         }
+        if !alone_samples[ri].is_empty() {
+            let alone = medians[targets.len()];
+            ratio("bulkhead / alone", medians[0], alone);
+            if let Some(ch) = ch {
+                ratio("ch / alone", medians[ch], alone);
+                ceilings.push((row, medians[ch], alone));
+            }
+        }
+    }
+    for (row, ch, alone) in ceilings {
+        println!(
+            "# {}: 1.2x Cloud Hypervisor's median is {:.3} {}; one thread writing the same \
+             frames into a tap with no backend moved {:.3} ({:.2}x Cloud Hypervisor's)",
+            row.label(),
+            1.2 * ch,
+            row.unit(),
+            alone,
+            alone / ch.max(1e-9)
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -1,0 +1,165 @@
+//! The tx rows' ceiling: one thread of this process writing the same frames into a tap of its
+//! own, one `write` a frame, with no virtqueue and no backend in between. That is the least
+//! work any backend that writes each frame into a tap does (the kernel's copy of the frame
+//! into a socket buffer and its way into the stack), so no such backend on one thread can move
+//! more frames than this: where a peer is already close to it, no backend can be much faster
+//! than that peer (docs/benchmarks.md, "Network").
+//!
+//! The frames sit where the driver's do: in a memfd mapping (shmem pages, as guest memory is),
+//! one buffer per ring entry at the driver's stride, the 12-byte header and the frame
+//! contiguous, written in ring order.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bulkhead_net::Tap;
+
+use crate::driver::{BUF_STRIDE, HDR_LEN};
+use crate::peer;
+
+/// What one measurement gave.
+pub struct Moved {
+    pub frames: u64,
+    pub bytes: u64,
+    /// The writing thread's CPU time over the window, in seconds.
+    pub cpu: f64,
+    /// Frames the tap counted over the window.
+    pub tap_received: u64,
+}
+
+/// A shared mapping of a memfd, unmapped on drop.
+struct Buffers {
+    ptr: *mut u8,
+    len: usize,
+    _fd: OwnedFd,
+}
+
+impl Buffers {
+    fn new(len: usize) -> Result<Self> {
+        // SAFETY: a valid C string; the returned descriptor, if any, is new.
+        let raw = unsafe { libc::memfd_create(c"bulkhead-net-bench-alone".as_ptr(), 0) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error()).context("memfd_create");
+        }
+        // SAFETY: `raw` was just created and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our own descriptor.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("size the memfd");
+        }
+        // SAFETY: a new shared mapping of `len` bytes of our memfd; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("map the memfd");
+        }
+        Ok(Buffers {
+            ptr: ptr.cast(),
+            len,
+            _fd: fd,
+        })
+    }
+
+    fn slice(&self, at: usize, len: usize) -> &[u8] {
+        assert!(at + len <= self.len);
+        // SAFETY: inside the mapping (checked above), which lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(at), len) }
+    }
+
+    fn write(&mut self, at: usize, data: &[u8]) {
+        assert!(at + data.len() <= self.len);
+        // SAFETY: inside the mapping (checked above); nothing else refers to it.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(at), data.len()) };
+    }
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, not used after this.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn thread_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a timespec into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// Writes `frame` (after the tx rows' vnet header) into a new tap `name` from `ring` buffers
+/// in turn for a warm-up of 0.3 s and then `secs` seconds, counting the second part.
+pub fn tx(name: &str, tso: bool, ring: u16, secs: f64) -> Result<Moved> {
+    let frame = if tso {
+        peer::tso_frame(false)
+    } else {
+        peer::small_frame(false)
+    };
+    let tap = Tap::open_named(name, 1)
+        .with_context(|| format!("open tap {name}"))?
+        .pop()
+        .context("no tap queue")?;
+    crate::ip(&["addr", "add", "10.98.0.1/24", "dev", name])?;
+    crate::ip(&["link", "set", name, "up"])?;
+    let mut hdr = [0u8; HDR_LEN];
+    hdr[..10].copy_from_slice(&peer::vnet_header(tso));
+    let len = HDR_LEN + frame.len();
+    let stride = BUF_STRIDE as usize;
+    let mut bufs = Buffers::new(stride * usize::from(ring))?;
+    for i in 0..usize::from(ring) {
+        bufs.write(i * stride, &hdr);
+        bufs.write(i * stride + HDR_LEN, &frame);
+    }
+    let start = Instant::now();
+    let from = start + Duration::from_millis(300);
+    let until = from + Duration::from_secs_f64(secs);
+    let (mut frames, mut counting) = (0u64, false);
+    let (mut cpu0, mut tap0) = (0.0, 0);
+    let mut i = 0usize;
+    loop {
+        // The clock is read once per 16 frames: it is not free next to a 64-byte frame.
+        if i.is_multiple_of(16) {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            if !counting && now >= from {
+                counting = true;
+                cpu0 = thread_cpu();
+                tap0 = peer::tap_counters(name)?.0;
+            }
+        }
+        let buf = bufs.slice((i % usize::from(ring)) * stride, len);
+        match tap.write(buf) {
+            Ok(n) if n == len => {
+                if counting {
+                    frames += 1;
+                }
+            }
+            Ok(n) => bail!("tap {name} took {n} bytes of a {len}-byte frame"),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
+            Err(e) => return Err(e).with_context(|| format!("write a frame into tap {name}")),
+        }
+        i += 1;
+    }
+    let cpu = thread_cpu() - cpu0;
+    let tap_received = peer::tap_counters(name)?.0 - tap0;
+    Ok(Moved {
+        frames,
+        bytes: frames * frame.len() as u64,
+        cpu,
+        tap_received,
+    })
+}
