@@ -14,6 +14,8 @@
 //!   inline instead of in a worker thread,
 //!
 //! it first checks that data goes to and comes from the right places (fails loudly if not).
+//! With the polling driver it also measures, before and after the rows, what a depth-1
+//! request costs besides its work when it finds the backend asleep (`wake.rs`).
 //! Then it runs each workload for a fixed time, several times, the targets taking turns, and
 //! prints per target the run with the median IOPS: IOPS, MiB/s, latency, CPU time (also the
 //! backend's CPU microseconds per request, from its /proc/PID/stat, all threads), and the
@@ -28,6 +30,7 @@ mod backend;
 mod pin;
 mod uring;
 mod vhost_blk;
+mod wake;
 mod workload;
 
 use std::io::Write;
@@ -466,6 +469,23 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// Prints what one sleep and wake-up of a backend costs on the polling rows' CPUs
+/// (`wake.rs`); a failure to measure it is printed, not fatal: it is a reference, not a row.
+fn print_wake_cost(place: Placement, when: &str) {
+    match wake::measure(place, 1.0) {
+        Ok(t) => println!(
+            "# {when}: a thread asleep in epoll_wait, doing nothing else, answered the polling \
+             driver's kick in {:.1} us (median of {}): what a depth-1 request costs on these \
+             CPUs, besides its work, when it finds the backend asleep",
+            t.median.as_secs_f64() * 1e6,
+            t.count,
+        ),
+        Err(e) => {
+            println!("# {when}: the cost of a sleeping backend's wake-up not measured: {e:#}")
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let mut args = Args::parse();
     if !(args.seconds > 0.0 && args.seconds < 3600.0) {
@@ -548,6 +568,10 @@ fn main() -> std::process::ExitCode {
         }
     }
 
+    let polling = args.driver.contains(&Driver::Poll);
+    if polling {
+        print_wake_cost(place_poll, "before the rows");
+    }
     if !live.is_empty() {
         print_header();
     }
@@ -599,6 +623,9 @@ fn main() -> std::process::ExitCode {
         }
     }
 
+    if polling {
+        print_wake_cost(place_poll, "after the rows");
+    }
     println!("# load average at end {}", loadavg());
     for n in &notes {
         println!("# note: {n}");
