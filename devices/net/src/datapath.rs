@@ -574,7 +574,7 @@ fn gather(
         }
         // Nearly always the descriptor lies in one region: one lookup. vm-memory's slice
         // iterator, which also walks across regions, was 2.4% of the tx worker's time in the
-        // 64 KiB TSO row's profile (docs/benchmarks.md, 2026-12-04 07:30 UTC).
+        // 64 KiB TSO row's profile (docs/benchmarks.md, "2026-12-04 07:05-07:36 UTC").
         if let Ok(slice) = mem.get_slice(desc.addr(), n) {
             if iov.len() >= MAX_IOVECS {
                 return Err(Gather::TooManyPieces);
