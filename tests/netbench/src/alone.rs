@@ -9,13 +9,13 @@
 //! one buffer per ring entry at the driver's stride, the 12-byte header and the frame
 //! contiguous, written in ring order.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bulkhead_net::Tap;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap, MemoryRegionAddress};
 
-use crate::driver::{BUF_STRIDE, HDR_LEN};
+use crate::driver::{memfd, BUF_STRIDE, HDR_LEN};
 use crate::peer;
 
 /// What one measurement gave.
@@ -26,67 +26,6 @@ pub struct Moved {
     pub cpu: f64,
     /// Frames the tap counted over the window.
     pub tap_received: u64,
-}
-
-/// A shared mapping of a memfd, unmapped on drop.
-struct Buffers {
-    ptr: *mut u8,
-    len: usize,
-    _fd: OwnedFd,
-}
-
-impl Buffers {
-    fn new(len: usize) -> Result<Self> {
-        // SAFETY: a valid C string; the returned descriptor, if any, is new.
-        let raw = unsafe { libc::memfd_create(c"bulkhead-net-bench-alone".as_ptr(), 0) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error()).context("memfd_create");
-        }
-        // SAFETY: `raw` was just created and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: ftruncate on our own descriptor.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("size the memfd");
-        }
-        // SAFETY: a new shared mapping of `len` bytes of our memfd; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("map the memfd");
-        }
-        Ok(Buffers {
-            ptr: ptr.cast(),
-            len,
-            _fd: fd,
-        })
-    }
-
-    fn slice(&self, at: usize, len: usize) -> &[u8] {
-        assert!(at + len <= self.len);
-        // SAFETY: inside the mapping (checked above), which lives as long as `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr.add(at), len) }
-    }
-
-    fn write(&mut self, at: usize, data: &[u8]) {
-        assert!(at + data.len() <= self.len);
-        // SAFETY: inside the mapping (checked above); nothing else refers to it.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(at), data.len()) };
-    }
-}
-
-impl Drop for Buffers {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, not used after this.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
 }
 
 fn thread_cpu() -> f64 {
@@ -117,11 +56,21 @@ pub fn tx(name: &str, tso: bool, ring: u16, secs: f64) -> Result<Moved> {
     hdr[..10].copy_from_slice(&peer::vnet_header(tso));
     let len = HDR_LEN + frame.len();
     let stride = BUF_STRIDE as usize;
-    let mut bufs = Buffers::new(stride * usize::from(ring))?;
-    for i in 0..usize::from(ring) {
-        bufs.write(i * stride, &hdr);
-        bufs.write(i * stride + HDR_LEN, &frame);
+    anyhow::ensure!(len <= stride, "a {len}-byte frame does not fit a buffer");
+    let size = BUF_STRIDE * u64::from(ring);
+    let bufs = GuestRegionMmap::<()>::from_range(
+        GuestAddress(0),
+        size as usize,
+        Some(FileOffset::new(memfd(size)?, 0)),
+    )
+    .context("map the frames' memfd")?;
+    for i in 0..u64::from(ring) {
+        let at = i * BUF_STRIDE;
+        bufs.write_slice(&hdr, MemoryRegionAddress(at))
+            .and_then(|()| bufs.write_slice(&frame, MemoryRegionAddress(at + HDR_LEN as u64)))
+            .context("write a frame")?;
     }
+    let base = bufs.as_ptr();
     let start = Instant::now();
     let from = start + Duration::from_millis(300);
     let until = from + Duration::from_secs_f64(secs);
@@ -141,7 +90,10 @@ pub fn tx(name: &str, tso: bool, ring: u16, secs: f64) -> Result<Moved> {
                 tap0 = peer::tap_counters(name)?.0;
             }
         }
-        let buf = bufs.slice((i % usize::from(ring)) * stride, len);
+        // SAFETY: buffer `i % ring` of the mapping, `len` <= BUF_STRIDE bytes into it; the
+        // mapping outlives the loop.
+        let buf =
+            unsafe { std::slice::from_raw_parts(base.add((i % usize::from(ring)) * stride), len) };
         match tap.write(buf) {
             Ok(n) if n == len => {
                 if counting {

@@ -153,7 +153,7 @@ pub struct Count {
     pub bytes: u64,
 }
 
-fn memfd(size: u64) -> Result<File> {
+pub fn memfd(size: u64) -> Result<File> {
     // SAFETY: the name is a valid C string; the returned descriptor, if any, is new.
     let fd = unsafe { libc::memfd_create(c"bulkhead-net-bench-ram".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {

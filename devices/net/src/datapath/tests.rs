@@ -363,6 +363,20 @@ fn test_rx_broken_ring_is_an_error_not_a_panic() {
     assert!(matches!(r, Err(QueueError::HeadIndex(_))), "{r:?}");
 }
 
+/// One tx round with no batch, the default header and no limiter.
+fn tx_plain(q: &mut Queue, mem: &GuestMemoryMmap, tap: &Tap, stats: &Stats) -> Round {
+    process_tx(
+        q,
+        mem,
+        tap,
+        &mut TxState::default(),
+        &Negotiated::default(),
+        None,
+        stats,
+    )
+    .expect("tx")
+}
+
 #[test]
 fn test_tx_header_passed_through_to_tap() {
     let mem = memory();
@@ -376,17 +390,7 @@ fn test_tx_header_passed_through_to_tap() {
     let mut q = ring.queue();
     let (tap, peer) = seqpacket_pair();
     let stats = Stats::default();
-    let mut tx = TxState::default();
-    let round = process_tx(
-        &mut q,
-        &mem,
-        &tap,
-        &mut tx,
-        &Negotiated::default(),
-        None,
-        &stats,
-    )
-    .expect("tx");
+    let round = tx_plain(&mut q, &mem, &tap, &stats);
     assert_eq!(
         round,
         Round {
@@ -441,16 +445,7 @@ fn test_tx_bad_chains_refused_nothing_sent() {
     let mut q = ring.queue();
     let (tap, peer) = seqpacket_pair();
     let stats = Stats::default();
-    process_tx(
-        &mut q,
-        &mem,
-        &tap,
-        &mut TxState::default(),
-        &Negotiated::default(),
-        None,
-        &stats,
-    )
-    .expect("tx");
+    tx_plain(&mut q, &mem, &tap, &stats);
     assert!(recv(&peer).is_none());
     assert_eq!(ring.used(), vec![(0, 0), (2, 0), (3, 0), (4, 0)]);
     assert_eq!(count(&stats.bad_chains), 4);
@@ -473,16 +468,7 @@ fn test_tx_descriptor_across_two_regions_is_sent_whole() {
     let mut q = ring.queue();
     let (tap, peer) = seqpacket_pair();
     let stats = Stats::default();
-    process_tx(
-        &mut q,
-        &mem,
-        &tap,
-        &mut TxState::default(),
-        &Negotiated::default(),
-        None,
-        &stats,
-    )
-    .expect("tx");
+    tx_plain(&mut q, &mem, &tap, &stats);
     assert_eq!(recv(&peer).expect("frame"), frame);
     assert!(recv(&peer).is_none());
     assert_eq!(ring.used(), vec![(0, 0), (1, 0)]);
@@ -499,16 +485,7 @@ fn test_tx_looping_chain_bounded() {
     let mut q = ring.queue();
     let (tap, peer) = seqpacket_pair();
     let stats = Stats::default();
-    process_tx(
-        &mut q,
-        &mem,
-        &tap,
-        &mut TxState::default(),
-        &Negotiated::default(),
-        None,
-        &stats,
-    )
-    .expect("tx");
+    tx_plain(&mut q, &mem, &tap, &stats);
     let got = recv(&peer).expect("a frame of the walked bytes");
     assert_eq!(got.len(), 64 * usize::from(QSIZE));
 }
