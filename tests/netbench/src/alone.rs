@@ -57,6 +57,7 @@ pub fn tx(name: &str, tso: bool, ring: u16, secs: f64) -> Result<Moved> {
     let len = HDR_LEN + frame.len();
     let stride = BUF_STRIDE as usize;
     anyhow::ensure!(len <= stride, "a {len}-byte frame does not fit a buffer");
+    anyhow::ensure!(ring > 0, "no buffers: the ring size is 0");
     let size = BUF_STRIDE * u64::from(ring);
     let bufs = GuestRegionMmap::<()>::from_range(
         GuestAddress(0),
