@@ -14,6 +14,7 @@ use std::time::Duration;
 
 pub use bulkhead_device_runtime::loglimit::LogLimiter;
 
+use bulkhead_device_runtime::iovec::{push_guest_iovecs, IovecError};
 use bulkhead_device_runtime::rate::RateLimiter;
 use log::warn;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -638,26 +639,13 @@ impl QueueWorker {
         let offset = sector << SECTOR_SHIFT;
         let mut iovecs = Vec::with_capacity(data.len());
         for seg in data {
-            // The usual case, a buffer inside one memory region: one lookup, no iterator.
-            if seg.len > 0 && iovecs.len() < MAX_IOVECS {
-                if let Ok(slice) = GuestMemoryBackend::get_slice(mem, seg.addr, seg.len as usize) {
-                    iovecs.push(libc::iovec {
-                        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                        iov_len: slice.len(),
-                    });
-                    continue;
-                }
-            }
-            for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
-                let slice = slice.map_err(|_| PrepareError::Fail)?;
-                if iovecs.len() >= MAX_IOVECS {
+            match push_guest_iovecs(mem, seg.addr, seg.len as usize, &mut iovecs, MAX_IOVECS) {
+                Ok(()) => {}
+                Err(IovecError::OutsideMemory) => return Err(PrepareError::Fail),
+                Err(IovecError::TooManyPieces) => {
                     guest_warn!(self.log, "request has more than {MAX_IOVECS} buffers");
                     return Err(PrepareError::Fail);
                 }
-                iovecs.push(libc::iovec {
-                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                    iov_len: slice.len(),
-                });
             }
         }
         let mut bounce = None;

@@ -26,8 +26,9 @@ use std::time::Duration;
 
 pub use bulkhead_device_runtime::loglimit::LogLimiter;
 
+use bulkhead_device_runtime::iovec::{push_guest_iovecs, IovecError};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::readahead::{NoFrame, ReadAhead, Slot};
 use crate::stats::{add, Stats};
@@ -569,32 +570,10 @@ fn gather(
         if len > RX_BUF_LEN {
             return Err(Gather::Bad);
         }
-        if n == 0 {
-            continue;
-        }
-        // Nearly always the descriptor lies in one region: one lookup. vm-memory's slice
-        // iterator, which also walks across regions, was 2.4% of the tx worker's time in the
-        // 64 KiB TSO row's profile (docs/benchmarks.md, "2026-12-04 07:05-07:36 UTC").
-        if let Ok(slice) = mem.get_slice(desc.addr(), n) {
-            if iov.len() >= MAX_IOVECS {
-                return Err(Gather::TooManyPieces);
-            }
-            iov.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-            continue;
-        }
-        for slice in mem.get_slices(desc.addr(), n) {
-            let slice = slice.map_err(|_| Gather::Bad)?;
-            if iov.len() >= MAX_IOVECS {
-                return Err(Gather::TooManyPieces);
-            }
-            iov.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
+        push_guest_iovecs(mem, desc.addr(), n, iov, MAX_IOVECS).map_err(|e| match e {
+            IovecError::OutsideMemory => Gather::Bad,
+            IovecError::TooManyPieces => Gather::TooManyPieces,
+        })?;
     }
     Ok(len)
 }

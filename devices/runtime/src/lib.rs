@@ -25,6 +25,7 @@ pub mod args;
 pub mod control;
 pub mod fault;
 pub mod inflight;
+pub mod iovec;
 pub mod loglimit;
 pub mod rate;
 pub mod seccomp;
