@@ -238,7 +238,7 @@ impl NetBackend {
             add(exit.as_raw_fd(), EventSet::IN, TOKEN_EXIT).map_err(create)?;
             // The rx side reads the tap in batches where io_uring is there (datapath,
             // readahead); its ring is made now, before the seccomp filter.
-            let rx = match ReadAhead::new(RX_BUF_LEN) {
+            let rx = match ReadAhead::new(RX_BUF_LEN, &tap) {
                 Ok(ahead) => RxState::with_read_ahead(ahead),
                 Err(e) => {
                     info!("queue pair {pair}: io_uring unavailable ({e}); rx reads one frame per read");
@@ -248,7 +248,7 @@ impl NetBackend {
             // And the tx side writes them in batches (writebatch), on a ring of its own, where
             // the tap cannot refuse a write for room (its send buffer is unlimited).
             let tx = match tap.send_buffer() {
-                Ok(i32::MAX) => match WriteBatch::new() {
+                Ok(i32::MAX) => match WriteBatch::new(&tap) {
                     Ok(batch) => TxState::with_write_batch(batch),
                     Err(e) => {
                         info!("queue pair {pair}: io_uring unavailable ({e}); tx writes one frame per writev");

@@ -211,7 +211,7 @@ impl RxState {
             self.slot = None;
             return tap.read(&mut self.buf);
         };
-        match ahead.next_frame(tap) {
+        match ahead.next_frame() {
             Ok((slot, n)) => {
                 self.slot = Some(slot);
                 Ok(n)
@@ -884,7 +884,7 @@ impl TxOut<'_> {
                 Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
             };
         } else {
-            if let Err(e) = batch.submit(self.tap) {
+            if let Err(e) = batch.submit() {
                 ring_failed = Some(e);
             }
             for (i, r) in results.iter_mut().enumerate().take(frames.len()) {

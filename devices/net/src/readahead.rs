@@ -18,14 +18,16 @@
 //!
 //! The ring is created before the seccomp filter (which allows `io_uring_enter` and neither
 //! `io_uring_setup` nor `io_uring_register`), disabled until its restrictions are in place:
-//! it accepts `IORING_OP_READ` and nothing else, with no SQE flags, so it cannot be used to
-//! open files or sockets past the filter. Where io_uring is not available (an old kernel,
+//! it accepts `IORING_OP_READ` and nothing else, each on the pair's tap (registered with the
+//! ring, `crate::uring`), so it cannot be used to open files or sockets past the filter, nor
+//! to read any other descriptor. Where io_uring is not available (an old kernel,
 //! `kernel.io_uring_disabled`) the rx path reads one frame per `read`, as it always could.
 
 use std::io;
 use std::os::fd::AsRawFd;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::squeue::Flags;
+use io_uring::{opcode, IoUring};
 use vm_memory::mmap::MmapRegion;
 
 use crate::tap::Tap;
@@ -110,12 +112,13 @@ pub enum NoFrame {
 }
 
 impl ReadAhead {
-    /// A ring for batches of reads into buffers of `buf_len` bytes; an error (the reason, for
-    /// the log) where io_uring is not available.
-    pub fn new(buf_len: usize) -> io::Result<ReadAhead> {
+    /// A ring for batches of reads from `tap` (and no other descriptor) into buffers of
+    /// `buf_len` bytes; an error (the reason, for the log) where io_uring is not available.
+    pub fn new(buf_len: usize, tap: &Tap) -> io::Result<ReadAhead> {
         let ring = crate::uring::restricted_ring(
             MAX_SLOTS as u32,
             &[(opcode::Read::CODE, "IORING_OP_READ")],
+            tap.as_raw_fd(),
         )?;
         Ok(ReadAhead {
             ring,
@@ -161,7 +164,7 @@ impl ReadAhead {
     /// The next frame: one read ahead, or the first of a new batch. [`NoFrame::Empty`] when
     /// the last read of a batch of this round found the tap empty, so edge-triggered readiness
     /// will fire again.
-    pub fn next_frame(&mut self, tap: &Tap) -> Result<(Slot, usize), NoFrame> {
+    pub fn next_frame(&mut self) -> Result<(Slot, usize), NoFrame> {
         loop {
             while self.next < self.len {
                 let slot = self.next;
@@ -193,7 +196,7 @@ impl ReadAhead {
                 self.want = FIRST_BATCH;
                 return Err(NoFrame::Empty);
             }
-            self.submit(tap).map_err(NoFrame::Ring)?;
+            self.submit().map_err(NoFrame::Ring)?;
         }
     }
 
@@ -205,9 +208,9 @@ impl ReadAhead {
     }
 
     /// Submits a batch of `want` reads and collects their results.
-    fn submit(&mut self, tap: &Tap) -> io::Result<()> {
+    fn submit(&mut self) -> io::Result<()> {
         let count = self.want.clamp(1, MAX_SLOTS);
-        let fd = types::Fd(tap.as_raw_fd());
+        let fd = crate::uring::FILE;
         {
             let mut sq = self.ring.submission();
             for slot in 0..count {
@@ -216,6 +219,7 @@ impl ReadAhead {
                 let read = opcode::Read::new(fd, buf.as_mut_ptr(), len)
                     .rw_flags(libc::RWF_NOWAIT)
                     .build()
+                    .flags(Flags::FIXED_FILE)
                     .user_data(slot as u64);
                 // SAFETY: the buffer is in `self.bufs`, which is not unmapped while a read is
                 // in flight: every read of the batch completes before this function returns

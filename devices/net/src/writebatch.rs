@@ -27,15 +27,17 @@
 //!
 //! The ring is created before the seccomp filter (which allows `io_uring_enter` and neither
 //! `io_uring_setup` nor `io_uring_register`), disabled until its restrictions are in place: it
-//! accepts `IORING_OP_WRITE` and `IORING_OP_WRITEV` and nothing else, with no SQE flags, so it
-//! cannot open files or sockets past the filter. Where io_uring is not
+//! accepts `IORING_OP_WRITE` and `IORING_OP_WRITEV` and nothing else, each on the pair's tap
+//! (registered with the ring, `crate::uring`), so it cannot open files or sockets past the
+//! filter, nor write to any other descriptor. Where io_uring is not
 //! available the tx path writes one frame per `writev`, as it always could.
 
 use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::squeue::Flags;
+use io_uring::{opcode, IoUring};
 
 use crate::tap::Tap;
 
@@ -75,15 +77,16 @@ pub struct WriteBatch {
 unsafe impl Send for WriteBatch {}
 
 impl WriteBatch {
-    /// A ring for batches of writes; an error (the reason, for the log) where io_uring is not
-    /// available.
-    pub fn new() -> io::Result<WriteBatch> {
+    /// A ring for batches of writes to `tap` (and no other descriptor); an error (the reason,
+    /// for the log) where io_uring is not available.
+    pub fn new(tap: &Tap) -> io::Result<WriteBatch> {
         let ring = crate::uring::restricted_ring(
             MAX_FRAMES as u32,
             &[
                 (opcode::Write::CODE, "IORING_OP_WRITE"),
                 (opcode::Writev::CODE, "IORING_OP_WRITEV"),
             ],
+            tap.as_raw_fd(),
         )?;
         Ok(WriteBatch {
             ring,
@@ -142,18 +145,18 @@ impl WriteBatch {
         self.iovecs.clear();
     }
 
-    /// Writes the batch's frames to `tap`, in order, in one `io_uring_enter`; their results, by
+    /// Writes the batch's frames to its tap, in order, in one `io_uring_enter`; their results, by
     /// frame, are then in [`WriteBatch::result`]. An error is the ring's own (the caller stops
     /// using it: [`WriteBatch::abandon`]); the results then say which frames are known to be
     /// done (a frame without a completion reads `-ECANCELED`: it may or may not have been
     /// sent).
-    pub fn submit(&mut self, tap: &Tap) -> io::Result<()> {
+    pub fn submit(&mut self) -> io::Result<()> {
         let count = self.frames.len().min(MAX_FRAMES);
         self.results = [-libc::ECANCELED; MAX_FRAMES];
         if count == 0 {
             return Ok(());
         }
-        let fd = types::Fd(tap.as_raw_fd());
+        let fd = crate::uring::FILE;
         {
             let mut sq = self.ring.submission();
             for (i, frame) in self.frames.iter().take(count).enumerate() {
@@ -165,14 +168,16 @@ impl WriteBatch {
                         u32::try_from(one.iov_len).unwrap_or(u32::MAX),
                     )
                     .rw_flags(libc::RWF_NOWAIT)
-                    .build(),
+                    .build()
+                    .flags(Flags::FIXED_FILE),
                     _ => opcode::Writev::new(
                         fd,
                         pieces.as_ptr(),
                         u32::try_from(pieces.len()).unwrap_or(u32::MAX),
                     )
                     .rw_flags(libc::RWF_NOWAIT)
-                    .build(),
+                    .build()
+                    .flags(Flags::FIXED_FILE),
                 };
                 let entry = entry.user_data(i as u64);
                 // SAFETY: the iovecs and the guest memory they point into stay valid until

@@ -58,22 +58,25 @@ fn host_side(name: &str) -> OwnedFd {
     let mut req = ifreq(name);
     req.data[..4].copy_from_slice(&9000i32.to_ne_bytes());
     // SAFETY: SIOCSIFMTU on an ifreq.
-    let r = unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU, &req) };
+    let r = unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFMTU as libc::Ioctl, &req) };
     assert_eq!(r, 0, "SIOCSIFMTU");
     let mut req = ifreq(name);
     // SAFETY: SIOCGIFFLAGS / SIOCSIFFLAGS on an ifreq.
     unsafe {
         assert_eq!(
-            libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req),
+            libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFFLAGS as libc::Ioctl, &mut req),
             0
         );
         let flags = i16::from_ne_bytes([req.data[0], req.data[1]]) | libc::IFF_UP as i16;
         req.data[..2].copy_from_slice(&flags.to_ne_bytes());
-        assert_eq!(libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS, &req), 0);
+        assert_eq!(
+            libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS as libc::Ioctl, &req),
+            0
+        );
     }
     let mut req = ifreq(name);
     // SAFETY: SIOCGIFINDEX on an ifreq.
-    let r = unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFINDEX, &mut req) };
+    let r = unsafe { libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFINDEX as libc::Ioctl, &mut req) };
     assert_eq!(r, 0, "SIOCGIFINDEX");
     let index = i32::from_ne_bytes(req.data[..4].try_into().expect("4 bytes"));
     let proto = (libc::ETH_P_ALL as u16).to_be();

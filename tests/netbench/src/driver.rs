@@ -97,6 +97,8 @@ struct Ring {
     next_avail: u16,
     published: u16,
     last_used: u16,
+    /// Calls the backend made on this ring (the call eventfd's counts, as read).
+    calls: u64,
 }
 
 impl Ring {
@@ -120,6 +122,7 @@ impl Ring {
                 next_avail: 0,
                 published: 0,
                 last_used: 0,
+                calls: 0,
             },
             end,
         ))
@@ -419,8 +422,15 @@ impl NetDriver {
             // SAFETY: one valid pollfd, and the count says one.
             unsafe { libc::poll(&mut pfd, 1, ms) };
         }
-        let _ = self.ring(rx).call.read();
+        if let Ok(n) = self.ring(rx).call.read() {
+            self.ring_mut(rx).calls += n;
+        }
         self.set_interrupts(rx, false)
+    }
+
+    /// Calls the backend has made on a ring so far (each can be a wake-up of this thread).
+    pub fn calls(&self, rx: bool) -> u64 {
+        self.ring(rx).calls
     }
 
     /// Descriptors made available and not yet used.

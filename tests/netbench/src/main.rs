@@ -334,6 +334,15 @@ pub(crate) fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The backend's calls in a measured window: each one the driver waited for, i.e. a wake-up
+/// of a sleeping thread (on these VMs often a halted vCPU's, paid by the backend's thread).
+fn calls_note(calls: u64, frames: u64) -> String {
+    format!(
+        "{calls} calls ({:.1} per 1000 frames)",
+        calls as f64 * 1000.0 / frames.max(1) as f64
+    )
+}
+
 /// Reap and resubmit on one ring until `until`, counting from `from` on.
 fn pump(d: &mut NetDriver, rx: bool, len: u32, from: Instant, until: Instant) -> Result<Count> {
     let mut ids = Vec::with_capacity(usize::from(d.size()));
@@ -404,18 +413,21 @@ fn measure(d: &mut NetDriver, b: &Backend, row: Row, tap: &str, secs: f64) -> Re
         // Sent count and CPU at the start of the window: read by a short pump first.
         let _ = pump(d, true, 0, until, from)?;
         let (sent0, cpu0, (_, q0)) = (src.sent(), b.cpu(), peer::tap_counters(tap)?);
+        let calls0 = d.calls(true);
         let c = pump(d, true, 0, from, until)?;
         let (sent1, cpu1, (_, q1)) = (src.sent(), b.cpu(), peer::tap_counters(tap)?);
+        let calls = d.calls(true) - calls0;
         src.stop()?;
         Ok(Sample {
             value: value(row, c, secs),
             backend_cpu: (cpu1 - cpu0) / secs * 100.0,
             note: format!(
-                "sent {} frames, tap took {}, driver got {} ({} B avg)",
+                "sent {} frames, tap took {}, driver got {} ({} B avg), {}",
                 sent1 - sent0,
                 q1 - q0,
                 c.frames,
-                c.bytes / c.frames.max(1)
+                c.bytes / c.frames.max(1),
+                calls_note(calls, c.frames)
             ),
         })
     } else {
@@ -440,13 +452,20 @@ fn measure(d: &mut NetDriver, b: &Backend, row: Row, tap: &str, secs: f64) -> Re
         let until = from + Duration::from_secs_f64(secs);
         let _ = pump(d, false, len, until, from)?;
         let (cpu0, (r0, _)) = (b.cpu(), peer::tap_counters(tap)?);
+        let calls0 = d.calls(false);
         let c = pump(d, false, len, from, until)?;
         let (cpu1, (r1, _)) = (b.cpu(), peer::tap_counters(tap)?);
+        let calls = d.calls(false) - calls0;
         drain_tx(d)?;
         Ok(Sample {
             value: value(row, c, secs),
             backend_cpu: (cpu1 - cpu0) / secs * 100.0,
-            note: format!("driver sent {} frames, tap received {}", c.frames, r1 - r0),
+            note: format!(
+                "driver sent {} frames, tap received {}, {}",
+                c.frames,
+                r1 - r0,
+                calls_note(calls, c.frames)
+            ),
         })
     }
 }

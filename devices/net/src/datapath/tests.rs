@@ -621,8 +621,8 @@ fn test_corrupt_frame_completes_offloaded_checksum_then_flips() {
 /// An rx side that reads the tap in batches (what the device runs with where io_uring is
 /// there). Where it is not (qemu-user runs these tests for aarch64) the test says so and is
 /// not run; under `BULKHEAD_TEST_STRICT=1` (the test command on the build machine) that fails.
-fn read_ahead_rx() -> Option<RxState> {
-    match ReadAhead::new(RX_BUF_LEN) {
+fn read_ahead_rx(tap: &Tap) -> Option<RxState> {
+    match ReadAhead::new(RX_BUF_LEN, tap) {
         Ok(ahead) => Some(RxState::with_read_ahead(ahead)),
         Err(e) => {
             assert!(
@@ -642,7 +642,8 @@ fn guest_frame(mem: &GuestMemoryMmap, i: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn test_rx_read_ahead_keeps_the_taps_order_and_drains_it() {
-    let Some(mut rx) = read_ahead_rx() else {
+    let (tap, peer) = seqpacket_pair();
+    let Some(mut rx) = read_ahead_rx(&tap) else {
         return;
     };
     let mem = memory();
@@ -651,7 +652,6 @@ fn test_rx_read_ahead_keeps_the_taps_order_and_drains_it() {
         ring.chain(&[(MIB + i * 0x1000, 2048, true)]);
     }
     let mut q = ring.queue();
-    let (tap, peer) = seqpacket_pair();
     let frames: Vec<Vec<u8>> = (0..40).map(|i| tap_frame(0, 60 + i, i as u8)).collect();
     for f in &frames {
         send(&peer, f);
@@ -690,7 +690,8 @@ fn test_rx_read_ahead_keeps_the_taps_order_and_drains_it() {
 /// must read the tap again, not end on the old batch's EAGAIN with frames left in the tap.
 #[test]
 fn test_rx_read_ahead_reads_again_after_waiting_for_buffers() {
-    let Some(mut rx) = read_ahead_rx() else {
+    let (tap, peer) = seqpacket_pair();
+    let Some(mut rx) = read_ahead_rx(&tap) else {
         return;
     };
     let mem = memory();
@@ -698,7 +699,6 @@ fn test_rx_read_ahead_reads_again_after_waiting_for_buffers() {
     ring.chain(&[(MIB, 2048, true)]);
     ring.chain(&[(MIB + 0x1000, 2048, true)]);
     let mut q = ring.queue();
-    let (tap, peer) = seqpacket_pair();
     let frames: Vec<Vec<u8>> = (0..5).map(|i| tap_frame(0, 100 + i, i as u8)).collect();
     for f in &frames[..3] {
         send(&peer, f);
@@ -744,14 +744,14 @@ fn recv_tap_empty(tap: &Tap) -> bool {
 
 #[test]
 fn test_rx_read_ahead_reset_drops_what_was_read_ahead() {
-    let Some(mut rx) = read_ahead_rx() else {
+    let (tap, peer) = seqpacket_pair();
+    let Some(mut rx) = read_ahead_rx(&tap) else {
         return;
     };
     let mem = memory();
     let mut ring = Ring::new(&mem, QSIZE);
     ring.chain(&[(MIB, 2048, true)]);
     let mut q = ring.queue();
-    let (tap, peer) = seqpacket_pair();
     for i in 0..4 {
         send(&peer, &tap_frame(0, 80, i));
     }
@@ -775,8 +775,8 @@ fn test_rx_read_ahead_reset_drops_what_was_read_ahead() {
 /// A tx side that writes in batches (what the device runs with where io_uring is there, on a
 /// tap with tun's unlimited send buffer), and guest memory. Where it is not (qemu-user runs these tests for
 /// aarch64) the test says so and is not run; under `BULKHEAD_TEST_STRICT=1` that fails.
-fn batched_tx() -> Option<(TxState, GuestMemoryMmap)> {
-    match WriteBatch::new() {
+fn batched_tx(tap: &Tap) -> Option<(TxState, GuestMemoryMmap)> {
+    match WriteBatch::new(tap) {
         Ok(batch) => Some((TxState::with_write_batch(batch), memory())),
         Err(e) => {
             assert!(
@@ -821,7 +821,8 @@ fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
 /// order, and every chain is returned once, in order.
 #[test]
 fn test_tx_write_batch_keeps_order_and_returns_every_chain() {
-    let Some((mut tx, mem)) = batched_tx() else {
+    let (tap, peer) = seqpacket_pair();
+    let Some((mut tx, mem)) = batched_tx(&tap) else {
         return;
     };
     let mut ring = Ring::new(&mem, 256);
@@ -847,7 +848,6 @@ fn test_tx_write_batch_keeps_order_and_returns_every_chain() {
         }
     }
     let mut q = ring.queue();
-    let (tap, peer) = seqpacket_pair();
     let stats = Stats::default();
     let neg = Negotiated::default();
     let round = process_tx(&mut q, &mem, &tap, &mut tx, &neg, None, &stats).expect("tx");
@@ -867,11 +867,11 @@ fn test_tx_write_batch_keeps_order_and_returns_every_chain() {
 /// middle of a batch is lost, as on a wire; the frames after it still go, in order.
 #[test]
 fn test_tx_write_batch_frame_refused_for_good_is_dropped_alone() {
-    let Some((mut tx, mem)) = batched_tx() else {
+    let (tap, peer) = seqpacket_pair();
+    let Some((mut tx, mem)) = batched_tx(&tap) else {
         return;
     };
     let mut ring = Ring::new(&mem, QSIZE);
-    let (tap, peer) = seqpacket_pair();
     // 16 KiB of send buffer (the pair has 4 MiB): the 60000-byte frame can never fit
     // (EMSGSIZE), the 100-byte ones do.
     set_sndbuf(&tap, 16 << 10);
@@ -920,11 +920,11 @@ fn set_sndbuf(tap: &Tap, size: libc::c_int) {
 /// and once the tap drains the rest goes out in order: nothing lost, nothing reordered.
 #[test]
 fn test_tx_write_batch_tap_full_rewinds_in_order() {
-    let Some((mut tx, mem)) = batched_tx() else {
+    let (tap, peer) = seqpacket_pair();
+    let Some((mut tx, mem)) = batched_tx(&tap) else {
         return;
     };
     let mut ring = Ring::new(&mem, QSIZE);
-    let (tap, peer) = seqpacket_pair();
     set_sndbuf(&tap, 16 << 10);
     let want = tx_frames(&mem, &mut ring, 16, |_| 3000);
     let mut q = ring.queue();
@@ -961,13 +961,13 @@ fn test_tx_write_batch_tap_full_rewinds_in_order() {
 /// rest wait in the ring, and are sent in order once the tokens are there.
 #[test]
 fn test_tx_write_batch_throttled_sends_those_before() {
-    let Some((mut tx, mem)) = batched_tx() else {
+    let (tap, peer) = seqpacket_pair();
+    let Some((mut tx, mem)) = batched_tx(&tap) else {
         return;
     };
     let mut ring = Ring::new(&mem, QSIZE);
     let want = tx_frames(&mem, &mut ring, 5, |_| 100);
     let mut q = ring.queue();
-    let (tap, peer) = seqpacket_pair();
     let limiter = Mutex::new(RateLimiter::new(&LimiterConfig {
         bandwidth: BucketConfig {
             size: 300,
