@@ -95,7 +95,7 @@ fuzz_target!(|input: &[u8]| {
     let mut stopped = false;
     match (options >> 4) & 3 {
         1 => {
-            let mut tx = match (options & 128 != 0).then(WriteBatch::new) {
+            let mut tx = match (options & 128 != 0).then(|| WriteBatch::new(&tap)) {
                 Some(Ok(batch)) => TxState::with_write_batch(batch),
                 _ => TxState::default(),
             };
