@@ -48,41 +48,24 @@ pub fn restricted_ring(entries: u32, ops: &[(u8, &str)], file: RawFd) -> io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::tests::{recv, seqpacket_pair};
     use io_uring::{opcode, squeue, types};
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
-    fn pipe() -> (OwnedFd, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two descriptors into the array.
-        let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) };
-        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-        // SAFETY: both descriptors are fresh and owned by nobody else.
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-    }
+    use std::os::fd::AsRawFd;
 
     /// Submits `entry` and returns its completion's result.
     fn run(ring: &mut IoUring, entry: squeue::Entry) -> i32 {
-        // SAFETY: the entry's buffer is a static string, valid until it completes (below).
+        // SAFETY: the entry's buffers live in the caller until it completes (below).
         unsafe { ring.submission().push(&entry) }.expect("room in the ring");
         ring.submit_and_wait(1).expect("io_uring_enter");
         ring.completion().next().expect("a completion").result()
     }
 
-    fn read_all(fd: &OwnedFd) -> Vec<u8> {
-        let mut buf = [0u8; 64];
-        // SAFETY: read into a valid buffer on an open descriptor.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        buf.get(..usize::try_from(n).unwrap_or(0))
-            .unwrap_or_default()
-            .to_vec()
-    }
-
     #[test]
     fn test_ring_works_only_on_its_file() {
-        let (mine_r, mine_w) = pipe();
-        let (other_r, other_w) = pipe();
+        let (mine, mine_peer) = seqpacket_pair();
+        let (other, other_peer) = seqpacket_pair();
         let ops = [(opcode::Write::CODE, "IORING_OP_WRITE")];
-        let mut ring = match restricted_ring(4, &ops, mine_w.as_raw_fd()) {
+        let mut ring = match restricted_ring(4, &ops, mine.as_raw_fd()) {
             Ok(ring) => ring,
             Err(e) => {
                 assert!(
@@ -95,10 +78,10 @@ mod tests {
         };
         let msg = b"frame";
         // Another descriptor of the process, by number: refused before anything is written.
-        let plain = opcode::Write::new(types::Fd(other_w.as_raw_fd()), msg.as_ptr(), 5).build();
+        let plain = opcode::Write::new(types::Fd(other.as_raw_fd()), msg.as_ptr(), 5).build();
         assert_eq!(run(&mut ring, plain), -libc::EACCES);
         // The registered file's own descriptor number, without the flag: refused the same way.
-        let plain = opcode::Write::new(types::Fd(mine_w.as_raw_fd()), msg.as_ptr(), 5).build();
+        let plain = opcode::Write::new(types::Fd(mine.as_raw_fd()), msg.as_ptr(), 5).build();
         assert_eq!(run(&mut ring, plain), -libc::EACCES);
         // An opcode the ring was not made for, even on its file: refused.
         let mut buf = [0u8; 8];
@@ -106,13 +89,13 @@ mod tests {
             .build()
             .flags(Flags::FIXED_FILE);
         assert_eq!(run(&mut ring, read), -libc::EACCES);
-        assert!(read_all(&mine_r).is_empty() && read_all(&other_r).is_empty());
+        assert!(recv(&mine_peer).is_none() && recv(&other_peer).is_none());
         // Its file, registered: written.
         let fixed = opcode::Write::new(FILE, msg.as_ptr(), 5)
             .build()
             .flags(Flags::FIXED_FILE);
         assert_eq!(run(&mut ring, fixed), 5);
-        assert_eq!(read_all(&mine_r), msg);
-        assert!(read_all(&other_r).is_empty());
+        assert_eq!(recv(&mine_peer).as_deref(), Some(&msg[..]));
+        assert!(recv(&other_peer).is_none());
     }
 }
